@@ -1,0 +1,897 @@
+# cython: language_level=3
+"""The bounded-lag alltoallv protocol over one shared-memory mapping.
+
+This module is the whole protocol (DESIGN §2-§3); the layout is in
+``_layout.h`` and the atomics, futex and clock in ``_sync.h``.
+
+Rank ``s`` posts iteration ``t`` by writing a record (one block per
+destination) into its own arena, a descriptor into slot ``t % (L+1)``, then
+``published[s] = t + 1`` with a release store.  Rank ``r`` completes ``t`` once
+every ``published[s] > t`` (acquire loads), reads its blocks, then stores
+``completed[r] = t + 1`` with release.  A sender may reuse a record once every
+``completed`` has passed its iteration.  ``post(t)`` first waits until every
+``completed >= t - L``: this is the lag bound I2.
+"""
+
+cimport cython
+from libc.stdint cimport uint32_t, uint64_t, int64_t, int32_t
+from libc.string cimport memcpy, memset, strncpy, strncmp
+from libc.stdlib cimport calloc, free
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
+cimport numpy as cnp
+import operator
+
+import numpy as np
+
+from blsshm.errors import (
+    ArenaFullError, BlsError, BlsTimeoutError, BlsTypeError, BlsValueError,
+    CommAborted, PeerLostError,
+)
+
+cnp.import_array()
+
+cdef extern from "_sync.h" nogil:
+    uint64_t bls_load_acquire(const uint64_t *p)
+    uint32_t bls_load_acquire32(const uint32_t *p)
+    uint32_t bls_load_relaxed32(const uint32_t *p)
+    void bls_store_release(uint64_t *p, uint64_t v)
+    void bls_store_release32(uint32_t *p, uint32_t v)
+    int bls_cas32(uint32_t *p, uint32_t expected, uint32_t desired)
+    void bls_add32(uint32_t *p, int32_t v)
+    void bls_fence()
+    void bls_cpu_relax()
+    int64_t bls_now_ns()
+    int bls_futex_wait(uint64_t *counter, uint32_t expected, int64_t timeout_ns)
+    void bls_futex_wake_all(uint64_t *counter)
+    int bls_pidfd_exited(int pidfd)
+
+cdef extern from "_layout.h" nogil:
+    enum:
+        BLS_LINE
+        BLS_MAGIC
+        BLS_VERSION
+        BLS_BLOCK_ALIGN
+        BLS_DTYPE_CHARS
+        BLS_STATE_EMPTY
+        BLS_STATE_ATTACHED
+        BLS_STATE_CLOSED
+        BLS_ABORT_USER
+        BLS_ABORT_PEER_LOST
+        BLS_ABORT_PROTOCOL
+    ctypedef struct bls_header_t:
+        uint64_t magic
+        uint32_t version
+        uint32_t nranks
+        uint32_t lag
+        uint32_t desc_stride
+        uint64_t arena_bytes
+        uint64_t segment_bytes
+        uint64_t descs_offset
+        uint64_t arenas_offset
+    ctypedef struct bls_abort_t:
+        uint32_t word
+    ctypedef struct bls_rank_t:
+        uint64_t published
+        uint32_t published_sleepers
+        uint64_t completed
+        uint32_t completed_sleepers
+        uint32_t state
+        int32_t pid
+        uint32_t abort_kind
+        int32_t abort_lost_rank
+        char abort_reason[1]
+    ctypedef struct bls_desc_t:
+        uint64_t iteration
+        uint64_t record_offset
+        uint64_t record_bytes
+        uint32_t itemsize
+        char dtype[1]
+        uint64_t blocks[1]
+
+# Which counter a wait is about.
+cdef enum:
+    PUBLISHED = 0
+    COMPLETED = 1
+
+# Outcomes of a wait (raised as exceptions once the GIL is held again).
+cdef enum:
+    OK = 0
+    ERR_ABORTED = 1
+    ERR_TIMEOUT = 2
+    ERR_LOST = 3
+
+DEF_ABORT_REASON_CHARS = BLS_LINE - 16
+MAX_LAG = 1 << 16
+MAX_RANKS = 1 << 12
+
+HEADER_BYTES = sizeof(bls_header_t)
+ABORT_BYTES = sizeof(bls_abort_t)
+RANK_BYTES = sizeof(bls_rank_t)
+DESC_HEAD_BYTES = sizeof(bls_desc_t) - sizeof(uint64_t)  # flexible array member
+
+
+cdef inline uint64_t _round_up(uint64_t n, uint64_t a) noexcept nogil:
+    return (n + a - 1) // a * a
+
+
+def layout(int nranks, int lag, uint64_t arena_bytes):
+    """Offsets and sizes of a segment for ``nranks`` ranks at lag ``lag``.
+
+    Returns a dict with ``desc_stride``, ``descs_offset``, ``arenas_offset``,
+    ``arena_bytes`` (rounded up to a page) and ``segment_bytes``.
+    """
+    if nranks < 1 or nranks > MAX_RANKS:
+        raise BlsValueError(f"size must be between 1 and {MAX_RANKS}, got {nranks}")
+    if lag < 0 or lag > MAX_LAG:
+        raise BlsValueError(f"lag must be between 0 and {MAX_LAG}, got {lag}")
+    if arena_bytes < 4096:
+        raise BlsValueError(f"arena_bytes must be at least 4096, got {arena_bytes}")
+    cdef uint64_t desc_stride = _round_up(48 + 16 * <uint64_t>nranks, 64)
+    cdef uint64_t descs_offset = 2 * BLS_LINE + <uint64_t>nranks * sizeof(bls_rank_t)
+    cdef uint64_t arenas_offset = _round_up(
+        descs_offset + <uint64_t>nranks * (lag + 1) * desc_stride, 4096)
+    arena_bytes = _round_up(arena_bytes, 4096)
+    return dict(desc_stride=desc_stride, descs_offset=descs_offset,
+                arenas_offset=arenas_offset, arena_bytes=arena_bytes,
+                segment_bytes=arenas_offset + <uint64_t>nranks * arena_bytes)
+
+
+def initialize(segment, int nranks, int lag, uint64_t arena_bytes):
+    """Write the header of a fresh, zero-filled segment (the creator does this once)."""
+    lay = layout(nranks, lag, arena_bytes)
+    cdef Py_buffer buf
+    PyObject_GetBuffer(segment, &buf, PyBUF_WRITABLE)
+    cdef bls_header_t* hdr = <bls_header_t*>buf.buf
+    try:
+        if <uint64_t>buf.len < lay["segment_bytes"]:
+            raise BlsValueError("segment is smaller than its layout")
+        hdr.version = BLS_VERSION
+        hdr.nranks = nranks
+        hdr.lag = lag
+        hdr.desc_stride = lay["desc_stride"]
+        hdr.arena_bytes = lay["arena_bytes"]
+        hdr.segment_bytes = lay["segment_bytes"]
+        hdr.descs_offset = lay["descs_offset"]
+        hdr.arenas_offset = lay["arenas_offset"]
+        # The magic goes last: an attacher that sees it sees the fields above.
+        bls_store_release(&hdr.magic, BLS_MAGIC)
+    finally:
+        PyBuffer_Release(&buf)
+
+
+@cython.final
+cdef class Core:
+    """One rank's end of a communicator mapped at ``segment`` (a writable buffer).
+
+    Not public: :class:`blsshm.Comm` owns one and adds lifetime, torch support
+    and zero-copy views.  Methods validate every argument before anything is
+    published and raise :mod:`blsshm.errors` exceptions.
+    """
+    cdef Py_buffer buf
+    cdef bint have_buf
+    cdef char* base
+    cdef bls_header_t* hdr
+    cdef bls_abort_t* abort_line
+    cdef bls_rank_t* ranks
+    cdef char* descs
+    cdef char* arenas
+    cdef readonly int rank
+    cdef readonly int size
+    cdef readonly int lag
+    cdef readonly uint64_t arena_bytes
+    cdef uint64_t desc_stride
+    cdef uint64_t segment_bytes
+    cdef int* pidfds
+    cdef bint closed
+
+    # local state of this rank's sends
+    cdef readonly uint64_t next_post
+    cdef readonly uint64_t next_complete
+    cdef uint64_t* fl_iter      # in-flight records, oldest at fl_first (ring of L+1)
+    cdef uint64_t* fl_start
+    cdef uint64_t* fl_end
+    cdef int fl_first
+    cdef int fl_count
+    cdef uint64_t arena_head
+    cdef object slot_dtype      # dtype posted per iteration slot (list of L+1)
+    cdef dict dtype_cache
+    cdef uint64_t pending_start # a reservation made by reserve(), not yet committed
+    cdef uint64_t pending_bytes
+    cdef bint pending
+
+    # scratch of size P: the record being posted, and the blocks being received
+    cdef int64_t* counts
+    cdef uint64_t* block_off
+    cdef uint64_t* recv_off
+    cdef uint64_t* recv_bytes
+
+    # waiting policy
+    cdef public int64_t spin_ns
+    cdef public int64_t slice_ns
+    cdef int lost_rank
+
+    # statistics
+    cdef readonly int64_t post_wait_ns
+    cdef readonly int64_t complete_wait_ns
+    cdef readonly int64_t futex_sleeps
+    cdef readonly uint64_t bytes_sent
+    cdef readonly uint64_t bytes_received
+
+    def __cinit__(self):
+        self.have_buf = False
+        self.pidfds = NULL
+        self.fl_iter = NULL
+        self.fl_start = NULL
+        self.fl_end = NULL
+        self.counts = NULL
+        self.block_off = NULL
+        self.recv_off = NULL
+        self.recv_bytes = NULL
+        self.closed = True
+        self.dtype_cache = {}
+
+    def __init__(self, segment, int rank, *, int64_t spin_ns=20000, int64_t slice_ns=50000000):
+        PyObject_GetBuffer(segment, &self.buf, PyBUF_WRITABLE)
+        self.have_buf = True
+        self.base = <char*>self.buf.buf
+        self.hdr = <bls_header_t*>self.base
+        if <uint64_t>self.buf.len < 2 * BLS_LINE or bls_load_acquire(&self.hdr.magic) != BLS_MAGIC:
+            raise BlsValueError("not a blsshm segment (bad magic)")
+        if self.hdr.version != BLS_VERSION:
+            raise BlsValueError(
+                f"segment layout version {self.hdr.version}, this blsshm speaks {BLS_VERSION}")
+        lay = layout(self.hdr.nranks, self.hdr.lag, self.hdr.arena_bytes)
+        if (lay["segment_bytes"] != self.hdr.segment_bytes
+                or lay["descs_offset"] != self.hdr.descs_offset
+                or lay["arenas_offset"] != self.hdr.arenas_offset
+                or <uint64_t>self.buf.len < self.hdr.segment_bytes):
+            raise BlsValueError("segment header does not match its size")
+        self.size = self.hdr.nranks
+        self.lag = self.hdr.lag
+        if rank < 0 or rank >= self.size:
+            raise BlsValueError(f"rank must be in [0, {self.size}), got {rank}")
+        self.rank = rank
+        self.arena_bytes = self.hdr.arena_bytes
+        self.desc_stride = self.hdr.desc_stride
+        self.segment_bytes = self.hdr.segment_bytes
+        self.abort_line = <bls_abort_t*>(self.base + BLS_LINE)
+        self.ranks = <bls_rank_t*>(self.base + 2 * BLS_LINE)
+        self.descs = self.base + self.hdr.descs_offset
+        self.arenas = self.base + self.hdr.arenas_offset
+        self.spin_ns = spin_ns
+        self.slice_ns = slice_ns
+        self.fl_iter = <uint64_t*>calloc(1, (self.lag + 1) * sizeof(uint64_t))
+        self.fl_start = <uint64_t*>calloc(1, (self.lag + 1) * sizeof(uint64_t))
+        self.fl_end = <uint64_t*>calloc(1, (self.lag + 1) * sizeof(uint64_t))
+        self.counts = <int64_t*>calloc(1, self.size * sizeof(int64_t))
+        self.block_off = <uint64_t*>calloc(1, self.size * sizeof(uint64_t))
+        self.recv_off = <uint64_t*>calloc(1, self.size * sizeof(uint64_t))
+        self.recv_bytes = <uint64_t*>calloc(1, self.size * sizeof(uint64_t))
+        self.pidfds = <int*>calloc(1, self.size * sizeof(int))
+        if (self.fl_iter == NULL or self.fl_start == NULL or self.fl_end == NULL
+                or self.counts == NULL or self.block_off == NULL or self.pidfds == NULL
+                or self.recv_off == NULL or self.recv_bytes == NULL):
+            raise MemoryError()
+        for r in range(self.size):
+            self.pidfds[r] = -1
+        self.slot_dtype = [None] * (self.lag + 1)
+        # Claim the rank: the state word has one writer once claimed; the CAS
+        # only guards against two processes attaching as the same rank.
+        cdef bls_rank_t* me = &self.ranks[rank]
+        if not bls_cas32(&me.state, BLS_STATE_EMPTY, BLS_STATE_ATTACHED):
+            raise BlsValueError(f"rank {rank} is already attached to this segment")
+        import os
+        me.pid = os.getpid()
+        self.closed = False
+
+    def __dealloc__(self):
+        self._release()
+
+    cdef void _release(self):
+        if self.have_buf:
+            PyBuffer_Release(&self.buf)
+            self.have_buf = False
+        free(self.fl_iter)
+        free(self.fl_start)
+        free(self.fl_end)
+        free(self.counts)
+        free(self.block_off)
+        free(self.recv_off)
+        free(self.recv_bytes)
+        free(self.pidfds)
+        self.fl_iter = self.fl_start = self.fl_end = NULL
+        self.counts = NULL
+        self.block_off = self.recv_off = self.recv_bytes = NULL
+        self.pidfds = NULL
+
+    # ------------------------------------------------------------------ setup
+
+    def attached_ranks(self):
+        """Ranks that have attached so far (state read with acquire)."""
+        return [r for r in range(self.size)
+                if bls_load_acquire32(&self.ranks[r].state) != BLS_STATE_EMPTY]
+
+    def peer_pids(self):
+        """The pid each rank recorded when it attached."""
+        return [self.ranks[r].pid for r in range(self.size)]
+
+    def set_pidfds(self, fds):
+        """Give the pidfds of the peers (``-1`` for self) used to detect a dead rank."""
+        if len(fds) != self.size:
+            raise BlsValueError("one pidfd per rank")
+        for r in range(self.size):
+            self.pidfds[r] = fds[r]
+
+    def close(self):
+        """Mark this rank closed, wake every sleeper so nobody waits on it, unmap."""
+        if self.closed:
+            return
+        self.closed = True
+        bls_store_release32(&self.ranks[self.rank].state, BLS_STATE_CLOSED)
+        bls_fence()
+        self._wake_everyone()
+        self._release()
+
+    def check(self):
+        """Raise if this rank closed or the communicator was aborted."""
+        self._check_open()
+
+    @property
+    def is_closed(self):
+        return self.closed
+
+    # -------------------------------------------------------------- aborting
+
+    cdef void _wake_everyone(self) noexcept nogil:
+        cdef int r
+        for r in range(self.size):
+            bls_futex_wake_all(&self.ranks[r].published)
+            bls_futex_wake_all(&self.ranks[r].completed)
+
+    cdef void _abort_nogil(self, uint32_t kind, int lost_rank, const char* reason) noexcept nogil:
+        cdef bls_rank_t* me = &self.ranks[self.rank]
+        me.abort_kind = kind
+        me.abort_lost_rank = lost_rank
+        strncpy(me.abort_reason, reason, BLS_LINE - 17)
+        # The CAS (acq_rel) publishes the fields above to whoever acquires the word.
+        if bls_cas32(&self.abort_line.word, 0, self.rank + 1):
+            bls_fence()
+            self._wake_everyone()
+
+    def abort(self, str reason="aborted", int kind=BLS_ABORT_USER, int lost_rank=-1):
+        """Abort the communicator: every waiting or later call in every rank raises."""
+        self._check_open()
+        data = reason.encode("utf-8", "replace")[:BLS_LINE - 17]
+        self._abort_nogil(kind, lost_rank, data)
+
+    cdef inline bint _aborted(self) noexcept nogil:
+        return bls_load_acquire32(&self.abort_line.word) != 0
+
+    def aborted(self):
+        """``None`` while running, else ``(rank, kind, lost_rank, reason)`` of the first abort."""
+        if not self.have_buf:
+            return None
+        cdef uint32_t w = bls_load_acquire32(&self.abort_line.word)
+        if w == 0:
+            return None
+        cdef bls_rank_t* a = &self.ranks[w - 1]
+        reason = (<bytes>(<char*>a.abort_reason)).decode("utf-8", "replace")
+        return (w - 1, a.abort_kind, a.abort_lost_rank, reason)
+
+    cdef int _raise_aborted(self) except -1:
+        rank, kind, lost, reason = self.aborted()
+        if kind == BLS_ABORT_PEER_LOST:
+            raise PeerLostError(f"rank {lost} was lost: {reason} (noticed by rank {rank})",
+                                rank=rank, reason=reason, lost_rank=lost)
+        raise CommAborted(f"communicator aborted by rank {rank}: {reason}", rank=rank, reason=reason)
+
+    cdef int _check_open(self) except -1:
+        if self.closed:
+            raise BlsError("communicator is closed")
+        if self._aborted():
+            self._raise_aborted()
+        return 0
+
+    # ---------------------------------------------------------------- waiting
+
+    cdef inline uint64_t* _counter(self, int which, int r) noexcept nogil:
+        if which == PUBLISHED:
+            return &self.ranks[r].published
+        return &self.ranks[r].completed
+
+    cdef inline uint32_t* _sleepers(self, int which, int r) noexcept nogil:
+        if which == PUBLISHED:
+            return &self.ranks[r].published_sleepers
+        return &self.ranks[r].completed_sleepers
+
+    cdef inline int _first_behind(self, int which, uint64_t target, int r) noexcept nogil:
+        # Acquire: once a count is seen, everything its writer did before
+        # storing it (record bytes, or finishing its reads) is visible/done.
+        while r < self.size:
+            if bls_load_acquire(self._counter(which, r)) < target:
+                return r
+            r += 1
+        return -1
+
+    cdef int _check_alive(self, int which, uint64_t target, int r, bint poll_pids) noexcept nogil:
+        """ERR_LOST (and lost_rank set) if a rank we still wait for closed or died."""
+        while r < self.size:
+            if bls_load_acquire(self._counter(which, r)) < target:
+                if bls_load_acquire32(&self.ranks[r].state) == BLS_STATE_CLOSED:
+                    self.lost_rank = r
+                    self._abort_nogil(BLS_ABORT_PEER_LOST, r, b"it closed the communicator while others waited for it")
+                    return ERR_LOST
+                if poll_pids and self.pidfds[r] >= 0 and bls_pidfd_exited(self.pidfds[r]) == 1:
+                    self.lost_rank = r
+                    self._abort_nogil(BLS_ABORT_PEER_LOST, r, b"its process exited")
+                    return ERR_LOST
+            r += 1
+        return OK
+
+    cdef int _wait(self, int which, uint64_t target, int64_t deadline_ns) noexcept nogil:
+        """Wait until every rank's counter ``which`` is at least ``target``.
+
+        Spins with a CPU pause for ``spin_ns``, then sleeps on the futex of the
+        first rank still behind, in slices of ``slice_ns`` so it re-checks the
+        abort word and whether that rank is still alive.
+        """
+        cdef int r = self._first_behind(which, target, 0)
+        if r < 0:
+            return OK
+        cdef int64_t start = bls_now_ns()
+        cdef int64_t now = start
+        cdef int64_t spin_until = start + self.spin_ns
+        cdef int64_t next_poll = start
+        cdef int64_t sleep_ns
+        cdef int rc = OK
+        cdef int i
+        cdef uint64_t seen
+        cdef uint64_t* counter
+        cdef uint32_t* sleepers
+        while True:
+            if self._aborted():
+                rc = ERR_ABORTED
+                break
+            if deadline_ns >= 0 and now >= deadline_ns:
+                rc = ERR_TIMEOUT
+                break
+            if now < spin_until:
+                for i in range(32):
+                    bls_cpu_relax()
+                r = self._first_behind(which, target, r)
+                if r < 0:
+                    break
+                now = bls_now_ns()
+                continue
+            rc = self._check_alive(which, target, r, now >= next_poll)
+            if rc != OK:
+                break
+            if now >= next_poll:
+                next_poll = now + self.slice_ns
+            sleep_ns = next_poll - now
+            if deadline_ns >= 0 and deadline_ns - now < sleep_ns:
+                sleep_ns = deadline_ns - now
+            counter = self._counter(which, r)
+            sleepers = self._sleepers(which, r)
+            # Sleep handshake with the writer (see _announce): register, full
+            # fence, re-read.  Either we see its new count, or it sees us
+            # registered and wakes us; the kernel re-checks the word too.
+            bls_add32(sleepers, 1)
+            bls_fence()
+            seen = bls_load_acquire(counter)
+            if seen < target and not self._aborted():
+                bls_futex_wait(counter, <uint32_t>seen, sleep_ns)
+                self.futex_sleeps += 1
+            bls_add32(sleepers, -1)
+            now = bls_now_ns()
+            r = self._first_behind(which, target, r)
+            if r < 0:
+                break
+        now = bls_now_ns()
+        if which == PUBLISHED:
+            self.complete_wait_ns += now - start
+        else:
+            self.post_wait_ns += now - start
+        return rc
+
+    cdef inline void _announce(self, uint64_t* counter, uint32_t* sleepers, uint64_t value) noexcept nogil:
+        """Store this rank's new count and wake sleepers, if any."""
+        # Release: the record and descriptor (post), or our reads of the
+        # senders' records (complete), happen before the new count is seen.
+        bls_store_release(counter, value)
+        # Fence: the store must be globally visible before we read the sleeper
+        # count, or a waiter that registered and read the old count could be
+        # missed (store-load ordering; release alone does not give it).
+        bls_fence()
+        if bls_load_relaxed32(sleepers) != 0:
+            bls_futex_wake_all(counter)
+
+    cdef int _raise_wait(self, int rc, int which, uint64_t target, str operation, uint64_t t) except -1:
+        if rc == ERR_ABORTED or rc == ERR_LOST:
+            self._raise_aborted()
+        behind = [r for r in range(self.size)
+                  if bls_load_acquire(self._counter(which, r)) < target]
+        what = "post" if which == PUBLISHED else "complete"
+        raise BlsTimeoutError(
+            f"{operation}({t}) timed out waiting for rank(s) {behind} to {what} "
+            f"iteration {target - 1}", operation=operation, iteration=t, waiting_for=behind)
+
+    cdef inline int64_t _deadline(self, object timeout) except? -2:
+        if timeout is None:
+            return -1
+        cdef double secs = timeout
+        if secs < 0:
+            raise BlsValueError(f"timeout must be >= 0 or None, got {timeout}")
+        return bls_now_ns() + <int64_t>(secs * 1e9)
+
+    # --------------------------------------------------------------- posting
+
+    cdef int _parse_counts(self, object counts, int64_t itemsize, uint64_t* record_bytes) except -1:
+        """Fill self.counts (elements) and self.block_off (bytes); validate."""
+        cdef Py_ssize_t n
+        cdef int q
+        cdef int64_t c
+        cdef uint64_t off = 0
+        if isinstance(counts, cnp.ndarray):
+            if counts.dtype.kind not in "iu":
+                raise BlsTypeError(f"send_counts must hold integers, got dtype {counts.dtype}")
+            counts = counts.tolist()
+        try:
+            n = len(counts)
+        except TypeError:
+            raise BlsTypeError(
+                f"send_counts must be a sequence of {self.size} integers, got {type(counts).__name__}") from None
+        if n != self.size:
+            raise BlsValueError(
+                f"send_counts has {n} entries; the communicator has {self.size} ranks")
+        for q in range(self.size):
+            item = counts[q]
+            try:
+                c = operator.index(item)
+            except TypeError:
+                raise BlsTypeError(f"send_counts[{q}] = {item!r} is not an integer") from None
+            except OverflowError:
+                raise BlsValueError(f"send_counts[{q}] = {item!r} is too large") from None
+            if c < 0:
+                raise BlsValueError(f"send_counts[{q}] = {c} is negative")
+            if c > (1 << 48):
+                raise BlsValueError(f"send_counts[{q}] = {c} is too large")
+            self.counts[q] = c
+            self.block_off[q] = off
+            off = _round_up(off + <uint64_t>c * itemsize, BLS_BLOCK_ALIGN)
+        record_bytes[0] = off
+        if off > self.arena_bytes:
+            raise ArenaFullError(
+                f"iteration record of {off} bytes is larger than the arena "
+                f"({self.arena_bytes} bytes per rank); create the communicator with a larger arena_bytes")
+        return 0
+
+    cdef inline void _free_completed(self, uint64_t min_completed) noexcept nogil:
+        """Drop in-flight records of iterations every rank has completed."""
+        while self.fl_count > 0 and self.fl_iter[self.fl_first] < min_completed:
+            self.fl_first = (self.fl_first + 1) % (self.lag + 1)
+            self.fl_count -= 1
+        if self.fl_count == 0:
+            self.arena_head = 0
+
+    cdef inline uint64_t _min_completed(self) noexcept nogil:
+        cdef uint64_t m = <uint64_t>-1
+        cdef uint64_t c
+        cdef int r
+        for r in range(self.size):
+            c = bls_load_acquire(&self.ranks[r].completed)
+            if c < m:
+                m = c
+        return m
+
+    cdef inline bint _fit(self, uint64_t nbytes, uint64_t* start) noexcept nogil:
+        """Find room for ``nbytes`` in the arena ring; never splits a record."""
+        cdef uint64_t tail
+        if self.fl_count == 0:
+            start[0] = 0
+            return True
+        tail = self.fl_start[self.fl_first]
+        if self.arena_head > tail:
+            if self.arena_bytes - self.arena_head >= nbytes:
+                start[0] = self.arena_head
+                return True
+            if tail >= nbytes:
+                start[0] = 0
+                return True
+            return False
+        if tail - self.arena_head >= nbytes:
+            start[0] = self.arena_head
+            return True
+        return False
+
+    cdef int _reserve(self, uint64_t t, uint64_t nbytes, int64_t deadline_ns, uint64_t* start) except -1:
+        """Wait for the lag bound and for arena room; sets self.pending_*."""
+        cdef uint64_t lag_target = 0
+        cdef uint64_t oldest
+        cdef int rc = OK
+        if t > <uint64_t>self.lag:
+            lag_target = t - self.lag
+        if lag_target > self.next_complete:
+            raise BlsValueError(
+                f"post({t}) needs this rank to have completed iteration {lag_target - 1} first "
+                f"(lag {self.lag}); it has completed {self.next_complete} iterations")
+        with nogil:
+            rc = self._wait(COMPLETED, lag_target, deadline_ns)
+        if rc != OK:
+            self._raise_wait(rc, COMPLETED, lag_target, "post", t)
+        self._free_completed(self._min_completed())
+        while not self._fit(nbytes, start):
+            oldest = self.fl_iter[self.fl_first]
+            if oldest >= self.next_complete:
+                raise ArenaFullError(
+                    f"post({t}): a record of {nbytes} bytes does not fit in the arena "
+                    f"({self.arena_bytes} bytes) next to the {self.fl_count} records still in flight; "
+                    f"use arena_bytes of at least (lag + 1) x the largest record")
+            with nogil:
+                rc = self._wait(COMPLETED, oldest + 1, deadline_ns)
+            if rc != OK:
+                self._raise_wait(rc, COMPLETED, oldest + 1, "post", t)
+            self._free_completed(self._min_completed())
+        self.pending = True
+        self.pending_start = start[0]
+        self.pending_bytes = nbytes
+        return 0
+
+    cdef inline bls_desc_t* _desc(self, int sender, uint64_t t) noexcept nogil:
+        return <bls_desc_t*>(self.descs + (<uint64_t>sender * (self.lag + 1) + t % (self.lag + 1)) * self.desc_stride)
+
+    cdef int _commit(self, uint64_t t, object dtype) except -1:
+        """Write the descriptor of the pending record and publish iteration ``t``."""
+        cdef bls_desc_t* d = self._desc(self.rank, t)
+        cdef int q
+        cdef int idx
+        cdef uint64_t itemsize = dtype.itemsize
+        dstr = dtype.str.encode()
+        d.iteration = t
+        d.record_offset = self.pending_start
+        d.record_bytes = self.pending_bytes
+        d.itemsize = <uint32_t>itemsize
+        memset(d.dtype, 0, BLS_DTYPE_CHARS)
+        memcpy(d.dtype, <char*>dstr, len(dstr))
+        for q in range(self.size):
+            d.blocks[2 * q] = self.block_off[q]
+            d.blocks[2 * q + 1] = <uint64_t>self.counts[q] * itemsize
+        idx = (self.fl_first + self.fl_count) % (self.lag + 1)
+        self.fl_iter[idx] = t
+        self.fl_start[idx] = self.pending_start
+        self.fl_end[idx] = self.pending_start + self.pending_bytes
+        self.fl_count += 1
+        self.arena_head = self.pending_start + self.pending_bytes
+        self.slot_dtype[t % (self.lag + 1)] = dtype
+        self.pending = False
+        for q in range(self.size):
+            self.bytes_sent += <uint64_t>self.counts[q] * itemsize
+        cdef bls_rank_t* me = &self.ranks[self.rank]
+        self._announce(&me.published, &me.published_sleepers, t + 1)
+        self.next_post = t + 1
+        return 0
+
+    cdef object _check_dtype(self, object dtype):
+        if not isinstance(dtype, np.dtype):
+            dtype = np.dtype(dtype)
+        if dtype.hasobject:
+            raise BlsTypeError(f"dtype {dtype} holds Python objects; only fixed-size data can be sent")
+        if dtype.itemsize == 0:
+            raise BlsTypeError(f"dtype {dtype} has no size")
+        if len(dtype.str) >= BLS_DTYPE_CHARS:
+            raise BlsTypeError(f"dtype {dtype} is not supported")
+        return dtype
+
+    cdef int _check_post_order(self, int64_t t) except -1:
+        self._check_open()
+        if t < 0 or <uint64_t>t != self.next_post:
+            raise BlsValueError(f"post({t}) called, but the next iteration to post is {self.next_post}")
+        return 0
+
+    def post(self, int64_t t, cnp.ndarray send not None, send_counts, timeout=None):
+        """Copy ``send`` into this rank's record for iteration ``t`` and publish it."""
+        self._check_post_order(t)
+        if not cnp.PyArray_IS_C_CONTIGUOUS(send):
+            raise BlsValueError("send must be C-contiguous (use numpy.ascontiguousarray)")
+        dtype = self._check_dtype(send.dtype)
+        cdef int64_t itemsize = dtype.itemsize
+        cdef uint64_t nbytes, start
+        self._parse_counts(send_counts, itemsize, &nbytes)
+        cdef int64_t total = 0
+        cdef int q
+        for q in range(self.size):
+            total += self.counts[q]
+        if total != cnp.PyArray_SIZE(send):
+            raise BlsValueError(
+                f"send_counts add up to {total} elements but send holds {cnp.PyArray_SIZE(send)}")
+        cdef int64_t deadline = self._deadline(timeout)
+        self._reserve(t, nbytes, deadline, &start)
+        cdef char* src = <char*>cnp.PyArray_DATA(send)
+        cdef char* rec = self.arenas + <uint64_t>self.rank * self.arena_bytes + start
+        with nogil:
+            for q in range(self.size):
+                memcpy(rec + self.block_off[q], src, self.counts[q] * itemsize)
+                src += self.counts[q] * itemsize
+        self._commit(t, dtype)
+
+    def reserve(self, int64_t t, send_counts, dtype, timeout=None):
+        """Zero-copy post, first half: wait and reserve the record of ``t``.
+
+        Returns ``(offset, [(block_offset, count), ...])``, offsets from the start
+        of the segment, so the caller can make views.  ``commit(t)`` publishes,
+        ``cancel(t)`` forgets the reservation.
+        """
+        self._check_post_order(t)
+        if self.pending:
+            raise BlsValueError(f"iteration {t} is already reserved and not yet published")
+        dtype = self._check_dtype(dtype)
+        cdef uint64_t nbytes, start
+        self._parse_counts(send_counts, dtype.itemsize, &nbytes)
+        self._reserve(t, nbytes, self._deadline(timeout), &start)
+        base = self.hdr.arenas_offset + <uint64_t>self.rank * self.arena_bytes + start
+        self.slot_dtype[t % (self.lag + 1)] = dtype
+        return base, [(base + self.block_off[q], self.counts[q]) for q in range(self.size)]
+
+    def commit(self, int64_t t):
+        """Zero-copy post, second half: publish the record reserved for ``t``."""
+        self._check_open()
+        if not self.pending or t < 0 or <uint64_t>t != self.next_post:
+            raise BlsValueError(f"commit({t}) without reserve({t})")
+        self._commit(t, self.slot_dtype[t % (self.lag + 1)])
+
+    def cancel(self, int64_t t):
+        """Forget a reservation: nothing of iteration ``t`` was published."""
+        if self.pending and t >= 0 and <uint64_t>t == self.next_post:
+            self.pending = False
+
+    # ------------------------------------------------------------ completing
+
+    cdef int _await_posts(self, int64_t t, object timeout) except -1:
+        self._check_open()
+        if t < 0 or <uint64_t>t != self.next_complete:
+            raise BlsValueError(
+                f"complete({t}) called, but the next iteration to complete is {self.next_complete}")
+        if <uint64_t>t >= self.next_post:
+            raise BlsValueError(f"complete({t}) called before post({t}) on this rank")
+        cdef int64_t deadline = self._deadline(timeout)
+        cdef int rc
+        with nogil:
+            rc = self._wait(PUBLISHED, t + 1, deadline)
+        if rc != OK:
+            self._raise_wait(rc, PUBLISHED, t + 1, "complete", t)
+        return 0
+
+    cdef int _protocol_error(self, str message) except -1:
+        data = message.encode("utf-8", "replace")[:BLS_LINE - 17]
+        self._abort_nogil(BLS_ABORT_PROTOCOL, -1, data)
+        raise CommAborted(f"communicator aborted by rank {self.rank}: {message}",
+                          rank=self.rank, reason=message)
+
+    cdef uint64_t _block(self, int s, uint64_t t, object expect_dtype, uint64_t* nbytes) except? 0:
+        """Validate source ``s``'s descriptor of ``t``; return the segment offset of our block."""
+        cdef bls_desc_t* d = self._desc(s, t)
+        cdef uint64_t off = d.blocks[2 * self.rank]
+        cdef uint64_t n = d.blocks[2 * self.rank + 1]
+        if d.iteration != t:
+            self._protocol_error(f"rank {s}'s descriptor for iteration {t} holds iteration {d.iteration}")
+        if (d.record_offset > self.arena_bytes or d.record_bytes > self.arena_bytes - d.record_offset
+                or off > d.record_bytes or n > d.record_bytes - off):
+            self._protocol_error(f"rank {s}'s record for iteration {t} lies outside its arena")
+        cdef bytes expect_str
+        if expect_dtype is not None:
+            expect_str = expect_dtype.str.encode()
+            if d.itemsize != expect_dtype.itemsize or strncmp(d.dtype, expect_str, BLS_DTYPE_CHARS) != 0:
+                self._protocol_error(
+                    f"dtype mismatch at iteration {t}: rank {s} sent {(<bytes>(<char*>d.dtype)).decode()}, "
+                    f"rank {self.rank} sent {expect_dtype.str}")
+        if d.itemsize == 0 or n % d.itemsize:
+            self._protocol_error(f"rank {s}'s block for iteration {t} is not whole elements")
+        nbytes[0] = n
+        return self.hdr.arenas_offset + <uint64_t>s * self.arena_bytes + d.record_offset + off
+
+    cdef int _finish(self, uint64_t t, uint64_t received) except -1:
+        self.bytes_received += received
+        cdef bls_rank_t* me = &self.ranks[self.rank]
+        self._announce(&me.completed, &me.completed_sleepers, t + 1)
+        self.next_complete = t + 1
+        return 0
+
+    def complete(self, int64_t t, out=None, timeout=None):
+        """Wait for every rank's post of ``t``, copy our blocks out, mark ``t`` completed.
+
+        Returns ``(recv, recv_counts)``.  If ``out`` is too small nothing is
+        completed and the call may be repeated with a larger one.
+        """
+        self._await_posts(t, timeout)
+        dtype = self.slot_dtype[t % (self.lag + 1)]
+        cdef uint64_t itemsize = dtype.itemsize
+        cdef uint64_t total = 0
+        cdef uint64_t n
+        cdef int s
+        for s in range(self.size):
+            self.recv_off[s] = self._block(s, t, dtype, &n)
+            self.recv_bytes[s] = n
+            total += n
+        cdef cnp.ndarray recv
+        if out is None:
+            recv = np.empty(total // itemsize, dtype=dtype)
+        else:
+            if not isinstance(out, cnp.ndarray):
+                raise BlsTypeError(f"out must be a numpy array, got {type(out).__name__}")
+            recv = out
+            if not cnp.PyArray_IS_C_CONTIGUOUS(recv) or not cnp.PyArray_ISWRITEABLE(recv):
+                raise BlsValueError("out must be C-contiguous and writable")
+            if recv.dtype != dtype:
+                raise BlsTypeError(f"out has dtype {recv.dtype}, iteration {t} carries {dtype}")
+            if <uint64_t>cnp.PyArray_SIZE(recv) * itemsize < total:
+                raise BlsValueError(
+                    f"out holds {cnp.PyArray_SIZE(recv)} elements; iteration {t} delivers {total // itemsize}")
+            recv = recv.reshape(-1)[:total // itemsize]
+        cdef char* dst = <char*>cnp.PyArray_DATA(recv)
+        with nogil:
+            for s in range(self.size):
+                memcpy(dst, self.base + self.recv_off[s], self.recv_bytes[s])
+                dst += self.recv_bytes[s]
+        cdef cnp.ndarray recv_counts = np.empty(self.size, dtype=np.int64)
+        cdef int64_t* counts_out = <int64_t*>cnp.PyArray_DATA(recv_counts)
+        for s in range(self.size):
+            counts_out[s] = self.recv_bytes[s] // itemsize
+        self._finish(t, total)
+        return recv, recv_counts
+
+    def acquire(self, int64_t t, timeout=None):
+        """Zero-copy complete, first half: wait for ``t`` and locate our blocks.
+
+        Returns ``[(segment_offset, count, dtype), ...]`` per source; ``release(t)``
+        marks ``t`` completed (the senders may then overwrite the blocks).
+        """
+        self._await_posts(t, timeout)
+        cdef uint64_t n
+        cdef int s
+        cdef bls_desc_t* d
+        blocks = []
+        for s in range(self.size):
+            off = self._block(s, t, None, &n)
+            d = self._desc(s, t)
+            dstr = <bytes>(<char*>d.dtype)
+            dtype = self.dtype_cache.get(dstr)
+            if dtype is None:
+                try:
+                    dtype = self.dtype_cache[dstr] = np.dtype(dstr.decode())
+                except (TypeError, ValueError, UnicodeDecodeError):
+                    self._protocol_error(f"rank {s} sent an unknown dtype at iteration {t}")
+            if dtype.itemsize != d.itemsize:
+                self._protocol_error(f"rank {s} sent an invalid dtype at iteration {t}")
+            blocks.append((off, n // d.itemsize, dtype))
+        return blocks
+
+    def release(self, int64_t t, uint64_t received_bytes=0):
+        """Zero-copy complete, second half: mark ``t`` completed."""
+        self._check_open()
+        if t < 0 or <uint64_t>t != self.next_complete or <uint64_t>t >= self.next_post:
+            raise BlsValueError(f"release({t}) without acquire({t})")
+        self._finish(t, received_bytes)
+
+    # ---------------------------------------------------------------- blocking
+
+    def alltoallv(self, cnp.ndarray send not None, send_counts, out=None, timeout=None):
+        """``post`` then ``complete`` of the next iteration (the ``L = 0`` pattern)."""
+        cdef uint64_t t = self.next_post
+        if self.next_complete != t:
+            raise BlsValueError(
+                f"alltoallv() while iterations {self.next_complete}..{t - 1} are posted "
+                f"but not completed; complete them first")
+        self.post(t, send, send_counts, timeout)
+        return self.complete(t, out, timeout)
+
+    def barrier_counts(self):
+        """``(published, completed)`` of every rank, read with acquire (for tests and tools)."""
+        return ([bls_load_acquire(&self.ranks[r].published) for r in range(self.size)],
+                [bls_load_acquire(&self.ranks[r].completed) for r in range(self.size)])
+
+    def reset_stats(self):
+        self.post_wait_ns = 0
+        self.complete_wait_ns = 0
+        self.futex_sleeps = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0

@@ -1,0 +1,84 @@
+/* The shared-memory layout of one blsshm communicator (DESIGN §3).
+ *
+ *   offset 0                  bls_header_t        written once by the creator
+ *   BLS_LINE                  bls_abort_t         the abort word (first aborter wins)
+ *   2 * BLS_LINE              bls_rank_t[P]       per-rank counters, 3 lines each
+ *   descs_offset              P x (L+1) descriptors of desc_stride bytes
+ *   arenas_offset             P arenas of arena_bytes bytes (byte rings of records)
+ *
+ * Each separately written field sits on its own 128-byte line (two 64-byte
+ * lines, because adjacent-line prefetch pairs them).
+ */
+#ifndef BLSSHM_LAYOUT_H
+#define BLSSHM_LAYOUT_H
+
+#include <stdint.h>
+
+#define BLS_LINE 128
+#define BLS_MAGIC 0x314d485353534c42ULL /* "BLSSSHM1" */
+#define BLS_VERSION 1
+#define BLS_BLOCK_ALIGN 64              /* each per-destination block starts on a cache line */
+#define BLS_DTYPE_CHARS 20
+
+/* rank states (bls_rank_t.state) */
+#define BLS_STATE_EMPTY 0
+#define BLS_STATE_ATTACHED 1
+#define BLS_STATE_CLOSED 2
+
+/* abort kinds (bls_rank_t.abort_kind of the rank named by the abort word) */
+#define BLS_ABORT_USER 1
+#define BLS_ABORT_PEER_LOST 2
+#define BLS_ABORT_PROTOCOL 3
+
+typedef struct {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t nranks;
+    uint32_t lag;
+    uint32_t desc_stride;
+    uint64_t arena_bytes;
+    uint64_t segment_bytes;
+    uint64_t descs_offset;
+    uint64_t arenas_offset;
+    char _pad[BLS_LINE - 56];
+} bls_header_t;
+
+typedef struct {
+    uint32_t word;  /* 0 while running, else 1 + the rank that aborted first */
+    char _pad[BLS_LINE - 4];
+} bls_abort_t;
+
+typedef struct {
+    /* line 0, written by its rank on every post */
+    uint64_t published;            /* iterations posted so far; futex on its low half */
+    uint32_t published_sleepers;   /* ranks asleep on it (they write it, slow path only) */
+    char _pad0[BLS_LINE - 12];
+    /* line 1, written by its rank on every complete */
+    uint64_t completed;            /* iterations completed so far; futex on its low half */
+    uint32_t completed_sleepers;
+    char _pad1[BLS_LINE - 12];
+    /* line 2, written rarely: attach, close, abort */
+    uint32_t state;
+    int32_t pid;
+    uint32_t abort_kind;
+    int32_t abort_lost_rank;
+    char abort_reason[BLS_LINE - 16];
+} bls_rank_t;
+
+/* One per sender and iteration slot (t mod (L+1)); written by the sender
+ * before it publishes t, read by receivers after they acquire `published`. */
+typedef struct {
+    uint64_t iteration;
+    uint64_t record_offset;        /* from the start of the sender's arena */
+    uint64_t record_bytes;
+    uint32_t itemsize;
+    char dtype[BLS_DTYPE_CHARS];   /* numpy dtype.str, NUL-terminated */
+    uint64_t blocks[];             /* per destination: offset in record, byte count */
+} bls_desc_t;
+
+_Static_assert(sizeof(bls_header_t) == BLS_LINE, "header is one line");
+_Static_assert(sizeof(bls_abort_t) == BLS_LINE, "abort word is one line");
+_Static_assert(sizeof(bls_rank_t) == 3 * BLS_LINE, "rank block is three lines");
+_Static_assert(sizeof(bls_desc_t) == 48, "descriptor head is 48 bytes");
+
+#endif

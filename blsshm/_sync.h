@@ -1,0 +1,108 @@
+/* Synchronisation primitives for blsshm: atomics, CPU pause, futex, clock.
+ *
+ * Every shared counter has exactly one writer.  The rules used in _core.pyx:
+ *   - a writer makes data visible with store_release on its counter, so
+ *     every byte it wrote before (records, descriptors) is visible to a reader
+ *     whose load_acquire sees the new count;
+ *   - a reader that has finished reading a sender's record says so with a
+ *     store_release on its own `completed` counter, so its reads of the record
+ *     happen before the sender, after load_acquire of that counter, reuses it;
+ *   - sleeping uses a Dekker-style handshake (see bls_publish / _wait_sleep):
+ *     acquire/release alone do not order a store before a later load, so the
+ *     two sides each put a sequentially consistent fence between them.
+ */
+#ifndef BLSSHM_SYNC_H
+#define BLSSHM_SYNC_H
+
+#include <stdint.h>
+#include <errno.h>
+#include <time.h>
+#include <limits.h>
+#include <poll.h>
+#include <unistd.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <linux/futex.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "blsshm sleeps on the low 32 bits of a 64-bit counter: little-endian only"
+#endif
+
+static inline uint64_t bls_load_acquire(const volatile uint64_t *p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+static inline uint32_t bls_load_acquire32(const volatile uint32_t *p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+static inline void bls_store_release(volatile uint64_t *p, uint64_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+static inline void bls_store_release32(volatile uint32_t *p, uint32_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+/* Compare-and-swap used only for the abort word (the one multi-writer flag:
+ * the first rank to abort wins, later ones keep its reason). */
+static inline int bls_cas32(volatile uint32_t *p, uint32_t expected, uint32_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+/* Waiter registration counts are written by the waiters (many writers) on
+ * the slow path only; a full-barrier read-modify-write is what the sleep
+ * handshake needs anyway. */
+static inline void bls_add32(volatile uint32_t *p, int32_t v) {
+    __atomic_fetch_add(p, (uint32_t)v, __ATOMIC_SEQ_CST);
+}
+static inline void bls_fence(void) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+static inline uint32_t bls_load_relaxed32(const volatile uint32_t *p) {
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+static inline void bls_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+static inline int64_t bls_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* The futex word is the low half of a 64-bit counter (little-endian checked
+ * above).  The mapping is shared between processes, so no FUTEX_PRIVATE_FLAG.
+ * Returns 0 when woken or when the word no longer holds `expected`, -1 with
+ * errno ETIMEDOUT/EINTR otherwise; callers re-check their condition anyway. */
+static inline int bls_futex_wait(volatile uint64_t *counter, uint32_t expected, int64_t timeout_ns) {
+    struct timespec ts;
+    ts.tv_sec = timeout_ns / 1000000000LL;
+    ts.tv_nsec = timeout_ns % 1000000000LL;
+    long rc = syscall(SYS_futex, (uint32_t *)counter, FUTEX_WAIT, expected, &ts, NULL, 0);
+    if (rc == -1 && errno == EAGAIN) return 0;
+    return (int)rc;
+}
+static inline void bls_futex_wake_all(volatile uint64_t *counter) {
+    syscall(SYS_futex, (uint32_t *)counter, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* 1 if the process behind a pidfd has exited (a zombie counts as exited:
+ * its parent may not have reaped it yet), 0 if it runs, -1 on error. */
+static inline int bls_pidfd_exited(int pidfd) {
+    struct pollfd p;
+    p.fd = pidfd;
+    p.events = POLLIN;
+    p.revents = 0;
+    int rc = poll(&p, 1, 0);
+    if (rc < 0) return -1;
+    return rc > 0 ? 1 : 0;
+}
+
+static inline void bls_yield(void) { sched_yield(); }
+
+#endif

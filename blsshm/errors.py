@@ -1,0 +1,61 @@
+"""The exceptions blsshm raises (DESIGN §5).
+
+Every error derives from :class:`BlsError`.  Bad input raises a subclass that
+is also a ``ValueError`` or ``TypeError`` *before* anything is published, and
+leaves the communicator usable.  A lost or aborting peer raises
+:class:`PeerLostError` / :class:`CommAborted` in every rank; after that the
+communicator is unusable.
+"""
+
+
+class BlsError(Exception):
+    """Base class of every blsshm error."""
+
+
+class BlsValueError(BlsError, ValueError):
+    """An argument has the right type but a wrong value (counts, sizes, order)."""
+
+
+class BlsTypeError(BlsError, TypeError):
+    """An argument has the wrong type (dtype, buffer kind, device)."""
+
+
+class ArenaFullError(BlsValueError):
+    """A record does not fit in this rank's arena; raise ``arena_bytes``."""
+
+
+class BlsTimeoutError(BlsError, TimeoutError):
+    """A wait ran past its timeout.  The communicator stays usable.
+
+    ``iteration`` is the iteration waited for, ``waiting_for`` the ranks that
+    had not yet reached it, ``operation`` is ``"post"`` or ``"complete"``.
+    """
+
+    def __init__(self, message, *, operation=None, iteration=None, waiting_for=()):
+        super().__init__(message)
+        self.operation = operation
+        self.iteration = iteration
+        self.waiting_for = tuple(waiting_for)
+
+
+class CommAborted(BlsError):
+    """The communicator was aborted; ``rank`` aborted it first, for ``reason``."""
+
+    def __init__(self, message, *, rank=None, reason=""):
+        super().__init__(message)
+        self.rank = rank
+        self.reason = reason
+
+
+class PeerLostError(CommAborted):
+    """A peer died or closed while others still needed it; ``lost_rank`` names it."""
+
+    def __init__(self, message, *, rank=None, reason="", lost_rank=None):
+        super().__init__(message, rank=rank, reason=reason)
+        self.lost_rank = lost_rank
+
+
+__all__ = [
+    "BlsError", "BlsValueError", "BlsTypeError", "ArenaFullError",
+    "BlsTimeoutError", "CommAborted", "PeerLostError",
+]

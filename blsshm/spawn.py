@@ -1,0 +1,144 @@
+"""``spawn``: run a function in ``nprocs`` processes sharing one communicator."""
+import multiprocessing
+import multiprocessing.connection
+import time
+import traceback
+
+from blsshm import segment
+from blsshm._proc import describe_exit, die_with_parent
+from blsshm.comm import DEFAULT_ARENA_BYTES, Comm
+from blsshm.errors import BlsError, BlsTypeError, BlsValueError, CommAborted
+
+#: Seconds the other ranks get to notice a failure and stop by themselves.
+GRACE_S = 10.0
+
+
+class RankFailedError(BlsError):
+    """A rank of :func:`spawn` ended without returning: killed, or exited early."""
+
+    def __init__(self, message, *, rank=None):
+        super().__init__(message)
+        self.rank = rank
+
+
+class RemoteTraceback(Exception):
+    """Carries the traceback of an exception raised in a spawned rank."""
+
+    def __init__(self, tb):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self):
+        return self.tb
+
+
+def _rank_main(fn, name, rank, args, conn, comm_kwargs):
+    die_with_parent()
+    try:
+        with Comm.attach(name, rank, **comm_kwargs) as comm:
+            result = fn(comm, *args)
+        conn.send(("ok", result))
+    except BaseException as exc:  # report everything, KeyboardInterrupt included
+        tb = traceback.format_exc()
+        try:
+            conn.send(("error", exc, tb))
+        except Exception:
+            conn.send(("error", BlsError(f"{type(exc).__name__}: {exc}"), tb))
+    finally:
+        conn.close()
+
+
+def spawn(fn, nprocs, *, lag=0, arena_bytes=DEFAULT_ARENA_BYTES, args=(), timeout=None,
+          spin_us=None, start_method=None, grace=GRACE_S):
+    """Run ``fn(comm, *args)`` in ``nprocs`` new processes; return their results in rank order.
+
+    Every process gets a :class:`Comm` of ``nprocs`` ranks at lag ``lag``.
+    If a rank raises, its exception is re-raised here (with the rank and the
+    remote traceback attached) once the others have stopped; a rank that
+    dies without raising gives :class:`RankFailedError`.  Processes are
+    always reaped and the segment always removed, whatever happens.
+    ``timeout`` is the communicator's default wait timeout;
+    ``start_method`` is a multiprocessing start method (default: the
+    platform's).  ``fn`` and ``args`` must be picklable for ``"spawn"``.
+    """
+    if not callable(fn):
+        raise BlsTypeError(f"fn must be callable, got {type(fn).__name__}")
+    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
+        raise BlsValueError(f"nprocs must be a positive integer, got {nprocs!r}")
+    ctx = multiprocessing.get_context(start_method)
+    name = segment.create(nprocs, lag, arena_bytes)
+    procs, conns = [], []
+    comm_kwargs = dict(timeout=timeout, spin_us=spin_us)
+    try:
+        for rank in range(nprocs):
+            parent_end, child_end = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}", daemon=True,
+                               args=(fn, name, rank, tuple(args), child_end, comm_kwargs))
+            proc.start()
+            child_end.close()
+            procs.append(proc)
+            conns.append(parent_end)
+        return _collect(procs, conns, grace)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in procs:
+            proc.join()
+        for conn in conns:
+            conn.close()
+        segment.unlink(name)
+
+
+def _collect(procs, conns, grace):
+    """Gather every rank's outcome; after the first failure wait at most ``grace`` s."""
+    n = len(procs)
+    outcome = [None] * n
+    failures = []  # (rank, exception, traceback) in the order they arrived
+    pending = {conns[r]: r for r in range(n)}
+    sentinels = {procs[r].sentinel: r for r in range(n)}
+    deadline = None
+    while pending:
+        wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready = multiprocessing.connection.wait(list(pending) + list(sentinels), timeout=wait_s)
+        if not ready:
+            break  # grace period over: the finally of spawn kills what is left
+        for obj in ready:
+            if obj in pending:
+                r = pending.pop(obj)
+                try:
+                    outcome[r] = obj.recv()
+                except EOFError:
+                    continue  # exited without a word: its sentinel reports it
+                if outcome[r][0] == "error":
+                    failures.append((r, outcome[r][1], outcome[r][2]))
+            elif obj in sentinels:
+                r = sentinels.pop(obj)
+                conn = conns[r]
+                if conn in pending and not conn.poll():
+                    pending.pop(conn)
+                    procs[r].join()
+                    exc = RankFailedError(
+                        f"rank {r} ended without a result ({describe_exit(procs[r].exitcode)})", rank=r)
+                    failures.append((r, exc, None))
+        if failures and deadline is None:
+            deadline = time.monotonic() + grace
+    if failures:
+        _reraise(failures)
+    missing = [r for r in range(n) if outcome[r] is None]
+    if missing:
+        raise RankFailedError(f"rank(s) {missing} did not finish", rank=missing[0])
+    return [outcome[r][1] for r in range(n)]
+
+
+def _reraise(failures):
+    # The root cause is the first failure that is not a reaction to another
+    # rank's failure (CommAborted / PeerLostError follow a failure elsewhere).
+    causes = [f for f in failures if not isinstance(f[1], CommAborted)]
+    rank, exc, tb = (causes or failures)[0]
+    if tb is not None:
+        exc.__cause__ = RemoteTraceback(tb)
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"raised in blsshm rank {rank}")
+    exc.blsshm_rank = rank
+    raise exc

@@ -1,0 +1,30 @@
+"""Build the Cython extensions; metadata lives in pyproject.toml.
+
+BLSSHM_DEBUG=1 turns bounds and wraparound checks back on for debugging.
+"""
+import os
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+debug = os.environ.get("BLSSHM_DEBUG") == "1"
+directives = {
+    "language_level": 3,
+    "boundscheck": debug,
+    "wraparound": debug,
+    "cdivision": True,
+    "initializedcheck": debug,
+}
+
+extensions = [
+    Extension(
+        "blsshm._core",
+        ["blsshm/_core.pyx"],
+        include_dirs=[numpy.get_include(), "blsshm"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3", "-std=gnu11"],
+    ),
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives))
