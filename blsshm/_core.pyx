@@ -18,17 +18,24 @@ from libc.stdint cimport uint32_t, uint64_t, int64_t, int32_t
 from libc.string cimport memcpy, memset, strncpy, strncmp
 from libc.stdlib cimport calloc, free
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
+from cpython.long cimport PyLong_AsLongLong
+from cpython.ref cimport Py_INCREF
 cimport numpy as cnp
 import operator
 
 import numpy as np
 
+from blsshm._arrays import as_array, to_torch
 from blsshm.errors import (
     ArenaFullError, BlsError, BlsTimeoutError, BlsTypeError, BlsValueError,
     CommAborted, PeerLostError,
 )
 
 cnp.import_array()
+
+cdef extern from "numpy/arrayobject.h":
+    # Steals a reference to descr (hence the Py_INCREF at the call site).
+    object _PyArray_Empty "PyArray_Empty"(int nd, cnp.npy_intp* dims, cnp.dtype descr, int fortran)
 
 cdef extern from "_sync.h" nogil:
     uint64_t bls_load_acquire(const uint64_t *p)
@@ -100,8 +107,11 @@ cdef enum:
     ERR_TIMEOUT = 2
     ERR_LOST = 3
 
-DEF_ABORT_REASON_CHARS = BLS_LINE - 16
+#: "use the communicator's default timeout" (``comm.timeout``)
+DEFAULT_TIMEOUT = object()
 MAX_LAG = 1 << 16
+# Copies at least this big release the GIL; smaller ones are cheaper than the hand-off.
+cdef uint64_t NOGIL_COPY_BYTES = 256 * 1024
 MAX_RANKS = 1 << 12
 
 HEADER_BYTES = sizeof(bls_header_t)
@@ -159,13 +169,13 @@ def initialize(segment, int nranks, int lag, uint64_t arena_bytes):
         PyBuffer_Release(&buf)
 
 
-@cython.final
 cdef class Core:
-    """One rank's end of a communicator mapped at ``segment`` (a writable buffer).
+    """One rank's end of a communicator: the collectives, in Cython.
 
-    Not public: :class:`blsshm.Comm` owns one and adds lifetime, torch support
-    and zero-copy views.  Methods validate every argument before anything is
-    published and raise :mod:`blsshm.errors` exceptions.
+    :class:`blsshm.Comm` derives from it and adds creation, attaching,
+    zero-copy views and lifetime; users never make a ``Core`` themselves.
+    Methods validate every argument before anything is published and raise
+    :mod:`blsshm.errors` exceptions.
     """
     cdef Py_buffer buf
     cdef bint have_buf
@@ -194,7 +204,12 @@ cdef class Core:
     cdef int fl_count
     cdef uint64_t arena_head
     cdef object slot_dtype      # dtype posted per iteration slot (list of L+1)
-    cdef dict dtype_cache
+    cdef object slot_torch      # whether that post was a torch tensor (list of L+1)
+    cdef public object timeout  # default timeout of every wait, seconds or None
+    cdef public bint ready      # all ranks attached; set by Comm._make_ready
+    cdef dict dtype_cache       # descriptor dtype string -> numpy dtype (zero-copy receive)
+    cdef object last_dtype      # the last dtype validated, and its descriptor string
+    cdef bytes last_dtype_str
     cdef uint64_t pending_start # a reservation made by reserve(), not yet committed
     cdef uint64_t pending_bytes
     cdef bint pending
@@ -230,7 +245,8 @@ cdef class Core:
         self.closed = True
         self.dtype_cache = {}
 
-    def __init__(self, segment, int rank, *, int64_t spin_ns=20000, int64_t slice_ns=50000000):
+    def _attach_mapping(self, segment, int rank, int64_t spin_ns=20000, int64_t slice_ns=50000000):
+        """Claim ``rank`` in the mapped segment (a writable buffer)."""
         PyObject_GetBuffer(segment, &self.buf, PyBUF_WRITABLE)
         self.have_buf = True
         self.base = <char*>self.buf.buf
@@ -275,6 +291,7 @@ cdef class Core:
         for r in range(self.size):
             self.pidfds[r] = -1
         self.slot_dtype = [None] * (self.lag + 1)
+        self.slot_torch = [False] * (self.lag + 1)
         # Claim the rank: the state word has one writer once claimed; the CAS
         # only guards against two processes attaching as the same rank.
         cdef bls_rank_t* me = &self.ranks[rank]
@@ -306,24 +323,24 @@ cdef class Core:
 
     # ------------------------------------------------------------------ setup
 
-    def attached_ranks(self):
+    def _attached_ranks(self):
         """Ranks that have attached so far (state read with acquire)."""
         return [r for r in range(self.size)
                 if bls_load_acquire32(&self.ranks[r].state) != BLS_STATE_EMPTY]
 
-    def peer_pids(self):
+    def _peer_pids(self):
         """The pid each rank recorded when it attached."""
         return [self.ranks[r].pid for r in range(self.size)]
 
-    def set_pidfds(self, fds):
+    def _set_pidfds(self, fds):
         """Give the pidfds of the peers (``-1`` for self) used to detect a dead rank."""
         if len(fds) != self.size:
             raise BlsValueError("one pidfd per rank")
         for r in range(self.size):
             self.pidfds[r] = fds[r]
 
-    def close(self):
-        """Mark this rank closed, wake every sleeper so nobody waits on it, unmap."""
+    def _close_core(self):
+        """Mark this rank closed and wake every sleeper so nobody waits on it."""
         if self.closed:
             return
         self.closed = True
@@ -332,12 +349,12 @@ cdef class Core:
         self._wake_everyone()
         self._release()
 
-    def check(self):
+    def _check(self):
         """Raise if this rank closed or the communicator was aborted."""
         self._check_open()
 
     @property
-    def is_closed(self):
+    def _core_closed(self):
         return self.closed
 
     # -------------------------------------------------------------- aborting
@@ -358,7 +375,7 @@ cdef class Core:
             bls_fence()
             self._wake_everyone()
 
-    def abort(self, str reason="aborted", int kind=BLS_ABORT_USER, int lost_rank=-1):
+    def _abort(self, str reason="aborted", int kind=BLS_ABORT_USER, int lost_rank=-1):
         """Abort the communicator: every waiting or later call in every rank raises."""
         self._check_open()
         data = reason.encode("utf-8", "replace")[:BLS_LINE - 17]
@@ -367,7 +384,7 @@ cdef class Core:
     cdef inline bint _aborted(self) noexcept nogil:
         return bls_load_acquire32(&self.abort_line.word) != 0
 
-    def aborted(self):
+    def _abort_info(self):
         """``None`` while running, else ``(rank, kind, lost_rank, reason)`` of the first abort."""
         if not self.have_buf:
             return None
@@ -379,7 +396,7 @@ cdef class Core:
         return (w - 1, a.abort_kind, a.abort_lost_rank, reason)
 
     cdef int _raise_aborted(self) except -1:
-        rank, kind, lost, reason = self.aborted()
+        rank, kind, lost, reason = self._abort_info()
         if kind == BLS_ABORT_PEER_LOST:
             raise PeerLostError(f"rank {lost} was lost: {reason} (noticed by rank {rank})",
                                 rank=rank, reason=reason, lost_rank=lost)
@@ -494,6 +511,18 @@ cdef class Core:
             self.post_wait_ns += now - start
         return rc
 
+    cdef int _await(self, int which, uint64_t target, int64_t deadline_ns, str operation,
+                    uint64_t t) except -1:
+        """``_wait`` that keeps the GIL when nothing needs waiting for (the common case)."""
+        cdef int rc
+        if self._first_behind(which, target, 0) < 0:
+            return 0
+        with nogil:
+            rc = self._wait(which, target, deadline_ns)
+        if rc != OK:
+            self._raise_wait(rc, which, target, operation, t)
+        return 0
+
     cdef inline void _announce(self, uint64_t* counter, uint32_t* sleepers, uint64_t value) noexcept nogil:
         """Store this rank's new count and wake sleepers, if any."""
         # Release: the record and descriptor (post), or our reads of the
@@ -536,6 +565,26 @@ cdef class Core:
             if counts.dtype.kind not in "iu":
                 raise BlsTypeError(f"send_counts must hold integers, got dtype {counts.dtype}")
             counts = counts.tolist()
+        if type(counts) is list or type(counts) is tuple:
+            if len(counts) == self.size:
+                for q in range(self.size):
+                    item = counts[q]
+                    if type(item) is not int:
+                        break
+                    c = PyLong_AsLongLong(item)
+                    if c < 0 or c > (1 << 48):
+                        break
+                    self.counts[q] = c
+                    self.block_off[q] = off
+                    off = _round_up(off + <uint64_t>c * itemsize, BLS_BLOCK_ALIGN)
+                else:
+                    if off > self.arena_bytes:
+                        raise ArenaFullError(
+                            f"iteration record of {off} bytes is larger than the arena "
+                            f"({self.arena_bytes} bytes per rank); create the communicator with a larger arena_bytes")
+                    record_bytes[0] = off
+                    return 0
+                off = 0  # something unusual: the general path below says what
         try:
             n = len(counts)
         except TypeError:
@@ -615,10 +664,7 @@ cdef class Core:
             raise BlsValueError(
                 f"post({t}) needs this rank to have completed iteration {lag_target - 1} first "
                 f"(lag {self.lag}); it has completed {self.next_complete} iterations")
-        with nogil:
-            rc = self._wait(COMPLETED, lag_target, deadline_ns)
-        if rc != OK:
-            self._raise_wait(rc, COMPLETED, lag_target, "post", t)
+        self._await(COMPLETED, lag_target, deadline_ns, "post", t)
         self._free_completed(self._min_completed())
         while not self._fit(nbytes, start):
             oldest = self.fl_iter[self.fl_first]
@@ -627,10 +673,7 @@ cdef class Core:
                     f"post({t}): a record of {nbytes} bytes does not fit in the arena "
                     f"({self.arena_bytes} bytes) next to the {self.fl_count} records still in flight; "
                     f"use arena_bytes of at least (lag + 1) x the largest record")
-            with nogil:
-                rc = self._wait(COMPLETED, oldest + 1, deadline_ns)
-            if rc != OK:
-                self._raise_wait(rc, COMPLETED, oldest + 1, "post", t)
+            self._await(COMPLETED, oldest + 1, deadline_ns, "post", t)
             self._free_completed(self._min_completed())
         self.pending = True
         self.pending_start = start[0]
@@ -640,13 +683,13 @@ cdef class Core:
     cdef inline bls_desc_t* _desc(self, int sender, uint64_t t) noexcept nogil:
         return <bls_desc_t*>(self.descs + (<uint64_t>sender * (self.lag + 1) + t % (self.lag + 1)) * self.desc_stride)
 
-    cdef int _commit(self, uint64_t t, object dtype) except -1:
+    cdef int _commit(self, uint64_t t, cnp.dtype dtype) except -1:
         """Write the descriptor of the pending record and publish iteration ``t``."""
         cdef bls_desc_t* d = self._desc(self.rank, t)
         cdef int q
         cdef int idx
         cdef uint64_t itemsize = dtype.itemsize
-        dstr = dtype.str.encode()
+        cdef bytes dstr = self._dtype_str(dtype)
         d.iteration = t
         d.record_offset = self.pending_start
         d.record_bytes = self.pending_bytes
@@ -671,9 +714,20 @@ cdef class Core:
         self.next_post = t + 1
         return 0
 
+    cdef inline bytes _dtype_str(self, cnp.dtype dtype):
+        """The descriptor string of a validated dtype (cached: the hot path sends one dtype)."""
+        if dtype is not self.last_dtype:
+            self._check_dtype(dtype)
+            self.last_dtype_str = dtype.str.encode()
+            self.last_dtype = dtype
+        return self.last_dtype_str
+
     cdef object _check_dtype(self, object dtype):
         if not isinstance(dtype, np.dtype):
-            dtype = np.dtype(dtype)
+            try:
+                dtype = np.dtype(dtype)
+            except TypeError as exc:
+                raise BlsTypeError(f"not a dtype: {dtype!r} ({exc})") from None
         if dtype.hasobject:
             raise BlsTypeError(f"dtype {dtype} holds Python objects; only fixed-size data can be sent")
         if dtype.itemsize == 0:
@@ -688,12 +742,29 @@ cdef class Core:
             raise BlsValueError(f"post({t}) called, but the next iteration to post is {self.next_post}")
         return 0
 
-    def post(self, int64_t t, cnp.ndarray send not None, send_counts, timeout=None):
+    cdef inline void _scatter(self, char* rec, const char* src, uint64_t itemsize) noexcept nogil:
+        """Copy the blocks of a contiguous send buffer into their places in the record."""
+        cdef int q
+        cdef uint64_t n
+        for q in range(self.size):
+            n = <uint64_t>self.counts[q] * itemsize
+            memcpy(rec + self.block_off[q], src, n)
+            src += n
+
+    cdef inline void _gather(self, char* dst) noexcept nogil:
+        """Copy this rank's block of every source, in rank order, to ``dst``."""
+        cdef int s
+        for s in range(self.size):
+            memcpy(dst, self.base + self.recv_off[s], self.recv_bytes[s])
+            dst += self.recv_bytes[s]
+
+    cdef int _post(self, int64_t t, cnp.ndarray send, object send_counts, object timeout) except -1:
         """Copy ``send`` into this rank's record for iteration ``t`` and publish it."""
         self._check_post_order(t)
         if not cnp.PyArray_IS_C_CONTIGUOUS(send):
             raise BlsValueError("send must be C-contiguous (use numpy.ascontiguousarray)")
-        dtype = self._check_dtype(send.dtype)
+        cdef cnp.dtype dtype = <cnp.dtype>cnp.PyArray_DESCR(send)
+        self._dtype_str(dtype)
         cdef int64_t itemsize = dtype.itemsize
         cdef uint64_t nbytes, start
         self._parse_counts(send_counts, itemsize, &nbytes)
@@ -708,13 +779,15 @@ cdef class Core:
         self._reserve(t, nbytes, deadline, &start)
         cdef char* src = <char*>cnp.PyArray_DATA(send)
         cdef char* rec = self.arenas + <uint64_t>self.rank * self.arena_bytes + start
-        with nogil:
-            for q in range(self.size):
-                memcpy(rec + self.block_off[q], src, self.counts[q] * itemsize)
-                src += self.counts[q] * itemsize
+        if nbytes >= NOGIL_COPY_BYTES:
+            with nogil:
+                self._scatter(rec, src, itemsize)
+        else:
+            self._scatter(rec, src, itemsize)
         self._commit(t, dtype)
+        return 0
 
-    def reserve(self, int64_t t, send_counts, dtype, timeout=None):
+    def _zc_reserve(self, int64_t t, send_counts, dtype, timeout):
         """Zero-copy post, first half: wait and reserve the record of ``t``.
 
         Returns ``(offset, [(block_offset, count), ...])``, offsets from the start
@@ -732,14 +805,15 @@ cdef class Core:
         self.slot_dtype[t % (self.lag + 1)] = dtype
         return base, [(base + self.block_off[q], self.counts[q]) for q in range(self.size)]
 
-    def commit(self, int64_t t):
+    def _zc_commit(self, int64_t t):
         """Zero-copy post, second half: publish the record reserved for ``t``."""
         self._check_open()
         if not self.pending or t < 0 or <uint64_t>t != self.next_post:
             raise BlsValueError(f"commit({t}) without reserve({t})")
         self._commit(t, self.slot_dtype[t % (self.lag + 1)])
+        self.slot_torch[t % (self.lag + 1)] = False
 
-    def cancel(self, int64_t t):
+    def _zc_cancel(self, int64_t t):
         """Forget a reservation: nothing of iteration ``t`` was published."""
         if self.pending and t >= 0 and <uint64_t>t == self.next_post:
             self.pending = False
@@ -753,12 +827,7 @@ cdef class Core:
                 f"complete({t}) called, but the next iteration to complete is {self.next_complete}")
         if <uint64_t>t >= self.next_post:
             raise BlsValueError(f"complete({t}) called before post({t}) on this rank")
-        cdef int64_t deadline = self._deadline(timeout)
-        cdef int rc
-        with nogil:
-            rc = self._wait(PUBLISHED, t + 1, deadline)
-        if rc != OK:
-            self._raise_wait(rc, PUBLISHED, t + 1, "complete", t)
+        self._await(PUBLISHED, t + 1, self._deadline(timeout), "complete", t)
         return 0
 
     cdef int _protocol_error(self, str message) except -1:
@@ -767,7 +836,7 @@ cdef class Core:
         raise CommAborted(f"communicator aborted by rank {self.rank}: {message}",
                           rank=self.rank, reason=message)
 
-    cdef uint64_t _block(self, int s, uint64_t t, object expect_dtype, uint64_t* nbytes) except? 0:
+    cdef uint64_t _block(self, int s, uint64_t t, bytes expect_dtype, uint64_t itemsize, uint64_t* nbytes) except? 0:
         """Validate source ``s``'s descriptor of ``t``; return the segment offset of our block."""
         cdef bls_desc_t* d = self._desc(s, t)
         cdef uint64_t off = d.blocks[2 * self.rank]
@@ -777,13 +846,11 @@ cdef class Core:
         if (d.record_offset > self.arena_bytes or d.record_bytes > self.arena_bytes - d.record_offset
                 or off > d.record_bytes or n > d.record_bytes - off):
             self._protocol_error(f"rank {s}'s record for iteration {t} lies outside its arena")
-        cdef bytes expect_str
         if expect_dtype is not None:
-            expect_str = expect_dtype.str.encode()
-            if d.itemsize != expect_dtype.itemsize or strncmp(d.dtype, expect_str, BLS_DTYPE_CHARS) != 0:
+            if d.itemsize != itemsize or strncmp(d.dtype, expect_dtype, BLS_DTYPE_CHARS) != 0:
                 self._protocol_error(
                     f"dtype mismatch at iteration {t}: rank {s} sent {(<bytes>(<char*>d.dtype)).decode()}, "
-                    f"rank {self.rank} sent {expect_dtype.str}")
+                    f"rank {self.rank} sent {expect_dtype.decode()}")
         if d.itemsize == 0 or n % d.itemsize:
             self._protocol_error(f"rank {s}'s block for iteration {t} is not whole elements")
         nbytes[0] = n
@@ -796,25 +863,25 @@ cdef class Core:
         self.next_complete = t + 1
         return 0
 
-    def complete(self, int64_t t, out=None, timeout=None):
-        """Wait for every rank's post of ``t``, copy our blocks out, mark ``t`` completed.
-
-        Returns ``(recv, recv_counts)``.  If ``out`` is too small nothing is
-        completed and the call may be repeated with a larger one.
-        """
+    cdef tuple _complete(self, int64_t t, object out, object timeout):
+        """Wait for every rank's post of ``t``, copy our blocks out, mark ``t`` completed."""
         self._await_posts(t, timeout)
-        dtype = self.slot_dtype[t % (self.lag + 1)]
+        cdef cnp.dtype dtype = self.slot_dtype[t % (self.lag + 1)]
+        cdef bytes dstr = self._dtype_str(dtype)
         cdef uint64_t itemsize = dtype.itemsize
+        cdef cnp.npy_intp dims[1]
         cdef uint64_t total = 0
         cdef uint64_t n
         cdef int s
         for s in range(self.size):
-            self.recv_off[s] = self._block(s, t, dtype, &n)
+            self.recv_off[s] = self._block(s, t, dstr, itemsize, &n)
             self.recv_bytes[s] = n
             total += n
         cdef cnp.ndarray recv
         if out is None:
-            recv = np.empty(total // itemsize, dtype=dtype)
+            dims[0] = total // itemsize
+            Py_INCREF(dtype)
+            recv = _PyArray_Empty(1, dims, dtype, 0)
         else:
             if not isinstance(out, cnp.ndarray):
                 raise BlsTypeError(f"out must be a numpy array, got {type(out).__name__}")
@@ -828,18 +895,20 @@ cdef class Core:
                     f"out holds {cnp.PyArray_SIZE(recv)} elements; iteration {t} delivers {total // itemsize}")
             recv = recv.reshape(-1)[:total // itemsize]
         cdef char* dst = <char*>cnp.PyArray_DATA(recv)
-        with nogil:
-            for s in range(self.size):
-                memcpy(dst, self.base + self.recv_off[s], self.recv_bytes[s])
-                dst += self.recv_bytes[s]
-        cdef cnp.ndarray recv_counts = np.empty(self.size, dtype=np.int64)
+        if total >= NOGIL_COPY_BYTES:
+            with nogil:
+                self._gather(dst)
+        else:
+            self._gather(dst)
+        dims[0] = self.size
+        cdef cnp.ndarray recv_counts = cnp.PyArray_SimpleNew(1, dims, cnp.NPY_INT64)
         cdef int64_t* counts_out = <int64_t*>cnp.PyArray_DATA(recv_counts)
         for s in range(self.size):
             counts_out[s] = self.recv_bytes[s] // itemsize
         self._finish(t, total)
         return recv, recv_counts
 
-    def acquire(self, int64_t t, timeout=None):
+    def _zc_acquire(self, int64_t t, timeout):
         """Zero-copy complete, first half: wait for ``t`` and locate our blocks.
 
         Returns ``[(segment_offset, count, dtype), ...]`` per source; ``release(t)``
@@ -851,7 +920,7 @@ cdef class Core:
         cdef bls_desc_t* d
         blocks = []
         for s in range(self.size):
-            off = self._block(s, t, None, &n)
+            off = self._block(s, t, None, 0, &n)
             d = self._desc(s, t)
             dstr = <bytes>(<char*>d.dtype)
             dtype = self.dtype_cache.get(dstr)
@@ -865,7 +934,7 @@ cdef class Core:
             blocks.append((off, n // d.itemsize, dtype))
         return blocks
 
-    def release(self, int64_t t, uint64_t received_bytes=0):
+    def _zc_release(self, int64_t t, uint64_t received_bytes=0):
         """Zero-copy complete, second half: mark ``t`` completed."""
         self._check_open()
         if t < 0 or <uint64_t>t != self.next_complete or <uint64_t>t >= self.next_post:
@@ -874,24 +943,90 @@ cdef class Core:
 
     # ---------------------------------------------------------------- blocking
 
-    def alltoallv(self, cnp.ndarray send not None, send_counts, out=None, timeout=None):
-        """``post`` then ``complete`` of the next iteration (the ``L = 0`` pattern)."""
-        cdef uint64_t t = self.next_post
-        if self.next_complete != t:
-            raise BlsValueError(
-                f"alltoallv() while iterations {self.next_complete}..{t - 1} are posted "
-                f"but not completed; complete them first")
-        self.post(t, send, send_counts, timeout)
-        return self.complete(t, out, timeout)
 
-    def barrier_counts(self):
+    def _counters(self):
         """``(published, completed)`` of every rank, read with acquire (for tests and tools)."""
         return ([bls_load_acquire(&self.ranks[r].published) for r in range(self.size)],
                 [bls_load_acquire(&self.ranks[r].completed) for r in range(self.size)])
 
     def reset_stats(self):
+        """Zero the waiting and traffic counters (see ``Comm.stats``)."""
         self.post_wait_ns = 0
         self.complete_wait_ns = 0
         self.futex_sleeps = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+
+    # ------------------------------------------------------------ collectives
+
+    def post(self, t, send, send_counts, *, timeout=DEFAULT_TIMEOUT):
+        """Publish this rank's blocks of iteration ``t``; ``send`` may be reused at once.
+
+        ``send`` is a C-contiguous numpy array or CPU torch tensor holding the
+        blocks for ranks ``0..size-1`` back to back; ``send_counts[q]`` is the
+        number of elements for rank ``q`` (they add up to ``send.size``).
+        Waits only while some rank has not completed iteration
+        ``t - lag - 1`` (the lag bound).  Iterations are posted in order
+        ``0, 1, 2, ...``, and ``post(t)`` needs this rank's own
+        ``complete(t - lag - 1)`` first.
+        """
+        if not self.ready:
+            self._make_ready()
+        cdef bint was_torch = False
+        if not cnp.PyArray_CheckExact(send):
+            send, was_torch = as_array(send, "send")
+        if timeout is DEFAULT_TIMEOUT:
+            timeout = self.timeout
+        self._post(t, send, send_counts, timeout)
+        self.slot_torch[t % (self.lag + 1)] = was_torch
+
+    def complete(self, t, out=None, *, timeout=DEFAULT_TIMEOUT):
+        """Wait until every rank posted ``t``; return ``(recv, recv_counts)``.
+
+        ``recv`` holds the blocks every rank posted to this one, in rank
+        order; ``recv_counts`` (int64 array) their sizes in elements.  ``out``
+        may supply the memory (same dtype, large enough; ``recv`` is then a
+        view of it).  If ``out`` is too small nothing is completed and the
+        call may be repeated.  Iterations complete in order, each after its
+        own post.  A torch ``send`` gives a torch ``recv``.
+        """
+        if not self.ready:
+            self._make_ready()
+        if out is not None and not cnp.PyArray_CheckExact(out):
+            out, _ = as_array(out, "out")
+        if timeout is DEFAULT_TIMEOUT:
+            timeout = self.timeout
+        result = self._complete(t, out, timeout)
+        if self.slot_torch[t % (self.lag + 1)]:
+            return to_torch(result[0]), result[1]
+        return result
+
+    def alltoallv(self, send, send_counts, out=None, *, timeout=DEFAULT_TIMEOUT):
+        """Blocking alltoallv: ``post`` then ``complete`` of the next iteration.
+
+        Same arguments and result as :meth:`post` and :meth:`complete`.  With
+        ``lag = 0`` this is an ordinary synchronous alltoallv.
+        """
+        cdef int64_t t = self.next_post
+        if self.next_complete != self.next_post:
+            raise BlsValueError(
+                f"alltoallv() while iterations {self.next_complete}..{t - 1} are posted "
+                f"but not completed; complete them first")
+        if not self.ready:
+            self._make_ready()
+        cdef bint was_torch = False
+        if not cnp.PyArray_CheckExact(send):
+            send, was_torch = as_array(send, "send")
+        if out is not None and not cnp.PyArray_CheckExact(out):
+            out, _ = as_array(out, "out")
+        if timeout is DEFAULT_TIMEOUT:
+            timeout = self.timeout
+        self._post(t, send, send_counts, timeout)
+        self.slot_torch[t % (self.lag + 1)] = was_torch
+        result = self._complete(t, out, timeout)
+        if was_torch:
+            return to_torch(result[0]), result[1]
+        return result
+
+    def _make_ready(self):
+        raise NotImplementedError

@@ -1,0 +1,26 @@
+"""Accepting numpy arrays and CPU torch tensors alike, without copying."""
+import sys
+
+import numpy as np
+
+from blsshm.errors import BlsTypeError
+
+
+def as_array(x, what):
+    """``(ndarray, was_torch)`` viewing a numpy array or CPU torch tensor."""
+    if isinstance(x, np.ndarray):
+        return x, False
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise BlsTypeError(f"{what} is a tensor on {x.device}; blsshm moves CPU tensors only")
+        try:
+            return x.detach().numpy(), True
+        except TypeError as exc:
+            raise BlsTypeError(f"{what} has dtype {x.dtype}, which numpy cannot view: {exc}") from None
+    raise BlsTypeError(f"{what} must be a numpy array or a CPU torch tensor, got {type(x).__name__}")
+
+
+def to_torch(array):
+    """The torch tensor sharing ``array``'s memory."""
+    return sys.modules["torch"].from_numpy(array)
