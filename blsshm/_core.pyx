@@ -17,6 +17,7 @@ cimport cython
 from libc.stdint cimport uint32_t, uint64_t, int64_t, int32_t
 from libc.string cimport memcpy, memset, strncpy, strncmp
 from libc.stdlib cimport calloc, free
+from posix.unistd cimport getpid
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.long cimport PyLong_AsLongLong
 from cpython.ref cimport Py_INCREF
@@ -249,6 +250,13 @@ cdef class Core:
         """Claim ``rank`` in the mapped segment (a writable buffer)."""
         PyObject_GetBuffer(segment, &self.buf, PyBUF_WRITABLE)
         self.have_buf = True
+        try:
+            self._bind(rank, spin_ns, slice_ns)
+        except BaseException:
+            self._release()
+            raise
+
+    cdef int _bind(self, int rank, int64_t spin_ns, int64_t slice_ns) except -1:
         self.base = <char*>self.buf.buf
         self.hdr = <bls_header_t*>self.base
         if <uint64_t>self.buf.len < 2 * BLS_LINE or bls_load_acquire(&self.hdr.magic) != BLS_MAGIC:
@@ -292,14 +300,15 @@ cdef class Core:
             self.pidfds[r] = -1
         self.slot_dtype = [None] * (self.lag + 1)
         self.slot_torch = [False] * (self.lag + 1)
-        # Claim the rank: the state word has one writer once claimed; the CAS
-        # only guards against two processes attaching as the same rank.
+        # Claim the rank with a CAS on its pid (guards against two processes
+        # attaching as one rank), then say "attached" with a release store so
+        # whoever acquires the state also sees the pid.
         cdef bls_rank_t* me = &self.ranks[rank]
-        if not bls_cas32(&me.state, BLS_STATE_EMPTY, BLS_STATE_ATTACHED):
+        if not bls_cas32(<uint32_t*>&me.pid, 0, <uint32_t>getpid()):
             raise BlsValueError(f"rank {rank} is already attached to this segment")
-        import os
-        me.pid = os.getpid()
+        bls_store_release32(&me.state, BLS_STATE_ATTACHED)
         self.closed = False
+        return 0
 
     def __dealloc__(self):
         self._release()
@@ -636,10 +645,17 @@ cdef class Core:
     cdef inline bint _fit(self, uint64_t nbytes, uint64_t* start) noexcept nogil:
         """Find room for ``nbytes`` in the arena ring; never splits a record."""
         cdef uint64_t tail
-        if self.fl_count == 0:
+        cdef int i = 0
+        cdef int idx = self.fl_first
+        # The ring's tail is the oldest record that occupies bytes: empty records
+        # (all counts zero) hold no space, and head == tail then means "full".
+        while i < self.fl_count and self.fl_end[idx] == self.fl_start[idx]:
+            idx = (idx + 1) % (self.lag + 1)
+            i += 1
+        if i == self.fl_count:
             start[0] = 0
             return True
-        tail = self.fl_start[self.fl_first]
+        tail = self.fl_start[idx]
         if self.arena_head > tail:
             if self.arena_bytes - self.arena_head >= nbytes:
                 start[0] = self.arena_head
@@ -672,7 +688,7 @@ cdef class Core:
                 raise ArenaFullError(
                     f"post({t}): a record of {nbytes} bytes does not fit in the arena "
                     f"({self.arena_bytes} bytes) next to the {self.fl_count} records still in flight; "
-                    f"use arena_bytes of at least (lag + 1) x the largest record")
+                    f"use arena_bytes of at least (lag + 2) x the largest record")
             self._await(COMPLETED, oldest + 1, deadline_ns, "post", t)
             self._free_completed(self._min_completed())
         self.pending = True
@@ -1030,3 +1046,28 @@ cdef class Core:
 
     def _make_ready(self):
         raise NotImplementedError
+
+
+def read_abort(segment):
+    """``None``, or ``(rank, kind, lost_rank, reason)`` of the first abort of a segment.
+
+    For observers that are not ranks (the launcher): ``kind`` is ``"user"``,
+    ``"peer_lost"`` (``lost_rank`` names the lost rank) or ``"protocol"``.
+    """
+    cdef Py_buffer buf
+    PyObject_GetBuffer(segment, &buf, PyBUF_SIMPLE)
+    cdef bls_rank_t* a
+    cdef uint32_t w
+    try:
+        if buf.len < 2 * BLS_LINE or bls_load_acquire(&(<bls_header_t*>buf.buf).magic) != BLS_MAGIC:
+            raise BlsValueError("not a blsshm segment (bad magic)")
+        w = bls_load_acquire32(&(<bls_abort_t*>(<char*>buf.buf + BLS_LINE)).word)
+        if w == 0 or w > (<bls_header_t*>buf.buf).nranks:
+            return None
+        a = <bls_rank_t*>(<char*>buf.buf + 2 * BLS_LINE) + (w - 1)
+        kind = {BLS_ABORT_USER: "user", BLS_ABORT_PEER_LOST: "peer_lost",
+                BLS_ABORT_PROTOCOL: "protocol"}.get(a.abort_kind, "unknown")
+        reason = (<bytes>(<char*>a.abort_reason)).decode("utf-8", "replace")
+        return (w - 1, kind, a.abort_lost_rank, reason)
+    finally:
+        PyBuffer_Release(&buf)

@@ -73,6 +73,7 @@ class Comm(_core.Core):
         self._mapping = mapping
         self._pidfds = []
         self._attach_timeout = attach_timeout
+        self._owns_name = owns_name
         try:
             self._attach_mapping(mapping, rank)
         except BaseException:
@@ -91,7 +92,7 @@ class Comm(_core.Core):
 
         Other processes join with ``Comm.attach(comm.name, r)``.  ``lag`` is
         the bound L; ``arena_bytes`` is each rank's room for its in-flight
-        records, at least ``(lag + 1)`` times the largest record for ``post``
+        records, at least ``(lag + 2)`` times the largest record for ``post``
         never to wait beyond the lag bound.  ``timeout`` (seconds, ``None``
         blocks) is the default for every wait; ``attach_timeout`` bounds the
         wait, at the first collective call, for every rank to attach.
@@ -217,9 +218,9 @@ class Comm(_core.Core):
             for fd in self._pidfds:
                 os.close(fd)
             self._pidfds = []
-            if not self.ready:
-                # The others may never come: never leave the name behind
-                # because this rank gave up before the start-up barrier.
+            if self._owns_name and not self.ready:
+                # The creator leaving before the start-up barrier takes the
+                # name with it (spawn and the launcher own theirs and unlink).
                 segment.unlink(self.name)
             try:
                 self._mapping.close()

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from blsshm import segment
+from blsshm import _core, segment
 from blsshm._proc import describe_exit, die_with_parent
 from blsshm.comm import DEFAULT_ARENA_BYTES
 from blsshm.errors import BlsError
@@ -52,6 +52,9 @@ def main(argv=None):
     except (BlsError, ValueError) as exc:
         print(f"python -m blsshm.run: {exc}", file=sys.stderr)
         return 2
+    # The launcher keeps a mapping (it is no rank) to tell, after a failure,
+    # which rank caused it: the first to abort, or the one found lost.
+    observer = segment.open_mapping(name)
     cmd = [sys.executable] + (["-m"] if opts.module else []) + [opts.target] + opts.args
     procs = []
     forwarded = {}
@@ -67,8 +70,9 @@ def main(argv=None):
         for rank in range(opts.nprocs):
             env = dict(os.environ, **{ENV_NAME: name, ENV_RANK: str(rank), ENV_SIZE: str(opts.nprocs)})
             procs.append(subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent))
-        return _supervise(procs, opts.grace)
+        return _supervise(procs, opts.grace, observer)
     finally:
+        observer.close()
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
@@ -78,27 +82,38 @@ def main(argv=None):
             signal.signal(s, handler)
 
 
-def _supervise(procs, grace):
-    first_failure = None
+def _supervise(procs, grace, observer):
+    """Wait for every rank; after the first failure give the others ``grace`` s.
+
+    Returns 0, or the exit status of the rank that caused the failure: the one
+    that aborted the communicator first or that the others found lost, else
+    the first that failed.
+    """
     deadline = None
     while True:
         codes = [p.poll() for p in procs]
-        if first_failure is None:
-            for rank, code in enumerate(codes):
-                if code not in (None, 0):
-                    first_failure = (rank, code)
-                    print(f"python -m blsshm.run: rank {rank} failed ({describe_exit(code)})",
-                          file=sys.stderr)
-                    deadline = time.monotonic() + grace
-                    break
+        if deadline is None and any(c not in (None, 0) for c in codes):
+            deadline = time.monotonic() + grace
         if all(c is not None for c in codes):
             break
         if deadline is not None and time.monotonic() > deadline:
             break
         time.sleep(0.01)
-    if first_failure is None:
+    codes = [p.poll() for p in procs]
+    failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+    if not failed:
         return 0
-    code = first_failure[1]
+    culprit = failed[0]
+    abort = _core.read_abort(observer)
+    if abort is not None:
+        rank, kind, lost_rank, reason = abort
+        suspect = lost_rank if kind == "peer_lost" else rank
+        print(f"python -m blsshm.run: rank {rank} aborted the communicator: {reason}", file=sys.stderr)
+        if suspect in failed:
+            culprit = suspect
+    for r in failed:
+        print(f"python -m blsshm.run: rank {r} failed ({describe_exit(codes[r])})", file=sys.stderr)
+    code = codes[culprit]
     return code if code > 0 else 128 - code
 
 

@@ -91,36 +91,33 @@ def spawn(fn, nprocs, *, lag=0, arena_bytes=DEFAULT_ARENA_BYTES, args=(), timeou
 
 
 def _collect(procs, conns, grace):
-    """Gather every rank's outcome; after the first failure wait at most ``grace`` s."""
+    """Gather every rank's outcome; after the first failure wait at most ``grace`` s.
+
+    A rank's pipe reaches EOF only when the rank is gone, so a rank that
+    ended without sending a result is found by reading its pipe alone.
+    """
     n = len(procs)
     outcome = [None] * n
     failures = []  # (rank, exception, traceback) in the order they arrived
     pending = {conns[r]: r for r in range(n)}
-    sentinels = {procs[r].sentinel: r for r in range(n)}
     deadline = None
     while pending:
         wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready = multiprocessing.connection.wait(list(pending) + list(sentinels), timeout=wait_s)
+        ready = multiprocessing.connection.wait(list(pending), timeout=wait_s)
         if not ready:
             break  # grace period over: the finally of spawn kills what is left
-        for obj in ready:
-            if obj in pending:
-                r = pending.pop(obj)
-                try:
-                    outcome[r] = obj.recv()
-                except EOFError:
-                    continue  # exited without a word: its sentinel reports it
-                if outcome[r][0] == "error":
-                    failures.append((r, outcome[r][1], outcome[r][2]))
-            elif obj in sentinels:
-                r = sentinels.pop(obj)
-                conn = conns[r]
-                if conn in pending and not conn.poll():
-                    pending.pop(conn)
-                    procs[r].join()
-                    exc = RankFailedError(
-                        f"rank {r} ended without a result ({describe_exit(procs[r].exitcode)})", rank=r)
-                    failures.append((r, exc, None))
+        for conn in ready:
+            r = pending.pop(conn)
+            try:
+                outcome[r] = conn.recv()
+            except EOFError:
+                procs[r].join()
+                exc = RankFailedError(
+                    f"rank {r} ended without a result ({describe_exit(procs[r].exitcode)})", rank=r)
+                failures.append((r, exc, None))
+                continue
+            if outcome[r][0] == "error":
+                failures.append((r, outcome[r][1], outcome[r][2]))
         if failures and deadline is None:
             deadline = time.monotonic() + grace
     if failures:

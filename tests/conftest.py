@@ -1,0 +1,56 @@
+"""Every test leaves nothing behind: no /dev/shm segment of ours, no child process."""
+import os
+import time
+
+import pytest
+
+
+def _our_segments():
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("blsshm-")}
+    except FileNotFoundError:  # pragma: no cover
+        return set()
+
+
+def _is_multiprocessing_helper(pid):
+    """multiprocessing's own long-lived helpers (resource tracker, fork server)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except FileNotFoundError:
+        return False
+    return b"resource_tracker" in cmdline or b"forkserver" in cmdline
+
+
+def _children():
+    pids = set()
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        try:
+            with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except FileNotFoundError:
+            pass
+    return {p for p in pids if not _is_multiprocessing_helper(p)}
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    before_segments = _our_segments()
+    before_children = _children()
+    yield
+    # Give a failing test's cleanup a moment, then insist.
+    deadline = time.monotonic() + 2.0
+    while True:
+        segments = _our_segments() - before_segments
+        children = _children() - before_children
+        if not segments and not children or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    for pid in children:  # reap them so one failure does not cascade
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    assert not segments, f"test left shared-memory segments behind: {sorted(segments)}"
+    assert not children, f"test left child processes behind: {sorted(children)}"

@@ -1,0 +1,65 @@
+"""Run ranks in child processes for tests that must watch them from outside.
+
+``blsshm.spawn`` is what users call; this harness lets a test kill a rank,
+time what the others see and collect every outcome, failures included.
+"""
+import multiprocessing
+import queue
+import time
+import traceback
+
+from blsshm import Comm, segment
+
+
+def _rank_main(target, name, rank, args, results, comm_kwargs):
+    try:
+        with Comm.attach(name, rank, **comm_kwargs) as comm:
+            value = target(comm, *args)
+        results.put((rank, "ok", value))
+    except BaseException as exc:
+        results.put((rank, "error", (type(exc).__name__, str(exc), time.monotonic(),
+                                     traceback.format_exc(), getattr(exc, "lost_rank", None))))
+
+
+class Ranks:
+    """Start ``size`` ranks running ``target(comm, *args)``; always reaps and unlinks."""
+
+    def __init__(self, target, size, *, lag=0, arena_bytes=1 << 20, args=(), **comm_kwargs):
+        self.ctx = multiprocessing.get_context("fork")
+        self.name = segment.create(size, lag, arena_bytes)
+        self.results = self.ctx.Queue()
+        self.procs = [
+            self.ctx.Process(target=_rank_main, daemon=True,
+                             args=(target, self.name, r, args, self.results, comm_kwargs))
+            for r in range(size)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def collect(self, expected, timeout=60.0):
+        """``{rank: (status, value)}`` for ``expected`` ranks, waiting up to ``timeout`` s."""
+        out = {}
+        deadline = time.monotonic() + timeout
+        while len(out) < expected:
+            try:
+                rank, status, value = self.results.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            out[rank] = (status, value)
+        return out
+
+    def close(self):
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs:
+            p.join()
+        self.results.close()
+        self.results.join_thread()
+        segment.unlink(self.name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

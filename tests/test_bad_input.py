@@ -1,0 +1,190 @@
+"""DESIGN §5: bad input raises a named error before anything is published,
+and the communicator still works afterwards."""
+import numpy as np
+import pytest
+
+import blsshm
+from blsshm import ArenaFullError, BlsError, BlsTypeError, BlsValueError
+
+pytestmark = pytest.mark.timeout(60)
+
+GOOD = np.arange(4, dtype=np.float32)
+
+
+def _bad_posts():
+    """(label, call(comm), expected exception, words the message must contain)."""
+    strided = np.arange(8, dtype=np.float32)[::2]
+    return [
+        ("too few counts", lambda c: c.post(0, GOOD, [4]), BlsValueError, ["1 entries", "2 ranks"]),
+        ("too many counts", lambda c: c.post(0, GOOD, [1, 1, 2]), BlsValueError, ["3 entries"]),
+        ("negative count", lambda c: c.post(0, GOOD, [5, -1]), BlsValueError, ["send_counts[1]", "negative"]),
+        ("float count", lambda c: c.post(0, GOOD, [2.0, 2]), BlsTypeError, ["send_counts[0]", "integer"]),
+        ("counts not a sequence", lambda c: c.post(0, GOOD, 4), BlsTypeError, ["sequence"]),
+        ("float count array", lambda c: c.post(0, GOOD, np.array([2.0, 2.0])), BlsTypeError, ["integers"]),
+        ("counts exceed data", lambda c: c.post(0, GOOD, [3, 3]), BlsValueError, ["6 elements", "holds 4"]),
+        ("counts short of data", lambda c: c.post(0, GOOD, [1, 1]), BlsValueError, ["2 elements", "holds 4"]),
+        ("record bigger than arena", lambda c: c.post(0, np.zeros(20000, np.float64), [10000, 10000]),
+         ArenaFullError, ["larger than the arena"]),
+        ("non-contiguous", lambda c: c.post(0, strided, [2, 2]), BlsValueError, ["contiguous"]),
+        ("object dtype", lambda c: c.post(0, np.array([1, "a"], dtype=object), [1, 1]), BlsTypeError, ["object"]),
+        ("not an array", lambda c: c.post(0, [1.0, 2.0], [1, 1]), BlsTypeError, ["numpy array", "list"]),
+        ("iteration skipped", lambda c: c.post(1, GOOD, [2, 2]), BlsValueError, ["post(1)", "is 0"]),
+        ("negative iteration", lambda c: c.post(-1, GOOD, [2, 2]), BlsValueError, ["post(-1)"]),
+        ("complete before post", lambda c: c.complete(0), BlsValueError, ["before post(0)"]),
+        ("negative timeout", lambda c: c.post(0, GOOD, [2, 2], timeout=-1), BlsValueError, ["timeout"]),
+        ("zero-copy bad counts", lambda c: c.post_views(0, [1, -2]).__enter__(), BlsValueError, ["negative"]),
+        ("zero-copy bad dtype", lambda c: c.post_views(0, [1, 1], object).__enter__(), BlsTypeError, ["object"]),
+    ]
+
+
+def _check_bad_posts(comm):
+    seen = []
+
+    def own_counters():
+        published, completed = comm._counters()
+        return published[comm.rank], completed[comm.rank]
+
+    for label, call, exc_type, words in _bad_posts():
+        before = own_counters()
+        try:
+            call(comm)
+            seen.append((label, "no error"))
+            continue
+        except BlsError as exc:
+            ok = isinstance(exc, exc_type) and all(w in str(exc) for w in words)
+            seen.append((label, "ok" if ok else f"{type(exc).__name__}: {exc}"))
+        if own_counters() != before or comm.next_post != 0:
+            seen.append((label, "published something"))
+    # Still works, and what arrives is exact.
+    recv, counts = comm.alltoallv(GOOD + 10 * comm.rank, [2, 2])
+    seen.append(("afterwards", recv.tolist(), counts.tolist()))
+    return seen
+
+
+def test_bad_post_arguments_raise_before_publishing():
+    results = blsshm.spawn(_check_bad_posts, 2, arena_bytes=4096)
+    for me, seen in enumerate(results):
+        *checks, after = seen
+        assert [c for c in checks if c[1] != "ok"] == []
+        assert after == ("afterwards", [2 * me, 2 * me + 1, 10 + 2 * me, 11 + 2 * me], [2, 2])
+
+
+def _check_bad_completes(comm):
+    seen = []
+    comm.post(0, np.arange(4, dtype=np.int64), [2, 2])
+    for label, kwargs, exc_type in [
+        ("out too small", dict(out=np.empty(3, np.int64)), BlsValueError),
+        ("out wrong dtype", dict(out=np.empty(4, np.float64)), BlsTypeError),
+        ("out read-only", dict(out=np.frombuffer(bytes(32), np.int64)), BlsValueError),
+        ("out not an array", dict(out=bytearray(32)), BlsTypeError),
+    ]:
+        try:
+            comm.complete(0, **kwargs)
+            seen.append((label, "no error"))
+        except exc_type:
+            seen.append((label, "ok" if comm.next_complete == 0 else "completed anyway"))
+    try:
+        comm.complete(1)
+        seen.append(("wrong iteration", "no error"))
+    except BlsValueError as exc:
+        seen.append(("wrong iteration", "ok" if "next iteration to complete is 0" in str(exc) else str(exc)))
+    recv, _ = comm.complete(0, out=np.empty(4, np.int64))  # the retry works
+    seen.append(("retry", recv.tolist()))
+    return seen
+
+
+def test_bad_complete_arguments_leave_the_iteration_to_retry():
+    for me, seen in enumerate(blsshm.spawn(_check_bad_completes, 2)):
+        *checks, retry = seen
+        assert [c for c in checks if c[1] != "ok"] == []
+        assert retry == ("retry", [2 * me, 2 * me + 1] * 2)
+
+
+def _arena_too_small_for_lag(comm):
+    # lag 2 with room for one 3 KiB record: the second post cannot fit next to
+    # the first until this rank completes it, which post() must not wait for.
+    comm.post(0, np.zeros(384, np.float64), [384])
+    try:
+        comm.post(1, np.zeros(384, np.float64), [384])
+        return "no error"
+    except ArenaFullError as exc:
+        msg = str(exc)
+    comm.complete(0)
+    comm.post(1, np.zeros(384, np.float64), [384])  # fits once 0 is completed
+    comm.complete(1)
+    return msg
+
+
+def test_arena_too_small_for_the_lag_is_a_clear_error():
+    msg = blsshm.spawn(_arena_too_small_for_lag, 1, lag=2, arena_bytes=4096)[0]
+    assert "does not fit" in msg and "arena_bytes" in msg
+
+
+def _dtype_mismatch(comm):
+    send = np.zeros(2, np.float32 if comm.rank == 0 else np.float64)
+    try:
+        comm.alltoallv(send, [1, 1])
+    except blsshm.CommAborted as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_mismatched_dtypes_abort_everyone_instead_of_hanging():
+    for msg in blsshm.spawn(_dtype_mismatch, 2):
+        assert "dtype mismatch" in msg
+
+
+@pytest.mark.parametrize("kwargs, exc_type", [
+    (dict(size=0), BlsValueError),
+    (dict(size=2, rank=2), BlsValueError),
+    (dict(size=2, lag=-1), BlsValueError),
+    (dict(size=2, arena_bytes=10), BlsValueError),
+    (dict(size=2.0), BlsTypeError),
+    (dict(size=2, lag="1"), BlsTypeError),
+])
+def test_bad_communicator_arguments(kwargs, exc_type):
+    with pytest.raises(exc_type):
+        blsshm.Comm.create(**kwargs)
+
+
+def test_full_dev_shm_is_a_clean_error():
+    with pytest.raises(BlsError, match="cannot reserve"):
+        blsshm.Comm.create(2, arena_bytes=1 << 50)
+
+
+def test_attach_to_a_missing_segment():
+    with pytest.raises(BlsError, match="does not exist"):
+        blsshm.Comm.attach("/blsshm-" + "0" * 32, 0)
+    with pytest.raises(BlsValueError, match="not a blsshm segment name"):
+        blsshm.Comm.attach("/etc/passwd", 0)
+
+
+def test_attaching_the_same_rank_twice_is_refused():
+    with blsshm.Comm.create(2, rank=0) as first:
+        with pytest.raises(BlsValueError, match="already attached"):
+            blsshm.Comm.attach(first.name, 0)
+        second = blsshm.Comm.attach(first.name, 1)
+        second.close()
+
+
+def test_init_outside_the_launcher_says_how_to_start():
+    with pytest.raises(BlsError, match="python -m blsshm.run"):
+        blsshm.init()
+
+
+def test_close_is_idempotent_and_calls_after_close_raise():
+    comm = blsshm.Comm.create(1)
+    comm.alltoallv(GOOD, [4])
+    comm.close()
+    comm.close()
+    assert comm.closed
+    with pytest.raises(BlsError, match="closed"):
+        comm.alltoallv(GOOD, [4])
+    assert comm.stats["iterations_completed"] == 1
+
+
+def test_comm_cannot_be_pickled():
+    import pickle
+    with blsshm.Comm.create(1) as comm:
+        with pytest.raises(TypeError, match="attach"):
+            pickle.dumps(comm)

@@ -1,0 +1,172 @@
+"""I1 exactness (and I3): whatever the timing, complete(t) returns exactly what was posted."""
+import time
+
+import numpy as np
+import pytest
+
+import blsshm
+from payload import counts_matrix, expected_recv, send_buffer
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _pipeline(comm, iters, seed, sleep_prob, mode):
+    """The inference pattern: post(t); complete(t - L) once t >= L; then drain."""
+    P, L, me = comm.size, comm.lag, comm.rank
+    rng = np.random.default_rng([seed, 1000 + me])
+    mismatches = []
+
+    def check(t, recv, counts):
+        col = counts_matrix(seed, t, P)[:, me]
+        if not np.array_equal(counts, col) or not np.array_equal(recv, expected_recv(me, t, col)):
+            mismatches.append(t)
+
+    def post(t):
+        row = counts_matrix(seed, t, P)[me]
+        if mode == "zero-copy":
+            with comm.post_views(t, row.tolist(), np.uint64) as views:
+                for q, v in enumerate(views):
+                    v[:] = send_buffer(me, t, [0] * q + [row[q]] + [0] * (P - q - 1))
+        else:
+            comm.post(t, send_buffer(me, t, row), row)
+
+    def complete(t):
+        if mode == "zero-copy":
+            with comm.complete_views(t) as views:
+                counts = np.array([v.size for v in views])
+                recv = np.concatenate(views) if views else np.empty(0, np.uint64)
+        else:
+            recv, counts = comm.complete(t)
+        check(t, recv, counts)
+
+    for t in range(iters):
+        if rng.random() < sleep_prob:
+            time.sleep(rng.random() * 1e-3)
+        post(t)
+        if t >= L:
+            complete(t - L)
+    for t in range(max(0, iters - L), iters):
+        complete(t)
+    return mismatches, comm.stats
+
+
+@pytest.mark.parametrize("lag", [0, 1, 4])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 8])
+def test_pipeline_is_exact(size, lag):
+    iters = 2000 if size <= 4 else 1000
+    results = blsshm.spawn(_pipeline, size, lag=lag, arena_bytes=1 << 20,
+                           args=(iters, 17 * size + lag, 0.02, "copy"))
+    for rank, (mismatches, stats) in enumerate(results):
+        assert mismatches == [], f"rank {rank} got wrong data at iterations {mismatches[:10]}"
+        assert stats["iterations_completed"] == iters
+    assert sum(s["bytes_sent"] for _, s in results) == sum(s["bytes_received"] for _, s in results)
+
+
+@pytest.mark.parametrize("lag", [0, 3])
+@pytest.mark.parametrize("size", [2, 3])
+def test_zero_copy_is_exact(size, lag):
+    results = blsshm.spawn(_pipeline, size, lag=lag, arena_bytes=1 << 20,
+                           args=(1000, 5 + size + lag, 0.02, "zero-copy"))
+    for rank, (mismatches, _) in enumerate(results):
+        assert mismatches == [], f"rank {rank} got wrong data at iterations {mismatches[:10]}"
+
+
+def _mixed(comm, iters, seed):
+    """Copy and zero-copy paths interleaved must agree with each other and the reference."""
+    P, me = comm.size, comm.rank
+    bad = []
+    for t in range(iters):
+        row = counts_matrix(seed, t, P)[me]
+        col = counts_matrix(seed, t, P)[:, me]
+        if t % 2:
+            comm.post(t, send_buffer(me, t, row), row)
+        else:
+            with comm.post_views(t, row, np.uint64) as views:
+                np.concatenate(views)  # views exist for every destination
+                start = 0
+                full = send_buffer(me, t, row)
+                for q, v in enumerate(views):
+                    v[:] = full[start:start + row[q]]
+                    start += row[q]
+        if t % 3:
+            recv, counts = comm.complete(t)
+        else:
+            with comm.complete_views(t) as views:
+                recv = np.concatenate(views).copy()
+                counts = np.array([len(v) for v in views])
+        if not (np.array_equal(recv, expected_recv(me, t, col)) and np.array_equal(counts, col)):
+            bad.append(t)
+    return bad
+
+
+def test_copy_and_zero_copy_paths_agree():
+    for rank, bad in enumerate(blsshm.spawn(_mixed, 3, lag=0, args=(300, 99))):
+        assert bad == [], f"rank {rank}: {bad[:10]}"
+
+
+def _lag0_matches_synchronous(comm, iters, seed):
+    """At L = 0 the blocking alltoallv is a synchronous alltoallv: compare with a reference
+    computed from every rank's send buffer (the definition of alltoallv)."""
+    P, me = comm.size, comm.rank
+    rng = np.random.default_rng(seed)  # the same stream in every rank
+    for t in range(iters):
+        counts = rng.integers(0, 50, size=(P, P))
+        sends = [rng.standard_normal(counts[s].sum()).astype(np.float32) for s in range(P)]
+        recv, rcounts = comm.alltoallv(sends[me], counts[me])
+        ref = np.concatenate([np.split(sends[s], np.cumsum(counts[s])[:-1])[me] for s in range(P)])
+        assert np.array_equal(rcounts, counts[:, me])
+        assert recv.dtype == np.float32 and np.array_equal(recv, ref), f"iteration {t}"
+        # Synchronous: when alltoallv(t) returns, every rank has posted t.
+        published, _ = comm._counters()
+        assert min(published) >= t + 1
+    return True
+
+
+def test_lag_zero_is_synchronous_alltoallv():
+    assert blsshm.spawn(_lag0_matches_synchronous, 4, lag=0, args=(300, 3)) == [True] * 4
+
+
+def _dtypes(comm):
+    out = []
+    for dtype in (np.uint8, np.int16, np.float64, np.complex128, np.dtype(">i4"), np.bool_):
+        counts = [comm.rank + q + 1 for q in range(comm.size)]
+        send = (np.arange(sum(counts)) % 7 + comm.rank).astype(dtype)
+        recv, rc = comm.alltoallv(send, counts)
+        out.append((np.dtype(dtype).str, recv.dtype.str, recv.tolist(), rc.tolist()))
+    return out
+
+
+def test_any_fixed_dtype_round_trips():
+    results = blsshm.spawn(_dtypes, 2)
+    for me, per_dtype in enumerate(results):
+        for sent_str, got_str, recv, rc in per_dtype:
+            assert sent_str == got_str
+            assert rc == [s + me + 1 for s in range(2)]
+            exp = []
+            for s in range(2):
+                start = sum(s + q + 1 for q in range(me))
+                vals = (np.arange(start, start + s + me + 1) % 7 + s).astype(np.dtype(sent_str))
+                exp.extend(vals.tolist())
+            assert recv == exp
+
+
+def _out_buffer(comm):
+    out = np.full(100, -1, np.int32)
+    recv, rc = comm.alltoallv(np.arange(4, dtype=np.int32) + 10 * comm.rank, [2, 2], out=out)
+    return recv.tolist(), np.shares_memory(recv, out), out[4:].tolist()
+
+
+def test_out_buffer_is_used():
+    for me, (recv, shared, tail) in enumerate(blsshm.spawn(_out_buffer, 2)):
+        assert recv == [2 * me, 2 * me + 1, 10 + 2 * me, 11 + 2 * me]
+        assert shared and tail == [-1] * 96
+
+
+def _requests(comm):
+    reqs = [comm.ialltoallv(np.full(comm.size, t, np.int64), [1] * comm.size) for t in range(3)]
+    return [r.wait()[0].tolist() for r in reqs]
+
+
+def test_requests_complete_in_order():
+    for res in blsshm.spawn(_requests, 3, lag=2):
+        assert res == [[0] * 3, [1] * 3, [2] * 3]

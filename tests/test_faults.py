@@ -1,0 +1,178 @@
+"""I4 and DESIGN §5: a dead, closed or aborting rank turns every wait into an
+error (never a hang), and nothing is left in /dev/shm or the process table."""
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import blsshm
+from blsshm import BlsTimeoutError, CommAborted, PeerLostError, RankFailedError
+from harness import Ranks
+
+pytestmark = pytest.mark.timeout(60)
+
+# How fast survivors must notice a SIGKILLed rank (the issue's bound).  Our
+# sliced sleeps check liveness every 50 ms, so this is a liveness check with
+# a wide margin, not a performance figure.
+DETECT_WITHIN_S = 2.0
+
+
+def _run_until_error(comm, lag, progress):
+    """Run the pipelined alltoallv until something goes wrong; report progress."""
+    send = np.arange(comm.size, dtype=np.float64)
+    counts = [1] * comm.size
+    t = 0
+    while True:
+        comm.post(t, send, counts)
+        if t >= lag:
+            comm.complete(t - lag)
+        if t == 100:
+            progress.release()
+        t += 1
+
+
+@pytest.mark.parametrize("size, lag, victim", [(2, 0, 1), (3, 0, 2), (4, 2, 0), (8, 1, 5)])
+def test_sigkilled_rank_is_noticed_by_everyone_quickly(size, lag, victim):
+    import multiprocessing
+    progress = multiprocessing.get_context("fork").Semaphore(0)
+    with Ranks(_run_until_error, size, lag=lag, args=(lag, progress)) as ranks:
+        for _ in range(size):
+            assert progress.acquire(timeout=30), "ranks did not get going"
+        killed_at = time.monotonic()
+        os.kill(ranks.procs[victim].pid, signal.SIGKILL)
+        outcomes = ranks.collect(size - 1, timeout=30)
+    survivors = sorted(set(range(size)) - {victim})
+    assert sorted(outcomes) == survivors
+    for rank in survivors:
+        status, (exc_name, message, raised_at, tb, lost_rank) = outcomes[rank]
+        assert status == "error"
+        assert exc_name == "PeerLostError", f"rank {rank}: {exc_name}: {message}\n{tb}"
+        assert lost_rank == victim
+        assert raised_at - killed_at < DETECT_WITHIN_S
+
+
+def _one_rank_raises(comm):
+    if comm.rank == 1:
+        for _ in range(5):
+            comm.alltoallv(np.zeros(comm.size), [1] * comm.size)
+        raise RuntimeError("model exploded")
+    while True:
+        comm.alltoallv(np.zeros(comm.size), [1] * comm.size)
+
+
+def test_spawn_reraises_the_root_cause_with_rank_and_traceback():
+    with pytest.raises(RuntimeError, match="model exploded") as info:
+        blsshm.spawn(_one_rank_raises, 3)
+    assert info.value.blsshm_rank == 1
+    assert "model exploded" in str(info.value.__cause__)
+    assert "_one_rank_raises" in str(info.value.__cause__)
+
+
+def _others_see_the_abort(comm):
+    if comm.rank == 2:
+        comm.alltoallv(np.zeros(3), [1, 1, 1])
+        comm.abort("bad batch")
+        return "aborted"
+    try:
+        while True:
+            comm.alltoallv(np.zeros(3), [1, 1, 1])
+    except CommAborted as exc:
+        assert not isinstance(exc, PeerLostError)
+        return (exc.rank, exc.reason)
+
+
+def test_abort_wakes_every_rank():
+    results = blsshm.spawn(_others_see_the_abort, 3)
+    assert results == [(2, "bad batch"), (2, "bad batch"), "aborted"]
+
+
+def _closes_early(comm):
+    if comm.rank == 0:
+        comm.close()
+        return "closed"
+    try:
+        comm.alltoallv(np.zeros(2), [1, 1])
+    except PeerLostError as exc:
+        return exc.lost_rank
+
+
+def test_a_rank_closing_while_others_wait_is_a_lost_peer():
+    assert blsshm.spawn(_closes_early, 2) == ["closed", 0]
+
+
+def _exits_without_closing(comm):
+    if comm.rank == 1:
+        os._exit(3)
+    try:
+        comm.alltoallv(np.zeros(2), [1, 1])
+    except PeerLostError as exc:
+        return exc.lost_rank
+
+
+def test_spawn_reports_a_rank_that_vanished():
+    with pytest.raises(RankFailedError, match="rank 1 ended without a result .exit code 3."):
+        blsshm.spawn(_exits_without_closing, 2)
+
+
+def _times_out(comm):
+    if comm.rank == 0:
+        with pytest.raises(BlsTimeoutError) as info:
+            comm.alltoallv(np.zeros(2), [1, 1], timeout=0.2)
+        assert isinstance(info.value, TimeoutError)
+        assert info.value.waiting_for == (1,)
+        comm.timeout = 0.1  # the communicator default applies too
+        with pytest.raises(BlsTimeoutError):
+            comm.complete(0)
+        comm.timeout = None
+        return comm.complete(0)[0].tolist()  # and the iteration still completes
+    time.sleep(0.6)
+    return comm.alltoallv(np.ones(2), [1, 1])[0].tolist()
+
+
+def test_timeouts_name_the_ranks_and_leave_the_comm_usable():
+    assert blsshm.spawn(_times_out, 2) == [[0.0, 1.0], [0.0, 1.0]]
+
+
+def test_a_rank_that_never_attaches_is_a_timeout_and_leaks_nothing():
+    comm = blsshm.Comm.create(2, attach_timeout=0.3)
+    try:
+        with pytest.raises(BlsTimeoutError, match=r"rank\(s\) \[1\] did not attach"):
+            comm.alltoallv(np.zeros(2), [1, 1])
+    finally:
+        comm.close()  # the name goes with it: nothing may stay in /dev/shm
+
+
+def _sleeps_forever(comm):
+    time.sleep(60)
+
+
+def test_killed_launcher_leaves_nothing(tmp_path):
+    """A launcher killed with SIGKILL: its ranks die with it and the segment is gone."""
+    import subprocess
+    import sys
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import time, blsshm\n"
+        "comm = blsshm.init()\n"
+        "comm.alltoallv(__import__('numpy').zeros(comm.size), [1] * comm.size)\n"
+        "print('ready', flush=True) if comm.rank == 0 else None\n"
+        "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "blsshm.run", "-n", "2", str(script)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        children = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{c}") and open(f"/proc/{c}/stat").read().split()[2] != "Z"
+                  for c in children):
+            assert time.monotonic() < deadline, "ranks outlived their launcher"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

@@ -1,0 +1,104 @@
+"""I2 made observable: post(t) waits exactly while some rank has not completed t - L - 1."""
+import numpy as np
+import pytest
+
+import blsshm
+from blsshm import BlsTimeoutError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _held_back(comm, k, release, fast_posts):
+    """Rank 1 completes k iterations, posts iteration k and stops until released;
+    rank 0 runs ahead as far as the lag bound lets it."""
+    L = comm.lag
+    one = np.ones(2, np.int64)
+    if comm.rank == 1:
+        for t in range(k):
+            comm.post(t, one * t, [1, 1])
+            comm.complete(t)
+        comm.post(k, one * k, [1, 1])
+        release.wait(30)
+        comm.complete(k)
+        for t in range(k + 1, k + L + 2):
+            comm.post(t, one * t, [1, 1])
+            comm.complete(t)
+        return None
+    # Rank 0 completes what it can (rank 1 posts only 0..k-1), posting ahead.
+    outcome = {}
+    t = 0
+    while t <= k + L:
+        if t - L - 1 >= 0 and comm.next_complete <= t - L - 1:
+            comm.complete(comm.next_complete)
+        comm.post(t, one * t, [1, 1], timeout=0)  # must return without waiting at all
+        t += 1
+    outcome["posted_without_wait"] = t  # k + L + 1 iterations: 0 .. k + L
+    while comm.next_complete <= k:  # rank 1 posted 0..k, so this never waits long
+        comm.complete(comm.next_complete)
+    try:
+        comm.post(k + L + 1, one, [1, 1], timeout=0.3)
+        outcome["blocked"] = False
+    except BlsTimeoutError as exc:
+        outcome["blocked"] = True
+        outcome["waiting_for"] = list(exc.waiting_for)
+        outcome["next_post_after_timeout"] = comm.next_post
+    fast_posts.value = 1
+    release.set()
+    # The same post goes through once the slow rank moves, and data stay exact.
+    comm.post(k + L + 1, one * (k + L + 1), [1, 1])
+    for t in range(comm.next_complete, k + L + 2):
+        recv, _ = comm.complete(t)
+        assert recv.tolist() == [t, t], (t, recv)
+    return outcome
+
+
+@pytest.mark.parametrize("lag", [0, 1, 3])
+@pytest.mark.parametrize("k", [0, 2])
+def test_post_blocks_exactly_beyond_the_lag(lag, k):
+    import multiprocessing
+    ctx = multiprocessing.get_context()
+    release, flag = ctx.Event(), ctx.Value("i", 0)
+    outcome = blsshm.spawn(_held_back, 2, lag=lag, args=(k, release, flag))[0]
+    assert outcome["posted_without_wait"] == k + lag + 1
+    assert outcome["blocked"] is True
+    assert outcome["waiting_for"] == [1]
+    assert outcome["next_post_after_timeout"] == k + lag + 1  # the timed-out post changed nothing
+
+
+def _complete_waits_for_posts(comm):
+    if comm.rank == 0:
+        comm.post(0, np.zeros(2), [1, 1])
+        try:
+            comm.complete(0, timeout=0.2)
+            result = None
+        except BlsTimeoutError as exc:
+            result = ("timeout", exc.operation, exc.iteration, list(exc.waiting_for))
+        recv, _ = comm.complete(0)  # still usable: the peer posts and we complete
+        return result, recv.tolist()
+    import time
+    time.sleep(0.5)
+    comm.post(0, np.ones(2), [1, 1])
+    return None, comm.complete(0)[0].tolist()
+
+
+def test_complete_waits_until_every_rank_posted():
+    (r0, recv0), (_, recv1) = blsshm.spawn(_complete_waits_for_posts, 2)
+    assert r0 == ("timeout", "complete", 0, [1])
+    assert recv0 == [0.0, 1.0] and recv1 == [0.0, 1.0]
+
+
+def _own_completion_required(comm):
+    comm.post(0, np.zeros(1), [1])
+    try:
+        comm.post(1, np.zeros(1), [1])  # lag 0: needs this rank's own complete(0) first
+    except blsshm.BlsValueError as exc:
+        msg = str(exc)
+    comm.complete(0)
+    comm.post(1, np.zeros(1), [1])
+    comm.complete(1)
+    return msg
+
+
+def test_post_without_own_complete_is_refused_not_deadlocked():
+    msg = blsshm.spawn(_own_completion_required, 1)[0]
+    assert "completed" in msg

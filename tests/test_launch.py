@@ -1,0 +1,96 @@
+"""python -m blsshm.run and blsshm.spawn: start, report, always clean up."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import blsshm
+
+pytestmark = pytest.mark.timeout(60)
+
+SCRIPT = r"""
+import sys
+import numpy as np
+import blsshm
+
+with blsshm.init() as comm:
+    iters = int(sys.argv[1])
+    for t in range(iters):
+        send = np.full(comm.size, comm.rank * 1000 + t, dtype=np.int64)
+        comm.post(t, send, [1] * comm.size)
+        if t >= comm.lag:
+            recv, _ = comm.complete(t - comm.lag)
+            assert recv.tolist() == [s * 1000 + t - comm.lag for s in range(comm.size)]
+    for t in range(max(0, iters - comm.lag), iters):
+        comm.complete(t)
+    line = f"rank {comm.rank} of {comm.size} lag {comm.lag} done {comm.next_complete}\n"
+    import os; os.write(1, line.encode())  # one write per rank: lines never interleave
+"""
+
+
+def _launch(tmp_path, *args, script=SCRIPT, timeout=50):
+    path = tmp_path / "prog.py"
+    path.write_text(script)
+    return subprocess.run([sys.executable, "-m", "blsshm.run", *args, str(path), "300"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_launcher_runs_every_rank(tmp_path):
+    res = _launch(tmp_path, "-n", "3", "--lag", "2", "--arena-bytes", "65536")
+    assert res.returncode == 0, res.stderr
+    lines = sorted(res.stdout.split("\n")[:-1])
+    assert lines == [f"rank {r} of 3 lag 2 done 300" for r in range(3)]
+
+
+def test_launcher_reports_the_failing_rank_and_stops_the_others(tmp_path):
+    failing = SCRIPT.replace("    line = f", "    sys.exit(7) if comm.rank == 1 else None\n    import time; time.sleep(1) if comm.rank != 1 else None\n    line = f")
+    failing = failing.replace("for t in range(iters):", "for t in range(iters if comm.rank != 1 else 5):")
+    res = _launch(tmp_path, "-n", "3", script=failing)
+    assert res.returncode == 7
+    assert "rank 1 failed (exit code 7)" in res.stderr
+    assert "CommAborted: communicator aborted by rank 1" in res.stderr  # told, not left hanging
+
+
+def test_launcher_rejects_bad_arguments(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "0", "x.py"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "-n must be at least 1" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", str(tmp_path / "missing.py")],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "no such script" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", "--lag", "-1", "x.py"],
+                         capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert res.returncode == 2
+
+
+def _rank_and_args(comm, a, b):
+    return (comm.rank, comm.size, comm.lag, a + b)
+
+
+def test_spawn_returns_results_in_rank_order():
+    assert blsshm.spawn(_rank_and_args, 4, lag=3, args=(1, 2)) == [(r, 4, 3, 3) for r in range(4)]
+
+
+def test_spawn_with_the_spawn_start_method():
+    assert blsshm.spawn(_rank_and_args, 2, args=(0, 0), start_method="spawn") == [(0, 2, 0, 0), (1, 2, 0, 0)]
+
+
+def test_spawn_rejects_bad_arguments():
+    with pytest.raises(blsshm.BlsValueError, match="nprocs"):
+        blsshm.spawn(_rank_and_args, 0)
+    with pytest.raises(blsshm.BlsTypeError, match="callable"):
+        blsshm.spawn("not a function", 2)
+
+
+def _many_iterations(comm, iters):
+    send = np.arange(comm.size * 4, dtype=np.float32)
+    for _ in range(iters):
+        recv, _ = comm.alltoallv(send, [4] * comm.size)
+    return comm.next_complete, comm.stats["futex_sleeps"]
+
+
+def test_eight_ranks_on_two_cores_finish():
+    """Oversubscribed (8 ranks, 2 cores): waits must sleep, and the run must finish."""
+    results = blsshm.spawn(_many_iterations, 8, args=(2000,))
+    assert [done for done, _ in results] == [2000] * 8

@@ -1,0 +1,40 @@
+"""CPU torch tensors go in and come out without copies."""
+import numpy as np
+import pytest
+
+import blsshm
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.timeout(60)
+
+
+def _tensors(comm):
+    send = torch.arange(4, dtype=torch.float32) + 10 * comm.rank
+    recv, counts = comm.alltoallv(send, [2, 2])
+    out = torch.empty(8, dtype=torch.float32)
+    comm.post(1, send.requires_grad_(), [1, 3])
+    recv2, counts2 = comm.complete(1, out=out)
+    return (type(recv).__name__, recv.tolist(), counts.tolist(),
+            recv2.tolist(), counts2.tolist(), recv2.data_ptr() == out.data_ptr())
+
+
+def test_torch_tensors_round_trip():
+    for me, (kind, recv, counts, recv2, counts2, shares) in enumerate(blsshm.spawn(_tensors, 2)):
+        assert kind == "Tensor"
+        assert recv == [2 * me, 2 * me + 1, 10 + 2 * me, 11 + 2 * me] and counts == [2, 2]
+        expect2 = [0.0, 10.0] if me == 0 else [1.0, 2.0, 3.0, 11.0, 12.0, 13.0]
+        assert recv2 == expect2 and shares
+
+
+def test_tensor_input_is_not_copied():
+    t = torch.arange(6, dtype=torch.float64)
+    array, was_torch = blsshm._arrays.as_array(t, "send")
+    assert was_torch and np.shares_memory(array, t.numpy())
+
+
+def test_unsupported_tensors_are_named():
+    with blsshm.Comm.create(1) as comm:
+        with pytest.raises(blsshm.BlsTypeError, match="bfloat16"):
+            comm.alltoallv(torch.zeros(2, dtype=torch.bfloat16), [2])
+        with pytest.raises(blsshm.BlsValueError, match="contiguous"):
+            comm.alltoallv(torch.zeros(4, 4).t(), [16])
