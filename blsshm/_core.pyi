@@ -1,0 +1,37 @@
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import numpy.typing as npt
+
+DEFAULT_TIMEOUT: object
+MAX_LAG: int
+MAX_RANKS: int
+
+Counts = Union[Sequence[int], npt.NDArray[np.integer]]
+Timeout = Optional[float]
+
+def layout(nranks: int, lag: int, arena_bytes: int) -> dict: ...
+def initialize(segment: Any, nranks: int, lag: int, arena_bytes: int) -> None: ...
+def read_abort(segment: Any) -> Optional[Tuple[int, str, int, str]]: ...
+
+class Core:
+    rank: int
+    size: int
+    lag: int
+    arena_bytes: int
+    next_post: int
+    next_complete: int
+    timeout: Timeout
+    ready: bool
+    spin_ns: int
+    slice_ns: int
+    post_wait_ns: int
+    complete_wait_ns: int
+    futex_sleeps: int
+    bytes_sent: int
+    bytes_received: int
+    def post(self, t: int, send: Any, send_counts: Counts, *, timeout: Timeout = ...) -> None: ...
+    def complete(self, t: int, out: Any = None, *, timeout: Timeout = ...) -> Tuple[Any, npt.NDArray[np.int64]]: ...
+    def alltoallv(self, send: Any, send_counts: Counts, out: Any = None, *,
+                  timeout: Timeout = ...) -> Tuple[Any, npt.NDArray[np.int64]]: ...
+    def reset_stats(self) -> None: ...
