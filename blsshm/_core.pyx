@@ -218,6 +218,10 @@ cdef class Core:
     cdef uint64_t acquired_bytes
     cdef object last_dtype      # the last dtype validated, and its descriptor string
     cdef bytes last_dtype_str
+    cdef object last_dtype_arg  # the last dtype argument of post_views, and its dtype
+    cdef object last_dtype_arg_resolved
+    cdef object last_recv_dtype # the last dtype found in a descriptor, and its string
+    cdef bytes last_recv_dtype_str
     cdef uint64_t pending_start # a reservation made by reserve(), not yet committed
     cdef uint64_t pending_bytes
     cdef bint pending
@@ -771,6 +775,13 @@ cdef class Core:
             raise BlsTypeError(f"dtype {dtype} is not supported")
         return dtype
 
+    cdef object _resolve_dtype(self, object dtype):
+        """``_check_dtype`` of a dtype argument, remembered (callers repeat theirs)."""
+        if dtype is not self.last_dtype_arg or self.last_dtype_arg is None:
+            self.last_dtype_arg_resolved = self._check_dtype(dtype)
+            self.last_dtype_arg = dtype
+        return self.last_dtype_arg_resolved
+
     cdef int _check_post_order(self, int64_t t) except -1:
         self._check_open()
         if t < 0 or <uint64_t>t != self.next_post:
@@ -836,7 +847,7 @@ cdef class Core:
         _PyArray_SetBaseObject(view, self.segment_array)
         return view
 
-    def _zc_reserve(self, int64_t t, send_counts, dtype, timeout):
+    cdef list _zc_reserve(self, int64_t t, object send_counts, object dtype_arg, object timeout):
         """Zero-copy post, first half: wait, reserve the record of ``t``, return its views.
 
         ``views[q]`` is the writable block for rank ``q``.  ``_zc_commit(t)``
@@ -845,7 +856,7 @@ cdef class Core:
         self._check_post_order(t)
         if self.pending:
             raise BlsValueError(f"iteration {t} is already reserved and not yet published")
-        dtype = self._check_dtype(dtype)
+        cdef cnp.dtype dtype = self._resolve_dtype(dtype_arg)
         cdef uint64_t nbytes, start
         self._parse_counts(send_counts, dtype.itemsize, &nbytes)
         self._reserve(t, nbytes, self._deadline(timeout), &start)
@@ -854,15 +865,16 @@ cdef class Core:
         return [self._view(base + self.block_off[q], self.counts[q], dtype, True)
                 for q in range(self.size)]
 
-    def _zc_commit(self, int64_t t):
+    cdef int _zc_commit(self, int64_t t) except -1:
         """Zero-copy post, second half: publish the record reserved for ``t``."""
         self._check_open()
         if not self.pending or t < 0 or <uint64_t>t != self.next_post:
             raise BlsValueError(f"commit({t}) without reserve({t})")
         self._commit(t, self.slot_dtype[t % (self.lag + 1)])
         self.slot_torch[t % (self.lag + 1)] = False
+        return 0
 
-    def _zc_cancel(self, int64_t t):
+    cdef void _zc_cancel(self, int64_t t):
         """Forget a reservation: nothing of iteration ``t`` was published."""
         if self.pending and t >= 0 and <uint64_t>t == self.next_post:
             self.pending = False
@@ -959,7 +971,7 @@ cdef class Core:
         self._finish(t, total)
         return recv, recv_counts
 
-    def _zc_acquire(self, int64_t t, timeout):
+    cdef list _zc_acquire(self, int64_t t, object timeout):
         """Zero-copy complete, first half: wait for ``t``; read-only views of our blocks.
 
         ``views[s]`` is what rank ``s`` posted to this rank; ``_zc_release(t)``
@@ -975,26 +987,32 @@ cdef class Core:
         for s in range(self.size):
             off = self._block(s, t, None, 0, &n)
             d = self._desc(s, t)
-            dstr = <bytes>(<char*>d.dtype)
-            dtype = self.dtype_cache.get(dstr)
-            if dtype is None:
-                try:
-                    dtype = self.dtype_cache[dstr] = np.dtype(dstr.decode())
-                except (TypeError, ValueError, UnicodeDecodeError):
-                    self._protocol_error(f"rank {s} sent an unknown dtype at iteration {t}")
-            if dtype.itemsize != d.itemsize:
+            if (self.last_recv_dtype is not None
+                    and strncmp(d.dtype, self.last_recv_dtype_str, BLS_DTYPE_CHARS) == 0):
+                dtype = self.last_recv_dtype
+            else:
+                dstr = <bytes>(<char*>d.dtype)
+                dtype = self.dtype_cache.get(dstr)
+                if dtype is None:
+                    try:
+                        dtype = self.dtype_cache[dstr] = np.dtype(dstr.decode())
+                    except (TypeError, ValueError, UnicodeDecodeError):
+                        self._protocol_error(f"rank {s} sent an unknown dtype at iteration {t}")
+                self.last_recv_dtype, self.last_recv_dtype_str = dtype, dstr
+            if (<cnp.dtype>dtype).itemsize != d.itemsize:
                 self._protocol_error(f"rank {s} sent an invalid dtype at iteration {t}")
             views.append(self._view(off, n // d.itemsize, dtype, False))
             total += n
         self.acquired_bytes = total
         return views
 
-    def _zc_release(self, int64_t t):
+    cdef int _zc_release(self, int64_t t) except -1:
         """Zero-copy complete, second half: mark ``t`` completed."""
         self._check_open()
         if t < 0 or <uint64_t>t != self.next_complete or <uint64_t>t >= self.next_post:
             raise BlsValueError(f"release({t}) without acquire({t})")
         self._finish(t, self.acquired_bytes)
+        return 0
 
     # ---------------------------------------------------------------- blocking
 
@@ -1083,8 +1101,75 @@ cdef class Core:
             return to_torch(result[0]), result[1]
         return result
 
+    def post_views(self, t, send_counts, dtype=np.float32, *, timeout=DEFAULT_TIMEOUT):
+        """Zero-copy post: a context manager giving writable views of iteration ``t``'s record.
+
+        ``with comm.post_views(t, counts, np.float32) as views:`` gives
+        ``views[q]``, a 1-D array of ``counts[q]`` elements for rank ``q``
+        lying in shared memory; fill them, and the record is published when
+        the block exits normally.  On an exception nothing is published and
+        ``t`` may be posted again.  Waits like :meth:`post` on entry.
+        """
+        if not self.ready:
+            self._make_ready()
+        return PostViews(self, t, send_counts, dtype,
+                         self.timeout if timeout is DEFAULT_TIMEOUT else timeout)
+
+    def complete_views(self, t, *, timeout=DEFAULT_TIMEOUT):
+        """Zero-copy complete: a context manager giving read-only views of what arrived.
+
+        ``with comm.complete_views(t) as views:`` gives ``views[s]``, the
+        block rank ``s`` posted to this rank for ``t``, in shared memory, in
+        the dtype rank ``s`` posted.  Leaving the block marks ``t`` completed,
+        after which the senders may overwrite those bytes: copy what must
+        outlive the block.
+        """
+        if not self.ready:
+            self._make_ready()
+        return CompleteViews(self, t, self.timeout if timeout is DEFAULT_TIMEOUT else timeout)
+
     def _make_ready(self):
         raise NotImplementedError
+
+
+@cython.final
+cdef class PostViews:
+    """``with comm.post_views(...) as views``: publish on a normal exit, forget on an exception."""
+    cdef Core comm
+    cdef int64_t t
+    cdef object counts, dtype, timeout
+
+    def __cinit__(self, Core comm, int64_t t, counts, dtype, timeout):
+        self.comm, self.t, self.counts, self.dtype, self.timeout = comm, t, counts, dtype, timeout
+
+    def __enter__(self):
+        return self.comm._zc_reserve(self.t, self.counts, self.dtype, self.timeout)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.comm._zc_commit(self.t)
+        elif not self.comm.closed:
+            self.comm._zc_cancel(self.t)
+        return False
+
+
+@cython.final
+cdef class CompleteViews:
+    """``with comm.complete_views(t) as views``: mark ``t`` completed on exit."""
+    cdef Core comm
+    cdef int64_t t
+    cdef object timeout
+
+    def __cinit__(self, Core comm, int64_t t, timeout):
+        self.comm, self.t, self.timeout = comm, t, timeout
+
+    def __enter__(self):
+        return self.comm._zc_acquire(self.t, self.timeout)
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.comm.closed:
+            self.comm._zc_release(self.t)
+        return False
 
 
 def read_abort(segment):

@@ -157,41 +157,14 @@ class Comm(_core.Core):
         self.ready = True
 
     # ------------------------------------------------------------ collectives
-    # post, complete and alltoallv are inherited from _core.Core.
+    # post, complete, alltoallv, post_views and complete_views are inherited
+    # from _core.Core.
 
     def ialltoallv(self, send, send_counts, *, timeout=DEFAULT_TIMEOUT):
         """Post the next iteration and return a :class:`Request` whose ``wait()`` completes it."""
         t = self.next_post
         self.post(t, send, send_counts, timeout=timeout)
         return Request(self, t)
-
-    def post_views(self, t, send_counts, dtype=np.float32, *, timeout=DEFAULT_TIMEOUT):
-        """Zero-copy post: a context manager giving writable views of iteration ``t``'s record.
-
-        ``with comm.post_views(t, counts, np.float32) as views:`` gives
-        ``views[q]``, a 1-D array of ``counts[q]`` elements for rank ``q``
-        lying in shared memory; fill them, and the record is published when
-        the block exits normally.  On an exception nothing is published and
-        ``t`` may be posted again.  Waits like :meth:`post` on entry.
-        """
-        if not self.ready:
-            self._make_ready()
-        return _PostViews(self, t, send_counts, dtype, self._resolve(timeout))
-
-    def complete_views(self, t, *, timeout=DEFAULT_TIMEOUT):
-        """Zero-copy complete: a context manager giving read-only views of what arrived.
-
-        ``with comm.complete_views(t) as views:`` gives ``views[s]``, the
-        block rank ``s`` posted to this rank for ``t``, in shared memory.
-        Leaving the block marks ``t`` completed, after which the senders may
-        overwrite those bytes: copy what must outlive the block.
-        """
-        if not self.ready:
-            self._make_ready()
-        return _CompleteViews(self, t, self._resolve(timeout))
-
-    def _resolve(self, timeout):
-        return self.timeout if timeout is DEFAULT_TIMEOUT else timeout
 
     # ------------------------------------------------------------- lifecycle
 
@@ -279,35 +252,3 @@ class Request:
         if self._result is None:
             self._result = self._comm.complete(self.iteration, out, timeout=timeout)
         return self._result
-
-
-class _PostViews:
-    def __init__(self, comm, t, send_counts, dtype, timeout):
-        self._comm = comm
-        self._t = t
-        self._args = (send_counts, dtype, timeout)
-
-    def __enter__(self):
-        return self._comm._zc_reserve(self._t, *self._args)
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self._comm._zc_commit(self._t)
-        elif not self._comm.closed:
-            self._comm._zc_cancel(self._t)
-        return False
-
-
-class _CompleteViews:
-    def __init__(self, comm, t, timeout):
-        self._comm = comm
-        self._t = t
-        self._timeout = timeout
-
-    def __enter__(self):
-        return self._comm._zc_acquire(self._t, self._timeout)
-
-    def __exit__(self, exc_type, exc, tb):
-        if not self._comm.closed:
-            self._comm._zc_release(self._t)
-        return False
