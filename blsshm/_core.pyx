@@ -15,7 +15,7 @@ every ``published[s] > t`` (acquire loads), reads its blocks, then stores
 
 cimport cython
 from libc.stdint cimport uint32_t, uint64_t, int64_t, int32_t
-from libc.string cimport memcpy, memset, strncpy, strncmp
+from libc.string cimport memcpy, memset, strncpy, strncmp, memchr
 from libc.stdlib cimport calloc, free
 from posix.unistd cimport getpid
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
@@ -57,6 +57,7 @@ cdef extern from "_sync.h" nogil:
     void bls_futex_wake_all(uint64_t *counter)
     int bls_pidfd_exited(int pidfd)
     void bls_yield()
+    int bls_pid_exited(int pid)
 
 cdef extern from "_layout.h" nogil:
     enum:
@@ -123,25 +124,25 @@ MAX_RANKS = 1 << 12
 HEADER_BYTES = sizeof(bls_header_t)
 ABORT_BYTES = sizeof(bls_abort_t)
 RANK_BYTES = sizeof(bls_rank_t)
-DESC_HEAD_BYTES = sizeof(bls_desc_t) - sizeof(uint64_t)  # flexible array member
 
 
 cdef inline uint64_t _round_up(uint64_t n, uint64_t a) noexcept nogil:
     return (n + a - 1) // a * a
 
 
-def layout(int nranks, int lag, uint64_t arena_bytes):
+def layout(nranks, lag, arena_bytes_arg):
     """Offsets and sizes of a segment for ``nranks`` ranks at lag ``lag``.
 
     Returns a dict with ``desc_stride``, ``descs_offset``, ``arenas_offset``,
     ``arena_bytes`` (rounded up to a page) and ``segment_bytes``.
     """
-    if nranks < 1 or nranks > MAX_RANKS:
+    if not 1 <= nranks <= MAX_RANKS:
         raise BlsValueError(f"size must be between 1 and {MAX_RANKS}, got {nranks}")
-    if lag < 0 or lag > MAX_LAG:
+    if not 0 <= lag <= MAX_LAG:
         raise BlsValueError(f"lag must be between 0 and {MAX_LAG}, got {lag}")
-    if arena_bytes < 4096:
-        raise BlsValueError(f"arena_bytes must be at least 4096, got {arena_bytes}")
+    if not 4096 <= arena_bytes_arg <= (1 << 46):
+        raise BlsValueError(f"arena_bytes must be between 4096 and 2**46, got {arena_bytes_arg}")
+    cdef uint64_t arena_bytes = arena_bytes_arg
     cdef uint64_t desc_stride = _round_up(48 + 16 * <uint64_t>nranks, 64)
     cdef uint64_t descs_offset = 2 * BLS_LINE + <uint64_t>nranks * sizeof(bls_rank_t)
     cdef uint64_t arenas_offset = _round_up(
@@ -199,6 +200,7 @@ cdef class Core:
     cdef uint64_t segment_bytes
     cdef int* pidfds
     cdef bint closed
+    cdef int owner_pid          # the process that attached (a forked child is not it)
 
     # local state of this rank's sends
     cdef readonly uint64_t next_post
@@ -260,14 +262,16 @@ cdef class Core:
 
     def _attach_mapping(self, segment, int rank, int64_t spin_ns=20000, int64_t slice_ns=50000000):
         """Claim ``rank`` in the mapped segment (a writable buffer)."""
+        # Views hold this array, which holds an export of the mapping: the
+        # memory cannot be unmapped while a view lives.
+        self.segment_array = np.frombuffer(segment, np.uint8)
         PyObject_GetBuffer(segment, &self.buf, PyBUF_WRITABLE)
         self.have_buf = True
         try:
-            self._bind(rank, spin_ns, slice_ns)
-            # Views hold this array, which holds an export of the mapping: the
-            # memory cannot be unmapped while a view lives.
-            self.segment_array = np.frombuffer(segment, np.uint8)
+            self._bind(rank, spin_ns, slice_ns)  # claiming the rank is its last step
         except BaseException:
+            self.closed = True
+            self.segment_array = None
             self._release()
             raise
 
@@ -283,6 +287,7 @@ cdef class Core:
         if (lay["segment_bytes"] != self.hdr.segment_bytes
                 or lay["descs_offset"] != self.hdr.descs_offset
                 or lay["arenas_offset"] != self.hdr.arenas_offset
+                or lay["desc_stride"] != self.hdr.desc_stride
                 or <uint64_t>self.buf.len < self.hdr.segment_bytes):
             raise BlsValueError("segment header does not match its size")
         self.size = self.hdr.nranks
@@ -323,6 +328,7 @@ cdef class Core:
         if not bls_cas32(<uint32_t*>&me.pid, 0, <uint32_t>getpid()):
             raise BlsValueError(f"rank {rank} is already attached to this segment")
         bls_store_release32(&me.state, BLS_STATE_ATTACHED)
+        self.owner_pid = getpid()
         self.closed = False
         return 0
 
@@ -369,9 +375,10 @@ cdef class Core:
         if self.closed:
             return
         self.closed = True
-        bls_store_release32(&self.ranks[self.rank].state, BLS_STATE_CLOSED)
-        bls_fence()
-        self._wake_everyone()
+        if getpid() == self.owner_pid:  # a forked child only drops its copy
+            bls_store_release32(&self.ranks[self.rank].state, BLS_STATE_CLOSED)
+            bls_fence()
+            self._wake_everyone()
         self.segment_array = None  # views handed out keep the mapping alive themselves
         self._release()
 
@@ -402,8 +409,14 @@ cdef class Core:
             self._wake_everyone()
 
     def _abort(self, str reason="aborted", int kind=BLS_ABORT_USER, int lost_rank=-1):
-        """Abort the communicator: every waiting or later call in every rank raises."""
-        self._check_open()
+        """Abort the communicator: every waiting or later call in every rank raises.
+
+        Does nothing if it was aborted already (the first reason stands).
+        """
+        if self.closed:
+            raise BlsError("communicator is closed")
+        if self._aborted():
+            return
         data = reason.encode("utf-8", "replace")[:BLS_LINE - 17]
         self._abort_nogil(kind, lost_rank, data)
 
@@ -415,7 +428,7 @@ cdef class Core:
         if not self.have_buf:
             return None
         cdef uint32_t w = bls_load_acquire32(&self.abort_line.word)
-        if w == 0:
+        if w == 0 or w > <uint32_t>self.size:
             return None
         cdef bls_rank_t* a = &self.ranks[w - 1]
         reason = (<bytes>(<char*>a.abort_reason)).decode("utf-8", "replace")
@@ -456,6 +469,12 @@ cdef class Core:
             r += 1
         return -1
 
+    cdef inline bint _exited(self, int r) noexcept nogil:
+        """Rank ``r``'s process is gone: by its pidfd, or by its pid where none could be opened."""
+        if self.pidfds[r] >= 0:
+            return bls_pidfd_exited(self.pidfds[r]) == 1
+        return bls_pid_exited(self.ranks[r].pid) == 1
+
     cdef int _check_alive(self, int which, uint64_t target, int r, bint poll_pids) noexcept nogil:
         """ERR_LOST (and lost_rank set) if a rank we still wait for closed or died."""
         while r < self.size:
@@ -464,7 +483,7 @@ cdef class Core:
                     self.lost_rank = r
                     self._abort_nogil(BLS_ABORT_PEER_LOST, r, b"it closed the communicator while others waited for it")
                     return ERR_LOST
-                if poll_pids and self.pidfds[r] >= 0 and bls_pidfd_exited(self.pidfds[r]) == 1:
+                if poll_pids and self._exited(r):
                     self.lost_rank = r
                     self._abort_nogil(BLS_ABORT_PEER_LOST, r, b"its process exited")
                     return ERR_LOST
@@ -580,9 +599,15 @@ cdef class Core:
     cdef inline int64_t _deadline(self, object timeout) except? -2:
         if timeout is None:
             return -1
-        cdef double secs = timeout
-        if secs < 0:
+        cdef double secs
+        try:
+            secs = timeout
+        except TypeError:
+            raise BlsTypeError(f"timeout must be a number of seconds or None, got {timeout!r}") from None
+        if not secs >= 0:  # negative or NaN
             raise BlsValueError(f"timeout must be >= 0 or None, got {timeout}")
+        if secs > 3e9:  # a century: as good as blocking, and no overflow
+            return -1
         return bls_now_ns() + <int64_t>(secs * 1e9)
 
     # --------------------------------------------------------------- posting
@@ -603,8 +628,11 @@ cdef class Core:
                     item = counts[q]
                     if type(item) is not int:
                         break
-                    c = PyLong_AsLongLong(item)
-                    if c < 0 or c > (1 << 48):
+                    try:
+                        c = PyLong_AsLongLong(item)
+                    except OverflowError:
+                        break
+                    if c < 0 or <uint64_t>c > (self.arena_bytes - off) // itemsize:
                         break
                     self.counts[q] = c
                     self.block_off[q] = off
@@ -632,11 +660,13 @@ cdef class Core:
             except TypeError:
                 raise BlsTypeError(f"send_counts[{q}] = {item!r} is not an integer") from None
             except OverflowError:
-                raise BlsValueError(f"send_counts[{q}] = {item!r} is too large") from None
+                raise ArenaFullError(f"send_counts[{q}] = {item!r} is larger than any arena") from None
             if c < 0:
                 raise BlsValueError(f"send_counts[{q}] = {c} is negative")
-            if c > (1 << 48):
-                raise BlsValueError(f"send_counts[{q}] = {c} is too large")
+            if <uint64_t>c > (self.arena_bytes - off) // itemsize:
+                raise ArenaFullError(
+                    f"send_counts[{q}] = {c} elements of {itemsize} bytes do not fit in the arena "
+                    f"({self.arena_bytes} bytes per rank); create the communicator with a larger arena_bytes")
             self.counts[q] = c
             self.block_off[q] = off
             off = _round_up(off + <uint64_t>c * itemsize, BLS_BLOCK_ALIGN)
@@ -807,6 +837,8 @@ cdef class Core:
     cdef int _post(self, int64_t t, cnp.ndarray send, object send_counts, object timeout) except -1:
         """Copy ``send`` into this rank's record for iteration ``t`` and publish it."""
         self._check_post_order(t)
+        if self.pending:
+            raise BlsValueError(f"post({t}) inside an open post_views({t}) block")
         if not cnp.PyArray_IS_C_CONTIGUOUS(send):
             raise BlsValueError("send must be C-contiguous (use numpy.ascontiguousarray)")
         cdef cnp.dtype dtype = <cnp.dtype>cnp.PyArray_DESCR(send)
@@ -862,8 +894,12 @@ cdef class Core:
         self._reserve(t, nbytes, self._deadline(timeout), &start)
         cdef uint64_t base = self.hdr.arenas_offset + <uint64_t>self.rank * self.arena_bytes + start
         self.slot_dtype[t % (self.lag + 1)] = dtype
-        return [self._view(base + self.block_off[q], self.counts[q], dtype, True)
-                for q in range(self.size)]
+        try:
+            return [self._view(base + self.block_off[q], self.counts[q], dtype, True)
+                    for q in range(self.size)]
+        except BaseException:
+            self.pending = False
+            raise
 
     cdef int _zc_commit(self, int64_t t) except -1:
         """Zero-copy post, second half: publish the record reserved for ``t``."""
@@ -890,6 +926,18 @@ cdef class Core:
             raise BlsValueError(f"complete({t}) called before post({t}) on this rank")
         self._await(PUBLISHED, t + 1, self._deadline(timeout), "complete", t)
         return 0
+
+    cdef cnp.ndarray _check_out(self, object out, cnp.dtype dtype):
+        """``out`` as an array this rank may receive ``dtype`` into (its size is checked later)."""
+        if not isinstance(out, cnp.ndarray):
+            raise BlsTypeError(f"out must be a numpy array or a CPU torch tensor, got {type(out).__name__}")
+        cdef cnp.ndarray recv = out
+        if not cnp.PyArray_IS_C_CONTIGUOUS(recv) or not cnp.PyArray_ISWRITEABLE(recv):
+            raise BlsValueError("out must be C-contiguous and writable")
+        if (<cnp.dtype>cnp.PyArray_DESCR(recv) is not dtype
+                and not cnp.PyArray_EquivTypes(<cnp.dtype>cnp.PyArray_DESCR(recv), dtype)):
+            raise BlsTypeError(f"out has dtype {recv.dtype}, the data is {dtype}")
+        return recv
 
     cdef int _protocol_error(self, str message) except -1:
         data = message.encode("utf-8", "replace")[:BLS_LINE - 17]
@@ -946,12 +994,7 @@ cdef class Core:
         else:
             if not isinstance(out, cnp.ndarray):
                 raise BlsTypeError(f"out must be a numpy array, got {type(out).__name__}")
-            recv = out
-            if not cnp.PyArray_IS_C_CONTIGUOUS(recv) or not cnp.PyArray_ISWRITEABLE(recv):
-                raise BlsValueError("out must be C-contiguous and writable")
-            if (<cnp.dtype>cnp.PyArray_DESCR(recv) is not dtype
-                    and not cnp.PyArray_EquivTypes(<cnp.dtype>cnp.PyArray_DESCR(recv), dtype)):
-                raise BlsTypeError(f"out has dtype {recv.dtype}, iteration {t} carries {dtype}")
+            recv = self._check_out(out, dtype)
             if <uint64_t>cnp.PyArray_SIZE(recv) * itemsize < total:
                 raise BlsValueError(
                     f"out holds {cnp.PyArray_SIZE(recv)} elements; iteration {t} delivers {total // itemsize}")
@@ -987,6 +1030,8 @@ cdef class Core:
         for s in range(self.size):
             off = self._block(s, t, None, 0, &n)
             d = self._desc(s, t)
+            if memchr(d.dtype, 0, BLS_DTYPE_CHARS) == NULL:
+                self._protocol_error(f"rank {s}'s dtype for iteration {t} is not terminated")
             if (self.last_recv_dtype is not None
                     and strncmp(d.dtype, self.last_recv_dtype_str, BLS_DTYPE_CHARS) == 0):
                 dtype = self.last_recv_dtype
@@ -998,6 +1043,8 @@ cdef class Core:
                         dtype = self.dtype_cache[dstr] = np.dtype(dstr.decode())
                     except (TypeError, ValueError, UnicodeDecodeError):
                         self._protocol_error(f"rank {s} sent an unknown dtype at iteration {t}")
+                    if dtype.hasobject:
+                        self._protocol_error(f"rank {s} sent an object dtype at iteration {t}")
                 self.last_recv_dtype, self.last_recv_dtype_str = dtype, dstr
             if (<cnp.dtype>dtype).itemsize != d.itemsize:
                 self._protocol_error(f"rank {s} sent an invalid dtype at iteration {t}")
@@ -1090,8 +1137,10 @@ cdef class Core:
         cdef bint was_torch = False
         if not cnp.PyArray_CheckExact(send):
             send, was_torch = as_array(send, "send")
-        if out is not None and not cnp.PyArray_CheckExact(out):
-            out, _ = as_array(out, "out")
+        if out is not None:
+            if not cnp.PyArray_CheckExact(out):
+                out, _ = as_array(out, "out")
+            self._check_out(out, <cnp.dtype>cnp.PyArray_DESCR(<cnp.ndarray>send))  # before publishing
         if timeout is DEFAULT_TIMEOUT:
             timeout = self.timeout
         self._post(t, send, send_counts, timeout)
@@ -1138,14 +1187,19 @@ cdef class PostViews:
     cdef Core comm
     cdef int64_t t
     cdef object counts, dtype, timeout
+    cdef list views
 
     def __cinit__(self, Core comm, int64_t t, counts, dtype, timeout):
         self.comm, self.t, self.counts, self.dtype, self.timeout = comm, t, counts, dtype, timeout
 
     def __enter__(self):
-        return self.comm._zc_reserve(self.t, self.counts, self.dtype, self.timeout)
+        self.views = self.comm._zc_reserve(self.t, self.counts, self.dtype, self.timeout)
+        return self.views
 
     def __exit__(self, exc_type, exc, tb):
+        # A write after publishing would tear what receivers read: no more writes.
+        for view in self.views:
+            cnp.PyArray_CLEARFLAGS(<cnp.ndarray>view, cnp.NPY_ARRAY_WRITEABLE)
         if exc_type is None:
             self.comm._zc_commit(self.t)
         elif not self.comm.closed:

@@ -1,17 +1,23 @@
 """Small process helpers shared by the launcher and spawn."""
 import ctypes
+import os
 import signal
 
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent():
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
+def die_with_parent(parent_pid):
+    """A function that asks the kernel to SIGKILL the calling process when its
+    parent (``parent_pid``) dies (Linux), and exits at once if it died already."""
+    def arm():
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - not Linux
+            return
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+    return arm
 
 
 def describe_exit(code):

@@ -52,27 +52,28 @@ def main(argv=None):
     except (BlsError, ValueError) as exc:
         print(f"python -m blsshm.run: {exc}", file=sys.stderr)
         return 2
-    # The launcher keeps a mapping (it is no rank) to tell, after a failure,
-    # which rank caused it: the first to abort, or the one found lost.
-    observer = segment.open_mapping(name)
     cmd = [sys.executable] + (["-m"] if opts.module else []) + [opts.target] + opts.args
     procs = []
-    forwarded = {}
+    observer = None
+    old = {}
 
     def forward(signum, _frame):
-        forwarded["signal"] = signum
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        # The launcher keeps a mapping (it is no rank) to tell, after a
+        # failure, which rank caused it: the first to abort, or the one lost.
+        observer = segment.open_mapping(name)
+        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         for rank in range(opts.nprocs):
             env = dict(os.environ, **{ENV_NAME: name, ENV_RANK: str(rank), ENV_SIZE: str(opts.nprocs)})
-            procs.append(subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent))
+            procs.append(subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(os.getpid())))
         return _supervise(procs, opts.grace, observer)
     finally:
-        observer.close()
+        if observer is not None:
+            observer.close()
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()

@@ -1,6 +1,7 @@
 """``spawn``: run a function in ``nprocs`` processes sharing one communicator."""
 import multiprocessing
 import multiprocessing.connection
+import os
 import time
 import traceback
 
@@ -32,8 +33,8 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
-def _rank_main(fn, name, rank, args, conn, comm_kwargs):
-    die_with_parent()
+def _rank_main(fn, name, rank, args, conn, comm_kwargs, parent_pid):
+    die_with_parent(parent_pid)()
     try:
         with Comm.attach(name, rank, **comm_kwargs) as comm:
             result = fn(comm, *args)
@@ -72,8 +73,10 @@ def spawn(fn, nprocs, *, lag=0, arena_bytes=DEFAULT_ARENA_BYTES, args=(), timeou
     try:
         for rank in range(nprocs):
             parent_end, child_end = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}", daemon=True,
-                               args=(fn, name, rank, tuple(args), child_end, comm_kwargs))
+            # Not a daemon, so a rank may start processes of its own (DataLoader
+            # workers); the finally below reaps every rank in any case.
+            proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}",
+                               args=(fn, name, rank, tuple(args), child_end, comm_kwargs, os.getpid()))
             proc.start()
             child_end.close()
             procs.append(proc)

@@ -24,7 +24,7 @@ def _bad_posts():
         ("counts exceed data", lambda c: c.post(0, GOOD, [3, 3]), BlsValueError, ["6 elements", "holds 4"]),
         ("counts short of data", lambda c: c.post(0, GOOD, [1, 1]), BlsValueError, ["2 elements", "holds 4"]),
         ("record bigger than arena", lambda c: c.post(0, np.zeros(20000, np.float64), [10000, 10000]),
-         ArenaFullError, ["larger than the arena"]),
+         ArenaFullError, ["fit in the arena", "arena_bytes"]),
         ("non-contiguous", lambda c: c.post(0, strided, [2, 2]), BlsValueError, ["contiguous"]),
         ("object dtype", lambda c: c.post(0, np.array([1, "a"], dtype=object), [1, 1]), BlsTypeError, ["object"]),
         ("not an array", lambda c: c.post(0, [1.0, 2.0], [1, 1]), BlsTypeError, ["numpy array", "list"]),
@@ -149,7 +149,7 @@ def test_bad_communicator_arguments(kwargs, exc_type):
 
 def test_full_dev_shm_is_a_clean_error():
     with pytest.raises(BlsError, match="cannot reserve"):
-        blsshm.Comm.create(2, arena_bytes=1 << 50)
+        blsshm.Comm.create(2, arena_bytes=1 << 40)  # 2 TiB: more than /dev/shm holds
 
 
 def test_attach_to_a_missing_segment():
@@ -188,3 +188,68 @@ def test_comm_cannot_be_pickled():
     with blsshm.Comm.create(1) as comm:
         with pytest.raises(TypeError, match="attach"):
             pickle.dumps(comm)
+
+
+def _zero_copy_misuse(comm):
+    seen = []
+    try:  # sizes that overflow 64-bit arithmetic must not become huge views
+        with comm.post_views(0, [2 ** 47 - 1, 2], "V65536"):
+            seen.append("views handed out")
+    except ArenaFullError:
+        seen.append("ok")
+    try:
+        with comm.post_views(0, [2 ** 64, 1], np.uint8):
+            seen.append("views handed out")
+    except ArenaFullError:
+        seen.append("ok")
+    with pytest.raises(BlsValueError, match="inside an open post_views"):
+        with comm.post_views(0, [1, 1], np.float32) as views:
+            comm.post(0, GOOD, [2, 2])
+    with comm.post_views(0, [2, 2], np.float32) as views:
+        for v in views:
+            v[:] = comm.rank
+    try:
+        views[0][0] = 99  # published: writing now would tear what peers read
+        seen.append("still writable")
+    except ValueError:
+        seen.append("ok")
+    recv, _ = comm.complete(0)
+    seen.append(recv.tolist())
+    return seen
+
+
+def test_zero_copy_misuse_is_refused():
+    for me, seen in enumerate(blsshm.spawn(_zero_copy_misuse, 2)):
+        assert seen == ["ok", "ok", "ok", [0.0, 0.0, 1.0, 1.0]]
+
+
+def _bad_out_in_blocking_call(comm):
+    for out in (np.empty(4, np.float64), np.empty(8, np.float32)[::2], "no"):
+        try:
+            comm.alltoallv(GOOD, [2, 2], out=out)
+        except (BlsTypeError, BlsValueError):
+            pass
+        assert comm.next_post == 0, "published before checking out="
+    return comm.alltoallv(GOOD, [2, 2], out=np.empty(4, np.float32))[0].tolist()
+
+
+def test_blocking_call_checks_out_before_publishing():
+    assert blsshm.spawn(_bad_out_in_blocking_call, 2)[0] == [0.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("timeout, exc_type", [("soon", BlsTypeError), (float("nan"), BlsValueError),
+                                               (-0.5, BlsValueError)])
+def test_bad_timeouts(timeout, exc_type):
+    with blsshm.Comm.create(1) as comm:
+        with pytest.raises(exc_type, match="timeout"):
+            comm.alltoallv(GOOD, [4], timeout=timeout)
+        assert comm.alltoallv(GOOD, [4], timeout=float("inf"))[0].tolist() == GOOD.tolist()
+
+
+def test_huge_counts_are_a_clear_error():
+    with blsshm.Comm.create(1) as comm:
+        with pytest.raises(ArenaFullError):
+            comm.post(0, GOOD, [2 ** 64])
+        with pytest.raises(ArenaFullError):
+            comm.post(0, GOOD, np.array([2 ** 63 - 1], dtype=np.int64))
+        comm.alltoallv(GOOD, [4])

@@ -53,7 +53,7 @@ def _pipeline(comm, iters, seed, sleep_prob, mode):
 @pytest.mark.parametrize("lag", [0, 1, 4])
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 8])
 def test_pipeline_is_exact(size, lag):
-    iters = 2000 if size <= 4 else 1000
+    iters = 2000
     results = blsshm.spawn(_pipeline, size, lag=lag, arena_bytes=1 << 20,
                            args=(iters, 17 * size + lag, 0.02, "copy"))
     for rank, (mismatches, stats) in enumerate(results):

@@ -127,7 +127,7 @@ def _times_out(comm):
             comm.complete(0)
         comm.timeout = None
         return comm.complete(0)[0].tolist()  # and the iteration still completes
-    time.sleep(0.6)
+    time.sleep(3.0)  # far longer than the timeouts above, even on a loaded machine
     return comm.alltoallv(np.ones(2), [1, 1])[0].tolist()
 
 
@@ -176,3 +176,69 @@ def test_killed_launcher_leaves_nothing(tmp_path):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def _vanish_before_first_collective(comm, gone):
+    if comm.rank == 1:
+        os._exit(0)  # attached, never communicates, never closes
+    gone.wait(30)  # the harness has reaped rank 1: no pidfd can be opened for it
+    try:
+        comm.alltoallv(np.zeros(2), [1, 1])
+    except PeerLostError as exc:
+        return exc.lost_rank
+
+
+def test_a_rank_reaped_before_the_first_collective_is_noticed():
+    import multiprocessing
+    gone = multiprocessing.get_context("fork").Event()
+    with Ranks(_vanish_before_first_collective, 2, args=(gone,)) as ranks:
+        ranks.procs[1].join(30)
+        gone.set()
+        outcomes = ranks.collect(1, timeout=30)
+    assert outcomes == {0: ("ok", 1)}
+
+
+def _liveness_without_pidfds(comm, progress):
+    comm.alltoallv(np.zeros(2), [1, 1])
+    comm._set_pidfds([-1, -1])  # as on a kernel without pidfd_open: fall back to the pid
+    if comm.rank == 1:
+        progress.release()
+        time.sleep(60)
+    comm.alltoallv(np.zeros(2), [1, 1])
+
+
+def test_a_dead_rank_is_noticed_without_pidfds():
+    import multiprocessing
+    progress = multiprocessing.get_context("fork").Semaphore(0)
+    with Ranks(_liveness_without_pidfds, 2, args=(progress,)) as ranks:
+        assert progress.acquire(timeout=30)
+        killed_at = time.monotonic()
+        os.kill(ranks.procs[1].pid, signal.SIGKILL)
+        outcomes = ranks.collect(1, timeout=30)
+    status, (exc_name, message, raised_at, tb, lost_rank) = outcomes[0]
+    assert (exc_name, lost_rank) == ("PeerLostError", 1), tb
+    assert raised_at - killed_at < DETECT_WITHIN_S
+
+
+def _forked_child_closes_its_copy(comm):
+    comm.alltoallv(np.zeros(2), [1, 1])
+    pid = os.fork()
+    if pid == 0:
+        comm.close()  # must not tell the others that this rank left
+        os._exit(0)
+    os.waitpid(pid, 0)
+    recv, _ = comm.alltoallv(np.full(2, comm.rank, np.float64), [1, 1])
+    return recv.tolist()
+
+
+def test_a_forked_child_closing_its_copy_does_not_close_the_rank():
+    assert blsshm.spawn(_forked_child_closes_its_copy, 2) == [[0.0, 1.0], [0.0, 1.0]]
+
+
+def test_abort_is_idempotent_and_the_first_reason_stands():
+    with blsshm.Comm.create(1) as comm:
+        comm.abort("first")
+        comm.abort("second")
+        with pytest.raises(CommAborted, match="first") as info:
+            comm.alltoallv(np.zeros(1), [1])
+        assert info.value.reason == "first"
