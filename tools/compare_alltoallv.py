@@ -25,7 +25,12 @@ measures, one backend after another (never two at once):
 ``memcpy``     the physical floor: each rank ``np.copyto`` of the P x size
                bytes it receives per iteration, P processes at once, started
                together before every iteration by a spinning barrier (not
-               timed).
+               timed);
+``memcpy x``   the floor for bytes that cross cores: every rank writes its P
+               blocks into shared memory (not timed, like a producer), all
+               meet at a barrier (not timed), then each copies the P blocks
+               addressed to it, (P-1)/P of them written by other cores just
+               before: an alltoallv with free synchronisation.
 
 Method.  Every rank runs the warm-up iterations, then the timed ones, and
 times each timed iteration by itself with ``time.perf_counter_ns``.
@@ -90,9 +95,9 @@ BARRIER_TIMEOUT_S = 60.0     # memcpy ranks: longest wait for the others
 RANK_WAIT_TIMEOUT_S = 60.0   # blsshm and gloo: longest wait inside a collective
 GRACE_S = 5.0                # between SIGTERM and SIGKILL
 
-BACKENDS = ("blsshm", "blsshm_zc", "gloo", "mpi", "memcpy")
+BACKENDS = ("blsshm", "blsshm_zc", "gloo", "mpi", "memcpy", "memcpy_x")
 LABELS = {"blsshm": "blsshm copy", "blsshm_zc": "blsshm zc", "gloo": "gloo",
-          "mpi": "MPI", "memcpy": "memcpy"}
+          "mpi": "MPI", "memcpy": "memcpy", "memcpy_x": "memcpy x"}
 
 
 class BackendError(Exception):
@@ -302,6 +307,32 @@ def memcpy_rank(rank, nprocs, plan, raw_flags, pin):
     return out
 
 
+def cross_memcpy_rank(rank, nprocs, plan, raw_flags, raw_data, pin):
+    """The cross-core floor: copy the blocks other ranks just wrote for us."""
+    if pin:
+        pin_to_core(rank)
+    barrier = SpinBarrier(raw_flags, rank)
+    shared = np.frombuffer(raw_data, np.uint8)
+    region_bytes = shared.size // nprocs  # rank s writes its blocks into region s
+    out = {}
+    for size, warmup, iters in plan:
+        regions = [shared[s * region_bytes:s * region_bytes + nprocs * size] for s in range(nprocs)]
+        mine = regions[rank]
+        blocks = [regions[s][rank * size:(rank + 1) * size] for s in range(nprocs)]
+        outgoing = send_buffer(rank, nprocs, size)
+        dst = np.empty(nprocs * size, np.uint8)
+
+        def produce():
+            barrier.wait()  # everyone has read the previous iteration's blocks
+            np.copyto(mine, outgoing)
+            barrier.wait()  # everyone's blocks are written
+
+        ns = time_loop(lambda: np.concatenate(blocks, out=dst), warmup, iters, before=produce)
+        check_received(dst, rank, nprocs, size)
+        out[size] = {"ns": ns}
+    return out
+
+
 def mpi_worker(plan_path, out_path):
     """Entry point of each rank under mpirun (``--mpi-worker``)."""
     die_with_parent()
@@ -438,6 +469,13 @@ def run_memcpy(nprocs, plan, opts):
     return run_procs(memcpy_rank, nprocs, (plan, flags, opts.pin), opts.timeout, ctx)
 
 
+def run_cross_memcpy(nprocs, plan, opts):
+    ctx = multiprocessing.get_context("spawn")
+    flags = ctx.RawArray("q", nprocs)
+    data = ctx.RawArray("b", nprocs * nprocs * max(size for size, _, _ in plan))
+    return run_procs(cross_memcpy_rank, nprocs, (plan, flags, data, opts.pin), opts.timeout, ctx)
+
+
 def find_mpirun():
     here = os.path.dirname(sys.executable)
     return shutil.which("mpirun", path=here + os.pathsep + os.environ.get("PATH", ""))
@@ -505,6 +543,8 @@ def run_backend(backend, nprocs, plan, opts):
         return run_mpi(nprocs, plan, opts)
     if backend == "memcpy":
         return run_memcpy(nprocs, plan, opts)
+    if backend == "memcpy_x":
+        return run_cross_memcpy(nprocs, plan, opts)
     raise ValueError(backend)
 
 
@@ -569,16 +609,19 @@ def ratios(results, size):
 
 
 def bandwidth(results, nprocs, size):
-    """GB/s received per rank (from medians) for the copying backends, and ratio to memcpy."""
+    """GB/s received per rank (from medians) for the copying backends, and ratios to
+    the two floors: plain memcpy, and memcpy of blocks other cores just wrote."""
     nbytes = nprocs * size
     floor = median(results, "memcpy", size)
+    cross = median(results, "memcpy_x", size)
     out = {}
-    for backend in ("blsshm", "blsshm_zc", "memcpy"):
+    for backend in ("blsshm", "blsshm_zc", "memcpy", "memcpy_x"):
         m = median(results, backend, size)
         if m is None:
             continue
         out[backend] = {"GB_per_s": nbytes / (m * 1e-6) / 1e9,
-                        "vs_memcpy": floor / m if floor else None}
+                        "vs_memcpy": floor / m if floor else None,
+                        "vs_memcpy_x": cross / m if cross else None}
     return out
 
 
@@ -648,6 +691,7 @@ def print_bandwidth(nprocs, size, bw):
           f"per iteration; from medians):")
     for backend, fig in bw.items():
         vs = "" if fig["vs_memcpy"] is None else f"   {fig['vs_memcpy']:.2f} x memcpy"
+        vs += "" if fig["vs_memcpy_x"] is None else f"   {fig['vs_memcpy_x']:.2f} x memcpy x"
         print(f"    {LABELS[backend]:<12} {fig['GB_per_s']:6.2f} GB/s{vs}")
 
 
