@@ -253,3 +253,15 @@ def test_huge_counts_are_a_clear_error():
         with pytest.raises(ArenaFullError):
             comm.post(0, GOOD, np.array([2 ** 63 - 1], dtype=np.int64))
         comm.alltoallv(GOOD, [4])
+
+
+def test_the_name_is_gone_once_every_rank_attached():
+    import os
+    first = blsshm.Comm.create(2, rank=0)
+    try:
+        assert os.path.exists("/dev/shm" + first.name)
+        second = blsshm.Comm.attach(first.name, 1)
+        assert not os.path.exists("/dev/shm" + first.name)  # before any collective
+        second.close()
+    finally:
+        first.close()

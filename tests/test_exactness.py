@@ -170,3 +170,45 @@ def _requests(comm):
 def test_requests_complete_in_order():
     for res in blsshm.spawn(_requests, 3, lag=2):
         assert res == [[0] * 3, [1] * 3, [2] * 3]
+
+
+def _tight_arena(comm, iters, seed):
+    """Records of random sizes in an arena that holds barely (lag + 2) of the
+    largest: the ring wraps constantly, pads its end, and reuses every byte."""
+    P, L, me = comm.size, comm.lag, comm.rank
+    rng = np.random.default_rng([seed, me])
+    bad = []
+    for t in range(iters):
+        counts = np.random.default_rng([seed, t]).integers(0, 180, size=(P, P))
+        counts[np.random.default_rng([seed, t, 1]).random((P, P)) < 0.2] = 0
+        if rng.random() < 0.05:
+            time.sleep(rng.random() * 5e-4)
+        comm.post(t, send_buffer(me, t, counts[me]), counts[me])
+        if t >= L:
+            recv, rc = comm.complete(t - L)
+            col = np.random.default_rng([seed, t - L]).integers(0, 180, size=(P, P))
+            col[np.random.default_rng([seed, t - L, 1]).random((P, P)) < 0.2] = 0
+            if not np.array_equal(recv, expected_recv(me, t - L, col[:, me])):
+                bad.append(t - L)
+    for t in range(max(0, iters - L), iters):
+        comm.complete(t)
+    return bad
+
+
+def test_arena_ring_wraps_exactly():
+    # largest record: 2 blocks x 179 x 8 bytes, 64-aligned = 2944 bytes; (3 + 2) x 2944 <= 16 KiB
+    for rank, bad in enumerate(blsshm.spawn(_tight_arena, 2, lag=3, arena_bytes=16384, args=(3000, 11))):
+        assert bad == [], f"rank {rank}: {bad[:10]}"
+
+
+def _views_outlive_close(comm):
+    comm.post(0, np.arange(4, dtype=np.int32) + 10 * comm.rank, [2, 2])
+    with comm.complete_views(0) as views:
+        kept = list(views)
+    comm.close()
+    return [v.tolist() for v in kept]  # still mapped: the views keep the memory
+
+
+def test_views_stay_valid_after_close():
+    for me, views in enumerate(blsshm.spawn(_views_outlive_close, 2)):
+        assert views == [[2 * me, 2 * me + 1], [10 + 2 * me, 11 + 2 * me]]
