@@ -120,10 +120,10 @@ MAX_LAG = 1 << 16
 # Copies at least this big release the GIL; smaller ones are cheaper than the hand-off.
 cdef uint64_t NOGIL_COPY_BYTES = 256 * 1024
 MAX_RANKS = 1 << 12
-
-HEADER_BYTES = sizeof(bls_header_t)
-ABORT_BYTES = sizeof(bls_abort_t)
-RANK_BYTES = sizeof(bls_rank_t)
+# Defaults of the waiting policy (Comm sets spin_ns from blsshm.comm.SPIN_US).
+cdef int64_t DEFAULT_SPIN_NS = 1000000
+cdef int64_t DEFAULT_PAUSE_NS = 2000
+cdef int64_t DEFAULT_SLICE_NS = 50000000  # liveness is checked at least this often
 
 
 cdef inline uint64_t _round_up(uint64_t n, uint64_t a) noexcept nogil:
@@ -260,7 +260,7 @@ cdef class Core:
         self.closed = True
         self.dtype_cache = {}
 
-    def _attach_mapping(self, segment, int rank, int64_t spin_ns=20000, int64_t slice_ns=50000000):
+    def _attach_mapping(self, segment, int rank):
         """Claim ``rank`` in the mapped segment (a writable buffer)."""
         # Views hold this array, which holds an export of the mapping: the
         # memory cannot be unmapped while a view lives.
@@ -268,14 +268,14 @@ cdef class Core:
         PyObject_GetBuffer(segment, &self.buf, PyBUF_WRITABLE)
         self.have_buf = True
         try:
-            self._bind(rank, spin_ns, slice_ns)  # claiming the rank is its last step
+            self._bind(rank)  # claiming the rank is its last step
         except BaseException:
             self.closed = True
             self.segment_array = None
             self._release()
             raise
 
-    cdef int _bind(self, int rank, int64_t spin_ns, int64_t slice_ns) except -1:
+    cdef int _bind(self, int rank) except -1:
         self.base = <char*>self.buf.buf
         self.hdr = <bls_header_t*>self.base
         if <uint64_t>self.buf.len < 2 * BLS_LINE or bls_load_acquire(&self.hdr.magic) != BLS_MAGIC:
@@ -302,9 +302,9 @@ cdef class Core:
         self.ranks = <bls_rank_t*>(self.base + 2 * BLS_LINE)
         self.descs = self.base + self.hdr.descs_offset
         self.arenas = self.base + self.hdr.arenas_offset
-        self.spin_ns = spin_ns
-        self.pause_ns = 2000
-        self.slice_ns = slice_ns
+        self.spin_ns = DEFAULT_SPIN_NS
+        self.pause_ns = DEFAULT_PAUSE_NS
+        self.slice_ns = DEFAULT_SLICE_NS
         self.fl_iter = <uint64_t*>calloc(1, (self.lag + 1) * sizeof(uint64_t))
         self.fl_start = <uint64_t*>calloc(1, (self.lag + 1) * sizeof(uint64_t))
         self.fl_end = <uint64_t*>calloc(1, (self.lag + 1) * sizeof(uint64_t))
@@ -632,16 +632,9 @@ cdef class Core:
                         c = PyLong_AsLongLong(item)
                     except OverflowError:
                         break
-                    if c < 0 or <uint64_t>c > (self.arena_bytes - off) // itemsize:
+                    if not self._place(q, c, itemsize, &off):
                         break
-                    self.counts[q] = c
-                    self.block_off[q] = off
-                    off = _round_up(off + <uint64_t>c * itemsize, BLS_BLOCK_ALIGN)
                 else:
-                    if off > self.arena_bytes:
-                        raise ArenaFullError(
-                            f"iteration record of {off} bytes is larger than the arena "
-                            f"({self.arena_bytes} bytes per rank); create the communicator with a larger arena_bytes")
                     record_bytes[0] = off
                     return 0
                 off = 0  # something unusual: the general path below says what
@@ -663,19 +656,26 @@ cdef class Core:
                 raise ArenaFullError(f"send_counts[{q}] = {item!r} is larger than any arena") from None
             if c < 0:
                 raise BlsValueError(f"send_counts[{q}] = {c} is negative")
-            if <uint64_t>c > (self.arena_bytes - off) // itemsize:
+            if not self._place(q, c, itemsize, &off):
                 raise ArenaFullError(
                     f"send_counts[{q}] = {c} elements of {itemsize} bytes do not fit in the arena "
-                    f"({self.arena_bytes} bytes per rank); create the communicator with a larger arena_bytes")
-            self.counts[q] = c
-            self.block_off[q] = off
-            off = _round_up(off + <uint64_t>c * itemsize, BLS_BLOCK_ALIGN)
+                    f"({self.arena_bytes} bytes per rank) after the blocks before them; "
+                    f"create the communicator with a larger arena_bytes")
         record_bytes[0] = off
-        if off > self.arena_bytes:
-            raise ArenaFullError(
-                f"iteration record of {off} bytes is larger than the arena "
-                f"({self.arena_bytes} bytes per rank); create the communicator with a larger arena_bytes")
         return 0
+
+    cdef inline bint _place(self, int q, int64_t c, uint64_t itemsize, uint64_t* off) noexcept:
+        """Lay out block ``q`` of ``c`` elements at ``*off``; False if it cannot fit the arena.
+
+        Checked by division before any multiplication, so no count can wrap
+        the arithmetic (``*off`` never exceeds the arena, a multiple of 64).
+        """
+        if c < 0 or <uint64_t>c > (self.arena_bytes - off[0]) // itemsize:
+            return False
+        self.counts[q] = c
+        self.block_off[q] = off[0]
+        off[0] = _round_up(off[0] + <uint64_t>c * itemsize, BLS_BLOCK_ALIGN)
+        return True
 
     cdef inline void _free_completed(self, uint64_t min_completed) noexcept nogil:
         """Drop in-flight records of iterations every rank has completed."""
