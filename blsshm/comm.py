@@ -29,6 +29,7 @@ DEFAULT_ARENA_BYTES = 32 << 20
 #: that computes: 4 ranks on 2 cores, each busy 0.5 ms per iteration plus
 #: 2 ms in 10% of iterations, ran 400 iterations at lag 4 in 0.68 s sleeping
 #: after 2 us and 0.67 s with this spin (0.56 s of CPU work per core).
+#: Reproduce with ``python tools/spin_policy.py``.
 SPIN_US = 1000.0
 
 
