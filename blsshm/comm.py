@@ -14,7 +14,7 @@ from blsshm import _core, segment
 from blsshm._core import DEFAULT_TIMEOUT
 from blsshm.errors import BlsError, BlsTimeoutError, BlsTypeError, BlsValueError
 
-#: Default arena per rank: room for (lag + 1) records of its outgoing data.
+#: Default arena per rank; it should hold (lag + 2) of its largest records.
 DEFAULT_ARENA_BYTES = 32 << 20
 
 
@@ -24,7 +24,7 @@ DEFAULT_ARENA_BYTES = 32 << 20
 #: ranks outnumber cores, gets it.  Measured here: waking a sleeping process
 #: costs 60-90 us (a virtual CPU leaves its idle state), so a shorter spin
 #: lets ranks put each other to sleep in turn; with 8 ranks on 2 cores,
-#: 2000 alltoallv took 0.21 s sleeping after 2 us and 0.11-0.13 s with this
+#: 2000 alltoallv took 0.21-0.23 s sleeping after 2 us and 0.10-0.13 s with this
 #: yielding spin, with almost no sleeps.  Waiters do not starve a late rank
 #: that computes: 4 ranks on 2 cores, each busy 0.5 ms per iteration plus
 #: 2 ms in 10% of iterations, ran 400 iterations at lag 4 in 0.68 s sleeping

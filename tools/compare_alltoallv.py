@@ -66,7 +66,6 @@ are quoted.
 """
 import argparse
 import contextlib
-import ctypes
 import importlib.metadata
 import importlib.util
 import json
@@ -84,6 +83,8 @@ import time
 import traceback
 
 import numpy as np
+
+from blsshm import _proc
 
 KIB, MIB = 1 << 10, 1 << 20
 DEFAULT_SIZES = (64, 4 * KIB, 64 * KIB, MIB)
@@ -168,11 +169,8 @@ def pin_to_core(rank):
 
 
 def die_with_parent():
-    """Ask Linux to SIGKILL this process when its parent dies (no orphans)."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    """SIGKILL this process when its parent dies (no orphans), as blsshm's ranks do."""
+    _proc.die_with_parent(os.getppid())()
 
 
 # ------------------------------------------------------- the ranks' loops
