@@ -16,7 +16,7 @@ from blsshm.errors import (
     ArenaFullError, BlsError, BlsTimeoutError, BlsTypeError, BlsValueError,
     CommAborted, PeerLostError,
 )
-from blsshm.spawn import RankFailedError, spawn
+from blsshm.spawn import RankFailedError, run_ranks, spawn
 
 __version__ = "0.1.0"
 
@@ -38,7 +38,7 @@ def init(*, timeout=None, spin_us=None):
 
 
 __all__ = [
-    "Comm", "Request", "init", "spawn", "DEFAULT_ARENA_BYTES",
+    "Comm", "Request", "init", "spawn", "run_ranks", "DEFAULT_ARENA_BYTES",
     "BlsError", "BlsValueError", "BlsTypeError", "ArenaFullError", "BlsTimeoutError",
     "CommAborted", "PeerLostError", "RankFailedError",
 ]

@@ -33,11 +33,10 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
-def _rank_main(fn, name, rank, args, conn, comm_kwargs, parent_pid):
+def _rank_main(target, rank, args, conn, parent_pid):
     die_with_parent(parent_pid)()
     try:
-        with Comm.attach(name, rank, **comm_kwargs) as comm:
-            result = fn(comm, *args)
+        result = target(rank, *args)
         conn.send(("ok", result))
     except BaseException as exc:  # report everything, KeyboardInterrupt included
         tb = traceback.format_exc()
@@ -47,6 +46,11 @@ def _rank_main(fn, name, rank, args, conn, comm_kwargs, parent_pid):
             conn.send(("error", BlsError(f"{type(exc).__name__}: {exc}"), tb))
     finally:
         conn.close()
+
+
+def _with_comm(rank, fn, name, comm_kwargs, args):
+    with Comm.attach(name, rank, **comm_kwargs) as comm:
+        return fn(comm, *args)
 
 
 def spawn(fn, nprocs, *, lag=0, arena_bytes=DEFAULT_ARENA_BYTES, args=(), timeout=None,
@@ -64,19 +68,35 @@ def spawn(fn, nprocs, *, lag=0, arena_bytes=DEFAULT_ARENA_BYTES, args=(), timeou
     """
     if not callable(fn):
         raise BlsTypeError(f"fn must be callable, got {type(fn).__name__}")
-    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
-        raise BlsValueError(f"nprocs must be a positive integer, got {nprocs!r}")
-    ctx = multiprocessing.get_context(start_method)
+    _check_nprocs(nprocs)
     name = segment.create(nprocs, lag, arena_bytes)
+    try:
+        comm_kwargs = dict(timeout=timeout, spin_us=spin_us)
+        return run_ranks(_with_comm, nprocs, args=(fn, name, comm_kwargs, tuple(args)),
+                         start_method=start_method, grace=grace)
+    finally:
+        segment.unlink(name)
+
+
+def run_ranks(target, nprocs, *, args=(), start_method=None, grace=GRACE_S):
+    """Run ``target(rank, *args)`` in ``nprocs`` new processes, with no communicator.
+
+    The process half of :func:`spawn`, for programs that bring their own
+    transport (a torch.distributed comparison, say): results in rank order,
+    the root-cause failure re-raised with its rank, every process reaped.
+    """
+    if not callable(target):
+        raise BlsTypeError(f"target must be callable, got {type(target).__name__}")
+    _check_nprocs(nprocs)
+    ctx = multiprocessing.get_context(start_method)
     procs, conns = [], []
-    comm_kwargs = dict(timeout=timeout, spin_us=spin_us)
     try:
         for rank in range(nprocs):
             parent_end, child_end = ctx.Pipe(duplex=False)
             # Not a daemon, so a rank may start processes of its own (DataLoader
             # workers); the finally below reaps every rank in any case.
             proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}",
-                               args=(fn, name, rank, tuple(args), child_end, comm_kwargs, os.getpid()))
+                               args=(target, rank, tuple(args), child_end, os.getpid()))
             proc.start()
             child_end.close()
             procs.append(proc)
@@ -90,7 +110,11 @@ def spawn(fn, nprocs, *, lag=0, arena_bytes=DEFAULT_ARENA_BYTES, args=(), timeou
             proc.join()
         for conn in conns:
             conn.close()
-        segment.unlink(name)
+
+
+def _check_nprocs(nprocs):
+    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
+        raise BlsValueError(f"nprocs must be a positive integer, got {nprocs!r}")
 
 
 def _collect(procs, conns, grace):
