@@ -26,6 +26,11 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3", "-std=gnu11"],
     ),
+    Extension(
+        "dlrm_bench._pooling",
+        ["dlrm_bench/_pooling.pyx"],
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

@@ -1,0 +1,119 @@
+"""Start the ranks of one run on one backend and collect what each returns.
+
+``bls``   ranks from ``blsshm.spawn`` sharing a communicator at ``--lag``;
+``gloo``  ranks from ``blsshm.run_ranks``, torch.distributed gloo over
+          loopback with a ``file://`` rendezvous;
+``mpi``   ``mpirun`` (Open MPI or MPICH) running ``python -m dlrm_bench.mpi_rank``;
+          shared memory transport, ranks not bound to cores.
+Ranks are started with the "spawn" method: the parent may hold torch's
+thread pools, which a forked child must not inherit.
+"""
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import blsshm
+from dlrm_bench import worker
+from dlrm_bench.sharding import make_plan
+
+STOP_GRACE_S = 10.0
+
+
+class BackendError(RuntimeError):
+    """A backend run that failed; the message says which and why."""
+
+
+def arena_bytes(cfg):
+    """Per-rank arena for lag ``L``: ``L + 2`` of the largest iteration record, with room to spare.
+
+    A byte ring holds ``L + 1`` records in flight plus up to one record of
+    wrap-around padding (blsshm's sizing rule).
+    """
+    plan = make_plan(cfg)
+    largest = max(cfg.batch_size * len(ts) * cfg.sparse_size * 4 for ts in plan.tables)
+    record = largest + 256 * cfg.nprocs  # block alignment
+    return max(1 << 20, (cfg.lag + 2) * record + (1 << 16))
+
+
+def run_bls(cfg, label):
+    return blsshm.spawn(worker.bls_rank, cfg.nprocs, lag=cfg.lag, arena_bytes=arena_bytes(cfg),
+                        args=(cfg, label), timeout=cfg.timeout_s, start_method="spawn")
+
+
+def run_gloo(cfg, label):
+    with tempfile.TemporaryDirectory(prefix="dlrm-bench-gloo-") as tmp:
+        return blsshm.run_ranks(worker.gloo_rank, cfg.nprocs, args=(cfg, os.path.join(tmp, "rdv"), label),
+                                start_method="spawn")
+
+
+def find_mpirun():
+    here = os.path.dirname(sys.executable)  # a pip-installed Open MPI lives beside python
+    return shutil.which("mpirun", path=here + os.pathsep + os.environ.get("PATH", ""))
+
+
+def mpirun_command(nprocs, job_path):
+    cmd = [find_mpirun(), "-n", str(nprocs), "--bind-to", "none"]
+    if _is_open_mpi():
+        cmd += ["--mca", "btl", "self,sm", "--oversubscribe"]
+        if os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")
+    # "-m mpi4py" aborts the whole job on an uncaught exception instead of hanging.
+    return cmd + [sys.executable, "-m", "mpi4py", "-m", "dlrm_bench.mpi_rank", job_path]
+
+
+def _is_open_mpi():
+    try:
+        out = subprocess.run([find_mpirun(), "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout + out.stderr
+
+
+def run_mpi(cfg, label):
+    with tempfile.TemporaryDirectory(prefix="dlrm-bench-mpi-") as tmp:
+        job_path = os.path.join(tmp, "job.pkl")
+        with open(job_path, "wb") as f:
+            pickle.dump({"cfg": cfg, "label": label, "out": tmp}, f)
+        proc = subprocess.Popen(mpirun_command(cfg.nprocs, job_path), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=cfg.timeout_s + 60 + cfg.num_batches)
+        except subprocess.TimeoutExpired:
+            raise BackendError(f"mpirun did not finish within {cfg.timeout_s:.0f} s") from None
+        finally:
+            _stop(proc)
+        results = []
+        for rank in range(cfg.nprocs):
+            path = os.path.join(tmp, f"rank{rank}.pkl")
+            if proc.returncode != 0 or not os.path.exists(path):
+                tail = "\n    ".join(output.strip().splitlines()[-8:])
+                raise BackendError(f"mpirun exited with status {proc.returncode}:\n    {tail}")
+            with open(path, "rb") as f:
+                results.append(pickle.load(f))
+        return results
+
+
+def _stop(proc):
+    """SIGTERM (mpirun passes it on to its ranks), then SIGKILL; always reap."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
+
+
+def run(cfg, label):
+    """Per-rank results (see ``worker.Rank.result``) of ``cfg`` on ``cfg.backend``."""
+    if cfg.backend == "bls":
+        return run_bls(cfg, label)
+    if cfg.backend == "gloo":
+        return run_gloo(cfg, label)
+    if cfg.backend == "mpi":
+        return run_mpi(cfg, label)
+    raise ValueError(f"unknown backend {cfg.backend!r}")

@@ -1,0 +1,84 @@
+"""``python -m dlrm_bench``: run, compare, verify and report."""
+import sys
+
+import numpy as np
+
+from dlrm_bench import backends, report
+from dlrm_bench.config import UsageError, mpi_available, parse
+from dlrm_bench.sharding import make_plan
+
+
+def planned_runs(cfg, compare):
+    """The configurations to run: one, or the --compare set in a fixed order."""
+    if not compare:
+        return [cfg]
+    runs = [cfg.replace(backend="bls", lag=0)]
+    if cfg.lag != 0:
+        runs.append(cfg.replace(backend="bls"))
+    runs.append(cfg.replace(backend="gloo"))
+    if mpi_available() is None:
+        runs.append(cfg.replace(backend="mpi"))
+    return runs
+
+
+def main(argv=None):
+    try:
+        cfg, args = parse(argv)
+    except UsageError as exc:
+        print(f"dlrm_bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"dlrm_bench: {report.describe(cfg, make_plan(cfg))}", flush=True)
+    runs = planned_runs(cfg, args.compare)
+    if args.compare and mpi_available() is not None:
+        print(f"  (mpi skipped: {mpi_available()})")
+    rows, figures, predictions = [], {}, {}
+    for run_cfg in runs:
+        label = report.run_label(run_cfg.backend, run_cfg.lag)
+        try:
+            results = backends.run(run_cfg, label)
+        except Exception as exc:  # one failed backend must not hide the others' figures
+            if not args.compare:
+                print(f"dlrm_bench: {label} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                return 1
+            print(f"{label}: failed: {type(exc).__name__}: {exc}", flush=True)
+            rows.append((label, f"failed: {type(exc).__name__}: {exc}"))
+            continue
+        fig = report.summarize(results, run_cfg)
+        report.print_run(label, fig)
+        sys.stdout.flush()
+        rows.append((label, fig))
+        figures[label] = fig
+        predictions[label] = report.predictions(results)
+    main_label = report.run_label(cfg.backend, cfg.lag)
+    if main_label not in figures:
+        print(f"dlrm_bench: {main_label} produced no figures", file=sys.stderr)
+        return 1
+    if args.compare:
+        print()
+        report.print_table(rows)
+        first = predictions[main_label]
+        differ = [label for label, p in predictions.items() if not np.array_equal(p, first)]
+        print("predictions: " + (f"differ from {main_label} in {', '.join(differ)}" if differ
+                                 else f"bitwise identical across the {len(predictions)} runs"))
+
+    status, verified = 0, None
+    if args.verify:
+        from dlrm_bench.verify import compare, reference_predictions
+        reference = reference_predictions(cfg)
+        verified = {}
+        for label, p in predictions.items():
+            mismatches, max_diff = compare(p, reference)
+            verified[label] = {"mismatches": mismatches, "max_abs_diff": max_diff, "predictions": p.size}
+            verdict = "bitwise equal" if mismatches == 0 else f"{mismatches} DIFFERENT"
+            print(f"verify {label}: {p.size} predictions {verdict} to a single-process "
+                  f"recomputation (max abs difference {max_diff:.3g})")
+            if mismatches:
+                status = 1
+    if args.save_predictions:
+        np.save(args.save_predictions, predictions[main_label].reshape(-1))
+    if args.json:
+        runs_doc = [{"label": label, **fig} if isinstance(fig, dict) else {"label": label, "error": fig}
+                    for label, fig in rows]
+        report.write_json(args.json, cfg, figures[main_label], runs_doc,
+                          {"run": main_label, "verify": verified})
+    return status

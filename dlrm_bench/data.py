@@ -1,0 +1,124 @@
+"""Inference batches: dense features and embedding-bag lookups, generated or read.
+
+The data are ``cfg.data_batches`` distinct global batches of ``B`` samples,
+which the iterations cycle through.  For each table, a batch's lookups are
+``B`` bags in CSR form: ``indices`` and
+``offsets`` (``B + 1`` entries, bag ``i`` is ``indices[offsets[i]:offsets[i+1]]``).
+
+Everything is drawn from the seed per (table, batch) and per batch, so a
+rank generates only the tables it owns and the dense rows of its own slice,
+and any number of ranks sees the same data as one process does.
+
+``random`` follows the reference DLRM generator's pooling rule: a bag's size
+is ``round(max(1, r * min(rows, k)))`` for uniform ``r`` (or ``k`` with
+``--num-indices-per-lookup-fixed``), its rows ``round(r * (rows - 1))`` for
+uniform ``r``, duplicates removed and sorted (``np.unique``).  ``zipf`` keeps
+the bag sizes and draws rows with probability proportional to
+``1 / (row + 1) ** alpha`` (row 0 the most popular).  ``--pooling-skew s``
+scales table ``t``'s ``k`` by ``exp(s * z_t)`` and ``--pooling-drift s``
+each (table, batch) by ``exp(s * z_tb)`` (``z`` standard normal), which makes
+table access irregular across tables and over iterations.
+"""
+import numpy as np
+
+DENSE_STREAM, BAGS_STREAM, SKEW_STREAM = 11, 12, 13
+
+
+class Bags:
+    """One table's lookups for one global batch (CSR)."""
+    __slots__ = ("indices", "offsets")
+
+    def __init__(self, indices, offsets):
+        self.indices = indices  # int64, the rows of every bag, bag after bag
+        self.offsets = offsets  # int64, B + 1 entries
+
+    @property
+    def sizes(self):
+        return np.diff(self.offsets)
+
+
+def table_pooling_scale(cfg, table):
+    """``exp(skew * z_t)``: how much table ``table``'s bags are scaled (1 without skew)."""
+    if cfg.pooling_skew == 0:
+        return 1.0
+    z = np.random.default_rng([cfg.seed, SKEW_STREAM, table]).standard_normal()
+    return float(np.exp(cfg.pooling_skew * z))
+
+
+def expected_pooling(cfg, table):
+    """Mean bag size of a table before duplicates are removed: what a lookup costs."""
+    rows = cfg.table_rows[table]
+    if cfg.data_generation == "dataset":
+        return 1.0
+    k = cfg.indices_per_lookup * table_pooling_scale(cfg, table) * np.exp(cfg.pooling_drift ** 2 / 2)
+    if cfg.indices_per_lookup_fixed:
+        return max(1.0, k)
+    cap = min(rows, k)
+    return max(1.0, (cap + 1) / 2)
+
+
+def _zipf_cdf(rows, alpha, cache={}):
+    key = (rows, alpha)
+    if key not in cache:
+        weights = 1.0 / np.arange(1, rows + 1, dtype=np.float64) ** alpha
+        cdf = np.cumsum(weights)
+        cache[key] = cdf / cdf[-1]
+    return cache[key]
+
+
+def make_bags(cfg, table, batch):
+    """Table ``table``'s bags for global batch ``batch`` (random or zipf)."""
+    rows, n = cfg.table_rows[table], cfg.batch_size
+    rng = np.random.default_rng([cfg.seed, BAGS_STREAM, table, batch])
+    k = cfg.indices_per_lookup * table_pooling_scale(cfg, table)
+    if cfg.pooling_drift:
+        k *= float(np.exp(cfg.pooling_drift * rng.standard_normal()))
+    if cfg.indices_per_lookup_fixed:
+        sizes = np.full(n, max(1, int(round(k))), dtype=np.int64)
+    else:
+        sizes = np.round(np.maximum(1.0, rng.random(n) * min(rows, k))).astype(np.int64)
+    u = rng.random(int(sizes.sum()))
+    if cfg.data_generation == "zipf":
+        rows_drawn = np.minimum(np.searchsorted(_zipf_cdf(rows, cfg.zipf_alpha), u), rows - 1)
+    else:
+        rows_drawn = np.round(u * (rows - 1)).astype(np.int64)
+    return _unique_per_bag(rows_drawn.astype(np.int64), sizes)
+
+
+def _unique_per_bag(values, sizes):
+    """``np.unique`` within each bag, vectorised: sorted rows, no duplicates."""
+    n = len(sizes)
+    bag = np.repeat(np.arange(n, dtype=np.int64), sizes)
+    order = np.lexsort((values, bag))
+    values, bag = values[order], bag[order]
+    keep = np.ones(len(values), dtype=bool)
+    keep[1:] = (values[1:] != values[:-1]) | (bag[1:] != bag[:-1])
+    counts = np.bincount(bag[keep], minlength=n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return Bags(np.ascontiguousarray(values[keep]), offsets)
+
+
+def make_dense(cfg, batch):
+    """Dense features of every sample of global batch ``batch``: uniform in [0, 1), float32."""
+    rng = np.random.default_rng([cfg.seed, DENSE_STREAM, batch])
+    return rng.random((cfg.batch_size, cfg.mlp_bot[0])).astype(np.float32)
+
+
+class RankData:
+    """What one rank needs: bags of its tables for whole batches, dense rows of its slice."""
+
+    def __init__(self, bags, dense, num_batches):
+        self.bags = bags        # bags[batch][table] -> Bags, for the owned tables
+        self.dense = dense      # dense[batch] -> (slice, bottom_in) float32
+        self.num_batches = num_batches
+
+
+def load_rank_data(cfg, tables, lo, hi, num_batches):
+    """Bags of ``tables`` and dense rows ``lo:hi`` of every batch, generated or read."""
+    if cfg.data_generation == "dataset":
+        from dlrm_bench import criteo
+        return criteo.rank_data(cfg, tables, lo, hi, num_batches)
+    bags = [{t: make_bags(cfg, t, b) for t in tables} for b in range(num_batches)]
+    dense = [np.ascontiguousarray(make_dense(cfg, b)[lo:hi]) for b in range(num_batches)]
+    return RankData(bags, dense, num_batches)

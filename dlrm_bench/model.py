@@ -1,0 +1,145 @@
+"""The reference DLRM model: its parameters, their initialisation and checkpoint, its forward pass.
+
+Same architecture, parameter names and initialisation rules as the
+reference implementation (facebookresearch/dlrm, ``dlrm_s_pytorch.py``):
+
+- bottom MLP ``bot_l``: ``Linear``/``ReLU`` pairs over the dense features;
+- embedding tables ``emb_l.<i>.weight``, ``(rows_i, d)``, sum-pooled bags;
+- dot interaction: the bottom output and the pooled embeddings stacked as
+  ``(batch, 1 + tables, d)``, their pairwise dot products, the strictly
+  lower triangle (no self-interaction) concatenated after the bottom output;
+- top MLP ``top_l``: ``Linear``/``ReLU`` pairs, the last one a ``Sigmoid``.
+
+The MLPs are replicated on every rank; a rank holds only its own tables,
+as numpy arrays that the Cython lookup kernel reads.  Initial values are
+drawn per table and per layer from the seed, so a rank can make its own
+tables without making the others, and every process gets the same model.
+"""
+import numpy as np
+import torch
+from torch import nn
+
+# Streams of the seed, so that tables, layers and data never share draws.
+TABLE_STREAM, LAYER_STREAM = 1, 2
+
+
+def create_mlp(sizes, *, top, seed):
+    """``nn.Sequential`` of ``Linear`` + activation, initialised as the reference does.
+
+    Layer ``i`` (``n`` inputs, ``m`` outputs) gets weights drawn from
+    N(0, sqrt(2 / (m + n))) and biases from N(0, sqrt(1 / m)); its
+    activation is ReLU, or Sigmoid for the last layer of the top MLP
+    (``top=True``).
+    """
+    layers = []
+    for i in range(len(sizes) - 1):
+        n, m = int(sizes[i]), int(sizes[i + 1])
+        linear = nn.Linear(n, m, bias=True)
+        rng = np.random.default_rng([seed, LAYER_STREAM, int(top), i])
+        w = rng.normal(0.0, np.sqrt(2.0 / (m + n)), size=(m, n)).astype(np.float32)
+        b = rng.normal(0.0, np.sqrt(1.0 / m), size=m).astype(np.float32)
+        linear.weight.data = torch.from_numpy(w)
+        linear.bias.data = torch.from_numpy(b)
+        layers.append(linear)
+        last = i == len(sizes) - 2
+        layers.append(nn.Sigmoid() if (top and last) else nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def init_table(rows, dim, table, seed):
+    """Table ``table``'s initial weights: uniform in +-sqrt(1 / rows), as the reference."""
+    rng = np.random.default_rng([seed, TABLE_STREAM, table])
+    bound = np.sqrt(1.0 / rows)
+    return rng.uniform(-bound, bound, size=(rows, dim)).astype(np.float32)
+
+
+def interaction_pairs(num_features):
+    """Row and column of every strictly-lower-triangle pair, in the reference's order."""
+    li = [i for i in range(num_features) for j in range(i)]
+    lj = [j for i in range(num_features) for j in range(i)]
+    return torch.tensor(li, dtype=torch.long), torch.tensor(lj, dtype=torch.long)
+
+
+def interaction_size(num_tables, dim):
+    """Width of the interaction output: the top MLP's input."""
+    features = num_tables + 1
+    return dim + features * (features - 1) // 2
+
+
+class DenseModel(nn.Module):
+    """The replicated part of DLRM: bottom MLP, dot interaction, top MLP.
+
+    ``forward(dense, pooled)`` takes ``(b, bottom_in)`` dense features and
+    ``(b, tables, d)`` pooled embeddings in global table order, and returns
+    ``(b,)`` click probabilities.
+    """
+
+    def __init__(self, mlp_bot, mlp_top, num_tables, seed):
+        super().__init__()
+        self.bot_l = create_mlp(mlp_bot, top=False, seed=seed)
+        self.top_l = create_mlp(mlp_top, top=True, seed=seed)
+        self.li, self.lj = interaction_pairs(num_tables + 1)
+
+    def bottom(self, dense):
+        return self.bot_l(dense)
+
+    def top(self, x, pooled):
+        batch, dim = x.shape
+        stacked = torch.cat([x.unsqueeze(1), pooled], dim=1)
+        z = torch.bmm(stacked, torch.transpose(stacked, 1, 2))
+        r = torch.cat([x, z[:, self.li, self.lj]], dim=1)
+        return self.top_l(r).view(batch)
+
+    def forward(self, dense, pooled):
+        return self.top(self.bottom(dense), pooled)
+
+
+def read_checkpoint(path):
+    """The ``state_dict`` of a reference DLRM checkpoint, memory-mapped where possible."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:  # an old, non-zip checkpoint cannot be memory-mapped
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a DLRM checkpoint: no 'state_dict' key")
+    return ckpt["state_dict"]
+
+
+def check_checkpoint(sd, dim, table_rows, mlp_bot, mlp_top):
+    """Raise ``ValueError`` naming the first parameter whose shape differs from the flags."""
+    expected = {f"emb_l.{i}.weight": (rows, dim) for i, rows in enumerate(table_rows)}
+    for name, sizes in (("bot_l", mlp_bot), ("top_l", mlp_top)):
+        for i in range(len(sizes) - 1):
+            expected[f"{name}.{2 * i}.weight"] = (sizes[i + 1], sizes[i])
+            expected[f"{name}.{2 * i}.bias"] = (sizes[i + 1],)
+    for key, shape in expected.items():
+        if key not in sd:
+            raise ValueError(f"checkpoint has no {key} (expected shape {shape})")
+        if tuple(sd[key].shape) != tuple(shape):
+            raise ValueError(f"checkpoint {key} has shape {tuple(sd[key].shape)}, "
+                             f"the flags give {tuple(shape)}")
+    extra = sorted(k for k in sd if k.startswith(("emb_l.", "bot_l.", "top_l.")) and k not in expected)
+    if extra:
+        raise ValueError(f"checkpoint has parameters the flags do not describe: {', '.join(extra[:3])}")
+
+
+class Model:
+    """One process's share of the model: the replicated MLPs and the tables it owns."""
+
+    def __init__(self, dense, tables):
+        self.dense = dense    # DenseModel
+        self.tables = tables  # global table index -> (rows, d) float32 array
+
+    @classmethod
+    def build(cls, cfg, owned_tables):
+        """Initialise from the seed, or load ``cfg.load_model``; keep only ``owned_tables``."""
+        dense = DenseModel(cfg.mlp_bot, cfg.mlp_top, len(cfg.table_rows), cfg.seed)
+        if cfg.load_model is None:
+            tables = {t: init_table(cfg.table_rows[t], cfg.sparse_size, t, cfg.seed) for t in owned_tables}
+        else:
+            sd = read_checkpoint(cfg.load_model)
+            dense.load_state_dict({k: v for k, v in sd.items() if k.startswith(("bot_l.", "top_l."))})
+            tables = {t: np.ascontiguousarray(sd[f"emb_l.{t}.weight"].numpy(), dtype=np.float32)
+                      for t in owned_tables}
+        dense.eval()
+        return cls(dense, tables)

@@ -1,0 +1,25 @@
+"""Entry point of one MPI rank: ``mpirun -n P python -m mpi4py -m dlrm_bench.mpi_rank JOB``.
+
+``JOB`` is a pickle written by ``dlrm_bench.backends.run_mpi``; each rank
+writes its result beside it as ``rank<r>.pkl``.
+"""
+import os
+import pickle
+import sys
+
+from blsshm._proc import die_with_parent
+from dlrm_bench.worker import mpi_rank
+
+
+def main(job_path):
+    die_with_parent(os.getppid())()  # never outlive mpirun's daemon
+    with open(job_path, "rb") as f:
+        job = pickle.load(f)
+    from mpi4py import MPI
+    result = mpi_rank(job["cfg"], job["label"])
+    with open(os.path.join(job["out"], f"rank{MPI.COMM_WORLD.rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

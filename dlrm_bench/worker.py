@@ -1,0 +1,305 @@
+"""One rank of the benchmark: its tables, its data and the inference loop.
+
+Per iteration (one global batch) a rank
+
+1. pools the bags of its own tables for the whole global batch, straight
+   into its outgoing blocks laid out by destination (block ``q`` is
+   ``(b_q, own tables, d)`` float32, the samples rank ``q`` serves);
+2. runs the bottom MLP on its own slice of the dense features;
+3. exchanges the blocks (the alltoallv);
+4. gathers the blocks it received into ``(b, tables, d)`` in global table
+   order, runs the interaction and the top MLP: its slice's predictions.
+
+With ``--backend bls`` the exchange is the bounded-lag pipeline of DESIGN
+§2: ``post(t)`` (the lookup writes into blsshm's zero-copy send views),
+then ``complete(t - L)``, then the tail.  The other backends run the same
+steps with a synchronous alltoallv between lookup and gather.
+
+Every timed iteration is recorded: when it started, how long this rank
+computed for it and slept in injected delays, and when its predictions
+were out.  Times are ``time.perf_counter()``, one clock for all the
+processes of the machine.
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from dlrm_bench._pooling import pool_sum
+from dlrm_bench.data import load_rank_data
+from dlrm_bench.model import Model
+from dlrm_bench.sharding import make_plan
+
+DELAY_STREAM = 21
+PROGRESS_EVERY_S = 0.25
+
+now = time.perf_counter
+
+
+def _sleep(seconds):
+    """Sleep and return the time actually slept; skips zero (sleep(0) costs ~90 us here)."""
+    if seconds <= 0:
+        return 0.0
+    t0 = now()
+    time.sleep(seconds)
+    return now() - t0
+
+
+class Record:
+    """Per-iteration timings of one rank's timed loop."""
+
+    def __init__(self, n):
+        self.start = np.zeros(n)
+        self.finish = np.zeros(n)
+        self.compute = np.zeros(n)
+        self.delay = np.zeros(n)
+
+    def as_dict(self):
+        return {"start": self.start, "finish": self.finish, "compute": self.compute, "delay": self.delay}
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn by rank 0 when the parent is on a terminal."""
+
+    def __init__(self, enabled, label, total, batch_size):
+        self.enabled, self.label, self.total, self.batch_size = enabled, label, total, batch_size
+        self.t0 = self.last = now()
+
+    def update(self, done):
+        if not self.enabled:
+            return
+        t = now()
+        if t - self.last < PROGRESS_EVERY_S and done < self.total:
+            return
+        self.last = t
+        width = 30
+        filled = width * done // self.total
+        rate = done * self.batch_size / max(t - self.t0, 1e-9)
+        sys.stderr.write(f"\r  {self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{done}/{self.total} batches  {rate:,.0f} samples/s")
+        if done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+class Rank:
+    """A rank's share of model and data, and the steps of an iteration."""
+
+    def __init__(self, cfg, rank):
+        torch.set_num_threads(1)  # ranks share the cores; intra-op threads would oversubscribe
+        self.cfg, self.rank = cfg, rank
+        self.plan = plan = make_plan(cfg)
+        self.nprocs = plan.nprocs
+        self.own_tables = plan.tables[rank]
+        self.lo, self.hi = plan.slices[rank]
+        self.b = self.hi - self.lo
+        d, P = cfg.sparse_size, self.nprocs
+        self.d = d
+        self.model = Model.build(cfg, self.own_tables)
+        self.data = load_rank_data(cfg, self.own_tables, self.lo, self.hi, cfg.data_batches)
+        width = len(self.own_tables) * d
+        self.send_counts = np.array([plan.batch_size(q) * width for q in range(P)], dtype=np.int64)
+        self.recv_counts = np.array([self.b * len(plan.tables[s]) * d for s in range(P)], dtype=np.int64)
+        self.recv_positions = [np.array(plan.tables[s], dtype=np.int64) for s in range(P)]
+        self.pooled = np.empty((self.b, len(cfg.table_rows), d), dtype=np.float32)
+        rng = np.random.default_rng([cfg.seed, DELAY_STREAM, rank])
+        self.delayed = rng.random(cfg.num_batches) < cfg.delay_prob
+        self.slow = rank == cfg.slow_rank and cfg.slow_factor > 1.0
+
+    # ------------------------------------------------------------- steps
+
+    def lookup(self, batch, blocks):
+        """Pool this rank's tables for every sample of ``batch`` into ``blocks[q]`` (``(b_q, width)``)."""
+        bags = self.data.bags[batch % self.data.num_batches]
+        d = self.d
+        for q, out in enumerate(blocks):
+            first = self.plan.slices[q][0]
+            for j, t in enumerate(self.own_tables):
+                pool_sum(self.model.tables[t], bags[t].indices, bags[t].offsets, first, out, j * d)
+
+    def bottom(self, batch):
+        with torch.inference_mode():
+            return self.model.dense.bottom(torch.from_numpy(self.data.dense[batch % self.data.num_batches]))
+
+    def gather(self, blocks):
+        """Place the received ``blocks[s]`` (flat, ``(b, tables of s, d)``) in global table order."""
+        for s, block in enumerate(blocks):
+            positions = self.recv_positions[s]
+            if len(positions):
+                self.pooled[:, positions, :] = block.reshape(self.b, len(positions), self.d)
+
+    def top(self, x):
+        with torch.inference_mode():
+            return self.model.dense.top(x, torch.from_numpy(self.pooled)).numpy().copy()
+
+    def outgoing(self, flat_blocks):
+        """Flat per-destination blocks as ``(b_q, width)`` arrays for the kernel."""
+        return [block.reshape(self.plan.batch_size(q), -1) for q, block in enumerate(flat_blocks)]
+
+    def injected_delay(self, i, timed):
+        if timed and self.delayed[i]:
+            return _sleep(self.cfg.delay_ms / 1e3)
+        return 0.0
+
+    # ------------------------------------------------------------ loops
+
+    def run_bls(self, comm, batches, rec, progress):
+        """The bounded-lag pipeline: post(t); complete(t - L); drain."""
+        L, base = comm.lag, comm.next_post
+        timed = rec is not None
+        pending = {}  # iteration -> bottom output, until its blocks arrive
+        preds = np.empty((len(batches), self.b), dtype=np.float32)
+        step_compute = 0.0
+
+        def finish(j):
+            nonlocal step_compute
+            with comm.complete_views(base + j) as views:
+                c0 = now()
+                self.gather(views)
+                c1 = now()
+            preds[j] = self.top(pending.pop(j))
+            c2 = now()
+            step_compute += (c1 - c0) + (c2 - c1)
+            if timed:
+                rec.compute[j] += (c1 - c0) + (c2 - c1)
+                rec.finish[j] = c2
+            progress.update(j + 1)
+
+        for i, batch in enumerate(batches):
+            step_compute = 0.0
+            if timed:
+                rec.start[i] = now()
+                rec.delay[i] += self.injected_delay(i, timed)
+            with comm.post_views(base + i, self.send_counts, np.float32) as views:
+                c0 = now()
+                self.lookup(batch, self.outgoing(views))
+                c1 = now()
+            pending[i] = self.bottom(batch)  # after publishing: peers need our blocks first
+            c2 = now()
+            step_compute += (c1 - c0) + (c2 - c1)
+            if timed:
+                rec.compute[i] += (c1 - c0) + (c2 - c1)
+            if i >= L:
+                finish(i - L)
+            if timed and self.slow:
+                rec.delay[i] += _sleep((self.cfg.slow_factor - 1.0) * step_compute)
+        for j in range(max(0, len(batches) - L), len(batches)):
+            finish(j)
+        return preds
+
+    def run_sync(self, exchange, batches, rec, progress):
+        """The synchronous loop of gloo and MPI: lookup, exchange, top, every iteration."""
+        P = self.nprocs
+        send = np.empty(int(self.send_counts.sum()), dtype=np.float32)
+        recv = np.empty(int(self.recv_counts.sum()), dtype=np.float32)
+        send_blocks = self.outgoing(np.split(send, np.cumsum(self.send_counts)[:P - 1]))
+        recv_blocks = np.split(recv, np.cumsum(self.recv_counts)[:P - 1])
+        preds = np.empty((len(batches), self.b), dtype=np.float32)
+        timed = rec is not None
+        waited = 0.0
+        for i, batch in enumerate(batches):
+            if timed:
+                rec.start[i] = now()
+                rec.delay[i] += self.injected_delay(i, timed)
+            c0 = now()
+            self.lookup(batch, send_blocks)
+            x = self.bottom(batch)
+            c1 = now()
+            exchange(send, recv)
+            c2 = now()
+            self.gather(recv_blocks)
+            preds[i] = self.top(x)
+            c3 = now()
+            waited += c2 - c1
+            step_compute = (c1 - c0) + (c3 - c2)
+            if timed:
+                rec.compute[i] = step_compute
+                rec.finish[i] = c3
+                if self.slow:
+                    rec.delay[i] += _sleep((self.cfg.slow_factor - 1.0) * step_compute)
+            progress.update(i + 1)
+        return preds, waited
+
+    # ------------------------------------------------------------- runs
+
+    def warmup_batches(self):
+        return list(range(self.cfg.warmup_batches))
+
+    def result(self, preds, rec, begin, end, wait_s, **extra):
+        out = {"rank": self.rank, "predictions": preds, "begin": begin, "end": end, "wait_s": wait_s,
+               "tables": list(self.own_tables), "slice": (self.lo, self.hi), "pid": os.getpid()}
+        out.update(rec.as_dict())
+        out.update(extra)
+        return out
+
+
+def bls_rank(comm, cfg, label):
+    """Entry of a rank under ``blsshm.spawn``."""
+    r = Rank(cfg, comm.rank)
+    quiet = Progress(False, "", 1, 0)
+    r.run_bls(comm, r.warmup_batches(), None, quiet)
+    comm.alltoallv(np.empty(0, dtype=np.float32), [0] * comm.size)  # start together
+    comm.reset_stats()
+    n = cfg.num_batches
+    rec = Record(n)
+    progress = Progress(cfg.progress and comm.rank == 0, label, n, cfg.batch_size)
+    begin = now()
+    preds = r.run_bls(comm, list(range(n)), rec, progress)
+    end = now()
+    stats = comm.stats
+    wait_s = stats["post_wait_s"] + stats["complete_wait_s"]
+    return r.result(preds, rec, begin, end, wait_s, futex_sleeps=stats["futex_sleeps"])
+
+
+def sync_rank(r, exchange, barrier, label):
+    """The timed part of a synchronous backend, after its setup."""
+    quiet = Progress(False, "", 1, 0)
+    r.run_sync(exchange, r.warmup_batches(), None, quiet)
+    barrier()
+    n = r.cfg.num_batches
+    rec = Record(n)
+    progress = Progress(r.cfg.progress and r.rank == 0, label, n, r.cfg.batch_size)
+    begin = now()
+    preds, waited = r.run_sync(exchange, list(range(n)), rec, progress)
+    end = now()
+    return r.result(preds, rec, begin, end, waited)
+
+
+def gloo_rank(rank, cfg, init_file, label):
+    """Entry of a rank of the gloo backend (torch.distributed ``all_to_all_single``)."""
+    import datetime
+
+    import torch.distributed as dist
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    r = Rank(cfg, rank)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=cfg.nprocs, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+    try:
+        send_splits, recv_splits = r.send_counts.tolist(), r.recv_counts.tolist()
+
+        def exchange(send, recv):
+            dist.all_to_all_single(torch.from_numpy(recv), torch.from_numpy(send),  # no copy
+                                   output_split_sizes=recv_splits, input_split_sizes=send_splits)
+
+        return sync_rank(r, exchange, dist.barrier, label)
+    finally:
+        dist.destroy_process_group()
+
+
+def mpi_rank(cfg, label):
+    """Entry of a rank of the MPI backend (mpi4py ``Alltoallv``), under mpirun."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    r = Rank(cfg, comm.rank)
+    sdispls = np.concatenate([[0], np.cumsum(r.send_counts)[:-1]]).tolist()
+    rdispls = np.concatenate([[0], np.cumsum(r.recv_counts)[:-1]]).tolist()
+    scounts, rcounts = r.send_counts.tolist(), r.recv_counts.tolist()
+
+    def exchange(send, recv):
+        comm.Alltoallv([send, (scounts, sdispls), MPI.FLOAT], [recv, (rcounts, rdispls), MPI.FLOAT])
+
+    result = sync_rank(r, exchange, comm.Barrier, label)
+    result["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
+    return result
