@@ -1,0 +1,63 @@
+"""Bad command lines: one clear line on stderr, exit status 2, no process started."""
+import subprocess
+import sys
+
+import pytest
+
+from dlrm_bench import backends, cli
+from dlrm_bench.config import build_parser
+
+
+@pytest.fixture
+def no_runs(monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a run started despite bad input")
+    monkeypatch.setattr(backends, "run", refuse)
+
+
+BAD = [
+    (["--arch-sparse-feature-size", "16", "--arch-mlp-bot", "13-32-8"],
+     "--arch-sparse-feature-size 16 does not match the last size of --arch-mlp-bot"),
+    (["--arch-embedding-size", "10-10-10", "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "3-4",
+      "--arch-mlp-top", "12-1"], "--arch-mlp-top starts with 12 but the interaction of 3 tables of width 4 gives 10"),
+    (["--arch-embedding-size", "10-10-10", "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "3-4",
+      "--arch-mlp-top", "10-2"], "must end with 1"),
+    (["--backend", "nccl"], "unknown backend 'nccl'"),
+    (["--nprocs", "9", "--mini-batch-size", "8"], "--nprocs 9 is more ranks than the 8 samples"),
+    (["--data-generation", "dataset", "--raw-data-file", "/nonexistent/train.txt", "--max-ind-range", "10"],
+     "no such file"),
+    (["--data-generation", "poisson"], "--data-generation must be one of"),
+    (["--arch-embedding-size", "10-x-3"], "dash-separated integers"),
+    (["--arch-embedding-size", "10-0-3"], "must be positive"),
+    (["--lag", "-1"], "--lag must be >= 0"),
+    (["--delay-prob", "1.5"], "--delay-prob must be in [0, 1]"),
+    (["--slow-rank", "2", "--nprocs", "2"], "--slow-rank 2 is not a rank"),
+    (["--load-model", "/nonexistent/model.pt"], "no such file"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--nprocs", "two"], "invalid int value"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[b[1][:40] for b in BAD])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, no_runs):
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("dlrm_bench: error: ") and message in lines[0]
+
+
+def test_the_module_entry_point_exits_2():
+    proc = subprocess.run([sys.executable, "-m", "dlrm_bench", "--backend", "nccl"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "dlrm_bench: error: unknown backend 'nccl': choose one of bls, gloo, mpi"]
+
+
+def test_help_documents_delays_and_imbalance():
+    text = build_parser().format_help()
+    for flag in ("--delay-prob", "--delay-ms", "--slow-rank", "--slow-factor", "--compare", "--verify",
+                 "--lag", "--zipf-alpha", "--pooling-skew"):
+        assert flag in text

@@ -1,0 +1,116 @@
+"""dlrm_bench's pieces on their own: lookup kernel, data generators, placement."""
+import numpy as np
+import pytest
+
+from dlrm_bench._pooling import pool_sum
+from dlrm_bench.config import parse
+from dlrm_bench.data import load_rank_data, make_bags
+from dlrm_bench.sharding import make_plan, place_tables, split_batch
+
+
+def _cfg(*flags):
+    return parse(["--arch-sparse-feature-size", "4", "--arch-mlp-bot", "3-4", *flags])[0]
+
+
+def test_pool_sum_matches_numpy_and_writes_only_its_columns():
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((50, 8)).astype(np.float32)
+    sizes = np.array([3, 0, 1, 7, 2])
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    indices = rng.integers(0, 50, offsets[-1]).astype(np.int64)
+    out = np.full((3, 24), 7.0, dtype=np.float32)
+    pool_sum(table, indices, offsets, 2, out, 8)  # bags 2, 3, 4 into columns 8..15
+    for row, bag in enumerate(range(2, 5)):
+        expected = np.zeros(8, np.float32)
+        for i in indices[offsets[bag]:offsets[bag + 1]]:
+            expected += table[i]  # same order, float32: bit for bit
+        assert np.array_equal(out[row, 8:16], expected)
+    assert (out[:, :8] == 7).all() and (out[:, 16:] == 7).all()
+
+
+def test_pool_sum_rejects_bad_indices_offsets_and_shapes():
+    table = np.ones((5, 2), np.float32)
+    out = np.zeros((1, 2), np.float32)
+    with pytest.raises(IndexError, match="index 5 at position 1 is outside a table of 5 rows"):
+        pool_sum(table, np.array([0, 5], np.int64), np.array([0, 2], np.int64), 0, out, 0)
+    with pytest.raises(IndexError, match="outside a table"):
+        pool_sum(table, np.array([-1], np.int64), np.array([0, 1], np.int64), 0, out, 0)
+    with pytest.raises(IndexError, match="offsets 0..3 outside 2 indices"):
+        pool_sum(table, np.array([0, 1], np.int64), np.array([0, 3], np.int64), 0, out, 0)
+    with pytest.raises(IndexError, match="not all in offsets"):
+        pool_sum(table, np.array([0], np.int64), np.array([0, 1], np.int64), 1, out, 0)
+    with pytest.raises(IndexError, match="do not fit"):
+        pool_sum(table, np.array([0], np.int64), np.array([0, 1], np.int64), 0, out, 1)
+
+
+def test_random_bags_follow_the_reference_pooling_rule():
+    cfg = _cfg("--arch-embedding-size", "1000-3", "--num-indices-per-lookup", "6", "--mini-batch-size", "400")
+    bags = make_bags(cfg, 0, 5)
+    sizes = bags.sizes
+    assert len(bags.offsets) == 401 and sizes.min() >= 1 and sizes.max() <= 6
+    assert len(set(sizes.tolist())) > 3  # sizes vary: uniform in 1..K
+    for b in range(400):
+        rows = bags.indices[bags.offsets[b]:bags.offsets[b + 1]]
+        assert np.array_equal(rows, np.unique(rows))  # sorted, no duplicates
+        assert rows.min() >= 0 and rows.max() < 1000
+    small = make_bags(cfg, 1, 5)  # 3 rows: bag size capped by the table
+    assert small.sizes.max() <= 3 and small.indices.max() <= 2
+    fixed = make_bags(cfg.replace(indices_per_lookup_fixed=True), 0, 5)
+    assert fixed.sizes.max() == 6 and fixed.sizes.min() >= 4  # K drawn, duplicates removed
+
+
+def test_zipf_bags_favour_low_rows():
+    cfg = _cfg("--arch-embedding-size", "10000", "--data-generation", "zipf", "--zipf-alpha", "1.2",
+               "--mini-batch-size", "500")
+    counts = np.bincount(make_bags(cfg, 0, 0).indices, minlength=10000)
+    uniform = np.bincount(make_bags(cfg.replace(data_generation="random"), 0, 0).indices, minlength=10000)
+    assert counts[0] == counts.max() and counts[:10].sum() > 20 * uniform[:10].sum()
+
+
+def test_pooling_skew_and_drift_make_tables_and_iterations_differ():
+    cfg = _cfg("--arch-embedding-size", "-".join(["5000"] * 6), "--num-indices-per-lookup", "20",
+               "--mini-batch-size", "200", "--pooling-skew", "1.0", "--pooling-drift", "0.5")
+    per_table = [make_bags(cfg, t, 0).sizes.mean() for t in range(6)]
+    per_batch = [make_bags(cfg, 0, b).sizes.mean() for b in range(6)]
+    assert max(per_table) > 1.5 * min(per_table)
+    assert max(per_batch) > 1.2 * min(per_batch)
+    plain = _cfg("--arch-embedding-size", "5000-5000", "--mini-batch-size", "200")
+    assert make_bags(plain, 0, 0).sizes.mean() != make_bags(cfg, 0, 0).sizes.mean()
+
+
+def test_a_rank_generates_exactly_its_part_of_what_one_process_generates():
+    cfg = _cfg("--arch-embedding-size", "30-40-50-60", "--mini-batch-size", "10", "--num-batches", "3")
+    whole = load_rank_data(cfg, range(4), 0, 10, 3)
+    part = load_rank_data(cfg, [1, 3], 4, 7, 3)
+    for b in range(3):
+        assert sorted(part.bags[b]) == [1, 3]
+        for t in (1, 3):
+            assert np.array_equal(part.bags[b][t].indices, whole.bags[b][t].indices)
+            assert np.array_equal(part.bags[b][t].offsets, whole.bags[b][t].offsets)
+        assert np.array_equal(part.dense[b], whole.dense[b][4:7])
+    other_seed = load_rank_data(cfg.replace(seed=5), [1], 0, 10, 1)
+    assert not np.array_equal(other_seed.dense[0], whole.dense[0])
+
+
+def test_placement_balances_cost_and_places_every_table_once():
+    costs = [9, 1, 1, 1, 5, 5, 3, 2]
+    owned = place_tables(costs, 3)
+    assert sorted(t for ts in owned for t in ts) == list(range(8))
+    loads = [sum(costs[t] for t in ts) for ts in owned]
+    assert max(loads) - min(loads) <= max(costs)
+    assert loads == [9, 9, 9]
+    assert place_tables([1, 1], 4) == ((0,), (1,), (), ())  # fewer tables than ranks
+
+
+def test_skewed_tables_are_spread_by_cost():
+    cfg = _cfg("--arch-embedding-size", "-".join(["5000"] * 9), "--num-indices-per-lookup", "30",
+               "--pooling-skew", "1.5", "--nprocs", "3")
+    plan = make_plan(cfg)
+    loads = [plan.load(r) for r in range(3)]
+    assert max(loads) - min(loads) <= max(plan.costs)
+    assert len({len(ts) for ts in plan.tables}) > 1  # unequal counts: balanced by cost, not count
+
+
+def test_batch_split_is_contiguous_and_uneven_when_it_must_be():
+    assert split_batch(10, 4) == ((0, 3), (3, 6), (6, 8), (8, 10))
+    assert split_batch(3, 3) == ((0, 1), (1, 2), (2, 3))
