@@ -1064,6 +1064,22 @@ cdef class Core:
     # ---------------------------------------------------------------- blocking
 
 
+    def arrived(self, int64_t t):
+        """Whether every rank has posted iteration ``t``, so ``complete(t)`` would not wait.
+
+        Never blocks (like ``MPI_Test``): for loops that complete an
+        iteration as soon as its blocks are there and do other work until
+        then.  Raises like a wait on a closed or aborted communicator.
+        """
+        if not self.ready:
+            self._make_ready()
+        self._check_open()
+        if t < 0:
+            raise BlsValueError(f"arrived({t}): iterations start at 0")
+        # _first_behind loads with acquire, so a True answer also makes the
+        # records visible to the complete(t) that follows.
+        return self._first_behind(PUBLISHED, <uint64_t>t + 1, 0) < 0
+
     def _counters(self):
         """``(published, completed)`` of every rank, read with acquire (for tests and tools)."""
         return ([bls_load_acquire(&self.ranks[r].published) for r in range(self.size)],

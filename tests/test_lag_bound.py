@@ -98,3 +98,26 @@ def _own_completion_required(comm):
 def test_post_without_own_complete_is_refused_not_deadlocked():
     msg = blsshm.spawn(_own_completion_required, 1)[0]
     assert "completed" in msg
+
+
+def _arrival(comm, checked):
+    one = np.ones(2, np.int64)
+    if comm.rank == 1:
+        checked.wait(30)  # rank 0 looked while only it had posted
+        comm.post(0, one, [1, 1])
+        return comm.complete(0)[0].tolist()
+    comm.post(0, one * 5, [1, 1])
+    before = [comm.arrived(0), comm.arrived(1)]
+    checked.set()
+    while not comm.arrived(0):
+        pass
+    return before, comm.arrived(1), comm.complete(0, timeout=0)[0].tolist()
+
+
+def test_arrived_says_without_waiting_whether_complete_would_wait():
+    import multiprocessing
+    ctx = multiprocessing.get_context()
+    (before, later, recv), _ = blsshm.spawn(_arrival, 2, lag=1, args=(ctx.Event(),))
+    assert before == [False, False]  # rank 1 had not posted 0; nobody had posted 1
+    assert later is False
+    assert recv == [5, 1]  # complete(0) found everything there (timeout=0 never waits)
