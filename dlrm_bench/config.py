@@ -43,6 +43,7 @@ class Config:
     load_model: Optional[str] = None
     nprocs: int = 2
     lag: int = 4
+    bls_pipeline: str = "eager"
     backend: str = "bls"
     delay_prob: float = 0.0
     delay_ms: float = 0.0
@@ -137,6 +138,10 @@ def build_parser():
     r.add_argument("--lag", type=int, default=d.lag, metavar="L",
                    help="bounded lag of the bls backend: ranks run up to L iterations ahead "
                         "of the slowest (default %(default)s; 0 is synchronous)")
+    r.add_argument("--bls-pipeline", default=d.bls_pipeline, choices=("eager", "fixed"),
+                   help="eager (default): complete each iteration as soon as it has arrived, wait "
+                        "only when L are outstanding, so ranks may drift L+1 iterations apart; "
+                        "fixed: post(t); complete(t-L) as in DESIGN 2, one iteration of drift")
     r.add_argument("--backend", default=d.backend, metavar="NAME",
                    help="bls (blsshm, default), gloo (torch.distributed all_to_all_single) "
                         "or mpi (mpi4py Alltoallv under mpirun)")
@@ -252,8 +257,11 @@ def parse(argv=None):
         raise UsageError(f"--backend mpi: {mpi_available()}")
     num_batches = args.num_batches
     if kind == "dataset":
-        from dlrm_bench.criteo import count_samples
-        have = count_samples(args.raw_data_file, limit=num_batches * args.mini_batch_size)
+        from dlrm_bench.criteo import CriteoFormatError, count_samples
+        try:
+            have = count_samples(args.raw_data_file, limit=num_batches * args.mini_batch_size)
+        except CriteoFormatError as exc:
+            raise UsageError(f"--raw-data-file {args.raw_data_file}: {exc}") from None
         if have < args.mini_batch_size:
             raise UsageError(f"--raw-data-file {args.raw_data_file} has {have} samples, fewer than "
                              f"one --mini-batch-size of {args.mini_batch_size}")
@@ -276,7 +284,8 @@ def parse(argv=None):
         max_ind_range=args.max_ind_range, data_generation=kind, zipf_alpha=args.zipf_alpha,
         pooling_skew=args.pooling_skew, pooling_drift=args.pooling_drift,
         raw_data_file=args.raw_data_file, load_model=args.load_model, nprocs=args.nprocs,
-        lag=args.lag, backend=args.backend, delay_prob=args.delay_prob, delay_ms=args.delay_ms,
+        lag=args.lag, bls_pipeline=args.bls_pipeline, backend=args.backend,
+        delay_prob=args.delay_prob, delay_ms=args.delay_ms,
         slow_rank=args.slow_rank, slow_factor=args.slow_factor, warmup_batches=args.warmup_batches,
         timeout_s=args.timeout,
         progress=sys.stderr.isatty() and not args.no_progress)
@@ -290,8 +299,12 @@ def _check_model_file(cfg):
     try:
         sd = read_checkpoint(cfg.load_model)
         check_checkpoint(sd, cfg.sparse_size, cfg.table_rows, cfg.mlp_bot, cfg.mlp_top)
-    except Exception as exc:  # unreadable, not a checkpoint, or shapes that differ from the flags
+    except ValueError as exc:  # not a checkpoint, or shapes that differ from the flags
         raise UsageError(f"--load-model {cfg.load_model}: {exc}") from None
+    except Exception as exc:  # unreadable: torch's messages run over several lines, keep the first
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise UsageError(f"--load-model {cfg.load_model}: cannot read it: "
+                         f"{type(exc).__name__}{': ' if first else ''}{first}") from None
 
 
 def mpi_available():

@@ -10,9 +10,10 @@ Per iteration (one global batch) a rank
 4. gathers the blocks it received into ``(b, tables, d)`` in global table
    order, runs the interaction and the top MLP: its slice's predictions.
 
-With ``--backend bls`` the exchange is the bounded-lag pipeline of DESIGN
-§2: ``post(t)`` (the lookup writes into blsshm's zero-copy send views),
-then ``complete(t - L)``, then the tail.  The other backends run the same
+With ``--backend bls`` the exchange is a bounded-lag pipeline:
+``post(t)`` (the lookup writes into blsshm's zero-copy send views), then
+every complete that can go without waiting, or ``complete(t - L)`` at the
+latest (see ``Rank.run_bls``).  The other backends run the same
 steps with a synchronous alltoallv between lookup and gather.
 
 Every timed iteration is recorded: when it started, how long this rank
@@ -146,12 +147,25 @@ class Rank:
     # ------------------------------------------------------------ loops
 
     def run_bls(self, comm, batches, rec, progress):
-        """The bounded-lag pipeline: post(t); complete(t - L); drain."""
+        """The bounded-lag pipeline: post(t), then complete what has arrived; drain at the end.
+
+        ``eager`` (default) completes every iteration whose blocks have all
+        arrived (``comm.arrived``, never waiting) and waits only for the
+        oldest once ``L`` are outstanding.  A rank then holds its peers'
+        buffers no longer than needed, so a fast rank can post up to ``L + 1``
+        iterations ahead of a stalled one.  ``fixed`` is DESIGN §2's
+        ``post(t); complete(t - L)``: every iteration is held ``L`` steps, so
+        all ``L + 1`` buffers are always in use and a fast rank can get only
+        one step ahead (post(t) needs everyone to have completed
+        ``t - L - 1``, which the pipeline does in step ``t - 1``).
+        """
         L, base = comm.lag, comm.next_post
+        eager = self.cfg.bls_pipeline == "eager"
         timed = rec is not None
         pending = {}  # iteration -> bottom output, until its blocks arrive
         preds = np.empty((len(batches), self.b), dtype=np.float32)
         step_compute = 0.0
+        done = 0  # iterations completed
 
         def finish(j):
             nonlocal step_compute
@@ -181,12 +195,14 @@ class Rank:
             step_compute += (c1 - c0) + (c2 - c1)
             if timed:
                 rec.compute[i] += (c1 - c0) + (c2 - c1)
-            if i >= L:
-                finish(i - L)
+            while done <= i and (i - done >= L or (eager and comm.arrived(base + done))):
+                finish(done)
+                done += 1
             if timed and self.slow:
                 rec.delay[i] += _sleep((self.cfg.slow_factor - 1.0) * step_compute)
-        for j in range(max(0, len(batches) - L), len(batches)):
-            finish(j)
+        while done < len(batches):
+            finish(done)
+            done += 1
         return preds
 
     def run_sync(self, exchange, batches, rec, progress):

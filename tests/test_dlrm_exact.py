@@ -46,6 +46,13 @@ def test_bls_predictions_equal_single_process(nprocs, lag, generation):
 
 
 @pytest.mark.timeout(120)
+def test_the_fixed_pipeline_of_design_2_is_exact_too():
+    cfg, _, pred = _run("--nprocs", "3", "--lag", "2", "--bls-pipeline", "fixed",
+                        "--delay-prob", "0.3", "--delay-ms", "1")
+    assert compare(pred, reference_predictions(cfg)) == (0, 0.0)
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", ["gloo", "mpi"])
 def test_synchronous_backends_give_the_same_predictions(backend):
     if backend == "mpi" and mpi_available():
