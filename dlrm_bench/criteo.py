@@ -26,11 +26,18 @@ class CriteoFormatError(ValueError):
 
 
 def count_samples(path, limit=None):
-    """Number of lines in ``path``, counting no further than ``limit``."""
+    """Number of lines in ``path``, counting no further than ``limit``.
+
+    Checks each line's field count on the way (cheap), so a file in another
+    format is refused before any rank starts reading it.
+    """
     n = 0
     with open(path, "rb") as f:
-        for _ in f:
+        for line in f:
             n += 1
+            fields = line.count(b"\t") + 1
+            if fields != NUM_FIELDS:
+                raise CriteoFormatError(f"line {n}: {fields} tab-separated fields, expected {NUM_FIELDS}")
             if limit is not None and n >= limit:
                 break
     return n

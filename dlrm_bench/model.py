@@ -15,6 +15,8 @@ as numpy arrays that the Cython lookup kernel reads.  Initial values are
 drawn per table and per layer from the seed, so a rank can make its own
 tables without making the others, and every process gets the same model.
 """
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -94,12 +96,29 @@ class DenseModel(nn.Module):
         return self.top(self.bottom(dense), pooled)
 
 
+def _numpy_scalar_globals():
+    """What ``weights_only`` loading needs for numpy scalars, and nothing more.
+
+    The reference saves ``train_acc``, ``train_loss``, ``test_acc`` and
+    ``test_loss`` as numpy scalars beside the ``state_dict``; without these,
+    torch refuses every checkpoint the reference writes.
+    """
+    scalar = np.float64(0.0).__reduce__()[0]  # numpy._core.multiarray.scalar (numpy.core before numpy 2)
+    dtypes = {type(np.dtype(c)) for c in "?" + np.typecodes["AllInteger"] + np.typecodes["AllFloat"]}
+    allowed = [scalar, np.dtype, *dtypes]
+    if torch.torch_version.TorchVersion(torch.__version__) >= (2, 6):  # (global, name): files of numpy 1
+        allowed.append((scalar, "numpy.core.multiarray.scalar"))
+    return allowed
+
+
 def read_checkpoint(path):
     """The ``state_dict`` of a reference DLRM checkpoint, memory-mapped where possible."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError:  # an old, non-zip checkpoint cannot be memory-mapped
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    with safe(_numpy_scalar_globals()) if safe else contextlib.nullcontext():
+        try:
+            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # an old, non-zip checkpoint cannot be memory-mapped
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a DLRM checkpoint: no 'state_dict' key")
     return ckpt["state_dict"]

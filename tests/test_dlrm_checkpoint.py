@@ -1,0 +1,183 @@
+"""--load-model: a checkpoint in the reference DLRM layout drives the predictions.
+
+The checkpoint is made here with plain torch, in the layout of
+facebookresearch/dlrm ``dlrm_s_pytorch.py`` (``emb_l.<i>.weight``, and
+``nn.Sequential`` MLPs whose ``Linear`` layers sit at even indices), and the
+predictions of a distributed run are compared with a forward pass written
+here from the DLRM definition, not with ``dlrm_bench.model``.
+"""
+import collections
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlrm_bench import backends, cli, config, data, report
+
+ROWS = (7, 13, 50, 3, 29)
+D = 4
+BOT = (3, 8, 4)
+NUM_FEATURES = len(ROWS) + 1                                  # bottom output + one per table
+TOP = (D + NUM_FEATURES * (NUM_FEATURES - 1) // 2, 6, 1)      # 19-6-1
+
+
+def dashed(sizes):
+    return "-".join(map(str, sizes))
+
+
+def model_flags(path):
+    return ["--arch-embedding-size", dashed(ROWS), "--arch-sparse-feature-size", str(D),
+            "--arch-mlp-bot", dashed(BOT), "--arch-mlp-top", dashed(TOP), "--load-model", str(path)]
+
+
+RUN_FLAGS = ["--nprocs", "2", "--lag", "1", "--num-batches", "3", "--warmup-batches", "0",
+             "--mini-batch-size", "5", "--data-size", "10", "--num-indices-per-lookup", "4",
+             "--timeout", "60", "--no-progress"]
+
+
+def reference_state_dict(seed=2024):
+    """Random parameters under the reference's names and shapes (an ``OrderedDict``, as ``state_dict()``)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = collections.OrderedDict()
+    for name, sizes in (("bot_l", BOT), ("top_l", TOP)):
+        for k in range(len(sizes) - 1):
+            n, m = sizes[k], sizes[k + 1]
+            sd[f"{name}.{2 * k}.weight"] = 2 * torch.randn(m, n, generator=g) / n ** 0.5
+            sd[f"{name}.{2 * k}.bias"] = 0.3 * torch.randn(m, generator=g)
+    for i, rows in enumerate(ROWS):
+        sd[f"emb_l.{i}.weight"] = 2 * torch.rand(rows, D, generator=g) - 1
+    return sd
+
+
+def save_reference_checkpoint(path, sd):
+    """What the reference's ``torch.save`` writes: the state_dict and its training figures.
+
+    The reference computes its accuracies and losses with numpy, so they are
+    numpy scalars in the file; the optimizer state is SGD's.
+    """
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    torch.save({"epoch": 3, "nepochs": 4, "nbatches": 100, "nbatches_test": 10, "iter": 50,
+                "state_dict": sd, "train_acc": np.float64(0.5), "train_loss": np.float32(0.69),
+                "test_acc": np.float64(0.75), "test_loss": np.float32(0.5),
+                "total_loss": 0, "total_accu": 0, "opt_state_dict": sgd.state_dict()}, path)
+
+
+def independent_forward(sd, cfg, batch):
+    """Click probabilities of global batch ``batch`` from ``sd``, in float64, written from the DLRM definition."""
+    p = {k: v.double() for k, v in sd.items()}
+    x = torch.from_numpy(data.make_dense(cfg, batch)).double()
+    for k in range(len(BOT) - 1):
+        x = F.relu(F.linear(x, p[f"bot_l.{2 * k}.weight"], p[f"bot_l.{2 * k}.bias"]))
+    features = [x]
+    for t in range(len(ROWS)):
+        bags = data.make_bags(cfg, t, batch)
+        offsets = torch.from_numpy(bags.offsets)
+        features.append(F.embedding_bag(torch.from_numpy(bags.indices), p[f"emb_l.{t}.weight"],
+                                        offsets[:-1], mode="sum"))
+    stacked = torch.stack(features, dim=1)                       # (b, F, d)
+    z = torch.bmm(stacked, stacked.transpose(1, 2))              # (b, F, F)
+    pairs = [z[:, i, j] for i in range(NUM_FEATURES) for j in range(i)]
+    r = torch.cat([x, torch.stack(pairs, dim=1)], dim=1)         # (b, TOP[0])
+    layers = len(TOP) - 1
+    for k in range(layers):
+        r = F.linear(r, p[f"top_l.{2 * k}.weight"], p[f"top_l.{2 * k}.bias"])
+        r = torch.sigmoid(r) if k == layers - 1 else F.relu(r)
+    return r.view(-1).numpy()
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_gives_the_predictions_of_an_independent_forward(tmp_path):
+    """Two ranks at lag 1 predict what the checkpoint's weights give, batch by batch, cycling the data."""
+    sd = reference_state_dict()
+    path = tmp_path / "dlrm.pt"
+    save_reference_checkpoint(path, sd)
+    cfg, _ = config.parse(model_flags(path) + RUN_FLAGS)
+    assert cfg.data_batches == 2 and cfg.num_batches == 3  # iteration 2 reuses batch 0
+
+    pred = report.predictions(backends.run(cfg, "test"))
+
+    assert pred.shape == (3, 5) and pred.dtype == np.float32
+    expected = np.stack([independent_forward(sd, cfg, i % cfg.data_batches) for i in range(cfg.num_batches)])
+    assert 0.1 < expected.std() and np.all((expected > 1e-3) & (expected < 1 - 1e-3))  # not saturated
+    np.testing.assert_allclose(pred, expected, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(pred[2], pred[0])
+
+
+def test_reference_training_figures_are_accepted(tmp_path):
+    """The numpy scalars and optimizer state the reference saves beside the state_dict do not stop loading."""
+    path = tmp_path / "dlrm.pt"
+    save_reference_checkpoint(path, reference_state_dict())
+    cfg, _ = config.parse(model_flags(path))
+    assert cfg.load_model == str(path)
+
+
+# ----------------------------------------------------------- rejections
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """Fail the test if the CLI gets as far as starting ranks."""
+    def refuse(cfg, label):
+        pytest.fail("backends.run was called for a rejected command line")
+    monkeypatch.setattr(backends, "run", refuse)
+
+
+def assert_rejected(capsys, argv, *words):
+    """``main(argv)`` exits 2 with one line on stderr holding ``words``, and prints nothing else."""
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def _set(key, value):
+    return lambda sd: sd.update({key: value})
+
+
+MISFITS = [
+    ("a table of other rows", _set("emb_l.2.weight", torch.zeros(51, D)), ["emb_l.2.weight", "(51, 4)", "(50, 4)"]),
+    ("a table of other width", _set("emb_l.0.weight", torch.zeros(7, D + 1)), ["emb_l.0.weight", "(7, 5)"]),
+    ("a table too many", _set("emb_l.5.weight", torch.zeros(9, D)), ["emb_l.5.weight"]),
+    ("a table missing", lambda sd: sd.pop("emb_l.4.weight"), ["emb_l.4.weight"]),
+    ("a bottom layer transposed", lambda sd: sd.update({"bot_l.0.weight": sd["bot_l.0.weight"].t().contiguous()}),
+     ["bot_l.0.weight", "(3, 8)", "(8, 3)"]),
+    ("a top bias missing", lambda sd: sd.pop("top_l.2.bias"), ["top_l.2.bias"]),
+    ("a top layer too many", _set("top_l.4.weight", torch.zeros(1, 1)), ["top_l.4.weight"]),
+]
+
+
+@pytest.mark.parametrize("mutate, words", [m[1:] for m in MISFITS], ids=[m[0] for m in MISFITS])
+def test_checkpoint_that_does_not_fit_the_flags_is_rejected(tmp_path, capsys, no_run, mutate, words):
+    """Shapes that differ from the flags: exit 2, one line naming --load-model and the parameter."""
+    sd = reference_state_dict()
+    mutate(sd)
+    path = tmp_path / "dlrm.pt"
+    save_reference_checkpoint(path, sd)
+    assert_rejected(capsys, model_flags(path) + RUN_FLAGS, "--load-model", *words)
+
+
+NOT_CHECKPOINTS = [
+    ("no state_dict key", lambda path: torch.save({"model": reference_state_dict(), "epoch": 3}, path),
+     ["state_dict"]),
+    ("a bare state_dict", lambda path: torch.save(reference_state_dict(), path), ["state_dict"]),
+    ("a state_dict that is not a dict", lambda path: torch.save({"state_dict": None}, path), []),
+    ("a text file", lambda path: path.write_bytes(b"0\t1\t2\n"), ["cannot read it", "UnpicklingError"]),
+    ("an empty file", lambda path: path.write_bytes(b""), ["cannot read it", "EOFError"]),
+]
+
+
+@pytest.mark.parametrize("write, words", [c[1:] for c in NOT_CHECKPOINTS], ids=[c[0] for c in NOT_CHECKPOINTS])
+def test_file_that_is_not_a_checkpoint_is_rejected(tmp_path, capsys, no_run, write, words):
+    """No ``state_dict`` key, or no torch file at all: exit 2, one line naming --load-model."""
+    path = tmp_path / "dlrm.pt"
+    write(path)
+    assert_rejected(capsys, model_flags(path) + RUN_FLAGS, "--load-model", str(path), *words)
+
+
+def test_missing_checkpoint_file_is_rejected(tmp_path, capsys, no_run):
+    """A path that does not exist: exit 2 before torch reads anything."""
+    assert_rejected(capsys, model_flags(tmp_path / "nowhere.pt") + RUN_FLAGS, "--load-model", "no such file")

@@ -1,0 +1,244 @@
+"""--data-generation dataset: the Criteo Kaggle text reader and the runs it feeds.
+
+A line is a label, 13 integer fields and 26 hexadecimal categorical fields,
+tab-separated, any of them possibly empty.  The reference DLRM preprocessing
+is restated here independently: integers ``log(max(x, 0) + 1)`` in float32,
+categoricals ``int(h, 16) % max_ind_range``, empty fields 0.
+"""
+import numpy as np
+import pytest
+
+from dlrm_bench import backends, cli, config, criteo, report, verify
+
+M = 50  # --max-ind-range
+
+# Line 1 holds the awkward values, each at a known position.
+AWKWARD_INTS = ["0", "", "-1", "-3", "1", "5", "123456789", "4294967296", "", "7", "2", "30", "1000"]
+AWKWARD_CATS = ["68fd1e64", "", "ABCDEF01", "abcdef01", "1FFFFFFFFF", "ffffffffffffffff", "0", "0000002a"]
+
+
+def random_fields(rng):
+    """13 integer and 26 categorical fields: some empty, some negative, hex in either case."""
+    ints = ["" if rng.random() < 0.15 else str(int(rng.integers(-3, 10 ** 6))) for _ in range(13)]
+    cats = []
+    for _ in range(26):
+        if rng.random() < 0.15:
+            cats.append("")
+        else:
+            h = format(int(rng.integers(0, 2 ** 40)), "x")
+            cats.append(h.upper() if rng.random() < 0.5 else h)
+    return ints, cats
+
+
+def sample_lines(n=12, seed=5):
+    """``n`` lines as (label, ints, cats, line ending); line 1 awkward, line 2 all empty, line 3 CRLF."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        ints, cats = random_fields(rng)
+        ending = "\n"
+        if i == 0:
+            ints, cats = AWKWARD_INTS, AWKWARD_CATS + cats[len(AWKWARD_CATS):]
+        elif i == 1:
+            ints, cats = [""] * 13, [""] * 26
+        elif i == 2:
+            cats[-1], ending = "", "\r\n"  # a stray "\r" would be a bad last field
+        lines.append((str(int(rng.integers(0, 2))), ints, cats, ending))
+    return lines
+
+
+def write_criteo(path, lines):
+    with open(path, "w", newline="") as f:
+        for label, ints, cats, ending in lines:
+            f.write("\t".join([label, *ints, *cats]) + ending)
+    return path
+
+
+def expected_dense(text):
+    x = max(int(text), 0) if text else 0
+    return np.log(np.float32(x) + np.float32(1))
+
+
+def expected_index(text):
+    return int(text, 16) % M if text else 0
+
+
+def expected_arrays(lines):
+    labels = np.array([float(label) for label, _, _, _ in lines], dtype=np.float32)
+    dense = np.array([[expected_dense(x) for x in ints] for _, ints, _, _ in lines], dtype=np.float32)
+    sparse = np.array([[expected_index(h) for h in cats] for _, _, cats, _ in lines], dtype=np.int64)
+    return labels, dense, sparse
+
+
+@pytest.fixture
+def criteo_file(tmp_path):
+    lines = sample_lines()
+    return write_criteo(tmp_path / "train.txt", lines), lines
+
+
+# ---------------------------------------------------------------- reader
+
+
+def test_read_follows_the_reference_preprocessing(criteo_file):
+    """Labels, log(x + 1) of clamped integers and hashed categoricals of every line, empties 0."""
+    path, lines = criteo_file
+    labels, dense, sparse = criteo.read(path, len(lines), M)
+    want_labels, want_dense, want_sparse = expected_arrays(lines)
+    assert dense.dtype == np.float32 and sparse.dtype == np.int64
+    np.testing.assert_array_equal(labels, want_labels)
+    np.testing.assert_allclose(dense, want_dense, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(sparse, want_sparse)
+    assert criteo.count_samples(path) == len(lines)
+
+
+def test_awkward_values_by_hand(criteo_file):
+    """Line 1 and the all-empty line 2, against values worked out by hand."""
+    path, lines = criteo_file
+    _, dense, sparse = criteo.read(path, 2, M)
+    assert list(dense[0, :4]) == [0.0, 0.0, 0.0, 0.0]           # 0, empty, -1, -3
+    assert dense[0, 4] == pytest.approx(np.log(2.0), rel=1e-6)     # 1
+    assert dense[0, 7] == pytest.approx(np.log(2.0 ** 32 + 1), rel=1e-6)
+    # 68fd1e64, empty, ABCDEF01 and abcdef01 (2882400001), 2**37 - 1, 2**64 - 1, 0, 0x2a
+    assert list(sparse[0, :8]) == [2, 0, 1, 1, 21, 15, 0, 42]
+    assert not dense[1].any() and not sparse[1].any()
+
+
+def test_parse_line_strips_crlf():
+    """A Windows line ending is not part of the last field, even when that field is empty."""
+    ints, cats = ["3"] * 13, ["a"] * 25 + [""]
+    label, dense, sparse = criteo.parse_line("\t".join(["1", *ints, *cats]) + "\r\n", M, 1)
+    assert label == 1 and sparse[-1] == 0 and sparse[0] == 10
+    np.testing.assert_allclose(dense, np.full(13, np.log(np.float32(4))), rtol=1e-6)
+
+
+def _fields():
+    return ["0"] + ["1"] * 13 + ["ab"] * 26
+
+
+BAD_LINES = [
+    ("39 fields", "\t".join(_fields()[:-1]), ["39 tab-separated fields", "expected 40"]),
+    ("41 fields", "\t".join(_fields() + ["ab"]), ["41 tab-separated fields"]),
+    ("spaces for tabs", " ".join(_fields()), ["1 tab-separated fields"]),
+    ("non-hex categorical", "\t".join(_fields()[:20] + ["12g4"] + _fields()[21:]), ["12g4"]),
+    ("decimal integer", "\t".join(_fields()[:3] + ["1.5"] + _fields()[4:]), ["1.5"]),
+]
+
+
+@pytest.mark.parametrize("line, words", [b[1:] for b in BAD_LINES], ids=[b[0] for b in BAD_LINES])
+def test_malformed_line_names_its_line_number(tmp_path, line, words):
+    """parse_line and read raise CriteoFormatError naming the line (1-based) and what is wrong."""
+    with pytest.raises(criteo.CriteoFormatError, match=r"^line 7: ") as info:
+        criteo.parse_line(line + "\n", M, 7)
+    for word in words:
+        assert word in str(info.value)
+    good = ["\t".join(_fields())] * 4
+    path = tmp_path / "train.txt"
+    path.write_text("\n".join(good[:2] + [line] + good[2:]) + "\n")
+    with pytest.raises(criteo.CriteoFormatError, match=r"^line 3: "):
+        criteo.read(path, 5, M)
+
+
+def test_read_wants_enough_lines(criteo_file):
+    """Asking for more samples than the file holds is an error, not zeros."""
+    path, lines = criteo_file
+    with pytest.raises(criteo.CriteoFormatError, match="12 samples, 13 needed"):
+        criteo.read(path, 13, M)
+
+
+# ----------------------------------------------------------------- runs
+
+
+def dataset_flags(path):
+    return ["--data-generation", "dataset", "--raw-data-file", str(path), "--max-ind-range", str(M),
+            "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "13-4", "--mini-batch-size", "5",
+            "--nprocs", "2", "--lag", "1", "--warmup-batches", "0", "--num-batches", "100",
+            "--timeout", "60", "--no-progress"]
+
+
+def test_dataset_config_uses_whole_batches(criteo_file):
+    """12 lines of batch 5: 2 batches (the partial third is dropped), 26 tables of --max-ind-range rows."""
+    path, _ = criteo_file
+    cfg, _ = config.parse(dataset_flags(path))
+    assert cfg.num_batches == 2 and cfg.data_batches == 2
+    assert cfg.table_rows == (M,) * 26 and cfg.mlp_bot == (13, 4)
+
+
+def test_rank_data_is_the_rank_share_of_the_file(criteo_file):
+    """A rank gets its tables' rows, one per bag, and its slice of every batch's dense rows."""
+    path, lines = criteo_file
+    cfg, _ = config.parse(dataset_flags(path))
+    _, want_dense, want_sparse = expected_arrays(lines)
+    got = criteo.rank_data(cfg, [0, 7, 25], 3, 5, cfg.num_batches)
+    B = cfg.batch_size
+    for b in range(cfg.num_batches):
+        np.testing.assert_allclose(got.dense[b], want_dense[b * B + 3:b * B + 5], rtol=1e-6, atol=0)
+        assert set(got.bags[b]) == {0, 7, 25}
+        for t in (0, 7, 25):
+            np.testing.assert_array_equal(got.bags[b][t].indices, want_sparse[b * B:(b + 1) * B, t])
+            np.testing.assert_array_equal(got.bags[b][t].offsets, np.arange(B + 1))
+
+
+@pytest.mark.timeout(120)
+def test_distributed_run_on_the_file_matches_single_process_bit_for_bit(criteo_file):
+    """Two ranks at lag 1 on the Criteo lines predict exactly what one process recomputes."""
+    path, _ = criteo_file
+    cfg, _ = config.parse(dataset_flags(path))
+    pred = report.predictions(backends.run(cfg, "t"))
+    assert pred.shape == (2, 5)
+    ref = verify.reference_predictions(cfg)
+    assert ref.shape == (2, 5) and ref.std() > 0
+    assert verify.compare(pred, ref) == (0, 0.0)
+
+
+# ---------------------------------------------------------- rejections
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """Fail the test if the CLI gets as far as starting ranks."""
+    def refuse(cfg, label):
+        pytest.fail("backends.run was called for a rejected command line")
+    monkeypatch.setattr(backends, "run", refuse)
+
+
+def _without(argv, flag):
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 2:]
+
+
+def _short_file(tmp_path, lines):
+    return write_criteo(tmp_path / "short.txt", sample_lines(lines))
+
+
+def _comma_file(tmp_path):
+    path = tmp_path / "commas.csv"
+    path.write_text("".join(",".join(["1"] * 40) + "\n" for _ in range(12)))
+    return path
+
+
+REJECTIONS = [
+    ("no --raw-data-file", lambda tmp, path: _without(dataset_flags(path), "--raw-data-file"),
+     ["--raw-data-file"]),
+    ("missing file", lambda tmp, path: dataset_flags(tmp / "nowhere.txt"), ["nowhere.txt", "no such file"]),
+    ("no --max-ind-range", lambda tmp, path: _without(dataset_flags(path), "--max-ind-range"),
+     ["--max-ind-range"]),
+    ("fewer samples than a batch", lambda tmp, path: dataset_flags(_short_file(tmp, 4)),
+     ["4 samples", "--mini-batch-size of 5"]),
+    ("empty file", lambda tmp, path: dataset_flags(_short_file(tmp, 0)), ["0 samples"]),
+    ("not the Criteo format", lambda tmp, path: dataset_flags(_comma_file(tmp)),
+     ["line 1:", "1 tab-separated fields, expected 40"]),
+    ("bottom MLP not on 13 features", lambda tmp, path: dataset_flags(path) + ["--arch-mlp-bot", "12-4"],
+     ["--arch-mlp-bot", "13"]),
+]
+
+
+@pytest.mark.parametrize("argv, words", [r[1:] for r in REJECTIONS], ids=[r[0] for r in REJECTIONS])
+def test_cli_rejects_bad_dataset_flags(tmp_path, capsys, no_run, criteo_file, argv, words):
+    """Exit 2 and one line on stderr naming the problem, before any process starts."""
+    assert cli.main(argv(tmp_path, criteo_file[0])) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0], lines[0]
