@@ -44,7 +44,7 @@ def main(argv=None):
             rows.append((label, f"failed: {type(exc).__name__}: {exc}"))
             continue
         fig = report.summarize(results, run_cfg)
-        report.print_run(label, fig)
+        report.print_run(label, fig, run_cfg.lag if run_cfg.backend == "bls" else 0)
         sys.stdout.flush()
         rows.append((label, fig))
         figures[label] = fig

@@ -114,3 +114,17 @@ def test_skewed_tables_are_spread_by_cost():
 def test_batch_split_is_contiguous_and_uneven_when_it_must_be():
     assert split_batch(10, 4) == ((0, 3), (3, 6), (6, 8), (8, 10))
     assert split_batch(3, 3) == ((0, 1), (1, 2), (2, 3))
+
+
+def test_lag_bound_runs_from_the_synchronous_to_the_ideal_bound():
+    from dlrm_bench.report import lag_bound
+    rng = np.random.default_rng(3)
+    work = rng.random((4, 200)) + (rng.random((4, 200)) < 0.1) * 5.0
+    sync, ideal = work.max(axis=0).sum(), work.sum(axis=1).max()
+    bounds = [lag_bound(work, lag) for lag in (0, 1, 2, 4, 8, 32, 1000)]
+    assert np.isclose(bounds[0], sync) and np.isclose(bounds[-1], ideal)
+    assert all(a >= b - 1e-12 for a, b in zip(bounds, bounds[1:]))
+    assert bounds[3] < 0.97 * sync
+    # two ranks alternately late: lag 1 hides it completely (each rank sums to 30)
+    alternating = np.array([[1.0, 2.0] * 10, [2.0, 1.0] * 10])
+    assert lag_bound(alternating, 0) == 40.0 and lag_bound(alternating, 1) == 30.0
