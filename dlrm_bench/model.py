@@ -86,10 +86,18 @@ class DenseModel(nn.Module):
         return self.bot_l(dense)
 
     def top(self, x, pooled):
-        batch, dim = x.shape
-        stacked = torch.cat([x.unsqueeze(1), pooled], dim=1)
+        """Predictions from the bottom output ``x`` and ``(b, tables, d)`` pooled embeddings."""
+        return self.top_stacked(torch.cat([x.unsqueeze(1), pooled], dim=1))
+
+    def top_stacked(self, stacked):
+        """Predictions from ``stacked``: bottom output then pooled embeddings, ``(b, 1 + tables, d)``.
+
+        The reference builds the same array with ``torch.cat``; a caller that
+        gathers embeddings straight into it saves that copy.
+        """
+        batch = stacked.shape[0]
         z = torch.bmm(stacked, torch.transpose(stacked, 1, 2))
-        r = torch.cat([x, z[:, self.li, self.lj]], dim=1)
+        r = torch.cat([stacked[:, 0, :], z[:, self.li, self.lj]], dim=1)
         return self.top_l(r).view(batch)
 
     def forward(self, dense, pooled):

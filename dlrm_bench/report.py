@@ -64,6 +64,7 @@ def summarize(results, cfg):
         "compute_s_per_rank": compute.sum(axis=1).tolist(),
         "delay_s_per_rank": delay.sum(axis=1).tolist(),
         "wait_s_per_rank": [r["wait_s"] for r in results],
+        "phase_s_per_rank": {k: [r["phases"][k] for r in results] for k in results[0]["phases"]},
         "tables_per_rank": [r["tables"] for r in results],
         "slices": [list(r["slice"]) for r in results],
     }

@@ -33,7 +33,7 @@ def reference_predictions(cfg):
             dense = np.ascontiguousarray(data.dense[b][lo:hi])
             with torch.inference_mode():
                 x = model.dense.bottom(torch.from_numpy(dense))
-                out[b, lo:hi] = model.dense.top(x, torch.from_numpy(pooled)).numpy()
+                out[b, lo:hi] = model.dense.top(x, torch.from_numpy(pooled)).numpy()  # via torch.cat
     return out
 
 

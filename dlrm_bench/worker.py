@@ -56,9 +56,11 @@ class Record:
         self.finish = np.zeros(n)
         self.compute = np.zeros(n)
         self.delay = np.zeros(n)
+        self.phases = dict.fromkeys(("lookup", "bottom", "gather", "top"), 0.0)  # seconds in each step
 
     def as_dict(self):
-        return {"start": self.start, "finish": self.finish, "compute": self.compute, "delay": self.delay}
+        return {"start": self.start, "finish": self.finish, "compute": self.compute, "delay": self.delay,
+                "phases": self.phases}
 
 
 class Progress:
@@ -103,8 +105,9 @@ class Rank:
         width = len(self.own_tables) * d
         self.send_counts = np.array([plan.batch_size(q) * width for q in range(P)], dtype=np.int64)
         self.recv_counts = np.array([self.b * len(plan.tables[s]) * d for s in range(P)], dtype=np.int64)
-        self.recv_positions = [np.array(plan.tables[s], dtype=np.int64) for s in range(P)]
-        self.pooled = np.empty((self.b, len(cfg.table_rows), d), dtype=np.float32)
+        self.recv_positions = [1 + np.array(plan.tables[s], dtype=np.int64) for s in range(P)]
+        # bottom output and pooled embeddings side by side, as the interaction wants them
+        self.stacked = np.empty((self.b, 1 + len(cfg.table_rows), d), dtype=np.float32)
         rng = np.random.default_rng([cfg.seed, DELAY_STREAM, rank])
         self.delayed = rng.random(cfg.num_batches) < cfg.delay_prob
         self.slow = rank == cfg.slow_rank and cfg.slow_factor > 1.0
@@ -129,11 +132,12 @@ class Rank:
         for s, block in enumerate(blocks):
             positions = self.recv_positions[s]
             if len(positions):
-                self.pooled[:, positions, :] = block.reshape(self.b, len(positions), self.d)
+                self.stacked[:, positions, :] = block.reshape(self.b, len(positions), self.d)
 
     def top(self, x):
+        self.stacked[:, 0, :] = x.numpy()
         with torch.inference_mode():
-            return self.model.dense.top(x, torch.from_numpy(self.pooled)).numpy().copy()
+            return self.model.dense.top_stacked(torch.from_numpy(self.stacked)).numpy().copy()
 
     def outgoing(self, flat_blocks):
         """Flat per-destination blocks as ``(b_q, width)`` arrays for the kernel."""
@@ -179,6 +183,8 @@ class Rank:
             if timed:
                 rec.compute[j] += (c1 - c0) + (c2 - c1)
                 rec.finish[j] = c2
+                rec.phases["gather"] += c1 - c0
+                rec.phases["top"] += c2 - c1
             progress.update(j + 1)
 
         for i, batch in enumerate(batches):
@@ -195,6 +201,8 @@ class Rank:
             step_compute += (c1 - c0) + (c2 - c1)
             if timed:
                 rec.compute[i] += (c1 - c0) + (c2 - c1)
+                rec.phases["lookup"] += c1 - c0
+                rec.phases["bottom"] += c2 - c1
             while done <= i and (i - done >= L or (eager and comm.arrived(base + done))):
                 finish(done)
                 done += 1
@@ -221,11 +229,13 @@ class Rank:
                 rec.delay[i] += self.injected_delay(i, timed)
             c0 = now()
             self.lookup(batch, send_blocks)
+            cb = now()
             x = self.bottom(batch)
             c1 = now()
             exchange(send, recv)
             c2 = now()
             self.gather(recv_blocks)
+            cg = now()
             preds[i] = self.top(x)
             c3 = now()
             waited += c2 - c1
@@ -233,6 +243,9 @@ class Rank:
             if timed:
                 rec.compute[i] = step_compute
                 rec.finish[i] = c3
+                for phase, seconds in (("lookup", cb - c0), ("bottom", c1 - cb), ("gather", cg - c2),
+                                       ("top", c3 - cg)):
+                    rec.phases[phase] += seconds
                 if self.slow:
                     rec.delay[i] += _sleep((self.cfg.slow_factor - 1.0) * step_compute)
             progress.update(i + 1)

@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""The figures of the dlrm_bench report: what bounded lag buys, side by side.
+
+For every model (``default``: dlrm_bench's defaults; ``light``: 8 small
+tables, small MLPs, batch 256, where injected delays outweigh compute),
+every rank count and with and without delays (``--delay-prob 0.1
+--delay-ms 5``), it runs ``python -m dlrm_bench --compare`` (bls lag 0,
+bls lag L, gloo, MPI: one after another, same workload and seed), one
+configuration after another, never two at once, and prints per
+configuration:
+
+- lag L over lag 0 and over gloo (samples/s ratios from the same run);
+- lag L's wall time over the ideal bound (the largest per-rank sum of
+  compute and delays) and over the lag-L bound (the same work scheduled
+  with free communication under the lag rule);
+- the room the bounds leave: synchronous bound over ideal bound.
+
+Reproduce (from the repository root, about 10 minutes on 2 idle cores)::
+
+    python tools/dlrm_report.py --json results/dlrm_report.json
+    python tools/dlrm_report.py --models light --nprocs 2 --num-batches 500   # quick look
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+MODELS = {
+    "default": [],
+    "light": ["--arch-embedding-size", "-".join(["10000"] * 8), "--arch-sparse-feature-size", "16",
+              "--arch-mlp-bot", "13-64-16", "--arch-mlp-top", "52-32-1", "--num-indices-per-lookup", "10",
+              "--mini-batch-size", "256"],
+}
+DELAYS = {"none": [], "0.1x5ms": ["--delay-prob", "0.1", "--delay-ms", "5"]}
+
+
+def run_one(model, nprocs, delays, opts):
+    with tempfile.TemporaryDirectory(prefix="dlrm-report-") as tmp:
+        out = os.path.join(tmp, "run.json")
+        cmd = [sys.executable, "-m", "dlrm_bench", *MODELS[model], *DELAYS[delays], "--nprocs", str(nprocs),
+               "--lag", str(opts.lag), "--num-batches", str(opts.num_batches[model]), "--compare",
+               "--json", out, "--no-progress"]
+        print("$ python " + " ".join(cmd[1:]), flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        sys.stdout.write(proc.stdout[proc.stdout.find("\nrun ") + 1:] if "\nrun " in proc.stdout else proc.stdout)
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            return None
+        with open(out) as f:
+            return json.load(f)
+
+
+def ratios(doc, lag):
+    runs = {r["label"]: r for r in doc["runs"] if "error" not in r}
+    main, lag0, gloo = runs.get(f"bls lag {lag}"), runs.get("bls lag 0"), runs.get("gloo")
+    if main is None or lag0 is None:
+        return None
+    return {
+        "lagL_over_lag0": main["samples_per_s"] / lag0["samples_per_s"],
+        "lagL_over_gloo": main["samples_per_s"] / gloo["samples_per_s"] if gloo else None,
+        "lagL_over_mpi": main["samples_per_s"] / runs["mpi"]["samples_per_s"] if "mpi" in runs else None,
+        "wall_over_ideal": main["wall_over_ideal"],
+        "wall_over_lag_bound": main["wall_s"] / main["lag_bound_s"],
+        "room_sync_over_ideal": main["sync_bound_s"] / main["ideal_bound_s"],
+        "lag0_wall_over_sync": lag0["wall_s"] / lag0["sync_bound_s"],
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--nprocs", nargs="+", type=int, default=[2, 4])
+    p.add_argument("--lag", type=int, default=4)
+    p.add_argument("--num-batches", type=int, default=None,
+                   help="per run (default: 1000 for the default model, 2000 for the light one)")
+    p.add_argument("--json", default=None, help="write every run's figures here")
+    opts = p.parse_args()
+    opts.num_batches = {m: opts.num_batches or (1000 if m == "default" else 2000) for m in MODELS}
+    rows, docs = [], []
+    for model in opts.models:
+        for nprocs in opts.nprocs:
+            for delays in DELAYS:
+                doc = run_one(model, nprocs, delays, opts)
+                if doc is None:
+                    continue
+                r = ratios(doc, opts.lag)
+                docs.append({"model": model, "nprocs": nprocs, "delays": delays, "ratios": r, "run": doc})
+                rows.append((model, nprocs, delays, r))
+    L = opts.lag
+    print(f"\n{'model':<8} {'P':>2} {'delays':<8} {f'lag{L}/lag0':>10} {f'lag{L}/gloo':>10} {f'lag{L}/mpi':>9} "
+          f"{'wall/ideal':>10} {'wall/lagL':>9} {'sync/ideal':>10}")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for model, nprocs, delays, r in rows:
+        if r is None:
+            print(f"{model:<8} {nprocs:>2} {delays:<8} (no figures)")
+            continue
+        print(f"{model:<8} {nprocs:>2} {delays:<8} {fmt(r['lagL_over_lag0']):>10} {fmt(r['lagL_over_gloo']):>10} "
+              f"{fmt(r['lagL_over_mpi']):>9} {r['wall_over_ideal']:>10.3f} {r['wall_over_lag_bound']:>9.3f} "
+              f"{r['room_sync_over_ideal']:>10.2f}")
+    if opts.json:
+        os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
+        with open(opts.json, "w") as f:
+            json.dump(docs, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
