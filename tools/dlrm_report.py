@@ -15,6 +15,10 @@ configuration:
   with free communication under the lag rule);
 - the room the bounds leave: synchronous bound over ideal bound.
 
+With ``--repeat N`` the whole matrix runs N times over (round after round,
+so slow phases of the machine hit every configuration alike) and each
+ratio is the median of its N same-run ratios, with the lowest and highest.
+
 Reproduce (from the repository root, about 10 minutes on 2 idle cores)::
 
     python tools/dlrm_report.py --json results/dlrm_report.json
@@ -26,6 +30,8 @@ import os
 import subprocess
 import sys
 import tempfile
+
+import numpy as np
 
 MODELS = {
     "default": [],
@@ -75,30 +81,46 @@ def main():
     p.add_argument("--lag", type=int, default=4)
     p.add_argument("--num-batches", type=int, default=None,
                    help="per run (default: 1000 for the default model, 2000 for the light one)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds over the whole matrix (default 1)")
     p.add_argument("--json", default=None, help="write every run's figures here")
     opts = p.parse_args()
     opts.num_batches = {m: opts.num_batches or (1000 if m == "default" else 2000) for m in MODELS}
-    rows, docs = [], []
-    for model in opts.models:
-        for nprocs in opts.nprocs:
-            for delays in DELAYS:
-                doc = run_one(model, nprocs, delays, opts)
-                if doc is None:
-                    continue
-                r = ratios(doc, opts.lag)
-                docs.append({"model": model, "nprocs": nprocs, "delays": delays, "ratios": r, "run": doc})
-                rows.append((model, nprocs, delays, r))
+    configs = [(m, n, d) for m in opts.models for n in opts.nprocs for d in DELAYS]
+    found = {c: [] for c in configs}  # config -> ratios of every round
+    docs = []
+    for round_ in range(opts.repeat):
+        for model, nprocs, delays in configs:
+            doc = run_one(model, nprocs, delays, opts)
+            if doc is None:
+                continue
+            r = ratios(doc, opts.lag)
+            docs.append({"model": model, "nprocs": nprocs, "delays": delays, "round": round_,
+                         "ratios": r, "run": doc})
+            if r is not None:
+                found[(model, nprocs, delays)].append(r)
     L = opts.lag
-    print(f"\n{'model':<8} {'P':>2} {'delays':<8} {f'lag{L}/lag0':>10} {f'lag{L}/gloo':>10} {f'lag{L}/mpi':>9} "
-          f"{'wall/ideal':>10} {'wall/lagL':>9} {'sync/ideal':>10}")
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    for model, nprocs, delays, r in rows:
-        if r is None:
-            print(f"{model:<8} {nprocs:>2} {delays:<8} (no figures)")
+    keys = [("lagL_over_lag0", f"lag{L}/lag0"), ("lagL_over_gloo", f"lag{L}/gloo"), ("lagL_over_mpi", f"lag{L}/mpi"),
+            ("wall_over_ideal", "wall/ideal"), ("wall_over_lag_bound", f"wall/lag{L}"),
+            ("room_sync_over_ideal", "sync/ideal")]
+    spread = opts.repeat > 1
+    width = 16 if spread else 10
+    print(f"\n{'model':<8} {'P':>2} {'delays':<8} " + " ".join(f"{h:>{width}}" for _, h in keys))
+    for config in configs:
+        model, nprocs, delays = config
+        line = f"{model:<8} {nprocs:>2} {delays:<8} "
+        if not found[config]:
+            print(line + "(no figures)")
             continue
-        print(f"{model:<8} {nprocs:>2} {delays:<8} {fmt(r['lagL_over_lag0']):>10} {fmt(r['lagL_over_gloo']):>10} "
-              f"{fmt(r['lagL_over_mpi']):>9} {r['wall_over_ideal']:>10.3f} {r['wall_over_lag_bound']:>9.3f} "
-              f"{r['room_sync_over_ideal']:>10.2f}")
+        cells = []
+        for key, _ in keys:
+            values = [r[key] for r in found[config] if r[key] is not None]
+            if not values:
+                cells.append(f"{'-':>{width}}")
+            elif spread:
+                cells.append(f"{np.median(values):.2f} ({min(values):.2f}-{max(values):.2f})".rjust(width))
+            else:
+                cells.append(f"{values[0]:>{width}.2f}")
+        print(line + " ".join(cells))
     if opts.json:
         os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
         with open(opts.json, "w") as f:
