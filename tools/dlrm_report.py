@@ -22,7 +22,7 @@ ratio is the median of its N same-run ratios, with the lowest and highest.
 Reproduce (from the repository root, about 10 minutes on 2 idle cores)::
 
     python tools/dlrm_report.py --json results/dlrm_report.json
-    python tools/dlrm_report.py --models light --nprocs 2 --num-batches 500   # quick look
+    python tools/dlrm_report.py --models light --nprocs 2 --light-num-batches 500   # quick look
 """
 import argparse
 import json
@@ -79,12 +79,12 @@ def main():
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--nprocs", nargs="+", type=int, default=[2, 4])
     p.add_argument("--lag", type=int, default=4)
-    p.add_argument("--num-batches", type=int, default=None,
-                   help="per run (default: 1000 for the default model, 2000 for the light one)")
+    p.add_argument("--num-batches", type=int, default=1000, help="per run of the default model (default 1000)")
+    p.add_argument("--light-num-batches", type=int, default=2000, help="per run of the light model (default 2000)")
     p.add_argument("--repeat", type=int, default=1, help="rounds over the whole matrix (default 1)")
     p.add_argument("--json", default=None, help="write every run's figures here")
     opts = p.parse_args()
-    opts.num_batches = {m: opts.num_batches or (1000 if m == "default" else 2000) for m in MODELS}
+    opts.num_batches = {"default": opts.num_batches, "light": opts.light_num_batches}
     configs = [(m, n, d) for m in opts.models for n in opts.nprocs for d in DELAYS]
     found = {c: [] for c in configs}  # config -> ratios of every round
     docs = []
