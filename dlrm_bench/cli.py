@@ -56,6 +56,15 @@ def main(argv=None):
     if args.compare:
         print()
         report.print_table(rows)
+        base = figures.get("bls lag 0")
+        if main_label != "bls lag 0" and base is not None:
+            fig = figures[main_label]
+            versus = ", ".join(f"{fig['samples_per_s'] / figures[k]['samples_per_s']:.2f}x {k}"
+                               for k in ("bls lag 0", "gloo", "mpi") if k in figures)
+            print(f"{main_label}: {versus}; wall {fig['wall_over_ideal']:.2f}x its ideal bound, "
+                  f"{fig['wall_s'] / fig['lag_bound_s']:.2f}x its lag-{cfg.lag} bound "
+                  f"(the bounds leave {fig['sync_bound_s'] / fig['ideal_bound_s']:.2f}x between "
+                  f"synchronous and ideal)")
         first = predictions[main_label]
         differ = [label for label, p in predictions.items() if not np.array_equal(p, first)]
         print("predictions: " + (f"differ from {main_label} in {', '.join(differ)}" if differ

@@ -1,7 +1,9 @@
 """Command line of ``python -m dlrm_bench``: the reference DLRM flags plus ours.
 
-Everything is checked here, in the parent, before any process starts; a
-bad value is one line on stderr and exit status 2.
+Flags, files and checkpoint shapes are checked here, in the parent, before
+any process starts; a bad value is one line on stderr and exit status 2.
+(A Criteo file's field counts are checked here too; a bad value inside a
+field is found by the ranks that parse it, and ends the run with status 1.)
 """
 import argparse
 import dataclasses

@@ -128,3 +128,13 @@ def test_lag_bound_runs_from_the_synchronous_to_the_ideal_bound():
     # two ranks alternately late: lag 1 hides it completely (each rank sums to 30)
     alternating = np.array([[1.0, 2.0] * 10, [2.0, 1.0] * 10])
     assert lag_bound(alternating, 0) == 40.0 and lag_bound(alternating, 1) == 30.0
+
+
+def test_progress_bar_draws_only_when_enabled(capsys):
+    from dlrm_bench.worker import Progress
+    bar = Progress(True, "bls lag 4", 10, 256)
+    bar.update(10)
+    Progress(False, "quiet", 10, 256).update(10)
+    err = capsys.readouterr().err
+    assert err.startswith("\r  bls lag 4 [") and "10/10 batches" in err and err.endswith("\n")
+    assert "quiet" not in err

@@ -83,6 +83,21 @@ def test_spawn_rejects_bad_arguments():
         blsshm.spawn("not a function", 2)
 
 
+def _rank_squared(rank, offset):
+    if rank == offset:
+        raise KeyError(f"rank {rank} refuses")
+    return rank * rank + offset
+
+
+def test_run_ranks_runs_a_function_without_a_communicator():
+    assert blsshm.run_ranks(_rank_squared, 3, args=(10,)) == [10, 11, 14]
+    with pytest.raises(KeyError, match="rank 1 refuses") as info:
+        blsshm.run_ranks(_rank_squared, 3, args=(1,))
+    assert info.value.blsshm_rank == 1
+    with pytest.raises(blsshm.BlsValueError, match="nprocs"):
+        blsshm.run_ranks(_rank_squared, 0)
+
+
 def _many_iterations(comm, iters):
     send = np.arange(comm.size * 4, dtype=np.float32)
     for _ in range(iters):
