@@ -181,11 +181,10 @@ class Rank:
                 c1 = now()
             preds[j] = self.top(pending.pop(j))
             c2 = now()
+            step_compute += c2 - c0
             if timed:
                 rec.cpu += cpu_now() - p0
-            step_compute += (c1 - c0) + (c2 - c1)
-            if timed:
-                rec.compute[j] += (c1 - c0) + (c2 - c1)
+                rec.compute[j] += c2 - c0
                 rec.finish[j] = c2
                 rec.phases["gather"] += c1 - c0
                 rec.phases["top"] += c2 - c1
@@ -202,11 +201,10 @@ class Rank:
                 c1 = now()
             pending[i] = self.bottom(batch)  # after publishing: peers need our blocks first
             c2 = now()
+            step_compute += c2 - c0
             if timed:
                 rec.cpu += cpu_now() - p0
-            step_compute += (c1 - c0) + (c2 - c1)
-            if timed:
-                rec.compute[i] += (c1 - c0) + (c2 - c1)
+                rec.compute[i] += c2 - c0
                 rec.phases["lookup"] += c1 - c0
                 rec.phases["bottom"] += c2 - c1
             while done <= i and (i - done >= L or (eager and comm.arrived(base + done))):
