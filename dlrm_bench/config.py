@@ -31,7 +31,7 @@ class Config:
     mlp_bot: tuple = (13, 256, 128, 64)
     mlp_top: tuple = (415, 256, 128, 1)
     batch_size: int = 1024
-    num_batches: int = 2000
+    num_batches: int = 3000
     data_batches: int = 64       # distinct global batches; iterations cycle through them
     indices_per_lookup: int = 20
     indices_per_lookup_fixed: bool = False
