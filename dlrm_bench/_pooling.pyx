@@ -60,8 +60,9 @@ def pool_sum(const float[:, ::1] table, const int64_t[::1] indices, const int64_
                 if k + PREFETCH_AHEAD < indices.shape[0]:
                     ahead = indices[k + PREFETCH_AHEAD]
                     if 0 <= ahead < rows:
-                        for j in range(0, d, 16):  # every 64-byte line of the row
+                        for j in range(0, d, 16):  # every 64-byte line of the row ...
                             POOL_PREFETCH(&table[ahead, j])
+                        POOL_PREFETCH(&table[ahead, d - 1])  # ... and the last, rows being unaligned
                 row = indices[k]
                 if row < 0 or row >= rows:
                     bad_pos = k

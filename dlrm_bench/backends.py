@@ -80,10 +80,11 @@ def run_mpi(cfg, label):
         proc = subprocess.Popen(mpirun_command(cfg.nprocs, job_path), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
+        limit = cfg.timeout_s + 60 + cfg.num_batches  # the collective's timeout, plus start-up and the run
         try:
-            output, _ = proc.communicate(timeout=cfg.timeout_s + 60 + cfg.num_batches)
+            output, _ = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
-            raise BackendError(f"mpirun did not finish within {cfg.timeout_s:.0f} s") from None
+            raise BackendError(f"mpirun did not finish within {limit:.0f} s") from None
         finally:
             _stop(proc)
         results = []

@@ -7,6 +7,7 @@ field is found by the ranks that parse it, and ends the run with status 1.)
 """
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -241,6 +242,12 @@ def parse(argv=None):
         raise UsageError(f"--lag must be >= 0, got {args.lag}")
     if args.warmup_batches < 0:
         raise UsageError(f"--warmup-batches must be >= 0, got {args.warmup_batches}")
+    for flag, value in (("--delay-prob", args.delay_prob), ("--delay-ms", args.delay_ms),
+                        ("--slow-factor", args.slow_factor), ("--timeout", args.timeout),
+                        ("--zipf-alpha", args.zipf_alpha), ("--pooling-skew", args.pooling_skew),
+                        ("--pooling-drift", args.pooling_drift)):
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
     if not 0.0 <= args.delay_prob <= 1.0:
         raise UsageError(f"--delay-prob must be in [0, 1], got {args.delay_prob}")
     if args.delay_ms < 0:

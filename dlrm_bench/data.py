@@ -46,7 +46,11 @@ def table_pooling_scale(cfg, table):
 
 
 def expected_pooling(cfg, table):
-    """Mean bag size of a table before duplicates are removed: what a lookup costs."""
+    """About the mean bag size of a table before duplicates are removed: what a lookup costs.
+
+    Only table placement uses it, and only to compare tables, so the rough
+    ``(cap + 1) / 2`` of the uniform rule is good enough.
+    """
     rows = cfg.table_rows[table]
     if cfg.data_generation == "dataset":
         return 1.0

@@ -61,3 +61,8 @@ def test_help_documents_delays_and_imbalance():
     for flag in ("--delay-prob", "--delay-ms", "--slow-rank", "--slow-factor", "--compare", "--verify",
                  "--lag", "--zipf-alpha", "--pooling-skew"):
         assert flag in text
+
+
+def test_non_finite_numbers_are_refused(capsys, no_runs):
+    assert cli.main(["--delay-ms", "nan", "--delay-prob", "0.1"]) == 2
+    assert "--delay-ms must be a finite number" in capsys.readouterr().err
