@@ -54,3 +54,13 @@ def nothing_left_behind():
             pass
     assert not segments, f"test left shared-memory segments behind: {sorted(segments)}"
     assert not children, f"test left child processes behind: {sorted(children)}"
+
+
+@pytest.fixture
+def no_dlrm_runs(monkeypatch):
+    """Fail the test if dlrm_bench's CLI gets as far as starting ranks."""
+    from dlrm_bench import backends
+
+    def refuse(*_args, **_kwargs):
+        pytest.fail("backends.run was called for a command line that should be refused")
+    monkeypatch.setattr(backends, "run", refuse)

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlrm_bench import backends, cli, config, data, report
+from dlrm_bench import backends, config, data, report
+from dlrm_cli_check import assert_rejected
 
 ROWS = (7, 13, 50, 3, 29)
 D = 4
@@ -115,25 +116,6 @@ def test_reference_training_figures_are_accepted(tmp_path):
 # ----------------------------------------------------------- rejections
 
 
-@pytest.fixture
-def no_run(monkeypatch):
-    """Fail the test if the CLI gets as far as starting ranks."""
-    def refuse(cfg, label):
-        pytest.fail("backends.run was called for a rejected command line")
-    monkeypatch.setattr(backends, "run", refuse)
-
-
-def assert_rejected(capsys, argv, *words):
-    """``main(argv)`` exits 2 with one line on stderr holding ``words``, and prints nothing else."""
-    assert cli.main(argv) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
 def _set(key, value):
     return lambda sd: sd.update({key: value})
 
@@ -151,7 +133,7 @@ MISFITS = [
 
 
 @pytest.mark.parametrize("mutate, words", [m[1:] for m in MISFITS], ids=[m[0] for m in MISFITS])
-def test_checkpoint_that_does_not_fit_the_flags_is_rejected(tmp_path, capsys, no_run, mutate, words):
+def test_checkpoint_that_does_not_fit_the_flags_is_rejected(tmp_path, capsys, no_dlrm_runs, mutate, words):
     """Shapes that differ from the flags: exit 2, one line naming --load-model and the parameter."""
     sd = reference_state_dict()
     mutate(sd)
@@ -171,13 +153,13 @@ NOT_CHECKPOINTS = [
 
 
 @pytest.mark.parametrize("write, words", [c[1:] for c in NOT_CHECKPOINTS], ids=[c[0] for c in NOT_CHECKPOINTS])
-def test_file_that_is_not_a_checkpoint_is_rejected(tmp_path, capsys, no_run, write, words):
+def test_file_that_is_not_a_checkpoint_is_rejected(tmp_path, capsys, no_dlrm_runs, write, words):
     """No ``state_dict`` key, or no torch file at all: exit 2, one line naming --load-model."""
     path = tmp_path / "dlrm.pt"
     write(path)
     assert_rejected(capsys, model_flags(path) + RUN_FLAGS, "--load-model", str(path), *words)
 
 
-def test_missing_checkpoint_file_is_rejected(tmp_path, capsys, no_run):
+def test_missing_checkpoint_file_is_rejected(tmp_path, capsys, no_dlrm_runs):
     """A path that does not exist: exit 2 before torch reads anything."""
     assert_rejected(capsys, model_flags(tmp_path / "nowhere.pt") + RUN_FLAGS, "--load-model", "no such file")

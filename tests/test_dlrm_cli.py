@@ -4,15 +4,8 @@ import sys
 
 import pytest
 
-from dlrm_bench import backends, cli
 from dlrm_bench.config import build_parser
-
-
-@pytest.fixture
-def no_runs(monkeypatch):
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("a run started despite bad input")
-    monkeypatch.setattr(backends, "run", refuse)
+from dlrm_cli_check import assert_rejected
 
 
 BAD = [
@@ -39,13 +32,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("argv,message", BAD, ids=[b[1][:40] for b in BAD])
-def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, no_runs):
-    assert cli.main(argv) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("dlrm_bench: error: ") and message in lines[0]
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, no_dlrm_runs):
+    assert_rejected(capsys, argv, message)
 
 
 def test_the_module_entry_point_exits_2():
@@ -63,6 +51,5 @@ def test_help_documents_delays_and_imbalance():
         assert flag in text
 
 
-def test_non_finite_numbers_are_refused(capsys, no_runs):
-    assert cli.main(["--delay-ms", "nan", "--delay-prob", "0.1"]) == 2
-    assert "--delay-ms must be a finite number" in capsys.readouterr().err
+def test_non_finite_numbers_are_refused(capsys, no_dlrm_runs):
+    assert_rejected(capsys, ["--delay-ms", "nan", "--delay-prob", "0.1"], "--delay-ms must be a finite number")

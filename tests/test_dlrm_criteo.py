@@ -8,7 +8,8 @@ categoricals ``int(h, 16) % max_ind_range``, empty fields 0.
 import numpy as np
 import pytest
 
-from dlrm_bench import backends, cli, config, criteo, report, verify
+from dlrm_bench import backends, config, criteo, report, verify
+from dlrm_cli_check import assert_rejected
 
 M = 50  # --max-ind-range
 
@@ -193,14 +194,6 @@ def test_distributed_run_on_the_file_matches_single_process_bit_for_bit(criteo_f
 # ---------------------------------------------------------- rejections
 
 
-@pytest.fixture
-def no_run(monkeypatch):
-    """Fail the test if the CLI gets as far as starting ranks."""
-    def refuse(cfg, label):
-        pytest.fail("backends.run was called for a rejected command line")
-    monkeypatch.setattr(backends, "run", refuse)
-
-
 def _without(argv, flag):
     i = argv.index(flag)
     return argv[:i] + argv[i + 2:]
@@ -233,12 +226,6 @@ REJECTIONS = [
 
 
 @pytest.mark.parametrize("argv, words", [r[1:] for r in REJECTIONS], ids=[r[0] for r in REJECTIONS])
-def test_cli_rejects_bad_dataset_flags(tmp_path, capsys, no_run, criteo_file, argv, words):
+def test_cli_rejects_bad_dataset_flags(tmp_path, capsys, no_dlrm_runs, criteo_file, argv, words):
     """Exit 2 and one line on stderr naming the problem, before any process starts."""
-    assert cli.main(argv(tmp_path, criteo_file[0])) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    for word in words:
-        assert word in lines[0], lines[0]
+    assert_rejected(capsys, argv(tmp_path, criteo_file[0]), *words)
