@@ -1,7 +1,10 @@
-"""Small process helpers shared by the launcher and spawn."""
+"""Small process helpers shared by the launcher, spawn, and the tools that start mpirun."""
 import ctypes
 import os
+import shutil
 import signal
+import subprocess
+import sys
 
 _PR_SET_PDEATHSIG = 1
 
@@ -30,3 +33,21 @@ def describe_exit(code):
         except ValueError:
             return f"signal {-code}"
     return f"exit code {code}"
+
+
+def stop_process(proc, grace):
+    """Stop a ``subprocess.Popen``: SIGTERM (mpirun passes it on to its ranks),
+    SIGKILL after ``grace`` seconds; always reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
+
+
+def find_mpirun():
+    """Path of ``mpirun``, looking first beside this Python (a pip-installed Open MPI lives there)."""
+    here = os.path.dirname(sys.executable)
+    return shutil.which("mpirun", path=here + os.pathsep + os.environ.get("PATH", ""))

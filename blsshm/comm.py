@@ -12,7 +12,7 @@ import numpy as np
 
 from blsshm import _core, segment
 from blsshm._core import DEFAULT_TIMEOUT
-from blsshm.errors import BlsError, BlsTimeoutError, BlsTypeError, BlsValueError
+from blsshm.errors import BlsTimeoutError, BlsTypeError, BlsValueError
 
 #: Default arena per rank; it should hold (lag + 2) of its largest records.
 DEFAULT_ARENA_BYTES = 32 << 20

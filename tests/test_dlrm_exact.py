@@ -6,7 +6,6 @@ unevenly across 2, 3 and 4 ranks.  Random per-rank delays shuffle the
 timing, which must not change a single bit.
 """
 import json
-import os
 import subprocess
 import sys
 

