@@ -82,12 +82,12 @@ def run_mpi(cfg, label):
             raise BackendError(f"mpirun did not finish within {limit:.0f} s") from None
         finally:
             stop_process(proc, STOP_GRACE_S)
+        paths = [os.path.join(tmp, f"rank{rank}.pkl") for rank in range(cfg.nprocs)]
+        if proc.returncode != 0 or not all(os.path.exists(p) for p in paths):
+            tail = "\n    ".join(output.strip().splitlines()[-8:])
+            raise BackendError(f"mpirun exited with status {proc.returncode}:\n    {tail}")
         results = []
-        for rank in range(cfg.nprocs):
-            path = os.path.join(tmp, f"rank{rank}.pkl")
-            if proc.returncode != 0 or not os.path.exists(path):
-                tail = "\n    ".join(output.strip().splitlines()[-8:])
-                raise BackendError(f"mpirun exited with status {proc.returncode}:\n    {tail}")
+        for path in paths:
             with open(path, "rb") as f:
                 results.append(pickle.load(f))
         return results

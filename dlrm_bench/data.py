@@ -19,6 +19,8 @@ scales table ``t``'s ``k`` by ``exp(s * z_t)`` and ``--pooling-drift s``
 each (table, batch) by ``exp(s * z_tb)`` (``z`` standard normal), which makes
 table access irregular across tables and over iterations.
 """
+import functools
+
 import numpy as np
 
 DENSE_STREAM, BAGS_STREAM, SKEW_STREAM = 11, 12, 13
@@ -61,13 +63,11 @@ def expected_pooling(cfg, table):
     return max(1.0, (cap + 1) / 2)
 
 
-def _zipf_cdf(rows, alpha, cache={}):
-    key = (rows, alpha)
-    if key not in cache:
-        weights = 1.0 / np.arange(1, rows + 1, dtype=np.float64) ** alpha
-        cdf = np.cumsum(weights)
-        cache[key] = cdf / cdf[-1]
-    return cache[key]
+@functools.lru_cache(maxsize=None)
+def _zipf_cdf(rows, alpha):
+    """Cumulative zipf probabilities of a table's rows (computed once per size and alpha)."""
+    cdf = np.cumsum(1.0 / np.arange(1, rows + 1, dtype=np.float64) ** alpha)
+    return cdf / cdf[-1]
 
 
 def make_bags(cfg, table, batch):

@@ -145,8 +145,8 @@ class Rank:
         """Flat per-destination blocks as ``(b_q, width)`` arrays for the kernel."""
         return [block.reshape(self.plan.batch_size(q), -1) for q, block in enumerate(flat_blocks)]
 
-    def injected_delay(self, i, timed):
-        if timed and self.delayed[i]:
+    def injected_delay(self, i):
+        if self.delayed[i]:
             return _sleep(self.cfg.delay_ms / 1e3)
         return 0.0
 
@@ -194,7 +194,7 @@ class Rank:
             step_compute = 0.0
             if timed:
                 rec.start[i] = now()
-                rec.delay[i] += self.injected_delay(i, timed)
+                rec.delay[i] += self.injected_delay(i)
             with comm.post_views(base + i, self.send_counts, np.float32) as views:
                 c0, p0 = now(), cpu_now() if timed else 0.0
                 self.lookup(batch, self.outgoing(views))
@@ -230,7 +230,7 @@ class Rank:
         for i, batch in enumerate(batches):
             if timed:
                 rec.start[i] = now()
-                rec.delay[i] += self.injected_delay(i, timed)
+                rec.delay[i] += self.injected_delay(i)
             c0, p0 = now(), cpu_now() if timed else 0.0
             self.lookup(batch, send_blocks)
             cb = now()
