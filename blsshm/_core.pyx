@@ -95,7 +95,7 @@ cdef extern from "_layout.h" nogil:
         int32_t abort_lost_rank
         char abort_reason[1]
     ctypedef struct bls_desc_t:
-        uint64_t iteration
+        uint64_t stamp
         uint64_t record_offset
         uint64_t record_bytes
         uint32_t itemsize
@@ -123,6 +123,7 @@ MAX_RANKS = 1 << 12
 # Defaults of the waiting policy (Comm sets spin_ns from blsshm.comm.SPIN_US).
 cdef int64_t DEFAULT_SPIN_NS = 1000000
 cdef int64_t DEFAULT_PAUSE_NS = 2000
+cdef int64_t NO_DEADLINE_YET = -2     # see Core._await
 cdef int SPIN_BATCH = 64              # checks between clock reads while pausing (~2 us)
 cdef int64_t DEFAULT_SLICE_NS = 50000000  # liveness is checked at least this often
 
@@ -225,6 +226,8 @@ cdef class Core:
     cdef object last_dtype_arg_resolved
     cdef object last_recv_dtype # the last dtype found in a descriptor, and its string
     cdef bytes last_recv_dtype_str
+    cdef object last_timeout    # the last timeout argument validated, and its ns
+    cdef int64_t last_timeout_ns
     cdef uint64_t pending_start # a reservation made by reserve(), not yet committed
     cdef uint64_t pending_bytes
     cdef bint pending
@@ -462,10 +465,26 @@ cdef class Core:
         return &self.ranks[r].completed_sleepers
 
     cdef inline int _first_behind(self, int which, uint64_t target, int r) noexcept nogil:
-        # Acquire: once a count is seen, everything its writer did before
-        # storing it (record bytes, or finishing its reads) is visible/done.
+        """The first rank from ``r`` on whose count ``which`` is below ``target``, or -1.
+
+        Posts are read from the stamp of the descriptor of iteration
+        ``target - 1`` rather than from ``published``: the line that says the
+        iteration is there also holds its descriptor (one transfer, not two).
+        The slot cannot hold a later iteration while we wait for this one
+        (its sender would need our completion of it first), and a later one
+        only ever means "posted" when asked about the past (``arrived``).
+        """
+        # Acquire: once a count or stamp is seen, everything its writer did
+        # before storing it (record bytes and descriptor, or finishing its
+        # reads) is visible/done.
+        if which == PUBLISHED:
+            while r < self.size:
+                if bls_load_acquire(&self._desc(r, target - 1).stamp) < target:
+                    return r
+                r += 1
+            return -1
         while r < self.size:
-            if bls_load_acquire(self._counter(which, r)) < target:
+            if bls_load_acquire(&self.ranks[r].completed) < target:
                 return r
             r += 1
         return -1
@@ -572,14 +591,21 @@ cdef class Core:
             self.post_wait_ns += now - start
         return rc
 
-    cdef int _await(self, int which, uint64_t target, int64_t deadline_ns, str operation,
-                    uint64_t t) except -1:
-        """``_wait`` that keeps the GIL when nothing needs waiting for (the common case)."""
+    cdef int _await(self, int which, uint64_t target, int64_t timeout_ns, int64_t* deadline_ns,
+                    str operation, uint64_t t) except -1:
+        """``_wait`` that keeps the GIL when nothing needs waiting for (the common case).
+
+        ``timeout_ns`` (-1: none) counts from the call's first wait: the clock
+        is read only when a wait is needed, and ``*deadline_ns`` (NO_DEADLINE_YET
+        until then) keeps one deadline for all the waits of one call.
+        """
         cdef int rc
         if self._first_behind(which, target, 0) < 0:
             return 0
+        if deadline_ns[0] == NO_DEADLINE_YET:
+            deadline_ns[0] = -1 if timeout_ns < 0 else bls_now_ns() + timeout_ns
         with nogil:
-            rc = self._wait(which, target, deadline_ns)
+            rc = self._wait(which, target, deadline_ns[0])
         if rc != OK:
             self._raise_wait(rc, which, target, operation, t)
         return 0
@@ -606,9 +632,12 @@ cdef class Core:
             f"{operation}({t}) timed out waiting for rank(s) {behind} to {what} "
             f"iteration {target - 1}", operation=operation, iteration=t, waiting_for=behind)
 
-    cdef inline int64_t _deadline(self, object timeout) except? -2:
+    cdef inline int64_t _timeout_ns(self, object timeout) except? -2:
+        """``timeout`` (seconds or None) validated, in ns; -1 for None."""
         if timeout is None:
             return -1
+        if timeout is self.last_timeout:  # callers repeat theirs (often Comm.timeout)
+            return self.last_timeout_ns
         cdef double secs
         try:
             secs = timeout
@@ -616,9 +645,9 @@ cdef class Core:
             raise BlsTypeError(f"timeout must be a number of seconds or None, got {timeout!r}") from None
         if not secs >= 0:  # negative or NaN
             raise BlsValueError(f"timeout must be >= 0 or None, got {timeout}")
-        if secs > 3e9:  # a century: as good as blocking, and no overflow
-            return -1
-        return bls_now_ns() + <int64_t>(secs * 1e9)
+        cdef int64_t ns = -1 if secs > 3e9 else <int64_t>(secs * 1e9)  # a century blocks
+        self.last_timeout, self.last_timeout_ns = timeout, ns
+        return ns
 
     # --------------------------------------------------------------- posting
 
@@ -732,7 +761,7 @@ cdef class Core:
             return True
         return False
 
-    cdef int _reserve(self, uint64_t t, uint64_t nbytes, int64_t deadline_ns, uint64_t* start) except -1:
+    cdef int _reserve(self, uint64_t t, uint64_t nbytes, int64_t timeout_ns, uint64_t* start) except -1:
         """Wait for the lag bound and for arena room; sets self.pending_*."""
         cdef uint64_t lag_target = 0
         cdef uint64_t oldest
@@ -743,7 +772,8 @@ cdef class Core:
             raise BlsValueError(
                 f"post({t}) needs this rank to have completed iteration {lag_target - 1} first "
                 f"(lag {self.lag}); it has completed {self.next_complete} iterations")
-        self._await(COMPLETED, lag_target, deadline_ns, "post", t)
+        cdef int64_t deadline_ns = NO_DEADLINE_YET
+        self._await(COMPLETED, lag_target, timeout_ns, &deadline_ns, "post", t)
         self._free_completed(self._min_completed())
         while not self._fit(nbytes, start):
             oldest = self.fl_iter[self.fl_first]
@@ -752,7 +782,7 @@ cdef class Core:
                     f"post({t}): a record of {nbytes} bytes does not fit in the arena "
                     f"({self.arena_bytes} bytes) next to the {self.fl_count} records still in flight; "
                     f"use arena_bytes of at least (lag + 2) x the largest record")
-            self._await(COMPLETED, oldest + 1, deadline_ns, "post", t)
+            self._await(COMPLETED, oldest + 1, timeout_ns, &deadline_ns, "post", t)
             self._free_completed(self._min_completed())
         self.pending = True
         self.pending_start = start[0]
@@ -769,7 +799,6 @@ cdef class Core:
         cdef int idx
         cdef uint64_t itemsize = dtype.itemsize
         cdef bytes dstr = self._dtype_str(dtype)
-        d.iteration = t
         d.record_offset = self.pending_start
         d.record_bytes = self.pending_bytes
         d.itemsize = <uint32_t>itemsize
@@ -778,6 +807,10 @@ cdef class Core:
         for q in range(self.size):
             d.blocks[2 * q] = self.block_off[q]
             d.blocks[2 * q + 1] = <uint64_t>self.counts[q] * itemsize
+        # Release: the record and the descriptor above are visible to any
+        # receiver whose acquire load sees the stamp.  `published` (below)
+        # carries the same news for sleepers, liveness checks and tools.
+        bls_store_release(&d.stamp, t + 1)
         idx = (self.fl_first + self.fl_count) % (self.lag + 1)
         self.fl_iter[idx] = t
         self.fl_start[idx] = self.pending_start
@@ -863,8 +896,7 @@ cdef class Core:
         if total != cnp.PyArray_SIZE(send):
             raise BlsValueError(
                 f"send_counts add up to {total} elements but send holds {cnp.PyArray_SIZE(send)}")
-        cdef int64_t deadline = self._deadline(timeout)
-        self._reserve(t, nbytes, deadline, &start)
+        self._reserve(t, nbytes, self._timeout_ns(timeout), &start)
         cdef char* src = <char*>cnp.PyArray_DATA(send)
         cdef char* rec = self.arenas + <uint64_t>self.rank * self.arena_bytes + start
         if nbytes >= NOGIL_COPY_BYTES:
@@ -901,7 +933,7 @@ cdef class Core:
         cdef cnp.dtype dtype = self._resolve_dtype(dtype_arg)
         cdef uint64_t nbytes, start
         self._parse_counts(send_counts, dtype.itemsize, &nbytes)
-        self._reserve(t, nbytes, self._deadline(timeout), &start)
+        self._reserve(t, nbytes, self._timeout_ns(timeout), &start)
         cdef uint64_t base = self.hdr.arenas_offset + <uint64_t>self.rank * self.arena_bytes + start
         self.slot_dtype[t % (self.lag + 1)] = dtype
         try:
@@ -934,7 +966,8 @@ cdef class Core:
                 f"complete({t}) called, but the next iteration to complete is {self.next_complete}")
         if <uint64_t>t >= self.next_post:
             raise BlsValueError(f"complete({t}) called before post({t}) on this rank")
-        self._await(PUBLISHED, t + 1, self._deadline(timeout), "complete", t)
+        cdef int64_t deadline_ns = NO_DEADLINE_YET
+        self._await(PUBLISHED, t + 1, self._timeout_ns(timeout), &deadline_ns, "complete", t)
         return 0
 
     cdef cnp.ndarray _check_out(self, object out, cnp.dtype dtype):
@@ -960,8 +993,8 @@ cdef class Core:
         cdef bls_desc_t* d = self._desc(s, t)
         cdef uint64_t off = d.blocks[2 * self.rank]
         cdef uint64_t n = d.blocks[2 * self.rank + 1]
-        if d.iteration != t:
-            self._protocol_error(f"rank {s}'s descriptor for iteration {t} holds iteration {d.iteration}")
+        if d.stamp != t + 1:
+            self._protocol_error(f"rank {s}'s descriptor for iteration {t} holds iteration {<int64_t>d.stamp - 1}")
         if (d.record_offset > self.arena_bytes or d.record_bytes > self.arena_bytes - d.record_offset
                 or off > d.record_bytes or n > d.record_bytes - off):
             self._protocol_error(f"rank {s}'s record for iteration {t} lies outside its arena")

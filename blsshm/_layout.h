@@ -66,9 +66,10 @@ typedef struct {
 } bls_rank_t;
 
 /* One per sender and iteration slot (t mod (L+1)); written by the sender
- * before it publishes t, read by receivers after they acquire `published`. */
+ * when it posts t, `stamp` last.  Receivers poll the stamp, so one cache-line
+ * transfer both says that t is posted and brings its descriptor. */
 typedef struct {
-    uint64_t iteration;
+    uint64_t stamp;                /* t + 1 once iteration t is posted (0: never) */
     uint64_t record_offset;        /* from the start of the sender's arena */
     uint64_t record_bytes;
     uint32_t itemsize;
