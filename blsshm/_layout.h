@@ -57,12 +57,13 @@ typedef struct {
     uint64_t completed;            /* iterations completed so far; futex on its low half */
     uint32_t completed_sleepers;
     char _pad1[BLS_LINE - 12];
-    /* line 2, written rarely: attach, close, abort */
+    /* line 2, written rarely: attach, close, abort, moving to another CPU */
     uint32_t state;
     int32_t pid;
     uint32_t abort_kind;
     int32_t abort_lost_rank;
-    char abort_reason[BLS_LINE - 16];
+    uint32_t cpu_hint;             /* 1 + the CPU this rank last waited on (0: unknown) */
+    char abort_reason[BLS_LINE - 20];
 } bls_rank_t;
 
 /* One per sender and iteration slot (t mod (L+1)); written by the sender

@@ -61,6 +61,9 @@ static inline void bls_fence(void) {
 static inline uint32_t bls_load_relaxed32(const volatile uint32_t *p) {
     return __atomic_load_n(p, __ATOMIC_RELAXED);
 }
+static inline void bls_store_relaxed32(volatile uint32_t *p, uint32_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
 
 static inline void bls_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -125,5 +128,8 @@ static inline int bls_pid_exited(int pid) {
 }
 
 static inline void bls_yield(void) { sched_yield(); }
+
+/* The CPU the caller runs on, or -1 (glibc answers from rseq/vDSO: a few ns). */
+static inline int bls_current_cpu(void) { return sched_getcpu(); }
 
 #endif

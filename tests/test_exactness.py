@@ -119,6 +119,13 @@ def _lag0_matches_synchronous(comm, iters, seed):
         # Synchronous: when alltoallv(t) returns, every rank has posted t.
         published, _ = comm._counters()
         assert min(published) >= t + 1
+    # recv_counts is read-only, shared while the counts repeat, and new when they change.
+    P1 = [1] * P
+    _, first = comm.alltoallv(np.ones(P, np.int32), P1)
+    _, again = comm.alltoallv(np.ones(P, np.int32), P1)
+    _, other = comm.alltoallv(np.ones(2 * P, np.int32), [2] * P)
+    assert not first.flags.writeable and again is first
+    assert other.tolist() == [2] * P and first.tolist() == P1
     return True
 
 
