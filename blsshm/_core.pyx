@@ -131,6 +131,13 @@ cdef int SPIN_BATCH = 64              # checks between clock reads while pausing
 cdef int64_t DEFAULT_SLICE_NS = 50000000  # liveness is checked at least this often
 
 
+cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b):
+    """Whether the bytes of two C-contiguous arrays overlap."""
+    cdef char* a0 = <char*>cnp.PyArray_DATA(a)
+    cdef char* b0 = <char*>cnp.PyArray_DATA(b)
+    return a0 < b0 + cnp.PyArray_NBYTES(b) and b0 < a0 + cnp.PyArray_NBYTES(a)
+
+
 cdef inline uint64_t _round_up(uint64_t n, uint64_t a) noexcept nogil:
     return (n + a - 1) // a * a
 
@@ -247,6 +254,9 @@ cdef class Core:
     cdef public int64_t pause_ns  # of which the first part only pauses, the rest yields
     cdef public int64_t slice_ns  # longest futex sleep between liveness checks
     cdef int lost_rank
+    cdef const char* own_src    # a blocking alltoallv's own block, not yet copied (see _scatter)
+    cdef char* own_rec          # where it belongs in the record
+    cdef uint64_t own_bytes
     cdef uint32_t cpu_hint      # what this rank last published as its CPU (see _wait)
 
     # statistics
@@ -876,24 +886,48 @@ cdef class Core:
             raise BlsValueError(f"post({t}) called, but the next iteration to post is {self.next_post}")
         return 0
 
-    cdef inline void _scatter(self, char* rec, const char* src, uint64_t itemsize) noexcept nogil:
-        """Copy the blocks of a contiguous send buffer into their places in the record."""
+    cdef inline void _scatter(self, char* rec, const char* src, uint64_t itemsize, bint defer_own) noexcept nogil:
+        """Copy the blocks of a contiguous send buffer into their places in the record.
+
+        With ``defer_own`` the block for this rank is not copied: the caller
+        (a blocking alltoallv, which holds ``send`` until it returns) copies
+        it straight to its destination in ``_gather``, one copy instead of two.
+        """
         cdef int q
         cdef uint64_t n
         for q in range(self.size):
             n = <uint64_t>self.counts[q] * itemsize
-            memcpy(rec + self.block_off[q], src, n)
+            if defer_own and q == self.rank:
+                self.own_src, self.own_bytes = src, n
+                self.own_rec = rec + self.block_off[q]
+            else:
+                memcpy(rec + self.block_off[q], src, n)
             src += n
 
     cdef inline void _gather(self, char* dst) noexcept nogil:
         """Copy this rank's block of every source, in rank order, to ``dst``."""
         cdef int s
         for s in range(self.size):
-            memcpy(dst, self.base + self.recv_off[s], self.recv_bytes[s])
+            if s == self.rank and self.own_src != NULL:
+                memcpy(dst, self.own_src, self.recv_bytes[s])
+                self.own_src = NULL
+            else:
+                memcpy(dst, self.base + self.recv_off[s], self.recv_bytes[s])
             dst += self.recv_bytes[s]
 
-    cdef int _post(self, int64_t t, cnp.ndarray send, object send_counts, object timeout) except -1:
-        """Copy ``send`` into this rank's record for iteration ``t`` and publish it."""
+    cdef inline void _place_deferred_own(self) noexcept nogil:
+        """Put a deferred own block into the record, where a later ``complete`` reads it."""
+        if self.own_src != NULL:
+            memcpy(self.own_rec, self.own_src, self.own_bytes)
+            self.own_src = NULL
+
+    cdef int _post(self, int64_t t, cnp.ndarray send, object send_counts, object timeout,
+                   bint defer_own=False) except -1:
+        """Copy ``send`` into this rank's record for iteration ``t`` and publish it.
+
+        ``defer_own``: see ``_scatter``; the caller must then run ``_gather``
+        or ``_place_deferred_own`` before ``send`` may change.
+        """
         self._check_post_order(t)
         if self.pending:
             raise BlsValueError(f"post({t}) inside an open post_views({t}) block")
@@ -916,9 +950,9 @@ cdef class Core:
         cdef char* rec = self.arenas + <uint64_t>self.rank * self.arena_bytes + start
         if nbytes >= NOGIL_COPY_BYTES:
             with nogil:
-                self._scatter(rec, src, itemsize)
+                self._scatter(rec, src, itemsize, defer_own)
         else:
-            self._scatter(rec, src, itemsize)
+            self._scatter(rec, src, itemsize, defer_own)
         self._commit(t, dtype)
         return 0
 
@@ -1239,9 +1273,17 @@ cdef class Core:
             self._check_out(out, <cnp.dtype>cnp.PyArray_DESCR(<cnp.ndarray>send))  # before publishing
         if timeout is DEFAULT_TIMEOUT:
             timeout = self.timeout
-        self._post(t, send, send_counts, timeout)
+        # Our own block goes from send to out directly, unless out overlaps
+        # send (the blocks gathered before it would overwrite it).
+        cdef bint defer_own = out is None or not _overlap(<cnp.ndarray>send, <cnp.ndarray>out)
+        self._post(t, send, send_counts, timeout, defer_own)
         self.slot_torch[t % (self.lag + 1)] = was_torch
-        result = self._complete(t, out, timeout)
+        try:
+            result = self._complete(t, out, timeout)
+        finally:
+            # If complete did not finish (a timeout, out too small), t stays
+            # posted and a later complete(t) reads our block from the record.
+            self._place_deferred_own()
         if was_torch:
             return to_torch(result[0]), result[1]
         return result

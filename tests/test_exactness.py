@@ -219,3 +219,51 @@ def _views_outlive_close(comm):
 def test_views_stay_valid_after_close():
     for me, views in enumerate(blsshm.spawn(_views_outlive_close, 2)):
         assert views == [[2 * me, 2 * me + 1], [10 + 2 * me, 11 + 2 * me]]
+
+
+def _own_block_paths(comm):
+    """A blocking alltoallv copies its own block from send to out directly;
+    these are the cases where it must not, or must catch up later."""
+    P, me = comm.size, comm.rank
+    counts = [3] * P
+
+    def expected():
+        return np.concatenate([np.arange(3 * me, 3 * me + 3) + 100 * s for s in range(P)])
+
+    # In place (out overlaps send): the larger blocks of lower ranks, gathered
+    # before ours, would overwrite our own block in send before it is copied.
+    def size(s):
+        return 1 + 3 * (P - 1 - s)  # what rank s sends to each rank
+
+    def block(s, q):
+        return 1000 * s + 10 * q + np.arange(size(s))
+
+    buf = np.zeros(max(P * size(me), sum(size(s) for s in range(P))), np.int64)
+    send = buf[:P * size(me)]
+    send[:] = np.concatenate([block(me, q) for q in range(P)])
+    recv, _ = comm.alltoallv(send, [size(me)] * P, out=buf)
+    assert np.array_equal(recv, np.concatenate([block(s, me) for s in range(P)]))
+
+    # Rank 0's complete times out (rank 1 posts only once it sees rank 0's
+    # post): iteration t stays posted, rank 0 changes send, and a later
+    # complete(t) must still deliver the block rank 0 sent itself.
+    t = comm.next_post
+    send = np.arange(3 * P) + 100 * me
+    if me == 0:
+        try:
+            recv, _ = comm.alltoallv(send, counts, timeout=0)
+        except blsshm.BlsTimeoutError:
+            send[:] = -1
+            recv, _ = comm.complete(t)
+    else:
+        while comm._counters()[0][0] < t + 1:
+            time.sleep(0.001)
+        time.sleep(0.05)
+        recv, _ = comm.alltoallv(send, counts)
+    assert np.array_equal(recv, expected())
+    return True
+
+
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_own_block_in_place_and_after_a_timeout(P):
+    assert blsshm.spawn(_own_block_paths, P, lag=1) == [True] * P
