@@ -13,9 +13,13 @@ measures, one backend after another (never two at once):
                place through ``post_views`` (a fill of every byte, standing
                in for a producer that writes its output there; that fill is
                the producer's work and is not timed, as the other backends
-               fill their send buffers before timing), and copies what it
-               received through ``complete_views`` into a preallocated
-               buffer (one copy, the least a receiver needs);
+               fill their send buffers before timing), meets the others at a
+               barrier (not timed, as in ``memcpy x``: without it the time
+               would include how much later the slowest rank finished its
+               fill, which is the producers' imbalance, not the transport),
+               then publishes and copies what it received through
+               ``complete_views`` into a preallocated buffer (one copy, the
+               least a receiver needs);
 ``gloo``       ``torch.distributed.all_to_all_single`` with split sizes,
                gloo over loopback (``file://`` rendezvous, GLOO_SOCKET_IFNAME=lo),
                ranks started with multiprocessing ("spawn");
@@ -199,8 +203,8 @@ def blsshm_copy_rank(comm, plan, pin):
     return out
 
 
-def blsshm_zc_rank(comm, plan, pin):
-    """blsshm zero copy: write in place, copy out of the views once.
+def blsshm_zc_rank(comm, plan, pin, raw_flags):
+    """blsshm zero copy: write in place, align, copy out of the views once.
 
     Writing the outgoing blocks is the producer's own work (the DLRM lookup
     kernel pools rows straight into the views), as filling a send buffer is
@@ -210,6 +214,7 @@ def blsshm_zc_rank(comm, plan, pin):
     if pin:
         pin_to_core(comm.rank)
     rank, nprocs = comm.rank, comm.size
+    barrier = SpinBarrier(raw_flags, rank)
     out = {}
     for size, warmup, iters in plan:
         recv = np.empty(nprocs * size, np.uint8)
@@ -221,6 +226,7 @@ def blsshm_zc_rank(comm, plan, pin):
                 produce = time.perf_counter_ns()
                 for q, view in enumerate(views):
                     view.fill(pattern(rank, q, t))
+                barrier.wait()  # every rank's record is written
                 produce = time.perf_counter_ns() - produce
             with comm.complete_views(t) as views:
                 np.concatenate(views, out=recv)
@@ -438,7 +444,7 @@ def run_procs(target, nprocs, args, timeout_s, ctx):
             conn.close()
 
 
-def run_blsshm(rank_fn, nprocs, plan, opts):
+def run_blsshm(rank_fn, nprocs, plan, opts, *extra):
     try:
         import blsshm
     except ImportError as exc:
@@ -446,7 +452,7 @@ def run_blsshm(rank_fn, nprocs, plan, opts):
     largest = max(size for size, _, _ in plan)
     arena = max(MIB, 2 * nprocs * (largest + 64))  # lag 0: one record in flight, room to spare
     with deadline(opts.timeout, "blsshm"):
-        return blsshm.spawn(rank_fn, nprocs, lag=0, arena_bytes=arena, args=(plan, opts.pin),
+        return blsshm.spawn(rank_fn, nprocs, lag=0, arena_bytes=arena, args=(plan, opts.pin, *extra),
                             timeout=min(opts.timeout, RANK_WAIT_TIMEOUT_S))
 
 
@@ -517,7 +523,8 @@ def run_backend(backend, nprocs, plan, opts):
     if backend == "blsshm":
         return run_blsshm(blsshm_copy_rank, nprocs, plan, opts)
     if backend == "blsshm_zc":
-        return run_blsshm(blsshm_zc_rank, nprocs, plan, opts)
+        flags = multiprocessing.RawArray("q", nprocs)  # zero-filled; see SpinBarrier
+        return run_blsshm(blsshm_zc_rank, nprocs, plan, opts, flags)
     if backend == "gloo":
         return run_gloo(nprocs, plan, opts)
     if backend == "mpi":
