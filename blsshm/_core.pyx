@@ -525,6 +525,14 @@ cdef class Core:
             r += 1
         return OK
 
+    cdef inline bint _shares_cpu(self, uint32_t cpu) noexcept nogil:
+        """Whether another rank last waited on CPU ``cpu`` (a ``cpu_hint``)."""
+        cdef int r
+        for r in range(self.size):
+            if r != self.rank and bls_load_relaxed32(&self.ranks[r].cpu_hint) == cpu:
+                return True
+        return False
+
     cdef int _wait(self, int which, uint64_t target, int64_t deadline_ns) noexcept nogil:
         """Wait until every rank's counter ``which`` is at least ``target``.
 
@@ -541,15 +549,17 @@ cdef class Core:
         cdef int64_t now = start
         cdef int64_t spin_until = start + self.spin_ns
         cdef int64_t pause_until = start + self.pause_ns
-        # A rank we wait for that shares our CPU cannot run while we pause:
-        # yield from the start (co-located, pausing made a 64 B alltoallv
-        # 14 us instead of 5).  CPUs are hints, published only when they
-        # change, and read relaxed: no data depends on them.
+        # A rank that shares our CPU cannot run while we pause, and what we
+        # wait for may depend on it: then yield from the start.  Two ranks
+        # on one core did a 64 B alltoallv in 14 us pausing first, 4-5 us
+        # yielding; 4 ranks on 2 cores 13 us against 10.5.  CPUs are hints,
+        # published only when they change and read relaxed: no data depends
+        # on them.
         cdef uint32_t cpu = <uint32_t>(bls_current_cpu() + 1)
         if cpu != self.cpu_hint:
             self.cpu_hint = cpu
             bls_store_relaxed32(&self.ranks[self.rank].cpu_hint, cpu)
-        if bls_load_relaxed32(&self.ranks[r].cpu_hint) == cpu:
+        if self._shares_cpu(cpu):
             pause_until = start
         cdef int64_t next_poll = start
         cdef int64_t sleep_ns
