@@ -5,9 +5,12 @@ This module is the whole protocol (DESIGN §2-§3); the layout is in
 ``_layout.h`` and the atomics, futex and clock in ``_sync.h``.
 
 Rank ``s`` posts iteration ``t`` by writing a record (one block per
-destination) into its own arena, a descriptor into slot ``t % (L+1)``, then
-``published[s] = t + 1`` with a release store.  Rank ``r`` completes ``t`` once
-every ``published[s] > t`` (acquire loads), reads its blocks, then stores
+destination) into its own arena and a descriptor into slot ``t % (L+1)``,
+whose stamp it then sets to ``t + 1`` with a release store, and then
+``published[s] = t + 1`` (release).  Rank ``r`` completes ``t`` once every
+sender's stamp for ``t`` reads ``t + 1`` (acquire loads: the stamp shares its
+cache line with the descriptor, so one transfer brings both; ``published``
+serves sleepers, liveness checks and tools), reads its blocks, then stores
 ``completed[r] = t + 1`` with release.  A sender may reuse a record once every
 ``completed`` has passed its iteration.  ``post(t)`` first waits until every
 ``completed >= t - L``: this is the lag bound I2.
@@ -537,8 +540,9 @@ cdef class Core:
         """Wait until every rank's counter ``which`` is at least ``target``.
 
         Spins for ``spin_ns``: the first ``pause_ns`` with a CPU pause only (the
-        answer is usually a cache-line transfer away), then calling
-        ``sched_yield`` between checks, so that a rank sharing our core gets it.
+        answer is usually a cache-line transfer away; skipped when another
+        rank last waited on our CPU), then calling ``sched_yield`` between
+        checks, so that a rank sharing our core gets it.
         Then sleeps on the futex of the first rank still behind, in slices of
         ``slice_ns``, re-checking the abort word and whether that rank lives.
         """
