@@ -226,6 +226,7 @@ cdef class Core:
     cdef int fl_first
     cdef int fl_count
     cdef uint64_t arena_head
+    cdef uint64_t known_completed  # every rank had completed this many iterations when last read
     cdef object slot_dtype      # dtype posted per iteration slot (list of L+1)
     cdef object slot_torch      # whether that post was a torch tensor (list of L+1)
     cdef public object timeout  # default timeout of every wait, seconds or None
@@ -812,8 +813,14 @@ cdef class Core:
                 f"post({t}) needs this rank to have completed iteration {lag_target - 1} first "
                 f"(lag {self.lag}); it has completed {self.next_complete} iterations")
         cdef int64_t deadline_ns = NO_DEADLINE_YET
-        self._await(COMPLETED, lag_target, timeout_ns, &deadline_ns, "post", t)
-        self._free_completed(self._min_completed())
+        # Every rank's `completed` line is written by its rank on each
+        # complete, so reading them costs a cache miss per rank.  Above lag 0
+        # the bound is usually known to hold from the last reading (counters
+        # only grow), and the lines are read again only when it is not.
+        if lag_target > self.known_completed:
+            self._await(COMPLETED, lag_target, timeout_ns, &deadline_ns, "post", t)
+            self.known_completed = self._min_completed()
+        self._free_completed(self.known_completed)
         while not self._fit(nbytes, start):
             oldest = self.fl_iter[self.fl_first]
             if oldest >= self.next_complete:
@@ -822,7 +829,8 @@ cdef class Core:
                     f"({self.arena_bytes} bytes) next to the {self.fl_count} records still in flight; "
                     f"use arena_bytes of at least (lag + 2) x the largest record")
             self._await(COMPLETED, oldest + 1, timeout_ns, &deadline_ns, "post", t)
-            self._free_completed(self._min_completed())
+            self.known_completed = self._min_completed()
+            self._free_completed(self.known_completed)
         self.pending = True
         self.pending_start = start[0]
         self.pending_bytes = nbytes

@@ -9,6 +9,12 @@ measures, one backend after another (never two at once):
 
 ``blsshm``     blsshm blocking ``alltoallv`` (copy path, lag 0) into a
                preallocated ``out=`` buffer, ranks from ``blsshm.spawn``;
+``blsshm lag 1``  the same at lag 1.  Lag 0 is stricter than MPI: there
+               ``post(t + 1)`` waits until every rank has completed ``t``.
+               A loop of blocking MPI ``Alltoallv`` with eager (small)
+               messages lets a rank send ``t + 1`` while others still
+               receive ``t``, but not ``t + 2`` (it needs their ``t + 1``
+               first, sent only after they completed ``t``): that is lag 1;
 ``blsshm zc``  blsshm zero copy: each rank writes its outgoing blocks in
                place through ``post_views`` (a fill of every byte, standing
                in for a producer that writes its output there; that fill is
@@ -99,8 +105,8 @@ BARRIER_TIMEOUT_S = 60.0     # memcpy ranks: longest wait for the others
 RANK_WAIT_TIMEOUT_S = 60.0   # blsshm and gloo: longest wait inside a collective
 GRACE_S = 5.0                # between SIGTERM and SIGKILL
 
-BACKENDS = ("blsshm", "blsshm_zc", "gloo", "mpi", "memcpy", "memcpy_x")
-LABELS = {"blsshm": "blsshm copy", "blsshm_zc": "blsshm zc", "gloo": "gloo",
+BACKENDS = ("blsshm", "blsshm_l1", "blsshm_zc", "gloo", "mpi", "memcpy", "memcpy_x")
+LABELS = {"blsshm": "blsshm copy", "blsshm_l1": "blsshm lag 1", "blsshm_zc": "blsshm zc", "gloo": "gloo",
           "mpi": "MPI", "memcpy": "memcpy", "memcpy_x": "memcpy x"}
 
 
@@ -444,15 +450,15 @@ def run_procs(target, nprocs, args, timeout_s, ctx):
             conn.close()
 
 
-def run_blsshm(rank_fn, nprocs, plan, opts, *extra):
+def run_blsshm(rank_fn, nprocs, plan, opts, *extra, lag=0):
     try:
         import blsshm
     except ImportError as exc:
         raise BackendSkipped(f"blsshm is not importable: {exc}") from None
     largest = max(size for size, _, _ in plan)
-    arena = max(MIB, 2 * nprocs * (largest + 64))  # lag 0: one record in flight, room to spare
+    arena = max(MIB, (lag + 2) * nprocs * (largest + 64))  # lag + 1 records in flight, and room
     with deadline(opts.timeout, "blsshm"):
-        return blsshm.spawn(rank_fn, nprocs, lag=0, arena_bytes=arena, args=(plan, opts.pin, *extra),
+        return blsshm.spawn(rank_fn, nprocs, lag=lag, arena_bytes=arena, args=(plan, opts.pin, *extra),
                             timeout=min(opts.timeout, RANK_WAIT_TIMEOUT_S))
 
 
@@ -522,6 +528,8 @@ def run_backend(backend, nprocs, plan, opts):
     """Per-rank results ``[{size: {"ns": array, ...}}, ...]`` of one backend."""
     if backend == "blsshm":
         return run_blsshm(blsshm_copy_rank, nprocs, plan, opts)
+    if backend == "blsshm_l1":
+        return run_blsshm(blsshm_copy_rank, nprocs, plan, opts, lag=1)
     if backend == "blsshm_zc":
         flags = multiprocessing.RawArray("q", nprocs)  # zero-filled; see SpinBarrier
         return run_blsshm(blsshm_zc_rank, nprocs, plan, opts, flags)
@@ -588,6 +596,7 @@ def median(results, backend, size):
 def ratios(results, size):
     """Ratios of medians; None where a backend has no figure."""
     pairs = {"bls/MPI": ("blsshm", "mpi"), "bls/gloo": ("blsshm", "gloo"),
+             "l1/MPI": ("blsshm_l1", "mpi"),
              "zc/MPI": ("blsshm_zc", "mpi"), "zc/gloo": ("blsshm_zc", "gloo")}
     out = {}
     for name, (a, b) in pairs.items():
