@@ -27,6 +27,13 @@ extensions = [
         extra_compile_args=["-O3", "-std=gnu11"],
     ),
     Extension(
+        "blsshm._probe",
+        ["blsshm/_probe.pyx"],
+        include_dirs=["blsshm"],
+        depends=["blsshm/_sync.h"],
+        extra_compile_args=["-O2", "-std=gnu11"],
+    ),
+    Extension(
         "dlrm_bench._pooling",
         ["dlrm_bench/_pooling.pyx"],
         extra_compile_args=["-O3"],

@@ -57,6 +57,12 @@ its last iteration, so a fast wrong answer cannot pass for a result.  Each
 backend run has a deadline (``--timeout``); its processes are always reaped
 and a failing backend is reported in the table instead of ending the run.
 
+Cache line.  The run starts and ends by timing a cache line's trip between
+two cores (``blsshm._probe``).  On a virtual machine the host may place the
+virtual CPUs on cores that share a cache (about 45 ns here) or not (about
+190 ns), and may move them within minutes; every cross-core figure of the
+run follows.  Compare runs only when these agree.
+
 Placement.  By default the OS places the ranks of every backend (MPI runs
 with ``--bind-to none``), as in a real deployment.  On a loaded machine it
 may then put two ranks on one core, which costs a busy-polling library a
@@ -752,6 +758,45 @@ def package_version(name):
         return None
 
 
+def cache_line_ns(rounds=200_000):
+    """One-way core-to-core cache-line latency (ns) between the first two CPUs we may use.
+
+    Printed at the start and the end of a run: on a virtual machine the host
+    may move the virtual CPUs onto cores that share no cache, and then every
+    cross-core figure in between is slower (4x was seen here).  None if there
+    is one CPU, or blsshm is not built.
+    """
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    try:
+        from blsshm import _probe
+    except ImportError:
+        return None
+    if len(cpus) < 2:
+        return None
+    buf = np.zeros(256 + 128, np.uint8)
+    skip = -buf.ctypes.data % 128
+    lines = buf[skip:skip + 256]
+    elapsed = {}
+
+    def side(role):
+        os.sched_setaffinity(0, {cpus[role]})  # this thread only
+        elapsed[role] = _probe.pingpong(lines, role, rounds)
+
+    import threading
+    for _ in range(2):  # the first pass warms up; keep the second
+        lines[:] = 0
+        threads = [threading.Thread(target=side, args=(role,)) for role in (0, 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    return None if elapsed[0] < 0 else elapsed[0] / rounds / 2
+
+
+def fmt_ns(v):
+    return "-" if v is None else f"{v:.0f} ns"
+
+
 def machine_info(cores):
     return {
         "cores": cores,
@@ -795,8 +840,10 @@ def main(argv=None):
         return mpi_worker(*opts.mpi_worker)
     opts.cores = cpu_count()
     machine = machine_info(opts.cores)
+    machine["cache_line_ns_start"] = cache_line_ns()
     print(f"alltoallv side by side: {opts.cores} cores, Python {machine['python']}, "
-          f"load average {machine['loadavg_start'][0]:.2f}")
+          f"load average {machine['loadavg_start'][0]:.2f}, "
+          f"a cache line crosses cores in {fmt_ns(machine['cache_line_ns_start'])}")
     print("  " + ", ".join(f"{n} {v}" for n, v in machine["versions"].items() if v))
     for p in opts.nprocs:
         print(f"  P = {p}: {'oversubscribes' if p > opts.cores else 'does not oversubscribe'} "
@@ -807,9 +854,11 @@ def main(argv=None):
         results[p] = measure(p, plans[p], opts)
         print_table(p, plans[p], results[p], opts.cores)
     machine["loadavg_end"] = list(os.getloadavg())
+    machine["cache_line_ns_end"] = cache_line_ns()
     if getattr(opts, "mpi_library", None):
         print(f"\nMPI: {opts.mpi_library}")
-    print(f"load average at the end {machine['loadavg_end'][0]:.2f}")
+    print(f"load average at the end {machine['loadavg_end'][0]:.2f}, "
+          f"a cache line crosses cores in {fmt_ns(machine['cache_line_ns_end'])}")
     if opts.json:
         write_json(opts.json, opts, machine, plans, results)
         print(f"wrote {opts.json}")
