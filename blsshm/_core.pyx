@@ -51,6 +51,7 @@ cdef extern from "_sync.h" nogil:
     uint32_t bls_load_relaxed32(const uint32_t *p)
     void bls_store_relaxed32(uint32_t *p, uint32_t v)
     int bls_current_cpu()
+    bint bls_mul_overflow(uint64_t a, uint64_t b, uint64_t* product)
     void bls_store_release(uint64_t *p, uint64_t v)
     void bls_store_release32(uint32_t *p, uint32_t v)
     int bls_cas32(uint32_t *p, uint32_t expected, uint32_t desired)
@@ -496,9 +497,11 @@ cdef class Core:
         # Acquire: once a count or stamp is seen, everything its writer did
         # before storing it (record bytes and descriptor, or finishing its
         # reads) is visible/done.
+        cdef uint64_t slot
         if which == PUBLISHED:
+            slot = self._slot(target - 1)
             while r < self.size:
-                if bls_load_acquire(&self._desc(r, target - 1).stamp) < target:
+                if bls_load_acquire(&self._desc_in_slot(r, slot).stamp) < target:
                     return r
                 r += 1
             return -1
@@ -746,20 +749,21 @@ cdef class Core:
     cdef inline bint _place(self, int q, int64_t c, uint64_t itemsize, uint64_t* off) noexcept:
         """Lay out block ``q`` of ``c`` elements at ``*off``; False if it cannot fit the arena.
 
-        Checked by division before any multiplication, so no count can wrap
-        the arithmetic (``*off`` never exceeds the arena, a multiple of 64).
+        The product is checked for overflow, so no count can wrap the
+        arithmetic (``*off`` never exceeds the arena, a multiple of 64).
         """
-        if c < 0 or <uint64_t>c > (self.arena_bytes - off[0]) // itemsize:
+        cdef uint64_t nbytes
+        if c < 0 or bls_mul_overflow(<uint64_t>c, itemsize, &nbytes) or nbytes > self.arena_bytes - off[0]:
             return False
         self.counts[q] = c
         self.block_off[q] = off[0]
-        off[0] = _round_up(off[0] + <uint64_t>c * itemsize, BLS_BLOCK_ALIGN)
+        off[0] = _round_up(off[0] + nbytes, BLS_BLOCK_ALIGN)
         return True
 
     cdef inline void _free_completed(self, uint64_t min_completed) noexcept nogil:
         """Drop in-flight records of iterations every rank has completed."""
         while self.fl_count > 0 and self.fl_iter[self.fl_first] < min_completed:
-            self.fl_first = (self.fl_first + 1) % (self.lag + 1)
+            self.fl_first = self._next_index(self.fl_first)
             self.fl_count -= 1
         if self.fl_count == 0:
             self.arena_head = 0
@@ -782,7 +786,7 @@ cdef class Core:
         # The ring's tail is the oldest record that occupies bytes: empty records
         # (all counts zero) hold no space, and head == tail then means "full".
         while i < self.fl_count and self.fl_end[idx] == self.fl_start[idx]:
-            idx = (idx + 1) % (self.lag + 1)
+            idx = self._next_index(idx)
             i += 1
         if i == self.fl_count:
             start[0] = 0
@@ -836,8 +840,21 @@ cdef class Core:
         self.pending_bytes = nbytes
         return 0
 
+    # Slot numbers without a 64-bit division where one is easily avoided
+    # (lag 0, ring steps, one slot for all senders in a poll).
+    cdef inline uint64_t _slot(self, uint64_t t) noexcept nogil:
+        """The descriptor slot of iteration ``t``: ``t mod (L + 1)``."""
+        return 0 if self.lag == 0 else t % (self.lag + 1)
+
+    cdef inline int _next_index(self, int i) noexcept nogil:
+        """``(i + 1) mod (L + 1)``, for rings of L + 1 entries."""
+        return 0 if i == self.lag else i + 1
+
     cdef inline bls_desc_t* _desc(self, int sender, uint64_t t) noexcept nogil:
-        return <bls_desc_t*>(self.descs + (<uint64_t>sender * (self.lag + 1) + t % (self.lag + 1)) * self.desc_stride)
+        return self._desc_in_slot(sender, self._slot(t))
+
+    cdef inline bls_desc_t* _desc_in_slot(self, int sender, uint64_t slot) noexcept nogil:
+        return <bls_desc_t*>(self.descs + (<uint64_t>sender * (self.lag + 1) + slot) * self.desc_stride)
 
     cdef int _commit(self, uint64_t t, cnp.dtype dtype) except -1:
         """Write the descriptor of the pending record and publish iteration ``t``."""
@@ -858,13 +875,13 @@ cdef class Core:
         # receiver whose acquire load sees the stamp.  `published` (below)
         # carries the same news for sleepers, liveness checks and tools.
         bls_store_release(&d.stamp, t + 1)
-        idx = (self.fl_first + self.fl_count) % (self.lag + 1)
+        idx = <int>self._slot(<uint64_t>(self.fl_first + self.fl_count))
         self.fl_iter[idx] = t
         self.fl_start[idx] = self.pending_start
         self.fl_end[idx] = self.pending_start + self.pending_bytes
         self.fl_count += 1
         self.arena_head = self.pending_start + self.pending_bytes
-        self.slot_dtype[t % (self.lag + 1)] = dtype
+        self.slot_dtype[self._slot(t)] = dtype
         self.pending = False
         for q in range(self.size):
             self.bytes_sent += <uint64_t>self.counts[q] * itemsize
@@ -1006,7 +1023,7 @@ cdef class Core:
         self._parse_counts(send_counts, dtype.itemsize, &nbytes)
         self._reserve(t, nbytes, self._timeout_ns(timeout), &start)
         cdef uint64_t base = self.hdr.arenas_offset + <uint64_t>self.rank * self.arena_bytes + start
-        self.slot_dtype[t % (self.lag + 1)] = dtype
+        self.slot_dtype[self._slot(t)] = dtype
         try:
             return [self._view(base + self.block_off[q], self.counts[q], dtype, True)
                     for q in range(self.size)]
@@ -1019,8 +1036,8 @@ cdef class Core:
         self._check_open()
         if not self.pending or t < 0 or <uint64_t>t != self.next_post:
             raise BlsValueError(f"commit({t}) without reserve({t})")
-        self._commit(t, self.slot_dtype[t % (self.lag + 1)])
-        self.slot_torch[t % (self.lag + 1)] = False
+        self._commit(t, self.slot_dtype[self._slot(t)])
+        self.slot_torch[self._slot(t)] = False
         return 0
 
     cdef void _zc_cancel(self, int64_t t):
@@ -1089,7 +1106,7 @@ cdef class Core:
     cdef tuple _complete(self, int64_t t, object out, object timeout):
         """Wait for every rank's post of ``t``, copy our blocks out, mark ``t`` completed."""
         self._await_posts(t, timeout)
-        cdef cnp.dtype dtype = self.slot_dtype[t % (self.lag + 1)]
+        cdef cnp.dtype dtype = self.slot_dtype[self._slot(t)]
         cdef bytes dstr = self._dtype_str(dtype)
         cdef uint64_t itemsize = dtype.itemsize
         cdef cnp.npy_intp dims[1]
@@ -1250,7 +1267,7 @@ cdef class Core:
         if timeout is DEFAULT_TIMEOUT:
             timeout = self.timeout
         self._post(t, send, send_counts, timeout)
-        self.slot_torch[t % (self.lag + 1)] = was_torch
+        self.slot_torch[self._slot(t)] = was_torch
 
     def complete(self, t, out=None, *, timeout=DEFAULT_TIMEOUT):
         """Wait until every rank posted ``t``; return ``(recv, recv_counts)``.
@@ -1269,7 +1286,7 @@ cdef class Core:
         if timeout is DEFAULT_TIMEOUT:
             timeout = self.timeout
         result = self._complete(t, out, timeout)
-        if self.slot_torch[t % (self.lag + 1)]:
+        if self.slot_torch[self._slot(t)]:
             return to_torch(result[0]), result[1]
         return result
 
@@ -1299,7 +1316,7 @@ cdef class Core:
         # send (the blocks gathered before it would overwrite it).
         cdef bint defer_own = out is None or not _overlap(<cnp.ndarray>send, <cnp.ndarray>out)
         self._post(t, send, send_counts, timeout, defer_own)
-        self.slot_torch[t % (self.lag + 1)] = was_torch
+        self.slot_torch[self._slot(t)] = was_torch
         try:
             result = self._complete(t, out, timeout)
         finally:

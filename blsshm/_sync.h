@@ -129,6 +129,11 @@ static inline int bls_pid_exited(int pid) {
 
 static inline void bls_yield(void) { sched_yield(); }
 
+/* a * b into *product; nonzero if it overflowed. */
+static inline int bls_mul_overflow(uint64_t a, uint64_t b, uint64_t *product) {
+    return __builtin_mul_overflow(a, b, product);
+}
+
 /* The CPU the caller runs on, or -1 (glibc answers from rseq/vDSO: a few ns). */
 static inline int bls_current_cpu(void) { return sched_getcpu(); }
 
