@@ -78,6 +78,7 @@ cdef extern from "_layout.h" nogil:
         BLS_ABORT_USER
         BLS_ABORT_PEER_LOST
         BLS_ABORT_PROTOCOL
+        BLS_MBOX_DATA
     ctypedef struct bls_header_t:
         uint64_t magic
         uint32_t version
@@ -88,6 +89,7 @@ cdef extern from "_layout.h" nogil:
         uint64_t segment_bytes
         uint64_t descs_offset
         uint64_t arenas_offset
+        uint64_t mbox_offset
     ctypedef struct bls_abort_t:
         uint32_t word
     ctypedef struct bls_rank_t:
@@ -108,6 +110,13 @@ cdef extern from "_layout.h" nogil:
         uint32_t itemsize
         char dtype[1]
         uint64_t blocks[1]
+    ctypedef struct bls_mbox_t:
+        uint64_t stamp
+        uint64_t nbytes
+        uint32_t inline_data
+        uint32_t itemsize
+        char dtype[1]
+        char data[1]
 
 # Which counter a wait is about.
 cdef enum:
@@ -127,6 +136,9 @@ MAX_LAG = 1 << 16
 # Copies at least this big release the GIL; smaller ones are cheaper than the hand-off.
 cdef uint64_t NOGIL_COPY_BYTES = 256 * 1024
 MAX_RANKS = 1 << 12
+# Mailboxes grow as P x P x (L + 1) lines: beyond this, a segment has none
+# and small blocks travel through the records like large ones.
+MAX_MBOX_BYTES = 16 << 20
 # Defaults of the waiting policy (Comm sets spin_ns from blsshm.comm.SPIN_US).
 cdef int64_t DEFAULT_SPIN_NS = 1000000
 cdef int64_t DEFAULT_PAUSE_NS = 2000
@@ -149,7 +161,8 @@ cdef inline uint64_t _round_up(uint64_t n, uint64_t a) noexcept nogil:
 def layout(nranks, lag, arena_bytes_arg):
     """Offsets and sizes of a segment for ``nranks`` ranks at lag ``lag``.
 
-    Returns a dict with ``desc_stride``, ``descs_offset``, ``arenas_offset``,
+    Returns a dict with ``desc_stride``, ``descs_offset``, ``mbox_offset``
+    (0: no mailboxes), ``arenas_offset``,
     ``arena_bytes`` (rounded up to a page) and ``segment_bytes``.
     """
     if not 1 <= nranks <= MAX_RANKS:
@@ -161,10 +174,15 @@ def layout(nranks, lag, arena_bytes_arg):
     cdef uint64_t arena_bytes = arena_bytes_arg
     cdef uint64_t desc_stride = _round_up(48 + 16 * <uint64_t>nranks, 64)
     cdef uint64_t descs_offset = 2 * BLS_LINE + <uint64_t>nranks * sizeof(bls_rank_t)
-    cdef uint64_t arenas_offset = _round_up(
-        descs_offset + <uint64_t>nranks * (lag + 1) * desc_stride, 4096)
+    cdef uint64_t descs_end = descs_offset + <uint64_t>nranks * (lag + 1) * desc_stride
+    cdef uint64_t mbox_bytes = <uint64_t>nranks * nranks * (lag + 1) * BLS_LINE
+    cdef uint64_t mbox_offset = 0
+    if mbox_bytes <= MAX_MBOX_BYTES:
+        mbox_offset = _round_up(descs_end, BLS_LINE)
+        descs_end = mbox_offset + mbox_bytes
+    cdef uint64_t arenas_offset = _round_up(descs_end, 4096)
     arena_bytes = _round_up(arena_bytes, 4096)
-    return dict(desc_stride=desc_stride, descs_offset=descs_offset,
+    return dict(desc_stride=desc_stride, descs_offset=descs_offset, mbox_offset=mbox_offset,
                 arenas_offset=arenas_offset, arena_bytes=arena_bytes,
                 segment_bytes=arenas_offset + <uint64_t>nranks * arena_bytes)
 
@@ -186,6 +204,7 @@ def initialize(segment, int nranks, int lag, uint64_t arena_bytes):
         hdr.segment_bytes = lay["segment_bytes"]
         hdr.descs_offset = lay["descs_offset"]
         hdr.arenas_offset = lay["arenas_offset"]
+        hdr.mbox_offset = lay["mbox_offset"]
         # The magic goes last: an attacher that sees it sees the fields above.
         bls_store_release(&hdr.magic, BLS_MAGIC)
     finally:
@@ -207,6 +226,7 @@ cdef class Core:
     cdef bls_abort_t* abort_line
     cdef bls_rank_t* ranks
     cdef char* descs
+    cdef bls_mbox_t* mboxes    # NULL when the segment has none
     cdef char* arenas
     cdef readonly int rank
     cdef readonly int size
@@ -246,6 +266,7 @@ cdef class Core:
     cdef int64_t last_timeout_ns
     cdef uint64_t pending_start # a reservation made by reserve(), not yet committed
     cdef uint64_t pending_bytes
+    cdef bint pending_inline    # the pending post's blocks go in mailboxes, not a record
     cdef bint pending
 
     # scratch of size P: the record being posted, and the blocks being received
@@ -311,6 +332,7 @@ cdef class Core:
         if (lay["segment_bytes"] != self.hdr.segment_bytes
                 or lay["descs_offset"] != self.hdr.descs_offset
                 or lay["arenas_offset"] != self.hdr.arenas_offset
+                or lay["mbox_offset"] != self.hdr.mbox_offset
                 or lay["desc_stride"] != self.hdr.desc_stride
                 or <uint64_t>self.buf.len < self.hdr.segment_bytes):
             raise BlsValueError("segment header does not match its size")
@@ -326,6 +348,7 @@ cdef class Core:
         self.ranks = <bls_rank_t*>(self.base + 2 * BLS_LINE)
         self.descs = self.base + self.hdr.descs_offset
         self.arenas = self.base + self.hdr.arenas_offset
+        self.mboxes = <bls_mbox_t*>(self.base + self.hdr.mbox_offset) if self.hdr.mbox_offset else NULL
         self.spin_ns = DEFAULT_SPIN_NS
         self.pause_ns = DEFAULT_PAUSE_NS
         self.slice_ns = DEFAULT_SLICE_NS
@@ -500,6 +523,12 @@ cdef class Core:
         cdef uint64_t slot
         if which == PUBLISHED:
             slot = self._slot(target - 1)
+            if self.mboxes != NULL:  # our own line from each sender: stamp and small block
+                while r < self.size:
+                    if bls_load_acquire(&self._mbox(r, self.rank, slot).stamp) < target:
+                        return r
+                    r += 1
+                return -1
             while r < self.size:
                 if bls_load_acquire(&self._desc_in_slot(r, slot).stamp) < target:
                     return r
@@ -840,6 +869,15 @@ cdef class Core:
         self.pending_bytes = nbytes
         return 0
 
+    cdef int _reserve_blocks(self, uint64_t t, uint64_t nbytes, uint64_t itemsize,
+                             int64_t timeout_ns) except -1:
+        """``_reserve`` for the blocks just parsed: mailboxes if they all fit, else a record."""
+        cdef uint64_t start
+        cdef bint inline = self._fits_mailboxes(itemsize)
+        self._reserve(t, 0 if inline else nbytes, timeout_ns, &start)
+        self.pending_inline = inline
+        return 0
+
     # Slot numbers without a 64-bit division where one is easily avoided
     # (lag 0, ring steps, one slot for all senders in a poll).
     cdef inline uint64_t _slot(self, uint64_t t) noexcept nogil:
@@ -856,25 +894,60 @@ cdef class Core:
     cdef inline bls_desc_t* _desc_in_slot(self, int sender, uint64_t slot) noexcept nogil:
         return <bls_desc_t*>(self.descs + (<uint64_t>sender * (self.lag + 1) + slot) * self.desc_stride)
 
+    cdef inline bls_mbox_t* _mbox(self, int sender, int receiver, uint64_t slot) noexcept nogil:
+        return self.mboxes + (<uint64_t>sender * self.size + receiver) * (self.lag + 1) + slot
+
+    cdef inline bint _fits_mailboxes(self, uint64_t itemsize) noexcept nogil:
+        """Whether every block just parsed fits its mailbox (then no record is needed)."""
+        cdef int q
+        if self.mboxes == NULL:
+            return False
+        for q in range(self.size):
+            if <uint64_t>self.counts[q] * itemsize > BLS_MBOX_DATA:
+                return False
+        return True
+
+    cdef inline char* _block_dst(self, int q, uint64_t t) noexcept nogil:
+        """Where the pending post of ``t`` puts its block for rank ``q``."""
+        if self.pending_inline:
+            return self._mbox(self.rank, q, self._slot(t)).data
+        return self.arenas + <uint64_t>self.rank * self.arena_bytes + self.pending_start + self.block_off[q]
+
     cdef int _commit(self, uint64_t t, cnp.dtype dtype) except -1:
-        """Write the descriptor of the pending record and publish iteration ``t``."""
-        cdef bls_desc_t* d = self._desc(self.rank, t)
+        """Write the descriptor and mailboxes of the pending post and publish iteration ``t``."""
+        cdef uint64_t slot = self._slot(t)
+        cdef bls_desc_t* d
+        cdef bls_mbox_t* mb
         cdef int q
         cdef int idx
         cdef uint64_t itemsize = dtype.itemsize
         cdef bytes dstr = self._dtype_str(dtype)
-        d.record_offset = self.pending_start
-        d.record_bytes = self.pending_bytes
-        d.itemsize = <uint32_t>itemsize
-        memset(d.dtype, 0, BLS_DTYPE_CHARS)
-        memcpy(d.dtype, <char*>dstr, len(dstr))
-        for q in range(self.size):
-            d.blocks[2 * q] = self.block_off[q]
-            d.blocks[2 * q + 1] = <uint64_t>self.counts[q] * itemsize
-        # Release: the record and the descriptor above are visible to any
-        # receiver whose acquire load sees the stamp.  `published` (below)
-        # carries the same news for sleepers, liveness checks and tools.
-        bls_store_release(&d.stamp, t + 1)
+        if not self.pending_inline:
+            d = self._desc_in_slot(self.rank, slot)
+            d.record_offset = self.pending_start
+            d.record_bytes = self.pending_bytes
+            d.itemsize = <uint32_t>itemsize
+            memset(d.dtype, 0, BLS_DTYPE_CHARS)
+            memcpy(d.dtype, <char*>dstr, len(dstr))
+            for q in range(self.size):
+                d.blocks[2 * q] = self.block_off[q]
+                d.blocks[2 * q + 1] = <uint64_t>self.counts[q] * itemsize
+            # Release: the record and the descriptor above are visible to any
+            # receiver whose acquire load sees the stamp (or a mailbox stamp,
+            # stored after this one).
+            bls_store_release(&d.stamp, t + 1)
+        if self.mboxes != NULL:
+            for q in range(self.size):
+                mb = self._mbox(self.rank, q, slot)
+                mb.nbytes = <uint64_t>self.counts[q] * itemsize
+                mb.inline_data = self.pending_inline
+                mb.itemsize = <uint32_t>itemsize
+                memset(mb.dtype, 0, BLS_DTYPE_CHARS)
+                memcpy(mb.dtype, <char*>dstr, len(dstr))
+                # Release: the block (inline, or the record and descriptor)
+                # is visible to the receiver whose acquire load sees this.
+                bls_store_release(&mb.stamp, t + 1)
+        # `published` carries the same news for sleepers, liveness checks and tools.
         idx = <int>self._slot(<uint64_t>(self.fl_first + self.fl_count))
         self.fl_iter[idx] = t
         self.fl_start[idx] = self.pending_start
@@ -925,7 +998,7 @@ cdef class Core:
             raise BlsValueError(f"post({t}) called, but the next iteration to post is {self.next_post}")
         return 0
 
-    cdef inline void _scatter(self, char* rec, const char* src, uint64_t itemsize, bint defer_own) noexcept nogil:
+    cdef inline void _scatter(self, uint64_t t, const char* src, uint64_t itemsize, bint defer_own) noexcept nogil:
         """Copy the blocks of a contiguous send buffer into their places in the record.
 
         With ``defer_own`` the block for this rank is not copied: the caller
@@ -938,9 +1011,9 @@ cdef class Core:
             n = <uint64_t>self.counts[q] * itemsize
             if defer_own and q == self.rank:
                 self.own_src, self.own_bytes = src, n
-                self.own_rec = rec + self.block_off[q]
+                self.own_rec = self._block_dst(q, t)
             else:
-                memcpy(rec + self.block_off[q], src, n)
+                memcpy(self._block_dst(q, t), src, n)
             src += n
 
     cdef inline void _gather(self, char* dst) noexcept nogil:
@@ -975,7 +1048,7 @@ cdef class Core:
         cdef cnp.dtype dtype = <cnp.dtype>cnp.PyArray_DESCR(send)
         self._dtype_str(dtype)
         cdef int64_t itemsize = dtype.itemsize
-        cdef uint64_t nbytes, start
+        cdef uint64_t nbytes
         self._parse_counts(send_counts, itemsize, &nbytes)
         cdef int64_t total = 0
         cdef int q
@@ -984,14 +1057,13 @@ cdef class Core:
         if total != cnp.PyArray_SIZE(send):
             raise BlsValueError(
                 f"send_counts add up to {total} elements but send holds {cnp.PyArray_SIZE(send)}")
-        self._reserve(t, nbytes, self._timeout_ns(timeout), &start)
+        self._reserve_blocks(t, nbytes, itemsize, self._timeout_ns(timeout))
         cdef char* src = <char*>cnp.PyArray_DATA(send)
-        cdef char* rec = self.arenas + <uint64_t>self.rank * self.arena_bytes + start
         if nbytes >= NOGIL_COPY_BYTES:
             with nogil:
-                self._scatter(rec, src, itemsize, defer_own)
+                self._scatter(t, src, itemsize, defer_own)
         else:
-            self._scatter(rec, src, itemsize, defer_own)
+            self._scatter(t, src, itemsize, defer_own)
         self._commit(t, dtype)
         return 0
 
@@ -1019,13 +1091,12 @@ cdef class Core:
         if self.pending:
             raise BlsValueError(f"iteration {t} is already reserved and not yet published")
         cdef cnp.dtype dtype = self._resolve_dtype(dtype_arg)
-        cdef uint64_t nbytes, start
+        cdef uint64_t nbytes
         self._parse_counts(send_counts, dtype.itemsize, &nbytes)
-        self._reserve(t, nbytes, self._timeout_ns(timeout), &start)
-        cdef uint64_t base = self.hdr.arenas_offset + <uint64_t>self.rank * self.arena_bytes + start
+        self._reserve_blocks(t, nbytes, dtype.itemsize, self._timeout_ns(timeout))
         self.slot_dtype[self._slot(t)] = dtype
         try:
-            return [self._view(base + self.block_off[q], self.counts[q], dtype, True)
+            return [self._view(<uint64_t>(self._block_dst(q, t) - self.base), self.counts[q], dtype, True)
                     for q in range(self.size)]
         except BaseException:
             self.pending = False
@@ -1076,25 +1147,56 @@ cdef class Core:
         raise CommAborted(f"communicator aborted by rank {self.rank}: {message}",
                           rank=self.rank, reason=message)
 
-    cdef uint64_t _block(self, int s, uint64_t t, bytes expect_dtype, uint64_t itemsize, uint64_t* nbytes) except? 0:
-        """Validate source ``s``'s descriptor of ``t``; return the segment offset of our block."""
-        cdef bls_desc_t* d = self._desc(s, t)
-        cdef uint64_t off = d.blocks[2 * self.rank]
-        cdef uint64_t n = d.blocks[2 * self.rank + 1]
-        if d.stamp != t + 1:
-            self._protocol_error(f"rank {s}'s descriptor for iteration {t} holds iteration {<int64_t>d.stamp - 1}")
-        if (d.record_offset > self.arena_bytes or d.record_bytes > self.arena_bytes - d.record_offset
-                or off > d.record_bytes or n > d.record_bytes - off):
-            self._protocol_error(f"rank {s}'s record for iteration {t} lies outside its arena")
+    cdef uint64_t _block(self, int s, uint64_t t, bytes expect_dtype, uint64_t itemsize,
+                         uint64_t* nbytes, const char** dtype_chars=NULL, uint32_t* item_out=NULL) except? 0:
+        """Validate what source ``s`` posted to us for ``t``; return the segment offset of our block.
+
+        The block is in our mailbox from ``s`` when it says so, else in ``s``'s
+        record as its descriptor says.  ``dtype_chars``/``item_out``, if given,
+        receive the sender's dtype string and item size.
+        """
+        cdef uint64_t slot = self._slot(t)
+        cdef bls_mbox_t* mb
+        cdef bls_desc_t* d
+        cdef uint64_t off, n, where
+        cdef const char* dchars = NULL
+        cdef uint32_t isz = 0
+        cdef bint found = False
+        if self.mboxes != NULL:
+            mb = self._mbox(s, self.rank, slot)
+            if mb.stamp != t + 1:
+                self._protocol_error(f"rank {s}'s mailbox for iteration {t} holds iteration {<int64_t>mb.stamp - 1}")
+            if mb.inline_data:
+                n = mb.nbytes
+                if n > BLS_MBOX_DATA:
+                    self._protocol_error(f"rank {s}'s block for iteration {t} overflows its mailbox")
+                dchars, isz = mb.dtype, mb.itemsize
+                where = <uint64_t>(<char*>mb.data - self.base)
+                found = True
+        if not found:
+            d = self._desc_in_slot(s, slot)
+            off = d.blocks[2 * self.rank]
+            n = d.blocks[2 * self.rank + 1]
+            if d.stamp != t + 1:
+                self._protocol_error(f"rank {s}'s descriptor for iteration {t} holds iteration {<int64_t>d.stamp - 1}")
+            if (d.record_offset > self.arena_bytes or d.record_bytes > self.arena_bytes - d.record_offset
+                    or off > d.record_bytes or n > d.record_bytes - off):
+                self._protocol_error(f"rank {s}'s record for iteration {t} lies outside its arena")
+            dchars, isz = d.dtype, d.itemsize
+            where = self.hdr.arenas_offset + <uint64_t>s * self.arena_bytes + d.record_offset + off
         if expect_dtype is not None:
-            if d.itemsize != itemsize or strncmp(d.dtype, expect_dtype, BLS_DTYPE_CHARS) != 0:
+            if isz != itemsize or strncmp(dchars, expect_dtype, BLS_DTYPE_CHARS) != 0:
+                sent = (<bytes>dchars[:BLS_DTYPE_CHARS]).split(b'\0')[0].decode(errors="replace")
                 self._protocol_error(
-                    f"dtype mismatch at iteration {t}: rank {s} sent {(<bytes>(<char*>d.dtype)).decode()}, "
+                    f"dtype mismatch at iteration {t}: rank {s} sent {sent}, "
                     f"rank {self.rank} sent {expect_dtype.decode()}")
-        if d.itemsize == 0 or n % d.itemsize:
+        if isz == 0 or n % isz:
             self._protocol_error(f"rank {s}'s block for iteration {t} is not whole elements")
         nbytes[0] = n
-        return self.hdr.arenas_offset + <uint64_t>s * self.arena_bytes + d.record_offset + off
+        if dtype_chars != NULL:
+            dtype_chars[0] = dchars
+            item_out[0] = isz
+        return where
 
     cdef int _finish(self, uint64_t t, uint64_t received) except -1:
         self.bytes_received += received
@@ -1176,20 +1278,20 @@ cdef class Core:
         self._await_posts(t, timeout)
         cdef uint64_t n
         cdef int s
-        cdef bls_desc_t* d
+        cdef const char* dchars
+        cdef uint32_t isz
         cdef uint64_t off
         cdef uint64_t total = 0
         views = []
         for s in range(self.size):
-            off = self._block(s, t, None, 0, &n)
-            d = self._desc(s, t)
-            if memchr(d.dtype, 0, BLS_DTYPE_CHARS) == NULL:
+            off = self._block(s, t, None, 0, &n, &dchars, &isz)
+            if memchr(dchars, 0, BLS_DTYPE_CHARS) == NULL:
                 self._protocol_error(f"rank {s}'s dtype for iteration {t} is not terminated")
             if (self.last_recv_dtype is not None
-                    and strncmp(d.dtype, self.last_recv_dtype_str, BLS_DTYPE_CHARS) == 0):
+                    and strncmp(dchars, self.last_recv_dtype_str, BLS_DTYPE_CHARS) == 0):
                 dtype = self.last_recv_dtype
             else:
-                dstr = <bytes>(<char*>d.dtype)
+                dstr = <bytes>dchars
                 dtype = self.dtype_cache.get(dstr)
                 if dtype is None:
                     try:
@@ -1199,9 +1301,9 @@ cdef class Core:
                     if dtype.hasobject:
                         self._protocol_error(f"rank {s} sent an object dtype at iteration {t}")
                 self.last_recv_dtype, self.last_recv_dtype_str = dtype, dstr
-            if (<cnp.dtype>dtype).itemsize != d.itemsize:
+            if (<cnp.dtype>dtype).itemsize != isz:
                 self._protocol_error(f"rank {s} sent an invalid dtype at iteration {t}")
-            views.append(self._view(off, n // d.itemsize, dtype, False))
+            views.append(self._view(off, n // isz, dtype, False))
             total += n
         self.acquired_bytes = total
         return views

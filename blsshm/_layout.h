@@ -4,6 +4,7 @@
  *   BLS_LINE                  bls_abort_t         the abort word (first aborter wins)
  *   2 * BLS_LINE              bls_rank_t[P]       per-rank counters, 3 lines each
  *   descs_offset              P x (L+1) descriptors of desc_stride bytes
+ *   mbox_offset               P x P x (L+1) mailboxes of one line (0: none)
  *   arenas_offset             P arenas of arena_bytes bytes (byte rings of records)
  *
  * Each separately written field sits on its own 128-byte line (two 64-byte
@@ -16,7 +17,7 @@
 
 #define BLS_LINE 128
 #define BLS_MAGIC 0x314d485353534c42ULL /* "BLSSSHM1" */
-#define BLS_VERSION 1
+#define BLS_VERSION 2
 #define BLS_BLOCK_ALIGN 64              /* each per-destination block starts on a cache line */
 #define BLS_DTYPE_CHARS 20
 
@@ -40,7 +41,8 @@ typedef struct {
     uint64_t segment_bytes;
     uint64_t descs_offset;
     uint64_t arenas_offset;
-    char _pad[BLS_LINE - 56];
+    uint64_t mbox_offset;          /* 0 when the segment has no mailboxes */
+    char _pad[BLS_LINE - 64];
 } bls_header_t;
 
 typedef struct {
@@ -78,7 +80,24 @@ typedef struct {
     uint64_t blocks[];             /* per destination: offset in record, byte count */
 } bls_desc_t;
 
+/* One per (sender, receiver, iteration slot), when the segment has them:
+ * what the sender posted to that receiver.  A small block travels inside
+ * (`inline_data`), so the one line the receiver polls also brings the bytes;
+ * a larger one stays in the sender's record, found through its descriptor.
+ * The sender writes everything else first and `stamp` last. */
+#define BLS_MBOX_DATA (BLS_LINE - 48)
+typedef struct {
+    uint64_t stamp;                /* t + 1 once iteration t is posted (0: never) */
+    uint64_t nbytes;               /* bytes for this receiver */
+    uint32_t inline_data;          /* 1: they are in data[]; 0: in the sender's record */
+    uint32_t itemsize;
+    char dtype[BLS_DTYPE_CHARS];   /* numpy dtype.str, NUL-terminated */
+    char _pad[4];
+    char data[BLS_MBOX_DATA];      /* 16-byte aligned (the struct is line-aligned) */
+} bls_mbox_t;
+
 _Static_assert(sizeof(bls_header_t) == BLS_LINE, "header is one line");
+_Static_assert(sizeof(bls_mbox_t) == BLS_LINE, "a mailbox is one line");
 _Static_assert(sizeof(bls_abort_t) == BLS_LINE, "abort word is one line");
 _Static_assert(sizeof(bls_rank_t) == 3 * BLS_LINE, "rank block is three lines");
 _Static_assert(sizeof(bls_desc_t) == 48, "descriptor head is 48 bytes");
