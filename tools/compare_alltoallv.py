@@ -57,8 +57,8 @@ its last iteration, so a fast wrong answer cannot pass for a result.  Each
 backend run has a deadline (``--timeout``); its processes are always reaped
 and a failing backend is reported in the table instead of ending the run.
 
-Cache line.  The run starts and ends by timing a cache line's trip between
-two cores (``blsshm._probe``).  On a virtual machine the host may place the
+Cache line.  The run starts and ends, and every backend is preceded and
+followed, by timing a cache line's trip between two cores (``blsshm._probe``).  On a virtual machine the host may place the
 virtual CPUs on cores that share a cache (about 45 ns here) or not (about
 190 ns), and may move them within minutes; every cross-core figure of the
 run follows.  Compare runs only when these agree.
@@ -579,8 +579,10 @@ def measure(nprocs, plan, opts):
         t0 = time.monotonic()
         print(f"  P={nprocs} {LABELS[backend]:<12} ...", end="", file=sys.stderr, flush=True)
         try:
+            before = cache_line_ns()
             per_rank = run_backend(backend, nprocs, plan, opts)
-            out[backend] = {"sizes": {size: summarize(per_rank, size) for size, _, _ in plan}}
+            out[backend] = {"sizes": {size: summarize(per_rank, size) for size, _, _ in plan},
+                            "cache_line_ns": [before, cache_line_ns()]}
             status = "done"
         except BackendSkipped as exc:
             out[backend] = {"skipped": str(exc)}
@@ -670,6 +672,10 @@ def print_table(nprocs, plan, results, cores):
         if size >= BANDWIDTH_MIN:
             print_bandwidth(nprocs, size, bandwidth(results, nprocs, size))
     print_sleep_note(plan, results, oversubscribed=nprocs > cores)
+    probes = [f"{LABELS[b]} {'/'.join(fmt_ns(v)[:-3] for v in results[b]['cache_line_ns'])}"
+              for b in shown if "cache_line_ns" in results[b]]
+    if probes:
+        print("  cache line across cores before/after each backend, ns: " + ", ".join(probes))
     for b in shown:
         for kind in ("skipped", "error"):
             if kind in results[b]:
@@ -824,7 +830,7 @@ def write_json(path, opts, machine, plans, results):
         entry = {"oversubscribed": p > machine["cores"], "backends": {}, "ratios": {}, "bandwidth": {}}
         for backend, r in res.items():
             entry["backends"][backend] = (
-                {"sizes": {str(s): fig for s, fig in r["sizes"].items()}} if "sizes" in r else r)
+                {**r, "sizes": {str(s): fig for s, fig in r["sizes"].items()}} if "sizes" in r else r)
         for size, _, _ in plans[p]:
             entry["ratios"][str(size)] = ratios(res, size)
             if size >= BANDWIDTH_MIN:
