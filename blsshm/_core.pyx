@@ -4,16 +4,20 @@
 This module is the whole protocol (DESIGN §2-§3); the layout is in
 ``_layout.h`` and the atomics, futex and clock in ``_sync.h``.
 
-Rank ``s`` posts iteration ``t`` by writing a record (one block per
-destination) into its own arena and a descriptor into slot ``t % (L+1)``,
-whose stamp it then sets to ``t + 1`` with a release store, and then
-``published[s] = t + 1`` (release).  Rank ``r`` completes ``t`` once every
-sender's stamp for ``t`` reads ``t + 1`` (acquire loads: the stamp shares its
-cache line with the descriptor, so one transfer brings both; ``published``
-serves sleepers, liveness checks and tools), reads its blocks, then stores
-``completed[r] = t + 1`` with release.  A sender may reuse a record once every
-``completed`` has passed its iteration.  ``post(t)`` first waits until every
-``completed >= t - L``: this is the lag bound I2.
+Rank ``s`` posts iteration ``t`` into slot ``t % (L+1)``.  If every block
+fits a mailbox (80 bytes), it writes each block into its one-line mailbox
+for (``s``, receiver, slot); otherwise it writes a record (one block per
+destination) into its own arena and a descriptor, whose stamp it sets to
+``t + 1`` with a release store, and each mailbox says "in the record".  Each
+mailbox's stamp is then set to ``t + 1`` (release), and ``published[s] = t + 1``
+(release).  Rank ``r`` completes ``t`` once its mailbox from every sender
+reads ``t + 1`` (acquire loads: a small block arrives with its stamp, in one
+cache-line transfer; ``published`` serves sleepers, liveness checks and
+tools), reads its blocks, then stores ``completed[r] = t + 1`` with release.
+A sender may reuse a slot or a record once every ``completed`` has passed its
+iteration.  ``post(t)`` first waits until every ``completed >= t - L``: this
+is the lag bound I2.  Segments too large for mailboxes (P x P x (L+1) lines
+over 16 MiB) have none; receivers then poll the descriptor stamps.
 """
 
 cimport cython
@@ -172,7 +176,7 @@ def layout(nranks, lag, arena_bytes_arg):
     if not 4096 <= arena_bytes_arg <= (1 << 46):
         raise BlsValueError(f"arena_bytes must be between 4096 and 2**46, got {arena_bytes_arg}")
     cdef uint64_t arena_bytes = arena_bytes_arg
-    cdef uint64_t desc_stride = _round_up(48 + 16 * <uint64_t>nranks, 64)
+    cdef uint64_t desc_stride = _round_up(48 + 16 * <uint64_t>nranks, BLS_LINE)
     cdef uint64_t descs_offset = 2 * BLS_LINE + <uint64_t>nranks * sizeof(bls_rank_t)
     cdef uint64_t descs_end = descs_offset + <uint64_t>nranks * (lag + 1) * desc_stride
     cdef uint64_t mbox_bytes = <uint64_t>nranks * nranks * (lag + 1) * BLS_LINE
@@ -424,6 +428,7 @@ cdef class Core:
         self.closed = True
         if getpid() == self.owner_pid:  # a forked child only drops its copy
             bls_store_release32(&self.ranks[self.rank].state, BLS_STATE_CLOSED)
+            bls_store_relaxed32(&self.ranks[self.rank].cpu_hint, 0)  # shares no CPU any more
             bls_fence()
             self._wake_everyone()
         self.segment_array = None  # views handed out keep the mapping alive themselves
@@ -510,9 +515,10 @@ cdef class Core:
     cdef inline int _first_behind(self, int which, uint64_t target, int r) noexcept nogil:
         """The first rank from ``r`` on whose count ``which`` is below ``target``, or -1.
 
-        Posts are read from the stamp of the descriptor of iteration
-        ``target - 1`` rather than from ``published``: the line that says the
-        iteration is there also holds its descriptor (one transfer, not two).
+        Posts are read from the stamps of iteration ``target - 1``'s slot
+        rather than from ``published``: our mailbox from each sender, whose
+        line also carries a small block (one transfer, not two or three), or
+        without mailboxes the sender's descriptor stamp.
         The slot cannot hold a later iteration while we wait for this one
         (its sender would need our completion of it first), and a later one
         only ever means "posted" when asked about the past (``arrived``).
@@ -570,13 +576,14 @@ cdef class Core:
         return False
 
     cdef int _wait(self, int which, uint64_t target, int64_t deadline_ns) noexcept nogil:
-        """Wait until every rank's counter ``which`` is at least ``target``.
+        """Wait until every rank has posted (PUBLISHED: its stamps) or completed ``target`` iterations.
 
         Spins for ``spin_ns``: the first ``pause_ns`` with a CPU pause only (the
         answer is usually a cache-line transfer away; skipped when another
         rank last waited on our CPU), then calling ``sched_yield`` between
         checks, so that a rank sharing our core gets it.
-        Then sleeps on the futex of the first rank still behind, in slices of
+        Then sleeps on the futex of the first rank still behind (its
+        ``published`` or ``completed``, stored after its stamps), in slices of
         ``slice_ns``, re-checking the abort word and whether that rank lives.
         """
         cdef int r = self._first_behind(which, target, 0)
@@ -596,7 +603,7 @@ cdef class Core:
         if cpu != self.cpu_hint:
             self.cpu_hint = cpu
             bls_store_relaxed32(&self.ranks[self.rank].cpu_hint, cpu)
-        if self._shares_cpu(cpu):
+        if cpu != 0 and self._shares_cpu(cpu):  # 0: sched_getcpu failed, or never waited
             pause_until = start
         cdef int64_t next_poll = start
         cdef int64_t sleep_ns
@@ -708,7 +715,8 @@ cdef class Core:
         """``timeout`` (seconds or None) validated, in ns; -1 for None."""
         if timeout is None:
             return -1
-        if timeout is self.last_timeout:  # callers repeat theirs (often Comm.timeout)
+        # Callers repeat theirs (often Comm.timeout); only immutable numbers are remembered.
+        if timeout is self.last_timeout:
             return self.last_timeout_ns
         cdef double secs
         try:
@@ -718,7 +726,8 @@ cdef class Core:
         if not secs >= 0:  # negative or NaN
             raise BlsValueError(f"timeout must be >= 0 or None, got {timeout}")
         cdef int64_t ns = -1 if secs > 3e9 else <int64_t>(secs * 1e9)  # a century blocks
-        self.last_timeout, self.last_timeout_ns = timeout, ns
+        if type(timeout) is float or type(timeout) is int:
+            self.last_timeout, self.last_timeout_ns = timeout, ns
         return ns
 
     # --------------------------------------------------------------- posting
@@ -999,7 +1008,7 @@ cdef class Core:
         return 0
 
     cdef inline void _scatter(self, uint64_t t, const char* src, uint64_t itemsize, bint defer_own) noexcept nogil:
-        """Copy the blocks of a contiguous send buffer into their places in the record.
+        """Copy the blocks of a contiguous send buffer into their places (mailboxes or record).
 
         With ``defer_own`` the block for this rank is not copied: the caller
         (a blocking alltoallv, which holds ``send`` until it returns) copies
@@ -1035,7 +1044,7 @@ cdef class Core:
 
     cdef int _post(self, int64_t t, cnp.ndarray send, object send_counts, object timeout,
                    bint defer_own=False) except -1:
-        """Copy ``send`` into this rank's record for iteration ``t`` and publish it.
+        """Copy ``send`` into this rank's mailboxes or record for iteration ``t`` and publish it.
 
         ``defer_own``: see ``_scatter``; the caller must then run ``_gather``
         or ``_place_deferred_own`` before ``send`` may change.
@@ -1082,7 +1091,7 @@ cdef class Core:
         return view
 
     cdef list _zc_reserve(self, int64_t t, object send_counts, object dtype_arg, object timeout):
-        """Zero-copy post, first half: wait, reserve the record of ``t``, return its views.
+        """Zero-copy post, first half: wait, reserve the mailboxes or record of ``t``, return its views.
 
         ``views[q]`` is the writable block for rank ``q``.  ``_zc_commit(t)``
         publishes, ``_zc_cancel(t)`` forgets the reservation.
@@ -1239,8 +1248,9 @@ cdef class Core:
                 self._gather(dst)
         else:
             self._gather(dst)
+        counts = self._recv_counts(itemsize)  # before t is marked completed: it may raise
         self._finish(t, total)
-        return recv, self._recv_counts(itemsize)
+        return recv, counts
 
     cdef cnp.ndarray _recv_counts(self, uint64_t itemsize):
         """The element counts just received, as a read-only int64 array.

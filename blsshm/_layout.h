@@ -8,7 +8,8 @@
  *   arenas_offset             P arenas of arena_bytes bytes (byte rings of records)
  *
  * Each separately written field sits on its own 128-byte line (two 64-byte
- * lines, because adjacent-line prefetch pairs them).
+ * lines, because adjacent-line prefetch pairs them); descriptors and
+ * mailboxes are multiples of 128 bytes.
  */
 #ifndef BLSSHM_LAYOUT_H
 #define BLSSHM_LAYOUT_H
@@ -69,8 +70,9 @@ typedef struct {
 } bls_rank_t;
 
 /* One per sender and iteration slot (t mod (L+1)); written by the sender
- * when it posts t, `stamp` last.  Receivers poll the stamp, so one cache-line
- * transfer both says that t is posted and brings its descriptor. */
+ * when it posts t through a record (not when every block fits a mailbox),
+ * `stamp` last.  Receivers find it through their mailbox, or poll the stamp
+ * when the segment has no mailboxes. */
 typedef struct {
     uint64_t stamp;                /* t + 1 once iteration t is posted (0: never) */
     uint64_t record_offset;        /* from the start of the sender's arena */

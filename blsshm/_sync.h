@@ -1,9 +1,9 @@
 /* Synchronisation primitives for blsshm: atomics, CPU pause, futex, clock.
  *
  * Every shared counter has exactly one writer.  The rules used in _core.pyx:
- *   - a writer makes data visible with store_release on its counter, so
- *     every byte it wrote before (records, descriptors) is visible to a reader
- *     whose load_acquire sees the new count;
+ *   - a writer makes data visible with store_release on a stamp or counter,
+ *     so every byte it wrote before (blocks, descriptors, mailboxes) is visible
+ *     to a reader whose load_acquire sees the new value;
  *   - a reader that has finished reading a sender's record says so with a
  *     store_release on its own `completed` counter, so its reads of the record
  *     happen before the sender, after load_acquire of that counter, reuses it;
