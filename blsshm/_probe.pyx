@@ -15,7 +15,8 @@ cdef extern from "_sync.h" nogil:
     void bls_cpu_relax()
     int64_t bls_now_ns()
 
-DEF LINE_WORDS = 16  # 128 bytes: the two counters never share a prefetch pair
+cdef enum:
+    LINE_WORDS = 16  # 128 bytes: the two counters never share a prefetch pair
 
 
 def pingpong(unsigned char[::1] lines not None, int role, uint64_t rounds, double timeout_s=5.0):
