@@ -86,8 +86,10 @@ def test_blocking_alltoallv_at_the_mailbox_edge():
     assert blsshm.spawn(_blocking_edge, 3, lag=1, timeout=60) == [True] * 3
 
 
-def test_a_segment_too_big_for_mailboxes_uses_records_only():
-    lag = 40000  # 2 x 2 x 40001 lines > 16 MiB: no mailboxes
-    assert _core.layout(2, lag, 1 << 16)["mbox_offset"] == 0
-    assert blsshm.spawn(_alternate, 2, lag=lag, arena_bytes=1 << 16, args=(100, False),
-                        timeout=60) == [[], []]
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["copy", "zero-copy"])
+def test_a_segment_too_big_for_mailboxes_uses_records_only(zero_copy):
+    lag = 32768  # 2 x 2 x 32769 lines > 16 MiB: no mailboxes
+    assert _core.layout(2, lag, 16 << 20)["mbox_offset"] == 0
+    # Enough iterations that every descriptor slot is reused at least once.
+    assert blsshm.spawn(_alternate, 2, lag=lag, arena_bytes=16 << 20, args=(lag + 300, zero_copy),
+                        timeout=120) == [[], []]
