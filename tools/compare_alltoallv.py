@@ -58,10 +58,11 @@ backend run has a deadline (``--timeout``); its processes are always reaped
 and a failing backend is reported in the table instead of ending the run.
 
 Cache line.  The run starts and ends, and every backend is preceded and
-followed, by timing a cache line's trip between two cores (``blsshm._probe``).  On a virtual machine the host may place the
-virtual CPUs on cores that share a cache (about 45 ns here) or not (about
-190 ns), and may move them within minutes; every cross-core figure of the
-run follows.  Compare runs only when these agree.
+followed, by timing a cache line's trip between two cores
+(``blsshm._probe``).  On a virtual machine the host may place the virtual
+CPUs on cores that share a cache (about 45 ns here) or not (about 190 ns),
+and may move them within minutes; every cross-core figure of the run
+follows.  Compare runs only when these agree.
 
 Placement.  By default the OS places the ranks of every backend (MPI runs
 with ``--bind-to none``), as in a real deployment.  On a loaded machine it
@@ -94,6 +95,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -672,7 +674,7 @@ def print_table(nprocs, plan, results, cores):
         if size >= BANDWIDTH_MIN:
             print_bandwidth(nprocs, size, bandwidth(results, nprocs, size))
     print_sleep_note(plan, results, oversubscribed=nprocs > cores)
-    probes = [f"{LABELS[b]} {'/'.join(fmt_ns(v)[:-3] for v in results[b]['cache_line_ns'])}"
+    probes = [f"{LABELS[b]} {'/'.join('-' if v is None else f'{v:.0f}' for v in results[b]['cache_line_ns'])}"
               for b in shown if "cache_line_ns" in results[b]]
     if probes:
         print("  cache line across cores before/after each backend, ns: " + ", ".join(probes))
@@ -685,7 +687,7 @@ def print_table(nprocs, plan, results, cores):
 def print_sleep_note(plan, results, oversubscribed):
     """Say where blsshm ranks mostly slept instead of spinning: a peer was not running."""
     why = "ranks share cores" if oversubscribed else "a peer was not running: ranks sharing a core?"
-    for b in ("blsshm", "blsshm_zc"):
+    for b in ("blsshm", "blsshm_l1", "blsshm_zc"):
         figs = results.get(b, {}).get("sizes", {})
         slept = [(s, figs[s]["futex_sleeps_per_iter"]) for s, _, _ in plan
                  if figs.get(s, {}).get("futex_sleeps_per_iter", 0) >= 0.5]
@@ -767,9 +769,10 @@ def package_version(name):
 def cache_line_ns(rounds=200_000):
     """One-way core-to-core cache-line latency (ns) between the first two CPUs we may use.
 
-    Printed at the start and the end of a run: on a virtual machine the host
-    may move the virtual CPUs onto cores that share no cache, and then every
-    cross-core figure in between is slower (4x was seen here).  None if there
+    Taken at the start and the end of a run and around every backend: on a
+    virtual machine the host may move the virtual CPUs onto cores that share
+    no cache, and then every cross-core figure in between is slower (4x was
+    seen here).  None if there
     is one CPU, or blsshm is not built.
     """
     cpus = sorted(os.sched_getaffinity(0))[:2]
@@ -788,7 +791,6 @@ def cache_line_ns(rounds=200_000):
         os.sched_setaffinity(0, {cpus[role]})  # this thread only
         elapsed[role] = _probe.pingpong(lines, role, rounds)
 
-    import threading
     for _ in range(2):  # the first pass warms up; keep the second
         lines[:] = 0
         threads = [threading.Thread(target=side, args=(role,)) for role in (0, 1)]
