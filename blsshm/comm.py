@@ -26,11 +26,12 @@ DEFAULT_ARENA_BYTES = 32 << 20
 #: (p90 35 us) here, 60-90 us in earlier runs on the same kind of VM, where
 #: a virtual CPU leaves its idle state.  A 1 ms spin keeps the moderate
 #: waits of imbalanced iterations free of it and costs at most a few
-#: percent when ranks share cores: 8 ranks on 2 cores ran 2000 alltoallv in 0.050 s with it
-#: (no sleeps) and 0.049 s sleeping after 2 us; 4 ranks on 2 cores, each busy
-#: 0.5 ms per iteration plus 2 ms in 10% of iterations, ran 400 iterations at
-#: lag 4 in 0.645 s with it and 0.641 s sleeping after 2 us (0.56 s of CPU
-#: work per core; at lag 0, 0.748 against 0.708 s: 6% slower).
+#: percent when ranks share cores: 8 ranks on 2 cores ran 2000 alltoallv in
+#: 0.050 s with it (no sleeps) and 0.049 s sleeping after 2 us; 4 ranks on
+#: 2 cores, each busy 0.5 ms per iteration plus 2 ms in 10% of iterations,
+#: ran 400 iterations at lag 4 in 0.645 s with it and 0.641 s sleeping after
+#: 2 us (0.56 s of CPU work per core; at lag 0, 0.748 against 0.708 s: 6%
+#: slower).
 #: Reproduce with ``python tools/spin_policy.py``.
 SPIN_US = 1000.0
 

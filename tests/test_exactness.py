@@ -225,11 +225,6 @@ def _own_block_paths(comm):
     """A blocking alltoallv copies its own block from send to out directly;
     these are the cases where it must not, or must catch up later."""
     P, me = comm.size, comm.rank
-    counts = [3] * P
-
-    def expected():
-        return np.concatenate([np.arange(3 * me, 3 * me + 3) + 100 * s for s in range(P)])
-
     # In place (out overlaps send): the larger blocks of lower ranks, gathered
     # before ours, would overwrite our own block in send before it is copied.
     def size(s):
@@ -248,7 +243,9 @@ def _own_block_paths(comm):
     # post): iteration t stays posted, rank 0 changes send, and a later
     # complete(t) must still deliver the block rank 0 sent itself.
     t = comm.next_post
+    counts = [3] * P
     send = np.arange(3 * P) + 100 * me
+    expected = np.concatenate([np.arange(3 * me, 3 * me + 3) + 100 * s for s in range(P)])
     if me == 0:
         try:
             recv, _ = comm.alltoallv(send, counts, timeout=0)
@@ -260,7 +257,7 @@ def _own_block_paths(comm):
             time.sleep(0.001)
         time.sleep(0.05)
         recv, _ = comm.alltoallv(send, counts)
-    assert np.array_equal(recv, expected())
+    assert np.array_equal(recv, expected)
     return True
 
 
