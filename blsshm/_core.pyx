@@ -518,13 +518,13 @@ cdef class Core:
             return &self.ranks[r].published_sleepers
         return &self.ranks[r].completed_sleepers
 
-    cdef inline int _first_behind(self, int which, uint64_t target, int r) noexcept nogil:
-        """The first rank from ``r`` on whose count ``which`` is below ``target``, or -1.
+    cdef inline bint _behind(self, int which, uint64_t target, uint64_t slot, int r) noexcept nogil:
+        """Whether rank ``r`` has not yet posted (PUBLISHED) or completed ``target`` iterations.
 
         Posts are read from the stamps of iteration ``target - 1``'s slot
-        rather than from ``published``: our mailbox from each sender, whose
-        line also carries a small block (one transfer, not two or three), or
-        without mailboxes the sender's descriptor stamp.
+        (``slot``) rather than from ``published``: our mailbox from each
+        sender, whose line also carries a small block (one transfer, not two
+        or three), or without mailboxes the sender's descriptor stamp.
         The slot cannot hold a later iteration while we wait for this one
         (its sender would need our completion of it first), and a later one
         only ever means "posted" when asked about the past (``arrived``).
@@ -532,22 +532,17 @@ cdef class Core:
         # Acquire: once a count or stamp is seen, everything its writer did
         # before storing it (record bytes and descriptor, or finishing its
         # reads) is visible/done.
-        cdef uint64_t slot
         if which == PUBLISHED:
-            slot = self._slot(target - 1)
             if self.mboxes != NULL:  # our own line from each sender: stamp and small block
-                while r < self.size:
-                    if bls_load_acquire(&self._mbox(r, self.rank, slot).stamp) < target:
-                        return r
-                    r += 1
-                return -1
-            while r < self.size:
-                if bls_load_acquire(&self._desc_in_slot(r, slot).stamp) < target:
-                    return r
-                r += 1
-            return -1
+                return bls_load_acquire(&self._mbox(r, self.rank, slot).stamp) < target
+            return bls_load_acquire(&self._desc_in_slot(r, slot).stamp) < target
+        return bls_load_acquire(&self.ranks[r].completed) < target
+
+    cdef inline int _first_behind(self, int which, uint64_t target, int r) noexcept nogil:
+        """The first rank from ``r`` on that is ``_behind``, or -1."""
+        cdef uint64_t slot = self._slot(target - 1) if which == PUBLISHED else 0
         while r < self.size:
-            if bls_load_acquire(&self.ranks[r].completed) < target:
+            if self._behind(which, target, slot, r):
                 return r
             r += 1
         return -1
@@ -573,21 +568,41 @@ cdef class Core:
             r += 1
         return OK
 
-    cdef inline bint _shares_cpu(self, uint32_t cpu) noexcept nogil:
-        """Whether another rank last waited on CPU ``cpu`` (a ``cpu_hint``)."""
-        cdef int r
-        for r in range(self.size):
-            if r != self.rank and bls_load_relaxed32(&self.ranks[r].cpu_hint) == cpu:
+    cdef bint _behind_on_cpu(self, int which, uint64_t target, int r, uint32_t cpu) noexcept nogil:
+        """Whether a rank from ``r`` on that is ``_behind`` last waited on CPU ``cpu`` (a ``cpu_hint``).
+
+        Such a rank cannot run while we hold the CPU, so pausing for it is
+        useless.  A rank behind on another CPU is running there, or its
+        wait will end there: that is worth a short pause.
+        """
+        if cpu == 0:  # sched_getcpu failed
+            return False
+        cdef uint64_t slot = self._slot(target - 1) if which == PUBLISHED else 0
+        while r < self.size:
+            if (r != self.rank and bls_load_relaxed32(&self.ranks[r].cpu_hint) == cpu
+                    and self._behind(which, target, slot, r)):
                 return True
+            r += 1
         return False
+
+    cdef inline uint32_t _publish_cpu(self) noexcept nogil:
+        """This rank's CPU + 1 (0: unknown), published as its ``cpu_hint`` when it changed."""
+        # CPUs are hints, published only when they change and read relaxed:
+        # no data depends on them.
+        cdef uint32_t cpu = <uint32_t>(bls_current_cpu() + 1)
+        if cpu != self.cpu_hint:
+            self.cpu_hint = cpu
+            bls_store_relaxed32(&self.ranks[self.rank].cpu_hint, cpu)
+        return cpu
 
     cdef int _wait(self, int which, uint64_t target, int64_t deadline_ns) noexcept nogil:
         """Wait until every rank has posted (PUBLISHED: its stamps) or completed ``target`` iterations.
 
-        Spins for ``spin_ns``: the first ``pause_ns`` with a CPU pause only (the
-        answer is usually a cache-line transfer away; skipped when another
-        rank last waited on our CPU), then calling ``sched_yield`` between
-        checks, so that a rank sharing our core gets it.
+        Spins for ``spin_ns``.  While the ranks still behind run on other
+        CPUs it only pauses between checks (the answer is usually a
+        cache-line transfer away), calling ``sched_yield`` every ``pause_ns``
+        so that other work gets the CPU.  It yields at once while one of
+        them last waited on our CPU: that rank can run only if we give way.
         Then sleeps on the futex of the first rank still behind (its
         ``published`` or ``completed``, stored after its stamps), in slices of
         ``slice_ns``, re-checking the abort word and whether that rank lives.
@@ -599,22 +614,20 @@ cdef class Core:
         cdef int64_t now = start
         cdef int64_t spin_until = start + self.spin_ns
         cdef int64_t pause_until = start + self.pause_ns
-        # A rank that shares our CPU cannot run while we pause, and what we
-        # wait for may depend on it: then yield from the start.  Two ranks
-        # on one core did a 64 B alltoallv in 14 us pausing first, 4-5 us
-        # yielding; 4 ranks on 2 cores 13 us against 9.  CPUs are hints,
-        # published only when they change and read relaxed: no data depends
-        # on them.
-        cdef uint32_t cpu = <uint32_t>(bls_current_cpu() + 1)
-        if cpu != self.cpu_hint:
-            self.cpu_hint = cpu
-            bls_store_relaxed32(&self.ranks[self.rank].cpu_hint, cpu)
-        if cpu != 0 and self._shares_cpu(cpu):  # 0: sched_getcpu failed, or never waited
-            pause_until = start
+        # Pausing for a rank that shares our CPU only delays it, and yielding
+        # to one that waits too (for other CPUs) costs a switch (1.4 us here)
+        # for nothing.  4 ranks on 2 cores, 64 B, lag 0 (median of the
+        # per-iteration maximum): 13 us pausing first, 9 us yielding from the
+        # start whenever any rank shared our CPU, 5.3 us yielding only while
+        # a rank we wait for does: 2 switches per core per iteration, the
+        # least lag 0 allows (1 at lag 1).
+        cdef uint32_t cpu = self._publish_cpu()
+        cdef bint give_way = self._behind_on_cpu(which, target, r, cpu)
         cdef int64_t next_poll = start
         cdef int64_t sleep_ns
         cdef int rc = OK
         cdef int i
+        cdef int seen_r
         cdef uint64_t seen
         cdef uint64_t* counter
         cdef uint32_t* sleepers
@@ -626,14 +639,18 @@ cdef class Core:
                 rc = ERR_TIMEOUT
                 break
             if now < spin_until:
-                if now < pause_until:
+                if not give_way and now < pause_until:
                     # One pause between checks: a pause costs 10-140 cycles
                     # depending on the CPU (25 ns on this project's Zen 4), and
                     # the count we wait for is one cache-line transfer (~50 ns)
                     # away once written.  The clock is read once per batch.
                     for i in range(SPIN_BATCH):
+                        seen_r = r
                         r = self._first_behind(which, target, r)
                         if r < 0:
+                            break
+                        if r != seen_r and self._behind_on_cpu(which, target, r, cpu):
+                            give_way = True
                             break
                         bls_cpu_relax()
                     if r < 0:
@@ -643,6 +660,9 @@ cdef class Core:
                     r = self._first_behind(which, target, r)
                     if r < 0:
                         break
+                    cpu = self._publish_cpu()  # we may have moved
+                    give_way = self._behind_on_cpu(which, target, r, cpu)
+                    pause_until = bls_now_ns() + self.pause_ns
                 now = bls_now_ns()
                 continue
             rc = self._check_alive(which, target, r, now >= next_poll)

@@ -18,20 +18,19 @@ from blsshm.errors import BlsTimeoutError, BlsTypeError, BlsValueError
 DEFAULT_ARENA_BYTES = 32 << 20
 
 
-#: How long a wait spins before it sleeps on the futex.  The first 2 us only
-#: pause the CPU (the answer is usually a cache line away), unless another
-#: rank last waited on the same CPU; after that every check is followed by
-#: sched_yield, so a rank that shares our core, as when ranks outnumber
-#: cores, gets it.  A wait that outlasts the spin pays a wake-up: 17 us median
+#: How long a wait spins before it sleeps on the futex.  While the ranks it
+#: waits for run on other CPUs it pauses between checks (the answer is
+#: usually a cache line away) and calls sched_yield every 2 us; while one
+#: of them last waited on our CPU, as when ranks outnumber cores, it yields
+#: after every check, since that rank runs only if we give way.  A wait that outlasts the spin pays a wake-up: 17 us median
 #: (p90 35 us) here, 60-90 us in earlier runs on the same kind of VM, where
 #: a virtual CPU leaves its idle state.  A 1 ms spin keeps the moderate
 #: waits of imbalanced iterations free of it and costs at most a few
 #: percent when ranks share cores: 8 ranks on 2 cores ran 2000 alltoallv in
-#: 0.050 s with it (no sleeps) and 0.049 s sleeping after 2 us; 4 ranks on
+#: 0.047 s with it (no sleeps) and 0.046 s sleeping after 2 us; 4 ranks on
 #: 2 cores, each busy 0.5 ms per iteration plus 2 ms in 10% of iterations,
-#: ran 400 iterations at lag 4 in 0.645 s with it and 0.641 s sleeping after
-#: 2 us (0.56 s of CPU work per core; at lag 0, 0.748 against 0.708 s: 6%
-#: slower).
+#: ran 400 iterations at lag 4 in 0.625 s with it and 0.629 s sleeping after
+#: 2 us (0.56 s of CPU work per core; at lag 0, 0.711 against 0.723 s).
 #: Reproduce with ``python tools/spin_policy.py``.
 SPIN_US = 1000.0
 
