@@ -45,7 +45,11 @@ measures, one backend after another (never two at once):
 Method.  Every rank runs the warm-up iterations, then the timed ones, and
 times each timed iteration by itself with ``time.perf_counter_ns``.
 Collectives run back to back (they synchronise the ranks by themselves);
-the memcpy ranks are barrier-aligned.  For each iteration the figure is the
+the memcpy ranks are barrier-aligned.  Send buffers are written once
+unless ``--fresh-send`` rewrites them before every iteration (not timed),
+as a producer would: written once, they stay clean in a cache both cores
+share, which flatters Open MPI's single copy (it reads large messages
+straight from the sender's buffer, as ``memcpy x`` reads just-written ones).  For each iteration the figure is the
 MAXIMUM over ranks (the iteration is done when its slowest rank is), and
 the tables give the median and the 99th percentile of that maximum, in µs.
 Ratios are of medians: ``bls/MPI`` < 1 means blsshm is faster.  For sizes of
@@ -179,10 +183,30 @@ def time_loop(step, warmup, iters, before=None):
     return out
 
 
-def pin_to_core(rank):
-    """Pin this process to core ``rank`` mod the cores it may use (``--pin``)."""
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cores[rank % len(cores)]})
+def rank_options(opts):
+    """What every rank needs of the command line (picklable, JSON-able)."""
+    return {"pin": opts.pin, "fresh_send": opts.fresh_send}
+
+
+def place_rank(rank, rank_opts):
+    """Pin this process to core ``rank`` mod the cores it may use, with ``--pin``."""
+    if rank_opts["pin"]:
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[rank % len(cores)]})
+
+
+def send_refresher(send, rank_opts):
+    """With ``--fresh-send``, a ``before`` for ``time_loop`` that rewrites ``send``; else None.
+
+    A producer writes new send data every iteration, so a transport finds it
+    dirty in the producer's cache.  Written once, it stays clean in a cache
+    both cores share, which flatters a single-copy transport (Open MPI reads
+    a large message straight from the sender's buffer) at 64 KiB and more.
+    """
+    if not rank_opts["fresh_send"]:
+        return None
+    template = send.copy()
+    return lambda: np.copyto(send, template)
 
 
 def die_with_parent():
@@ -193,18 +217,17 @@ def die_with_parent():
 # ------------------------------------------------------- the ranks' loops
 
 
-def blsshm_timed(comm, step, warmup, iters):
+def blsshm_timed(comm, step, warmup, iters, before=None):
     """Warm up, zero the counters, time: ``{"ns": ..., "stats": comm.stats}``."""
-    time_loop(step, warmup + 1, 0)
+    time_loop(step, warmup + 1, 0, before)
     comm.reset_stats()
-    ns = time_loop(step, 0, iters)
+    ns = time_loop(step, 0, iters, before)
     return {"ns": ns, "stats": comm.stats}
 
 
-def blsshm_copy_rank(comm, plan, pin):
+def blsshm_copy_rank(comm, plan, rank_opts):
     """blsshm blocking alltoallv into a preallocated buffer."""
-    if pin:
-        pin_to_core(comm.rank)
+    place_rank(comm.rank, rank_opts)
     rank, nprocs = comm.rank, comm.size
     out = {}
     for size, warmup, iters in plan:
@@ -212,12 +235,13 @@ def blsshm_copy_rank(comm, plan, pin):
         recv = np.empty(nprocs * size, np.uint8)
         counts = [size] * nprocs
         alltoallv = comm.alltoallv
-        out[size] = blsshm_timed(comm, lambda: alltoallv(send, counts, out=recv), warmup, iters)
+        out[size] = blsshm_timed(comm, lambda: alltoallv(send, counts, out=recv), warmup, iters,
+                                 before=send_refresher(send, rank_opts))
         check_received(recv, rank, nprocs, size)
     return out
 
 
-def blsshm_zc_rank(comm, plan, pin, raw_flags):
+def blsshm_zc_rank(comm, plan, rank_opts, raw_flags):
     """blsshm zero copy: write in place, align, copy out of the views once.
 
     Writing the outgoing blocks is the producer's own work (the DLRM lookup
@@ -225,8 +249,7 @@ def blsshm_zc_rank(comm, plan, pin, raw_flags):
     for the other backends, which fill theirs once before timing: it is done
     every iteration, so the caches hold what a producer leaves, but not timed.
     """
-    if pin:
-        pin_to_core(comm.rank)
+    place_rank(comm.rank, rank_opts)
     rank, nprocs = comm.rank, comm.size
     barrier = SpinBarrier(raw_flags, rank)
     out = {}
@@ -251,10 +274,9 @@ def blsshm_zc_rank(comm, plan, pin, raw_flags):
     return out
 
 
-def gloo_rank(rank, nprocs, plan, init_file, timeout_s, pin):
+def gloo_rank(rank, nprocs, plan, init_file, timeout_s, rank_opts):
     """torch.distributed gloo all_to_all_single with split sizes."""
-    if pin:
-        pin_to_core(rank)
+    place_rank(rank, rank_opts)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import datetime
 
@@ -266,12 +288,14 @@ def gloo_rank(rank, nprocs, plan, init_file, timeout_s, pin):
     try:
         out = {}
         for size, warmup, iters in plan:
-            send = torch.from_numpy(send_buffer(rank, nprocs, size))
+            send_array = send_buffer(rank, nprocs, size)
+            send = torch.from_numpy(send_array)  # shares send_array's memory
             recv = torch.empty(nprocs * size, dtype=torch.uint8)
             splits = [size] * nprocs
             a2a = dist.all_to_all_single
             dist.barrier()
-            ns = time_loop(lambda: a2a(recv, send, splits, splits), warmup, iters)
+            ns = time_loop(lambda: a2a(recv, send, splits, splits), warmup, iters,
+                           before=send_refresher(send_array, rank_opts))
             check_received(recv.numpy(), rank, nprocs, size)
             out[size] = {"ns": ns}
         return out
@@ -308,26 +332,31 @@ class SpinBarrier:
                 raise RuntimeError(f"rank {self.rank}: barrier timed out after {BARRIER_TIMEOUT_S} s")
 
 
-def memcpy_rank(rank, nprocs, plan, raw_flags, pin):
+def memcpy_rank(rank, nprocs, plan, raw_flags, rank_opts):
     """The floor: copy the bytes a rank receives, all ranks at once."""
-    if pin:
-        pin_to_core(rank)
+    place_rank(rank, rank_opts)
     barrier = SpinBarrier(raw_flags, rank)
     out = {}
     for size, warmup, iters in plan:
         src = send_buffer(rank, nprocs, size)
         dst = np.empty_like(src)
-        ns = time_loop(lambda: np.copyto(dst, src), warmup, iters, before=barrier.wait)
+        refresh = send_refresher(src, rank_opts)
+
+        def before():
+            if refresh is not None:
+                refresh()
+            barrier.wait()
+
+        ns = time_loop(lambda: np.copyto(dst, src), warmup, iters, before=before)
         if not np.array_equal(dst, src):
             raise RuntimeError(f"rank {rank}: memcpy result differs at size {size}")
         out[size] = {"ns": ns}
     return out
 
 
-def cross_memcpy_rank(rank, nprocs, plan, raw_flags, raw_data, pin):
+def cross_memcpy_rank(rank, nprocs, plan, raw_flags, raw_data, rank_opts):
     """The cross-core floor: copy the blocks other ranks just wrote for us."""
-    if pin:
-        pin_to_core(rank)
+    place_rank(rank, rank_opts)
     barrier = SpinBarrier(raw_flags, rank)
     shared = np.frombuffer(raw_data, np.uint8)
     region_bytes = shared.size // nprocs  # rank s writes its blocks into region s
@@ -359,8 +388,7 @@ def mpi_worker(plan_path, out_path):
     with open(plan_path) as f:
         job = json.load(f)
     plan = job["plan"]
-    if job["pin"]:
-        pin_to_core(rank)
+    place_rank(rank, job["rank_opts"])
     out = {}
     for size, warmup, iters in plan:
         send = send_buffer(rank, nprocs, size)
@@ -370,7 +398,8 @@ def mpi_worker(plan_path, out_path):
         smsg, rmsg = [send, (counts, displs), MPI.BYTE], [recv, (counts, displs), MPI.BYTE]
         a2av = comm.Alltoallv
         comm.Barrier()
-        ns = time_loop(lambda: a2av(smsg, rmsg), warmup, iters)
+        ns = time_loop(lambda: a2av(smsg, rmsg), warmup, iters,
+                       before=send_refresher(send, job["rank_opts"]))
         check_received(recv, rank, nprocs, size)
         out[size] = {"ns": ns}
     gathered = comm.gather(out, root=0)
@@ -466,7 +495,7 @@ def run_blsshm(rank_fn, nprocs, plan, opts, *extra, lag=0):
     largest = max(size for size, _, _ in plan)
     arena = max(MIB, (lag + 2) * nprocs * (largest + 64))  # lag + 1 records in flight, and room
     with deadline(opts.timeout, "blsshm"):
-        return blsshm.spawn(rank_fn, nprocs, lag=lag, arena_bytes=arena, args=(plan, opts.pin, *extra),
+        return blsshm.spawn(rank_fn, nprocs, lag=lag, arena_bytes=arena, args=(plan, rank_options(opts), *extra),
                             timeout=min(opts.timeout, RANK_WAIT_TIMEOUT_S))
 
 
@@ -477,20 +506,20 @@ def run_gloo(nprocs, plan, opts):
     with tempfile.TemporaryDirectory(prefix="compare-gloo-") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         wait_s = min(opts.timeout, RANK_WAIT_TIMEOUT_S)
-        return run_procs(gloo_rank, nprocs, (plan, init_file, wait_s, opts.pin), opts.timeout, ctx)
+        return run_procs(gloo_rank, nprocs, (plan, init_file, wait_s, rank_options(opts)), opts.timeout, ctx)
 
 
 def run_memcpy(nprocs, plan, opts):
     ctx = multiprocessing.get_context("spawn")
     flags = ctx.RawArray("q", nprocs)  # zero-filled; see SpinBarrier
-    return run_procs(memcpy_rank, nprocs, (plan, flags, opts.pin), opts.timeout, ctx)
+    return run_procs(memcpy_rank, nprocs, (plan, flags, rank_options(opts)), opts.timeout, ctx)
 
 
 def run_cross_memcpy(nprocs, plan, opts):
     ctx = multiprocessing.get_context("spawn")
     flags = ctx.RawArray("q", nprocs)
     data = ctx.RawArray("b", nprocs * nprocs * max(size for size, _, _ in plan))
-    return run_procs(cross_memcpy_rank, nprocs, (plan, flags, data, opts.pin), opts.timeout, ctx)
+    return run_procs(cross_memcpy_rank, nprocs, (plan, flags, data, rank_options(opts)), opts.timeout, ctx)
 
 
 def mpirun_command(mpirun, nprocs, plan_path, out_path, cores):
@@ -513,7 +542,7 @@ def run_mpi(nprocs, plan, opts):
     with tempfile.TemporaryDirectory(prefix="compare-mpi-") as tmp:
         plan_path, out_path = os.path.join(tmp, "plan.json"), os.path.join(tmp, "out.pkl")
         with open(plan_path, "w") as f:
-            json.dump({"plan": plan, "pin": opts.pin}, f)
+            json.dump({"plan": plan, "rank_opts": rank_options(opts)}, f)
         cmd = mpirun_command(mpirun, nprocs, plan_path, out_path, opts.cores)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, text=True, start_new_session=True)
@@ -738,6 +767,9 @@ def parse_args(argv):
                    help="which backends to run (default: all)")
     p.add_argument("--pin", action="store_true",
                    help="pin rank r to core r mod cores in every backend (default: the OS places them)")
+    p.add_argument("--fresh-send", action="store_true",
+                   help="rewrite every send buffer before each iteration, not timed, as a producer "
+                        "would (default: written once; zero copy and memcpy x produce every iteration anyway)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds one backend may take for one P before it is stopped (default 300)")
     p.add_argument("--json", metavar="PATH", help="write the configuration and every figure here")
@@ -821,7 +853,7 @@ def write_json(path, opts, machine, plans, results):
     doc = {
         "config": {"nprocs": opts.nprocs, "sizes": opts.sizes, "iters": opts.iters,
                    "warmup": opts.warmup, "backends": opts.backends, "timeout_s": opts.timeout,
-                   "pin": opts.pin,
+                   "pin": opts.pin, "fresh_send": opts.fresh_send,
                    "plans": {str(p): plan for p, plan in plans.items()},
                    "dtype": "uint8", "statistic": "per-iteration max over ranks",
                    "mpi_library": getattr(opts, "mpi_library", None)},
@@ -856,6 +888,8 @@ def main(argv=None):
     for p in opts.nprocs:
         print(f"  P = {p}: {'oversubscribes' if p > opts.cores else 'does not oversubscribe'} "
               f"the {opts.cores} cores")
+    print("  send buffers " + ("rewritten before every iteration (--fresh-send)" if opts.fresh_send
+                               else "written once (--fresh-send rewrites them every iteration)"))
     plans, results = {}, {}
     for p in opts.nprocs:
         plans[p] = make_plan(opts.sizes, opts.iters, opts.warmup)
