@@ -662,7 +662,9 @@ cdef class Core:
                         break
                     cpu = self._publish_cpu()  # we may have moved
                     give_way = self._behind_on_cpu(which, target, r, cpu)
-                    pause_until = bls_now_ns() + self.pause_ns
+                    now = bls_now_ns()
+                    pause_until = now + self.pause_ns
+                    continue
                 now = bls_now_ns()
                 continue
             rc = self._check_alive(which, target, r, now >= next_poll)
