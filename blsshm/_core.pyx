@@ -287,7 +287,7 @@ cdef class Core:
 
     # waiting policy
     cdef public int64_t spin_ns   # how long a wait spins before it sleeps
-    cdef public int64_t pause_ns  # of which the first part only pauses, the rest yields
+    cdef public int64_t pause_ns  # longest pause between yields while spinning
     cdef public int64_t slice_ns  # longest futex sleep between liveness checks
     cdef int lost_rank
     cdef const char* own_src    # a blocking alltoallv's own block, not yet copied (see _scatter)
@@ -572,8 +572,9 @@ cdef class Core:
         """Whether a rank from ``r`` on that is ``_behind`` last waited on CPU ``cpu`` (a ``cpu_hint``).
 
         Such a rank cannot run while we hold the CPU, so pausing for it is
-        useless.  A rank behind on another CPU is running there, or its
-        wait will end there: that is worth a short pause.
+        useless.  A rank behind on another CPU is probably running there
+        (hints are refreshed only when a rank waits, so one may be stale):
+        that is worth a short pause, never longer than ``pause_ns``.
         """
         if cpu == 0:  # sched_getcpu failed
             return False
@@ -649,7 +650,11 @@ cdef class Core:
                         r = self._first_behind(which, target, r)
                         if r < 0:
                             break
-                        if r != seen_r and self._behind_on_cpu(which, target, r, cpu):
+                        # A newly first rank behind: ask only about it (the
+                        # others were asked when the wait began or last yielded),
+                        # so a wait reads each hint O(1) times, not O(P).
+                        if (r != seen_r and cpu != 0
+                                and bls_load_relaxed32(&self.ranks[r].cpu_hint) == cpu):
                             give_way = True
                             break
                         bls_cpu_relax()

@@ -45,11 +45,15 @@ measures, one backend after another (never two at once):
 Method.  Every rank runs the warm-up iterations, then the timed ones, and
 times each timed iteration by itself with ``time.perf_counter_ns``.
 Collectives run back to back (they synchronise the ranks by themselves);
-the memcpy ranks are barrier-aligned.  Send buffers are written once
-unless ``--fresh-send`` rewrites them before every iteration (not timed),
-as a producer would: written once, they stay clean in a cache both cores
-share, which flatters Open MPI's single copy (it reads large messages
-straight from the sender's buffer, as ``memcpy x`` reads just-written ones).  For each iteration the figure is the
+the memcpy ranks are barrier-aligned.  Zero copy and ``memcpy x`` write
+their outgoing bytes every iteration; the other backends' send buffers are
+written once, unless ``--fresh-send`` rewrites them before every iteration
+and meets at a barrier (neither timed), as a producer would.  Written once,
+they stay clean in a cache both cores share, which flatters Open MPI's
+single copy (it reads large messages straight from the sender's buffer)
+against a producer's just-written lines.  Use it at 64 KiB and more: below, the
+barriers' exit skew (1-2 µs; MPI meets at its own ``Barrier``) outweighs
+what it measures.  For each iteration the figure is the
 MAXIMUM over ranks (the iteration is done when its slowest rank is), and
 the tables give the median and the 99th percentile of that maximum, in µs.
 Ratios are of medians: ``bls/MPI`` < 1 means blsshm is faster.  For sizes of
@@ -195,18 +199,24 @@ def place_rank(rank, rank_opts):
         os.sched_setaffinity(0, {cores[rank % len(cores)]})
 
 
-def send_refresher(send, rank_opts):
-    """With ``--fresh-send``, a ``before`` for ``time_loop`` that rewrites ``send``; else None.
+def send_refresher(send, rank_opts, barrier):
+    """With ``--fresh-send``, a ``before`` for ``time_loop``: rewrite ``send``, then ``barrier()``; else None.
 
     A producer writes new send data every iteration, so a transport finds it
     dirty in the producer's cache.  Written once, it stays clean in a cache
     both cores share, which flatters a single-copy transport (Open MPI reads
     a large message straight from the sender's buffer) at 64 KiB and more.
+    The barrier (not timed, as for zero copy) keeps out of the time how much
+    later the slowest rank finished its rewrite.
     """
     if not rank_opts["fresh_send"]:
         return None
     template = send.copy()
-    return lambda: np.copyto(send, template)
+
+    def refresh():
+        np.copyto(send, template)
+        barrier()
+    return refresh
 
 
 def die_with_parent():
@@ -225,10 +235,11 @@ def blsshm_timed(comm, step, warmup, iters, before=None):
     return {"ns": ns, "stats": comm.stats}
 
 
-def blsshm_copy_rank(comm, plan, rank_opts):
+def blsshm_copy_rank(comm, plan, rank_opts, raw_flags):
     """blsshm blocking alltoallv into a preallocated buffer."""
     place_rank(comm.rank, rank_opts)
     rank, nprocs = comm.rank, comm.size
+    barrier = SpinBarrier(raw_flags, rank)
     out = {}
     for size, warmup, iters in plan:
         send = send_buffer(rank, nprocs, size)
@@ -236,7 +247,7 @@ def blsshm_copy_rank(comm, plan, rank_opts):
         counts = [size] * nprocs
         alltoallv = comm.alltoallv
         out[size] = blsshm_timed(comm, lambda: alltoallv(send, counts, out=recv), warmup, iters,
-                                 before=send_refresher(send, rank_opts))
+                                 before=send_refresher(send, rank_opts, barrier.wait))
         check_received(recv, rank, nprocs, size)
     return out
 
@@ -274,7 +285,7 @@ def blsshm_zc_rank(comm, plan, rank_opts, raw_flags):
     return out
 
 
-def gloo_rank(rank, nprocs, plan, init_file, timeout_s, rank_opts):
+def gloo_rank(rank, nprocs, plan, init_file, timeout_s, rank_opts, raw_flags):
     """torch.distributed gloo all_to_all_single with split sizes."""
     place_rank(rank, rank_opts)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -295,7 +306,7 @@ def gloo_rank(rank, nprocs, plan, init_file, timeout_s, rank_opts):
             a2a = dist.all_to_all_single
             dist.barrier()
             ns = time_loop(lambda: a2a(recv, send, splits, splits), warmup, iters,
-                           before=send_refresher(send_array, rank_opts))
+                           before=send_refresher(send_array, rank_opts, SpinBarrier(raw_flags, rank).wait))
             check_received(recv.numpy(), rank, nprocs, size)
             out[size] = {"ns": ns}
         return out
@@ -340,13 +351,7 @@ def memcpy_rank(rank, nprocs, plan, raw_flags, rank_opts):
     for size, warmup, iters in plan:
         src = send_buffer(rank, nprocs, size)
         dst = np.empty_like(src)
-        refresh = send_refresher(src, rank_opts)
-
-        def before():
-            if refresh is not None:
-                refresh()
-            barrier.wait()
-
+        before = send_refresher(src, rank_opts, barrier.wait) or barrier.wait
         ns = time_loop(lambda: np.copyto(dst, src), warmup, iters, before=before)
         if not np.array_equal(dst, src):
             raise RuntimeError(f"rank {rank}: memcpy result differs at size {size}")
@@ -399,7 +404,7 @@ def mpi_worker(plan_path, out_path):
         a2av = comm.Alltoallv
         comm.Barrier()
         ns = time_loop(lambda: a2av(smsg, rmsg), warmup, iters,
-                       before=send_refresher(send, job["rank_opts"]))
+                       before=send_refresher(send, job["rank_opts"], comm.Barrier))
         check_received(recv, rank, nprocs, size)
         out[size] = {"ns": ns}
     gathered = comm.gather(out, root=0)
@@ -506,7 +511,9 @@ def run_gloo(nprocs, plan, opts):
     with tempfile.TemporaryDirectory(prefix="compare-gloo-") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         wait_s = min(opts.timeout, RANK_WAIT_TIMEOUT_S)
-        return run_procs(gloo_rank, nprocs, (plan, init_file, wait_s, rank_options(opts)), opts.timeout, ctx)
+        flags = ctx.RawArray("q", nprocs)  # zero-filled; see SpinBarrier
+        return run_procs(gloo_rank, nprocs, (plan, init_file, wait_s, rank_options(opts), flags),
+                         opts.timeout, ctx)
 
 
 def run_memcpy(nprocs, plan, opts):
@@ -563,13 +570,10 @@ def run_mpi(nprocs, plan, opts):
 
 def run_backend(backend, nprocs, plan, opts):
     """Per-rank results ``[{size: {"ns": array, ...}}, ...]`` of one backend."""
-    if backend == "blsshm":
-        return run_blsshm(blsshm_copy_rank, nprocs, plan, opts)
-    if backend == "blsshm_l1":
-        return run_blsshm(blsshm_copy_rank, nprocs, plan, opts, lag=1)
-    if backend == "blsshm_zc":
+    if backend in ("blsshm", "blsshm_l1", "blsshm_zc"):
         flags = multiprocessing.RawArray("q", nprocs)  # zero-filled; see SpinBarrier
-        return run_blsshm(blsshm_zc_rank, nprocs, plan, opts, flags)
+        rank_fn = blsshm_zc_rank if backend == "blsshm_zc" else blsshm_copy_rank
+        return run_blsshm(rank_fn, nprocs, plan, opts, flags, lag=1 if backend == "blsshm_l1" else 0)
     if backend == "gloo":
         return run_gloo(nprocs, plan, opts)
     if backend == "mpi":
@@ -769,7 +773,8 @@ def parse_args(argv):
                    help="pin rank r to core r mod cores in every backend (default: the OS places them)")
     p.add_argument("--fresh-send", action="store_true",
                    help="rewrite every send buffer before each iteration, not timed, as a producer "
-                        "would (default: written once; zero copy and memcpy x produce every iteration anyway)")
+                        "would, then meet at a barrier; for 64 KiB and more, where a barrier's exit skew is "
+                        "small (default: written once; zero copy and memcpy x produce every iteration anyway)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds one backend may take for one P before it is stopped (default 300)")
     p.add_argument("--json", metavar="PATH", help="write the configuration and every figure here")
@@ -888,8 +893,8 @@ def main(argv=None):
     for p in opts.nprocs:
         print(f"  P = {p}: {'oversubscribes' if p > opts.cores else 'does not oversubscribe'} "
               f"the {opts.cores} cores")
-    print("  send buffers " + ("rewritten before every iteration (--fresh-send)" if opts.fresh_send
-                               else "written once (--fresh-send rewrites them every iteration)"))
+    print("  send buffers of copy backends " + ("rewritten before every iteration (--fresh-send)" if opts.fresh_send
+                                            else "written once (--fresh-send rewrites them every iteration)"))
     plans, results = {}, {}
     for p in opts.nprocs:
         plans[p] = make_plan(opts.sizes, opts.iters, opts.warmup)

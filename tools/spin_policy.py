@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The measurements behind blsshm's waiting policy (``blsshm.comm.SPIN_US``).
 
-A wait spins (pausing, then yielding the core) for up to ``spin_us`` before
+A wait spins (pausing, and yielding the core every 2 us or, while a rank it
+waits for shares its core, after every check) for up to ``spin_us`` before
 it sleeps on a futex.  Three experiments, each run for several spin budgets
 side by side in one invocation:
 

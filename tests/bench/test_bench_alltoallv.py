@@ -7,7 +7,8 @@ measure, enable them and keep the figures as JSON::
     pytest tests/bench --benchmark-enable --benchmark-json=bench.json
 
 The single-process benchmarks are ordinary pytest-benchmark timings of one
-call.  The 2-rank benchmarks time their iterations *inside* the ranks: each
+call.  The multi-rank benchmarks (2 and 4 ranks; 4 oversubscribe a 2-core
+machine) time their iterations *inside* the ranks: each
 rank times every ``alltoallv`` with ``perf_counter_ns``, and ``extra_info``
 (in the JSON) holds the median and p99 over iterations of the per-iteration
 maximum over ranks, in µs; pytest-benchmark's own time for them is one whole
@@ -23,7 +24,7 @@ import pytest
 
 import blsshm
 
-# Timed iterations per rank in the 2-rank benchmarks: measuring, and smoke test.
+# Timed iterations per rank in the multi-rank benchmarks: measuring, and smoke test.
 ITERS, SMOKE_ITERS = 20_000, 200
 SPAWN_TIMEOUT_S = 30  # longest wait inside a collective before it raises
 
