@@ -22,9 +22,10 @@ DEFAULT_ARENA_BYTES = 32 << 20
 #: waits for run on other CPUs it pauses between checks (the answer is
 #: usually a cache line away) and calls sched_yield every 2 us; while one
 #: of them last waited on our CPU, as when ranks outnumber cores, it yields
-#: after every check, since that rank runs only if we give way.  A wait that outlasts the spin pays a wake-up: 17 us median
-#: (p90 35 us) here, 60-90 us in earlier runs on the same kind of VM, where
-#: a virtual CPU leaves its idle state.  A 1 ms spin keeps the moderate
+#: after every check, since that rank runs only if we give way.  A wait
+#: that outlasts the spin pays a wake-up: 17 us median (p90 35 us) here,
+#: 60-90 us in earlier runs on the same kind of VM, where a virtual CPU
+#: leaves its idle state.  A 1 ms spin keeps the moderate
 #: waits of imbalanced iterations free of it and costs at most a few
 #: percent when ranks share cores: 8 ranks on 2 cores ran 2000 alltoallv in
 #: 0.047 s with it (no sleeps) and 0.046 s sleeping after 2 us; 4 ranks on

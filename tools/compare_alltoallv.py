@@ -51,10 +51,10 @@ written once, unless ``--fresh-send`` rewrites them before every iteration
 and meets at a barrier (neither timed), as a producer would.  Written once,
 they stay clean in a cache both cores share, which flatters Open MPI's
 single copy (it reads large messages straight from the sender's buffer)
-against a producer's just-written lines.  Use it at 64 KiB and more: below, the
-barriers' exit skew (1-2 µs; MPI meets at its own ``Barrier``) outweighs
-what it measures.  For each iteration the figure is the
-MAXIMUM over ranks (the iteration is done when its slowest rank is), and
+against a producer's just-written lines.  Use it at 64 KiB and more:
+below, the barriers' exit skew (1-2 µs; MPI meets at its own ``Barrier``)
+outweighs what it measures.  For each iteration the figure is the MAXIMUM
+over ranks (the iteration is done when its slowest rank is), and
 the tables give the median and the 99th percentile of that maximum, in µs.
 Ratios are of medians: ``bls/MPI`` < 1 means blsshm is faster.  For sizes of
 1 MiB and more the bandwidth is also printed: bytes each rank receives per
@@ -257,7 +257,8 @@ def blsshm_zc_rank(comm, plan, rank_opts, raw_flags):
 
     Writing the outgoing blocks is the producer's own work (the DLRM lookup
     kernel pools rows straight into the views), as filling a send buffer is
-    for the other backends, which fill theirs once before timing: it is done
+    for the other backends, which fill theirs before timing (once, unless
+    ``--fresh-send``): it is done
     every iteration, so the caches hold what a producer leaves, but not timed.
     """
     place_rank(comm.rank, rank_opts)
@@ -288,6 +289,7 @@ def blsshm_zc_rank(comm, plan, rank_opts, raw_flags):
 def gloo_rank(rank, nprocs, plan, init_file, timeout_s, rank_opts, raw_flags):
     """torch.distributed gloo all_to_all_single with split sizes."""
     place_rank(rank, rank_opts)
+    barrier = SpinBarrier(raw_flags, rank)  # one for all sizes: its generations must keep growing
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import datetime
 
@@ -306,7 +308,7 @@ def gloo_rank(rank, nprocs, plan, init_file, timeout_s, rank_opts, raw_flags):
             a2a = dist.all_to_all_single
             dist.barrier()
             ns = time_loop(lambda: a2a(recv, send, splits, splits), warmup, iters,
-                           before=send_refresher(send_array, rank_opts, SpinBarrier(raw_flags, rank).wait))
+                           before=send_refresher(send_array, rank_opts, barrier.wait))
             check_received(recv.numpy(), rank, nprocs, size)
             out[size] = {"ns": ns}
         return out
