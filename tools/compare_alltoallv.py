@@ -56,7 +56,14 @@ below, the barriers' exit skew (1-2 µs; MPI meets at its own ``Barrier``)
 outweighs what it measures.  For each iteration the figure is the MAXIMUM
 over ranks (the iteration is done when its slowest rank is), and
 the tables give the median and the 99th percentile of that maximum, in µs.
-Ratios are of medians: ``bls/MPI`` < 1 means blsshm is faster.  For sizes of
+Ratios are of medians: ``bls/MPI`` < 1 means blsshm is faster.  A second
+block gives each backend's time per iteration of the whole loop (every
+rank's mean call; the slowest rank's), with ratios of those: what a loop of
+iterations sees.  For a synchronous collective the two figures agree.
+At lag 1 with ranks sharing cores they do not: a rank runs two iterations
+per turn on its core, so its calls alternate short and long (the long one
+spans the other rank's turn), and some rank is in its long call in nearly
+every iteration, which the maximum over ranks then reports.  For sizes of
 1 MiB and more the bandwidth is also printed: bytes each rank receives per
 iteration (P x size, its own block included) over the median time, with
 the ratio to the memcpy floor.  Sizes above 64 KiB run a quarter of
@@ -602,6 +609,9 @@ def summarize(per_rank, size):
         "min_us": float(worst.min()),
         "max_us": float(worst.max()),
         "rank_median_us": [float(np.median(row)) / 1e3 for row in ns],
+        # Throughput: the slowest rank's mean call, the time per iteration of
+        # a loop of them (barriers and refills excluded, as from every call).
+        "loop_us": float(ns.mean(axis=1).max()) / 1e3,
     }
     if "stats" in per_rank[0][size]:
         fig["rank_stats"] = [r[size]["stats"] for r in per_rank]
@@ -631,21 +641,22 @@ def measure(nprocs, plan, opts):
     return out
 
 
-def median(results, backend, size):
+def median(results, backend, size, key="median_us"):
+    """A backend's figure ``key`` at ``size`` (default its median), or None."""
     try:
-        return results[backend]["sizes"][size]["median_us"]
+        return results[backend]["sizes"][size][key]
     except KeyError:
         return None
 
 
-def ratios(results, size):
-    """Ratios of medians; None where a backend has no figure."""
+def ratios(results, size, key="median_us"):
+    """Ratios of medians (or of figure ``key``); None where a backend has no figure."""
     pairs = {"bls/MPI": ("blsshm", "mpi"), "bls/gloo": ("blsshm", "gloo"),
              "l1/MPI": ("blsshm_l1", "mpi"),
              "zc/MPI": ("blsshm_zc", "mpi"), "zc/gloo": ("blsshm_zc", "gloo")}
     out = {}
     for name, (a, b) in pairs.items():
-        x, y = median(results, a, size), median(results, b, size)
+        x, y = median(results, a, size, key), median(results, b, size, key)
         out[name] = x / y if x is not None and y else None
     return out
 
@@ -693,18 +704,24 @@ def print_table(nprocs, plan, results, cores):
     head = f"{'size':>8} {'iters':>6}" + "".join(f" {LABELS[b]:>17}" for b in shown)
     ratio_names = list(ratios({}, 0))
     print(head + "".join(f" {r:>8}" for r in ratio_names))
-    for size, _, iters in plan:
-        cells = []
-        for b in shown:
-            fig = results[b].get("sizes", {}).get(size)
-            if fig is None:
-                cell = "skipped" if "skipped" in results[b] else "failed"
-            else:
-                cell = f"{fmt_us(fig['median_us'])} / {fmt_us(fig['p99_us'])}"
-            cells.append(f" {cell:>17}")
-        rs = ratios(results, size)
-        print(f"{fmt_size(size):>8} {iters:>6}" + "".join(cells)
-              + "".join(f" {fmt_ratio(rs[r]):>8}" for r in ratio_names))
+    def rows(cell_of, key):
+        for size, _, iters in plan:
+            cells = []
+            for b in shown:
+                fig = results[b].get("sizes", {}).get(size)
+                if fig is None:
+                    cell = "skipped" if "skipped" in results[b] else "failed"
+                else:
+                    cell = cell_of(fig)
+                cells.append(f" {cell:>17}")
+            rs = ratios(results, size, key)
+            print(f"{fmt_size(size):>8} {iters:>6}" + "".join(cells)
+                  + "".join(f" {fmt_ratio(rs[r]):>8}" for r in ratio_names))
+
+    rows(lambda fig: f"{fmt_us(fig['median_us'])} / {fmt_us(fig['p99_us'])}", "median_us")
+    print("  the same, per iteration of the whole loop (the slowest rank's mean call; "
+          "ratios of these):")
+    rows(lambda fig: fmt_us(fig["loop_us"]), "loop_us")
     for size, _, _ in plan:
         if size >= BANDWIDTH_MIN:
             print_bandwidth(nprocs, size, bandwidth(results, nprocs, size))
@@ -868,12 +885,14 @@ def write_json(path, opts, machine, plans, results):
         "results": {},
     }
     for p, res in results.items():
-        entry = {"oversubscribed": p > machine["cores"], "backends": {}, "ratios": {}, "bandwidth": {}}
+        entry = {"oversubscribed": p > machine["cores"], "backends": {}, "ratios": {},
+                 "ratios_loop": {}, "bandwidth": {}}
         for backend, r in res.items():
             entry["backends"][backend] = (
                 {**r, "sizes": {str(s): fig for s, fig in r["sizes"].items()}} if "sizes" in r else r)
         for size, _, _ in plans[p]:
             entry["ratios"][str(size)] = ratios(res, size)
+            entry["ratios_loop"][str(size)] = ratios(res, size, "loop_us")
             if size >= BANDWIDTH_MIN:
                 entry["bandwidth"][str(size)] = bandwidth(res, p, size)
         doc["results"][str(p)] = entry
