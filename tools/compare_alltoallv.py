@@ -35,12 +35,15 @@ measures, one backend after another (never two at once):
 ``memcpy``     the physical floor: each rank ``np.copyto`` of the P x size
                bytes it receives per iteration, P processes at once, started
                together before every iteration by a spinning barrier (not
-               timed);
+               timed).  When ranks outnumber cores, ranks sharing a core copy
+               one after the other, so each then also waits (timed) at a
+               barrier until all have copied: the iteration's end;
 ``memcpy x``   the floor for bytes that cross cores: every rank writes its P
                blocks into shared memory (not timed, like a producer), all
                meet at a barrier (not timed), then each copies the P blocks
                addressed to it, (P-1)/P of them written by other cores just
-               before: an alltoallv with free synchronisation.
+               before: an alltoallv with free synchronisation (and, as for
+               ``memcpy``, a timed barrier after it when oversubscribed).
 
 Method.  Every rank runs the warm-up iterations, then the timed ones, and
 times each timed iteration by itself with ``time.perf_counter_ns``.
@@ -352,6 +355,22 @@ class SpinBarrier:
                 raise RuntimeError(f"rank {self.rank}: barrier timed out after {BARRIER_TIMEOUT_S} s")
 
 
+def until_all_done(copy, nprocs, barrier):
+    """``copy``, then, when ranks outnumber cores, wait (timed) until every rank has copied.
+
+    On a shared core the ranks copy one after another, each timing only its
+    own copy; the iteration ends when the last of them has, and that is the
+    floor an oversubscribed alltoallv is measured against.
+    """
+    if nprocs <= cpu_count():
+        return copy
+
+    def copy_and_wait():
+        copy()
+        barrier.wait()
+    return copy_and_wait
+
+
 def memcpy_rank(rank, nprocs, plan, raw_flags, rank_opts):
     """The floor: copy the bytes a rank receives, all ranks at once."""
     place_rank(rank, rank_opts)
@@ -361,7 +380,8 @@ def memcpy_rank(rank, nprocs, plan, raw_flags, rank_opts):
         src = send_buffer(rank, nprocs, size)
         dst = np.empty_like(src)
         before = send_refresher(src, rank_opts, barrier.wait) or barrier.wait
-        ns = time_loop(lambda: np.copyto(dst, src), warmup, iters, before=before)
+        step = until_all_done(lambda: np.copyto(dst, src), nprocs, barrier)
+        ns = time_loop(step, warmup, iters, before=before)
         if not np.array_equal(dst, src):
             raise RuntimeError(f"rank {rank}: memcpy result differs at size {size}")
         out[size] = {"ns": ns}
@@ -387,7 +407,8 @@ def cross_memcpy_rank(rank, nprocs, plan, raw_flags, raw_data, rank_opts):
             np.copyto(mine, outgoing)
             barrier.wait()  # everyone's blocks are written
 
-        ns = time_loop(lambda: np.concatenate(blocks, out=dst), warmup, iters, before=produce)
+        step = until_all_done(lambda: np.concatenate(blocks, out=dst), nprocs, barrier)
+        ns = time_loop(step, warmup, iters, before=produce)
         check_received(dst, rank, nprocs, size)
         out[size] = {"ns": ns}
     return out
