@@ -199,7 +199,7 @@ def time_loop(step, warmup, iters, before=None):
 
 def rank_options(opts):
     """What every rank needs of the command line (picklable, JSON-able)."""
-    return {"pin": opts.pin, "fresh_send": opts.fresh_send}
+    return {"pin": opts.pin, "fresh_send": opts.fresh_send, "cores": opts.cores}
 
 
 def place_rank(rank, rank_opts):
@@ -355,14 +355,14 @@ class SpinBarrier:
                 raise RuntimeError(f"rank {self.rank}: barrier timed out after {BARRIER_TIMEOUT_S} s")
 
 
-def until_all_done(copy, nprocs, barrier):
+def until_all_done(copy, nprocs, barrier, rank_opts):
     """``copy``, then, when ranks outnumber cores, wait (timed) until every rank has copied.
 
     On a shared core the ranks copy one after another, each timing only its
     own copy; the iteration ends when the last of them has, and that is the
     floor an oversubscribed alltoallv is measured against.
     """
-    if nprocs <= cpu_count():
+    if nprocs <= rank_opts["cores"]:  # the run's cores: --pin leaves this rank only one
         return copy
 
     def copy_and_wait():
@@ -380,7 +380,7 @@ def memcpy_rank(rank, nprocs, plan, raw_flags, rank_opts):
         src = send_buffer(rank, nprocs, size)
         dst = np.empty_like(src)
         before = send_refresher(src, rank_opts, barrier.wait) or barrier.wait
-        step = until_all_done(lambda: np.copyto(dst, src), nprocs, barrier)
+        step = until_all_done(lambda: np.copyto(dst, src), nprocs, barrier, rank_opts)
         ns = time_loop(step, warmup, iters, before=before)
         if not np.array_equal(dst, src):
             raise RuntimeError(f"rank {rank}: memcpy result differs at size {size}")
@@ -407,7 +407,7 @@ def cross_memcpy_rank(rank, nprocs, plan, raw_flags, raw_data, rank_opts):
             np.copyto(mine, outgoing)
             barrier.wait()  # everyone's blocks are written
 
-        step = until_all_done(lambda: np.concatenate(blocks, out=dst), nprocs, barrier)
+        step = until_all_done(lambda: np.concatenate(blocks, out=dst), nprocs, barrier, rank_opts)
         ns = time_loop(step, warmup, iters, before=produce)
         check_received(dst, rank, nprocs, size)
         out[size] = {"ns": ns}
@@ -631,7 +631,7 @@ def summarize(per_rank, size):
         "max_us": float(worst.max()),
         "rank_median_us": [float(np.median(row)) / 1e3 for row in ns],
         # Throughput: the slowest rank's mean call, the time per iteration of
-        # a loop of them (barriers and refills excluded, as from every call).
+        # a loop of them (untimed barriers and refills excluded, as from every call).
         "loop_us": float(ns.mean(axis=1).max()) / 1e3,
     }
     if "stats" in per_rank[0][size]:
@@ -662,7 +662,7 @@ def measure(nprocs, plan, opts):
     return out
 
 
-def median(results, backend, size, key="median_us"):
+def figure(results, backend, size, key="median_us"):
     """A backend's figure ``key`` at ``size`` (default its median), or None."""
     try:
         return results[backend]["sizes"][size][key]
@@ -677,7 +677,7 @@ def ratios(results, size, key="median_us"):
              "zc/MPI": ("blsshm_zc", "mpi"), "zc/gloo": ("blsshm_zc", "gloo")}
     out = {}
     for name, (a, b) in pairs.items():
-        x, y = median(results, a, size, key), median(results, b, size, key)
+        x, y = figure(results, a, size, key), figure(results, b, size, key)
         out[name] = x / y if x is not None and y else None
     return out
 
@@ -686,11 +686,11 @@ def bandwidth(results, nprocs, size):
     """GB/s received per rank (from medians) for the copying backends, and ratios to
     the two floors: plain memcpy, and memcpy of blocks other cores just wrote."""
     nbytes = nprocs * size
-    floor = median(results, "memcpy", size)
-    cross = median(results, "memcpy_x", size)
+    floor = figure(results, "memcpy", size)
+    cross = figure(results, "memcpy_x", size)
     out = {}
     for backend in ("blsshm", "blsshm_zc", "memcpy", "memcpy_x"):
-        m = median(results, backend, size)
+        m = figure(results, backend, size)
         if m is None:
             continue
         out[backend] = {"GB_per_s": nbytes / (m * 1e-6) / 1e9,
@@ -725,6 +725,7 @@ def print_table(nprocs, plan, results, cores):
     head = f"{'size':>8} {'iters':>6}" + "".join(f" {LABELS[b]:>17}" for b in shown)
     ratio_names = list(ratios({}, 0))
     print(head + "".join(f" {r:>8}" for r in ratio_names))
+
     def rows(cell_of, key):
         for size, _, iters in plan:
             cells = []
