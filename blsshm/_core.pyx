@@ -7,9 +7,9 @@ This module is the whole protocol (DESIGN §2-§3); the layout is in
 Rank ``s`` posts iteration ``t`` into slot ``t % (L+1)``.  If every block
 fits a mailbox (80 bytes), it writes each block into its one-line mailbox
 for (``s``, receiver, slot); otherwise it writes a record (one block per
-destination) into its own arena and a descriptor, whose stamp it sets to
-``t + 1`` with a release store, and each mailbox says "in the record".  Each
-mailbox's stamp is then set to ``t + 1`` (release), and ``published[s] = t + 1``
+destination) into its own arena, and each mailbox says where in the record
+its block is.  Each mailbox's stamp is then set to ``t + 1`` (release), and
+``published[s] = t + 1``
 (release).  Rank ``r`` completes ``t`` once its mailbox from every sender
 reads ``t + 1`` (acquire loads: a small block arrives with its stamp, in one
 cache-line transfer; ``published`` serves sleepers, liveness checks and
@@ -17,7 +17,9 @@ tools), reads its blocks, then stores ``completed[r] = t + 1`` with release.
 A sender may reuse a slot or a record once every ``completed`` has passed its
 iteration.  ``post(t)`` first waits until every ``completed >= t - L``: this
 is the lag bound I2.  Segments too large for mailboxes (P x P x (L+1) lines
-over 16 MiB) have none; receivers then poll the descriptor stamps.
+over 16 MiB) have none: a sender then describes each record in a descriptor
+per (sender, slot), whose stamp it sets to ``t + 1`` (release), and receivers
+poll those stamps.
 """
 
 cimport cython
@@ -121,6 +123,7 @@ cdef extern from "_layout.h" nogil:
         uint32_t itemsize
         char dtype[1]
         char data[1]
+        uint64_t block_offset
 
 # Which counter a wait is about.
 cdef enum:
@@ -272,7 +275,7 @@ cdef class Core:
     cdef bytes last_dtype_str
     cdef object last_dtype_arg  # the last dtype argument of post_views, and its dtype
     cdef object last_dtype_arg_resolved
-    cdef object last_recv_dtype # the last dtype found in a descriptor, and its string
+    cdef object last_recv_dtype # the last dtype a sender sent us, and its string
     cdef bytes last_recv_dtype_str
     cdef object last_recv_counts  # see _recv_counts
     cdef object last_timeout    # the last timeout argument validated, and its ns
@@ -974,7 +977,7 @@ cdef class Core:
         return self.arenas + <uint64_t>self.rank * self.arena_bytes + self.pending_start + self.block_off[q]
 
     cdef int _commit(self, uint64_t t, cnp.dtype dtype) except -1:
-        """Write the descriptor and mailboxes of the pending post and publish iteration ``t``."""
+        """Write the mailboxes (or the descriptor) of the pending post and publish iteration ``t``."""
         cdef uint64_t slot = self._slot(t)
         cdef bls_desc_t* d
         cdef bls_mbox_t* mb
@@ -982,7 +985,7 @@ cdef class Core:
         cdef int idx
         cdef uint64_t itemsize = dtype.itemsize
         cdef bytes dstr = self._dtype_str(dtype)
-        if not self.pending_inline:
+        if not self.pending_inline and self.mboxes == NULL:
             d = self._desc_in_slot(self.rank, slot)
             d.record_offset = self.pending_start
             d.record_bytes = self.pending_bytes
@@ -992,18 +995,19 @@ cdef class Core:
                 d.blocks[2 * q] = self.block_off[q]
                 d.blocks[2 * q + 1] = <uint64_t>self.counts[q] * itemsize
             # Release: the record and the descriptor above are visible to any
-            # receiver whose acquire load sees the stamp (or a mailbox stamp,
-            # stored after this one).
+            # receiver whose acquire load sees the stamp.
             bls_store_release(&d.stamp, t + 1)
         if self.mboxes != NULL:
             for q in range(self.size):
                 mb = self._mbox(self.rank, q, slot)
                 mb.nbytes = <uint64_t>self.counts[q] * itemsize
                 mb.inline_data = self.pending_inline
+                if not self.pending_inline:
+                    mb.block_offset = self.pending_start + self.block_off[q]
                 mb.itemsize = <uint32_t>itemsize
                 _put_dtype(mb.dtype, dstr)
-                # Release: the block (inline, or the record and descriptor)
-                # is visible to the receiver whose acquire load sees this.
+                # Release: the block (inline, or in the record) is visible
+                # to the receiver whose acquire load sees this.
                 bls_store_release(&mb.stamp, t + 1)
         # `published` carries the same news for sleepers, liveness checks and tools.
         idx = <int>self._slot(<uint64_t>(self.fl_first + self.fl_count))
@@ -1209,9 +1213,10 @@ cdef class Core:
                          uint64_t* nbytes, const char** dtype_chars=NULL, uint32_t* item_out=NULL) except? 0:
         """Validate what source ``s`` posted to us for ``t``; return the segment offset of our block.
 
-        The block is in our mailbox from ``s`` when it says so, else in ``s``'s
-        record as its descriptor says.  ``dtype_chars``/``item_out``, if given,
-        receive the sender's dtype string and item size.
+        The block is in our mailbox from ``s`` or in ``s``'s record, as the
+        mailbox says; without mailboxes, where ``s``'s descriptor says.
+        ``dtype_chars``/``item_out``, if given, receive the sender's dtype
+        string and item size.
         """
         cdef uint64_t slot = self._slot(t)
         cdef bls_mbox_t* mb
@@ -1219,19 +1224,22 @@ cdef class Core:
         cdef uint64_t off, n, where
         cdef const char* dchars = NULL
         cdef uint32_t isz = 0
-        cdef bint found = False
         if self.mboxes != NULL:
             mb = self._mbox(s, self.rank, slot)
             if mb.stamp != t + 1:
                 self._protocol_error(f"rank {s}'s mailbox for iteration {t} holds iteration {<int64_t>mb.stamp - 1}")
+            n = mb.nbytes
+            dchars, isz = mb.dtype, mb.itemsize
             if mb.inline_data:
-                n = mb.nbytes
                 if n > BLS_MBOX_DATA:
                     self._protocol_error(f"rank {s}'s block for iteration {t} overflows its mailbox")
-                dchars, isz = mb.dtype, mb.itemsize
                 where = <uint64_t>(<char*>mb.data - self.base)
-                found = True
-        if not found:
+            else:
+                off = mb.block_offset
+                if off > self.arena_bytes or n > self.arena_bytes - off:
+                    self._protocol_error(f"rank {s}'s block for iteration {t} lies outside its arena")
+                where = self.hdr.arenas_offset + <uint64_t>s * self.arena_bytes + off
+        else:
             d = self._desc_in_slot(s, slot)
             off = d.blocks[2 * self.rank]
             n = d.blocks[2 * self.rank + 1]

@@ -18,7 +18,7 @@
 
 #define BLS_LINE 128
 #define BLS_MAGIC 0x314d485353534c42ULL /* "BLSSSHM1" */
-#define BLS_VERSION 2
+#define BLS_VERSION 3
 #define BLS_BLOCK_ALIGN 64              /* each per-destination block starts on a cache line */
 #define BLS_DTYPE_CHARS 20
 
@@ -69,10 +69,11 @@ typedef struct {
     char abort_reason[BLS_LINE - 20];
 } bls_rank_t;
 
-/* One per sender and iteration slot (t mod (L+1)); written by the sender
- * when it posts t through a record (not when every block fits a mailbox),
- * `stamp` last.  Receivers find it through their mailbox, or poll the stamp
- * when the segment has no mailboxes. */
+/* One per sender and iteration slot (t mod (L+1)), used only by segments
+ * without mailboxes: written by the sender when it posts t, `stamp` last;
+ * receivers poll the stamp, then read where their block is.  (With
+ * mailboxes, each receiver's mailbox says where its block is: one line to
+ * read before the block instead of two.) */
 typedef struct {
     uint64_t stamp;                /* t + 1 once iteration t is posted (0: never) */
     uint64_t record_offset;        /* from the start of the sender's arena */
@@ -85,8 +86,9 @@ typedef struct {
 /* One per (sender, receiver, iteration slot), when the segment has them:
  * what the sender posted to that receiver.  A small block travels inside
  * (`inline_data`), so the one line the receiver polls also brings the bytes;
- * a larger one stays in the sender's record, found through its descriptor.
- * The sender writes everything else first and `stamp` last. */
+ * a larger one stays in the sender's record, at `block_offset` from the
+ * start of the sender's arena.  The sender writes everything else first and
+ * `stamp` last. */
 #define BLS_MBOX_DATA (BLS_LINE - 48)
 typedef struct {
     uint64_t stamp;                /* t + 1 once iteration t is posted (0: never) */
@@ -95,7 +97,10 @@ typedef struct {
     uint32_t itemsize;
     char dtype[BLS_DTYPE_CHARS];   /* numpy dtype.str, NUL-terminated */
     char _pad[4];
-    char data[BLS_MBOX_DATA];      /* 16-byte aligned (the struct is line-aligned) */
+    union {
+        char data[BLS_MBOX_DATA];  /* inline: the block; 16-byte aligned (the struct is line-aligned) */
+        uint64_t block_offset;     /* in the record: where the block starts in the sender's arena */
+    };
 } bls_mbox_t;
 
 _Static_assert(sizeof(bls_header_t) == BLS_LINE, "header is one line");
