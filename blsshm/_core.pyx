@@ -1253,9 +1253,11 @@ cdef class Core:
         if expect_dtype is not None:
             if isz != itemsize or strncmp(dchars, expect_dtype, BLS_DTYPE_CHARS) != 0:
                 sent = (<bytes>dchars[:BLS_DTYPE_CHARS]).split(b'\0')[0].decode(errors="replace")
+                ours = expect_dtype.decode()
+                if sent == ours:  # same name, different sizes: only a corrupt line does this
+                    sent, ours = f"{sent} in {isz}-byte items", f"{ours} in {itemsize}-byte items"
                 self._protocol_error(
-                    f"dtype mismatch at iteration {t}: rank {s} sent {sent}, "
-                    f"rank {self.rank} sent {expect_dtype.decode()}")
+                    f"dtype mismatch at iteration {t}: rank {s} sent {sent}, rank {self.rank} sent {ours}")
         if isz == 0 or n % isz:
             self._protocol_error(f"rank {s}'s block for iteration {t} is not whole elements")
         nbytes[0] = n
