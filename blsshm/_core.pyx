@@ -561,15 +561,21 @@ cdef class Core:
 
     cdef int _check_alive(self, int which, uint64_t target, int r, bint poll_pids) noexcept nogil:
         """ERR_LOST (and lost_rank set) if a rank we still wait for closed or died."""
+        # A rank may reach the target, then close or exit, between our first
+        # load of its count and our look at its state: so the count is read
+        # again after the state.  That second read is final: a rank stores
+        # its counts before its CLOSED state (release; we acquire the state),
+        # and a process that exited stores nothing more.
+        cdef bint closed
         while r < self.size:
             if bls_load_acquire(self._counter(which, r)) < target:
-                if bls_load_acquire32(&self.ranks[r].state) == BLS_STATE_CLOSED:
+                closed = bls_load_acquire32(&self.ranks[r].state) == BLS_STATE_CLOSED
+                if ((closed or (poll_pids and self._exited(r)))
+                        and bls_load_acquire(self._counter(which, r)) < target):
                     self.lost_rank = r
-                    self._abort_nogil(BLS_ABORT_PEER_LOST, r, b"it closed the communicator while others waited for it")
-                    return ERR_LOST
-                if poll_pids and self._exited(r):
-                    self.lost_rank = r
-                    self._abort_nogil(BLS_ABORT_PEER_LOST, r, b"its process exited")
+                    self._abort_nogil(BLS_ABORT_PEER_LOST, r,
+                                      b"it closed the communicator while others waited for it" if closed
+                                      else b"its process exited")
                     return ERR_LOST
             r += 1
         return OK
