@@ -26,11 +26,18 @@ cimport cython
 from libc.stdint cimport uint32_t, uint64_t, int64_t, int32_t
 from libc.string cimport memcpy, memset, strncpy, strncmp, memchr
 from libc.stdlib cimport calloc, free
+from libc.errno cimport errno, EINTR
 from posix.unistd cimport getpid
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.long cimport PyLong_AsLongLong
 from cpython.ref cimport Py_INCREF
 cimport numpy as cnp
+
+cdef extern from "Python.h":
+    # Declared without an exception clause: _wait calls it in a nogil,
+    # noexcept function and leaves the exception set for _await to raise.
+    int check_signals "PyErr_CheckSignals"() noexcept
+
 import operator
 
 import numpy as np
@@ -137,6 +144,7 @@ cdef enum:
     ERR_TIMEOUT = 2
     ERR_LOST = 3
     STILL_WAITING = 4  # a wait's first phase, run holding the GIL, ran out (see _await)
+    ERR_SIGNAL = 5     # a signal handler raised (Ctrl-C): its exception is set
 
 #: "use the communicator's default timeout" (``comm.timeout``)
 DEFAULT_TIMEOUT = object()
@@ -649,6 +657,7 @@ cdef class Core:
         cdef uint64_t seen
         cdef uint64_t* counter
         cdef uint32_t* sleepers
+        cdef bint interrupted = False
         while True:
             if self._aborted():
                 rc = ERR_ABORTED
@@ -695,6 +704,16 @@ cdef class Core:
             rc = self._check_alive(which, target, r, now >= next_poll)
             if rc != OK:
                 break
+            if interrupted or now >= next_poll:
+                # Let Python run its signal handlers (Ctrl-C's KeyboardInterrupt)
+                # while we sleep: at least once per slice, and at once when a
+                # signal cut a sleep short.  Sleeping is the slow path already.
+                interrupted = False
+                with gil:
+                    if check_signals() != 0:
+                        rc = ERR_SIGNAL
+                if rc != OK:
+                    break
             if now >= next_poll:
                 next_poll = now + self.slice_ns
             sleep_ns = next_poll - now
@@ -709,7 +728,7 @@ cdef class Core:
             bls_fence()
             seen = bls_load_acquire(counter)
             if seen < target and not self._aborted():
-                bls_futex_wait(counter, <uint32_t>seen, sleep_ns)
+                interrupted = bls_futex_wait(counter, <uint32_t>seen, sleep_ns) == -1 and errno == EINTR
                 self.futex_sleeps += 1
             bls_add32(sleepers, -1)
             now = bls_now_ns()
@@ -748,6 +767,8 @@ cdef class Core:
         if rc == STILL_WAITING:
             with nogil:
                 rc = self._wait(which, target, deadline_ns[0])
+        if rc == ERR_SIGNAL:
+            return -1  # the handler's exception (KeyboardInterrupt) is set: let it propagate
         if rc != OK:
             self._raise_wait(rc, which, target, operation, t)
         return 0

@@ -1,4 +1,7 @@
-"""A wait keeps the GIL only briefly: the waiting process's other threads run."""
+"""A wait keeps the GIL only briefly: the waiting process's other threads run,
+and its signal handlers too (Ctrl-C ends a wait that would never end)."""
+import os
+import signal
 import threading
 import time
 
@@ -45,3 +48,39 @@ def test_other_threads_run_while_a_rank_waits():
     # Holding the GIL through the wait would allow no tick at all; a wait that
     # lets go of it after microseconds allows about one per millisecond.
     assert out["ticks_during_wait"] >= 10, out
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_signal_handler_runs_in_a_wait_and_its_exception_ends_the_wait():
+    """Ctrl-C must stop a rank blocked forever (timeout=None) on a peer that never posts."""
+    a = blsshm.Comm.create(2, 0, arena_bytes=1 << 16, timeout=None, spin_us=0)
+    b = blsshm.Comm.attach(a.name, 1, timeout=None)
+    late_post = []
+
+    def post_late():  # only so that a wait which ignores the signal ends: then the test fails
+        late_post.append(True)
+        b.post(0, np.zeros(2), [1, 1])
+
+    def interrupt(signum, frame):
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    send_sigint = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    rescue = threading.Timer(20, post_late)
+    try:
+        a.post(0, np.zeros(2), [1, 1])
+        send_sigint.start()
+        rescue.start()
+        with pytest.raises(_Interrupted):
+            a.complete(0)
+        assert not late_post, "the wait ended only when the peer posted"
+        assert a.next_complete == 0  # raised out of the wait, not after it
+    finally:
+        send_sigint.cancel()
+        rescue.cancel()
+        signal.signal(signal.SIGINT, previous)
+        a.close()
+        b.close()
