@@ -1325,7 +1325,8 @@ cdef class Core:
             recv = self._check_out(out, dtype)
             if <uint64_t>cnp.PyArray_SIZE(recv) * itemsize < total:
                 raise BlsValueError(
-                    f"out holds {cnp.PyArray_SIZE(recv)} elements; iteration {t} delivers {total // itemsize}")
+                    f"out holds {cnp.PyArray_SIZE(recv)} elements; iteration {t} delivers {total // itemsize}: "
+                    f"it is posted, not completed; call complete({t}) with a larger out or none")
             if cnp.PyArray_NDIM(recv) != 1 or <uint64_t>cnp.PyArray_SIZE(recv) * itemsize != total:
                 recv = recv.reshape(-1)[:total // itemsize]
         cdef char* dst = <char*>cnp.PyArray_DATA(recv)
@@ -1492,7 +1493,10 @@ cdef class Core:
         """Blocking alltoallv: ``post`` then ``complete`` of the next iteration.
 
         Same arguments and result as :meth:`post` and :meth:`complete`.  With
-        ``lag = 0`` this is an ordinary synchronous alltoallv.
+        ``lag = 0`` this is an ordinary synchronous alltoallv.  ``out``'s
+        dtype is checked before posting; its size only once the blocks have
+        arrived (their sizes are the senders'): if it is too small, the
+        iteration stays posted and ``complete(t)`` with room enough ends it.
         """
         cdef int64_t t = self.next_post
         if self.next_complete != self.next_post:

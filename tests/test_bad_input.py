@@ -265,3 +265,18 @@ def test_the_name_is_gone_once_every_rank_attached():
         second.close()
     finally:
         first.close()
+
+
+def _blocking_call_with_small_out(comm):
+    with pytest.raises(BlsValueError, match=r"out holds 3 elements; iteration 0 delivers 4.*call complete\(0\)"):
+        comm.alltoallv(GOOD, [2, 2], out=np.empty(3, np.float32))
+    assert (comm.next_post, comm.next_complete) == (1, 0)  # posted: the size was known only then
+    recv, counts = comm.complete(0, out=np.empty(4, np.float32))
+    return recv.tolist(), counts.tolist(), comm.alltoallv(GOOD, [2, 2])[0].tolist()
+
+
+def test_blocking_call_with_too_small_out_leaves_the_iteration_to_complete():
+    """The one bad input found after posting: the message says how to finish the iteration."""
+    rank0, rank1 = [0.0, 1.0, 0.0, 1.0], [2.0, 3.0, 2.0, 3.0]
+    assert blsshm.spawn(_blocking_call_with_small_out, 2, timeout=30) == [
+        (rank0, [2, 2], rank0), (rank1, [2, 2], rank1)]
