@@ -1072,6 +1072,12 @@ cdef class Core:
             raise BlsTypeError(f"dtype {dtype} has no size")
         if len(dtype.str) >= BLS_DTYPE_CHARS:
             raise BlsTypeError(f"dtype {dtype} is not supported")
+        # Receivers rebuild the dtype from dtype.str: structured and subarray
+        # dtypes would lose their fields and shape on the way (both are "|V8").
+        if np.dtype(dtype.str) != dtype:
+            raise BlsTypeError(
+                f"dtype {dtype} would arrive as {dtype.str}, without its fields or shape: send "
+                f"arr.view(np.uint8) and view what arrives as the dtype again")
         return dtype
 
     cdef object _resolve_dtype(self, object dtype):

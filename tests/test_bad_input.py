@@ -280,3 +280,20 @@ def test_blocking_call_with_too_small_out_leaves_the_iteration_to_complete():
     rank0, rank1 = [0.0, 1.0, 0.0, 1.0], [2.0, 3.0, 2.0, 3.0]
     assert blsshm.spawn(_blocking_call_with_small_out, 2, timeout=30) == [
         (rank0, [2, 2], rank0), (rank1, [2, 2], rank1)]
+
+
+STRUCTURED = np.dtype([("id", "<i4"), ("score", "<f4")])
+
+
+@pytest.mark.parametrize("dtype", [STRUCTURED, np.dtype(("<f4", (2,)))], ids=["structured", "subarray"])
+def test_dtypes_that_would_arrive_as_raw_bytes_are_refused_before_posting(dtype):
+    with blsshm.Comm.create(1) as comm:
+        if dtype.names:  # an array of a subarray dtype is an array of its base: only views can ask for one
+            with pytest.raises(BlsTypeError, match=r"would arrive as \|V8"):
+                comm.post(0, np.zeros(2, dtype), [2])
+        with pytest.raises(BlsTypeError, match=r"would arrive as \|V8"):
+            comm.post_views(0, [2], dtype).__enter__()
+        assert comm.next_post == 0
+        raw = np.arange(4, dtype=np.int32).view(np.uint8)  # the way round: bytes, viewed again on arrival
+        recv, _ = comm.alltoallv(raw, [raw.size])
+        assert recv.view(STRUCTURED)["id"].tolist() == [0, 2]
