@@ -11,16 +11,34 @@ _PR_SET_PDEATHSIG = 1
 
 def die_with_parent(parent_pid):
     """A function that asks the kernel to SIGKILL the calling process when its
-    parent (``parent_pid``) dies (Linux), and exits at once if it died already."""
+    parent dies (Linux), and exits at once if ``parent_pid`` died already.
+
+    ``parent_pid`` is the process that started us.  With multiprocessing's
+    forkserver our parent is the fork server instead, which exits when that
+    process does: its death is the signal then.
+    """
     def arm():
+        parent = os.getppid()
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):  # pragma: no cover - not Linux
             return
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        if os.getppid() != parent:  # our parent died before prctl took effect
+            os._exit(1)
+        if parent != parent_pid and not _alive(parent_pid):  # a fork server's child, its starter gone
             os._exit(1)
     return arm
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - someone else's process took the pid
+        return True
+    return True
 
 
 def describe_exit(code):

@@ -72,8 +72,11 @@ def test_spawn_returns_results_in_rank_order():
     assert blsshm.spawn(_rank_and_args, 4, lag=3, args=(1, 2)) == [(r, 4, 3, 3) for r in range(4)]
 
 
-def test_spawn_with_the_spawn_start_method():
-    assert blsshm.spawn(_rank_and_args, 2, args=(0, 0), start_method="spawn") == [(0, 2, 0, 0), (1, 2, 0, 0)]
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_spawn_with_other_start_methods(start_method):
+    """Under forkserver (Python 3.14's default) a rank's parent is the fork server, not the caller."""
+    assert blsshm.spawn(_rank_and_args, 2, args=(0, 0), start_method=start_method) == [
+        (0, 2, 0, 0), (1, 2, 0, 0)]
 
 
 def test_spawn_rejects_bad_arguments():
