@@ -86,6 +86,7 @@ class Comm(_core.Core):
             self.name = name
             self._mapping = mapping
             self._pidfds = []
+            self._pid = os.getpid()  # a forked child's copy must not unlink or abort
             self._attach_timeout = attach_timeout
             self._owns_name = owns_name
             self._attach_mapping(mapping, rank)
@@ -192,7 +193,8 @@ class Comm(_core.Core):
         Views handed out earlier stay valid memory until they are dropped.
         A communicator belongs to one thread: to interrupt a wait from another
         thread, call :meth:`abort`, never ``close``.  In a child made by
-        ``os.fork`` it only drops the child's copy.
+        ``os.fork`` it only drops the child's copy (and so does leaving a
+        ``with`` block there, even on an exception).
         """
         if self.closed:
             return
@@ -202,7 +204,7 @@ class Comm(_core.Core):
             for fd in self._pidfds:
                 os.close(fd)
             self._pidfds = []
-            if self._owns_name and not self.ready:
+            if self._owns_name and not self.ready and os.getpid() == self._pid:
                 # The creator leaving before the start-up barrier takes the
                 # name with it (spawn and the launcher own theirs and unlink).
                 segment.unlink(self.name)
@@ -217,7 +219,7 @@ class Comm(_core.Core):
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            if exc_type is not None and not self.closed:
+            if exc_type is not None and not self.closed and os.getpid() == self._pid:
                 self._abort(f"rank {self.rank} raised {exc_type.__name__}: {exc}")
         finally:
             self.close()

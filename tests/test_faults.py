@@ -235,6 +235,27 @@ def test_a_forked_child_closing_its_copy_does_not_close_the_rank():
     assert blsshm.spawn(_forked_child_closes_its_copy, 2) == [[0.0, 1.0], [0.0, 1.0]]
 
 
+def test_a_forked_child_of_the_creator_neither_unlinks_nor_aborts():
+    """Before every rank attached, the creator's copy in a child must leave the name and the run alone."""
+    a = blsshm.Comm.create(2, 0, arena_bytes=1 << 16, timeout=10)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                with a:
+                    raise RuntimeError("the child's own failure")
+            except BaseException:
+                pass
+            os._exit(0)
+        os.waitpid(pid, 0)
+        with blsshm.Comm.attach(a.name, 1, timeout=10) as b:  # the name is still there
+            for comm in (a, b):
+                comm.post(0, np.full(2, comm.rank, np.float64), [1, 1])
+            assert [c.complete(0)[0].tolist() for c in (a, b)] == [[0.0, 1.0], [0.0, 1.0]]
+    finally:
+        a.close()
+
+
 def test_abort_is_idempotent_and_the_first_reason_stands():
     with blsshm.Comm.create(1) as comm:
         comm.abort("first")
