@@ -427,12 +427,20 @@ cdef class Core:
 
     def _attached_ranks(self):
         """Ranks that have attached so far (state read with acquire)."""
+        self._check_mapped()
         return [r for r in range(self.size)
                 if bls_load_acquire32(&self.ranks[r].state) != BLS_STATE_EMPTY]
 
     def _peer_pids(self):
         """The pid each rank recorded when it attached."""
+        self._check_mapped()
         return [self.ranks[r].pid for r in range(self.size)]
+
+    cdef int _check_mapped(self) except -1:
+        """Raise if the mapping is gone (closed): the shared lines must not be read then."""
+        if self.closed:
+            raise BlsValueError(f"rank {self.rank} is closed")
+        return 0
 
     def _set_pidfds(self, fds):
         """Give the pidfds of the peers (``-1`` for self) used to detect a dead rank."""
@@ -1440,6 +1448,7 @@ cdef class Core:
 
     def _counters(self):
         """``(published, completed)`` of every rank, read with acquire (for tests and tools)."""
+        self._check_mapped()
         return ([bls_load_acquire(&self.ranks[r].published) for r in range(self.size)],
                 [bls_load_acquire(&self.ranks[r].completed) for r in range(self.size)])
 

@@ -47,6 +47,16 @@ def default_spin_us():
     return SPIN_US
 
 
+def _check_spin_us(spin_us):
+    try:
+        spin_us = float(spin_us)
+    except (TypeError, ValueError):
+        raise BlsTypeError(f"spin_us must be a number of microseconds, got {spin_us!r}") from None
+    if not spin_us >= 0:
+        raise BlsValueError(f"spin_us must be >= 0, got {spin_us}")
+    return spin_us
+
+
 def _check_int(what, value):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
         raise BlsTypeError(f"{what} must be an integer, got {type(value).__name__}")
@@ -79,6 +89,7 @@ class Comm(_core.Core):
 
     @classmethod
     def _open(cls, name, rank, *, timeout, attach_timeout, spin_us, owns_name):
+        spin_us = _check_spin_us(default_spin_us() if spin_us is None else spin_us)  # before claiming the rank
         mapping = None
         try:
             mapping = segment.open_mapping(name)
@@ -98,7 +109,7 @@ class Comm(_core.Core):
             raise
         if len(self._attached_ranks()) == self.size:
             segment.unlink(name)  # the last to attach: from now on a crash leaks nothing
-        self.spin_ns = int(1000 * (spin_us if spin_us is not None else default_spin_us()))
+        self.spin_ns = int(1000 * spin_us)
         self.timeout = timeout
         return self
 

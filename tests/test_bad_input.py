@@ -297,3 +297,25 @@ def test_dtypes_that_would_arrive_as_raw_bytes_are_refused_before_posting(dtype)
         raw = np.arange(4, dtype=np.int32).view(np.uint8)  # the way round: bytes, viewed again on arrival
         recv, _ = comm.alltoallv(raw, [raw.size])
         assert recv.view(STRUCTURED)["id"].tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("spin, exc_type", [("-1", BlsValueError), ("soon", BlsValueError)])
+def test_a_bad_spin_setting_is_refused_before_the_rank_is_claimed(spin, exc_type, monkeypatch):
+    """A retry must find the rank free: nothing of the segment is touched before the check."""
+    with blsshm.Comm.create(2, 0) as creator:
+        monkeypatch.setenv("BLSSHM_SPIN_US", spin)
+        with pytest.raises(exc_type, match="BLSSHM_SPIN_US|spin_us"):
+            blsshm.Comm.attach(creator.name, 1)
+        with pytest.raises(BlsTypeError, match="spin_us"):
+            blsshm.Comm.attach(creator.name, 1, spin_us="fast")
+        monkeypatch.delenv("BLSSHM_SPIN_US")
+        with blsshm.Comm.attach(creator.name, 1) as joined:
+            assert joined.rank == 1
+
+
+def test_reading_shared_counters_after_close_raises_instead_of_touching_unmapped_memory():
+    comm = blsshm.Comm.create(1)
+    comm.close()
+    for helper in (comm._counters, comm._attached_ranks, comm._peer_pids):
+        with pytest.raises(BlsValueError, match="closed"):
+            helper()
