@@ -277,7 +277,7 @@ cdef class Core:
     cdef public object timeout  # default timeout of every wait, seconds or None
     cdef public bint ready      # all ranks attached; set by Comm._make_ready
     cdef dict dtype_cache       # descriptor dtype string -> numpy dtype (zero-copy receive)
-    cdef object segment_array   # uint8 array over the whole mapping: the base of every view
+    cdef object view_base       # read-only memoryview of the whole mapping: the base of every view
     cdef uint64_t acquired_bytes
     cdef object last_dtype      # the last dtype validated, and its descriptor string
     cdef bytes last_dtype_str
@@ -331,16 +331,18 @@ cdef class Core:
 
     def _attach_mapping(self, segment, int rank):
         """Claim ``rank`` in the mapped segment (a writable buffer)."""
-        # Views hold this array, which holds an export of the mapping: the
-        # memory cannot be unmapped while a view lives.
-        self.segment_array = np.frombuffer(segment, np.uint8)
+        # Views hold this memoryview, which holds an export of the mapping:
+        # the memory cannot be unmapped while a view lives.  It is read-only,
+        # so numpy refuses to make a view writable again once its flag is
+        # clear (a published send view, any received view).
+        self.view_base = memoryview(segment).toreadonly()
         PyObject_GetBuffer(segment, &self.buf, PyBUF_WRITABLE)
         self.have_buf = True
         try:
             self._bind(rank)  # claiming the rank is its last step
         except BaseException:
             self.closed = True
-            self.segment_array = None
+            self.view_base = None
             self._release()
             raise
 
@@ -459,7 +461,7 @@ cdef class Core:
             bls_store_relaxed32(&self.ranks[self.rank].cpu_hint, 0)  # shares no CPU any more
             bls_fence()
             self._wake_everyone()
-        self.segment_array = None  # views handed out keep the mapping alive themselves
+        self.view_base = None  # views handed out keep the mapping alive themselves
         self._release()
 
     def _check(self):
@@ -1180,8 +1182,8 @@ cdef class Core:
         Py_INCREF(dtype)
         cdef cnp.ndarray view = _PyArray_NewFromDescr(
             np.ndarray, dtype, 1, dims, NULL, self.base + offset, flags, None)
-        Py_INCREF(self.segment_array)
-        _PyArray_SetBaseObject(view, self.segment_array)
+        Py_INCREF(self.view_base)
+        _PyArray_SetBaseObject(view, self.view_base)
         return view
 
     cdef list _zc_reserve(self, int64_t t, object send_counts, object dtype_arg, object timeout):
@@ -1551,7 +1553,9 @@ cdef class Core:
         ``views[q]``, a 1-D array of ``counts[q]`` elements for rank ``q``
         lying in shared memory; fill them, and the record is published when
         the block exits normally.  On an exception nothing is published and
-        ``t`` may be posted again.  Waits like :meth:`post` on entry.
+        ``t`` may be posted again.  Waits like :meth:`post` on entry.  The
+        views turn read-only on exit (numpy will not make them writable
+        again); do not keep writable slices of them past the block either.
         """
         if not self.ready:
             self._make_ready()

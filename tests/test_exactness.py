@@ -264,3 +264,19 @@ def _own_block_paths(comm):
 @pytest.mark.parametrize("P", [1, 2, 3])
 def test_own_block_in_place_and_after_a_timeout(P):
     assert blsshm.spawn(_own_block_paths, P, lag=1) == [True] * P
+
+
+def test_published_and_received_views_cannot_be_made_writable_again():
+    """A write through a view after publishing would change what receivers read (I1)."""
+    with blsshm.Comm.create(1, lag=1) as comm:
+        with comm.post_views(0, [4], np.float32) as views:
+            views[0][:] = 2.0
+        sent = views[0]
+        with comm.complete_views(0) as received:
+            for view in (sent, received[0]):
+                assert not view.flags.writeable
+                with pytest.raises(ValueError):
+                    view.flags.writeable = True
+                with pytest.raises(ValueError):
+                    view[0] = 99.0
+            assert received[0].tolist() == [2.0] * 4
