@@ -89,9 +89,9 @@ class Comm(_core.Core):
 
     @classmethod
     def _open(cls, name, rank, *, timeout, attach_timeout, spin_us, owns_name):
-        spin_us = _check_spin_us(default_spin_us() if spin_us is None else spin_us)  # before claiming the rank
         mapping = None
         try:
+            spin_us = _check_spin_us(default_spin_us() if spin_us is None else spin_us)  # before claiming the rank
             mapping = segment.open_mapping(name)
             self = cls.__new__(cls)
             self.name = name

@@ -308,6 +308,8 @@ def test_a_bad_spin_setting_is_refused_before_the_rank_is_claimed(spin, exc_type
             blsshm.Comm.attach(creator.name, 1)
         with pytest.raises(BlsTypeError, match="spin_us"):
             blsshm.Comm.attach(creator.name, 1, spin_us="fast")
+        with pytest.raises(exc_type, match="BLSSHM_SPIN_US|spin_us"):
+            blsshm.Comm.create(2)  # and the segment it made is gone again (the fixture checks)
         monkeypatch.delenv("BLSSHM_SPIN_US")
         with blsshm.Comm.attach(creator.name, 1) as joined:
             assert joined.rank == 1
