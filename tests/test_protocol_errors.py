@@ -79,7 +79,7 @@ MAILBOX_CASES = [
      ["block for iteration 0 is not whole elements"]),
     ("another item size", SMALL, lambda mb, c: mb.set_u32(MB_ITEMSIZE, 4),
      ["dtype mismatch at iteration 0", "rank 1 sent <f8 in 4-byte items", "rank 0 sent <f8 in 8-byte items"]),
-    ("another dtype", LARGE, lambda mb, c: (mb.set_dtype(MB_DTYPE, b"<i8")),
+    ("another dtype", LARGE, lambda mb, c: mb.set_dtype(MB_DTYPE, b"<i8"),
      ["dtype mismatch at iteration 0", "rank 1 sent <i8", "rank 0 sent <f8"]),
 ]
 
