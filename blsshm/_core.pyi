@@ -30,6 +30,8 @@ class Core:
     futex_sleeps: int
     bytes_sent: int
     bytes_received: int
+    bytes_streamed: int
+    copy_policy: str  # "auto", "cached" or "stream"
     def post(self, t: int, send: Any, send_counts: Counts, *, timeout: Timeout = ...) -> None: ...
     def complete(self, t: int, out: Any = None, *, timeout: Timeout = ...) -> Tuple[Any, npt.NDArray[np.int64]]: ...
     def alltoallv(self, send: Any, send_counts: Counts, out: Any = None, *,

@@ -78,6 +78,13 @@ cdef extern from "_sync.h" nogil:
     void bls_yield()
     int bls_pid_exited(int pid)
 
+cdef extern from "_copy.h" nogil:
+    enum:
+        BLS_HAVE_STREAM
+    void bls_stream_copy(char *dst, const char *src, size_t n)
+    void bls_stream_begin()
+    void bls_stream_end()
+
 cdef extern from "_layout.h" nogil:
     enum:
         BLS_LINE
@@ -163,6 +170,26 @@ cdef int SPIN_BATCH = 64              # checks between clock reads while pausing
 cdef int64_t DEFAULT_SLICE_NS = 50000000  # liveness is checked at least this often
 # A wait keeps the GIL this long before it lets other threads run (see _await).
 cdef int64_t HOLD_GIL_NS = 20000
+# How a post copies its blocks for other ranks into its record (see _copy.h
+# and Core._copy_strategy): ordinary stores, or streaming stores that skip the
+# read-for-ownership of lines another core has cached.
+cdef enum:
+    COPY_CACHED = 0
+    COPY_STREAM = 1
+    COPY_AUTO = 2
+COPY_POLICIES = {"cached": COPY_CACHED, "stream": COPY_STREAM, "auto": COPY_AUTO}
+# Posts with fewer bytes for other ranks copy cached, untimed.
+cdef uint64_t STREAM_MIN_BYTES = 16 * 1024
+# Of the posts that choose, one in this many tries the strategy not in use,
+# so a change of the host's placement is noticed within that many posts.
+cdef uint32_t COPY_EXPLORE_EVERY = 64
+# The last COPY_SAMPLES costs of each strategy are kept; the least of them is
+# its estimate (noise such as preemption only ever adds time).
+cdef int COPY_SAMPLES = 4
+# Streaming is chosen only when it copies in at most this fraction of the
+# cached time: its lines then reach receivers from memory rather than from a
+# shared cache, a cost the sender's clock does not see.
+cdef double STREAM_MARGIN = 0.75
 
 
 cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b):
@@ -309,12 +336,19 @@ cdef class Core:
     cdef uint64_t own_bytes
     cdef uint32_t cpu_hint      # what this rank last published as its CPU (see _wait)
 
+    # copy policy for blocks to other ranks (see _copy_strategy)
+    cdef int copy_mode          # COPY_CACHED, COPY_STREAM or COPY_AUTO
+    cdef double copy_cost[2 * 4]  # ns per byte, the last COPY_SAMPLES of each strategy; 0 = none
+    cdef int copy_next[2]       # where each strategy's next sample goes
+    cdef uint32_t copy_choices
+
     # statistics
     cdef readonly int64_t post_wait_ns
     cdef readonly int64_t complete_wait_ns
     cdef readonly int64_t futex_sleeps
     cdef readonly uint64_t bytes_sent
     cdef readonly uint64_t bytes_received
+    cdef readonly uint64_t bytes_streamed
 
     def __cinit__(self):
         self.have_buf = False
@@ -328,6 +362,7 @@ cdef class Core:
         self.recv_bytes = NULL
         self.closed = True
         self.dtype_cache = {}
+        self.copy_mode = COPY_AUTO
 
     def _attach_mapping(self, segment, int rank):
         """Claim ``rank`` in the mapped segment (a writable buffer)."""
@@ -1106,20 +1141,120 @@ cdef class Core:
     cdef inline void _scatter(self, uint64_t t, const char* src, uint64_t itemsize, bint defer_own) noexcept nogil:
         """Copy the blocks of a contiguous send buffer into their places (mailboxes or record).
 
-        With ``defer_own`` the block for this rank is not copied: the caller
-        (a blocking alltoallv, which holds ``send`` until it returns) copies
-        it straight to its destination in ``_gather``, one copy instead of two.
+        Blocks for other ranks are copied the way ``_copy_strategy`` picks,
+        and timed when it chose.  With ``defer_own`` the block for this rank
+        is not copied: the caller (a blocking alltoallv, which holds ``send``
+        until it returns) copies it straight to its destination in
+        ``_gather``, one copy instead of two.
         """
         cdef int q
         cdef uint64_t n
+        cdef uint64_t peer_bytes = 0
+        cdef const char* own = src
+        cdef const char* p = src
         for q in range(self.size):
             n = <uint64_t>self.counts[q] * itemsize
-            if defer_own and q == self.rank:
-                self.own_src, self.own_bytes = src, n
-                self.own_rec = self._block_dst(q, t)
+            if q == self.rank:
+                own = p
             else:
-                memcpy(self._block_dst(q, t), src, n)
-            src += n
+                peer_bytes += n
+            p += n
+        cdef int strategy = COPY_CACHED
+        cdef bint timed = False
+        if not self.pending_inline:  # mailbox lines also carry their stamp: never streamed
+            if self.copy_mode != COPY_AUTO:
+                strategy = self.copy_mode
+            elif peer_bytes >= STREAM_MIN_BYTES:
+                strategy, timed = self._copy_strategy(), True
+        cdef int64_t start = bls_now_ns() if timed else 0
+        if strategy == COPY_STREAM:
+            bls_stream_begin()
+        p = src
+        for q in range(self.size):
+            n = <uint64_t>self.counts[q] * itemsize
+            if q != self.rank:
+                if strategy == COPY_STREAM:
+                    bls_stream_copy(self._block_dst(q, t), p, n)
+                else:
+                    memcpy(self._block_dst(q, t), p, n)
+            p += n
+        if strategy == COPY_STREAM:
+            bls_stream_end()
+        if timed:
+            self._note_copy_cost(strategy, bls_now_ns() - start, peer_bytes)
+        if strategy == COPY_STREAM:
+            self.bytes_streamed += peer_bytes
+        n = <uint64_t>self.counts[self.rank] * itemsize
+        if defer_own:
+            self.own_src, self.own_bytes = own, n
+            self.own_rec = self._block_dst(self.rank, t)
+        else:
+            memcpy(self._block_dst(self.rank, t), own, n)
+
+    cdef inline double _copy_estimate(self, int strategy) noexcept nogil:
+        """The least of ``strategy``'s recent costs (ns per byte), or 0 if it has none."""
+        cdef double best = 0
+        cdef int i
+        for i in range(COPY_SAMPLES):
+            if self.copy_cost[strategy * COPY_SAMPLES + i] > 0 and (
+                    best == 0 or self.copy_cost[strategy * COPY_SAMPLES + i] < best):
+                best = self.copy_cost[strategy * COPY_SAMPLES + i]
+        return best
+
+    cdef int _copy_strategy(self) noexcept nogil:
+        """How this post copies its blocks for other ranks: COPY_CACHED or COPY_STREAM.
+
+        Which is faster depends on where the host placed the cores, and that
+        changes while a job runs: sharing a cache, cached stores are faster
+        (the receiver then reads the lines from that cache); sharing none,
+        each cached store must first fetch the line from the receiver's
+        cache, and streaming was 3-5x faster.  So in "auto" each strategy's
+        cost is measured on real posts, the cheaper one is used, and one post
+        in COPY_EXPLORE_EVERY tries the other.
+        """
+        if not BLS_HAVE_STREAM:
+            return COPY_CACHED
+        cdef double cached = self._copy_estimate(COPY_CACHED)
+        cdef double stream = self._copy_estimate(COPY_STREAM)
+        if cached == 0:
+            return COPY_CACHED
+        if stream == 0:
+            return COPY_STREAM
+        cdef int best = COPY_STREAM if stream <= STREAM_MARGIN * cached else COPY_CACHED
+        self.copy_choices += 1
+        if self.copy_choices % COPY_EXPLORE_EVERY == 0:
+            return COPY_STREAM if best == COPY_CACHED else COPY_CACHED
+        return best
+
+    cdef inline void _note_copy_cost(self, int strategy, int64_t ns, uint64_t nbytes) noexcept nogil:
+        self.copy_cost[strategy * COPY_SAMPLES + self.copy_next[strategy]] = (
+            <double>(ns if ns > 0 else 1) / <double>nbytes)
+        self.copy_next[strategy] = (self.copy_next[strategy] + 1) % COPY_SAMPLES
+
+    def _copy_estimates(self):
+        """``(cached, stream)``: what "auto" estimates each costs, ns per byte (0: not measured yet)."""
+        return self._copy_estimate(COPY_CACHED), self._copy_estimate(COPY_STREAM)
+
+    @property
+    def copy_policy(self):
+        """How posts copy blocks for other ranks into shared memory: ``"auto"`` (default),
+        ``"cached"`` (ordinary stores) or ``"stream"`` (non-temporal stores).
+
+        ``"auto"`` measures both on posts with at least 16 KiB for other
+        ranks and uses the faster (see ``_copy.h``); the two differ only in
+        speed.  Setting it forgets what was measured.
+        """
+        for name, mode in COPY_POLICIES.items():
+            if mode == self.copy_mode:
+                return name
+
+    @copy_policy.setter
+    def copy_policy(self, value):
+        if not isinstance(value, str) or value not in COPY_POLICIES:
+            raise BlsValueError(f"copy_policy must be one of {sorted(COPY_POLICIES)}, got {value!r}")
+        self.copy_mode = COPY_POLICIES[value]
+        memset(self.copy_cost, 0, sizeof(self.copy_cost))
+        self.copy_choices = 0
 
     cdef inline void _gather(self, char* dst) noexcept nogil:
         """Copy this rank's block of every source, in rank order, to ``dst``."""
@@ -1461,6 +1596,7 @@ cdef class Core:
         self.futex_sleeps = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.bytes_streamed = 0
 
     # ------------------------------------------------------------ collectives
 

@@ -255,7 +255,8 @@ class Comm(_core.Core):
     @property
     def stats(self):
         """Counters since creation or :meth:`reset_stats`: iterations, seconds waited
-        in post and in complete, futex sleeps, payload bytes sent and received."""
+        in post and in complete, futex sleeps, payload bytes sent and received, and of
+        those sent, the bytes copied with streaming stores (see ``copy_policy``)."""
         return {
             "iterations_posted": self.next_post,
             "iterations_completed": self.next_complete,
@@ -264,6 +265,7 @@ class Comm(_core.Core):
             "futex_sleeps": self.futex_sleeps,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "bytes_streamed": self.bytes_streamed,
         }
 
 
