@@ -80,7 +80,11 @@ followed, by timing a cache line's trip between two cores
 (``blsshm._probe``).  On a virtual machine the host may place the virtual
 CPUs on cores that share a cache (about 45 ns here) or not (about 190 ns),
 and may move them within minutes; every cross-core figure of the run
-follows.  Compare runs only when these agree.
+follows.  Compare runs only when these agree.  ``--rounds R`` is made for
+such a host: each backend runs R times for 1/R of the iterations, taking
+turns, so that all of them meet the same mix of phases, and a further
+block gives each ratio paired by round (the median over rounds of the
+ratio of the two backends' medians in that round, with its range).
 
 Placement.  By default the OS places the ranks of every backend (MPI runs
 with ``--bind-to none``), as in a real deployment.  On a loaded machine it
@@ -94,6 +98,7 @@ Reproduce (from the repository root, in the project's virtualenv)::
     python tools/compare_alltoallv.py                     # P 2 4, 64 B .. 1 MiB: about 2 min on 2 idle cores
     python tools/compare_alltoallv.py --nprocs 2 --sizes 64 4096 --iters 500   # quick check
     python tools/compare_alltoallv.py --json compare.json # also write every figure and the configuration
+    python tools/compare_alltoallv.py --rounds 5          # backends take turns: about 4 min
 
 Run it on an otherwise idle machine; spreads between runs of 1.1-2x (Open
 MPI) and 2-4x (gloo) are normal here, which is why only ratios from one run
@@ -134,6 +139,11 @@ GRACE_S = 5.0                # between SIGTERM and SIGKILL
 BACKENDS = ("blsshm", "blsshm_l1", "blsshm_zc", "gloo", "mpi", "memcpy", "memcpy_x")
 LABELS = {"blsshm": "blsshm copy", "blsshm_l1": "blsshm lag 1", "blsshm_zc": "blsshm zc", "gloo": "gloo",
           "mpi": "MPI", "memcpy": "memcpy", "memcpy_x": "memcpy x"}
+
+
+RATIO_PAIRS = {"bls/MPI": ("blsshm", "mpi"), "bls/gloo": ("blsshm", "gloo"),
+               "l1/MPI": ("blsshm_l1", "mpi"),
+               "zc/MPI": ("blsshm_zc", "mpi"), "zc/gloo": ("blsshm_zc", "gloo")}
 
 
 class BackendError(Exception):
@@ -640,25 +650,93 @@ def summarize(per_rank, size):
     return fig
 
 
+def run_one(backend, nprocs, plan, opts):
+    """One backend for one P: ``(per_rank, probes)``, or ``{"skipped"/"error": msg}``."""
+    t0 = time.monotonic()
+    print(f"  P={nprocs} {LABELS[backend]:<12} ...", end="", file=sys.stderr, flush=True)
+    try:
+        before = cache_line_ns()
+        per_rank = run_backend(backend, nprocs, plan, opts)
+        out, status = (per_rank, [before, cache_line_ns()]), "done"
+    except BackendSkipped as exc:
+        out, status = {"skipped": str(exc)}, "skipped"
+    except Exception as exc:  # one backend failing must not end the run
+        out, status = {"error": f"{type(exc).__name__}: {exc}"}, "FAILED"
+    print(f" {status} in {time.monotonic() - t0:.2f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def merge_rounds(rounds):
+    """One per-rank result from several rounds: iterations concatenated in round
+    order (so the per-iteration maximum over ranks still pairs them), counters added."""
+    merged = []
+    for rank_rounds in zip(*rounds):
+        merged.append({})
+        for size in rank_rounds[0]:
+            entry = {"ns": np.concatenate([r[size]["ns"] for r in rank_rounds])}
+            if "stats" in rank_rounds[0][size]:
+                entry["stats"] = {k: sum(r[size]["stats"][k] for r in rank_rounds)
+                                  for k in rank_rounds[0][size]["stats"]}
+            merged[-1][size] = entry
+    return merged
+
+
 def measure(nprocs, plan, opts):
-    """Run every chosen backend for one P; ``{backend: {"sizes": {...}} or {"error"/"skipped": msg}}``."""
+    """Run every chosen backend for one P; ``{backend: {"sizes": {...}} or {"error"/"skipped": msg}}``.
+
+    With ``--rounds R`` each backend runs R times for 1/R of the iterations,
+    the backends taking turns (each round starts one backend later), so
+    that all of them sample the same host phases; the figures pool every
+    round, and each size also keeps the median of every round.
+    """
+    rounds = opts.rounds
+    round_plan = [(size, w, -(-n // rounds)) for size, w, n in plan]
+    runs = {b: [] for b in opts.backends}
+    probes = {b: [] for b in opts.backends}
     out = {}
+    for r in range(rounds):
+        if rounds > 1:
+            print(f"  round {r + 1} of {rounds}", file=sys.stderr, flush=True)
+        turn = r % len(opts.backends)
+        for backend in opts.backends[turn:] + opts.backends[:turn]:
+            if backend in out:  # skipped or failed in an earlier round
+                continue
+            got = run_one(backend, nprocs, round_plan, opts)
+            if isinstance(got, dict):
+                out[backend] = got
+            else:
+                runs[backend].append(got[0])
+                probes[backend].extend(got[1])
     for backend in opts.backends:
-        t0 = time.monotonic()
-        print(f"  P={nprocs} {LABELS[backend]:<12} ...", end="", file=sys.stderr, flush=True)
-        try:
-            before = cache_line_ns()
-            per_rank = run_backend(backend, nprocs, plan, opts)
-            out[backend] = {"sizes": {size: summarize(per_rank, size) for size, _, _ in plan},
-                            "cache_line_ns": [before, cache_line_ns()]}
-            status = "done"
-        except BackendSkipped as exc:
-            out[backend] = {"skipped": str(exc)}
-            status = "skipped"
-        except Exception as exc:  # one backend failing must not end the run
-            out[backend] = {"error": f"{type(exc).__name__}: {exc}"}
-            status = "FAILED"
-        print(f" {status} in {time.monotonic() - t0:.2f} s", file=sys.stderr, flush=True)
+        if backend in out:
+            continue
+        per_rank = merge_rounds(runs[backend])
+        out[backend] = {"sizes": {size: summarize(per_rank, size) for size, _, _ in plan},
+                        "cache_line_ns": probes[backend]}
+        for size, _, _ in plan:
+            out[backend]["sizes"][size]["round_median_us"] = [
+                summarize(one, size)["median_us"] for one in runs[backend]]
+    return out
+
+
+def paired_ratios(results, size):
+    """Per ratio, ``(median, min, max)`` over rounds of the ratio of the two
+    backends' medians in that round (taken minutes apart at most), or None.
+    From 1 MiB, also the bandwidth of blsshm copy and zero copy as a fraction
+    of memcpy's and memcpy x's."""
+    pairs = dict(RATIO_PAIRS)
+    if size >= BANDWIDTH_MIN:  # bandwidth as a fraction of a floor's: floor time / backend time
+        pairs.update({"copy/memcpy bw": ("memcpy", "blsshm"), "zc/memcpy bw": ("memcpy", "blsshm_zc"),
+                      "zc/memcpy x bw": ("memcpy_x", "blsshm_zc")})
+    out = {}
+    for name, (a, b) in pairs.items():
+        xs = figure(results, a, size, "round_median_us")
+        ys = figure(results, b, size, "round_median_us")
+        if xs is None or ys is None or len(xs) < 2:
+            out[name] = None
+            continue
+        rs = [x / y for x, y in zip(xs, ys) if y]
+        out[name] = (float(np.median(rs)), min(rs), max(rs)) if rs else None
     return out
 
 
@@ -672,11 +750,8 @@ def figure(results, backend, size, key="median_us"):
 
 def ratios(results, size, key="median_us"):
     """Ratios of medians (or of figure ``key``); None where a backend has no figure."""
-    pairs = {"bls/MPI": ("blsshm", "mpi"), "bls/gloo": ("blsshm", "gloo"),
-             "l1/MPI": ("blsshm_l1", "mpi"),
-             "zc/MPI": ("blsshm_zc", "mpi"), "zc/gloo": ("blsshm_zc", "gloo")}
     out = {}
-    for name, (a, b) in pairs.items():
+    for name, (a, b) in RATIO_PAIRS.items():
         x, y = figure(results, a, size, key), figure(results, b, size, key)
         out[name] = x / y if x is not None and y else None
     return out
@@ -744,6 +819,12 @@ def print_table(nprocs, plan, results, cores):
     print("  the same, per iteration of the whole loop (the slowest rank's mean call; "
           "ratios of these):")
     rows(lambda fig: fmt_us(fig["loop_us"]), "loop_us")
+    paired = {size: paired_ratios(results, size) for size, _, _ in plan}
+    if any(v is not None for rs in paired.values() for v in rs.values()):
+        print("  ratios paired by round (the median over rounds of each round's ratio of medians; min-max):")
+        for size, rs in paired.items():
+            print(f"{fmt_size(size):>8}" + "".join(
+                f"   {name} {v[0]:.2f} ({v[1]:.2f}-{v[2]:.2f})" for name, v in rs.items() if v is not None))
     for size, _, _ in plan:
         if size >= BANDWIDTH_MIN:
             print_bandwidth(nprocs, size, bandwidth(results, nprocs, size))
@@ -751,7 +832,7 @@ def print_table(nprocs, plan, results, cores):
     probes = [f"{LABELS[b]} {'/'.join('-' if v is None else f'{v:.0f}' for v in results[b]['cache_line_ns'])}"
               for b in shown if "cache_line_ns" in results[b]]
     if probes:
-        print("  cache line across cores before/after each backend, ns: " + ", ".join(probes))
+        print("  cache line across cores before/after each backend run, ns: " + ", ".join(probes))
     for b in shown:
         for kind in ("skipped", "error"):
             if kind in results[b]:
@@ -816,6 +897,9 @@ def parse_args(argv):
                    help="rewrite every send buffer before each iteration, not timed, as a producer "
                         "would, then meet at a barrier; for 64 KiB and more, where a barrier's exit skew is "
                         "small (default: written once; zero copy and memcpy x produce every iteration anyway)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run each backend this many times, taking turns, for 1/ROUNDS of the iterations "
+                        "each, so all sample the same host phases; ratios are also paired by round (default 1)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds one backend may take for one P before it is stopped (default 300)")
     p.add_argument("--json", metavar="PATH", help="write the configuration and every figure here")
@@ -823,8 +907,9 @@ def parse_args(argv):
     opts = p.parse_args(argv)
     if opts.mpi_worker:
         return opts
-    if min(opts.nprocs) < 1 or opts.iters < 1 or (opts.warmup is not None and opts.warmup < 0):
-        p.error("--nprocs and --iters must be positive, --warmup not negative")
+    if (min(opts.nprocs) < 1 or opts.iters < 1 or opts.rounds < 1
+            or (opts.warmup is not None and opts.warmup < 0)):
+        p.error("--nprocs, --iters and --rounds must be positive, --warmup not negative")
     opts.sizes = sorted(set(opts.sizes))
     opts.backends = [b for b in BACKENDS if b in opts.backends]
     return opts
@@ -899,7 +984,7 @@ def write_json(path, opts, machine, plans, results):
     doc = {
         "config": {"nprocs": opts.nprocs, "sizes": opts.sizes, "iters": opts.iters,
                    "warmup": opts.warmup, "backends": opts.backends, "timeout_s": opts.timeout,
-                   "pin": opts.pin, "fresh_send": opts.fresh_send,
+                   "pin": opts.pin, "fresh_send": opts.fresh_send, "rounds": opts.rounds,
                    "plans": {str(p): plan for p, plan in plans.items()},
                    "dtype": "uint8", "statistic": "per-iteration max over ranks",
                    "mpi_library": getattr(opts, "mpi_library", None)},
@@ -915,6 +1000,7 @@ def write_json(path, opts, machine, plans, results):
         for size, _, _ in plans[p]:
             entry["ratios"][str(size)] = ratios(res, size)
             entry["ratios_loop"][str(size)] = ratios(res, size, "loop_us")
+            entry.setdefault("ratios_paired", {})[str(size)] = paired_ratios(res, size)
             if size >= BANDWIDTH_MIN:
                 entry["bandwidth"][str(size)] = bandwidth(res, p, size)
         doc["results"][str(p)] = entry
