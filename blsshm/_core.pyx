@@ -185,7 +185,8 @@ cdef uint64_t STREAM_MIN_BYTES = 16 * 1024
 cdef uint32_t COPY_EXPLORE_EVERY = 64
 # The last COPY_SAMPLES costs of each strategy are kept; the least of them is
 # its estimate (noise such as preemption only ever adds time).
-cdef int COPY_SAMPLES = 4
+cdef enum:
+    COPY_SAMPLES = 4
 # Streaming is chosen only when it copies in at most this fraction of the
 # cached time: its lines then reach receivers from memory rather than from a
 # shared cache, a cost the sender's clock does not see.
@@ -338,7 +339,7 @@ cdef class Core:
 
     # copy policy for blocks to other ranks (see _copy_strategy)
     cdef int copy_mode          # COPY_CACHED, COPY_STREAM or COPY_AUTO
-    cdef double copy_cost[2 * 4]  # ns per byte, the last COPY_SAMPLES of each strategy; 0 = none
+    cdef double copy_cost[2 * COPY_SAMPLES]  # ns per byte, the last samples of each strategy; 0 = none
     cdef int copy_next[2]       # where each strategy's next sample goes
     cdef uint32_t copy_choices
 
