@@ -9,6 +9,9 @@ measures, one backend after another (never two at once):
 
 ``blsshm``     blsshm blocking ``alltoallv`` (copy path, lag 0) into a
                preallocated ``out=`` buffer, ranks from ``blsshm.spawn``;
+``bls cached``  the same with ``copy_policy="cached"`` (only when named in
+               ``--backends``): blsshm copy is ``"auto"``, the default, and
+               this is the A/B for it;
 ``blsshm lag 1``  the same at lag 1.  Lag 0 is stricter than MPI: there
                ``post(t + 1)`` waits until every rank has completed ``t``.
                A loop of blocking MPI ``Alltoallv`` with eager (small)
@@ -136,9 +139,10 @@ BARRIER_TIMEOUT_S = 60.0     # memcpy ranks: longest wait for the others
 RANK_WAIT_TIMEOUT_S = 60.0   # blsshm and gloo: longest wait inside a collective
 GRACE_S = 5.0                # between SIGTERM and SIGKILL
 
-BACKENDS = ("blsshm", "blsshm_l1", "blsshm_zc", "gloo", "mpi", "memcpy", "memcpy_x")
-LABELS = {"blsshm": "blsshm copy", "blsshm_l1": "blsshm lag 1", "blsshm_zc": "blsshm zc", "gloo": "gloo",
-          "mpi": "MPI", "memcpy": "memcpy", "memcpy_x": "memcpy x"}
+BACKENDS = ("blsshm", "blsshm_cached", "blsshm_l1", "blsshm_zc", "gloo", "mpi", "memcpy", "memcpy_x")
+DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b != "blsshm_cached")  # that one is for A/B runs
+LABELS = {"blsshm": "blsshm copy", "blsshm_cached": "bls cached", "blsshm_l1": "blsshm lag 1",
+          "blsshm_zc": "blsshm zc", "gloo": "gloo", "mpi": "MPI", "memcpy": "memcpy", "memcpy_x": "memcpy x"}
 
 
 RATIO_PAIRS = {"bls/MPI": ("blsshm", "mpi"), "bls/gloo": ("blsshm", "gloo"),
@@ -255,9 +259,10 @@ def blsshm_timed(comm, step, warmup, iters, before=None):
     return {"ns": ns, "stats": comm.stats}
 
 
-def blsshm_copy_rank(comm, plan, rank_opts, raw_flags):
+def blsshm_copy_rank(comm, plan, rank_opts, raw_flags, copy_policy):
     """blsshm blocking alltoallv into a preallocated buffer."""
     place_rank(comm.rank, rank_opts)
+    comm.copy_policy = copy_policy
     rank, nprocs = comm.rank, comm.size
     barrier = SpinBarrier(raw_flags, rank)
     out = {}
@@ -610,10 +615,13 @@ def run_mpi(nprocs, plan, opts):
 
 def run_backend(backend, nprocs, plan, opts):
     """Per-rank results ``[{size: {"ns": array, ...}}, ...]`` of one backend."""
-    if backend in ("blsshm", "blsshm_l1", "blsshm_zc"):
+    if backend in ("blsshm", "blsshm_cached", "blsshm_l1", "blsshm_zc"):
         flags = multiprocessing.RawArray("q", nprocs)  # zero-filled; see SpinBarrier
-        rank_fn = blsshm_zc_rank if backend == "blsshm_zc" else blsshm_copy_rank
-        return run_blsshm(rank_fn, nprocs, plan, opts, flags, lag=1 if backend == "blsshm_l1" else 0)
+        if backend == "blsshm_zc":
+            return run_blsshm(blsshm_zc_rank, nprocs, plan, opts, flags)
+        policy = "cached" if backend == "blsshm_cached" else "auto"
+        return run_blsshm(blsshm_copy_rank, nprocs, plan, opts, flags, policy,
+                          lag=1 if backend == "blsshm_l1" else 0)
     if backend == "gloo":
         return run_gloo(nprocs, plan, opts)
     if backend == "mpi":
@@ -889,8 +897,8 @@ def parse_args(argv):
                    help=f"timed iterations per size (default {DEFAULT_ITERS}; a quarter above 64 KiB)")
     p.add_argument("--warmup", type=int, default=None,
                    help="warm-up iterations per size (default: a tenth of the timed ones, at least 5)")
-    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
-                   help="which backends to run (default: all)")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(DEFAULT_BACKENDS),
+                   help="which backends to run (default: all but blsshm_cached)")
     p.add_argument("--pin", action="store_true",
                    help="pin rank r to core r mod cores in every backend (default: the OS places them)")
     p.add_argument("--fresh-send", action="store_true",
