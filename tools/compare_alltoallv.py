@@ -698,7 +698,7 @@ def measure(nprocs, plan, opts):
     round, and each size also keeps the median of every round.
     """
     rounds = opts.rounds
-    round_plan = [(size, w, -(-n // rounds)) for size, w, n in plan]
+    round_plan = [(size, w, n // rounds) for size, w, n in plan]  # main made n a multiple of rounds
     runs = {b: [] for b in opts.backends}
     probes = {b: [] for b in opts.backends}
     out = {}
@@ -1034,7 +1034,9 @@ def main(argv=None):
                                             else "written once (--fresh-send rewrites them every iteration)"))
     plans, results = {}, {}
     for p in opts.nprocs:
-        plans[p] = make_plan(opts.sizes, opts.iters, opts.warmup)
+        # Iterations rounded up to a multiple of --rounds, so the tables show what ran.
+        plans[p] = [(size, w, -(-n // opts.rounds) * opts.rounds)
+                    for size, w, n in make_plan(opts.sizes, opts.iters, opts.warmup)]
         results[p] = measure(p, plans[p], opts)
         print_table(p, plans[p], results[p], opts.cores)
     machine["loadavg_end"] = list(os.getloadavg())
