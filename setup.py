@@ -22,7 +22,7 @@ extensions = [
         "blsshm._core",
         ["blsshm/_core.pyx"],
         include_dirs=[numpy.get_include(), "blsshm"],
-        depends=["blsshm/_sync.h", "blsshm/_layout.h", "blsshm/_copy.h"],
+        depends=["blsshm/_sync.h", "blsshm/_layout.h", "blsshm/_copy.h", "blsshm/_spread.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3", "-std=gnu11"],
     ),

@@ -28,6 +28,7 @@ class Core:
     post_wait_ns: int
     complete_wait_ns: int
     futex_sleeps: int
+    cpu_moves: int
     bytes_sent: int
     bytes_received: int
     bytes_streamed: int

@@ -85,6 +85,10 @@ cdef extern from "_copy.h" nogil:
     void bls_stream_begin()
     void bls_stream_end()
 
+cdef extern from "_spread.h" nogil:
+    int bls_allowed_cpus(int *cpus, int max)
+    int bls_move_to_cpu(int cpu)
+
 cdef extern from "_layout.h" nogil:
     enum:
         BLS_LINE
@@ -170,6 +174,12 @@ cdef int SPIN_BATCH = 64              # checks between clock reads while pausing
 cdef int64_t DEFAULT_SLICE_NS = 50000000  # liveness is checked at least this often
 # A wait keeps the GIL this long before it lets other threads run (see _await).
 cdef int64_t HOLD_GIL_NS = 20000
+# How often a waiting rank checks whether our ranks are unevenly spread over
+# the CPUs, and how long it leaves the kernel alone after moving (see _spread_out).
+cdef int64_t SPREAD_CHECK_NS = 1000000
+cdef int64_t SPREAD_SETTLE_NS = 5000000
+cdef enum:
+    SPREAD_MAX_CPUS = 256   # CPUs considered (the first of the allowed ones)
 # How a post copies its blocks for other ranks into its record (see _copy.h
 # and Core._copy_strategy): ordinary stores, or streaming stores that skip the
 # read-for-ownership of lines another core has cached.
@@ -336,6 +346,9 @@ cdef class Core:
     cdef char* own_rec          # where it belongs in the record
     cdef uint64_t own_bytes
     cdef uint32_t cpu_hint      # what this rank last published as its CPU (see _wait)
+    cdef int64_t next_spread_ns  # when _spread_out may next look at the spread
+    cdef int spread_cpus[SPREAD_MAX_CPUS]   # scratch for _spread_out
+    cdef int spread_count[SPREAD_MAX_CPUS]
 
     # copy policy for blocks to other ranks (see _copy_strategy)
     cdef int copy_mode          # COPY_CACHED, COPY_STREAM or COPY_AUTO
@@ -347,6 +360,7 @@ cdef class Core:
     cdef readonly int64_t post_wait_ns
     cdef readonly int64_t complete_wait_ns
     cdef readonly int64_t futex_sleeps
+    cdef readonly int64_t cpu_moves
     cdef readonly uint64_t bytes_sent
     cdef readonly uint64_t bytes_received
     cdef readonly uint64_t bytes_streamed
@@ -652,6 +666,61 @@ cdef class Core:
             r += 1
         return False
 
+    cdef uint32_t _spread_out(self, uint32_t cpu, int64_t now) noexcept nogil:
+        """Move this rank off a CPU crowded with our ranks; the CPU it runs on now (+ 1, as ``cpu``).
+
+        With more ranks than CPUs the kernel may leave them spread unevenly,
+        e.g. 3 on one CPU and 1 on the other, for seconds (see ``_spread.h``):
+        at lag 0 with 4 ranks on 2 cores, 64 B, that took 25 us per iteration
+        against 8.7 us spread 2 + 2 (``python tools/spread.py``).  So at most
+        once per SPREAD_CHECK_NS a waiting rank counts our ranks on each CPU
+        it may use, from their hints.  If its CPU holds at least 2 more than
+        the emptiest one, the highest rank there (one mover per CPU, chosen
+        alike by all from the same hints) moves to the emptiest, and then
+        leaves the kernel alone for SPREAD_SETTLE_NS.  Hints are refreshed
+        only when ranks wait, so one may be stale: the cost of a wrong move
+        is one migration, and the kernel may move the rank back.
+        """
+        if self.size < 2 or cpu == 0 or now < self.next_spread_ns:
+            return cpu
+        self.next_spread_ns = now + SPREAD_CHECK_NS
+        cdef int ncpus = bls_allowed_cpus(self.spread_cpus, SPREAD_MAX_CPUS)
+        if ncpus < 2:
+            return cpu
+        memset(self.spread_count, 0, ncpus * sizeof(int))
+        cdef int here = -1   # our CPU's index in spread_cpus
+        cdef int mover = -1  # the highest rank on our CPU
+        cdef int q, i, lo, hi, mid
+        cdef uint32_t hint
+        for q in range(self.size):
+            hint = bls_load_relaxed32(&self.ranks[q].cpu_hint)
+            if hint == 0:
+                continue
+            lo, hi = 0, ncpus  # binary search: spread_cpus is ascending
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self.spread_cpus[mid] < <int>hint - 1:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo < ncpus and self.spread_cpus[lo] == <int>hint - 1:
+                self.spread_count[lo] += 1
+                if hint == cpu:
+                    here, mover = lo, q
+        if here < 0 or mover != self.rank:
+            return cpu
+        cdef int emptiest = 0
+        for i in range(1, ncpus):
+            if self.spread_count[i] < self.spread_count[emptiest]:
+                emptiest = i
+        if self.spread_count[here] < self.spread_count[emptiest] + 2:
+            return cpu
+        if bls_move_to_cpu(self.spread_cpus[emptiest]) != 0:
+            return cpu
+        self.cpu_moves += 1
+        self.next_spread_ns = now + SPREAD_SETTLE_NS
+        return self._publish_cpu()
+
     cdef inline uint32_t _publish_cpu(self) noexcept nogil:
         """This rank's CPU + 1 (0: unknown), published as its ``cpu_hint`` when it changed."""
         # CPUs are hints, published only when they change and read relaxed:
@@ -693,7 +762,7 @@ cdef class Core:
         # start whenever any rank shared our CPU, 5.3 us yielding only while
         # a rank we wait for does: 2 switches per core per iteration, the
         # least lag 0 allows (1 at lag 1).
-        cdef uint32_t cpu = self._publish_cpu()
+        cdef uint32_t cpu = self._spread_out(self._publish_cpu(), start)
         cdef bint give_way = self._behind_on_cpu(which, target, r, cpu)
         cdef int64_t next_poll = start
         cdef int64_t sleep_ns
@@ -1595,6 +1664,7 @@ cdef class Core:
         self.post_wait_ns = 0
         self.complete_wait_ns = 0
         self.futex_sleeps = 0
+        self.cpu_moves = 0
         self.bytes_sent = 0
         self.bytes_received = 0
         self.bytes_streamed = 0

@@ -255,14 +255,16 @@ class Comm(_core.Core):
     @property
     def stats(self):
         """Counters since creation or :meth:`reset_stats`: iterations, seconds waited
-        in post and in complete, futex sleeps, payload bytes sent and received, and of
-        those sent, the bytes copied with streaming stores (see ``copy_policy``)."""
+        in post and in complete, futex sleeps, moves off a CPU crowded with other ranks
+        (see ``_spread.h``), payload bytes sent and received, and of those sent, the
+        bytes copied with streaming stores (see ``copy_policy``)."""
         return {
             "iterations_posted": self.next_post,
             "iterations_completed": self.next_complete,
             "post_wait_s": self.post_wait_ns / 1e9,
             "complete_wait_s": self.complete_wait_ns / 1e9,
             "futex_sleeps": self.futex_sleeps,
+            "cpu_moves": self.cpu_moves,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "bytes_streamed": self.bytes_streamed,

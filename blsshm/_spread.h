@@ -1,0 +1,40 @@
+/* CPU placement helpers for blsshm: which CPUs this process may use, and a
+ * one-off move to one of them.
+ *
+ * With more ranks than CPUs the kernel can leave the ranks unevenly spread
+ * (3 on one CPU, 1 on the other) for seconds, because ranks that wait by
+ * spinning or yielding keep every CPU busy and a busy CPU balances only
+ * rarely.  Core._spread_out detects that from the ranks' CPU hints and moves
+ * one rank (see there).  A move pins the process to the new CPU and then
+ * restores its own affinity mask: a running process is not migrated off an
+ * allowed CPU when its mask widens, so it stays there, and the kernel stays
+ * free to move it later; a mask the user set is never widened.
+ */
+#ifndef BLSSHM_SPREAD_H
+#define BLSSHM_SPREAD_H
+
+#include <sched.h>
+
+/* Up to `max` CPUs this process may run on, ascending, into `cpus`; how many (-1: unknown). */
+static inline int bls_allowed_cpus(int *cpus, int max) {
+    cpu_set_t mask;
+    if (sched_getaffinity(0, sizeof mask, &mask) != 0) return -1;
+    int n = 0;
+    for (int cpu = 0; cpu < CPU_SETSIZE && n < max; cpu++)
+        if (CPU_ISSET(cpu, &mask)) cpus[n++] = cpu;
+    return n;
+}
+
+/* Move the calling process to `cpu` now, keeping its affinity mask; 0 on success. */
+static inline int bls_move_to_cpu(int cpu) {
+    cpu_set_t mask, one;
+    if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof mask, &mask) != 0
+            || !CPU_ISSET(cpu, &mask))
+        return -1;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    if (sched_setaffinity(0, sizeof one, &one) != 0) return -1;  /* returns on `cpu` */
+    return sched_setaffinity(0, sizeof mask, &mask);
+}
+
+#endif
