@@ -1637,7 +1637,7 @@ cdef class Core:
     # ---------------------------------------------------------------- blocking
 
 
-    def arrived(self, int64_t t):
+    def arrived(self, t):
         """Whether every rank has posted iteration ``t``, so ``complete(t)`` would not wait.
 
         Never blocks (like ``MPI_Test``): for loops that complete an
@@ -1646,12 +1646,13 @@ cdef class Core:
         """
         if not self.ready:
             self._make_ready()
+        cdef int64_t it = _iteration(t)
         self._check_open()
-        if t < 0:
-            raise BlsValueError(f"arrived({t}): iterations start at 0")
+        if it < 0:
+            raise BlsValueError(f"arrived({it}): iterations start at 0")
         # _first_behind loads with acquire, so a True answer also makes the
         # records visible to the complete(t) that follows.
-        return self._first_behind(PUBLISHED, <uint64_t>t + 1, 0) < 0
+        return self._first_behind(PUBLISHED, <uint64_t>it + 1, 0) < 0
 
     def _counters(self):
         """``(published, completed)`` of every rank, read with acquire (for tests and tools)."""
@@ -1684,13 +1685,14 @@ cdef class Core:
         """
         if not self.ready:
             self._make_ready()
+        cdef int64_t it = _iteration(t)
         cdef bint was_torch = False
         if not cnp.PyArray_CheckExact(send):
             send, was_torch = as_array(send, "send")
         if timeout is DEFAULT_TIMEOUT:
             timeout = self.timeout
-        self._post(t, send, send_counts, timeout)
-        self.slot_torch[self._slot(t)] = was_torch
+        self._post(it, send, send_counts, timeout)
+        self.slot_torch[self._slot(it)] = was_torch
 
     def complete(self, t, out=None, *, timeout=DEFAULT_TIMEOUT):
         """Wait until every rank posted ``t``; return ``(recv, recv_counts)``.
@@ -1704,12 +1706,13 @@ cdef class Core:
         """
         if not self.ready:
             self._make_ready()
+        cdef int64_t it = _iteration(t)
         if out is not None and not cnp.PyArray_CheckExact(out):
             out, _ = as_array(out, "out")
         if timeout is DEFAULT_TIMEOUT:
             timeout = self.timeout
-        result = self._complete(t, out, timeout)
-        if self.slot_torch[self._slot(t)]:
+        result = self._complete(it, out, timeout)
+        if self.slot_torch[self._slot(it)]:
             return to_torch(result[0]), result[1]
         return result
 
@@ -1766,7 +1769,7 @@ cdef class Core:
         """
         if not self.ready:
             self._make_ready()
-        return PostViews(self, t, send_counts, dtype,
+        return PostViews(self, _iteration(t), send_counts, dtype,
                          self.timeout if timeout is DEFAULT_TIMEOUT else timeout)
 
     def complete_views(self, t, *, timeout=DEFAULT_TIMEOUT):
@@ -1780,10 +1783,22 @@ cdef class Core:
         """
         if not self.ready:
             self._make_ready()
-        return CompleteViews(self, t, self.timeout if timeout is DEFAULT_TIMEOUT else timeout)
+        return CompleteViews(self, _iteration(t), self.timeout if timeout is DEFAULT_TIMEOUT else timeout)
 
     def _make_ready(self):
         raise NotImplementedError
+
+
+cdef int64_t _iteration(object t) except? -1:
+    """An iteration number given by the caller, as an int64 (its sign is checked later)."""
+    if type(t) is not int:
+        if isinstance(t, bool) or not hasattr(type(t), "__index__"):  # 0.5 or "0" is a mistake
+            raise BlsTypeError(f"the iteration must be an integer, got {type(t).__name__}")
+        t = operator.index(t)
+    try:
+        return PyLong_AsLongLong(t)
+    except OverflowError:
+        raise BlsValueError(f"iteration {t} is out of range") from None
 
 
 @cython.final
