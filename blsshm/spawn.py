@@ -2,12 +2,14 @@
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import time
 import traceback
+from typing import Any, Callable, List, Optional, Sequence
 
 from blsshm import segment
 from blsshm._proc import describe_exit, die_with_parent
-from blsshm.comm import DEFAULT_ARENA_BYTES, Comm
+from blsshm.comm import DEFAULT_ARENA_BYTES, Comm, _check_int
 from blsshm.errors import BlsError, BlsTypeError, BlsValueError, CommAborted
 
 #: Seconds the other ranks get to notice a failure and stop by themselves.
@@ -39,13 +41,25 @@ def _rank_main(target, rank, args, conn, parent_pid):
         result = target(rank, *args)
         conn.send(("ok", result))
     except BaseException as exc:  # report everything, KeyboardInterrupt included
-        tb = traceback.format_exc()
-        try:
-            conn.send(("error", exc, tb))
-        except Exception:
-            conn.send(("error", BlsError(f"{type(exc).__name__}: {exc}"), tb))
+        conn.send(("error", _portable(exc, rank), traceback.format_exc()))
     finally:
         conn.close()
+
+
+def _portable(exc, rank):
+    """``exc`` as the parent should get it: one that survives pickling, and no ``SystemExit``.
+
+    An exception whose constructor takes other arguments than its ``args``
+    pickles but does not unpickle; it is sent as a BlsError naming it.  A
+    rank's ``sys.exit()`` must not end the parent silently.
+    """
+    if isinstance(exc, SystemExit):
+        return RankFailedError(f"rank {rank} called sys.exit({exc.code!r}) instead of returning", rank=rank)
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return BlsError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
 
 
 def _with_comm(rank, fn, name, comm_kwargs, args):
@@ -53,8 +67,9 @@ def _with_comm(rank, fn, name, comm_kwargs, args):
         return fn(comm, *args)
 
 
-def spawn(fn, nprocs, *, lag=0, arena_bytes=DEFAULT_ARENA_BYTES, args=(), timeout=None,
-          spin_us=None, start_method=None, grace=GRACE_S):
+def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int = DEFAULT_ARENA_BYTES,
+          args: Sequence[Any] = (), timeout: Optional[float] = None, spin_us: Optional[float] = None,
+          start_method: Optional[str] = None, grace: float = GRACE_S) -> List[Any]:
     """Run ``fn(comm, *args)`` in ``nprocs`` new processes; return their results in rank order.
 
     Every process gets a :class:`Comm` of ``nprocs`` ranks at lag ``lag``.
@@ -69,7 +84,7 @@ def spawn(fn, nprocs, *, lag=0, arena_bytes=DEFAULT_ARENA_BYTES, args=(), timeou
     if not callable(fn):
         raise BlsTypeError(f"fn must be callable, got {type(fn).__name__}")
     _check_nprocs(nprocs)
-    name = segment.create(nprocs, lag, arena_bytes)
+    name = segment.create(nprocs, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes))
     try:
         comm_kwargs = dict(timeout=timeout, spin_us=spin_us)
         return run_ranks(_with_comm, nprocs, args=(fn, name, comm_kwargs, tuple(args)),
@@ -78,7 +93,8 @@ def spawn(fn, nprocs, *, lag=0, arena_bytes=DEFAULT_ARENA_BYTES, args=(), timeou
         segment.unlink(name)
 
 
-def run_ranks(target, nprocs, *, args=(), start_method=None, grace=GRACE_S):
+def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = (),
+              start_method: Optional[str] = None, grace: float = GRACE_S) -> List[Any]:
     """Run ``target(rank, *args)`` in ``nprocs`` new processes, with no communicator.
 
     The process half of :func:`spawn`, for programs that bring their own
@@ -90,6 +106,7 @@ def run_ranks(target, nprocs, *, args=(), start_method=None, grace=GRACE_S):
     _check_nprocs(nprocs)
     ctx = multiprocessing.get_context(start_method)
     procs, conns = [], []
+    reported = set()  # ranks whose outcome arrived (filled by _collect)
     try:
         for rank in range(nprocs):
             parent_end, child_end = ctx.Pipe(duplex=False)
@@ -101,8 +118,14 @@ def run_ranks(target, nprocs, *, args=(), start_method=None, grace=GRACE_S):
             child_end.close()
             procs.append(proc)
             conns.append(parent_end)
-        return _collect(procs, conns, grace)
+        return _collect(procs, conns, grace, reported)
     finally:
+        # A rank that reported may still be exiting (flushing its output):
+        # let it finish, within the grace period; kill the others at once.
+        deadline = time.monotonic() + grace
+        for r, proc in enumerate(procs):
+            if r in reported:
+                proc.join(max(0.0, deadline - time.monotonic()))
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
@@ -117,8 +140,8 @@ def _check_nprocs(nprocs):
         raise BlsValueError(f"nprocs must be a positive integer, got {nprocs!r}")
 
 
-def _collect(procs, conns, grace):
-    """Gather every rank's outcome; after the first failure wait at most ``grace`` s.
+def _collect(procs, conns, grace, reported):
+    """Gather every rank's outcome into ``reported``; after the first failure wait at most ``grace`` s.
 
     A rank's pipe reaches EOF only when the rank is gone, so a rank that
     ended without sending a result is found by reading its pipe alone.
@@ -143,6 +166,12 @@ def _collect(procs, conns, grace):
                     f"rank {r} ended without a result ({describe_exit(procs[r].exitcode)})", rank=r)
                 failures.append((r, exc, None))
                 continue
+            except Exception as exc:  # a result that pickled but does not unpickle here
+                reported.add(r)
+                failures.append((r, RankFailedError(
+                    f"rank {r}'s result could not be unpickled: {type(exc).__name__}: {exc}", rank=r), None))
+                continue
+            reported.add(r)
             if outcome[r][0] == "error":
                 failures.append((r, outcome[r][1], outcome[r][2]))
         if failures and deadline is None:

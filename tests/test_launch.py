@@ -84,6 +84,10 @@ def test_spawn_rejects_bad_arguments():
         blsshm.spawn(_rank_and_args, 0)
     with pytest.raises(blsshm.BlsTypeError, match="callable"):
         blsshm.spawn("not a function", 2)
+    with pytest.raises(blsshm.BlsTypeError, match="lag must be an integer, got float"):
+        blsshm.spawn(_rank_and_args, 2, lag=1.5)  # was run at lag 1
+    with pytest.raises(blsshm.BlsTypeError, match="arena_bytes must be an integer, got NoneType"):
+        blsshm.spawn(_rank_and_args, 2, arena_bytes=None)
 
 
 def _rank_squared(rank, offset):
@@ -99,6 +103,73 @@ def test_run_ranks_runs_a_function_without_a_communicator():
     assert info.value.blsshm_rank == 1
     with pytest.raises(blsshm.BlsValueError, match="nprocs"):
         blsshm.run_ranks(_rank_squared, 0)
+
+
+class TwoArgumentError(Exception):
+    """Pickles, but does not unpickle: its constructor wants more than its args."""
+
+    def __init__(self, what, code):
+        super().__init__(f"{what} failed with {code}")
+
+
+def _raise_unpicklable(rank):
+    if rank == 1:
+        raise TwoArgumentError("rank 1's step", 7)
+    return rank
+
+
+def _exit_early(rank):
+    if rank == 1:
+        sys.exit(0)
+    return rank
+
+
+def test_a_rank_error_that_does_not_unpickle_still_names_itself_and_its_rank():
+    with pytest.raises(blsshm.BlsError, match="TwoArgumentError: rank 1's step failed with 7") as info:
+        blsshm.run_ranks(_raise_unpicklable, 2)
+    assert info.value.blsshm_rank == 1
+    assert "TwoArgumentError" in str(info.value.__cause__)  # the remote traceback
+
+
+def test_sys_exit_in_a_rank_is_a_failure_not_an_exit_of_the_parent():
+    with pytest.raises(blsshm.RankFailedError, match=r"rank 1 called sys.exit\(0\)") as info:
+        blsshm.run_ranks(_exit_early, 2)
+    assert info.value.blsshm_rank == 1
+
+
+EXITING = r"""
+import multiprocessing.util
+import time
+
+import blsshm
+
+def finish(rank):
+    time.sleep(0.2)  # e.g. closing a log file
+    print(f"rank {rank} finished exiting", flush=True)
+
+def rank_main(comm):
+    multiprocessing.util.Finalize(None, finish, args=(comm.rank,), exitpriority=1)  # runs at exit
+    print(f"line from rank {comm.rank}")  # block-buffered (stdout is a file): flushed at exit
+    return comm.rank
+
+if __name__ == "__main__":
+    for _ in range(2):
+        assert blsshm.spawn(rank_main, 2) == [0, 1]
+"""
+
+
+def test_ranks_that_returned_are_not_killed_while_they_exit(tmp_path):
+    # Ranks were killed as soon as every result was in, before they had
+    # exited: output flushed at exit went missing.
+    path = tmp_path / "exiting.py"
+    path.write_text(EXITING)
+    with open(tmp_path / "out.txt", "w") as out:
+        res = subprocess.run([sys.executable, str(path)], stdout=out, stderr=subprocess.PIPE,
+                             text=True, timeout=50)
+    assert res.returncode == 0, res.stderr
+    text = (tmp_path / "out.txt").read_text()  # two writers: lines may interleave, not vanish
+    assert [text.count(f"line from rank {r}") for r in (0, 1)] == [2, 2], text
+    assert [text.count(f"rank {r} finished exiting") for r in (0, 1)] == [2, 2], text
 
 
 def _many_iterations(comm, iters):
