@@ -84,3 +84,34 @@ def test_a_signal_handler_runs_in_a_wait_and_its_exception_ends_the_wait():
         signal.signal(signal.SIGINT, previous)
         a.close()
         b.close()
+
+
+
+def _late_peer(comm, late_in):
+    """Rank 1 is 0.3 s late to post iteration 0 (``late_in="post"``) or to complete it."""
+    send = np.zeros(comm.size, np.float32)
+    if comm.rank == 1 and late_in == "post":
+        time.sleep(0.3)
+    comm.post(0, send, [1] * comm.size)  # the first post never waits
+    comm.reset_stats()
+    if late_in == "post":
+        comm.complete(0)  # rank 0 waits here for rank 1's post
+    else:
+        if comm.rank == 1:
+            time.sleep(0.3)
+        comm.complete(0)
+        comm.post(1, send, [1] * comm.size)  # lag 0: rank 0 waits here for rank 1's complete(0)
+    return comm.stats
+
+
+@pytest.mark.parametrize("late_in", ["post", "complete"])
+def test_waits_are_counted_where_they_happen(late_in):
+    # Without a spin a wait sleeps at once.  The rank on time waits under
+    # complete for a late post, under post for a late complete (lag 0), and
+    # counts a sleep; the late rank finds everything ready and counts nothing.
+    on_time, late = blsshm.spawn(_late_peer, 2, args=(late_in,), spin_us=0, timeout=30)
+    waited = "complete_wait_s" if late_in == "post" else "post_wait_s"
+    assert on_time[waited] > 0 and on_time["futex_sleeps"] >= 1, on_time
+    if late_in == "post":
+        assert on_time["post_wait_s"] == 0, on_time
+    assert late["post_wait_s"] == late["complete_wait_s"] == 0 and late["futex_sleeps"] == 0, late
