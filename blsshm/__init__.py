@@ -10,6 +10,7 @@ synchronous alltoallv returns.  Start here:
 - :meth:`Comm.create` / :meth:`Comm.attach` for processes you start yourself.
 """
 import os
+from typing import Optional
 
 from blsshm.comm import DEFAULT_ARENA_BYTES, Comm, Request
 from blsshm.errors import (
@@ -21,7 +22,7 @@ from blsshm.spawn import RankFailedError, run_ranks, spawn
 __version__ = "0.1.0"
 
 
-def init(*, timeout=None, spin_us=None):
+def init(*, timeout: Optional[float] = None, spin_us: Optional[float] = None) -> Comm:
     """The :class:`Comm` of a process started by ``python -m blsshm.run``."""
     from blsshm.run import ENV_NAME, ENV_RANK, ENV_SIZE
     try:

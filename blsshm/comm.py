@@ -7,6 +7,7 @@ and a lifetime that never leaves a segment or a waiting peer behind.
 """
 import os
 import time
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -84,6 +85,8 @@ class Comm(_core.Core):
     ``next_post``, ``next_complete``, ``arena_bytes``.
     """
 
+    name: str
+
     def __init__(self, *_args, **_kwargs):
         raise TypeError("use Comm.create(), Comm.attach(), blsshm.init() or blsshm.spawn()")
 
@@ -114,8 +117,9 @@ class Comm(_core.Core):
         return self
 
     @classmethod
-    def create(cls, size, rank=0, *, lag=0, arena_bytes=DEFAULT_ARENA_BYTES, timeout=None,
-               attach_timeout=60.0, spin_us=None):
+    def create(cls, size: int, rank: int = 0, *, lag: int = 0, arena_bytes: int = DEFAULT_ARENA_BYTES,
+               timeout: Optional[float] = None, attach_timeout: float = 60.0,
+               spin_us: Optional[float] = None) -> "Comm":
         """Create a communicator of ``size`` ranks and attach to it as ``rank``.
 
         Other processes join with ``Comm.attach(comm.name, r)``.  ``lag`` is
@@ -135,13 +139,14 @@ class Comm(_core.Core):
                          spin_us=spin_us, owns_name=True)
 
     @classmethod
-    def attach(cls, name, rank, *, timeout=None, attach_timeout=60.0, spin_us=None):
+    def attach(cls, name: str, rank: int, *, timeout: Optional[float] = None, attach_timeout: float = 60.0,
+               spin_us: Optional[float] = None) -> "Comm":
         """Attach to the communicator called ``name`` (see :meth:`create`) as ``rank``."""
         return cls._open(name, _check_int("rank", rank), timeout=timeout,
                          attach_timeout=attach_timeout, spin_us=spin_us, owns_name=False)
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         """True once :meth:`close` ran."""
         return self._core_closed
 
@@ -184,7 +189,7 @@ class Comm(_core.Core):
     # post, complete, alltoallv, post_views and complete_views are inherited
     # from _core.Core.
 
-    def ialltoallv(self, send, send_counts, *, timeout=DEFAULT_TIMEOUT):
+    def ialltoallv(self, send: Any, send_counts: Sequence[int], *, timeout: Any = DEFAULT_TIMEOUT) -> "Request":
         """Post the next iteration and return a :class:`Request` whose ``wait()`` completes it."""
         t = self.next_post
         self.post(t, send, send_counts, timeout=timeout)
@@ -192,12 +197,12 @@ class Comm(_core.Core):
 
     # ------------------------------------------------------------- lifecycle
 
-    def abort(self, reason="aborted by the user"):
+    def abort(self, reason: str = "aborted by the user") -> None:
         """Abort the communicator: in every rank, waiting and later calls raise ``CommAborted``."""
         if not self.closed:
             self._abort(str(reason))
 
-    def close(self):
+    def close(self) -> None:
         """Leave the communicator.  Idempotent.
 
         Peers that still wait for this rank raise :class:`PeerLostError`.
@@ -225,7 +230,7 @@ class Comm(_core.Core):
                 pass  # zero-copy views still use it: unmapped when the last one goes
             self._mapping = None
 
-    def __enter__(self):
+    def __enter__(self) -> "Comm":
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -253,7 +258,7 @@ class Comm(_core.Core):
     # ------------------------------------------------------------ statistics
 
     @property
-    def stats(self):
+    def stats(self) -> Dict[str, Union[int, float]]:
         """Counters since creation or :meth:`reset_stats`: iterations, seconds waited
         in post and in complete, futex sleeps, moves off a CPU crowded with other ranks
         (see ``_spread.h``), payload bytes sent and received, and of those sent, the
@@ -281,7 +286,7 @@ class Request:
         self.iteration = iteration
         self._result = None
 
-    def wait(self, out=None, *, timeout=DEFAULT_TIMEOUT):
+    def wait(self, out: Any = None, *, timeout: Any = DEFAULT_TIMEOUT) -> Tuple[Any, Any]:
         """Complete the iteration: ``(recv, recv_counts)``.  Repeated calls return the same."""
         if self._result is None:
             self._result = self._comm.complete(self.iteration, out, timeout=timeout)

@@ -32,7 +32,8 @@ def create(size, lag, arena_bytes):
             if exc.errno in (errno.ENOSPC, errno.ENOMEM):
                 raise BlsError(
                     f"cannot reserve {nbytes} bytes in /dev/shm for {size} ranks "
-                    f"(arena_bytes={arena_bytes}, lag={lag}): {exc.strerror}") from exc
+                    f"(arena_bytes={arena_bytes}, lag={lag}): {exc.strerror}; "
+                    f"lower arena_bytes or enlarge /dev/shm") from exc
             raise
         with mmap.mmap(shm.fd, nbytes) as segment:
             _core.initialize(segment, size, lag, arena_bytes)
