@@ -48,6 +48,25 @@ def default_spin_us():
     return SPIN_US
 
 
+#: How often a sleeping wait wakes to check that the ranks it waits for are
+#: alive (milliseconds): a dead or closed peer is noticed within about this.
+LIVENESS_MS = 50.0
+
+
+def liveness_ms():
+    """How often a sleeping wait checks its peers are alive (``BLSSHM_LIVENESS_MS`` overrides)."""
+    env = os.environ.get("BLSSHM_LIVENESS_MS", "").strip()
+    if not env:
+        return LIVENESS_MS
+    try:
+        ms = float(env)
+    except ValueError:
+        ms = float("nan")
+    if not ms > 0 or ms > 3.6e6:
+        raise BlsValueError(f"BLSSHM_LIVENESS_MS must be a number of milliseconds in (0, 3600000], got {env!r}")
+    return ms
+
+
 def _check_spin_us(spin_us):
     try:
         spin_us = float(spin_us)
@@ -95,6 +114,7 @@ class Comm(_core.Core):
         mapping = None
         try:
             spin_us = _check_spin_us(default_spin_us() if spin_us is None else spin_us)  # before claiming the rank
+            slice_ms = liveness_ms()
             mapping = segment.open_mapping(name)
             self = cls.__new__(cls)
             self.name = name
@@ -113,6 +133,7 @@ class Comm(_core.Core):
         if len(self._attached_ranks()) == self.size:
             segment.unlink(name)  # the last to attach: from now on a crash leaks nothing
         self.spin_ns = int(1000 * spin_us)
+        self.slice_ns = int(1e6 * slice_ms)
         self.timeout = timeout
         return self
 

@@ -323,6 +323,22 @@ def test_a_bad_spin_setting_is_refused_before_the_rank_is_claimed(spin, monkeypa
             assert joined.rank == 1
 
 
+@pytest.mark.parametrize("setting", ["0", "-5", "often", "nan"])
+def test_a_bad_liveness_setting_is_refused(setting, monkeypatch):
+    monkeypatch.setenv("BLSSHM_LIVENESS_MS", setting)
+    with pytest.raises(BlsValueError, match="BLSSHM_LIVENESS_MS"):
+        blsshm.Comm.create(1)  # and the segment it made is gone again (the fixture checks)
+
+
+def test_the_liveness_setting_sets_how_often_sleepers_check(monkeypatch):
+    monkeypatch.setenv("BLSSHM_LIVENESS_MS", "5")
+    with blsshm.Comm.create(1) as comm:
+        assert comm.slice_ns == 5_000_000
+    monkeypatch.delenv("BLSSHM_LIVENESS_MS")
+    with blsshm.Comm.create(1) as comm:
+        assert comm.slice_ns == 50_000_000
+
+
 def test_reading_shared_counters_after_close_raises_instead_of_touching_unmapped_memory():
     comm = blsshm.Comm.create(1)
     comm.close()
