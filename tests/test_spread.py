@@ -35,7 +35,7 @@ def _crowded_start(comm, crowded, other, iterations):
     counts = [1] * comm.size
     for t in range(iterations):
         cpus, _ = comm.alltoallv(np.full(comm.size, _current_cpu(), np.int64), counts)
-        per_cpu = np.bincount(cpus)
+        per_cpu = np.bincount(cpus, minlength=max(crowded, other) + 1)
         if per_cpu[crowded] == per_cpu[other] == comm.size // 2:
             return t, comm.stats["cpu_moves"]
     return None, comm.stats["cpu_moves"]
