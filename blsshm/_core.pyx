@@ -171,7 +171,7 @@ cdef int64_t DEFAULT_SPIN_NS = 1000000
 cdef int64_t DEFAULT_PAUSE_NS = 2000
 cdef int64_t NO_DEADLINE_YET = -2     # see Core._await
 cdef int SPIN_BATCH = 64              # checks between clock reads while pausing (~2 us)
-cdef int64_t DEFAULT_SLICE_NS = 50000000  # liveness is checked at least this often
+cdef int64_t DEFAULT_SLICE_NS = 50000000  # liveness is checked at least this often (Comm: LIVENESS_MS)
 # A wait keeps the GIL this long before it lets other threads run (see _await).
 cdef int64_t HOLD_GIL_NS = 20000
 # How often a waiting rank checks whether our ranks are unevenly spread over
@@ -669,10 +669,10 @@ cdef class Core:
     cdef uint32_t _spread_out(self, uint32_t cpu, int64_t now) noexcept nogil:
         """Move this rank off a CPU crowded with our ranks; the CPU it runs on now (+ 1, as ``cpu``).
 
-        With more ranks than CPUs the kernel may leave them spread unevenly,
-        e.g. 3 on one CPU and 1 on the other, for seconds (see ``_spread.h``):
+        Why the kernel can leave ranks 3 + 1 on two CPUs is in ``_spread.h``;
         at lag 0 with 4 ranks on 2 cores, 64 B, that took 25 us per iteration
-        against 8.7 us spread 2 + 2 (``python tools/spread.py``).  So at most
+        against 8.7 us spread 2 + 2 (``python tools/spread.py --crowd --stay``
+        and ``--runs 16``).  So at most
         once per SPREAD_CHECK_NS a waiting rank counts our ranks on each CPU
         it may use, from their hints.  If its CPU holds at least 2 more than
         the emptiest one, the highest rank there (one mover per CPU, chosen

@@ -12,12 +12,14 @@ calls the CPU each rank is on.  A run prints the median and mean over
 iterations of the slowest rank's time, the fraction of samples in which
 the ranks were not spread evenly, and each rank's ``cpu_moves``.
 ``--crowd`` starts 3 ranks on the first allowed CPU and the rest on the
-second, as an unlucky start would.
+second, as an unlucky start would; with ``--stay`` they are pinned there,
+so neither the kernel nor blsshm can move them: what such a spread costs.
 
 Reproduce the figures in ``_core.pyx`` (4 ranks on 2 cores, 64 B)::
 
-    python tools/spread.py --runs 16
-    python tools/spread.py --runs 16 --crowd
+    python tools/spread.py --runs 16                  # as started
+    python tools/spread.py --runs 16 --crowd          # 3 + 1 at first, then moved
+    python tools/spread.py --runs 4 --crowd --stay    # 3 + 1 throughout
 """
 import argparse
 import ctypes
@@ -31,11 +33,12 @@ import blsshm
 _libc = ctypes.CDLL(None)
 
 
-def rank_loop(comm, size, iters, crowd):
+def rank_loop(comm, size, iters, crowd, stay):
     cpus_allowed = sorted(os.sched_getaffinity(0))
     if crowd and len(cpus_allowed) >= 2:
         os.sched_setaffinity(0, {cpus_allowed[0] if comm.rank < 3 else cpus_allowed[1]})
-        os.sched_setaffinity(0, set(cpus_allowed))  # start there, free to move
+        if not stay:
+            os.sched_setaffinity(0, set(cpus_allowed))  # start there, free to move
     counts = [size] * comm.size
     send = np.ones(size * comm.size, np.uint8)
     out = np.empty_like(send)
@@ -62,12 +65,14 @@ def main():
     parser.add_argument("--iters", type=int, default=1250)
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--crowd", action="store_true", help="start 3 ranks on one CPU")
+    parser.add_argument("--stay", action="store_true", help="with --crowd: pin them there")
     opts = parser.parse_args()
     allowed = sorted(os.sched_getaffinity(0))
     print(f"{opts.nprocs} ranks on {len(allowed)} CPUs, {opts.size} B per pair, lag 0, "
-          f"{opts.iters} iterations per run{', crowded start' if opts.crowd else ''}")
+          f"{opts.iters} iterations per run{', crowded start' if opts.crowd else ''}"
+          f"{', pinned' if opts.crowd and opts.stay else ''}")
     for _ in range(opts.runs):
-        results = blsshm.spawn(rank_loop, opts.nprocs, args=(opts.size, opts.iters, opts.crowd))
+        results = blsshm.spawn(rank_loop, opts.nprocs, args=(opts.size, opts.iters, opts.crowd, opts.stay))
         slowest = np.max([r[0] for r in results], axis=0) / 1000
         samples = np.array([r[1] for r in results])  # ranks x samples
         per_cpu = np.stack([(samples == c).sum(axis=0) for c in allowed])  # CPUs x samples
