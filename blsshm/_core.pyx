@@ -76,7 +76,8 @@ cdef extern from "_sync.h" nogil:
     void bls_futex_wake_all(uint64_t *counter)
     int bls_pidfd_exited(int pidfd)
     void bls_yield()
-    int bls_pid_exited(int pid)
+    int bls_lock_hold(int fd, int byte)
+    int bls_lock_released(int fd, int byte)
 
 cdef extern from "_copy.h" nogil:
     enum:
@@ -96,6 +97,7 @@ cdef extern from "_layout.h" nogil:
         BLS_VERSION
         BLS_BLOCK_ALIGN
         BLS_DTYPE_CHARS
+        BLS_REASON_CHARS
         BLS_STATE_EMPTY
         BLS_STATE_ATTACHED
         BLS_STATE_CLOSED
@@ -126,6 +128,8 @@ cdef extern from "_layout.h" nogil:
         uint32_t abort_kind
         int32_t abort_lost_rank
         uint32_t cpu_hint
+        uint32_t pid_ns
+        uint32_t holds_lock
         char abort_reason[1]
     ctypedef struct bls_desc_t:
         uint64_t stamp
@@ -297,6 +301,7 @@ cdef class Core:
     cdef uint64_t desc_stride
     cdef uint64_t segment_bytes
     cdef int* pidfds
+    cdef int lock_fd            # our descriptor of the segment: holds our liveness lock, tests the peers'
     cdef bint closed
     cdef int owner_pid          # the process that attached (a forked child is not it)
 
@@ -368,6 +373,7 @@ cdef class Core:
     def __cinit__(self):
         self.have_buf = False
         self.pidfds = NULL
+        self.lock_fd = -1
         self.fl_iter = NULL
         self.fl_start = NULL
         self.fl_end = NULL
@@ -379,8 +385,13 @@ cdef class Core:
         self.dtype_cache = {}
         self.copy_mode = COPY_AUTO
 
-    def _attach_mapping(self, segment, int rank):
-        """Claim ``rank`` in the mapped segment (a writable buffer)."""
+    def _attach_mapping(self, segment, int rank, int lock_fd=-1, uint32_t pid_ns=0):
+        """Claim ``rank`` in the mapped segment (a writable buffer).
+
+        ``lock_fd``, an open descriptor of the segment of this rank's own
+        (kept open while the rank lives), carries its liveness lock and tests
+        the peers'; ``pid_ns`` names this process's PID namespace (0: unknown).
+        """
         # Views hold this memoryview, which holds an export of the mapping:
         # the memory cannot be unmapped while a view lives.  It is read-only,
         # so numpy refuses to make a view writable again once its flag is
@@ -389,14 +400,14 @@ cdef class Core:
         PyObject_GetBuffer(segment, &self.buf, PyBUF_WRITABLE)
         self.have_buf = True
         try:
-            self._bind(rank)  # claiming the rank is its last step
+            self._bind(rank, lock_fd, pid_ns)  # claiming the rank is its last step
         except BaseException:
             self.closed = True
             self.view_base = None
             self._release()
             raise
 
-    cdef int _bind(self, int rank) except -1:
+    cdef int _bind(self, int rank, int lock_fd, uint32_t pid_ns) except -1:
         self.base = <char*>self.buf.buf
         self.hdr = <bls_header_t*>self.base
         if <uint64_t>self.buf.len < 2 * BLS_LINE or bls_load_acquire(&self.hdr.magic) != BLS_MAGIC:
@@ -450,6 +461,11 @@ cdef class Core:
         cdef bls_rank_t* me = &self.ranks[rank]
         if not bls_cas32(<uint32_t*>&me.pid, 0, <uint32_t>getpid()):
             raise BlsValueError(f"rank {rank} is already attached to this segment")
+        # Where the lock cannot be had, peers are told so and never read a
+        # missing lock as a death (they still see a CLOSED state or time out).
+        self.lock_fd = lock_fd
+        me.holds_lock = lock_fd >= 0 and bls_lock_hold(lock_fd, rank) == 0
+        me.pid_ns = pid_ns
         bls_store_release32(&me.state, BLS_STATE_ATTACHED)
         self.owner_pid = getpid()
         self.closed = False
@@ -484,9 +500,19 @@ cdef class Core:
                 if bls_load_acquire32(&self.ranks[r].state) != BLS_STATE_EMPTY]
 
     def _peer_pids(self):
-        """The pid each rank recorded when it attached."""
+        """``(pid, pid_ns)`` as each rank recorded them when it attached."""
         self._check_mapped()
-        return [self.ranks[r].pid for r in range(self.size)]
+        return [(self.ranks[r].pid, self.ranks[r].pid_ns) for r in range(self.size)]
+
+    def _lock_released(self, int r):
+        """Whether rank ``r`` held its liveness lock and no longer does (closed or exited)."""
+        self._check_mapped()
+        return (self.lock_fd >= 0 and self.ranks[r].holds_lock
+                and bls_lock_released(self.lock_fd, r) == 1)
+
+    def _forget_lock_fd(self):
+        """Stop using the lock descriptor (a forked child closes its copy)."""
+        self.lock_fd = -1
 
     cdef int _check_mapped(self) except -1:
         """Raise if the mapping is gone (closed): the shared lines must not be read then."""
@@ -534,7 +560,7 @@ cdef class Core:
         cdef bls_rank_t* me = &self.ranks[self.rank]
         me.abort_kind = kind
         me.abort_lost_rank = lost_rank
-        strncpy(me.abort_reason, reason, BLS_LINE - 21)
+        strncpy(me.abort_reason, reason, BLS_REASON_CHARS - 1)
         # The CAS (acq_rel) publishes the fields above to whoever acquires the word.
         if bls_cas32(&self.abort_line.word, 0, self.rank + 1):
             bls_fence()
@@ -549,7 +575,7 @@ cdef class Core:
             raise BlsError("communicator is closed")
         if self._aborted():
             return
-        data = reason.encode("utf-8", "replace")[:BLS_LINE - 21]
+        data = reason.encode("utf-8", "replace")[:BLS_REASON_CHARS - 1]
         self._abort_nogil(kind, lost_rank, data)
 
     cdef inline bint _aborted(self) noexcept nogil:
@@ -622,10 +648,16 @@ cdef class Core:
         return -1
 
     cdef inline bint _exited(self, int r) noexcept nogil:
-        """Rank ``r``'s process is gone: by its pidfd, or by its pid where none could be opened."""
+        """Rank ``r``'s process is gone: by its pidfd, else by its liveness lock.
+
+        A rank that could not take its lock and has no pidfd is never
+        declared dead here: its CLOSED state or a timeout still ends a wait.
+        """
         if self.pidfds[r] >= 0:
             return bls_pidfd_exited(self.pidfds[r]) == 1
-        return bls_pid_exited(self.ranks[r].pid) == 1
+        if self.lock_fd >= 0 and self.ranks[r].holds_lock:
+            return bls_lock_released(self.lock_fd, r) == 1
+        return False
 
     cdef int _check_alive(self, int which, uint64_t target, int r, bint poll_pids) noexcept nogil:
         """ERR_LOST (and lost_rank set) if a rank we still wait for closed or died."""
@@ -1452,7 +1484,7 @@ cdef class Core:
         return recv
 
     cdef int _protocol_error(self, str message) except -1:
-        data = message.encode("utf-8", "replace")[:BLS_LINE - 21]
+        data = message.encode("utf-8", "replace")[:BLS_REASON_CHARS - 1]
         self._abort_nogil(BLS_ABORT_PROTOCOL, -1, data)
         raise CommAborted(f"communicator aborted by rank {self.rank}: {message}",
                           rank=self.rank, reason=message)

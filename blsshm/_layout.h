@@ -18,9 +18,10 @@
 
 #define BLS_LINE 128
 #define BLS_MAGIC 0x314d485353534c42ULL /* "BLSSSHM1" */
-#define BLS_VERSION 3
+#define BLS_VERSION 4
 #define BLS_BLOCK_ALIGN 64              /* each per-destination block starts on a cache line */
 #define BLS_DTYPE_CHARS 20
+#define BLS_REASON_CHARS (BLS_LINE - 28) /* abort reason, NUL included */
 
 /* rank states (bls_rank_t.state) */
 #define BLS_STATE_EMPTY 0
@@ -66,7 +67,9 @@ typedef struct {
     uint32_t abort_kind;
     int32_t abort_lost_rank;
     uint32_t cpu_hint;             /* 1 + the CPU this rank last waited on (0: unknown) */
-    char abort_reason[BLS_LINE - 20];
+    uint32_t pid_ns;               /* inode of its PID namespace (0: unknown): where `pid` means that process */
+    uint32_t holds_lock;           /* 1: it holds the liveness lock on byte `rank` of the segment (see _sync.h) */
+    char abort_reason[BLS_REASON_CHARS];
 } bls_rank_t;
 
 /* One per sender and iteration slot (t mod (L+1)), used only by segments

@@ -9,6 +9,15 @@ import sys
 _PR_SET_PDEATHSIG = 1
 
 
+def pid_namespace():
+    """The inode of this process's PID namespace: two processes' pids are
+    comparable only when theirs match.  0 if it cannot be read (no /proc)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def die_with_parent(parent_pid):
     """A function that asks the kernel to SIGKILL the calling process when its
     parent dies (Linux), and exits at once if ``parent_pid`` died already.

@@ -21,11 +21,15 @@
 #include <poll.h>
 #include <unistd.h>
 #include <sched.h>
-#include <signal.h>
-#include <stdio.h>
+#include <fcntl.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <linux/futex.h>
+
+#ifndef F_OFD_GETLK  /* <fcntl.h> shows them only under _GNU_SOURCE (Python.h sets it) */
+#define F_OFD_GETLK 36
+#define F_OFD_SETLK 37
+#endif
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "blsshm sleeps on the low 32 bits of a 64-bit counter: little-endian only"
@@ -109,22 +113,34 @@ static inline int bls_pidfd_exited(int pidfd) {
     return rc > 0 ? 1 : 0;
 }
 
-/* Fallback when no pidfd could be opened (old kernel, seccomp): 1 if no
- * process `pid` runs any more (gone, or a zombie its parent has not reaped),
- * 0 otherwise.  Reads /proc/<pid>/stat; a recycled pid is not detected. */
-static inline int bls_pid_exited(int pid) {
-    char path[64], buf[512];
-    if (pid <= 0) return 0;
-    if (kill(pid, 0) == -1 && errno == ESRCH) return 1;
-    snprintf(path, sizeof path, "/proc/%d/stat", pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL) return errno == ENOENT ? 1 : 0;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    char *close_paren = strrchr(buf, ')');  /* the command name may hold spaces */
-    if (close_paren == NULL || close_paren[1] == 0) return 0;
-    return close_paren[2] == 'Z' || close_paren[2] == 'X';
+/* Liveness without pids.  Each rank holds a write lock on byte `rank` of
+ * its own open file description of the segment for as long as it lives: the
+ * kernel drops an open-file-description (OFD) lock when the last descriptor
+ * of that description closes, which a dying process does at exit, before it
+ * is a zombie.  Unlike a pid, that works across PID namespaces and cannot be
+ * recycled.  (A classic POSIX lock would not do: it goes when the process
+ * closes *any* descriptor of the file.)  0 on success, else errno. */
+static inline int bls_lock_hold(int fd, int byte) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    return fcntl(fd, F_OFD_SETLK, &fl) == 0 ? 0 : errno;
+}
+
+/* 1 if nobody holds the lock on `byte` any more (its rank closed its
+ * descriptor or exited), 0 if someone does, -1 on error. */
+static inline int bls_lock_released(int fd, int byte) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    if (fcntl(fd, F_OFD_GETLK, &fl) == -1) return -1;
+    return fl.l_type == F_UNLCK ? 1 : 0;
 }
 
 static inline void bls_yield(void) { sched_yield(); }

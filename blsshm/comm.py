@@ -7,13 +7,27 @@ and a lifetime that never leaves a segment or a waiting peer behind.
 """
 import os
 import time
+import weakref
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from blsshm import _core, segment
+from blsshm import _core, _proc, segment
 from blsshm._core import DEFAULT_TIMEOUT
 from blsshm.errors import BlsTimeoutError, BlsTypeError, BlsValueError
+
+# Open communicators of this process.  A child made by os.fork closes its
+# copies of their lock descriptors at once: a copy would keep a rank's
+# liveness lock held after the rank itself died.
+_open_comms = weakref.WeakSet()
+
+
+def _drop_inherited_locks():
+    for comm in list(_open_comms):
+        comm._drop_lock_fd()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 #: Default arena per rank; it should hold (lag + 2) of its largest records.
 DEFAULT_ARENA_BYTES = 32 << 20
@@ -112,24 +126,31 @@ class Comm(_core.Core):
     @classmethod
     def _open(cls, name, rank, *, timeout, attach_timeout, spin_us, owns_name):
         mapping = None
+        lock_fd = -1
         try:
             spin_us = _check_spin_us(default_spin_us() if spin_us is None else spin_us)  # before claiming the rank
             slice_ms = liveness_ms()
             mapping = segment.open_mapping(name)
+            lock_fd = segment.open_descriptor(name)
             self = cls.__new__(cls)
             self.name = name
             self._mapping = mapping
             self._pidfds = []
+            self._lock_fd = lock_fd
             self._pid = os.getpid()  # a forked child's copy must not unlink or abort
+            self._pid_ns = _proc.pid_namespace()
             self._attach_timeout = attach_timeout
             self._owns_name = owns_name
-            self._attach_mapping(mapping, rank)
+            self._attach_mapping(mapping, rank, lock_fd, self._pid_ns)
         except BaseException:
             if mapping is not None:
                 mapping.close()
+            if lock_fd >= 0:
+                os.close(lock_fd)
             if owns_name:
                 segment.unlink(name)
             raise
+        _open_comms.add(self)
         if len(self._attached_ranks()) == self.size:
             segment.unlink(name)  # the last to attach: from now on a crash leaks nothing
         self.spin_ns = int(1000 * spin_us)
@@ -174,7 +195,7 @@ class Comm(_core.Core):
     # --------------------------------------------------------------- startup
 
     def _make_ready(self):
-        """Wait until every rank attached, unlink the name, watch the peers' pids."""
+        """Wait until every rank attached, unlink the name, watch the peers' processes."""
         self._check()
         deadline = None if self._attach_timeout is None else time.monotonic() + self._attach_timeout
         delay = 1e-4
@@ -193,14 +214,20 @@ class Comm(_core.Core):
         # The last rank to attach unlinked the name already; this is for the
         # case where it died before it could.
         segment.unlink(self.name)
+        # A peer's pid names its process only in its own PID namespace; in
+        # another one (containers sharing /dev/shm) it is someone else's or
+        # nobody's, and only its liveness lock tells.
         fds = []
-        for r, pid in enumerate(self._peer_pids()):
+        for r, (pid, pid_ns) in enumerate(self._peer_pids()):
             fd = -1
-            if r != self.rank and pid > 0:
+            if r != self.rank and pid > 0 and pid_ns == self._pid_ns != 0:
                 try:
                     fd = os.pidfd_open(pid)
                 except OSError:
-                    fd = -1  # already gone: noticed as closed, or by the abort it caused
+                    fd = -1  # gone, or no pidfds here: its lock tells
+                if fd >= 0 and self._lock_released(r):
+                    os.close(fd)  # it died before we opened it: the pid may be another's now
+                    fd = -1
             fds.append(fd)
         self._pidfds = [fd for fd in fds if fd >= 0]
         self._set_pidfds(fds)
@@ -223,6 +250,13 @@ class Comm(_core.Core):
         if not self.closed:
             self._abort(str(reason))
 
+    def _drop_lock_fd(self):
+        """Close this process's descriptor of our liveness lock (idempotent)."""
+        fd, self._lock_fd = self._lock_fd, -1
+        self._forget_lock_fd()
+        if fd >= 0:
+            os.close(fd)
+
     def close(self) -> None:
         """Leave the communicator.  Idempotent.
 
@@ -241,6 +275,8 @@ class Comm(_core.Core):
             for fd in self._pidfds:
                 os.close(fd)
             self._pidfds = []
+            self._drop_lock_fd()  # peers that look now see the lock gone, after our CLOSED state
+            _open_comms.discard(self)
             if self._owns_name and not self.ready and os.getpid() == self._pid:
                 # The creator leaving before the start-up barrier takes the
                 # name with it (spawn and the launcher own theirs and unlink).

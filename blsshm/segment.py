@@ -45,20 +45,39 @@ def create(size, lag, arena_bytes):
     return name
 
 
-def open_mapping(name):
-    """Map the segment called ``name`` read-write and return the ``mmap``."""
+def _open(name):
     if not isinstance(name, str) or not name.startswith(PREFIX):
         raise BlsValueError(f"not a blsshm segment name: {name!r}")
     try:
-        shm = posix_ipc.SharedMemory(name)
+        return posix_ipc.SharedMemory(name)
     except posix_ipc.ExistentialError:
         raise BlsError(
             f"segment {name} does not exist (already unlinked: every rank must attach "
             f"before any rank starts communicating)") from None
+
+
+def open_mapping(name):
+    """Map the segment called ``name`` read-write and return the ``mmap``."""
+    shm = _open(name)
     try:
         nbytes = os.fstat(shm.fd).st_size
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         return mmap.mmap(shm.fd, nbytes, flags=flags)
+    finally:
+        shm.close_fd()
+
+
+def open_descriptor(name):
+    """A new descriptor of the segment called ``name`` (not inherited by
+    exec'd programs), for a rank's liveness lock; the caller closes it.
+
+    It is an open file description of its own, apart from the mapping's, so
+    the lock goes exactly when this descriptor closes, however long
+    zero-copy views keep the mapping alive.
+    """
+    shm = _open(name)
+    try:
+        return os.dup(shm.fd)
     finally:
         shm.close_fd()
 

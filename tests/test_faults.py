@@ -200,7 +200,7 @@ def test_a_rank_reaped_before_the_first_collective_is_noticed():
 
 def _liveness_without_pidfds(comm, progress):
     comm.alltoallv(np.zeros(2), [1, 1])
-    comm._set_pidfds([-1, -1])  # as on a kernel without pidfd_open: fall back to the pid
+    comm._set_pidfds([-1, -1])  # as on a kernel without pidfd_open: the liveness lock tells
     if comm.rank == 1:
         progress.release()
         time.sleep(60)
@@ -218,6 +218,72 @@ def test_a_dead_rank_is_noticed_without_pidfds():
     status, (exc_name, message, raised_at, tb, lost_rank) = outcomes[0]
     assert (exc_name, lost_rank) == ("PeerLostError", 1), tb
     assert raised_at - killed_at < DETECT_WITHIN_S
+
+
+def test_a_child_forked_by_a_rank_does_not_keep_it_alive():
+    """A rank's liveness lock goes when the rank dies, though a child it forked lives on."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "forked_child_liveness.py")
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=50)
+    assert out.stdout.split() == ["PeerLostError", "1"], out.stdout + out.stderr
+
+
+_NAMESPACE_RANK = r"""
+import os, sys, time
+import numpy as np
+import blsshm
+name, rank = sys.argv[1], int(sys.argv[2])
+comm = blsshm.Comm.attach(name, rank, timeout=20, spin_us=0)
+send = np.full(2, rank, np.float64)
+for t in range(5):
+    if rank == 0:
+        time.sleep(0.2)  # rank 1 sleeps through several liveness checks on rank 0
+    recv, _ = comm.alltoallv(send, [1, 1])
+    assert recv.tolist() == [0.0, 1.0], recv
+print("ran as pid", os.getpid(), flush=True)
+if rank == 1:
+    os._exit(0)  # dies without closing
+try:
+    comm.alltoallv(send, [1, 1])
+except blsshm.PeerLostError as exc:
+    print("lost", exc.lost_rank, flush=True)
+"""
+
+
+def _can_unshare_pids():
+    import shutil
+    import subprocess
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_pids(), reason="needs unshare(1) and the right to make a PID namespace")
+def test_ranks_in_different_pid_namespaces_run_and_notice_a_death():
+    """Containers that share /dev/shm but not PIDs: a peer's pid means nothing
+    (rank 1 is pid 1 in its own namespace), yet waits neither fail falsely nor
+    miss a real death."""
+    import subprocess
+    import sys
+    from blsshm import segment
+    name = segment.create(2, 0, 1 << 16)
+    procs = []
+    try:
+        procs.append(subprocess.Popen([sys.executable, "-c", _NAMESPACE_RANK, name, "0"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child",
+                                       sys.executable, "-c", _NAMESPACE_RANK, name, "1"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outs = [p.communicate(timeout=40)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        segment.unlink(name)
+    assert outs[1].split() == ["ran", "as", "pid", "1"], outs[1]
+    assert outs[0].split()[:3] == ["ran", "as", "pid"] and outs[0].split()[4:] == ["lost", "1"], outs[0]
 
 
 def _forked_child_closes_its_copy(comm):
