@@ -78,6 +78,7 @@ cdef extern from "_sync.h" nogil:
     void bls_yield()
     int bls_lock_hold(int fd, int byte)
     int bls_lock_released(int fd, int byte)
+    int bls_pid_exited(int pid)
 
 cdef extern from "_copy.h" nogil:
     enum:
@@ -648,15 +649,18 @@ cdef class Core:
         return -1
 
     cdef inline bint _exited(self, int r) noexcept nogil:
-        """Rank ``r``'s process is gone: by its pidfd, else by its liveness lock.
+        """Rank ``r``'s process is gone: by its pidfd, else by its liveness
+        lock, else (in our PID namespace) by its pid.
 
-        A rank that could not take its lock and has no pidfd is never
+        A rank in another namespace that could not take its lock is never
         declared dead here: its CLOSED state or a timeout still ends a wait.
         """
         if self.pidfds[r] >= 0:
             return bls_pidfd_exited(self.pidfds[r]) == 1
         if self.lock_fd >= 0 and self.ranks[r].holds_lock:
             return bls_lock_released(self.lock_fd, r) == 1
+        if self.ranks[r].pid_ns != 0 and self.ranks[r].pid_ns == self.ranks[self.rank].pid_ns:
+            return bls_pid_exited(self.ranks[r].pid) == 1
         return False
 
     cdef int _check_alive(self, int which, uint64_t target, int r, bint poll_pids) noexcept nogil:

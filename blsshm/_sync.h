@@ -22,6 +22,8 @@
 #include <unistd.h>
 #include <sched.h>
 #include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <linux/futex.h>
@@ -141,6 +143,25 @@ static inline int bls_lock_released(int fd, int byte) {
     fl.l_len = 1;
     if (fcntl(fd, F_OFD_GETLK, &fl) == -1) return -1;
     return fl.l_type == F_UNLCK ? 1 : 0;
+}
+
+/* Last resort, for a peer in our PID namespace that has neither a pidfd nor
+ * a liveness lock (old kernel, seccomp): 1 if no process `pid` runs any more
+ * (gone, or a zombie its parent has not reaped), 0 otherwise.  Reads
+ * /proc/<pid>/stat; a recycled pid is not detected. */
+static inline int bls_pid_exited(int pid) {
+    char path[64], buf[512];
+    if (pid <= 0) return 0;
+    if (kill(pid, 0) == -1 && errno == ESRCH) return 1;
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL) return errno == ENOENT ? 1 : 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *close_paren = strrchr(buf, ')');  /* the command name may hold spaces */
+    if (close_paren == NULL || close_paren[1] == 0) return 0;
+    return close_paren[2] == 'Z' || close_paren[2] == 'X';
 }
 
 static inline void bls_yield(void) { sched_yield(); }

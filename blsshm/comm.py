@@ -6,6 +6,7 @@ and attaching, the start-up barrier, zero-copy views, requests, statistics,
 and a lifetime that never leaves a segment or a waiting peer behind.
 """
 import os
+import threading
 import time
 import weakref
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -18,16 +19,27 @@ from blsshm.errors import BlsTimeoutError, BlsTypeError, BlsValueError
 
 # Open communicators of this process.  A child made by os.fork closes its
 # copies of their lock descriptors at once: a copy would keep a rank's
-# liveness lock held after the rank itself died.
+# liveness lock held after the rank itself died.  _fork_guard keeps a fork
+# out of the moments when a lock descriptor exists but is not registered
+# (opening) or is being closed; reentrant, as a collected Comm may close
+# inside a guarded section.
 _open_comms = weakref.WeakSet()
+_fork_guard = threading.RLock()
 
 
 def _drop_inherited_locks():
-    for comm in list(_open_comms):
-        comm._drop_lock_fd()
+    try:
+        for comm in list(_open_comms):
+            try:
+                comm._drop_lock_fd()
+            except OSError:
+                pass
+    finally:
+        _fork_guard.release()
 
 
-os.register_at_fork(after_in_child=_drop_inherited_locks)
+os.register_at_fork(before=_fork_guard.acquire, after_in_parent=_fork_guard.release,
+                    after_in_child=_drop_inherited_locks)
 
 #: Default arena per rank; it should hold (lag + 2) of its largest records.
 DEFAULT_ARENA_BYTES = 32 << 20
@@ -130,27 +142,30 @@ class Comm(_core.Core):
         try:
             spin_us = _check_spin_us(default_spin_us() if spin_us is None else spin_us)  # before claiming the rank
             slice_ms = liveness_ms()
-            mapping = segment.open_mapping(name)
-            lock_fd = segment.open_descriptor(name)
             self = cls.__new__(cls)
             self.name = name
-            self._mapping = mapping
             self._pidfds = []
-            self._lock_fd = lock_fd
+            self._lock_fd = -1
             self._pid = os.getpid()  # a forked child's copy must not unlink or abort
             self._pid_ns = _proc.pid_namespace()
             self._attach_timeout = attach_timeout
             self._owns_name = owns_name
+            with _fork_guard:
+                mapping, lock_fd = segment.open_for_rank(name)
+                self._mapping = mapping
+                self._lock_fd = lock_fd
+                _open_comms.add(self)
             self._attach_mapping(mapping, rank, lock_fd, self._pid_ns)
         except BaseException:
             if mapping is not None:
                 mapping.close()
             if lock_fd >= 0:
-                os.close(lock_fd)
+                with _fork_guard:
+                    _open_comms.discard(self)
+                    os.close(lock_fd)
             if owns_name:
                 segment.unlink(name)
             raise
-        _open_comms.add(self)
         if len(self._attached_ranks()) == self.size:
             segment.unlink(name)  # the last to attach: from now on a crash leaks nothing
         self.spin_ns = int(1000 * spin_us)
@@ -252,10 +267,12 @@ class Comm(_core.Core):
 
     def _drop_lock_fd(self):
         """Close this process's descriptor of our liveness lock (idempotent)."""
-        fd, self._lock_fd = self._lock_fd, -1
-        self._forget_lock_fd()
-        if fd >= 0:
-            os.close(fd)
+        with _fork_guard:
+            fd, self._lock_fd = self._lock_fd, -1
+            self._forget_lock_fd()
+            _open_comms.discard(self)
+            if fd >= 0:
+                os.close(fd)
 
     def close(self) -> None:
         """Leave the communicator.  Idempotent.
@@ -276,7 +293,6 @@ class Comm(_core.Core):
                 os.close(fd)
             self._pidfds = []
             self._drop_lock_fd()  # peers that look now see the lock gone, after our CLOSED state
-            _open_comms.discard(self)
             if self._owns_name and not self.ready and os.getpid() == self._pid:
                 # The creator leaving before the start-up barrier takes the
                 # name with it (spawn and the launcher own theirs and unlink).

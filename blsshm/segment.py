@@ -56,30 +56,46 @@ def _open(name):
             f"before any rank starts communicating)") from None
 
 
+def _map(shm):
+    nbytes = os.fstat(shm.fd).st_size
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(shm.fd, nbytes, flags=flags)
+
+
 def open_mapping(name):
     """Map the segment called ``name`` read-write and return the ``mmap``."""
     shm = _open(name)
     try:
-        nbytes = os.fstat(shm.fd).st_size
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        return mmap.mmap(shm.fd, nbytes, flags=flags)
+        return _map(shm)
     finally:
         shm.close_fd()
 
 
-def open_descriptor(name):
-    """A new descriptor of the segment called ``name`` (not inherited by
-    exec'd programs), for a rank's liveness lock; the caller closes it.
+def open_for_rank(name):
+    """``(mapping, lock_fd)`` for a rank: the read-write ``mmap`` of the
+    segment called ``name``, and a descriptor of it (not inherited by exec'd
+    programs) for the rank's liveness lock, which the caller closes.
 
-    It is an open file description of its own, apart from the mapping's, so
-    the lock goes exactly when this descriptor closes, however long
-    zero-copy views keep the mapping alive.
+    The descriptor is an open file description of its own, apart from the
+    mapping's, so the lock goes exactly when it closes, however long
+    zero-copy views (or a forked child) keep the mapping alive.
     """
-    shm = _open(name)
+    first = _open(name)
     try:
-        return os.dup(shm.fd)
+        lock_fd = os.dup(first.fd)
     finally:
-        shm.close_fd()
+        first.close_fd()
+    try:
+        second = _open(name)
+        try:
+            if not os.path.samestat(os.fstat(lock_fd), os.fstat(second.fd)):
+                raise BlsError(f"segment {name} was replaced while this rank attached")
+            return _map(second), lock_fd
+        finally:
+            second.close_fd()
+    except BaseException:
+        os.close(lock_fd)
+        raise
 
 
 def unlink(name):
