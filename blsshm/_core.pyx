@@ -129,7 +129,7 @@ cdef extern from "_layout.h" nogil:
         uint32_t abort_kind
         int32_t abort_lost_rank
         uint32_t cpu_hint
-        uint32_t pid_ns
+        uint64_t pid_ns
         uint32_t holds_lock
         char abort_reason[1]
     ctypedef struct bls_desc_t:
@@ -386,7 +386,7 @@ cdef class Core:
         self.dtype_cache = {}
         self.copy_mode = COPY_AUTO
 
-    def _attach_mapping(self, segment, int rank, int lock_fd=-1, uint32_t pid_ns=0):
+    def _attach_mapping(self, segment, int rank, int lock_fd=-1, uint64_t pid_ns=0):
         """Claim ``rank`` in the mapped segment (a writable buffer).
 
         ``lock_fd``, an open descriptor of the segment of this rank's own
@@ -408,7 +408,7 @@ cdef class Core:
             self._release()
             raise
 
-    cdef int _bind(self, int rank, int lock_fd, uint32_t pid_ns) except -1:
+    cdef int _bind(self, int rank, int lock_fd, uint64_t pid_ns) except -1:
         self.base = <char*>self.buf.buf
         self.hdr = <bls_header_t*>self.base
         if <uint64_t>self.buf.len < 2 * BLS_LINE or bls_load_acquire(&self.hdr.magic) != BLS_MAGIC:

@@ -21,7 +21,7 @@
 #define BLS_VERSION 4
 #define BLS_BLOCK_ALIGN 64              /* each per-destination block starts on a cache line */
 #define BLS_DTYPE_CHARS 20
-#define BLS_REASON_CHARS (BLS_LINE - 28) /* abort reason, NUL included */
+#define BLS_REASON_CHARS (BLS_LINE - 32) /* abort reason, NUL included */
 
 /* rank states (bls_rank_t.state) */
 #define BLS_STATE_EMPTY 0
@@ -66,8 +66,8 @@ typedef struct {
     int32_t pid;
     uint32_t abort_kind;
     int32_t abort_lost_rank;
+    uint64_t pid_ns;               /* inode of its PID namespace (0: unknown): where `pid` means that process */
     uint32_t cpu_hint;             /* 1 + the CPU this rank last waited on (0: unknown) */
-    uint32_t pid_ns;               /* inode of its PID namespace (0: unknown): where `pid` means that process */
     uint32_t holds_lock;           /* 1: it holds the liveness lock on byte `rank` of the segment (see _sync.h) */
     char abort_reason[BLS_REASON_CHARS];
 } bls_rank_t;

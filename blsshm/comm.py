@@ -162,6 +162,7 @@ class Comm(_core.Core):
             if lock_fd >= 0:
                 with _fork_guard:
                     _open_comms.discard(self)
+                    self._lock_fd = -1
                     os.close(lock_fd)
             if owns_name:
                 segment.unlink(name)
