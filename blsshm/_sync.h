@@ -121,26 +121,27 @@ static inline int bls_pidfd_exited(int pidfd) {
  * of that description closes, which a dying process does at exit, before it
  * is a zombie.  Unlike a pid, that works across PID namespaces and cannot be
  * recycled.  (A classic POSIX lock would not do: it goes when the process
- * closes *any* descriptor of the file.)  0 on success, else errno. */
-static inline int bls_lock_hold(int fd, int byte) {
+ * closes *any* descriptor of the file.)  The lock covers byte `byte` only. */
+static inline struct flock bls_byte_write_lock(int byte) {
     struct flock fl;
     memset(&fl, 0, sizeof fl);
     fl.l_type = F_WRLCK;
     fl.l_whence = SEEK_SET;
     fl.l_start = byte;
     fl.l_len = 1;
+    return fl;
+}
+
+/* Take the lock on `byte` of `fd`'s description: 0 on success, else errno. */
+static inline int bls_lock_hold(int fd, int byte) {
+    struct flock fl = bls_byte_write_lock(byte);
     return fcntl(fd, F_OFD_SETLK, &fl) == 0 ? 0 : errno;
 }
 
 /* 1 if nobody holds the lock on `byte` any more (its rank closed its
  * descriptor or exited), 0 if someone does, -1 on error. */
 static inline int bls_lock_released(int fd, int byte) {
-    struct flock fl;
-    memset(&fl, 0, sizeof fl);
-    fl.l_type = F_WRLCK;
-    fl.l_whence = SEEK_SET;
-    fl.l_start = byte;
-    fl.l_len = 1;
+    struct flock fl = bls_byte_write_lock(byte);
     if (fcntl(fd, F_OFD_GETLK, &fl) == -1) return -1;
     return fl.l_type == F_UNLCK ? 1 : 0;
 }
