@@ -1843,19 +1843,25 @@ cdef class PostViews:
     cdef Core comm
     cdef int64_t t
     cdef object counts, dtype, timeout
-    cdef list views
+    cdef tuple views  # ours: the caller gets a list it may change freely
 
     def __cinit__(self, Core comm, int64_t t, counts, dtype, timeout):
         self.comm, self.t, self.counts, self.dtype, self.timeout = comm, t, counts, dtype, timeout
+        self.views = ()
 
     def __enter__(self):
-        self.views = self.comm._zc_reserve(self.t, self.counts, self.dtype, self.timeout)
-        return self.views
+        views = self.comm._zc_reserve(self.t, self.counts, self.dtype, self.timeout)
+        self.views = tuple(views)
+        return views
 
     def __exit__(self, exc_type, exc, tb):
-        # A write after publishing would tear what receivers read: no more writes.
+        # A write after publishing would tear what receivers read: no more
+        # writes.  The views are taken from our own tuple, never from the
+        # list the caller got, so what it put there is neither trusted as an
+        # ndarray nor left writable in its place.
+        cdef cnp.ndarray view
         for view in self.views:
-            cnp.PyArray_CLEARFLAGS(<cnp.ndarray>view, cnp.NPY_ARRAY_WRITEABLE)
+            cnp.PyArray_CLEARFLAGS(view, cnp.NPY_ARRAY_WRITEABLE)
         if exc_type is None:
             self.comm._zc_commit(self.t)
         elif not self.comm.closed:

@@ -280,3 +280,18 @@ def test_published_and_received_views_cannot_be_made_writable_again():
                 with pytest.raises(ValueError):
                     view[0] = 99.0
             assert received[0].tolist() == [2.0] * 4
+
+
+def test_published_views_turn_read_only_whatever_the_caller_did_to_the_list():
+    """Only the views handed out are frozen: an object the caller put in the list is left alone."""
+    scratch = np.zeros(4, np.float32)
+    with blsshm.Comm.create(1, lag=1) as comm:
+        with comm.post_views(0, [4], np.float32) as views:
+            published = views[0]
+            published[:] = 3.0
+            views[0] = scratch       # the list is the caller's to change
+            views.append("not an array")
+        assert not published.flags.writeable
+        assert scratch.flags.writeable
+        with comm.complete_views(0) as received:
+            assert received[0].tolist() == [3.0] * 4
