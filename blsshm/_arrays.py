@@ -18,6 +18,8 @@ def as_array(x, what):
             return x.detach().numpy(), True
         except TypeError as exc:
             raise BlsTypeError(f"{what} has dtype {x.dtype}, which numpy cannot view: {exc}") from None
+        except RuntimeError as exc:  # a lazy conjugate or negative bit: numpy would see the wrong values
+            raise BlsTypeError(f"{what} cannot be viewed by numpy without a copy: {exc}") from None
     raise BlsTypeError(f"{what} must be a numpy array or a CPU torch tensor, got {type(x).__name__}")
 
 

@@ -958,6 +958,8 @@ cdef class Core:
             secs = timeout
         except TypeError:
             raise BlsTypeError(f"timeout must be a number of seconds or None, got {timeout!r}") from None
+        except OverflowError:  # an int beyond any double: blocks if positive
+            secs = 1e300 if timeout > 0 else -1.0
         if not secs >= 0:  # negative or NaN
             raise BlsValueError(f"timeout must be >= 0 or None, got {timeout}")
         cdef int64_t ns = -1 if secs > 3e9 else <int64_t>(secs * 1e9)  # a century blocks
@@ -1002,8 +1004,14 @@ cdef class Core:
             raise BlsValueError(
                 f"send_counts has {n} entries; the communicator has {self.size} ranks")
         for q in range(self.size):
-            item = counts[q]
             try:
+                item = counts[q]
+            except (TypeError, KeyError, IndexError):
+                raise BlsTypeError(
+                    f"send_counts must be a sequence of {self.size} integers, got {type(counts).__name__}") from None
+            try:
+                if isinstance(item, bool):  # operator.index takes it as 0 or 1: surely a mistake
+                    raise TypeError
                 c = operator.index(item)
             except TypeError:
                 raise BlsTypeError(f"send_counts[{q}] = {item!r} is not an integer") from None
@@ -1585,6 +1593,8 @@ cdef class Core:
                     f"out holds {cnp.PyArray_SIZE(recv)} elements; iteration {t} delivers {total // itemsize}: "
                     f"it is posted, not completed; call complete({t}) with a larger out or none")
             if cnp.PyArray_NDIM(recv) != 1 or <uint64_t>cnp.PyArray_SIZE(recv) * itemsize != total:
+                if not cnp.PyArray_CheckExact(recv):  # np.matrix stays 2-D through reshape(-1)
+                    recv = recv.view(np.ndarray)
                 recv = recv.reshape(-1)[:total // itemsize]
         cdef char* dst = <char*>cnp.PyArray_DATA(recv)
         if total >= NOGIL_COPY_BYTES:
@@ -1761,6 +1771,7 @@ cdef class Core:
         arrived (their sizes are the senders'): if it is too small, the
         iteration stays posted and ``complete(t)`` with room enough ends it.
         """
+        self._check_open()
         cdef int64_t t = self.next_post
         if self.next_complete != self.next_post:
             raise BlsValueError(

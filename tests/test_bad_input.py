@@ -19,6 +19,9 @@ def _bad_posts():
         ("too many counts", lambda c: c.post(0, GOOD, [1, 1, 2]), BlsValueError, ["3 entries"]),
         ("negative count", lambda c: c.post(0, GOOD, [5, -1]), BlsValueError, ["send_counts[1]", "negative"]),
         ("float count", lambda c: c.post(0, GOOD, [2.0, 2]), BlsTypeError, ["send_counts[0]", "integer"]),
+        ("bool count", lambda c: c.post(0, GOOD, [True, 3]), BlsTypeError, ["send_counts[0]", "integer"]),
+        ("counts in a set", lambda c: c.post(0, GOOD, {1, 3}), BlsTypeError, ["sequence", "set"]),
+        ("counts in a dict", lambda c: c.post(0, GOOD, {"a": 1, "b": 3}), BlsTypeError, ["sequence", "dict"]),
         ("counts not a sequence", lambda c: c.post(0, GOOD, 4), BlsTypeError, ["sequence"]),
         ("float count array", lambda c: c.post(0, GOOD, np.array([2.0, 2.0])), BlsTypeError, ["integers"]),
         ("counts exceed data", lambda c: c.post(0, GOOD, [3, 3]), BlsValueError, ["6 elements", "holds 4"]),
@@ -40,6 +43,8 @@ def _bad_posts():
         ("string iteration, zero copy", lambda c: c.complete_views("0"), BlsTypeError, ["iteration"]),
         ("complete before post", lambda c: c.complete(0), BlsValueError, ["before post(0)"]),
         ("negative timeout", lambda c: c.post(0, GOOD, [2, 2], timeout=-1), BlsValueError, ["timeout"]),
+        ("timeout beyond any float", lambda c: c.post(0, GOOD, [2, 2], timeout=-10 ** 400), BlsValueError,
+         ["timeout"]),
         ("zero-copy bad counts", lambda c: c.post_views(0, [1, -2]).__enter__(), BlsValueError, ["negative"]),
         ("zero-copy bad dtype", lambda c: c.post_views(0, [1, 1], object).__enter__(), BlsTypeError, ["object"]),
     ]
@@ -345,3 +350,26 @@ def test_reading_shared_counters_after_close_raises_instead_of_touching_unmapped
     for helper in (comm._counters, comm._attached_ranks, comm._peer_pids):
         with pytest.raises(BlsValueError, match="closed"):
             helper()
+
+
+def test_a_huge_integer_timeout_blocks_like_none():
+    with blsshm.Comm.create(1) as comm:
+        recv, _ = comm.alltoallv(GOOD, [4], timeout=10 ** 400)
+        assert recv.tolist() == GOOD.tolist()
+
+
+def test_a_closed_communicator_says_so_even_with_an_iteration_outstanding():
+    comm = blsshm.Comm.create(1)
+    comm.post(0, GOOD, [4])
+    comm.close()
+    with pytest.raises(BlsError, match="closed"):
+        comm.alltoallv(GOOD, [4])
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix itself
+def test_a_matrix_out_larger_than_needed_receives_into_its_first_elements():
+    out = np.matrix(np.full((2, 3), -1.0, np.float32))
+    with blsshm.Comm.create(1) as comm:
+        recv, counts = comm.alltoallv(GOOD[:2], [2], out=out)
+    assert recv.shape == (2,) and recv.tolist() == [0.0, 1.0] and counts.tolist() == [2]
+    assert out.tolist() == [[0.0, 1.0, -1.0], [-1.0, -1.0, -1.0]]

@@ -38,3 +38,14 @@ def test_unsupported_tensors_are_named():
             comm.alltoallv(torch.zeros(2, dtype=torch.bfloat16), [2])
         with pytest.raises(blsshm.BlsValueError, match="contiguous"):
             comm.alltoallv(torch.zeros(4, 4).t(), [16])
+
+
+def test_tensors_with_a_lazy_conjugate_or_negation_are_named():
+    """numpy would read the stored values, not the conjugated or negated ones."""
+    z = torch.tensor([1 + 2j, 3 - 4j])
+    with blsshm.Comm.create(1) as comm:
+        for lazy in (z.conj(), torch._neg_view(z)):
+            with pytest.raises(blsshm.BlsTypeError, match="send cannot be viewed"):
+                comm.alltoallv(lazy, [2])
+        recv, _ = comm.alltoallv(z.conj().resolve_conj(), [2])  # resolved, it goes through
+        assert recv.tolist() == [1 - 2j, 3 + 4j]
