@@ -596,7 +596,9 @@ cdef class Core:
     cdef int _raise_aborted(self) except -1:
         rank, kind, lost, reason = self._abort_info()
         if kind == BLS_ABORT_PEER_LOST:
-            raise PeerLostError(f"rank {lost} was lost: {reason} (noticed by rank {rank})",
+            # rank == lost: the launcher aborted for a rank that never attached.
+            seen = "" if rank == lost else f" (noticed by rank {rank})"
+            raise PeerLostError(f"rank {lost} was lost: {reason}{seen}",
                                 rank=rank, reason=reason, lost_rank=lost)
         raise CommAborted(f"communicator aborted by rank {rank}: {reason}", rank=rank, reason=reason)
 
@@ -1897,6 +1899,37 @@ cdef class CompleteViews:
         if not self.comm.closed:
             self.comm._zc_release(self.t)
         return False
+
+
+def abort_unattached(segment, int rank, str reason):
+    """For the launcher: abort the communicator for ``rank``, whose process
+    exited without attaching; False if it had attached (its peers watch it
+    then) or the communicator was aborted already.
+
+    The slot is claimed first (its pid set to -1, as an attach would set it),
+    so no late attach can take it; the rank's line then has no other writer.
+    Ranks waiting for everyone to attach see the abort word at their next poll.
+    """
+    cdef Py_buffer buf
+    PyObject_GetBuffer(segment, &buf, PyBUF_WRITABLE)
+    cdef bls_rank_t* a
+    try:
+        if buf.len < 2 * BLS_LINE or bls_load_acquire(&(<bls_header_t*>buf.buf).magic) != BLS_MAGIC:
+            raise BlsValueError("not a blsshm segment (bad magic)")
+        if (not 0 <= rank < <int>(<bls_header_t*>buf.buf).nranks
+                or <size_t>buf.len < 2 * BLS_LINE + (<size_t>rank + 1) * sizeof(bls_rank_t)):
+            raise BlsValueError(f"rank {rank} is not in the communicator")
+        a = <bls_rank_t*>(<char*>buf.buf + 2 * BLS_LINE) + rank
+        if not bls_cas32(<uint32_t*>&a.pid, 0, <uint32_t>-1):
+            return False
+        a.abort_kind = BLS_ABORT_PEER_LOST
+        a.abort_lost_rank = rank
+        data = reason.encode("utf-8", "replace")[:BLS_REASON_CHARS - 1]
+        strncpy(a.abort_reason, data, BLS_REASON_CHARS - 1)
+        # The CAS (acq_rel) publishes the fields above to whoever acquires the word.
+        return bool(bls_cas32(&(<bls_abort_t*>(<char*>buf.buf + BLS_LINE)).word, 0, rank + 1))
+    finally:
+        PyBuffer_Release(&buf)
 
 
 def read_abort(segment):

@@ -4,7 +4,15 @@ Starts N copies of a script (or ``-m module``) as the ranks of one
 communicator, like ``torchrun``: each finds its rank through
 :func:`blsshm.init`.  If a rank fails, the others get a few seconds to notice
 (they raise ``PeerLostError``) before they are killed; the exit status is the
-first failing rank's.  The segment is removed in every case.
+first failing rank's.  A rank that exits without attaching aborts the
+communicator, so the others do not wait for it.  The segment is removed in
+every case.
+
+Each rank leads a process group of its own: a terminal's Ctrl-C reaches the
+launcher alone, which passes it on once to every rank's group, and at the end
+whatever a rank started is killed with it.  A second Ctrl-C (or SIGTERM)
+kills the ranks at once.  Ranks read no terminal (stdin is /dev/null then):
+outside the terminal's foreground group a read would stop them.
 """
 import argparse
 import os
@@ -56,31 +64,69 @@ def main(argv=None):
     procs = []
     observer = None
     old = {}
+    signals_seen = []
 
     def forward(signum, _frame):
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
+        signals_seen.append(signum)
+        # The first signal is the ranks' to handle; a second means "now".
+        _signal_groups(procs, signum if len(signals_seen) == 1 else signal.SIGKILL)
 
     try:
         # The launcher keeps a mapping (it is no rank) to tell, after a
         # failure, which rank caused it: the first to abort, or the one lost.
         observer = segment.open_mapping(name)
         old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        stdin = subprocess.DEVNULL if os.isatty(0) else None
         for rank in range(opts.nprocs):
             env = dict(os.environ, **{ENV_NAME: name, ENV_RANK: str(rank), ENV_SIZE: str(opts.nprocs)})
-            procs.append(subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(os.getpid())))
+            procs.append(subprocess.Popen(cmd, env=env, stdin=stdin,
+                                          preexec_fn=_rank_setup(os.getpid())))
+            if signals_seen:  # it came while this rank was starting: pass it on too
+                _signal_groups(procs[-1:], signals_seen[-1] if len(signals_seen) == 1 else signal.SIGKILL)
         return _supervise(procs, opts.grace, observer)
     finally:
+        # Every group, even of a rank that exited: its children may live on.
+        _signal_groups(procs, signal.SIGKILL)
+        for proc in procs:
+            proc.wait()
         if observer is not None:
             observer.close()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
         segment.unlink(name)
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+def _rank_setup(launcher_pid):
+    """What a rank's process runs before the program: its own process group, and death with the launcher."""
+    die = die_with_parent(launcher_pid)
+
+    def setup():
+        os.setpgid(0, 0)
+        die()
+    return setup
+
+
+def _signal_groups(procs, signum):
+    """Send ``signum`` to the process group of every rank (each leads its own)."""
+    for proc in procs:
+        # The leader is not reaped before the final wait (see _peek_exit),
+        # so its pid, the group's id, cannot name anyone else's group.
+        try:
+            os.killpg(proc.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _peek_exit(proc):
+    """A rank's exit status (as ``Popen.returncode``) or None, leaving it unreaped.
+
+    ``Popen.poll`` would reap it, and its pid, the id of its process group,
+    could then be reused for a stranger's group before we kill ours.
+    """
+    info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
 
 def _supervise(procs, grace, observer):
@@ -91,8 +137,14 @@ def _supervise(procs, grace, observer):
     the first that failed.
     """
     deadline = None
+    gone = set()
     while True:
-        codes = [p.poll() for p in procs]
+        codes = [_peek_exit(p) for p in procs]
+        for r, c in enumerate(codes):
+            if c is not None and r not in gone:
+                gone.add(r)
+                # Does nothing for a rank that attached: its peers watch it.
+                _core.abort_unattached(observer, r, f"it exited ({describe_exit(c)}) without attaching")
         if deadline is None and any(c not in (None, 0) for c in codes):
             deadline = time.monotonic() + grace
         if all(c is not None for c in codes):
@@ -100,7 +152,7 @@ def _supervise(procs, grace, observer):
         if deadline is not None and time.monotonic() > deadline:
             break
         time.sleep(0.01)
-    codes = [p.poll() for p in procs]
+    codes = [_peek_exit(p) for p in procs]
     failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
     if not failed:
         return 0
@@ -109,7 +161,13 @@ def _supervise(procs, grace, observer):
     if abort is not None:
         rank, kind, lost_rank, reason = abort
         suspect = lost_rank if kind == "peer_lost" else rank
-        print(f"python -m blsshm.run: rank {rank} aborted the communicator: {reason}", file=sys.stderr)
+        if kind != "peer_lost":
+            what = f"rank {rank} aborted the communicator: {reason}"
+        elif rank == lost_rank:
+            what = f"rank {lost_rank} was lost: {reason}"
+        else:
+            what = f"rank {lost_rank} was lost: {reason} (noticed by rank {rank})"
+        print(f"python -m blsshm.run: {what}", file=sys.stderr)
         if suspect in failed:
             culprit = suspect
     for r in failed:

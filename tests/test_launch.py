@@ -1,6 +1,9 @@
 """python -m blsshm.run and blsshm.spawn: start, report, always clean up."""
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -183,3 +186,143 @@ def test_eight_ranks_on_two_cores_finish():
     """Oversubscribed (8 ranks, 2 cores): waits must sleep, and the run must finish."""
     results = blsshm.spawn(_many_iterations, 8, args=(2000,))
     assert [done for done, _ in results] == [2000] * 8
+
+
+def _alive(pid):
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _kill_all(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+NO_INIT = r"""
+import os, sys
+import numpy as np
+import blsshm
+if os.environ["BLSSHM_RANK"] == "1":
+    sys.exit(0)  # forgot blsshm.init()
+with blsshm.init() as comm:
+    comm.alltoallv(np.zeros(comm.size), [1] * comm.size)
+"""
+
+
+def test_a_rank_that_exits_without_attaching_is_reported_to_the_others(tmp_path):
+    # The others waited for it attach_timeout (60 s), then timed out.
+    res = _launch(tmp_path, "-n", "3", script=NO_INIT)
+    assert "rank 1 was lost: it exited (exit code 0) without attaching" in res.stderr
+    assert res.stderr.count("PeerLostError: rank 1 was lost") == 2, res.stderr
+    assert res.returncode == 1
+
+
+CTRL_C = r"""
+import os, time
+import blsshm
+with blsshm.init() as comm:
+    try:
+        os.write(1, f"rank {comm.rank} ready\n".encode())  # one write: lines never interleave
+        while True:  # short sleeps: a signal landing just before one is acted on when it ends
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.5:  # saving a checkpoint: a second Ctrl-C would cut it short
+            pass
+        os.write(1, f"rank {comm.rank} saved\n".encode())
+"""
+
+
+def _start_in_own_group(tmp_path, script, *args):
+    """The launcher as a terminal starts it: leading the foreground process group."""
+    path = tmp_path / "prog.py"
+    path.write_text(script)
+    launcher = subprocess.Popen([sys.executable, "-m", "blsshm.run", *args, str(path)],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        ready = [launcher.stdout.readline() for _ in range(2)]
+        assert sorted(ready) == ["rank 0 ready\n", "rank 1 ready\n"]
+    except BaseException:
+        launcher.kill()  # the ranks die with it
+        launcher.wait()
+        raise
+    return launcher
+
+
+def test_ctrl_c_reaches_every_rank_once(tmp_path):
+    # Ranks shared the terminal's process group, so they got the terminal's
+    # SIGINT and the launcher's copy: the second cut their handlers short.
+    launcher = _start_in_own_group(tmp_path, CTRL_C, "-n", "2")
+    try:
+        os.killpg(launcher.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        out, _ = launcher.communicate(timeout=30)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert sorted(out.split("\n")[:-1]) == ["rank 0 saved", "rank 1 saved"]
+    assert launcher.returncode == 0
+
+
+IGNORES_CTRL_C = r"""
+import os, signal, time
+import blsshm
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # or stuck in a C call
+with blsshm.init() as comm:
+    os.write(1, f"rank {comm.rank} ready\n".encode())  # one write: lines never interleave
+    time.sleep(1000)
+"""
+
+
+def test_a_second_ctrl_c_kills_ranks_that_ignore_the_first(tmp_path):
+    launcher = _start_in_own_group(tmp_path, IGNORES_CTRL_C, "-n", "2")
+    try:
+        os.killpg(launcher.pid, signal.SIGINT)
+        time.sleep(0.3)
+        assert launcher.poll() is None  # the first is the ranks' to handle
+        os.killpg(launcher.pid, signal.SIGINT)
+        launcher.wait(timeout=30)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert launcher.returncode == 128 + signal.SIGKILL
+
+
+LEAVES_A_CHILD = r"""
+import subprocess, sys, time
+import numpy as np
+import blsshm
+with blsshm.init() as comm:
+    comm.alltoallv(np.zeros(comm.size), [1] * comm.size)
+    if comm.rank == 0:
+        raise RuntimeError("rank 0 fails")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"])
+    with open(sys.argv[1], "w") as f:
+        f.write(str(child.pid))
+    while True:  # busy, never calls the communicator again: killed after the grace period
+        time.sleep(0.1)
+"""
+
+
+def test_the_launcher_kills_what_its_ranks_started(tmp_path):
+    path = tmp_path / "prog.py"
+    path.write_text(LEAVES_A_CHILD)
+    pid_file = tmp_path / "child.pid"
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", "--grace", "2", str(path),
+                          str(pid_file)], capture_output=True, text=True, timeout=50)
+    child = int(pid_file.read_text())
+    try:
+        assert res.returncode == 1 and "rank 0 failed (exit code 1)" in res.stderr
+        for _ in range(100):  # SIGKILLed before the launcher returned; its reaper may lag
+            if not _alive(child):
+                break
+            time.sleep(0.05)
+        assert not _alive(child)
+    finally:
+        _kill_all([child])
