@@ -1,10 +1,13 @@
 """Small process helpers shared by the launcher, spawn, and the tools that start mpirun."""
 import ctypes
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 _PR_SET_PDEATHSIG = 1
 
@@ -23,8 +26,9 @@ def die_with_parent(parent_pid):
     parent dies (Linux), and exits at once if ``parent_pid`` died already.
 
     ``parent_pid`` is the process that started us.  With multiprocessing's
-    forkserver our parent is the fork server instead, which exits when that
-    process does: its death is the signal then.
+    forkserver our parent is the fork server instead, which outlives that
+    process (its children, us included, hold its liveness pipe open): then a
+    thread watches ``parent_pid`` itself (see :func:`_watch_starter`).
     """
     def arm():
         parent = os.getppid()
@@ -35,9 +39,32 @@ def die_with_parent(parent_pid):
             return
         if os.getppid() != parent:  # our parent died before prctl took effect
             os._exit(1)
-        if parent != parent_pid and not _alive(parent_pid):  # a fork server's child, its starter gone
-            os._exit(1)
+        if parent != parent_pid:  # a fork server's child
+            _watch_starter(parent_pid)
     return arm
+
+
+def _watch_starter(pid):
+    """SIGKILL this process when ``pid`` exits, from a daemon thread: what
+    PR_SET_PDEATHSIG does for a parent, for a process that is not ours."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)  # gone already
+    except (OSError, AttributeError):  # pragma: no cover - no pidfds: poll
+        fd = -1
+    if not _alive(pid):  # a pidfd opened after the pid was reused would watch a stranger
+        os._exit(1)
+
+    def watch():
+        if fd >= 0:
+            select.select([fd], [], [])  # readable once the process has exited
+        else:  # pragma: no cover
+            while _alive(pid):
+                time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="blsshm-starter-watch", daemon=True).start()
 
 
 def _alive(pid):

@@ -143,22 +143,58 @@ def _check_nprocs(nprocs):
 def _collect(procs, conns, grace, reported):
     """Gather every rank's outcome into ``reported``; after the first failure wait at most ``grace`` s.
 
-    A rank's pipe reaches EOF only when the rank is gone, so a rank that
-    ended without sending a result is found by reading its pipe alone.
+    A rank's outcome is a message on its pipe, or its end: the pipe's EOF, or
+    the process's exit with nothing sent, since a process the rank forked may
+    hold the pipe open long after the rank died.  Its exit is watched through
+    a pidfd: multiprocessing's own sentinel is a pipe that such a process
+    holds open too.
     """
     n = len(procs)
     outcome = [None] * n
     failures = []  # (rank, exception, traceback) in the order they arrived
     pending = {conns[r]: r for r in range(n)}
+    pidfds = [_pidfd(proc) for proc in procs]
+    exits = [procs[r].sentinel if pidfds[r] < 0 else pidfds[r] for r in range(n)]
+    pending.update({exits[r]: r for r in range(n)})
+    try:
+        _gather(procs, conns, exits, pending, outcome, failures, grace, reported)
+    finally:
+        for fd in pidfds:
+            if fd >= 0:
+                os.close(fd)
+    if failures:
+        _reraise(failures)
+    missing = [r for r in range(n) if outcome[r] is None]
+    if missing:
+        raise RankFailedError(f"rank(s) {missing} did not finish", rank=missing[0])
+    return [outcome[r][1] for r in range(n)]
+
+
+def _pidfd(proc):
+    """A pidfd of ``proc`` (readable once it exited), or -1 without pidfds (old kernel, not Linux)."""
+    try:
+        return os.pidfd_open(proc.pid)
+    except (OSError, AttributeError):
+        return -1
+
+
+def _gather(procs, conns, exits, pending, outcome, failures, grace, reported):
     deadline = None
     while pending:
         wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
         ready = multiprocessing.connection.wait(list(pending), timeout=wait_s)
         if not ready:
             break  # grace period over: the finally of spawn kills what is left
-        for conn in ready:
-            r = pending.pop(conn)
+        for handle in ready:
+            r = pending.pop(handle, None)
+            if r is None:
+                continue  # its pipe and its sentinel were both ready: done already
+            conn = conns[r]
+            pending.pop(conn, None)
+            pending.pop(exits[r], None)
             try:
+                if handle is not conn and not conn.poll():
+                    raise EOFError  # exited, and sent nothing
                 outcome[r] = conn.recv()
             except EOFError:
                 procs[r].join()
@@ -176,12 +212,6 @@ def _collect(procs, conns, grace, reported):
                 failures.append((r, outcome[r][1], outcome[r][2]))
         if failures and deadline is None:
             deadline = time.monotonic() + grace
-    if failures:
-        _reraise(failures)
-    missing = [r for r in range(n) if outcome[r] is None]
-    if missing:
-        raise RankFailedError(f"rank(s) {missing} did not finish", rank=missing[0])
-    return [outcome[r][1] for r in range(n)]
 
 
 def _reraise(failures):

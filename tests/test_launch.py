@@ -326,3 +326,72 @@ def test_the_launcher_kills_what_its_ranks_started(tmp_path):
         assert not _alive(child)
     finally:
         _kill_all([child])
+
+
+def _sleep_forever(pid_file):
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(1000)
+
+
+def _die_leaving_a_forked_child(rank, pid_file):
+    import multiprocessing
+    if rank == 0:
+        child = multiprocessing.get_context("fork").Process(target=_sleep_forever, args=(pid_file,))
+        child.start()  # it inherits this rank's end of its result pipe
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rank
+
+
+def test_spawn_notices_a_dead_rank_whose_forked_child_holds_its_pipe(tmp_path):
+    # spawn waited for the pipe's end, which the child held open: forever.
+    pid_file = tmp_path / "child.pid"
+    try:
+        with pytest.raises(blsshm.RankFailedError, match="rank 0 ended without a result"):
+            blsshm.run_ranks(_die_leaving_a_forked_child, 2, args=(str(pid_file),), start_method="fork")
+    finally:
+        for _ in range(100):
+            if pid_file.exists() and pid_file.read_text():
+                _kill_all([int(pid_file.read_text())])
+                break
+            time.sleep(0.05)
+
+
+FORKSERVER_PARENT = r"""
+import os, sys, time
+import blsshm
+
+def rank_main(comm, pid_dir):
+    with open(os.path.join(pid_dir, str(comm.rank)), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(1000)
+
+if __name__ == "__main__":
+    blsshm.spawn(rank_main, 2, args=(sys.argv[1],), start_method="forkserver")
+"""
+
+
+def test_forkserver_ranks_die_with_the_process_that_spawned_them(tmp_path):
+    # Their parent is the fork server, which they kept alive: they ran on forever.
+    path = tmp_path / "parent.py"
+    path.write_text(FORKSERVER_PARENT)
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    parent = subprocess.Popen([sys.executable, str(path), str(pid_dir)])
+    pids = []
+    try:
+        while len(pids) < 2:
+            assert parent.poll() is None
+            time.sleep(0.05)
+            pids = [int(p.read_text()) for p in pid_dir.iterdir() if p.read_text()]
+        parent.kill()
+        parent.wait()
+        for _ in range(200):
+            if not any(_alive(pid) for pid in pids):
+                break
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+        _kill_all(pids)
