@@ -103,6 +103,17 @@ def _check_spin_us(spin_us):
     return spin_us
 
 
+def _check_seconds(what, value):
+    """``value`` if it is a number of seconds >= 0 or None; raised here, not at the first wait."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise BlsTypeError(f"{what} must be a number of seconds or None, got {value!r}")
+    if not value >= 0:
+        raise BlsValueError(f"{what} must be >= 0 or None, got {value}")
+    return value
+
+
 def _check_int(what, value):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
         raise BlsTypeError(f"{what} must be an integer, got {type(value).__name__}")
@@ -141,6 +152,10 @@ class Comm(_core.Core):
         lock_fd = -1
         try:
             spin_us = _check_spin_us(default_spin_us() if spin_us is None else spin_us)  # before claiming the rank
+            attach_timeout = _check_seconds("attach_timeout", attach_timeout)
+            timeout = _check_seconds("timeout", timeout)
+            if not 0 <= rank < _core.MAX_RANKS:  # the segment says how many; this keeps C ints in range
+                raise BlsValueError(f"rank must be in [0, {_core.MAX_RANKS}), got {rank}")
             slice_ms = liveness_ms()
             self = cls.__new__(cls)
             self.name = name
@@ -190,6 +205,8 @@ class Comm(_core.Core):
         """
         size = _check_int("size", size)
         rank = _check_int("rank", rank)
+        if size < 1:
+            raise BlsValueError(f"size must be at least 1, got {size}")
         if not 0 <= rank < size:
             raise BlsValueError(f"rank must be in [0, {size}), got {rank}")
         name = segment.create(size, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes))

@@ -373,3 +373,15 @@ def test_a_matrix_out_larger_than_needed_receives_into_its_first_elements():
         recv, counts = comm.alltoallv(GOOD[:2], [2], out=out)
     assert recv.shape == (2,) and recv.tolist() == [0.0, 1.0] and counts.tolist() == [2]
     assert out.tolist() == [[0.0, 1.0, -1.0], [-1.0, -1.0, -1.0]]
+
+
+def test_communicator_arguments_are_checked_when_it_is_made():
+    with pytest.raises(BlsValueError, match="size must be at least 1, got 0"):
+        blsshm.Comm.create(0)
+    with pytest.raises(BlsTypeError, match="attach_timeout must be a number of seconds"):
+        blsshm.Comm.create(1, attach_timeout="x")  # was accepted, then failed at the first call
+    with pytest.raises(BlsValueError, match="timeout must be >= 0"):
+        blsshm.Comm.create(1, timeout=-1)
+    with blsshm.Comm.create(2) as comm:
+        with pytest.raises(BlsValueError, match="rank must be in"):
+            blsshm.Comm.attach(comm.name, 2 ** 40)  # was an OverflowError
