@@ -53,12 +53,12 @@ def _watch_starter(pid):
         os._exit(1)  # gone already
     except (OSError, AttributeError):  # pragma: no cover - no pidfds: poll
         fd = -1
-    if not _alive(pid):  # a pidfd opened after the pid was reused would watch a stranger
-        os._exit(1)
 
     def watch():
         if fd >= 0:
-            select.select([fd], [], [])  # readable once the process has exited
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.poll()  # readable once the process has exited
         else:  # pragma: no cover
             while _alive(pid):
                 time.sleep(0.5)

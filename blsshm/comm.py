@@ -111,7 +111,10 @@ def _check_seconds(what, value):
         raise BlsTypeError(f"{what} must be a number of seconds or None, got {value!r}")
     if not value >= 0:
         raise BlsValueError(f"{what} must be >= 0 or None, got {value}")
-    return value
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond any float: forever
+        return float("inf")
 
 
 def _check_int(what, value):

@@ -27,6 +27,7 @@ from blsshm.comm import DEFAULT_ARENA_BYTES
 from blsshm.errors import BlsError
 
 ENV_NAME, ENV_RANK, ENV_SIZE = "BLSSHM_NAME", "BLSSHM_RANK", "BLSSHM_SIZE"
+FORWARDED = (signal.SIGINT, signal.SIGTERM)
 GRACE_S = 10.0
 
 
@@ -75,14 +76,20 @@ def main(argv=None):
         # The launcher keeps a mapping (it is no rank) to tell, after a
         # failure, which rank caused it: the first to abort, or the one lost.
         observer = segment.open_mapping(name)
-        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.signal(s, forward) for s in FORWARDED}
+        # Ignored SIGCHLD would reap the ranks behind our back (see _peek_exit).
+        old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         stdin = subprocess.DEVNULL if os.isatty(0) else None
         for rank in range(opts.nprocs):
             env = dict(os.environ, **{ENV_NAME: name, ENV_RANK: str(rank), ENV_SIZE: str(opts.nprocs)})
-            procs.append(subprocess.Popen(cmd, env=env, stdin=stdin,
-                                          preexec_fn=_rank_setup(os.getpid())))
-            if signals_seen:  # it came while this rank was starting: pass it on too
-                _signal_groups(procs[-1:], signals_seen[-1] if len(signals_seen) == 1 else signal.SIGKILL)
+            # Held while a rank starts: one that came meanwhile is then passed
+            # on once, to every group, this one's included.
+            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+            try:
+                procs.append(subprocess.Popen(cmd, env=env, stdin=stdin,
+                                              preexec_fn=_rank_setup(os.getpid())))
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         return _supervise(procs, opts.grace, observer)
     finally:
         # Every group, even of a rank that exited: its children may live on.
@@ -102,6 +109,13 @@ def _rank_setup(launcher_pid):
 
     def setup():
         os.setpgid(0, 0)
+        # Out of the terminal's group now.  A signal still pending from
+        # before does what it would do to the program (the launcher's copy
+        # goes to the others), never runs the launcher's handler here, and
+        # the program starts with nothing blocked.
+        for s in FORWARDED:
+            signal.signal(s, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         die()
     return setup
 

@@ -105,7 +105,7 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
         raise BlsTypeError(f"target must be callable, got {type(target).__name__}")
     _check_nprocs(nprocs)
     ctx = multiprocessing.get_context(start_method)
-    procs, conns = [], []
+    procs, conns, pidfds = [], [], []
     reported = set()  # ranks whose outcome arrived (filled by _collect)
     try:
         for rank in range(nprocs):
@@ -115,10 +115,13 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
             proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}",
                                args=(target, rank, tuple(args), child_end, os.getpid()))
             proc.start()
+            # Now, while it cannot have been reaped: the next start() reaps
+            # the children that exited, and a pid then names nobody, or another.
+            pidfds.append(_pidfd(proc))
             child_end.close()
             procs.append(proc)
             conns.append(parent_end)
-        return _collect(procs, conns, grace, reported)
+        return _collect(procs, conns, pidfds, grace, reported)
     finally:
         # A rank that reported may still be exiting (flushing its output):
         # let it finish, within the grace period; kill the others at once.
@@ -133,6 +136,9 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
             proc.join()
         for conn in conns:
             conn.close()
+        for fd in pidfds:
+            if fd >= 0:
+                os.close(fd)
 
 
 def _check_nprocs(nprocs):
@@ -140,7 +146,7 @@ def _check_nprocs(nprocs):
         raise BlsValueError(f"nprocs must be a positive integer, got {nprocs!r}")
 
 
-def _collect(procs, conns, grace, reported):
+def _collect(procs, conns, pidfds, grace, reported):
     """Gather every rank's outcome into ``reported``; after the first failure wait at most ``grace`` s.
 
     A rank's outcome is a message on its pipe, or its end: the pipe's EOF, or
@@ -153,15 +159,9 @@ def _collect(procs, conns, grace, reported):
     outcome = [None] * n
     failures = []  # (rank, exception, traceback) in the order they arrived
     pending = {conns[r]: r for r in range(n)}
-    pidfds = [_pidfd(proc) for proc in procs]
     exits = [procs[r].sentinel if pidfds[r] < 0 else pidfds[r] for r in range(n)]
     pending.update({exits[r]: r for r in range(n)})
-    try:
-        _gather(procs, conns, exits, pending, outcome, failures, grace, reported)
-    finally:
-        for fd in pidfds:
-            if fd >= 0:
-                os.close(fd)
+    _gather(procs, conns, exits, pending, outcome, failures, grace, reported)
     if failures:
         _reraise(failures)
     missing = [r for r in range(n) if outcome[r] is None]
@@ -171,7 +171,7 @@ def _collect(procs, conns, grace, reported):
 
 
 def _pidfd(proc):
-    """A pidfd of ``proc`` (readable once it exited), or -1 without pidfds (old kernel, not Linux)."""
+    """A pidfd of ``proc`` (readable once it exited; the caller closes it), or -1 without pidfds."""
     try:
         return os.pidfd_open(proc.pid)
     except (OSError, AttributeError):

@@ -382,6 +382,8 @@ def test_communicator_arguments_are_checked_when_it_is_made():
         blsshm.Comm.create(1, attach_timeout="x")  # was accepted, then failed at the first call
     with pytest.raises(BlsValueError, match="timeout must be >= 0"):
         blsshm.Comm.create(1, timeout=-1)
+    with blsshm.Comm.create(1, attach_timeout=10 ** 400) as comm:  # forever, not an OverflowError later
+        assert comm.alltoallv(GOOD, [4])[0].tolist() == GOOD.tolist()
     with blsshm.Comm.create(2) as comm:
         with pytest.raises(BlsValueError, match="rank must be in"):
             blsshm.Comm.attach(comm.name, 2 ** 40)  # was an OverflowError

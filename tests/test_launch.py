@@ -348,7 +348,8 @@ def test_spawn_notices_a_dead_rank_whose_forked_child_holds_its_pipe(tmp_path):
     pid_file = tmp_path / "child.pid"
     try:
         with pytest.raises(blsshm.RankFailedError, match="rank 0 ended without a result"):
-            blsshm.run_ranks(_die_leaving_a_forked_child, 2, args=(str(pid_file),), start_method="fork")
+            # 8 ranks: rank 0 is likely dead, and reaped by a later start(), before spawn waits
+            blsshm.run_ranks(_die_leaving_a_forked_child, 8, args=(str(pid_file),), start_method="fork")
     finally:
         for _ in range(100):
             if pid_file.exists() and pid_file.read_text():
@@ -395,3 +396,14 @@ def test_forkserver_ranks_die_with_the_process_that_spawned_them(tmp_path):
         parent.kill()
         parent.wait()
         _kill_all(pids)
+
+
+def test_the_launcher_works_when_started_with_sigchld_ignored(tmp_path):
+    # Ignored SIGCHLD makes the kernel reap the ranks itself.
+    path = tmp_path / "prog.py"
+    path.write_text(SCRIPT)
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", str(path), "10"],
+                         capture_output=True, text=True, timeout=50,
+                         preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+    assert res.returncode == 0, res.stderr
+    assert sorted(res.stdout.split("\n")[:-1]) == [f"rank {r} of 2 lag 0 done 10" for r in range(2)]
