@@ -595,12 +595,10 @@ cdef class Core:
 
     cdef int _raise_aborted(self) except -1:
         rank, kind, lost, reason = self._abort_info()
+        message = _abort_text(rank, kind == BLS_ABORT_PEER_LOST, lost, reason)
         if kind == BLS_ABORT_PEER_LOST:
-            # rank == lost: the launcher aborted for a rank that never attached.
-            seen = "" if rank == lost else f" (noticed by rank {rank})"
-            raise PeerLostError(f"rank {lost} was lost: {reason}{seen}",
-                                rank=rank, reason=reason, lost_rank=lost)
-        raise CommAborted(f"communicator aborted by rank {rank}: {reason}", rank=rank, reason=reason)
+            raise PeerLostError(message, rank=rank, reason=reason, lost_rank=lost)
+        raise CommAborted(message, rank=rank, reason=reason)
 
     cdef int _check_open(self) except -1:
         if self.closed:
@@ -1930,6 +1928,20 @@ def abort_unattached(segment, int rank, str reason):
         return bool(bls_cas32(&(<bls_abort_t*>(<char*>buf.buf + BLS_LINE)).word, 0, rank + 1))
     finally:
         PyBuffer_Release(&buf)
+
+
+cdef str _abort_text(int rank, bint peer_lost, int lost, str reason):
+    if not peer_lost:
+        return f"communicator aborted by rank {rank}: {reason}"
+    if rank == lost:  # the launcher aborted for a rank that never attached
+        return f"rank {lost} was lost: {reason}"
+    return f"rank {lost} was lost: {reason} (noticed by rank {rank})"
+
+
+def describe_abort(abort):
+    """What a rank's exception says about ``abort``, a :func:`read_abort` result."""
+    rank, kind, lost, reason = abort
+    return _abort_text(rank, kind == "peer_lost", lost, reason)
 
 
 def read_abort(segment):

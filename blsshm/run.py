@@ -173,15 +173,9 @@ def _supervise(procs, grace, observer):
     culprit = failed[0]
     abort = _core.read_abort(observer)
     if abort is not None:
-        rank, kind, lost_rank, reason = abort
+        rank, kind, lost_rank, _ = abort
         suspect = lost_rank if kind == "peer_lost" else rank
-        if kind != "peer_lost":
-            what = f"rank {rank} aborted the communicator: {reason}"
-        elif rank == lost_rank:
-            what = f"rank {lost_rank} was lost: {reason}"
-        else:
-            what = f"rank {lost_rank} was lost: {reason} (noticed by rank {rank})"
-        print(f"python -m blsshm.run: {what}", file=sys.stderr)
+        print(f"python -m blsshm.run: {_core.describe_abort(abort)}", file=sys.stderr)
         if suspect in failed:
             culprit = suspect
     for r in failed:

@@ -161,24 +161,6 @@ def _collect(procs, conns, pidfds, grace, reported):
     pending = {conns[r]: r for r in range(n)}
     exits = [procs[r].sentinel if pidfds[r] < 0 else pidfds[r] for r in range(n)]
     pending.update({exits[r]: r for r in range(n)})
-    _gather(procs, conns, exits, pending, outcome, failures, grace, reported)
-    if failures:
-        _reraise(failures)
-    missing = [r for r in range(n) if outcome[r] is None]
-    if missing:
-        raise RankFailedError(f"rank(s) {missing} did not finish", rank=missing[0])
-    return [outcome[r][1] for r in range(n)]
-
-
-def _pidfd(proc):
-    """A pidfd of ``proc`` (readable once it exited; the caller closes it), or -1 without pidfds."""
-    try:
-        return os.pidfd_open(proc.pid)
-    except (OSError, AttributeError):
-        return -1
-
-
-def _gather(procs, conns, exits, pending, outcome, failures, grace, reported):
     deadline = None
     while pending:
         wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -188,7 +170,7 @@ def _gather(procs, conns, exits, pending, outcome, failures, grace, reported):
         for handle in ready:
             r = pending.pop(handle, None)
             if r is None:
-                continue  # its pipe and its sentinel were both ready: done already
+                continue  # its pipe and its exit were both ready: done already
             conn = conns[r]
             pending.pop(conn, None)
             pending.pop(exits[r], None)
@@ -212,6 +194,20 @@ def _gather(procs, conns, exits, pending, outcome, failures, grace, reported):
                 failures.append((r, outcome[r][1], outcome[r][2]))
         if failures and deadline is None:
             deadline = time.monotonic() + grace
+    if failures:
+        _reraise(failures)
+    missing = [r for r in range(n) if outcome[r] is None]
+    if missing:
+        raise RankFailedError(f"rank(s) {missing} did not finish", rank=missing[0])
+    return [outcome[r][1] for r in range(n)]
+
+
+def _pidfd(proc):
+    """A pidfd of ``proc`` (readable once it exited; the caller closes it), or -1 without pidfds."""
+    try:
+        return os.pidfd_open(proc.pid)
+    except (OSError, AttributeError):
+        return -1
 
 
 def _reraise(failures):
