@@ -1,4 +1,4 @@
-"""``python -m blsshm.run -n N [--lag L] [--arena-bytes B] script.py [args]``
+"""``python -m blsshm.run -n N [--lag L] [--arena-bytes B] [--tag-output] script.py [args]``
 
 Starts N copies of a script (or ``-m module``) as the ranks of one
 communicator, like ``torchrun``: each finds its rank through
@@ -13,12 +13,17 @@ launcher alone, which passes it on once to every rank's group, and at the end
 whatever a rank started is killed with it.  A second Ctrl-C (or SIGTERM)
 kills the ranks at once.  Ranks read no terminal (stdin is /dev/null then):
 outside the terminal's foreground group a read would stop them.
+
+With ``--tag-output`` every line a rank writes starts with ``[rank N]`` (its
+stdout to the launcher's stdout, its stderr to its stderr, whole lines at a
+time), so the tracebacks of several ranks cannot interleave mid-line.
 """
 import argparse
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from blsshm import _core, segment
@@ -29,6 +34,8 @@ from blsshm.errors import BlsError
 ENV_NAME, ENV_RANK, ENV_SIZE = "BLSSHM_NAME", "BLSSHM_RANK", "BLSSHM_SIZE"
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
 GRACE_S = 10.0
+RELAY_CHUNK = 1 << 16     # bytes read at once; also the longest line held back for its newline
+RELAY_DRAIN_S = 2.0       # after the ranks' groups are killed, how long output may still arrive
 
 
 def _parser():
@@ -41,6 +48,9 @@ def _parser():
                    help=f"room per rank for in-flight records (default {DEFAULT_ARENA_BYTES})")
     p.add_argument("--grace", type=float, default=GRACE_S,
                    help="seconds the other ranks get to stop after one fails")
+    p.add_argument("--tag-output", action="store_true",
+                   help="start every line a rank writes with [rank N] (ranks' Python then "
+                        "writes unbuffered, as to a terminal, unless PYTHONUNBUFFERED is set)")
     p.add_argument("-m", dest="module", action="store_true",
                    help="run the target as a module, like python -m")
     p.add_argument("target", help="script path (or module name with -m)")
@@ -63,6 +73,8 @@ def main(argv=None):
         return 2
     cmd = [sys.executable] + (["-m"] if opts.module else []) + [opts.target] + opts.args
     procs = []
+    relays = []
+    sinks = _Sink(sys.stdout), _Sink(sys.stderr)
     observer = None
     old = {}
     signals_seen = []
@@ -80,22 +92,34 @@ def main(argv=None):
         # Ignored SIGCHLD would reap the ranks behind our back (see _peek_exit).
         old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         stdin = subprocess.DEVNULL if os.isatty(0) else None
-        for rank in range(opts.nprocs):
-            env = dict(os.environ, **{ENV_NAME: name, ENV_RANK: str(rank), ENV_SIZE: str(opts.nprocs)})
-            # Held while a rank starts: one that came meanwhile is then passed
-            # on once, to every group, this one's included.
-            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-            try:
-                procs.append(subprocess.Popen(cmd, env=env, stdin=stdin,
-                                              preexec_fn=_rank_setup(os.getpid())))
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-        return _supervise(procs, opts.grace, observer)
+        output = subprocess.PIPE if opts.tag_output else None
+        try:
+            for rank in range(opts.nprocs):
+                env = dict(os.environ, **{ENV_NAME: name, ENV_RANK: str(rank), ENV_SIZE: str(opts.nprocs)})
+                if opts.tag_output:
+                    env.setdefault("PYTHONUNBUFFERED", "1")  # lines as they are printed, not at exit
+                # Held while a rank starts: one that came meanwhile is then passed
+                # on once, to every group, this one's included.
+                signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+                try:
+                    proc = subprocess.Popen(cmd, env=env, stdin=stdin, stdout=output, stderr=output,
+                                            preexec_fn=_rank_setup(os.getpid()))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+                procs.append(proc)
+            if opts.tag_output:  # only now: no thread may run while a rank forks (preexec_fn)
+                for rank, proc in enumerate(procs):
+                    prefix = f"[rank {rank}] ".encode()
+                    relays += [_relay(proc.stdout, prefix, sinks[0]), _relay(proc.stderr, prefix, sinks[1])]
+            codes = _supervise(procs, opts.grace, observer)
+        finally:
+            # Every group, even of a rank that exited: its children may live on.
+            _signal_groups(procs, signal.SIGKILL)
+            for proc in procs:
+                proc.wait()
+            _drain(relays, sinks)
+        return _report(codes, observer)
     finally:
-        # Every group, even of a rank that exited: its children may live on.
-        _signal_groups(procs, signal.SIGKILL)
-        for proc in procs:
-            proc.wait()
         if observer is not None:
             observer.close()
         segment.unlink(name)
@@ -146,9 +170,7 @@ def _peek_exit(proc):
 def _supervise(procs, grace, observer):
     """Wait for every rank; after the first failure give the others ``grace`` s.
 
-    Returns 0, or the exit status of the rank that caused the failure: the one
-    that aborted the communicator first or that the others found lost, else
-    the first that failed.
+    Returns each rank's exit status, None for one still running at the end.
     """
     deadline = None
     gone = set()
@@ -166,7 +188,15 @@ def _supervise(procs, grace, observer):
         if deadline is not None and time.monotonic() > deadline:
             break
         time.sleep(0.01)
-    codes = [_peek_exit(p) for p in procs]
+    return [_peek_exit(p) for p in procs]
+
+
+def _report(codes, observer):
+    """Print what failed; return 0, or the exit status of the rank that caused the failure.
+
+    That is the rank that aborted the communicator first or that the others
+    found lost, else the first that failed.
+    """
     failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
     if not failed:
         return 0
@@ -182,6 +212,69 @@ def _supervise(procs, grace, observer):
         print(f"python -m blsshm.run: rank {r} failed ({describe_exit(codes[r])})", file=sys.stderr)
     code = codes[culprit]
     return code if code > 0 else 128 - code
+
+
+class _Sink:
+    """One of the launcher's own streams, written whole lines at a time by several relays."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.lock = threading.Lock()
+        self.broken = False
+
+    def write(self, data):
+        with self.lock:
+            if self.broken:
+                return
+            try:
+                self.stream.flush()  # what the launcher printed itself goes first
+                self.stream.buffer.write(data)
+                self.stream.buffer.flush()
+            except (OSError, ValueError):
+                # A closed reader (``| head``): keep draining the ranks' pipes
+                # so they never block on a full one, and drop what they write.
+                self.broken = True
+
+
+def _relay(pipe, prefix, sink):
+    """Copy a rank's output pipe to ``sink`` line by line, each line prefixed; a thread."""
+    def pump():
+        pending = b""
+        fd = pipe.fileno()
+        while True:
+            chunk = os.read(fd, RELAY_CHUNK)
+            if not chunk:
+                break
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            if len(pending) >= RELAY_CHUNK:  # a line that long is passed on in pieces
+                lines.append(pending)
+                pending = b""
+            if lines:
+                sink.write(b"".join(prefix + line + b"\n" for line in lines))
+        if pending:
+            sink.write(prefix + pending + b"\n")
+        pipe.close()
+
+    thread = threading.Thread(target=pump, name=f"relay {prefix.decode().strip()}", daemon=True)
+    thread.start()
+    return thread
+
+
+def _drain(relays, sinks):
+    """Wait for the relays to pass on the ranks' last lines, then stop them writing.
+
+    The ranks' groups are dead by now, so the pipes end, unless a process that
+    left its rank's group (``setsid``) still holds one: that one is not waited
+    for, and what it writes later is dropped (a thread writing to our stdout
+    while the interpreter shuts down could crash it).
+    """
+    deadline = time.monotonic() + RELAY_DRAIN_S
+    for thread in relays:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    for sink in sinks:
+        with sink.lock:
+            sink.broken = True
 
 
 if __name__ == "__main__":

@@ -407,3 +407,77 @@ def test_the_launcher_works_when_started_with_sigchld_ignored(tmp_path):
                          preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
     assert res.returncode == 0, res.stderr
     assert sorted(res.stdout.split("\n")[:-1]) == [f"rank {r} of 2 lag 0 done 10" for r in range(2)]
+
+
+TAGGED = r"""
+import os, sys
+import numpy as np
+import blsshm
+with blsshm.init() as comm:
+    lines = "".join(f"r{comm.rank} line {i} " + "x" * (i % 300) + "\n" for i in range(2000))
+    for start in range(0, len(lines), 5000):  # pieces that end mid-line
+        sys.stdout.write(lines[start:start + 5000])
+    comm.alltoallv(np.zeros(comm.size), [1] * comm.size)
+    sys.stdout.write(f"r{comm.rank} no newline")
+    if comm.rank == 1:
+        raise RuntimeError("rank 1 fails")
+"""
+
+
+def test_tag_output_starts_every_line_with_its_rank(tmp_path):
+    res = _launch(tmp_path, "-n", "3", "--tag-output", script=TAGGED)
+    assert res.returncode == 1, res.stderr
+    lines = res.stdout.split("\n")
+    assert lines.pop() == ""
+    for r in range(3):
+        mine = [line for line in lines if line.startswith(f"[rank {r}] ")]
+        # Whole, in order, each line once: no piece of another rank's line in between.
+        assert mine == ([f"[rank {r}] r{r} line {i} " + "x" * (i % 300) for i in range(2000)]
+                        + [f"[rank {r}] r{r} no newline"])
+    assert len(lines) == 3 * 2001
+    assert "[rank 1] RuntimeError: rank 1 fails" in res.stderr.split("\n")
+    assert "[rank 1] Traceback (most recent call last):" in res.stderr.split("\n")
+    assert res.stderr.rstrip("\n").endswith("python -m blsshm.run: rank 1 failed (exit code 1)")
+
+
+def test_tag_output_to_a_reader_that_stopped_reading(tmp_path):
+    # `python -m blsshm.run --tag-output ... | head -1`: the ranks must not block on full pipes.
+    path = tmp_path / "prog.py"
+    path.write_text(TAGGED.replace("comm.rank == 1", "False"))
+    launcher = subprocess.Popen([sys.executable, "-m", "blsshm.run", "-n", "2", "--tag-output", str(path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert launcher.stdout.readline().startswith(b"[rank ")
+        launcher.stdout.close()
+        assert launcher.wait(timeout=40) == 0, launcher.stderr.read()
+    finally:
+        launcher.kill()  # the ranks die with it
+        launcher.wait()
+
+
+ESCAPES = r"""
+import subprocess, sys
+import numpy as np
+import blsshm
+with blsshm.init() as comm:
+    comm.alltoallv(np.zeros(comm.size), [1] * comm.size)
+    if comm.rank == 0:  # left the rank's group, keeps the rank's stdout open
+        child = subprocess.Popen(["setsid", "sleep", "1000"])
+        with open(sys.argv[1], "w") as f:
+            f.write(str(child.pid))
+    print(f"rank {comm.rank} done")
+"""
+
+
+def test_tag_output_does_not_wait_for_a_process_that_left_its_rank(tmp_path):
+    path = tmp_path / "prog.py"
+    path.write_text(ESCAPES)
+    pid_file = tmp_path / "child.pid"
+    try:
+        res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", "--tag-output", str(path),
+                              str(pid_file)], capture_output=True, text=True, timeout=40)
+        assert res.returncode == 0, res.stderr
+        assert sorted(res.stdout.split("\n")[:-1]) == ["[rank 0] rank 0 done", "[rank 1] rank 1 done"]
+    finally:
+        if pid_file.exists():
+            _kill_all([int(pid_file.read_text())])
