@@ -576,7 +576,7 @@ cdef class Core:
             raise BlsError("communicator is closed")
         if self._aborted():
             return
-        data = reason.encode("utf-8", "replace")[:BLS_REASON_CHARS - 1]
+        data = _reason_bytes(reason)
         self._abort_nogil(kind, lost_rank, data)
 
     cdef inline bint _aborted(self) noexcept nogil:
@@ -1922,12 +1922,24 @@ def abort_unattached(segment, int rank, str reason):
             return False
         a.abort_kind = BLS_ABORT_PEER_LOST
         a.abort_lost_rank = rank
-        data = reason.encode("utf-8", "replace")[:BLS_REASON_CHARS - 1]
+        data = _reason_bytes(reason)
         strncpy(a.abort_reason, data, BLS_REASON_CHARS - 1)
         # The CAS (acq_rel) publishes the fields above to whoever acquires the word.
         return bool(bls_cas32(&(<bls_abort_t*>(<char*>buf.buf + BLS_LINE)).word, 0, rank + 1))
     finally:
         PyBuffer_Release(&buf)
+
+
+cdef bytes _reason_bytes(str reason):
+    """``reason`` as UTF-8 that fits the abort line.
+
+    A longer one is cut at a character boundary and ends with "...", so the
+    ranks that read it see that it was cut (not a mangled last character).
+    """
+    data = reason.encode("utf-8", "replace")
+    if len(data) <= BLS_REASON_CHARS - 1:
+        return data
+    return data[:BLS_REASON_CHARS - 4].decode("utf-8", "ignore").encode("utf-8") + b"..."
 
 
 cdef str _abort_text(int rank, bint peer_lost, int lost, str reason):

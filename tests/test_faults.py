@@ -330,6 +330,17 @@ def test_a_forked_child_of_the_creator_neither_unlinks_nor_aborts():
         a.close()
 
 
+def test_a_long_abort_reason_is_cut_visibly_at_a_character_boundary():
+    reason = "the batch from shard 7 had 3 rows of NaN in table 12 " + "é" * 60
+    with blsshm.Comm.create(1) as comm:
+        comm.abort(reason)
+        with pytest.raises(CommAborted) as info:
+            comm.alltoallv(np.zeros(1), [1])
+    cut = info.value.reason
+    assert cut.endswith("...") and reason.startswith(cut[:-3])
+    assert 92 <= len(cut.encode()) <= 95  # the abort line's room (NUL excluded), less a cut "é"
+
+
 def test_abort_is_idempotent_and_the_first_reason_stands():
     with blsshm.Comm.create(1) as comm:
         comm.abort("first")
