@@ -84,7 +84,8 @@ def main(argv=None):
             if mismatches:
                 status = 1
     if args.save_predictions:
-        np.save(args.save_predictions, predictions[main_label].reshape(-1))
+        with open(args.save_predictions, "wb") as f:  # np.save(path) would add ".npy" to the name
+            np.save(f, predictions[main_label].reshape(-1))
     if args.json:
         runs_doc = [{"label": label, **fig} if isinstance(fig, dict) else {"label": label, "error": fig}
                     for label, fig in rows]

@@ -260,6 +260,11 @@ def parse(argv=None):
         raise UsageError(f"--zipf-alpha must be positive, got {args.zipf_alpha}")
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    if args.numpy_rand_seed < 0:
+        raise UsageError(f"--numpy-rand-seed must be >= 0, got {args.numpy_rand_seed}")
+    for flag, path in (("--json", args.json), ("--save-predictions", args.save_predictions)):
+        if path is not None:
+            _check_writable(flag, path)
     if args.load_model is not None and not os.path.isfile(args.load_model):
         raise UsageError(f"--load-model {args.load_model}: no such file")
     if args.backend == "mpi" and mpi_available() is not None:
@@ -301,6 +306,17 @@ def parse(argv=None):
     if cfg.load_model is not None:
         _check_model_file(cfg)
     return cfg, args
+
+
+def _check_writable(flag, path):
+    """Refuse an output path now, not after a run whose figures it would lose."""
+    where = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory")
+    if not os.path.isdir(where):
+        raise UsageError(f"{flag} {path}: no such directory {where}")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot write in {where}")
 
 
 def _check_model_file(cfg):

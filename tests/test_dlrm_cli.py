@@ -28,6 +28,11 @@ BAD = [
     (["--load-model", "/nonexistent/model.pt"], "no such file"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--nprocs", "two"], "invalid int value"),
+    (["--numpy-rand-seed", "-1"], "--numpy-rand-seed must be >= 0"),
+    # Found only after the whole run, whose figures were then lost in a traceback.
+    (["--json", "/nonexistent/run.json"], "--json /nonexistent/run.json: no such directory /nonexistent"),
+    (["--save-predictions", "/nonexistent/p.npy"], "--save-predictions /nonexistent/p.npy: no such directory"),
+    (["--json", "/"], "--json /: is a directory"),
 ]
 
 

@@ -78,7 +78,7 @@ def test_delays_and_the_slow_rank_are_recorded_where_injected():
 @pytest.mark.timeout(300)
 def test_command_line_compare_verify_json_and_predictions(tmp_path):
     """The whole command: --compare runs every backend, --verify checks them, files are written."""
-    out_json, out_npy = tmp_path / "run.json", tmp_path / "pred.npy"
+    out_json, out_npy = tmp_path / "run.json", tmp_path / "predictions"  # the name given, no ".npy" added
     cmd = [sys.executable, "-m", "dlrm_bench", *SMALL, "--nprocs", "2", "--lag", "2", "--compare",
            "--verify", "--json", str(out_json), "--save-predictions", str(out_npy)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
