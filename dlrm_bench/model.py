@@ -145,6 +145,11 @@ def check_checkpoint(sd, dim, table_rows, mlp_bot, mlp_top):
         if tuple(sd[key].shape) != tuple(shape):
             raise ValueError(f"checkpoint {key} has shape {tuple(sd[key].shape)}, "
                              f"the flags give {tuple(shape)}")
+    weighted = sorted(k for k in sd if k.startswith("v_W_l."))
+    if weighted:  # the reference's --weighted-pooling learned: ignoring them would change every bag
+        raise ValueError(f"checkpoint has learned pooling weights ({', '.join(weighted[:3])}), "
+                         f"saved with the reference's --weighted-pooling learned; dlrm_bench pools "
+                         f"unweighted sums only")
     extra = sorted(k for k in sd if k.startswith(("emb_l.", "bot_l.", "top_l.")) and k not in expected)
     if extra:
         raise ValueError(f"checkpoint has parameters the flags do not describe: {', '.join(extra[:3])}")

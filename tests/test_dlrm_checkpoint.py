@@ -129,6 +129,8 @@ MISFITS = [
      ["bot_l.0.weight", "(3, 8)", "(8, 3)"]),
     ("a top bias missing", lambda sd: sd.pop("top_l.2.bias"), ["top_l.2.bias"]),
     ("a top layer too many", _set("top_l.4.weight", torch.zeros(1, 1)), ["top_l.4.weight"]),
+    # The reference's --weighted-pooling learned; they were ignored, changing every prediction.
+    ("learned pooling weights", _set("v_W_l.0", torch.full((7,), 0.01)), ["v_W_l.0", "--weighted-pooling learned"]),
 ]
 
 
