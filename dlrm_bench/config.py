@@ -196,6 +196,13 @@ def parse(argv=None):
         if args.arch_embedding_size is not None:
             raise UsageError("--arch-embedding-size does not apply to --data-generation dataset: "
                              "its 26 tables have --max-ind-range rows")
+        defaults = build_parser().parse_args([])
+        for flag in ("--num-indices-per-lookup", "--num-indices-per-lookup-fixed", "--zipf-alpha",
+                     "--pooling-skew", "--pooling-drift"):
+            dest = flag[2:].replace("-", "_")
+            if getattr(args, dest) != getattr(defaults, dest):
+                raise UsageError(f"{flag} does not apply to --data-generation dataset: "
+                                 f"the file gives every bag")
         table_rows = (args.max_ind_range,) * NUM_SPARSE
     else:
         if args.raw_data_file is not None:

@@ -1,13 +1,20 @@
 """Reader of the Criteo Kaggle display-advertising text format.
 
 One sample per line, tab-separated: the label, 13 integer features and 26
-categorical features written in hexadecimal; any field may be empty.  As the
-reference DLRM preprocesses them:
+categorical features written in hexadecimal; any field may be empty.  Read
+as the reference DLRM's ``data_utils`` reads the text:
 
 - integers: empty is 0, negatives are clamped to 0, then ``log(x + 1)``
   (float32);
 - categoricals: empty is 0, else ``int(hex, 16) % max_ind_range``, one index
   per table (table ``i`` is categorical column ``i``), a bag of one row.
+
+The reference then renumbers each column's distinct values densely (its
+``convertDicts``, built over the whole dataset), so its tables have as many
+rows as a column has distinct values.  That renumbering is not done here: the
+hashed value is the row, and every table has ``max_ind_range`` rows.  The
+rows are therefore not those of a model the reference trained on this data,
+and such a checkpoint (tables of other sizes) is refused by ``--load-model``.
 
 Samples are used in file order: global batch ``b`` is lines
 ``b * B .. (b + 1) * B - 1``; a last partial batch is not used.

@@ -220,6 +220,14 @@ REJECTIONS = [
     ("empty file", lambda tmp, path: dataset_flags(_short_file(tmp, 0)), ["0 samples"]),
     ("not the Criteo format", lambda tmp, path: dataset_flags(_comma_file(tmp)),
      ["line 1:", "1 tab-separated fields, expected 40"]),
+    # Accepted and silently ignored before: the file gives every bag.
+    ("a bag size", lambda tmp, path: dataset_flags(path) + ["--num-indices-per-lookup", "500"],
+     ["--num-indices-per-lookup does not apply to --data-generation dataset"]),
+    ("fixed bag sizes", lambda tmp, path: dataset_flags(path) + ["--num-indices-per-lookup-fixed"],
+     ["--num-indices-per-lookup-fixed does not apply"]),
+    ("a zipf exponent", lambda tmp, path: dataset_flags(path) + ["--zipf-alpha", "3"], ["--zipf-alpha does not apply"]),
+    ("pooling skew", lambda tmp, path: dataset_flags(path) + ["--pooling-skew", "2"], ["--pooling-skew does not apply"]),
+    ("pooling drift", lambda tmp, path: dataset_flags(path) + ["--pooling-drift", "1"], ["--pooling-drift does not apply"]),
     ("bottom MLP not on 13 features", lambda tmp, path: dataset_flags(path) + ["--arch-mlp-bot", "12-4"],
      ["--arch-mlp-bot", "13"]),
 ]
