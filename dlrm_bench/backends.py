@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 import blsshm
-from blsshm._proc import find_mpirun, stop_process
+from blsshm._proc import die_with_parent, find_mpirun, stop_process
 from dlrm_bench import worker
 from dlrm_bench.sharding import make_plan
 
@@ -74,7 +74,7 @@ def run_mpi(cfg, label):
             pickle.dump({"cfg": cfg, "label": label, "out": tmp}, f)
         proc = subprocess.Popen(mpirun_command(cfg.nprocs, job_path), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
         limit = cfg.timeout_s + 60 + cfg.num_batches  # the collective's timeout, plus start-up and the run
         try:
             output, _ = proc.communicate(timeout=limit)
@@ -84,6 +84,9 @@ def run_mpi(cfg, label):
             stop_process(proc, STOP_GRACE_S)
         paths = [os.path.join(tmp, f"rank{rank}.pkl") for rank in range(cfg.nprocs)]
         if proc.returncode != 0 or not all(os.path.exists(p) for p in paths):
+            cause = _first_rank_error(tmp, cfg.nprocs)
+            if cause is not None:
+                raise BackendError(f"mpirun exited with status {proc.returncode}: {cause}")
             tail = "\n    ".join(output.strip().splitlines()[-8:])
             raise BackendError(f"mpirun exited with status {proc.returncode}:\n    {tail}")
         results = []
@@ -91,6 +94,17 @@ def run_mpi(cfg, label):
             with open(path, "rb") as f:
                 results.append(pickle.load(f))
         return results
+
+
+def _first_rank_error(tmp, nprocs):
+    """``rank R raised ...`` for the rank whose exception came first (the others' follow from it)."""
+    errors = [(os.stat(path).st_mtime_ns, rank, path) for rank in range(nprocs)
+              for path in [os.path.join(tmp, f"rank{rank}.err")] if os.path.exists(path)]
+    if not errors:
+        return None
+    _, rank, path = min(errors)
+    with open(path) as f:
+        return f"rank {rank} raised {f.read()}"
 
 
 def run(cfg, label):

@@ -1,7 +1,8 @@
 """Entry point of one MPI rank: ``mpirun -n P python -m mpi4py -m dlrm_bench.mpi_rank JOB``.
 
 ``JOB`` is a pickle written by ``dlrm_bench.backends.run_mpi``; each rank
-writes its result beside it as ``rank<r>.pkl``.
+writes its result beside it as ``rank<r>.pkl``, or the exception that ended it
+as ``rank<r>.err``.
 """
 import os
 import pickle
@@ -16,8 +17,15 @@ def main(job_path):
     with open(job_path, "rb") as f:
         job = pickle.load(f)
     from mpi4py import MPI
-    result = mpi_rank(job["cfg"], job["label"])
-    with open(os.path.join(job["out"], f"rank{MPI.COMM_WORLD.rank}.pkl"), "wb") as f:
+    rank = MPI.COMM_WORLD.rank
+    try:
+        result = mpi_rank(job["cfg"], job["label"])
+    except BaseException as exc:
+        # mpirun's own report of the abort buries the cause: leave it for the parent.
+        with open(os.path.join(job["out"], f"rank{rank}.err"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}")
+        raise
+    with open(os.path.join(job["out"], f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
 
 

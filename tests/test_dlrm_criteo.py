@@ -191,6 +191,21 @@ def test_distributed_run_on_the_file_matches_single_process_bit_for_bit(criteo_f
     assert verify.compare(pred, ref) == (0, 0.0)
 
 
+@pytest.mark.timeout(120)
+def test_an_mpi_rank_that_fails_on_a_bad_line_is_reported_with_its_cause(tmp_path):
+    # Only the last lines of mpirun's output were shown: its own words about the abort.
+    if config.mpi_available() is not None:
+        pytest.skip(config.mpi_available())
+    lines = ["\t".join(_fields())] * 10
+    lines[7] = "\t".join(_fields()[:3] + ["12x"] + _fields()[4:])
+    path = tmp_path / "train.txt"
+    path.write_text("\n".join(lines) + "\n")
+    cfg, _ = config.parse(dataset_flags(path) + ["--backend", "mpi"])
+    with pytest.raises(backends.BackendError) as info:
+        backends.run(cfg, "mpi")
+    assert "raised CriteoFormatError: line 8: " in str(info.value) and "12x" in str(info.value)
+
+
 # ---------------------------------------------------------- rejections
 
 
