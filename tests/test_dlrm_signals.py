@@ -1,0 +1,65 @@
+"""SIGTERM or SIGHUP to python -m dlrm_bench cleans up as Ctrl-C does, in every backend."""
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from dlrm_bench.config import mpi_available
+
+LONG_RUN = ["--arch-embedding-size", "100-100-100-100", "--arch-sparse-feature-size", "8",
+            "--arch-mlp-bot", "4-8", "--arch-mlp-top", "18-4-1", "--mini-batch-size", "16",
+            "--num-batches", "1000000", "--warmup-batches", "0", "--nprocs", "2", "--no-progress"]
+
+
+def _marked():
+    """Pids of live processes whose environment holds our marker (children inherit it)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if MARK in f.read():
+                    with open(f"/proc/{entry}/stat") as s:
+                        if s.read().rsplit(")", 1)[1].split()[0] != "Z":
+                            pids.add(int(entry))
+        except OSError:
+            pass
+    return pids
+
+
+MARK = f"DLRM_SIGNAL_TEST={uuid.uuid4().hex}".encode()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend, signum", [("bls", signal.SIGTERM), ("gloo", signal.SIGHUP),
+                                             ("mpi", signal.SIGTERM)])
+def test_a_terminated_run_leaves_nothing_behind(tmp_path, backend, signum):
+    if backend == "mpi" and mpi_available() is not None:
+        pytest.skip(mpi_available())
+    key, value = MARK.decode().split("=")
+    env = dict(os.environ, TMPDIR=str(tmp_path), **{key: value})
+    proc = subprocess.Popen([sys.executable, "-m", "dlrm_bench", *LONG_RUN, "--backend", backend],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    try:
+        assert proc.stdout.readline().startswith(b"dlrm_bench: ")  # the run has begun
+        time.sleep(2.0)  # ranks are starting (importing torch) or running; either must be cleaned up
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+        for _ in range(100):  # ranks die with their parents; their reapers may lag
+            if not _marked():
+                break
+            time.sleep(0.1)
+        assert not _marked(), "processes of the run outlived it"
+        assert os.listdir(tmp_path) == []  # temporary files of the backend removed
+    finally:
+        for pid in _marked():
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
