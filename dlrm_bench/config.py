@@ -247,6 +247,9 @@ def parse(argv=None):
                          f"of --mini-batch-size: every rank needs at least one")
     if args.lag < 0:
         raise UsageError(f"--lag must be >= 0, got {args.lag}")
+    from blsshm._core import MAX_LAG
+    if args.lag > MAX_LAG:  # else every bls run fails after starting, the others run on
+        raise UsageError(f"--lag must be at most {MAX_LAG}, got {args.lag}")
     if args.warmup_batches < 0:
         raise UsageError(f"--warmup-batches must be >= 0, got {args.warmup_batches}")
     for flag, value in (("--delay-prob", args.delay_prob), ("--delay-ms", args.delay_ms),

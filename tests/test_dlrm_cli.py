@@ -23,6 +23,7 @@ BAD = [
     (["--arch-embedding-size", "10-x-3"], "dash-separated integers"),
     (["--arch-embedding-size", "10-0-3"], "must be positive"),
     (["--lag", "-1"], "--lag must be >= 0"),
+    (["--lag", "100000"], "--lag must be at most 65536"),
     (["--delay-prob", "1.5"], "--delay-prob must be in [0, 1]"),
     (["--slow-rank", "2", "--nprocs", "2"], "--slow-rank 2 is not a rank"),
     (["--load-model", "/nonexistent/model.pt"], "no such file"),
