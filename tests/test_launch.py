@@ -49,10 +49,11 @@ def test_launcher_runs_every_rank(tmp_path):
 def test_launcher_reports_the_failing_rank_and_stops_the_others(tmp_path):
     failing = SCRIPT.replace("    line = f", "    sys.exit(7) if comm.rank == 1 else None\n    import time; time.sleep(1) if comm.rank != 1 else None\n    line = f")
     failing = failing.replace("for t in range(iters):", "for t in range(iters if comm.rank != 1 else 5):")
-    res = _launch(tmp_path, "-n", "3", script=failing)
+    res = _launch(tmp_path, "-n", "3", "--tag-output", script=failing)  # whole lines from each rank
     assert res.returncode == 7
     assert "rank 1 failed (exit code 7)" in res.stderr
-    assert "CommAborted: communicator aborted by rank 1" in res.stderr  # told, not left hanging
+    for r in (0, 2):  # told, not left hanging
+        assert f"[rank {r}] blsshm.errors.CommAborted: communicator aborted by rank 1" in res.stderr, res.stderr
 
 
 def test_launcher_rejects_bad_arguments(tmp_path):
@@ -218,9 +219,13 @@ with blsshm.init() as comm:
 
 def test_a_rank_that_exits_without_attaching_is_reported_to_the_others(tmp_path):
     # The others waited for it attach_timeout (60 s), then timed out.
-    res = _launch(tmp_path, "-n", "3", script=NO_INIT)
+    # Tagged: the two ranks' tracebacks, written at once, would interleave mid-line.
+    res = _launch(tmp_path, "-n", "3", "--tag-output", script=NO_INIT)
     assert "rank 1 was lost: it exited (exit code 0) without attaching" in res.stderr
-    assert res.stderr.count("PeerLostError: rank 1 was lost") == 2, res.stderr
+    lines = res.stderr.split("\n")
+    for r in (0, 2):
+        assert sum(line.startswith(f"[rank {r}] blsshm.errors.PeerLostError: rank 1 was lost")
+                   for line in lines) == 1, res.stderr
     assert res.returncode == 1
 
 
