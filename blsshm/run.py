@@ -228,8 +228,13 @@ class _Sink:
                 return
             try:
                 self.stream.flush()  # what the launcher printed itself goes first
-                self.stream.buffer.write(data)
-                self.stream.buffer.flush()
+                raw = getattr(self.stream, "buffer", None)
+                if raw is None:  # a text-only stream (main() called with sys.stdout replaced)
+                    self.stream.write(data.decode(errors="replace"))
+                    self.stream.flush()
+                else:
+                    raw.write(data)
+                    raw.flush()
             except (OSError, ValueError):
                 # A closed reader (``| head``): keep draining the ranks' pipes
                 # so they never block on a full one, and drop what they write.

@@ -486,3 +486,16 @@ def test_tag_output_does_not_wait_for_a_process_that_left_its_rank(tmp_path):
     finally:
         if pid_file.exists():
             _kill_all([int(pid_file.read_text())])
+
+
+def test_tag_output_into_a_text_only_stream(tmp_path, monkeypatch):
+    # main() called in a process whose sys.stdout has no binary buffer (a notebook, a test's capture).
+    import io
+    from blsshm import run
+    path = tmp_path / "prog.py"
+    path.write_text(SCRIPT)
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    assert run.main(["-n", "2", "--tag-output", str(path), "5"]) == 0, err.getvalue()
+    assert sorted(out.getvalue().split("\n")[:-1]) == [f"[rank {r}] rank {r} of 2 lag 0 done 5" for r in range(2)]
