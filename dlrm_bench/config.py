@@ -196,11 +196,11 @@ def parse(argv=None):
         if args.arch_embedding_size is not None:
             raise UsageError("--arch-embedding-size does not apply to --data-generation dataset: "
                              "its 26 tables have --max-ind-range rows")
-        defaults = build_parser().parse_args([])
+        parser = build_parser()
         for flag in ("--num-indices-per-lookup", "--num-indices-per-lookup-fixed", "--zipf-alpha",
                      "--pooling-skew", "--pooling-drift"):
             dest = flag[2:].replace("-", "_")
-            if getattr(args, dest) != getattr(defaults, dest):
+            if getattr(args, dest) != parser.get_default(dest):
                 raise UsageError(f"{flag} does not apply to --data-generation dataset: "
                                  f"the file gives every bag")
         table_rows = (args.max_ind_range,) * NUM_SPARSE
