@@ -43,6 +43,7 @@ class Config:
     pooling_skew: float = 0.0
     pooling_drift: float = 0.0
     raw_data_file: Optional[str] = None
+    processed_data_file: Optional[str] = None
     load_model: Optional[str] = None
     nprocs: int = 2
     lag: int = 4
@@ -126,11 +127,16 @@ def build_parser():
                    help="seed of the model and the data (default %(default)s)")
     b.add_argument("--data-generation", default=d.data_generation, metavar="KIND",
                    help="random (uniform rows), zipf (skewed rows) or dataset (Criteo Kaggle "
-                        "text from --raw-data-file) (default %(default)s)")
+                        "text from --raw-data-file, or the reference's --processed-data-file) "
+                        "(default %(default)s)")
     b.add_argument("--zipf-alpha", type=float, default=d.zipf_alpha, metavar="A",
                    help="zipf exponent: row i drawn with weight 1/(i+1)^A (default %(default)s)")
     b.add_argument("--raw-data-file", default=None, metavar="PATH",
                    help="Criteo Kaggle train.txt-format file for --data-generation dataset")
+    b.add_argument("--processed-data-file", default=None, metavar="PATH",
+                   help="the reference DLRM's processed Criteo .npz (X_int, X_cat, y, counts) for "
+                        "--data-generation dataset: tables of its counts' sizes, as the reference "
+                        "trains them; when given, --raw-data-file is not read (as in the reference)")
     b.add_argument("--pooling-skew", type=float, default=0.0, metavar="S",
                    help="scale table t's bag sizes by exp(S*z_t), z_t ~ N(0,1) per table (default 0)")
     b.add_argument("--pooling-drift", type=float, default=0.0, metavar="S",
@@ -186,16 +192,24 @@ def parse(argv=None):
     if args.max_ind_range == 0 or args.max_ind_range < -1:
         raise UsageError(f"--max-ind-range must be positive (or -1 for no cap), got {args.max_ind_range}")
 
+    num_dense = NUM_DENSE
     if kind == "dataset":
-        if args.raw_data_file is None:
-            raise UsageError("--data-generation dataset needs --raw-data-file PATH")
-        if not os.path.isfile(args.raw_data_file):
-            raise UsageError(f"--raw-data-file {args.raw_data_file}: no such file")
-        if args.max_ind_range <= 0:
-            raise UsageError("--data-generation dataset needs --max-ind-range N: categoricals are hashed modulo N")
         if args.arch_embedding_size is not None:
             raise UsageError("--arch-embedding-size does not apply to --data-generation dataset: "
-                             "its 26 tables have --max-ind-range rows")
+                             "the data gives the tables' sizes")
+        if args.processed_data_file is not None:
+            samples_in_file, num_dense, table_rows = _processed_file(args)
+        else:
+            samples_in_file = None  # counted below, no further than needed
+            if args.raw_data_file is None:
+                raise UsageError("--data-generation dataset needs --raw-data-file PATH "
+                                 "(or the reference's --processed-data-file PATH)")
+            if not os.path.isfile(args.raw_data_file):
+                raise UsageError(f"--raw-data-file {args.raw_data_file}: no such file")
+            if args.max_ind_range <= 0:
+                raise UsageError("--data-generation dataset needs --max-ind-range N with --raw-data-file: "
+                                 "categoricals are hashed modulo N")
+            table_rows = (args.max_ind_range,) * NUM_SPARSE
         parser = build_parser()
         for flag in ("--num-indices-per-lookup", "--num-indices-per-lookup-fixed", "--zipf-alpha",
                      "--pooling-skew", "--pooling-drift"):
@@ -203,10 +217,11 @@ def parse(argv=None):
             if getattr(args, dest) != parser.get_default(dest):
                 raise UsageError(f"{flag} does not apply to --data-generation dataset: "
                                  f"the file gives every bag")
-        table_rows = (args.max_ind_range,) * NUM_SPARSE
     else:
-        if args.raw_data_file is not None:
-            raise UsageError("--raw-data-file needs --data-generation dataset")
+        for flag, path in (("--raw-data-file", args.raw_data_file),
+                           ("--processed-data-file", args.processed_data_file)):
+            if path is not None:
+                raise UsageError(f"{flag} needs --data-generation dataset")
         text = args.arch_embedding_size or "-".join(map(str, Config.table_rows))
         table_rows = _dashed(text, "--arch-embedding-size")
         if args.max_ind_range > 0:
@@ -221,8 +236,8 @@ def parse(argv=None):
     if mlp_bot[-1] != sparse_size:
         raise UsageError(f"--arch-sparse-feature-size {sparse_size} does not match the last size of "
                          f"--arch-mlp-bot {args.arch_mlp_bot} ({mlp_bot[-1]})")
-    if kind == "dataset" and mlp_bot[0] != NUM_DENSE:
-        raise UsageError(f"--arch-mlp-bot must start with {NUM_DENSE} (the Criteo integer features) "
+    if kind == "dataset" and mlp_bot[0] != num_dense:
+        raise UsageError(f"--arch-mlp-bot must start with {num_dense} (the Criteo integer features) "
                          f"for --data-generation dataset, got {mlp_bot[0]}")
     want = interaction_size(len(table_rows), sparse_size)
     if args.arch_mlp_top is None:
@@ -281,13 +296,17 @@ def parse(argv=None):
         raise UsageError(f"--backend mpi: {mpi_available()}")
     num_batches = args.num_batches
     if kind == "dataset":
-        from dlrm_bench.criteo import CriteoFormatError, count_samples
-        try:
-            have = count_samples(args.raw_data_file, limit=num_batches * args.mini_batch_size)
-        except CriteoFormatError as exc:
-            raise UsageError(f"--raw-data-file {args.raw_data_file}: {exc}") from None
+        if samples_in_file is None:
+            flag, path = "--raw-data-file", args.raw_data_file
+            from dlrm_bench.criteo import CriteoFormatError, count_samples
+            try:
+                have = count_samples(path, limit=num_batches * args.mini_batch_size)
+            except CriteoFormatError as exc:
+                raise UsageError(f"{flag} {path}: {exc}") from None
+        else:
+            flag, path, have = "--processed-data-file", args.processed_data_file, samples_in_file
         if have < args.mini_batch_size:
-            raise UsageError(f"--raw-data-file {args.raw_data_file} has {have} samples, fewer than "
+            raise UsageError(f"{flag} {path} has {have} samples, fewer than "
                              f"one --mini-batch-size of {args.mini_batch_size}")
         num_batches = min(num_batches, have // args.mini_batch_size)
         if args.data_size is not None:
@@ -307,7 +326,8 @@ def parse(argv=None):
         indices_per_lookup_fixed=args.num_indices_per_lookup_fixed, seed=args.numpy_rand_seed,
         max_ind_range=args.max_ind_range, data_generation=kind, zipf_alpha=args.zipf_alpha,
         pooling_skew=args.pooling_skew, pooling_drift=args.pooling_drift,
-        raw_data_file=args.raw_data_file, load_model=args.load_model, nprocs=args.nprocs,
+        raw_data_file=args.raw_data_file, processed_data_file=args.processed_data_file,
+        load_model=args.load_model, nprocs=args.nprocs,
         lag=args.lag, bls_pipeline=args.bls_pipeline, backend=args.backend,
         delay_prob=args.delay_prob, delay_ms=args.delay_ms,
         slow_rank=args.slow_rank, slow_factor=args.slow_factor, warmup_batches=args.warmup_batches,
@@ -316,6 +336,20 @@ def parse(argv=None):
     if cfg.load_model is not None:
         _check_model_file(cfg)
     return cfg, args
+
+
+def _processed_file(args):
+    """``(samples, dense features, table rows)`` of ``--processed-data-file``, checked up front."""
+    from dlrm_bench import processed
+    path = args.processed_data_file
+    if not os.path.isfile(path):
+        raise UsageError(f"--processed-data-file {path}: no such file (dlrm_bench does not make it: "
+                         f"the reference's data_utils.getCriteoAdData does)")
+    try:
+        samples, num_dense, counts = processed.describe(path)
+    except processed.ProcessedFormatError as exc:
+        raise UsageError(f"--processed-data-file {exc}") from None
+    return samples, num_dense, processed.table_rows(counts, args.max_ind_range)
 
 
 def _check_writable(flag, path):

@@ -14,7 +14,9 @@ The reference then renumbers each column's distinct values densely (its
 rows as a column has distinct values.  That renumbering is not done here: the
 hashed value is the row, and every table has ``max_ind_range`` rows.  The
 rows are therefore not those of a model the reference trained on this data,
-and such a checkpoint (tables of other sizes) is refused by ``--load-model``.
+and such a checkpoint (tables of other sizes) is refused by ``--load-model``;
+for such a checkpoint, read the reference's processed file instead (``--processed-data-file``,
+read by :mod:`dlrm_bench.processed`).
 
 Samples are used in file order: global batch ``b`` is lines
 ``b * B .. (b + 1) * B - 1``; a last partial batch is not used.
@@ -83,9 +85,16 @@ def read(path, num_samples, max_ind_range):
 
 
 def rank_data(cfg, tables, lo, hi, num_batches):
-    """The :class:`RankData` of one rank: bags of ``tables``, dense rows ``lo:hi`` of each batch."""
+    """The :class:`RankData` of one rank: bags of ``tables``, dense rows ``lo:hi`` of each batch.
+
+    Read from the reference's processed file when the run names one, else from the text.
+    """
     B = cfg.batch_size
-    _, dense, sparse = read(cfg.raw_data_file, num_batches * B, cfg.max_ind_range)
+    if cfg.processed_data_file is not None:
+        from dlrm_bench import processed
+        _, dense, sparse = processed.read(cfg.processed_data_file, num_batches * B, cfg.max_ind_range)
+    else:
+        _, dense, sparse = read(cfg.raw_data_file, num_batches * B, cfg.max_ind_range)
     one_each = np.arange(B + 1, dtype=np.int64)  # every bag holds exactly one row
     bags = [{t: Bags(np.ascontiguousarray(sparse[b * B:(b + 1) * B, t]), one_each) for t in tables}
             for b in range(num_batches)]

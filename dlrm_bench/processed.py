@@ -1,0 +1,185 @@
+"""Reader of the reference DLRM's processed Criteo file (``--processed-data-file``).
+
+The reference's ``data_utils.getCriteoAdData`` turns the Criteo text into one
+``.npz`` of four arrays:
+
+- ``X_int``: samples x 13 integer features, negatives already set to 0;
+- ``X_cat``: samples x 26 categoricals, each column renumbered densely over
+  the whole dataset, so value ``v`` of column ``j`` is row ``v`` of table
+  ``j`` (the reference writes it column-major, often as float64);
+- ``y``: the labels;
+- ``counts``: the distinct values of each column, the rows of its table.
+
+Its ``CriteoDataset`` then feeds ``log(X_int + 1)`` in float32 and, with
+``--max-ind-range M``, ``X_cat % M`` into tables of ``min(counts, M)`` rows.
+Read the same way here, so a checkpoint the reference trained on the file
+fits the model built from it.  As in the text reader, negative integers are
+clamped to 0 (the reference's file holds none).
+
+The whole Kaggle file is 45 million samples, gigabytes per array, and every
+rank reads its data itself.  So each array is streamed out of the archive and
+only the first ``n`` samples are kept: memory stays the size of what is used
+(a column-major ``X_cat`` is read column by column, the rest of each column
+read and dropped).  Samples are used in file order; the reference's split
+into train, validation and test days is not applied.
+"""
+import zipfile
+
+import numpy as np
+from numpy.lib import format as npy
+
+ARRAYS = ("X_int", "X_cat", "y", "counts")
+SKIP_CHUNK = 1 << 22  # bytes read at a time when dropping the rest of a column
+
+
+class ProcessedFormatError(ValueError):
+    """A file that is not the reference's processed Criteo ``.npz``."""
+
+
+class _Array:
+    """One ``.npy`` member of the archive, opened at its data: ``shape``, ``fortran``, ``dtype``."""
+
+    def __init__(self, archive, path, name):
+        self.path, self.name = path, name
+        try:
+            self.stream = archive.open(name + ".npy")
+        except KeyError:
+            raise ProcessedFormatError(f"{path} holds no array {name!r} (it holds "
+                                       f"{sorted(n[:-4] for n in archive.namelist())})") from None
+        try:
+            version = npy.read_magic(self.stream)
+            if version == (1, 0):
+                self.shape, self.fortran, self.dtype = npy.read_array_header_1_0(self.stream)
+            elif version == (2, 0):
+                self.shape, self.fortran, self.dtype = npy.read_array_header_2_0(self.stream)
+            else:
+                raise ValueError(f".npy format version {version[0]}.{version[1]} is not read here")
+        except ValueError as exc:
+            self.stream.close()
+            raise ProcessedFormatError(f"{path}: array {name!r}: {exc}") from None
+        if self.dtype.kind not in "iuf":
+            self.stream.close()
+            raise ProcessedFormatError(f"{path}: array {name!r} has dtype {self.dtype}, "
+                                       f"expected integers or floats")
+
+    def _read(self, count):
+        nbytes = count * self.dtype.itemsize
+        data = self.stream.read(nbytes)
+        if len(data) != nbytes:
+            raise ProcessedFormatError(f"{self.path}: array {self.name!r} ends early: truncated file")
+        return np.frombuffer(data, self.dtype)
+
+    def _drop(self, count):
+        nbytes = count * self.dtype.itemsize
+        while nbytes > 0:
+            got = len(self.stream.read(min(nbytes, SKIP_CHUNK)))
+            if got == 0:
+                raise ProcessedFormatError(f"{self.path}: array {self.name!r} ends early: truncated file")
+            nbytes -= got
+
+    def leading_rows(self, n):
+        """The first ``n`` rows, as a C-ordered array (1-D arrays: the first ``n`` values)."""
+        if len(self.shape) == 1 or not self.fortran:
+            width = 1 if len(self.shape) == 1 else self.shape[1]
+            return self._read(n * width).reshape((n,) + self.shape[1:])
+        rows, cols = self.shape
+        out = np.empty((n, cols), self.dtype)
+        for j in range(cols):  # column-major: column j is rows values in a row
+            out[:, j] = self._read(n)
+            if j < cols - 1:
+                self._drop(rows - n)
+        return out
+
+    def close(self):
+        self.stream.close()
+
+
+def _open(path):
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ProcessedFormatError(f"{path} is not an .npz archive: {exc}") from None
+
+
+def _headers(archive, path):
+    """Shapes checked: ``(samples, dense features, sparse features)``."""
+    shapes = {}
+    for name in ("X_int", "X_cat", "y"):
+        a = _Array(archive, path, name)
+        a.close()
+        shapes[name] = a.shape
+    x_int, x_cat, y = shapes["X_int"], shapes["X_cat"], shapes["y"]
+    if len(x_int) != 2 or len(x_cat) != 2 or len(y) != 1:
+        raise ProcessedFormatError(f"{path}: X_int {x_int}, X_cat {x_cat} and y {y} should be "
+                                   f"samples x features, samples x features and samples")
+    if not x_int[0] == x_cat[0] == y[0]:
+        raise ProcessedFormatError(f"{path}: X_int, X_cat and y hold {x_int[0]}, {x_cat[0]} and "
+                                   f"{y[0]} samples; they should hold the same number")
+    return y[0], x_int[1], x_cat[1]
+
+
+def _counts(archive, path, num_sparse):
+    a = _Array(archive, path, "counts")
+    try:
+        if len(a.shape) != 1 or a.shape[0] != num_sparse:
+            raise ProcessedFormatError(f"{path}: counts has shape {a.shape}, expected ({num_sparse},): "
+                                       f"one per column of X_cat")
+        counts = a.leading_rows(num_sparse)
+    finally:
+        a.close()
+    if a.dtype.kind == "f" and not np.array_equal(counts, np.floor(counts)):
+        raise ProcessedFormatError(f"{path}: counts are not whole numbers")
+    counts = counts.astype(np.int64)
+    if np.any(counts <= 0):
+        j = int(np.flatnonzero(counts <= 0)[0])
+        raise ProcessedFormatError(f"{path}: counts[{j}] is {counts[j]}: every table needs a row")
+    return tuple(int(c) for c in counts)
+
+
+def describe(path):
+    """``(samples, dense features, counts)`` of a processed file, reading only its headers and counts."""
+    with _open(path) as archive:
+        samples, num_dense, num_sparse = _headers(archive, path)
+        return samples, num_dense, _counts(archive, path, num_sparse)
+
+
+def table_rows(counts, max_ind_range):
+    """The reference's table sizes: ``counts``, capped at ``max_ind_range`` when it is positive."""
+    return tuple(min(c, max_ind_range) if max_ind_range > 0 else c for c in counts)
+
+
+def read(path, num_samples, max_ind_range):
+    """Labels ``(n,)``, dense ``(n, 13)`` float32 and categoricals ``(n, 26)`` int64 of the first ``n`` samples."""
+    with _open(path) as archive:
+        samples, _, num_sparse = _headers(archive, path)
+        if samples < num_samples:
+            raise ProcessedFormatError(f"{path} has {samples} samples, {num_samples} needed")
+        rows = table_rows(_counts(archive, path, num_sparse), max_ind_range)
+        arrays = {}
+        for name in ("X_int", "X_cat", "y"):
+            a = _Array(archive, path, name)
+            try:
+                arrays[name] = a.leading_rows(num_samples)
+            finally:
+                a.close()
+    labels = arrays["y"].astype(np.float32)
+    dense = np.log(np.maximum(arrays["X_int"].astype(np.float32), 0) + np.float32(1))
+    return labels, dense, _indices(arrays["X_cat"], rows, max_ind_range, path)
+
+
+def _indices(x_cat, rows, max_ind_range, path):
+    """``X_cat`` as table rows (int64), ``% max_ind_range`` when capped; refuses rows past a table's end."""
+    if x_cat.dtype.kind == "f":
+        whole = np.isfinite(x_cat) & (x_cat == np.floor(x_cat))
+        if not whole.all():
+            i, j = np.argwhere(~whole)[0]
+            raise ProcessedFormatError(f"{path}: X_cat[{i}, {j}] is {x_cat[i, j]}, not a row number")
+    x_cat = x_cat.astype(np.int64)
+    if max_ind_range > 0:
+        x_cat %= max_ind_range
+    bad = (x_cat < 0) | (x_cat >= np.asarray(rows, dtype=np.int64))
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ProcessedFormatError(f"{path}: X_cat[{i}, {j}] is {x_cat[i, j]}, outside table {j}, "
+                                   f"which has {rows[j]} rows")
+    return x_cat

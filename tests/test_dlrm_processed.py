@@ -1,0 +1,232 @@
+"""--processed-data-file: the reference DLRM's processed Criteo ``.npz`` feeds dataset mode.
+
+The files are written here as the reference's ``data_utils`` writes them:
+``np.savez_compressed`` of ``X_int`` (int32), ``X_cat`` (float64 row numbers,
+column-major: the transpose of a columns x samples array), ``y`` and
+``counts``.  What a rank reads is compared with the reference's
+``CriteoDataset`` transforms restated here (``log(X_int + 1)`` in float32,
+``X_cat % max_ind_range``), and a checkpoint whose tables have the counts'
+sizes is run and compared with a forward pass written here.
+"""
+import collections
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlrm_bench import backends, config, processed, report, verify
+from dlrm_cli_check import assert_rejected
+
+SAMPLES = 23
+TABLES = 26
+D = 4
+BOT = (13, D)
+NUM_FEATURES = TABLES + 1
+TOP = (D + NUM_FEATURES * (NUM_FEATURES - 1) // 2, 3, 1)
+
+
+def reference_arrays(seed=3):
+    """``(X_int, X_cat, y, counts)`` as the reference's preprocessing leaves them."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 60, TABLES)
+    x_cat_t = np.zeros((TABLES, SAMPLES))  # float64, as the reference's np.zeros
+    for j in range(TABLES):
+        x_cat_t[j] = rng.integers(0, counts[j], SAMPLES)
+    x_int = rng.integers(0, 10 ** 6, (SAMPLES, 13)).astype(np.int32)
+    x_int[0, :3] = 0
+    y = rng.integers(0, 2, SAMPLES).astype(np.int32)
+    return x_int, np.transpose(x_cat_t), y, counts
+
+
+def write_processed(path, x_int, x_cat, y, counts, save=np.savez_compressed):
+    save(path, X_cat=x_cat, X_int=x_int, y=y, counts=counts)
+    return path
+
+
+@pytest.fixture
+def processed_file(tmp_path):
+    arrays = reference_arrays()
+    return write_processed(tmp_path / "kaggle_processed.npz", *arrays), arrays
+
+
+def run_flags(path, *extra):
+    return ["--data-generation", "dataset", "--processed-data-file", str(path),
+            "--arch-sparse-feature-size", str(D), "--arch-mlp-bot", "-".join(map(str, BOT)),
+            "--mini-batch-size", "5", "--nprocs", "2", "--lag", "1", "--warmup-batches", "0",
+            "--num-batches", "100", "--timeout", "60", "--no-progress", *extra]
+
+
+# ---------------------------------------------------------------- reader
+
+LAYOUTS = {
+    "compressed, column-major float64 (the reference's)": (np.savez_compressed, lambda x: x),
+    "plain, row-major int32": (np.savez, lambda x: np.ascontiguousarray(x).astype(np.int32)),
+    "plain, big-endian int64": (np.savez, lambda x: np.ascontiguousarray(x).astype(">i8")),
+}
+
+
+@pytest.mark.parametrize("cap", [-1, 7])
+@pytest.mark.parametrize("save, layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_read_gives_what_the_reference_dataset_feeds(tmp_path, monkeypatch, save, layout, cap):
+    """The first n samples, transformed as the reference's CriteoDataset does, however the file stores them."""
+    monkeypatch.setattr(processed, "SKIP_CHUNK", 24)  # drop each column's tail in several reads
+    x_int, x_cat, y, counts = reference_arrays()
+    path = write_processed(tmp_path / "p.npz", x_int, layout(x_cat), y, counts, save)
+
+    labels, dense, sparse = processed.read(path, 20, cap)
+
+    np.testing.assert_array_equal(labels, y[:20].astype(np.float32))
+    assert dense.dtype == np.float32 and sparse.dtype == np.int64
+    np.testing.assert_array_equal(dense, np.log(x_int[:20].astype(np.float32) + np.float32(1)))
+    want = x_cat[:20].astype(np.int64)
+    np.testing.assert_array_equal(sparse, want % cap if cap > 0 else want)
+
+
+def test_describe_reads_the_counts_and_the_shapes(processed_file):
+    path, (_, _, _, counts) = processed_file
+    assert processed.describe(path) == (SAMPLES, 13, tuple(int(c) for c in counts))
+
+
+def test_config_sizes_the_tables_by_the_counts_capped_like_the_reference(processed_file):
+    """Tables of ``counts`` rows, ``min(counts, M)`` with --max-ind-range M; whole batches of the file."""
+    path, (_, _, _, counts) = processed_file
+    cfg, _ = config.parse(run_flags(path))
+    assert cfg.table_rows == tuple(int(c) for c in counts)
+    assert cfg.num_batches == SAMPLES // 5 and cfg.data_batches == cfg.num_batches
+    cfg, _ = config.parse(run_flags(path, "--max-ind-range", "20"))
+    assert cfg.table_rows == tuple(min(int(c), 20) for c in counts)
+
+
+def test_the_raw_file_is_not_read_when_the_processed_one_is_given(processed_file, tmp_path):
+    """As in the reference, which reads --raw-data-file only to make the processed file."""
+    path, _ = processed_file
+    cfg, _ = config.parse(run_flags(path, "--raw-data-file", str(tmp_path / "never_made.txt")))
+    assert cfg.processed_data_file == str(path)
+
+
+@pytest.mark.timeout(120)
+def test_distributed_run_on_the_processed_file_matches_single_process_bit_for_bit(processed_file):
+    path, _ = processed_file
+    cfg, _ = config.parse(run_flags(path, "--max-ind-range", "20"))
+    pred = report.predictions(backends.run(cfg, "t"))
+    assert pred.shape == (4, 5)
+    ref = verify.reference_predictions(cfg)
+    assert ref.std() > 0
+    assert verify.compare(pred, ref) == (0, 0.0)
+
+
+# ------------------------------------------- a reference checkpoint fits it
+
+
+def reference_state_dict(counts, seed=11):
+    """Random parameters under the reference's names, its tables of ``counts`` rows."""
+    g = torch.Generator().manual_seed(seed)
+    sd = collections.OrderedDict()
+    for name, sizes in (("bot_l", BOT), ("top_l", TOP)):
+        for k in range(len(sizes) - 1):
+            n, m = sizes[k], sizes[k + 1]
+            sd[f"{name}.{2 * k}.weight"] = 2 * torch.randn(m, n, generator=g) / n ** 0.5
+            sd[f"{name}.{2 * k}.bias"] = 0.3 * torch.randn(m, generator=g)
+    for i, rows in enumerate(counts):
+        sd[f"emb_l.{i}.weight"] = 2 * torch.rand(int(rows), D, generator=g) - 1
+    return sd
+
+
+def independent_forward(sd, x_int, x_cat):
+    """Click probabilities in float64 from the DLRM definition, the inputs as the reference feeds them."""
+    p = {k: v.double() for k, v in sd.items()}
+    x = torch.log(torch.tensor(x_int, dtype=torch.float) + 1).double()
+    for k in range(len(BOT) - 1):
+        x = F.relu(F.linear(x, p[f"bot_l.{2 * k}.weight"], p[f"bot_l.{2 * k}.bias"]))
+    rows = torch.tensor(x_cat, dtype=torch.long)
+    features = [x] + [F.embedding(rows[:, t], p[f"emb_l.{t}.weight"]) for t in range(TABLES)]
+    stacked = torch.stack(features, dim=1)
+    z = torch.bmm(stacked, stacked.transpose(1, 2))
+    r = torch.cat([x, torch.stack([z[:, i, j] for i in range(NUM_FEATURES) for j in range(i)], dim=1)], dim=1)
+    for k in range(len(TOP) - 1):
+        r = F.linear(r, p[f"top_l.{2 * k}.weight"], p[f"top_l.{2 * k}.bias"])
+        r = torch.sigmoid(r) if k == len(TOP) - 2 else F.relu(r)
+    return r.view(-1).numpy()
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_with_the_counts_tables_predicts_what_its_weights_give(processed_file, tmp_path):
+    """Dataset mode on the text refuses such a checkpoint (tables of --max-ind-range rows); this one runs it."""
+    path, (x_int, x_cat, _, counts) = processed_file
+    sd = reference_state_dict(counts)
+    ckpt = tmp_path / "dlrm.pt"
+    torch.save({"state_dict": sd, "epoch": 1}, ckpt)
+    cfg, _ = config.parse(run_flags(path, "--load-model", str(ckpt), "--arch-mlp-top", "-".join(map(str, TOP))))
+
+    pred = report.predictions(backends.run(cfg, "t"))
+
+    expected = independent_forward(sd, x_int[:20], x_cat[:20]).reshape(4, 5)
+    assert expected.std() > 0.05
+    np.testing.assert_allclose(pred, expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------- rejections
+
+
+def _mutated(tmp, **changes):
+    x_int, x_cat, y, counts = reference_arrays()
+    arrays = {**dict(X_int=x_int, X_cat=x_cat, y=y, counts=counts), **changes}
+    path = tmp / "bad.npz"
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+def _truncated(tmp):
+    path = write_processed(tmp / "p.npz", *reference_arrays(), save=np.savez)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+REJECTIONS = [
+    ("missing file", lambda tmp: tmp / "nowhere.npz", [], ["--processed-data-file", "nowhere.npz", "no such file", "getCriteoAdData"]),
+    ("not an archive", lambda tmp: (tmp / "t.npz", (tmp / "t.npz").write_text("0\t1\n"))[0], [],
+     ["--processed-data-file", "is not an .npz archive"]),
+    ("truncated archive", _truncated, [], ["--processed-data-file", "is not an .npz archive"]),
+    ("no counts", lambda tmp: _mutated(tmp, counts=None), [], ["--processed-data-file", "no array 'counts'"]),
+    ("samples that disagree", lambda tmp: _mutated(tmp, y=np.zeros(SAMPLES - 1)), [],
+     ["--processed-data-file", "hold 23, 23 and 22 samples"]),
+    ("a count per column missing", lambda tmp: _mutated(tmp, counts=np.ones(TABLES - 1)), [],
+     ["--processed-data-file", "counts has shape (25,)", "(26,)"]),
+    ("an empty table", lambda tmp: _mutated(tmp, counts=np.arange(TABLES)), [], ["--processed-data-file", "counts[0] is 0"]),
+    ("strings", lambda tmp: _mutated(tmp, X_int=np.full((SAMPLES, 13), "a")), [], ["--processed-data-file", "'X_int'", "dtype <U1"]),
+    ("fewer samples than a batch", lambda tmp: _mutated(tmp), ["--mini-batch-size", "50"],
+     ["--processed-data-file", "23 samples", "--mini-batch-size of 50"]),
+    ("bottom MLP not on its features", lambda tmp: _mutated(tmp), ["--arch-mlp-bot", "12-4"],
+     ["--arch-mlp-bot must start with 13"]),
+    ("table sizes given too", lambda tmp: _mutated(tmp), ["--arch-embedding-size", "4-4"],
+     ["--arch-embedding-size does not apply"]),
+]
+
+
+@pytest.mark.parametrize("make, extra, words", [r[1:] for r in REJECTIONS], ids=[r[0] for r in REJECTIONS])
+def test_cli_rejects_a_bad_processed_file(tmp_path, capsys, no_dlrm_runs, make, extra, words):
+    """Exit 2 and one line naming the problem, before any process starts."""
+    path = make(tmp_path)
+    assert_rejected(capsys, run_flags(path, *extra), *words)
+
+
+def test_processed_file_without_dataset_mode_is_rejected(processed_file, capsys, no_dlrm_runs):
+    path, _ = processed_file
+    assert_rejected(capsys, ["--processed-data-file", str(path)],
+                    "--processed-data-file needs --data-generation dataset")
+
+
+@pytest.mark.parametrize("value, words", [(60.0, ["X_cat[", "is 60, outside table", "rows"]),
+                                          (2.5, ["X_cat[", "is 2.5, not a row number"])])
+def test_read_refuses_a_row_past_its_table(tmp_path, value, words):
+    """Found only when a rank reads its samples: the error names the sample and column."""
+    x_int, x_cat, y, counts = reference_arrays()
+    x_cat = x_cat.copy()
+    x_cat[4, 2] = value
+    path = write_processed(tmp_path / "p.npz", x_int, x_cat, y, np.maximum(counts, 3))
+    with pytest.raises(processed.ProcessedFormatError) as info:
+        processed.read(path, 10, -1)
+    for word in words:
+        assert word in str(info.value)
