@@ -89,6 +89,13 @@ turns, so that all of them meet the same mix of phases, and a further
 block gives each ratio paired by round (the median over rounds of the
 ratio of the two backends' medians in that round, with its range).
 
+Switches.  When some P oversubscribes the cores, the run also times a
+switch between two processes that share a core, each yielding to the other
+(``switch_ns``).  At lag 0 every rank runs at least twice per iteration, to
+post and to complete, so each core switches at least twice per iteration:
+with ``k`` ranks per core an iteration cannot take less than ``k`` switches
+plus ``k`` ranks' own work, whatever the transport.
+
 Placement.  By default the OS places the ranks of every backend (MPI runs
 with ``--bind-to none``), as in a real deployment.  On a loaded machine it
 may then put two ranks on one core, which costs a busy-polling library a
@@ -972,6 +979,42 @@ def cache_line_ns(rounds=200_000):
     return None if elapsed[0] < 0 else elapsed[0] / rounds / 2
 
 
+def switch_ns(rounds=50_000):
+    """Time (ns) of one switch between two processes that share a CPU, each yielding to the other.
+
+    When ranks outnumber cores, a lag-0 alltoallv needs every rank to run
+    twice per iteration (to post, then to complete before the next post), so
+    each core switches at least twice per iteration: this bounds how fast an
+    oversubscribed alltoallv can be, whatever the transport.  Includes a
+    Python call per yield (~0.1 us).  None if the switches cannot be timed.
+    """
+    cpu = min(os.sched_getaffinity(0))
+    mask = os.sched_getaffinity(0)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # only os calls here: other threads' locks may be held
+        try:
+            os.sched_setaffinity(0, {cpu})
+            os.write(ready_w, b"x")
+            for _ in range(rounds):
+                os.sched_yield()
+        finally:
+            os._exit(0)
+    try:
+        os.sched_setaffinity(0, {cpu})
+        os.read(ready_r, 1)
+        start = time.perf_counter_ns()
+        for _ in range(rounds):
+            os.sched_yield()
+        elapsed = time.perf_counter_ns() - start
+    finally:
+        os.sched_setaffinity(0, mask)
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+        os.close(ready_w)
+    return elapsed / (2 * rounds)  # each of our yields let the other process run once
+
+
 def fmt_ns(v):
     return "-" if v is None else f"{v:.0f} ns"
 
@@ -1030,6 +1073,10 @@ def main(argv=None):
     for p in opts.nprocs:
         print(f"  P = {p}: {'oversubscribes' if p > opts.cores else 'does not oversubscribe'} "
               f"the {opts.cores} cores")
+    if max(opts.nprocs) > opts.cores:
+        machine["switch_ns"] = switch_ns()
+        print(f"  two processes sharing a core switch in {fmt_ns(machine['switch_ns'])}: an oversubscribed "
+              f"lag-0 alltoallv switches each core at least twice per iteration")
     print("  send buffers of copy backends " + ("rewritten before every iteration (--fresh-send)" if opts.fresh_send
                                             else "written once (--fresh-send rewrites them every iteration)"))
     plans, results = {}, {}
