@@ -91,10 +91,11 @@ ratio of the two backends' medians in that round, with its range).
 
 Switches.  When some P oversubscribes the cores, the run also times a
 switch between two processes that share a core, each yielding to the other
-(``switch_ns``).  At lag 0 every rank runs at least twice per iteration, to
-post and to complete, so each core switches at least twice per iteration:
-with ``k`` ranks per core an iteration cannot take less than ``k`` switches
-plus ``k`` ranks' own work, whatever the transport.
+(``switch_ns``).  At lag 0 no rank posts iteration t + 1 before every rank
+has completed t, so every rank runs at least once per iteration: with ``k``
+ranks on a core an iteration cannot take less than ``k`` switches plus the
+``k`` ranks' own work, whatever the transport (2 switches at P = 4 on 2
+cores; lag 1 lets a rank run two iterations between switches).
 
 Placement.  By default the OS places the ranks of every backend (MPI runs
 with ``--bind-to none``), as in a real deployment.  On a loaded machine it
@@ -983,10 +984,10 @@ def switch_ns(rounds=50_000):
     """Time (ns) of one switch between two processes that share a CPU, each yielding to the other.
 
     When ranks outnumber cores, a lag-0 alltoallv needs every rank to run
-    twice per iteration (to post, then to complete before the next post), so
-    each core switches at least twice per iteration: this bounds how fast an
-    oversubscribed alltoallv can be, whatever the transport.  Includes a
-    Python call per yield (~0.1 us).  None if the switches cannot be timed.
+    once per iteration at least, so a core with ``k`` ranks switches at least
+    ``k`` times per iteration: this bounds how fast an oversubscribed
+    alltoallv can be, whatever the transport.  Includes a Python call per
+    yield (~0.1 us).
     """
     cpu = min(os.sched_getaffinity(0))
     mask = os.sched_getaffinity(0)
@@ -1075,8 +1076,8 @@ def main(argv=None):
               f"the {opts.cores} cores")
     if max(opts.nprocs) > opts.cores:
         machine["switch_ns"] = switch_ns()
-        print(f"  two processes sharing a core switch in {fmt_ns(machine['switch_ns'])}: an oversubscribed "
-              f"lag-0 alltoallv switches each core at least twice per iteration")
+        print(f"  two processes sharing a core switch in {fmt_ns(machine['switch_ns'])}: at lag 0 a core "
+              f"switches at least once per rank on it per iteration")
     print("  send buffers of copy backends " + ("rewritten before every iteration (--fresh-send)" if opts.fresh_send
                                             else "written once (--fresh-send rewrites them every iteration)"))
     plans, results = {}, {}
