@@ -161,6 +161,7 @@ cdef enum:
     ERR_LOST = 3
     STILL_WAITING = 4  # a wait's first phase, run holding the GIL, ran out (see _await)
     ERR_SIGNAL = 5     # a signal handler raised (Ctrl-C): its exception is set
+    ERR_CLOSED = 6     # a signal handler closed the communicator
 
 #: "use the communicator's default timeout" (``comm.timeout``)
 DEFAULT_TIMEOUT = object()
@@ -305,6 +306,9 @@ cdef class Core:
     cdef int lock_fd            # our descriptor of the segment: holds our liveness lock, tests the peers'
     cdef bint closed
     cdef int owner_pid          # the process that attached (a forked child is not it)
+    cdef bint forked            # this is a forked child's copy: it may only be closed
+    cdef int waiting            # waits in progress (a signal handler may close during one)
+    cdef bint release_pending   # closed during a wait: free our buffers when it unwinds
 
     # local state of this rank's sends
     cdef readonly uint64_t next_post
@@ -539,7 +543,17 @@ cdef class Core:
             bls_fence()
             self._wake_everyone()
         self.view_base = None  # views handed out keep the mapping alive themselves
-        self._release()
+        if self.waiting:
+            # A signal handler closed us inside a wait, which still reads our
+            # arrays and the segment (mapped while we hold its buffer): the
+            # wait releases them when it unwinds (see _await).
+            self.release_pending = True
+        else:
+            self._release()
+
+    def _mark_forked(self):
+        """This object is a forked child's copy: refuse every call but ``close``."""
+        self.forked = True
 
     def _check(self):
         """Raise if this rank closed or the communicator was aborted."""
@@ -572,8 +586,7 @@ cdef class Core:
 
         Does nothing if it was aborted already (the first reason stands).
         """
-        if self.closed:
-            raise BlsError("communicator is closed")
+        self._check_owner()
         if self._aborted():
             return
         data = _reason_bytes(reason)
@@ -600,9 +613,18 @@ cdef class Core:
             raise PeerLostError(message, rank=rank, reason=reason, lost_rank=lost)
         raise CommAborted(message, rank=rank, reason=reason)
 
-    cdef int _check_open(self) except -1:
+    cdef int _check_owner(self) except -1:
         if self.closed:
             raise BlsError("communicator is closed")
+        if self.forked:
+            # Its posts would be the parent's rank's posts: peers would take
+            # them for the parent's data, and the parent would repeat them.
+            raise BlsError(f"communicator belongs to process {self.owner_pid}: a child made by "
+                           f"os.fork may only close it (create or attach a new one instead)")
+        return 0
+
+    cdef int _check_open(self) except -1:
+        self._check_owner()
         if self._aborted():
             self._raise_aborted()
         return 0
@@ -863,6 +885,8 @@ cdef class Core:
                 with gil:
                     if check_signals() != 0:
                         rc = ERR_SIGNAL
+                    elif self.closed:  # by the handler: our arrays may be released on return
+                        rc = ERR_CLOSED
                 if rc != OK:
                     break
             if now >= next_poll:
@@ -914,10 +938,19 @@ cdef class Core:
         # HOLD_GIL_NS (CPython itself lets a thread keep it 5 ms), and only
         # then lets this process's other threads run.  Yielding the CPU while
         # holding it delays only those threads, by at most that long.
+        self.waiting += 1  # signal handlers run only in the second phase
         rc = self._wait(which, target, deadline_ns[0], HOLD_GIL_NS)
         if rc == STILL_WAITING:
             with nogil:
                 rc = self._wait(which, target, deadline_ns[0])
+        self.waiting -= 1
+        if self.closed:  # a handler closed us: nothing of ours may be touched any more
+            if self.release_pending and not self.waiting:
+                self.release_pending = False
+                self._release()
+            if rc != ERR_SIGNAL:
+                raise BlsError(f"communicator was closed during {operation}({t}) "
+                               f"(by a signal handler)")
         if rc == ERR_SIGNAL:
             return -1  # the handler's exception (KeyboardInterrupt) is set: let it propagate
         if rc != OK:
@@ -1383,9 +1416,9 @@ cdef class Core:
 
     cdef inline void _place_deferred_own(self) noexcept nogil:
         """Put a deferred own block into the record, where a later ``complete`` reads it."""
-        if self.own_src != NULL:
+        if self.own_src != NULL and not self.closed:
             memcpy(self.own_rec, self.own_src, self.own_bytes)
-            self.own_src = NULL
+        self.own_src = NULL  # closed: the record is gone, and nobody will read it
 
     cdef int _post(self, int64_t t, cnp.ndarray send, object send_counts, object timeout,
                    bint defer_own=False) except -1:

@@ -19,7 +19,9 @@ from blsshm.errors import BlsTimeoutError, BlsTypeError, BlsValueError
 
 # Open communicators of this process.  A child made by os.fork closes its
 # copies of their lock descriptors at once: a copy would keep a rank's
-# liveness lock held after the rank itself died.  _fork_guard keeps a fork
+# liveness lock held after the rank itself died.  Its copies also refuse
+# every call but close(): a post from the child would reach the peers as the
+# parent's data.  _fork_guard keeps a fork
 # out of the moments when a lock descriptor exists but is not registered
 # (opening) or is being closed; reentrant, as a collected Comm may close
 # inside a guarded section.
@@ -30,6 +32,7 @@ _fork_guard = threading.RLock()
 def _drop_inherited_locks():
     try:
         for comm in list(_open_comms):
+            comm._mark_forked()  # its calls would pass for the parent's: they now raise
             try:
                 comm._drop_lock_fd()
             except OSError:
@@ -301,9 +304,11 @@ class Comm(_core.Core):
         Peers that still wait for this rank raise :class:`PeerLostError`.
         Views handed out earlier stay valid memory until they are dropped.
         A communicator belongs to one thread: to interrupt a wait from another
-        thread, call :meth:`abort`, never ``close``.  In a child made by
-        ``os.fork`` it only drops the child's copy (and so does leaving a
-        ``with`` block there, even on an exception).
+        thread, call :meth:`abort`, never ``close``.  A signal handler may
+        close it; the wait it interrupted then raises :class:`BlsError`.  In
+        a child made by ``os.fork`` every other call raises ``BlsError``, and
+        ``close`` only drops the child's copy (and so does leaving a ``with``
+        block there, even on an exception).
         """
         if self.closed:
             return

@@ -309,6 +309,55 @@ def test_a_forked_child_closing_its_copy_does_not_close_the_rank():
     assert blsshm.spawn(_forked_child_closes_its_copy, 2) == [[0.0, 1.0], [0.0, 1.0]]
 
 
+def _forked_child_posts(comm):
+    comm.alltoallv(np.zeros(2), [1, 1])
+    if comm.rank == 0:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                comm.post(comm.next_post, np.full(2, 1000.0), [1, 1])
+            except blsshm.BlsError as exc:
+                code = 3 if "os.fork" in str(exc) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 3  # the child's post was refused
+    recv, _ = comm.alltoallv(np.full(2, comm.rank, np.float64), [1, 1])
+    return recv.tolist()
+
+
+def test_a_forked_child_cannot_post_for_the_rank():
+    # It could: its post reached rank 1 as rank 0's data, and rank 0 posted again.
+    assert blsshm.spawn(_forked_child_posts, 2) == [[0.0, 1.0], [0.0, 1.0]]
+
+
+def _closed_by_a_signal_handler(comm, split):
+    send = np.full(2, comm.rank, np.float32)
+    if comm.rank == 1:
+        time.sleep(0.5)  # rank 0 is waiting for us when its alarm goes off
+        return comm.alltoallv(send, [1, 1], timeout=20)[0].tolist()
+    signal.signal(signal.SIGALRM, lambda *_: comm.close())  # a clean-up handler: returns
+    signal.setitimer(signal.ITIMER_REAL, 0.1)
+    try:
+        if split:
+            comm.post(0, send, [1, 1])
+            comm.complete(0, timeout=20)
+        else:
+            comm.alltoallv(send, [1, 1], timeout=20)
+    except blsshm.BlsError as exc:
+        return str(exc)
+    return "returned"
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["alltoallv", "post-complete"])
+def test_a_signal_handler_may_close_the_communicator_during_a_wait(split):
+    # The wait went on with the arrays close() had freed: the rank died of SIGSEGV.
+    got = blsshm.spawn(_closed_by_a_signal_handler, 2, args=(split,))
+    assert got[0] == "communicator was closed during complete(0) (by a signal handler)"
+    assert got[1] == [0.0, 1.0]  # rank 0 had posted before it closed
+
+
 def test_a_forked_child_of_the_creator_neither_unlinks_nor_aborts():
     """Before every rank attached, the creator's copy in a child must leave the name and the run alone."""
     a = blsshm.Comm.create(2, 0, arena_bytes=1 << 16, timeout=10)
