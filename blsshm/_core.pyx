@@ -987,6 +987,8 @@ cdef class Core:
         if timeout is self.last_timeout:
             return self.last_timeout_ns
         cdef double secs
+        if isinstance(timeout, bool):  # a bool is an int: True would mean 1 s
+            raise BlsTypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
         try:
             secs = timeout
         except TypeError:
@@ -1723,12 +1725,14 @@ cdef class Core:
         iteration as soon as its blocks are there and do other work until
         then.  Raises like a wait on a closed or aborted communicator.
         """
-        if not self.ready:
-            self._make_ready()
         cdef int64_t it = _iteration(t)
         self._check_open()
         if it < 0:
             raise BlsValueError(f"arrived({it}): iterations start at 0")
+        if not self.ready:
+            if len(self._attached_ranks()) < self.size:
+                return False  # nobody posts before every rank attached: no need to wait for that
+            self._make_ready()  # returns at once: everyone is here
         # _first_behind loads with acquire, so a True answer also makes the
         # records visible to the complete(t) that follows.
         return self._first_behind(PUBLISHED, <uint64_t>it + 1, 0) < 0

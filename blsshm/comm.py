@@ -358,10 +358,12 @@ class Comm(_core.Core):
 
     @property
     def stats(self) -> Dict[str, Union[int, float]]:
-        """Counters since creation or :meth:`reset_stats`: iterations, seconds waited
-        in post and in complete, futex sleeps, moves off a CPU crowded with other ranks
+        """Counters since :meth:`reset_stats` (or creation): seconds waited in post
+        and in complete, futex sleeps, moves off a CPU crowded with other ranks
         (see ``_spread.h``), payload bytes sent and received, and of those sent, the
-        bytes copied with streaming stores (see ``copy_policy``)."""
+        bytes copied with streaming stores (see ``copy_policy``).  The iteration
+        counts are ``next_post`` and ``next_complete``, since creation: a reset
+        leaves them alone."""
         return {
             "iterations_posted": self.next_post,
             "iterations_completed": self.next_complete,

@@ -1,6 +1,7 @@
 """``spawn``: run a function in ``nprocs`` processes sharing one communicator."""
 import multiprocessing
 import multiprocessing.connection
+import numbers
 import os
 import pickle
 import time
@@ -83,7 +84,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     """
     if not callable(fn):
         raise BlsTypeError(f"fn must be callable, got {type(fn).__name__}")
-    _check_nprocs(nprocs)
+    nprocs = _check_nprocs(nprocs)
+    _check_grace(grace)
     name = segment.create(nprocs, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes))
     try:
         comm_kwargs = dict(timeout=timeout, spin_us=spin_us)
@@ -103,7 +105,8 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
     """
     if not callable(target):
         raise BlsTypeError(f"target must be callable, got {type(target).__name__}")
-    _check_nprocs(nprocs)
+    nprocs = _check_nprocs(nprocs)
+    grace = _check_grace(grace)
     ctx = multiprocessing.get_context(start_method)
     procs, conns, pidfds = [], [], []
     reported = set()  # ranks whose outcome arrived (filled by _collect)
@@ -142,8 +145,19 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
 
 
 def _check_nprocs(nprocs):
-    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
+    _check_int("nprocs", nprocs)
+    if nprocs < 1:
         raise BlsValueError(f"nprocs must be a positive integer, got {nprocs!r}")
+    return int(nprocs)
+
+
+def _check_grace(grace):
+    """``grace`` in seconds; checked before any process starts (a bad one skipped the clean-up)."""
+    if isinstance(grace, bool) or not isinstance(grace, numbers.Real):
+        raise BlsTypeError(f"grace must be a number of seconds, got {grace!r}")
+    if not grace >= 0:
+        raise BlsValueError(f"grace must be >= 0, got {grace}")
+    return float(grace)
 
 
 def _collect(procs, conns, pidfds, grace, reported):

@@ -43,6 +43,8 @@ def _bad_posts():
         ("string iteration, zero copy", lambda c: c.complete_views("0"), BlsTypeError, ["iteration"]),
         ("complete before post", lambda c: c.complete(0), BlsValueError, ["before post(0)"]),
         ("negative timeout", lambda c: c.post(0, GOOD, [2, 2], timeout=-1), BlsValueError, ["timeout"]),
+        # A bool is an int: True was taken for 1 s, as Comm.create refuses it.
+        ("bool timeout", lambda c: c.post(0, GOOD, [2, 2], timeout=True), BlsTypeError, ["timeout", "True"]),
         ("timeout beyond any float", lambda c: c.post(0, GOOD, [2, 2], timeout=-10 ** 400), BlsValueError,
          ["timeout"]),
         ("zero-copy bad counts", lambda c: c.post_views(0, [1, -2]).__enter__(), BlsValueError, ["negative"]),

@@ -121,3 +121,13 @@ def test_arrived_says_without_waiting_whether_complete_would_wait():
     assert before == [False, False]  # rank 1 had not posted 0; nobody had posted 1
     assert later is False
     assert recv == [5, 1]  # complete(0) found everything there (timeout=0 never waits)
+
+
+def test_arrived_does_not_wait_for_the_ranks_to_attach():
+    # It waited for every rank to attach: here it raised BlsTimeoutError after
+    # attach_timeout; by default it blocked up to 60 s.
+    comm = blsshm.Comm.create(2, 0, arena_bytes=1 << 16, attach_timeout=0.5)
+    try:
+        assert comm.arrived(0) is False  # rank 1 never attached, so nobody posted
+    finally:
+        comm.close()

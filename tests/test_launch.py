@@ -1,4 +1,5 @@
 """python -m blsshm.run and blsshm.spawn: start, report, always clean up."""
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -92,6 +93,18 @@ def test_spawn_rejects_bad_arguments():
         blsshm.spawn(_rank_and_args, 2, lag=1.5)  # was run at lag 1
     with pytest.raises(blsshm.BlsTypeError, match="arena_bytes must be an integer, got NoneType"):
         blsshm.spawn(_rank_and_args, 2, arena_bytes=None)
+    # Both ranks ran, then the clean-up failed on it and left a child unreaped.
+    for spawner in (blsshm.spawn, blsshm.run_ranks):
+        with pytest.raises(blsshm.BlsTypeError, match="grace must be a number of seconds, got '5'"):
+            spawner(_rank_and_args, 2, grace="5")
+        with pytest.raises(blsshm.BlsValueError, match="grace must be >= 0, got nan"):
+            spawner(_rank_and_args, 2, grace=float("nan"))
+    assert multiprocessing.active_children() == []
+
+
+def test_spawn_takes_numpy_integers_like_the_communicator():
+    got = blsshm.spawn(_rank_and_args, np.int64(2), lag=np.int32(1), args=(0, 0), grace=np.float32(1))
+    assert got == [(0, 2, 1, 0), (1, 2, 1, 0)]
 
 
 def _rank_squared(rank, offset):
