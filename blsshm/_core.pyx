@@ -1729,10 +1729,8 @@ cdef class Core:
         self._check_open()
         if it < 0:
             raise BlsValueError(f"arrived({it}): iterations start at 0")
-        if not self.ready:
-            if len(self._attached_ranks()) < self.size:
-                return False  # nobody posts before every rank attached: no need to wait for that
-            self._make_ready()  # returns at once: everyone is here
+        if not self.ready and not self._poll_ready():
+            return False  # nobody posts before every rank attached: no need to wait for that
         # _first_behind loads with acquire, so a True answer also makes the
         # records visible to the complete(t) that follows.
         return self._first_behind(PUBLISHED, <uint64_t>it + 1, 0) < 0

@@ -170,6 +170,7 @@ class Comm(_core.Core):
             self._pid = os.getpid()  # a forked child's copy must not unlink or abort
             self._pid_ns = _proc.pid_namespace()
             self._attach_timeout = attach_timeout
+            self._poll_deadline = None  # when arrived() stops answering False for a missing rank
             self._owns_name = owns_name
             with _fork_guard:
                 mapping, lock_fd = segment.open_for_rank(name)
@@ -233,6 +234,32 @@ class Comm(_core.Core):
 
     # --------------------------------------------------------------- startup
 
+    def _raise_not_attached(self, attached):
+        missing = sorted(set(range(self.size)) - set(attached))
+        raise BlsTimeoutError(
+            f"rank(s) {missing} did not attach to {self.name} within {self._attach_timeout} s",
+            operation="attach", waiting_for=missing)
+
+    def _poll_ready(self):
+        """Whether every rank attached (then made ready), without waiting.
+
+        For :meth:`arrived`: raises like :meth:`_make_ready` once
+        ``attach_timeout`` has passed since the first poll, so a loop that
+        polls is not left waiting for a rank that never comes.
+        """
+        attached = self._attached_ranks()
+        if len(attached) == self.size:
+            self._make_ready()  # returns at once: everyone is here
+            return True
+        self._check()
+        if self._attach_timeout is not None:
+            now = time.monotonic()
+            if self._poll_deadline is None:
+                self._poll_deadline = now + self._attach_timeout
+            elif now > self._poll_deadline:
+                self._raise_not_attached(attached)
+        return False
+
     def _make_ready(self):
         """Wait until every rank attached, unlink the name, watch the peers' processes."""
         self._check()
@@ -244,10 +271,7 @@ class Comm(_core.Core):
                 break
             self._check()  # raises if a rank gave up already
             if deadline is not None and time.monotonic() > deadline:
-                missing = sorted(set(range(self.size)) - set(attached))
-                raise BlsTimeoutError(
-                    f"rank(s) {missing} did not attach to {self.name} within {self._attach_timeout} s",
-                    operation="attach", waiting_for=missing)
+                self._raise_not_attached(attached)
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
         # The last rank to attach unlinked the name already; this is for the

@@ -1,4 +1,6 @@
 """I2 made observable: post(t) waits exactly while some rank has not completed t - L - 1."""
+import time
+
 import numpy as np
 import pytest
 
@@ -129,5 +131,9 @@ def test_arrived_does_not_wait_for_the_ranks_to_attach():
     comm = blsshm.Comm.create(2, 0, arena_bytes=1 << 16, attach_timeout=0.5)
     try:
         assert comm.arrived(0) is False  # rank 1 never attached, so nobody posted
+        # A loop that polls is still told, after attach_timeout, that rank 1 never came.
+        with pytest.raises(blsshm.BlsTimeoutError, match=r"rank\(s\) \[1\] did not attach"):
+            while not comm.arrived(0):
+                time.sleep(0.01)
     finally:
         comm.close()
