@@ -6,7 +6,6 @@ facebookresearch/dlrm ``dlrm_s_pytorch.py`` (``emb_l.<i>.weight``, and
 predictions of a distributed run are compared with a forward pass written
 here from the DLRM definition, not with ``dlrm_bench.model``.
 """
-import collections
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 
 from dlrm_bench import backends, config, data, report
 from dlrm_cli_check import assert_rejected
+from dlrm_reference import random_state_dict
 
 ROWS = (7, 13, 50, 3, 29)
 D = 4
@@ -38,17 +38,8 @@ RUN_FLAGS = ["--nprocs", "2", "--lag", "1", "--num-batches", "3", "--warmup-batc
 
 
 def reference_state_dict(seed=2024):
-    """Random parameters under the reference's names and shapes (an ``OrderedDict``, as ``state_dict()``)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = collections.OrderedDict()
-    for name, sizes in (("bot_l", BOT), ("top_l", TOP)):
-        for k in range(len(sizes) - 1):
-            n, m = sizes[k], sizes[k + 1]
-            sd[f"{name}.{2 * k}.weight"] = 2 * torch.randn(m, n, generator=g) / n ** 0.5
-            sd[f"{name}.{2 * k}.bias"] = 0.3 * torch.randn(m, generator=g)
-    for i, rows in enumerate(ROWS):
-        sd[f"emb_l.{i}.weight"] = 2 * torch.rand(rows, D, generator=g) - 1
-    return sd
+    """Random parameters of this file's model under the reference's names and shapes."""
+    return random_state_dict(ROWS, BOT, TOP, D, seed)
 
 
 def save_reference_checkpoint(path, sd):

@@ -8,7 +8,6 @@ column-major: the transpose of a columns x samples array), ``y`` and
 ``X_cat % max_ind_range``), and a checkpoint whose tables have the counts'
 sizes is run and compared with a forward pass written here.
 """
-import collections
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 
 from dlrm_bench import backends, config, processed, report, verify
 from dlrm_cli_check import assert_rejected
+from dlrm_reference import random_state_dict
 
 SAMPLES = 23
 TABLES = 26
@@ -119,20 +119,6 @@ def test_distributed_run_on_the_processed_file_matches_single_process_bit_for_bi
 # ------------------------------------------- a reference checkpoint fits it
 
 
-def reference_state_dict(counts, seed=11):
-    """Random parameters under the reference's names, its tables of ``counts`` rows."""
-    g = torch.Generator().manual_seed(seed)
-    sd = collections.OrderedDict()
-    for name, sizes in (("bot_l", BOT), ("top_l", TOP)):
-        for k in range(len(sizes) - 1):
-            n, m = sizes[k], sizes[k + 1]
-            sd[f"{name}.{2 * k}.weight"] = 2 * torch.randn(m, n, generator=g) / n ** 0.5
-            sd[f"{name}.{2 * k}.bias"] = 0.3 * torch.randn(m, generator=g)
-    for i, rows in enumerate(counts):
-        sd[f"emb_l.{i}.weight"] = 2 * torch.rand(int(rows), D, generator=g) - 1
-    return sd
-
-
 def independent_forward(sd, x_int, x_cat):
     """Click probabilities in float64 from the DLRM definition, the inputs as the reference feeds them."""
     p = {k: v.double() for k, v in sd.items()}
@@ -154,7 +140,7 @@ def independent_forward(sd, x_int, x_cat):
 def test_a_checkpoint_with_the_counts_tables_predicts_what_its_weights_give(processed_file, tmp_path):
     """Dataset mode on the text refuses such a checkpoint (tables of --max-ind-range rows); this one runs it."""
     path, (x_int, x_cat, _, counts) = processed_file
-    sd = reference_state_dict(counts)
+    sd = random_state_dict(counts, BOT, TOP, D, seed=11)  # tables of the counts' sizes
     ckpt = tmp_path / "dlrm.pt"
     torch.save({"state_dict": sd, "epoch": 1}, ckpt)
     cfg, _ = config.parse(run_flags(path, "--load-model", str(ckpt), "--arch-mlp-top", "-".join(map(str, TOP))))

@@ -989,8 +989,8 @@ def switch_ns(rounds=50_000):
     alltoallv can be, whatever the transport.  Includes a Python call per
     yield (~0.1 us).
     """
-    cpu = min(os.sched_getaffinity(0))
     mask = os.sched_getaffinity(0)
+    cpu = min(mask)
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # only os calls here: other threads' locks may be held
