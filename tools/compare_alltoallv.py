@@ -28,7 +28,10 @@ measures, one backend after another (never two at once):
                fill, which is the producers' imbalance, not the transport),
                then publishes and copies what it received through
                ``complete_views`` into a preallocated buffer (one copy, the
-               least a receiver needs);
+               least a receiver needs).  As in ``memcpy x``, every rank
+               starts an iteration only once all have finished the last (a
+               barrier, not timed): on a shared core a rank's timed wait
+               would otherwise run on through the other rank's fill;
 ``gloo``       ``torch.distributed.all_to_all_single`` with split sizes,
                gloo over loopback (``file://`` rendezvous, GLOO_SOCKET_IFNAME=lo),
                ranks started with multiprocessing ("spawn");
@@ -314,7 +317,11 @@ def blsshm_zc_rank(comm, plan, rank_opts, raw_flags):
                 np.concatenate(views, out=recv)
             return produce
 
-        out[size] = blsshm_timed(comm, step, warmup, iters)
+        # Every rank starts an iteration only once all have finished the last
+        # (not timed), as ``memcpy x`` does.  On a shared core a rank's wait
+        # would otherwise run on through the other rank's fill (the next
+        # iteration's untimed production), timing a producer as transport.
+        out[size] = blsshm_timed(comm, step, warmup, iters, before=barrier.wait)
         check_received(recv, rank, nprocs, size, salt=comm.next_complete - 1)
     return out
 
