@@ -39,6 +39,7 @@ cdef extern from "Python.h":
     int check_signals "PyErr_CheckSignals"() noexcept
 
 import operator
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -1013,6 +1014,9 @@ cdef class Core:
         if isinstance(counts, cnp.ndarray):
             if counts.dtype.kind not in "iu":
                 raise BlsTypeError(f"send_counts must hold integers, got dtype {counts.dtype}")
+            if counts.ndim != 1:
+                raise BlsValueError(f"send_counts must be one-dimensional ({self.size} integers), "
+                                    f"got an array of shape {counts.shape}")
             counts = counts.tolist()
         if type(counts) is list or type(counts) is tuple:
             if len(counts) == self.size:
@@ -1030,6 +1034,11 @@ cdef class Core:
                     record_bytes[0] = off
                     return 0
                 off = 0  # something unusual: the general path below says what
+        # Indexable by 0..P-1 and sized, yet not counts: a dict's keys need
+        # not be the ranks, and bytes or a str would be read character by character.
+        if isinstance(counts, (Mapping, str, bytes, bytearray)):
+            raise BlsTypeError(
+                f"send_counts must be a sequence of {self.size} integers, got {type(counts).__name__}")
         try:
             n = len(counts)
         except TypeError:
