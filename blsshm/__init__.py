@@ -22,8 +22,19 @@ from blsshm.spawn import RankFailedError, run_ranks, spawn
 __version__ = "0.1.0"
 
 
-def init(*, timeout: Optional[float] = None, spin_us: Optional[float] = None) -> Comm:
-    """The :class:`Comm` of a process started by ``python -m blsshm.run``."""
+_initialized = None  # (pid, rank) of this process's init(): a rank attaches once
+
+
+def init(*, timeout: Optional[float] = None, attach_timeout: float = 60.0,
+         spin_us: Optional[float] = None) -> Comm:
+    """The :class:`Comm` of a process started by ``python -m blsshm.run``.
+
+    Call it once per rank: the segment is gone once every rank has attached,
+    so a second call raises :class:`BlsError`.  ``attach_timeout`` bounds
+    the wait for the other ranks to call it; ``timeout`` and ``spin_us`` are
+    as for :meth:`Comm.create`.
+    """
+    global _initialized
     from blsshm.run import ENV_NAME, ENV_RANK, ENV_SIZE
     try:
         name, rank, size = os.environ[ENV_NAME], int(os.environ[ENV_RANK]), int(os.environ[ENV_SIZE])
@@ -31,7 +42,11 @@ def init(*, timeout: Optional[float] = None, spin_us: Optional[float] = None) ->
         raise BlsError(
             "blsshm.init() needs the environment set by `python -m blsshm.run -n N script.py`; "
             "in other processes use Comm.create()/Comm.attach() or blsshm.spawn()") from None
-    comm = Comm.attach(name, rank, timeout=timeout, spin_us=spin_us)
+    if _initialized == (os.getpid(), rank):
+        raise BlsError(f"blsshm.init() was already called in this process (rank {rank}): a rank "
+                       f"attaches once; keep the communicator the first call returned")
+    comm = Comm.attach(name, rank, timeout=timeout, attach_timeout=attach_timeout, spin_us=spin_us)
+    _initialized = (os.getpid(), rank)
     if comm.size != size:
         comm.close()
         raise BlsError(f"{ENV_SIZE}={size} but the segment has {comm.size} ranks")

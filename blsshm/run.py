@@ -11,8 +11,10 @@ every case.
 Each rank leads a process group of its own: a terminal's Ctrl-C reaches the
 launcher alone, which passes it on once to every rank's group, and at the end
 whatever a rank started is killed with it.  A second Ctrl-C (or SIGTERM)
-kills the ranks at once.  Ranks read no terminal (stdin is /dev/null then):
-outside the terminal's foreground group a read would stop them.
+kills the ranks at once.  SIGHUP and SIGQUIT are passed on the same way.
+Ranks read no terminal (stdin is /dev/null then): outside the terminal's
+foreground group a read would stop them, and a rank stopped so (by opening
+``/dev/tty``, say) is killed and named rather than waited for.
 
 With ``--tag-output`` every line a rank writes starts with ``[rank N]`` (its
 stdout to the launcher's stdout, its stderr to its stderr, whole lines at a
@@ -32,7 +34,10 @@ from blsshm.comm import DEFAULT_ARENA_BYTES
 from blsshm.errors import BlsError
 
 ENV_NAME, ENV_RANK, ENV_SIZE = "BLSSHM_NAME", "BLSSHM_RANK", "BLSSHM_SIZE"
-FORWARDED = (signal.SIGINT, signal.SIGTERM)
+# Passed on to the ranks (unless ignored when the launcher started, as under
+# nohup): without a handler SIGHUP (a closed terminal) and SIGQUIT (Ctrl-\)
+# would end the launcher before its clean-up, leaving the segment behind.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 GRACE_S = 10.0
 RELAY_CHUNK = 1 << 16     # bytes read at once; also the longest line held back for its newline
 RELAY_DRAIN_S = 2.0       # after the ranks' groups are killed, how long output may still arrive
@@ -59,9 +64,16 @@ def _parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     opts = _parser().parse_args(argv)
-    if opts.nprocs < 1:
-        print("python -m blsshm.run: -n must be at least 1", file=sys.stderr)
+    opts.args = _verbatim(argv, opts)
+    if not 1 <= opts.nprocs <= _core.MAX_RANKS:
+        print(f"python -m blsshm.run: -n must be between 1 and {_core.MAX_RANKS}, got {opts.nprocs}",
+              file=sys.stderr)
+        return 2
+    if not opts.grace >= 0:
+        print(f"python -m blsshm.run: --grace must be a number of seconds >= 0, got {opts.grace}",
+              file=sys.stderr)
         return 2
     if not opts.module and not os.path.exists(opts.target):
         print(f"python -m blsshm.run: no such script: {opts.target}", file=sys.stderr)
@@ -78,6 +90,7 @@ def main(argv=None):
     observer = None
     old = {}
     signals_seen = []
+    forwarded = [s for s in FORWARDED if signal.getsignal(s) != signal.SIG_IGN]
 
     def forward(signum, _frame):
         signals_seen.append(signum)
@@ -88,7 +101,7 @@ def main(argv=None):
         # The launcher keeps a mapping (it is no rank) to tell, after a
         # failure, which rank caused it: the first to abort, or the one lost.
         observer = segment.open_mapping(name)
-        old = {s: signal.signal(s, forward) for s in FORWARDED}
+        old = {s: signal.signal(s, forward) for s in forwarded}
         # Ignored SIGCHLD would reap the ranks behind our back (see _peek_exit).
         old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         stdin = subprocess.DEVNULL if os.isatty(0) else None
@@ -100,12 +113,12 @@ def main(argv=None):
                     env.setdefault("PYTHONUNBUFFERED", "1")  # lines as they are printed, not at exit
                 # Held while a rank starts: one that came meanwhile is then passed
                 # on once, to every group, this one's included.
-                signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+                signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
                 try:
                     proc = subprocess.Popen(cmd, env=env, stdin=stdin, stdout=output, stderr=output,
-                                            preexec_fn=_rank_setup(os.getpid()))
+                                            preexec_fn=_rank_setup(os.getpid(), forwarded))
                 finally:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
                 procs.append(proc)
             if opts.tag_output:  # only now: no thread may run while a rank forks (preexec_fn)
                 for rank, proc in enumerate(procs):
@@ -117,6 +130,9 @@ def main(argv=None):
             _signal_groups(procs, signal.SIGKILL)
             for proc in procs:
                 proc.wait()
+            # Reaped: their pids may name strangers' groups from now on, so a
+            # signal arriving while the relays drain is forwarded to no one.
+            procs.clear()
             _drain(relays, sinks)
         return _report(codes, observer)
     finally:
@@ -127,7 +143,19 @@ def main(argv=None):
             signal.signal(s, handler)
 
 
-def _rank_setup(launcher_pid):
+def _verbatim(argv, opts):
+    """The target's arguments exactly as given: argparse drops a ``--`` right after the target.
+
+    ``python -m blsshm.run -n 2 s.py -- a`` must hand ``s.py`` ``['--', 'a']``,
+    as ``python s.py -- a`` would.
+    """
+    k = len(argv) - len(opts.args)
+    if k >= 2 and argv[k - 1] == "--" and argv[k - 2] == opts.target:
+        return ["--"] + opts.args
+    return opts.args
+
+
+def _rank_setup(launcher_pid, forwarded):
     """What a rank's process runs before the program: its own process group, and death with the launcher."""
     die = die_with_parent(launcher_pid)
 
@@ -137,9 +165,9 @@ def _rank_setup(launcher_pid):
         # before does what it would do to the program (the launcher's copy
         # goes to the others), never runs the launcher's handler here, and
         # the program starts with nothing blocked.
-        for s in FORWARDED:
+        for s in forwarded:
             signal.signal(s, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
         die()
     return setup
 
@@ -167,14 +195,38 @@ def _peek_exit(proc):
     return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
 
+def _stopped_by_terminal(proc):
+    """SIGTTIN or SIGTTOU if the rank is stopped by it (it used the terminal), else None."""
+    # WEXITED too: asked for stops alone, a rank that has just exited is ECHILD.
+    info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    if info is not None and info.si_code == os.CLD_STOPPED and info.si_status in TERMINAL_STOPS:
+        return info.si_status
+    return None
+
+
+TERMINAL_STOPS = {signal.SIGTTIN: "read from", signal.SIGTTOU: "wrote to"}
+
+
 def _supervise(procs, grace, observer):
     """Wait for every rank; after the first failure give the others ``grace`` s.
 
-    Returns each rank's exit status, None for one still running at the end.
+    A rank stopped for using the terminal (outside its foreground group, a
+    read stops it, and a write under ``stty tostop``) would wait forever for
+    a ``fg`` that cannot come: it is killed, and named.  Returns each rank's
+    exit status, None for one still running at the end.
     """
     deadline = None
     gone = set()
+    killed = set()
     while True:
+        for r, p in enumerate(procs):
+            stop = _stopped_by_terminal(p) if r not in gone | killed else None
+            if stop is not None:
+                killed.add(r)  # it dies of SIGKILL now: report its stop once
+                print(f"python -m blsshm.run: rank {r} was stopped by {signal.Signals(stop).name}: it "
+                      f"{TERMINAL_STOPS[stop]} the terminal, which ranks cannot use (each runs in a "
+                      f"process group of its own; its stdin is /dev/null); killing it", file=sys.stderr)
+                os.killpg(p.pid, signal.SIGKILL)  # not reaped yet: the group is still its
         codes = [_peek_exit(p) for p in procs]
         for r, c in enumerate(codes):
             if c is not None and r not in gone:
@@ -186,6 +238,9 @@ def _supervise(procs, grace, observer):
         if all(c is not None for c in codes):
             break
         if deadline is not None and time.monotonic() > deadline:
+            running = [r for r, c in enumerate(codes) if c is None]
+            print(f"python -m blsshm.run: rank(s) {running} still running {grace:g} s after the first "
+                  f"failure; killing them", file=sys.stderr)
             break
         time.sleep(0.01)
     return [_peek_exit(p) for p in procs]

@@ -1,6 +1,7 @@
 """``spawn``: run a function in ``nprocs`` processes sharing one communicator."""
 import multiprocessing
 import multiprocessing.connection
+from multiprocessing.reduction import ForkingPickler
 import numbers
 import os
 import pickle
@@ -10,7 +11,8 @@ from typing import Any, Callable, List, Optional, Sequence
 
 from blsshm import segment
 from blsshm._proc import describe_exit, die_with_parent
-from blsshm.comm import DEFAULT_ARENA_BYTES, Comm, _check_int
+from blsshm._core import MAX_RANKS
+from blsshm.comm import DEFAULT_ARENA_BYTES, Comm, _check_int, _check_seconds, _check_spin_us
 from blsshm.errors import BlsError, BlsTypeError, BlsValueError, CommAborted
 
 #: Seconds the other ranks get to notice a failure and stop by themselves.
@@ -40,7 +42,13 @@ def _rank_main(target, rank, args, conn, parent_pid):
     die_with_parent(parent_pid)()
     try:
         result = target(rank, *args)
-        conn.send(("ok", result))
+        try:
+            payload = ForkingPickler.dumps(("ok", result))  # what conn.send would do
+        except Exception as exc:  # say it is the result, not the function, that failed
+            raise RankFailedError(f"rank {rank} returned a {type(result).__name__} that cannot be "
+                                  f"pickled back to the parent: {type(exc).__name__}: {exc}",
+                                  rank=rank) from exc
+        conn.send_bytes(payload)
     except BaseException as exc:  # report everything, KeyboardInterrupt included
         conn.send(("error", _portable(exc, rank), traceback.format_exc()))
     finally:
@@ -86,6 +94,11 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
         raise BlsTypeError(f"fn must be callable, got {type(fn).__name__}")
     nprocs = _check_nprocs(nprocs)
     _check_grace(grace)
+    args = _check_args(args)
+    # The ranks check these again when they attach; here a bad one starts nobody.
+    _check_seconds("timeout", timeout)
+    if spin_us is not None:
+        _check_spin_us(spin_us)
     name = segment.create(nprocs, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes))
     try:
         comm_kwargs = dict(timeout=timeout, spin_us=spin_us)
@@ -93,6 +106,13 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
                          start_method=start_method, grace=grace)
     finally:
         segment.unlink(name)
+
+
+def _check_args(args):
+    """``args`` as a tuple; a str would be spread into characters, anything else unpacked late."""
+    if isinstance(args, (str, bytes)) or not isinstance(args, (tuple, list)):
+        raise BlsTypeError(f"args must be a tuple or list of fn's extra arguments, got {type(args).__name__}")
+    return tuple(args)
 
 
 def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = (),
@@ -107,6 +127,7 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
         raise BlsTypeError(f"target must be callable, got {type(target).__name__}")
     nprocs = _check_nprocs(nprocs)
     grace = _check_grace(grace)
+    args = _check_args(args)
     ctx = multiprocessing.get_context(start_method)
     procs, conns, pidfds = [], [], []
     reported = set()  # ranks whose outcome arrived (filled by _collect)
@@ -146,8 +167,8 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
 
 def _check_nprocs(nprocs):
     _check_int("nprocs", nprocs)
-    if nprocs < 1:
-        raise BlsValueError(f"nprocs must be a positive integer, got {nprocs!r}")
+    if not 1 <= nprocs <= MAX_RANKS:
+        raise BlsValueError(f"nprocs must be between 1 and {MAX_RANKS}, got {nprocs!r}")
     return int(nprocs)
 
 

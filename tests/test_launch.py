@@ -60,13 +60,61 @@ def test_launcher_reports_the_failing_rank_and_stops_the_others(tmp_path):
 def test_launcher_rejects_bad_arguments(tmp_path):
     res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "0", "x.py"],
                          capture_output=True, text=True, timeout=30)
-    assert res.returncode == 2 and "-n must be at least 1" in res.stderr
+    assert res.returncode == 2 and "-n must be between 1 and 4096, got 0" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "5000", "x.py"],  # said "size"
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "-n must be between 1 and 4096, got 5000" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", "--grace", "-1", "x.py"],
+                         capture_output=True, text=True, timeout=30)  # was taken, silently
+    assert res.returncode == 2 and "--grace must be a number of seconds >= 0" in res.stderr
     res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", str(tmp_path / "missing.py")],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "no such script" in res.stderr
     res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", "--lag", "-1", "x.py"],
                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert res.returncode == 2
+
+
+ECHO_ARGS = r"""
+import os, sys
+import blsshm
+with blsshm.init() as comm:
+    if comm.rank == 0:
+        os.write(1, repr(sys.argv[1:]).encode())
+"""
+
+
+@pytest.mark.parametrize("args", [["--", "a", "--", "b"], ["a", "--", "b"], ["--lag", "3", "-n", "2", "--"]])
+def test_the_program_gets_its_arguments_verbatim(tmp_path, args):
+    # argparse dropped a "--" right after the program: it got ["a", "--", "b"].
+    path = tmp_path / "prog.py"
+    path.write_text(ECHO_ARGS)
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", str(path), *args],
+                         capture_output=True, text=True, timeout=50)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == repr(args)
+
+
+INIT_TWICE = r"""
+import blsshm
+with blsshm.init() as comm:
+    try:
+        blsshm.init()
+    except blsshm.BlsError as exc:
+        print(f"rank {comm.rank}: {exc}", flush=True)
+    comm.alltoallv(__import__("numpy").zeros(comm.size), [1] * comm.size)  # still works
+"""
+
+
+def test_init_twice_says_so(tmp_path):
+    # It said the segment did not exist, or that the rank was attached, depending on timing.
+    path = tmp_path / "prog.py"
+    path.write_text(INIT_TWICE)
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", str(path)],
+                         capture_output=True, text=True, timeout=50)
+    assert res.returncode == 0, res.stderr
+    for r in range(2):
+        assert f"rank {r}: blsshm.init() was already called in this process (rank {r})" in res.stdout
 
 
 def _rank_and_args(comm, a, b):
@@ -100,6 +148,35 @@ def test_spawn_rejects_bad_arguments():
         with pytest.raises(blsshm.BlsValueError, match="grace must be >= 0, got nan"):
             spawner(_rank_and_args, 2, grace=float("nan"))
     assert multiprocessing.active_children() == []
+
+
+def test_spawn_checks_the_communicator_options_before_starting_anyone(monkeypatch):
+    # They were checked in each rank, after every process had started.
+    spawn_module = sys.modules["blsshm.spawn"]  # the package's name "spawn" is the function
+
+    def refuse(*_args, **_kwargs):
+        pytest.fail("ranks were started for arguments that should be refused")
+    monkeypatch.setattr(spawn_module, "run_ranks", refuse)
+    for kwargs, exc_type, words in [
+            (dict(timeout=-1), blsshm.BlsValueError, "timeout must be >= 0"),
+            (dict(timeout="x"), blsshm.BlsTypeError, "timeout must be a number of seconds"),
+            (dict(spin_us=-1), blsshm.BlsValueError, "spin_us must be >= 0"),
+            (dict(args="ab"), blsshm.BlsTypeError, "args must be a tuple or list"),  # was fn(comm, "a", "b")
+            (dict(args=5), blsshm.BlsTypeError, "args must be a tuple or list")]:
+        with pytest.raises(exc_type, match=words):
+            blsshm.spawn(_rank_and_args, 2, **kwargs)
+    with pytest.raises(blsshm.BlsValueError, match="nprocs must be between 1 and 4096"):
+        blsshm.spawn(_rank_and_args, 10 ** 6)  # said "size"
+
+
+def _return_a_lock(comm):
+    import threading
+    return threading.Lock()
+
+
+def test_a_result_that_cannot_be_pickled_is_named_as_the_result():
+    with pytest.raises(blsshm.RankFailedError, match="rank 0 returned a lock that cannot be pickled"):
+        blsshm.spawn(_return_a_lock, 1)
 
 
 def test_spawn_takes_numpy_integers_like_the_communicator():
@@ -310,6 +387,55 @@ def test_a_second_ctrl_c_kills_ranks_that_ignore_the_first(tmp_path):
         launcher.kill()
         launcher.wait()
     assert launcher.returncode == 128 + signal.SIGKILL
+
+
+SLOW_TO_ATTACH = r"""
+import os, time
+import blsshm
+os.write(1, b"started\n")
+time.sleep(30)  # importing torch, say
+blsshm.init()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT])
+def test_a_hangup_before_every_rank_attached_leaves_no_segment(tmp_path, signum):
+    # The launcher died of the default action, skipping the unlink of the segment.
+    path = tmp_path / "prog.py"
+    path.write_text(SLOW_TO_ATTACH)
+    launcher = subprocess.Popen([sys.executable, "-m", "blsshm.run", "-n", "2", str(path)], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert [launcher.stdout.readline() for _ in range(2)] == [b"started\n"] * 2
+        os.kill(launcher.pid, signum)  # the terminal closed (or Ctrl-\): to the launcher alone
+        launcher.wait(timeout=30)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert launcher.returncode == 128 + signum  # passed on to the ranks, which died of it
+    # The fixture checks that no segment and no rank is left.
+
+
+STOPS_ON_THE_TERMINAL = r"""
+import os, signal
+import numpy as np
+import blsshm
+with blsshm.init() as comm:
+    if comm.rank == 1:
+        os.kill(os.getpid(), signal.SIGTTIN)  # what reading the terminal does to a background group
+    comm.alltoallv(np.zeros(comm.size), [1] * comm.size)
+"""
+
+
+def test_a_rank_stopped_by_the_terminal_is_killed_and_named(tmp_path):
+    # The launcher waited for it forever (a stopped rank looked like a running one).
+    path = tmp_path / "prog.py"
+    path.write_text(STOPS_ON_THE_TERMINAL)
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", "--tag-output", str(path)],
+                         capture_output=True, text=True, timeout=50, start_new_session=True)
+    assert "rank 1 was stopped by SIGTTIN: it read from the terminal" in res.stderr, res.stderr
+    assert "[rank 0] blsshm.errors.PeerLostError: rank 1 was lost" in res.stderr, res.stderr
+    assert res.returncode == 128 + signal.SIGKILL
 
 
 LEAVES_A_CHILD = r"""
