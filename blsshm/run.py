@@ -38,6 +38,7 @@ ENV_NAME, ENV_RANK, ENV_SIZE = "BLSSHM_NAME", "BLSSHM_RANK", "BLSSHM_SIZE"
 # nohup): without a handler SIGHUP (a closed terminal) and SIGQUIT (Ctrl-\)
 # would end the launcher before its clean-up, leaving the segment behind.
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+TERMINAL_STOPS = {signal.SIGTTIN: "read from", signal.SIGTTOU: "wrote to"}  # what stops a rank
 GRACE_S = 10.0
 RELAY_CHUNK = 1 << 16     # bytes read at once; also the longest line held back for its newline
 RELAY_DRAIN_S = 2.0       # after the ranks' groups are killed, how long output may still arrive
@@ -202,9 +203,6 @@ def _stopped_by_terminal(proc):
     if info is not None and info.si_code == os.CLD_STOPPED and info.si_status in TERMINAL_STOPS:
         return info.si_status
     return None
-
-
-TERMINAL_STOPS = {signal.SIGTTIN: "read from", signal.SIGTTOU: "wrote to"}
 
 
 def _supervise(procs, grace, observer):

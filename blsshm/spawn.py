@@ -102,7 +102,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     name = segment.create(nprocs, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes))
     try:
         comm_kwargs = dict(timeout=timeout, spin_us=spin_us)
-        return run_ranks(_with_comm, nprocs, args=(fn, name, comm_kwargs, tuple(args)),
+        return run_ranks(_with_comm, nprocs, args=(fn, name, comm_kwargs, args),
                          start_method=start_method, grace=grace)
     finally:
         segment.unlink(name)
@@ -137,7 +137,7 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
             # Not a daemon, so a rank may start processes of its own (DataLoader
             # workers); the finally below reaps every rank in any case.
             proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}",
-                               args=(target, rank, tuple(args), child_end, os.getpid()))
+                               args=(target, rank, args, child_end, os.getpid()))
             proc.start()
             # Now, while it cannot have been reaped: the next start() reaps
             # the children that exited, and a pid then names nobody, or another.

@@ -317,10 +317,7 @@ def blsshm_zc_rank(comm, plan, rank_opts, raw_flags):
                 np.concatenate(views, out=recv)
             return produce
 
-        # Every rank starts an iteration only once all have finished the last
-        # (not timed), as ``memcpy x`` does.  On a shared core a rank's wait
-        # would otherwise run on through the other rank's fill (the next
-        # iteration's untimed production), timing a producer as transport.
+        # Aligned at a barrier, as memcpy x (why: the module docstring).
         out[size] = blsshm_timed(comm, step, warmup, iters, before=barrier.wait)
         check_received(recv, rank, nprocs, size, salt=comm.next_complete - 1)
     return out
