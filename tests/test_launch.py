@@ -522,7 +522,10 @@ def test_forkserver_ranks_die_with_the_process_that_spawned_them(tmp_path):
     path.write_text(FORKSERVER_PARENT)
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
-    parent = subprocess.Popen([sys.executable, str(path), str(pid_dir)])
+    # The fork server's socket lives in a temporary directory its parent
+    # removes at exit; killed, it cannot: put that directory in tmp_path.
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    parent = subprocess.Popen([sys.executable, str(path), str(pid_dir)], env=env)
     pids = []
     try:
         while len(pids) < 2:
