@@ -11,6 +11,12 @@ import time
 
 _PR_SET_PDEATHSIG = 1
 
+#: Seconds the other ranks get to notice a failure and stop by themselves.
+GRACE_S = 10.0
+#: Seconds ranks still running after the grace period get between SIGTERM
+#: (a handler may save work, as under torchrun) and SIGKILL.
+TERM_WAIT_S = 2.0
+
 
 def pid_namespace():
     """The inode of this process's PID namespace: two processes' pids are

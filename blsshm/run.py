@@ -3,8 +3,8 @@
 Starts N copies of a script (or ``-m module``) as the ranks of one
 communicator, like ``torchrun``: each finds its rank through
 :func:`blsshm.init`.  If a rank fails, the others get a few seconds to notice
-(they raise ``PeerLostError``) before they are killed; the exit status is the
-first failing rank's.  A rank that exits without attaching aborts the
+(they raise ``PeerLostError``); ranks still running then get SIGTERM, and
+SIGKILL 2 s later.  The exit status is the first failing rank's.  A rank that exits without attaching aborts the
 communicator, so the others do not wait for it.  The segment is removed in
 every case.
 
@@ -29,7 +29,7 @@ import threading
 import time
 
 from blsshm import _core, segment
-from blsshm._proc import describe_exit, die_with_parent
+from blsshm._proc import GRACE_S, TERM_WAIT_S, describe_exit, die_with_parent
 from blsshm.comm import DEFAULT_ARENA_BYTES
 from blsshm.errors import BlsError
 
@@ -39,7 +39,6 @@ ENV_NAME, ENV_RANK, ENV_SIZE = "BLSSHM_NAME", "BLSSHM_RANK", "BLSSHM_SIZE"
 # would end the launcher before its clean-up, leaving the segment behind.
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 TERMINAL_STOPS = {signal.SIGTTIN: "read from", signal.SIGTTOU: "wrote to"}  # what stops a rank
-GRACE_S = 10.0
 RELAY_CHUNK = 1 << 16     # bytes read at once; also the longest line held back for its newline
 RELAY_DRAIN_S = 2.0       # after the ranks' groups are killed, how long output may still arrive
 
@@ -53,7 +52,8 @@ def _parser():
     p.add_argument("--arena-bytes", type=int, default=DEFAULT_ARENA_BYTES,
                    help=f"room per rank for in-flight records (default {DEFAULT_ARENA_BYTES})")
     p.add_argument("--grace", type=float, default=GRACE_S,
-                   help="seconds the other ranks get to stop after one fails")
+                   help="seconds the other ranks get to stop after one fails; then they get "
+                        f"SIGTERM, and SIGKILL {TERM_WAIT_S:g} s later")
     p.add_argument("--tag-output", action="store_true",
                    help="start every line a rank writes with [rank N] (ranks' Python then "
                         "writes unbuffered, as to a terminal, unless PYTHONUNBUFFERED is set)")
@@ -208,12 +208,16 @@ def _stopped_by_terminal(proc):
 def _supervise(procs, grace, observer):
     """Wait for every rank; after the first failure give the others ``grace`` s.
 
+    Ranks still running then get SIGTERM (their handlers may save work, as
+    under torchrun), and TERM_WAIT_S later the caller kills what is left.
+
     A rank stopped for using the terminal (outside its foreground group, a
     read stops it, and a write under ``stty tostop``) would wait forever for
     a ``fg`` that cannot come: it is killed, and named.  Returns each rank's
     exit status, None for one still running at the end.
     """
     deadline = None
+    terminated = False
     gone = set()
     killed = set()
     while True:
@@ -237,9 +241,15 @@ def _supervise(procs, grace, observer):
             break
         if deadline is not None and time.monotonic() > deadline:
             running = [r for r, c in enumerate(codes) if c is None]
+            if terminated:
+                print(f"python -m blsshm.run: rank(s) {running} still running {TERM_WAIT_S:g} s after "
+                      f"SIGTERM; killing them", file=sys.stderr)
+                break
             print(f"python -m blsshm.run: rank(s) {running} still running {grace:g} s after the first "
-                  f"failure; killing them", file=sys.stderr)
-            break
+                  f"failure; sending SIGTERM", file=sys.stderr)
+            _signal_groups([procs[r] for r in running], signal.SIGTERM)
+            terminated = True
+            deadline = time.monotonic() + TERM_WAIT_S
         time.sleep(0.01)
     return [_peek_exit(p) for p in procs]
 

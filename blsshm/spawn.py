@@ -10,13 +10,10 @@ import traceback
 from typing import Any, Callable, List, Optional, Sequence
 
 from blsshm import segment
-from blsshm._proc import describe_exit, die_with_parent
+from blsshm._proc import GRACE_S, TERM_WAIT_S, describe_exit, die_with_parent
 from blsshm._core import MAX_RANKS
 from blsshm.comm import DEFAULT_ARENA_BYTES, Comm, _check_int, _check_seconds, _check_spin_us
 from blsshm.errors import BlsError, BlsTypeError, BlsValueError, CommAborted
-
-#: Seconds the other ranks get to notice a failure and stop by themselves.
-GRACE_S = 10.0
 
 
 class RankFailedError(BlsError):
@@ -84,8 +81,10 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     Every process gets a :class:`Comm` of ``nprocs`` ranks at lag ``lag``.
     If a rank raises, its exception is re-raised here (with the rank and the
     remote traceback attached) once the others have stopped; a rank that
-    dies without raising gives :class:`RankFailedError`.  Processes are
-    always reaped and the segment always removed, whatever happens.
+    dies without raising gives :class:`RankFailedError`.  After the first
+    failure the others get ``grace`` seconds to stop (they raise
+    :class:`PeerLostError`), then SIGTERM, and SIGKILL 2 s later.  Processes
+    are always reaped and the segment always removed, whatever happens.
     ``timeout`` is the communicator's default wait timeout;
     ``start_method`` is a multiprocessing start method (default: the
     platform's).  ``fn`` and ``args`` must be picklable for ``"spawn"``.
@@ -148,12 +147,18 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
         return _collect(procs, conns, pidfds, grace, reported)
     finally:
         # A rank that reported may still be exiting (flushing its output):
-        # let it finish, within the grace period; kill the others at once.
+        # let it finish, within the grace period.  The others get SIGTERM
+        # at once, and SIGKILL if they are still running TERM_WAIT_S later.
         deadline = time.monotonic() + grace
         for r, proc in enumerate(procs):
             if r in reported:
                 proc.join(max(0.0, deadline - time.monotonic()))
         for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + TERM_WAIT_S
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
         for proc in procs:

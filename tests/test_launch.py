@@ -472,6 +472,62 @@ def test_the_launcher_kills_what_its_ranks_started(tmp_path):
         _kill_all([child])
 
 
+SIGTERM_THEN_SIGKILL = r"""
+import os, signal, sys, time
+import numpy as np
+import blsshm
+
+def on_term(signum, frame):
+    os.write(1, b"rank 1 saved its work\n")
+    sys.exit(0)
+
+with blsshm.init() as comm:
+    comm.alltoallv(np.zeros(comm.size), [1] * comm.size)
+    if comm.rank == 0:
+        raise RuntimeError("rank 0 fails")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[1] == "ignore" else on_term)
+    while True:  # busy, never calls the communicator again: outlives the grace period
+        time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("rank1", ["handle", "ignore"])
+def test_ranks_outliving_the_grace_period_get_sigterm_then_sigkill(tmp_path, rank1):
+    # They got SIGKILL at once: a handler could not save anything.
+    path = tmp_path / "prog.py"
+    path.write_text(SIGTERM_THEN_SIGKILL)
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", "--grace", "0.2", str(path), rank1],
+                         capture_output=True, text=True, timeout=50)
+    assert res.returncode == 1 and "rank 0 failed (exit code 1)" in res.stderr, res.stderr
+    assert "rank(s) [1] still running 0.2 s after the first failure; sending SIGTERM" in res.stderr
+    if rank1 == "handle":
+        assert res.stdout == "rank 1 saved its work\n"
+        assert "after SIGTERM; killing them" not in res.stderr
+    else:
+        assert res.stdout == ""
+        assert "rank(s) [1] still running 2 s after SIGTERM; killing them" in res.stderr
+
+
+def _fail_or_wait_for_sigterm(comm, flag_file):
+    if comm.rank == 0:
+        raise ValueError("rank 0 fails")
+
+    def on_term(signum, frame):
+        with open(flag_file, "w") as f:
+            f.write("saved")
+        os._exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    while True:
+        time.sleep(0.05)
+
+
+def test_spawn_sends_sigterm_before_sigkill(tmp_path):
+    flag = tmp_path / "saved"
+    with pytest.raises(ValueError, match="rank 0 fails"):
+        blsshm.spawn(_fail_or_wait_for_sigterm, 2, args=(str(flag),), grace=0.2)
+    assert flag.read_text() == "saved"
+
+
 def _sleep_forever(pid_file):
     with open(pid_file, "w") as f:
         f.write(str(os.getpid()))
