@@ -2,7 +2,8 @@
 
 Starts N copies of a script (or ``-m module``) as the ranks of one
 communicator, like ``torchrun``: each finds its rank through
-:func:`blsshm.init`.  If a rank fails, the others get a few seconds to notice
+:func:`blsshm.init` (and, as under torchrun, in ``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``).  If a rank fails, the others get a few seconds to notice
 (they raise ``PeerLostError``); ranks still running then get SIGTERM, and
 SIGKILL 2 s later.  The exit status is the first failing rank's.  A rank that exits without attaching aborts the
 communicator, so the others do not wait for it.  The segment is removed in
@@ -34,6 +35,9 @@ from blsshm.comm import DEFAULT_ARENA_BYTES
 from blsshm.errors import BlsError
 
 ENV_NAME, ENV_RANK, ENV_SIZE = "BLSSHM_NAME", "BLSSHM_RANK", "BLSSHM_SIZE"
+# What torchrun sets, for programs that read their rank before init() (one
+# host: local and global ranks are the same).
+TORCHRUN_RANK, TORCHRUN_SIZE = ("RANK", "LOCAL_RANK"), ("WORLD_SIZE", "LOCAL_WORLD_SIZE")
 # Passed on to the ranks (unless ignored when the launcher started, as under
 # nohup): without a handler SIGHUP (a closed terminal) and SIGQUIT (Ctrl-\)
 # would end the launcher before its clean-up, leaving the segment behind.
@@ -110,6 +114,8 @@ def main(argv=None):
         try:
             for rank in range(opts.nprocs):
                 env = dict(os.environ, **{ENV_NAME: name, ENV_RANK: str(rank), ENV_SIZE: str(opts.nprocs)})
+                env.update({k: str(rank) for k in TORCHRUN_RANK})
+                env.update({k: str(opts.nprocs) for k in TORCHRUN_SIZE})
                 if opts.tag_output:
                     env.setdefault("PYTHONUNBUFFERED", "1")  # lines as they are printed, not at exit
                 # Held while a rank starts: one that came meanwhile is then passed

@@ -106,6 +106,22 @@ with blsshm.init() as comm:
 """
 
 
+ENV = r"""
+import os
+import blsshm
+with blsshm.init() as comm:
+    names = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"]
+    os.write(1, (" ".join(f"{n}={os.environ[n]}" for n in names) + f" rank={comm.rank}\n").encode())
+"""
+
+
+def test_ranks_find_their_rank_in_torchruns_variables_too(tmp_path):
+    res = _launch(tmp_path, "-n", "3", script=ENV)
+    assert res.returncode == 0, res.stderr
+    assert sorted(res.stdout.split("\n")[:-1]) == [
+        f"RANK={r} LOCAL_RANK={r} WORLD_SIZE=3 LOCAL_WORLD_SIZE=3 rank={r}" for r in range(3)]
+
+
 def test_init_twice_says_so(tmp_path):
     # It said the segment did not exist, or that the rank was attached, depending on timing.
     path = tmp_path / "prog.py"
