@@ -1,7 +1,6 @@
 """``spawn``: run a function in ``nprocs`` processes sharing one communicator."""
 import multiprocessing
 import multiprocessing.connection
-from multiprocessing.reduction import ForkingPickler
 import numbers
 import os
 import pickle
@@ -40,14 +39,18 @@ def _rank_main(target, rank, args, conn, parent_pid):
     try:
         result = target(rank, *args)
         try:
-            payload = ForkingPickler.dumps(("ok", result))  # what conn.send would do
+            # Plain pickle, not conn.send's ForkingPickler: torch registers
+            # reducers there that send a tensor as a handle to this process's
+            # memory, which is gone once the rank exits.
+            payload = pickle.dumps(("ok", result), pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # say it is the result, not the function, that failed
             raise RankFailedError(f"rank {rank} returned a {type(result).__name__} that cannot be "
                                   f"pickled back to the parent: {type(exc).__name__}: {exc}",
                                   rank=rank) from exc
         conn.send_bytes(payload)
     except BaseException as exc:  # report everything, KeyboardInterrupt included
-        conn.send(("error", _portable(exc, rank), traceback.format_exc()))
+        conn.send_bytes(pickle.dumps(("error", _portable(exc, rank), traceback.format_exc()),
+                                     pickle.HIGHEST_PROTOCOL))
     finally:
         conn.close()
 

@@ -26,6 +26,19 @@ def test_torch_tensors_round_trip():
         assert recv2 == expect2 and shares
 
 
+def _return_tensors(comm, given):
+    recv, _ = comm.alltoallv(torch.arange(comm.size, dtype=torch.float32), [1] * comm.size)
+    return recv, given + comm.rank
+
+
+def test_spawn_returns_tensors():
+    # Sent through torch's ForkingPickler reducers, a tensor was a handle to
+    # the exiting rank's memory: the parent failed to rebuild it.
+    results = blsshm.spawn(_return_tensors, 2, args=(torch.ones(2),))
+    for me, (recv, mine) in enumerate(results):
+        assert torch.equal(recv, torch.full((2,), float(me))) and torch.equal(mine, torch.ones(2) + me)
+
+
 def test_tensor_input_is_not_copied():
     t = torch.arange(6, dtype=torch.float64)
     array, was_torch = blsshm._arrays.as_array(t, "send")
