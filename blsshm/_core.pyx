@@ -353,6 +353,7 @@ cdef class Core:
     cdef public int64_t pause_ns  # longest pause between yields while spinning
     cdef public int64_t slice_ns  # longest futex sleep between liveness checks
     cdef int lost_rank
+    cdef int64_t next_liveness_ns  # when arrived() may next ask whether the ranks behind live
     cdef const char* own_src    # a blocking alltoallv's own block, not yet copied (see _scatter)
     cdef char* own_rec          # where it belongs in the record
     cdef uint64_t own_bytes
@@ -1732,7 +1733,10 @@ cdef class Core:
 
         Never blocks (like ``MPI_Test``): for loops that complete an
         iteration as soon as its blocks are there and do other work until
-        then.  Raises like a wait on a closed or aborted communicator.
+        then.  Raises like a wait on a closed or aborted communicator, and
+        like one on a lost peer: ``PeerLostError`` once a rank that has not
+        posted ``t`` died or closed (checked at most once per liveness slice,
+        as a sleeping wait checks).
         """
         cdef int64_t it = _iteration(t)
         self._check_open()
@@ -1742,7 +1746,16 @@ cdef class Core:
             return False  # nobody posts before every rank attached: no need to wait for that
         # _first_behind loads with acquire, so a True answer also makes the
         # records visible to the complete(t) that follows.
-        return self._first_behind(PUBLISHED, <uint64_t>it + 1, 0) < 0
+        cdef int r = self._first_behind(PUBLISHED, <uint64_t>it + 1, 0)
+        if r < 0:
+            return True
+        # A polling loop would otherwise spin forever on a dead peer.
+        cdef int64_t now = bls_now_ns()
+        if now >= self.next_liveness_ns:
+            self.next_liveness_ns = now + self.slice_ns
+            if self._check_alive(PUBLISHED, <uint64_t>it + 1, r, True) != OK:
+                self._raise_aborted()
+        return False
 
     def _counters(self):
         """``(published, completed)`` of every rank, read with acquire (for tests and tools)."""

@@ -116,6 +116,35 @@ def test_spawn_reports_a_rank_that_vanished():
         blsshm.spawn(_exits_without_closing, 2)
 
 
+def _polls_a_peer_that_leaves(comm, how):
+    comm.alltoallv(np.zeros(2), [1, 1])
+    if comm.rank == 1:
+        if how == "exits":
+            os._exit(3)
+        comm.close()
+        return "left"
+    comm.post(1, np.zeros(2), [1, 1])
+    deadline = time.monotonic() + 20
+    try:
+        while time.monotonic() < deadline:  # "do other work until the blocks are there"
+            if comm.arrived(1):
+                return "arrived?"
+            time.sleep(0.001)
+    except PeerLostError as exc:
+        return exc.lost_rank
+    return "polled for 20 s"
+
+
+@pytest.mark.parametrize("how", ["exits", "closes"])
+def test_polling_arrived_notices_a_lost_peer(how):
+    # arrived() looked at the counts only: the loop above polled forever.
+    with Ranks(_polls_a_peer_that_leaves, 2, args=(how,)) as ranks:
+        outcomes = ranks.collect(1 if how == "exits" else 2, timeout=40)
+    assert outcomes[0] == ("ok", 1)
+    if how == "closes":
+        assert outcomes[1] == ("ok", "left")
+
+
 def _times_out(comm):
     if comm.rank == 0:
         with pytest.raises(BlsTimeoutError) as info:
