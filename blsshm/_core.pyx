@@ -1543,6 +1543,8 @@ cdef class Core:
     cdef int _protocol_error(self, str message) except -1:
         data = message.encode("utf-8", "replace")[:BLS_REASON_CHARS - 1]
         self._abort_nogil(BLS_ABORT_PROTOCOL, -1, data)
+        if self._abort_info()[0] != self.rank:
+            self._raise_aborted()  # another rank aborted first (the same mismatch, seen from its side)
         raise CommAborted(f"communicator aborted by rank {self.rank}: {message}",
                           rank=self.rank, reason=message)
 
