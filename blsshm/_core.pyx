@@ -323,7 +323,7 @@ cdef class Core:
     cdef uint64_t known_completed  # every rank had completed this many iterations when last read
     cdef object slot_dtype      # dtype posted per iteration slot (list of L+1)
     cdef object slot_torch      # whether that post was a torch tensor (list of L+1)
-    cdef public object timeout  # default timeout of every wait, seconds or None
+    cdef object default_timeout  # comm.timeout: of every wait, seconds or None (checked)
     cdef public bint ready      # all ranks attached; set by Comm._make_ready
     cdef dict dtype_cache       # descriptor dtype string -> numpy dtype (zero-copy receive)
     cdef object view_base       # read-only memoryview of the whole mapping: the base of every view
@@ -1395,6 +1395,20 @@ cdef class Core:
         return self._copy_estimate(COPY_CACHED), self._copy_estimate(COPY_STREAM)
 
     @property
+    def timeout(self):
+        """The default timeout of every wait, in seconds; ``None`` blocks.
+
+        A wait that times out raises ``BlsTimeoutError`` and leaves the
+        communicator usable.  Checked when set, not at the next wait.
+        """
+        return self.default_timeout
+
+    @timeout.setter
+    def timeout(self, value):
+        self._timeout_ns(value)  # raises BlsTypeError / BlsValueError naming the value
+        self.default_timeout = value
+
+    @property
     def copy_policy(self):
         """How posts copy blocks for other ranks into shared memory: ``"auto"`` (default),
         ``"cached"`` (ordinary stores) or ``"stream"`` (non-temporal stores).
@@ -1795,7 +1809,7 @@ cdef class Core:
         if not cnp.PyArray_CheckExact(send):
             send, was_torch = as_array(send, "send")
         if timeout is DEFAULT_TIMEOUT:
-            timeout = self.timeout
+            timeout = self.default_timeout
         self._post(it, send, send_counts, timeout)
         self.slot_torch[self._slot(it)] = was_torch
 
@@ -1815,7 +1829,7 @@ cdef class Core:
         if out is not None and not cnp.PyArray_CheckExact(out):
             out, _ = as_array(out, "out")
         if timeout is DEFAULT_TIMEOUT:
-            timeout = self.timeout
+            timeout = self.default_timeout
         result = self._complete(it, out, timeout)
         if self.slot_torch[self._slot(it)]:
             return to_torch(result[0]), result[1]
@@ -1846,7 +1860,7 @@ cdef class Core:
                 out, _ = as_array(out, "out")
             self._check_out(out, <cnp.dtype>cnp.PyArray_DESCR(<cnp.ndarray>send))  # before publishing
         if timeout is DEFAULT_TIMEOUT:
-            timeout = self.timeout
+            timeout = self.default_timeout
         # Our own block goes from send to out directly, unless out overlaps
         # send (the blocks gathered before it would overwrite it).
         cdef bint defer_own = out is None or not _overlap(<cnp.ndarray>send, <cnp.ndarray>out)
@@ -1876,7 +1890,7 @@ cdef class Core:
         if not self.ready:
             self._make_ready()
         return PostViews(self, _iteration(t), send_counts, dtype,
-                         self.timeout if timeout is DEFAULT_TIMEOUT else timeout)
+                         self.default_timeout if timeout is DEFAULT_TIMEOUT else timeout)
 
     def complete_views(self, t, *, timeout=DEFAULT_TIMEOUT):
         """Zero-copy complete: a context manager giving read-only views of what arrived.
@@ -1889,7 +1903,7 @@ cdef class Core:
         """
         if not self.ready:
             self._make_ready()
-        return CompleteViews(self, _iteration(t), self.timeout if timeout is DEFAULT_TIMEOUT else timeout)
+        return CompleteViews(self, _iteration(t), self.default_timeout if timeout is DEFAULT_TIMEOUT else timeout)
 
     def _make_ready(self):
         raise NotImplementedError

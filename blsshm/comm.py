@@ -9,13 +9,16 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from blsshm import _core, _proc, segment
 from blsshm._core import DEFAULT_TIMEOUT
 from blsshm.errors import BlsTimeoutError, BlsTypeError, BlsValueError
+
+if TYPE_CHECKING:
+    from blsshm._core import Counts  # a name in the stub only
 
 # Open communicators of this process.  A child made by os.fork closes its
 # copies of their lock descriptors at once: a copy would keep a rank's
@@ -25,7 +28,7 @@ from blsshm.errors import BlsTimeoutError, BlsTypeError, BlsValueError
 # out of the moments when a lock descriptor exists but is not registered
 # (opening) or is being closed; reentrant, as a collected Comm may close
 # inside a guarded section.
-_open_comms = weakref.WeakSet()
+_open_comms: "weakref.WeakSet[Comm]" = weakref.WeakSet()
 _fork_guard = threading.RLock()
 
 
@@ -148,6 +151,14 @@ class Comm(_core.Core):
     """
 
     name: str
+    _pidfds: List[int]
+    _lock_fd: int
+    _pid: int
+    _pid_ns: int
+    _attach_timeout: Optional[float]
+    _poll_deadline: Optional[float]
+    _owns_name: bool
+    _mapping: Any
 
     def __init__(self, *_args, **_kwargs):
         raise TypeError("use Comm.create(), Comm.attach(), blsshm.init() or blsshm.spawn()")
@@ -300,7 +311,7 @@ class Comm(_core.Core):
     # post, complete, alltoallv, post_views and complete_views are inherited
     # from _core.Core.
 
-    def ialltoallv(self, send: Any, send_counts: Sequence[int], *, timeout: Any = DEFAULT_TIMEOUT) -> "Request":
+    def ialltoallv(self, send: Any, send_counts: "Counts", *, timeout: Any = DEFAULT_TIMEOUT) -> "Request":
         """Post the next iteration and return a :class:`Request` whose ``wait()`` completes it."""
         t = self.next_post
         self.post(t, send, send_counts, timeout=timeout)

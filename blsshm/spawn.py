@@ -6,7 +6,7 @@ import os
 import pickle
 import time
 import traceback
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Set
 
 from blsshm import segment
 from blsshm._proc import GRACE_S, TERM_WAIT_S, describe_exit, die_with_parent
@@ -130,9 +130,11 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
     nprocs = _check_nprocs(nprocs)
     grace = _check_grace(grace)
     args = _check_args(args)
-    ctx = multiprocessing.get_context(start_method)
-    procs, conns, pidfds = [], [], []
-    reported = set()  # ranks whose outcome arrived (filled by _collect)
+    ctx: Any = multiprocessing.get_context(start_method)  # typeshed's BaseContext has no Process
+    procs: List[Any] = []
+    conns: List[Any] = []
+    pidfds: List[int] = []
+    reported: Set[int] = set()  # ranks whose outcome arrived (filled by _collect)
     try:
         for rank in range(nprocs):
             parent_end, child_end = ctx.Pipe(duplex=False)

@@ -271,6 +271,18 @@ def test_bad_timeouts(timeout, exc_type):
         assert comm.alltoallv(GOOD, [4], timeout=float("inf"))[0].tolist() == GOOD.tolist()
 
 
+@pytest.mark.parametrize("timeout, exc_type", [("soon", BlsTypeError), (float("nan"), BlsValueError),
+                                               (-0.5, BlsValueError), (True, BlsTypeError)])
+def test_a_bad_default_timeout_is_refused_when_set(timeout, exc_type):
+    # It was kept, and the next call raised about a timeout it was never given.
+    with blsshm.Comm.create(1, timeout=2.5) as comm:
+        with pytest.raises(exc_type, match="timeout"):
+            comm.timeout = timeout
+        assert comm.timeout == 2.5
+        comm.timeout = None
+        assert comm.timeout is None and comm.alltoallv(GOOD, [4])[0].tolist() == GOOD.tolist()
+
+
 def test_huge_counts_are_a_clear_error():
     with blsshm.Comm.create(1) as comm:
         with pytest.raises(ArenaFullError):
