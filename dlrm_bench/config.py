@@ -93,9 +93,10 @@ def build_parser():
         prog="python -m dlrm_bench",
         description="Model-parallel DLRM inference across processes with a bounded-lag "
                     "alltoallv (blsshm), against torch.distributed gloo and MPI.",
-        epilog="Every run prints two bounds from the ranks' own measured compute and injected "
-               "delays: the synchronous cost (sum over iterations of the slowest rank) and the "
-               "ideal bounded-lag cost (the largest per-rank sum).")
+        epilog="Every run prints lower bounds on its wall time from the ranks' own measured "
+               "compute and injected delays: synchronous (the same work with free communication "
+               "and a synchronous exchange), ideal bounded-lag (the largest per-rank sum), the "
+               "lag-L bound, and, when ranks share cores, the capacity bound.")
     m = p.add_argument_group("model (reference DLRM flags)")
     m.add_argument("--arch-sparse-feature-size", type=int, default=d.sparse_size, metavar="D",
                    help="embedding width; must equal the bottom MLP's output (default %(default)s)")

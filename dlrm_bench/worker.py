@@ -57,11 +57,19 @@ class Record:
         self.finish = np.zeros(n)
         self.compute = np.zeros(n)
         self.delay = np.zeros(n)
+        # The same work split where the exchange divides it (see report.lag_bound):
+        # before this rank publishes t, between publishing and receiving,
+        # after receiving, and a slow rank's extra sleep at the end of step t.
+        self.before = np.zeros(n)
+        self.between = np.zeros(n)
+        self.after = np.zeros(n)
+        self.slow = np.zeros(n)
         self.phases = dict.fromkeys(("lookup", "bottom", "gather", "top"), 0.0)  # seconds in each step
         self.cpu = 0.0  # CPU seconds of this rank's thread while computing
 
     def as_dict(self):
         return {"start": self.start, "finish": self.finish, "compute": self.compute, "delay": self.delay,
+                "before": self.before, "between": self.between, "after": self.after, "slow": self.slow,
                 "phases": self.phases, "cpu_compute": self.cpu}
 
 
@@ -185,6 +193,7 @@ class Rank:
             if timed:
                 rec.cpu += cpu_now() - p0
                 rec.compute[j] += c2 - c0
+                rec.after[j] += c2 - c0
                 rec.finish[j] = c2
                 rec.phases["gather"] += c1 - c0
                 rec.phases["top"] += c2 - c1
@@ -195,6 +204,7 @@ class Rank:
             if timed:
                 rec.start[i] = now()
                 rec.delay[i] += self.injected_delay(i)
+                rec.before[i] += rec.delay[i]
             with comm.post_views(base + i, self.send_counts, np.float32) as views:
                 c0, p0 = now(), cpu_now() if timed else 0.0
                 self.lookup(batch, self.outgoing(views))
@@ -205,13 +215,16 @@ class Rank:
             if timed:
                 rec.cpu += cpu_now() - p0
                 rec.compute[i] += c2 - c0
+                rec.before[i] += c1 - c0
+                rec.between[i] += c2 - c1
                 rec.phases["lookup"] += c1 - c0
                 rec.phases["bottom"] += c2 - c1
             while done <= i and (i - done >= L or (eager and comm.arrived(base + done))):
                 finish(done)
                 done += 1
             if timed and self.slow:
-                rec.delay[i] += _sleep((self.cfg.slow_factor - 1.0) * step_compute)
+                rec.slow[i] = _sleep((self.cfg.slow_factor - 1.0) * step_compute)
+                rec.delay[i] += rec.slow[i]
         while done < len(batches):
             finish(done)
             done += 1
@@ -231,6 +244,7 @@ class Rank:
             if timed:
                 rec.start[i] = now()
                 rec.delay[i] += self.injected_delay(i)
+                rec.before[i] += rec.delay[i]
             c0, p0 = now(), cpu_now() if timed else 0.0
             self.lookup(batch, send_blocks)
             cb = now()
@@ -246,13 +260,16 @@ class Rank:
             step_compute = (c1 - c0) + (c3 - c2)
             if timed:
                 rec.compute[i] = step_compute
+                rec.before[i] += c1 - c0
+                rec.after[i] = c3 - c2
                 rec.finish[i] = c3
                 rec.cpu += (p1 - p0) + (p3 - p2)
                 for phase, seconds in (("lookup", cb - c0), ("bottom", c1 - cb), ("gather", cg - c2),
                                        ("top", c3 - cg)):
                     rec.phases[phase] += seconds
                 if self.slow:
-                    rec.delay[i] += _sleep((self.cfg.slow_factor - 1.0) * step_compute)
+                    rec.slow[i] = _sleep((self.cfg.slow_factor - 1.0) * step_compute)
+                    rec.delay[i] += rec.slow[i]
             progress.update(i + 1)
         return preds, waited
 

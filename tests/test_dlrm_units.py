@@ -120,14 +120,30 @@ def test_lag_bound_runs_from_the_synchronous_to_the_ideal_bound():
     from dlrm_bench.report import lag_bound
     rng = np.random.default_rng(3)
     work = rng.random((4, 200)) + (rng.random((4, 200)) < 0.1) * 5.0
+    none = np.zeros_like(work)
     sync, ideal = work.max(axis=0).sum(), work.sum(axis=1).max()
-    bounds = [lag_bound(work, lag) for lag in (0, 1, 2, 4, 8, 32, 1000)]
+    bounds = [lag_bound(work, none, none, none, lag) for lag in (0, 1, 2, 4, 8, 32, 1000)]
     assert np.isclose(bounds[0], sync) and np.isclose(bounds[-1], ideal)
     assert all(a >= b - 1e-12 for a, b in zip(bounds, bounds[1:]))
     assert bounds[3] < 0.97 * sync
     # two ranks alternately late: lag 1 hides it completely (each rank sums to 30)
     alternating = np.array([[1.0, 2.0] * 10, [2.0, 1.0] * 10])
-    assert lag_bound(alternating, 0) == 40.0 and lag_bound(alternating, 1) == 30.0
+    z = np.zeros_like(alternating)
+    assert lag_bound(alternating, z, z, z, 0) == 40.0 and lag_bound(alternating, z, z, z, 1) == 30.0
+
+
+def test_the_synchronous_bound_lets_the_bottom_mlp_overlap_a_peers_delay():
+    # Rank 0 is delayed (4 s) in step 0, rank 1 in step 1; each step is 1 s
+    # of lookup, 1 s of bottom MLP after publishing, 1 s after receiving.
+    # Gating whole steps gave 7 + 7 = 14 s, yet a run can finish in 13: in
+    # step 0 rank 1's bottom MLP runs while it waits for rank 0, and
+    # rank 0 receives at 5 s, finishes at 7; rank 1 finishes step 0 at 6,
+    # publishes step 1 at 11, and both finish receiving it at 12 and 13.
+    from dlrm_bench.report import lag_bound
+    before = np.array([[5.0, 1.0], [1.0, 5.0]])
+    one, z = np.ones((2, 2)), np.zeros((2, 2))
+    assert lag_bound(before, one, one, z, 0) == 13.0
+    assert lag_bound(before, z, one + one, z, 0) == 14.0  # no overlap if the MLP waits for the blocks
 
 
 def test_progress_bar_draws_only_when_enabled(capsys):
@@ -138,3 +154,19 @@ def test_progress_bar_draws_only_when_enabled(capsys):
     err = capsys.readouterr().err
     assert err.startswith("\r  bls lag 4 [") and "10/10 batches" in err and err.endswith("\n")
     assert "quiet" not in err
+
+
+def test_the_capacity_bound_is_printed_only_when_ranks_share_cores():
+    # With a core per rank, CPU time read just after the wall clock made the
+    # capacity bound a hair above the ideal, and the report said ranks shared cores.
+    import io
+    from dlrm_bench.report import print_run
+    fig = dict(samples_per_s=1000.0, wall_s=1.0, p50_ms=1.0, p99_ms=2.0, wait_share=0.1, sync_bound_s=0.9,
+               ideal_bound_s=0.8, wall_over_ideal=1.25, lag_bound_s=0.85, capacity_bound_s=0.801,
+               wall_over_best_bound=1.248, oversubscribed=False)
+    out = io.StringIO()
+    print_run("bls lag 4", fig, 4, out)
+    assert "share cores" not in out.getvalue()
+    fig["oversubscribed"] = True
+    print_run("bls lag 4", fig, 4, out)
+    assert "ranks share cores: capacity bound 0.80 s" in out.getvalue()
