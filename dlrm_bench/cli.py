@@ -50,12 +50,17 @@ def main(argv=None):
         figures[label] = fig
         predictions[label] = report.predictions(results)
     main_label = report.run_label(cfg.backend, cfg.lag)
-    if main_label not in figures:
-        print(f"dlrm_bench: {main_label} produced no figures", file=sys.stderr)
-        return 1
+    failed = [label for label, fig in rows if not isinstance(fig, dict)]
     if args.compare:
         print()
         report.print_table(rows)
+    if main_label not in figures:
+        # The other runs' figures are printed above; keep them in the JSON too.
+        print(f"dlrm_bench: {main_label} produced no figures", file=sys.stderr)
+        if args.json and figures:
+            _write_json(args.json, cfg, {}, rows, {"run": main_label, "failed": failed})
+        return 1
+    if args.compare:
         if main_label != "bls lag 0" and "bls lag 0" in figures:
             fig = figures[main_label]
             lag = cfg.lag if cfg.backend == "bls" else 0  # the bound summarize() computed for this run
@@ -70,7 +75,7 @@ def main(argv=None):
         print("predictions: " + (f"differ from {main_label} in {', '.join(differ)}" if differ
                                  else f"bitwise identical across the {len(predictions)} runs"))
 
-    status, verified = 0, None
+    status, verified = (1 if failed else 0), None  # a failed --compare run fails the command
     if args.verify:
         from dlrm_bench.verify import compare, reference_predictions
         reference = reference_predictions(cfg)
@@ -83,12 +88,20 @@ def main(argv=None):
                   f"recomputation (max abs difference {max_diff:.3g})")
             if mismatches:
                 status = 1
-    if args.save_predictions:
-        with open(args.save_predictions, "wb") as f:  # np.save(path) would add ".npy" to the name
-            np.save(f, predictions[main_label].reshape(-1))
-    if args.json:
-        runs_doc = [{"label": label, **fig} if isinstance(fig, dict) else {"label": label, "error": fig}
-                    for label, fig in rows]
-        report.write_json(args.json, cfg, figures[main_label], runs_doc,
-                          {"run": main_label, "verify": verified})
+    try:
+        if args.save_predictions:
+            with open(args.save_predictions, "wb") as f:  # np.save(path) would add ".npy" to the name
+                np.save(f, predictions[main_label].reshape(-1))
+        if args.json:
+            _write_json(args.json, cfg, figures[main_label], rows,
+                        {"run": main_label, "verify": verified, "failed": failed})
+    except OSError as exc:  # checked before the run, but the file system may have changed since
+        print(f"dlrm_bench: could not write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
     return status
+
+
+def _write_json(path, cfg, main_fig, rows, extra):
+    runs_doc = [{"label": label, **fig} if isinstance(fig, dict) else {"label": label, "error": fig}
+                for label, fig in rows]
+    report.write_json(path, cfg, main_fig, runs_doc, extra)

@@ -286,6 +286,20 @@ def parse(argv=None):
         raise UsageError(f"--zipf-alpha must be positive, got {args.zipf_alpha}")
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    # Options that would change nothing are refused rather than ignored.
+    if (args.delay_prob > 0) != (args.delay_ms > 0):
+        raise UsageError("--delay-prob and --delay-ms go together: each iteration is delayed by "
+                         "--delay-ms ms with probability --delay-prob (both > 0)")
+    if kind == "random" and args.zipf_alpha != Config.zipf_alpha:
+        raise UsageError("--zipf-alpha needs --data-generation zipf")
+    if args.slow_factor != 1.0 and args.slow_rank == -1:
+        raise UsageError("--slow-factor needs --slow-rank R, the rank it slows")
+    if args.backend != "bls" and not args.compare:
+        for flag, value, default in (("--lag", args.lag, Config.lag),
+                                     ("--bls-pipeline", args.bls_pipeline, Config.bls_pipeline)):
+            if value != default:
+                raise UsageError(f"{flag} applies to --backend bls (or to the bls runs of --compare), "
+                                 f"not to --backend {args.backend}")
     if args.numpy_rand_seed < 0:
         raise UsageError(f"--numpy-rand-seed must be >= 0, got {args.numpy_rand_seed}")
     for flag, path in (("--json", args.json), ("--save-predictions", args.save_predictions)):
@@ -362,6 +376,16 @@ def _check_writable(flag, path):
         raise UsageError(f"{flag} {path}: no such directory {where}")
     if not os.access(where, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: cannot write in {where}")
+    # The directory may be fine and the file not (read-only, a dangling
+    # link, under /proc): try it, leaving an existing file as it was.
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write it ({exc.strerror})") from None
+    if not existed:
+        os.unlink(path)
 
 
 def _check_model_file(cfg):

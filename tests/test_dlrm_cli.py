@@ -1,4 +1,5 @@
 """Bad command lines: one clear line on stderr, exit status 2, no process started."""
+import os
 import subprocess
 import sys
 
@@ -34,12 +35,27 @@ BAD = [
     (["--json", "/nonexistent/run.json"], "--json /nonexistent/run.json: no such directory /nonexistent"),
     (["--save-predictions", "/nonexistent/p.npy"], "--save-predictions /nonexistent/p.npy: no such directory"),
     (["--json", "/"], "--json /: is a directory"),
+    (["--save-predictions", "/proc/version"], "--save-predictions /proc/version: cannot write it"),
+    # Accepted, then silently changed nothing.
+    (["--delay-ms", "50"], "--delay-prob and --delay-ms go together"),
+    (["--delay-prob", "0.5"], "--delay-prob and --delay-ms go together"),
+    (["--slow-factor", "5"], "--slow-factor needs --slow-rank R"),
+    (["--zipf-alpha", "3"], "--zipf-alpha needs --data-generation zipf"),
+    (["--backend", "gloo", "--lag", "7"], "--lag applies to --backend bls (or to the bls runs of --compare)"),
+    (["--backend", "gloo", "--bls-pipeline", "fixed"], "--bls-pipeline applies to --backend bls"),
 ]
 
 
 @pytest.mark.parametrize("argv,message", BAD, ids=[b[1][:40] for b in BAD])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, no_dlrm_runs):
     assert_rejected(capsys, argv, message)
+
+
+def test_an_output_path_through_a_dangling_link_is_refused(tmp_path, capsys, no_dlrm_runs):
+    link = tmp_path / "run.json"
+    link.symlink_to(tmp_path / "missing" / "run.json")
+    assert_rejected(capsys, ["--json", str(link)], f"--json {link}: cannot write it")
+    assert link.is_symlink()  # left as it was
 
 
 def test_the_module_entry_point_exits_2():
@@ -59,3 +75,24 @@ def test_help_documents_delays_and_imbalance():
 
 def test_non_finite_numbers_are_refused(capsys, no_dlrm_runs):
     assert_rejected(capsys, ["--delay-ms", "nan", "--delay-prob", "0.1"], "--delay-ms must be a finite number")
+
+
+TINY = ["--arch-embedding-size", "100-100", "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "13-4",
+        "--arch-mlp-top", "7-1", "--mini-batch-size", "8", "--num-batches", "4", "--warmup-batches", "1",
+        "--no-progress", "--compare"]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("main", ["bls", "gloo"])
+def test_a_failed_compare_run_fails_the_command_and_keeps_the_other_figures(tmp_path, main):
+    # A failed gloo run gave exit status 0; and when it was the --backend run,
+    # the others' table and JSON were thrown away.
+    import json
+    out = tmp_path / "runs.json"
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="no-such-interface0")  # gloo cannot start
+    proc = subprocess.run([sys.executable, "-m", "dlrm_bench", *TINY, "--backend", main, "--json", str(out)],
+                          capture_output=True, text=True, timeout=200, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "gloo: failed:" in proc.stdout and "bls lag 0 " in proc.stdout  # the table's row
+    runs = {r["label"]: r for r in json.loads(out.read_text())["runs"]}
+    assert "error" in runs["gloo"] and runs["bls lag 0"]["samples_per_s"] > 0

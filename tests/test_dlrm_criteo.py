@@ -200,7 +200,9 @@ def test_an_mpi_rank_that_fails_on_a_bad_line_is_reported_with_its_cause(tmp_pat
     lines[7] = "\t".join(_fields()[:3] + ["12x"] + _fields()[4:])
     path = tmp_path / "train.txt"
     path.write_text("\n".join(lines) + "\n")
-    cfg, _ = config.parse(dataset_flags(path) + ["--backend", "mpi"])
+    flags = dataset_flags(path)
+    del flags[flags.index("--lag"):flags.index("--lag") + 2]  # a bls option: refused for mpi
+    cfg, _ = config.parse(flags + ["--backend", "mpi"])
     with pytest.raises(backends.BackendError) as info:
         backends.run(cfg, "mpi")
     assert "raised CriteoFormatError: line 8: " in str(info.value) and "12x" in str(info.value)
