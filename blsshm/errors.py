@@ -28,7 +28,8 @@ class BlsTimeoutError(BlsError, TimeoutError):
     """A wait ran past its timeout.  The communicator stays usable.
 
     ``iteration`` is the iteration waited for, ``waiting_for`` the ranks that
-    had not yet reached it, ``operation`` is ``"post"`` or ``"complete"``.
+    had not yet reached it, ``operation`` the phase that waited: ``"post"``
+    or ``"complete"`` (an ``alltoallv`` waits in both), or ``"attach"``.
     """
 
     def __init__(self, message, *, operation=None, iteration=None, waiting_for=()):

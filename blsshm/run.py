@@ -13,7 +13,8 @@ Each rank leads a process group of its own: a terminal's Ctrl-C reaches the
 launcher alone, which passes it on once to every rank's group, and at the end
 whatever a rank started is killed with it.  A second Ctrl-C (or SIGTERM)
 kills the ranks at once.  SIGHUP and SIGQUIT are passed on the same way.
-Ranks read no terminal (stdin is /dev/null then): outside the terminal's
+Ranks read no terminal (stdin is /dev/null then; a pipe or file is shared
+by all ranks): outside the terminal's
 foreground group a read would stop them, and a rank stopped so (by opening
 ``/dev/tty``, say) is killed and named rather than waited for.
 
