@@ -3,9 +3,10 @@
 Starts N copies of a script (or ``-m module``) as the ranks of one
 communicator, like ``torchrun``: each finds its rank through
 :func:`blsshm.init` (and, as under torchrun, in ``RANK``, ``LOCAL_RANK``,
-``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``).  If a rank fails, the others get a few seconds to notice
-(they raise ``PeerLostError``); ranks still running then get SIGTERM, and
-SIGKILL 2 s later.  The exit status is the first failing rank's.  A rank that exits without attaching aborts the
+``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``).  If a rank fails, the others get a
+few seconds to notice (they raise ``PeerLostError``); ranks still running
+then get SIGTERM, and SIGKILL 2 s later.  The exit status is the first
+failing rank's.  A rank that exits without attaching aborts the
 communicator, so the others do not wait for it.  The segment is removed in
 every case.
 
