@@ -1394,6 +1394,10 @@ cdef class Core:
         """``(cached, stream)``: what "auto" estimates each costs, ns per byte (0: not measured yet)."""
         return self._copy_estimate(COPY_CACHED), self._copy_estimate(COPY_STREAM)
 
+    cdef inline object _timeout_arg(self, object timeout):
+        """A call's ``timeout`` argument, the communicator's default when not given."""
+        return self.default_timeout if timeout is DEFAULT_TIMEOUT else timeout
+
     @property
     def timeout(self):
         """The default timeout of every wait, in seconds; ``None`` blocks.
@@ -1808,8 +1812,7 @@ cdef class Core:
         cdef bint was_torch = False
         if not cnp.PyArray_CheckExact(send):
             send, was_torch = as_array(send, "send")
-        if timeout is DEFAULT_TIMEOUT:
-            timeout = self.default_timeout
+        timeout = self._timeout_arg(timeout)
         self._post(it, send, send_counts, timeout)
         self.slot_torch[self._slot(it)] = was_torch
 
@@ -1828,8 +1831,7 @@ cdef class Core:
         cdef int64_t it = _iteration(t)
         if out is not None and not cnp.PyArray_CheckExact(out):
             out, _ = as_array(out, "out")
-        if timeout is DEFAULT_TIMEOUT:
-            timeout = self.default_timeout
+        timeout = self._timeout_arg(timeout)
         result = self._complete(it, out, timeout)
         if self.slot_torch[self._slot(it)]:
             return to_torch(result[0]), result[1]
@@ -1859,8 +1861,7 @@ cdef class Core:
             if not cnp.PyArray_CheckExact(out):
                 out, _ = as_array(out, "out")
             self._check_out(out, <cnp.dtype>cnp.PyArray_DESCR(<cnp.ndarray>send))  # before publishing
-        if timeout is DEFAULT_TIMEOUT:
-            timeout = self.default_timeout
+        timeout = self._timeout_arg(timeout)
         # Our own block goes from send to out directly, unless out overlaps
         # send (the blocks gathered before it would overwrite it).
         cdef bint defer_own = out is None or not _overlap(<cnp.ndarray>send, <cnp.ndarray>out)
@@ -1889,8 +1890,7 @@ cdef class Core:
         """
         if not self.ready:
             self._make_ready()
-        return PostViews(self, _iteration(t), send_counts, dtype,
-                         self.default_timeout if timeout is DEFAULT_TIMEOUT else timeout)
+        return PostViews(self, _iteration(t), send_counts, dtype, self._timeout_arg(timeout))
 
     def complete_views(self, t, *, timeout=DEFAULT_TIMEOUT):
         """Zero-copy complete: a context manager giving read-only views of what arrived.
@@ -1903,7 +1903,7 @@ cdef class Core:
         """
         if not self.ready:
             self._make_ready()
-        return CompleteViews(self, _iteration(t), self.default_timeout if timeout is DEFAULT_TIMEOUT else timeout)
+        return CompleteViews(self, _iteration(t), self._timeout_arg(timeout))
 
     def _make_ready(self):
         raise NotImplementedError

@@ -203,8 +203,9 @@ class Rank:
             step_compute = 0.0
             if timed:
                 rec.start[i] = now()
-                rec.delay[i] += self.injected_delay(i)
-                rec.before[i] += rec.delay[i]
+                injected = self.injected_delay(i)
+                rec.delay[i] += injected
+                rec.before[i] += injected
             with comm.post_views(base + i, self.send_counts, np.float32) as views:
                 c0, p0 = now(), cpu_now() if timed else 0.0
                 self.lookup(batch, self.outgoing(views))
@@ -243,8 +244,9 @@ class Rank:
         for i, batch in enumerate(batches):
             if timed:
                 rec.start[i] = now()
-                rec.delay[i] += self.injected_delay(i)
-                rec.before[i] += rec.delay[i]
+                injected = self.injected_delay(i)
+                rec.delay[i] += injected
+                rec.before[i] += injected
             c0, p0 = now(), cpu_now() if timed else 0.0
             self.lookup(batch, send_blocks)
             cb = now()
