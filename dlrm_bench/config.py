@@ -169,7 +169,8 @@ def build_parser():
     r.add_argument("--warmup-batches", type=int, default=d.warmup_batches, metavar="N",
                    help="untimed iterations before the timed ones (default %(default)s)")
     r.add_argument("--timeout", type=float, default=d.timeout_s, metavar="S",
-                   help="longest wait inside a collective before a run fails (default %(default)s)")
+                   help="longest wait inside a collective before a run fails; the ranks' setup (building "
+                        "tables, loading data) is not counted (default %(default)s)")
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, metavar="PATH", help="write every figure, the configuration "
                    "and the environment as JSON")

@@ -35,6 +35,7 @@ from dlrm_bench.sharding import make_plan
 
 DELAY_STREAM = 21
 PROGRESS_EVERY_S = 0.25
+SETUP_TIMEOUT_S = 24 * 3600  # rank setup has no timeout of its own (see gloo_rank)
 
 now = time.perf_counter
 cpu_now = time.thread_time  # 0.7 us a call: taken only around compute, only when timed
@@ -291,6 +292,9 @@ class Rank:
 def bls_rank(comm, cfg, label):
     """Entry of a rank under ``blsshm.spawn``."""
     r = Rank(cfg, comm.rank)
+    # --timeout bounds the waits of the run, not a peer's setup: building a
+    # large table can take longer.  A rank that dies meanwhile is still noticed.
+    comm.alltoallv(np.empty(0, dtype=np.float32), [0] * comm.size, timeout=None)
     quiet = Progress(False, "", 1, 0)
     r.run_bls(comm, r.warmup_batches(), None, quiet)
     comm.alltoallv(np.empty(0, dtype=np.float32), [0] * comm.size)  # start together
@@ -327,16 +331,21 @@ def gloo_rank(rank, cfg, init_file, label):
     import torch.distributed as dist
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     r = Rank(cfg, rank)
+    # --timeout bounds the collectives of the run, not a peer's setup: the
+    # rendezvous and a first barrier wait without it (the parent stops the
+    # run if a rank dies), then the run uses a group with --timeout.
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=cfg.nprocs, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+                            world_size=cfg.nprocs, timeout=datetime.timedelta(seconds=SETUP_TIMEOUT_S))
     try:
+        dist.barrier()
+        group = dist.new_group(timeout=datetime.timedelta(seconds=cfg.timeout_s))
         send_splits, recv_splits = r.send_counts.tolist(), r.recv_counts.tolist()
 
         def exchange(send, recv):
             dist.all_to_all_single(torch.from_numpy(recv), torch.from_numpy(send),  # no copy
-                                   output_split_sizes=recv_splits, input_split_sizes=send_splits)
+                                   output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group)
 
-        return sync_rank(r, exchange, dist.barrier, label)
+        return sync_rank(r, exchange, lambda: dist.barrier(group=group), label)
     finally:
         dist.destroy_process_group()
 
