@@ -145,6 +145,8 @@ def check_checkpoint(sd, dim, table_rows, mlp_bot, mlp_top):
         if tuple(sd[key].shape) != tuple(shape):
             raise ValueError(f"checkpoint {key} has shape {tuple(sd[key].shape)}, "
                              f"the flags give {tuple(shape)}")
+        if not sd[key].is_floating_point():  # float16/bfloat16/float64 are computed in float32
+            raise ValueError(f"checkpoint {key} holds {sd[key].dtype}, not floating-point weights")
     weighted = sorted(k for k in sd if k.startswith("v_W_l."))
     if weighted:  # the reference's --weighted-pooling learned: ignoring them would change every bag
         raise ValueError(f"checkpoint has learned pooling weights ({', '.join(weighted[:3])}), "
@@ -171,7 +173,9 @@ class Model:
         else:
             sd = read_checkpoint(cfg.load_model)
             dense.load_state_dict({k: v for k, v in sd.items() if k.startswith(("bot_l.", "top_l."))})
-            tables = {t: np.ascontiguousarray(sd[f"emb_l.{t}.weight"].numpy(), dtype=np.float32)
+            # Widened or rounded to float32 as the reference's load_state_dict
+            # would; a float32 table stays memory-mapped (to() returns it as is).
+            tables = {t: np.ascontiguousarray(sd[f"emb_l.{t}.weight"].to(torch.float32).numpy())
                       for t in owned_tables}
         dense.eval()
         return cls(dense, tables)

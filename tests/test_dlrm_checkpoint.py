@@ -96,6 +96,22 @@ def test_checkpoint_gives_the_predictions_of_an_independent_forward(tmp_path):
     assert np.array_equal(pred[2], pred[0])
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_checkpoint_of_another_float_type_is_computed_in_float32(tmp_path, dtype):
+    """As the reference's load_state_dict does: bf16 tables used to fail inside the ranks."""
+    sd = {k: v.to(dtype) for k, v in reference_state_dict().items()}
+    path = tmp_path / "dlrm.pt"
+    save_reference_checkpoint(path, sd)
+    cfg, _ = config.parse(model_flags(path) + RUN_FLAGS)
+
+    pred = report.predictions(backends.run(cfg, "test"))
+
+    as_float32 = {k: v.float() for k, v in sd.items()}
+    expected = np.stack([independent_forward(as_float32, cfg, i % cfg.data_batches) for i in range(cfg.num_batches)])
+    np.testing.assert_allclose(pred, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_reference_training_figures_are_accepted(tmp_path):
     """The numpy scalars and optimizer state the reference saves beside the state_dict do not stop loading."""
     path = tmp_path / "dlrm.pt"
@@ -120,6 +136,8 @@ MISFITS = [
      ["bot_l.0.weight", "(3, 8)", "(8, 3)"]),
     ("a top bias missing", lambda sd: sd.pop("top_l.2.bias"), ["top_l.2.bias"]),
     ("a top layer too many", _set("top_l.4.weight", torch.zeros(1, 1)), ["top_l.4.weight"]),
+    ("an integer table", _set("emb_l.1.weight", torch.zeros(13, D, dtype=torch.int32)),
+     ["emb_l.1.weight", "torch.int32", "not floating-point"]),
     # The reference's --weighted-pooling learned; they were ignored, changing every prediction.
     ("learned pooling weights", _set("v_W_l.0", torch.full((7,), 0.01)), ["v_W_l.0", "--weighted-pooling learned"]),
 ]
