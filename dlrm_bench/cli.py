@@ -28,6 +28,10 @@ def main(argv=None):
         print(f"dlrm_bench: error: {exc}", file=sys.stderr)
         return 2
     print(f"dlrm_bench: {report.describe(cfg, make_plan(cfg))}", flush=True)
+    if cfg.num_batches < args.num_batches:  # dataset mode: the file has fewer whole batches
+        path = cfg.processed_data_file or cfg.raw_data_file
+        print(f"dlrm_bench: note: {path} holds {cfg.num_batches} whole batches of {cfg.batch_size}: "
+              f"running {cfg.num_batches}, not --num-batches {args.num_batches}", file=sys.stderr, flush=True)
     runs = planned_runs(cfg, args.compare)
     if args.compare and mpi_available() is not None:
         print(f"  (mpi skipped: {mpi_available()})")

@@ -8,7 +8,7 @@ categoricals ``int(h, 16) % max_ind_range``, empty fields 0.
 import numpy as np
 import pytest
 
-from dlrm_bench import backends, config, criteo, report, verify
+from dlrm_bench import backends, cli, config, criteo, report, verify
 from dlrm_cli_check import assert_rejected
 
 M = 50  # --max-ind-range
@@ -189,6 +189,15 @@ def test_distributed_run_on_the_file_matches_single_process_bit_for_bit(criteo_f
     ref = verify.reference_predictions(cfg)
     assert ref.shape == (2, 5) and ref.std() > 0
     assert verify.compare(pred, ref) == (0, 0.0)
+
+
+@pytest.mark.timeout(120)
+def test_a_run_cut_short_by_the_file_says_so(criteo_file, capsys):
+    """--num-batches 100 on a file of 2 batches runs 2, and says why on stderr."""
+    path, _ = criteo_file
+    assert cli.main(dataset_flags(path)) == 0
+    err = capsys.readouterr().err
+    assert f"{path} holds 2 whole batches of 5: running 2, not --num-batches 100" in err
 
 
 @pytest.mark.timeout(120)
