@@ -17,9 +17,11 @@ the bag sizes and draws rows with probability proportional to
 ``1 / (row + 1) ** alpha`` (row 0 the most popular).  ``--pooling-skew s``
 scales table ``t``'s ``k`` by ``exp(s * z_t)`` and ``--pooling-drift s``
 each (table, batch) by ``exp(s * z_tb)`` (``z`` standard normal), which makes
-table access irregular across tables and over iterations.
+table access irregular across tables and over iterations; a bag never holds
+more lookups than its table has rows.
 """
 import functools
+import math
 
 import numpy as np
 
@@ -39,12 +41,23 @@ class Bags:
         return np.diff(self.offsets)
 
 
-def table_pooling_scale(cfg, table):
-    """``exp(skew * z_t)``: how much table ``table``'s bags are scaled (1 without skew)."""
+def _table_log_scale(cfg, table):
+    """``skew * z_t``: the log of how much table ``table``'s bags are scaled (0 without skew)."""
     if cfg.pooling_skew == 0:
-        return 1.0
-    z = np.random.default_rng([cfg.seed, SKEW_STREAM, table]).standard_normal()
-    return float(np.exp(cfg.pooling_skew * z))
+        return 0.0
+    return cfg.pooling_skew * float(np.random.default_rng([cfg.seed, SKEW_STREAM, table]).standard_normal())
+
+
+def _bag_cap(cfg, rows, log_scale):
+    """``k * exp(log_scale)``, and never more than the table's ``rows``.
+
+    Worked in logs: a large skew or drift would overflow ``exp``, and a bag
+    cannot use more distinct rows than its table has anyway.
+    """
+    if log_scale == 0:
+        return float(min(rows, cfg.indices_per_lookup))
+    log_k = math.log(cfg.indices_per_lookup) + log_scale
+    return float(rows) if log_k >= math.log(rows) else math.exp(log_k)
 
 
 def expected_pooling(cfg, table):
@@ -56,11 +69,11 @@ def expected_pooling(cfg, table):
     rows = cfg.table_rows[table]
     if cfg.data_generation == "dataset":
         return 1.0
-    k = cfg.indices_per_lookup * table_pooling_scale(cfg, table) * np.exp(cfg.pooling_drift ** 2 / 2)
+    # The mean of exp(drift * z) is exp(drift^2 / 2).
+    k = _bag_cap(cfg, rows, _table_log_scale(cfg, table) + cfg.pooling_drift ** 2 / 2)
     if cfg.indices_per_lookup_fixed:
         return max(1.0, k)
-    cap = min(rows, k)
-    return max(1.0, (cap + 1) / 2)
+    return max(1.0, (k + 1) / 2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,13 +87,14 @@ def make_bags(cfg, table, batch):
     """Table ``table``'s bags for global batch ``batch`` (random or zipf)."""
     rows, n = cfg.table_rows[table], cfg.batch_size
     rng = np.random.default_rng([cfg.seed, BAGS_STREAM, table, batch])
-    k = cfg.indices_per_lookup * table_pooling_scale(cfg, table)
+    log_scale = _table_log_scale(cfg, table)
     if cfg.pooling_drift:
-        k *= float(np.exp(cfg.pooling_drift * rng.standard_normal()))
+        log_scale += cfg.pooling_drift * rng.standard_normal()
+    k = _bag_cap(cfg, rows, log_scale)
     if cfg.indices_per_lookup_fixed:
         sizes = np.full(n, max(1, int(round(k))), dtype=np.int64)
     else:
-        sizes = np.round(np.maximum(1.0, rng.random(n) * min(rows, k))).astype(np.int64)
+        sizes = np.round(np.maximum(1.0, rng.random(n) * k)).astype(np.int64)
     u = rng.random(int(sizes.sum()))
     if cfg.data_generation == "zipf":
         rows_drawn = np.minimum(np.searchsorted(_zipf_cdf(rows, cfg.zipf_alpha), u), rows - 1)

@@ -1,10 +1,12 @@
 """dlrm_bench's pieces on their own: lookup kernel, data generators, placement."""
+import warnings
+
 import numpy as np
 import pytest
 
 from dlrm_bench._pooling import pool_sum
 from dlrm_bench.config import parse
-from dlrm_bench.data import load_rank_data, make_bags
+from dlrm_bench.data import expected_pooling, load_rank_data, make_bags
 from dlrm_bench.sharding import make_plan, place_tables, split_batch
 
 
@@ -170,3 +172,16 @@ def test_the_capacity_bound_is_printed_only_when_ranks_share_cores():
     fig["oversubscribed"] = True
     print_run("bls lag 4", fig, 4, out)
     assert "ranks share cores: capacity bound 0.80 s" in out.getvalue()
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_an_extreme_skew_or_drift_caps_bags_at_the_table_instead_of_overflowing(fixed):
+    # exp(50 z) overflowed (numpy warnings), and a fixed bag size had no cap at all.
+    cfg = _cfg("--arch-embedding-size", "300-300-300-300", "--mini-batch-size", "50",
+               "--pooling-skew", "40", "--pooling-drift", "50").replace(indices_per_lookup_fixed=fixed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sizes = [make_bags(cfg, t, b).sizes for t in range(4) for b in range(8)]
+        assert all(expected_pooling(cfg, t) <= 300 for t in range(4))
+    assert max(s.max() for s in sizes) <= 300 and min(s.min() for s in sizes) >= 1
+    assert any(s.max() > 150 for s in sizes) and any(s.max() == 1 for s in sizes)  # both tails reached
