@@ -1824,16 +1824,20 @@ cdef class Core:
         may supply the memory (same dtype, large enough; ``recv`` is then a
         view of it).  If ``out`` is too small nothing is completed and the
         call may be repeated.  Iterations complete in order, each after its
-        own post.  A torch ``send`` gives a torch ``recv``.
+        own post.  ``recv`` is a torch tensor if ``out`` is one, or, without
+        ``out``, if this rank's ``send`` was one.
         """
         if not self.ready:
             self._make_ready()
         cdef int64_t it = _iteration(t)
-        if out is not None and not cnp.PyArray_CheckExact(out):
-            out, _ = as_array(out, "out")
+        cdef bint torch_recv = self.slot_torch[self._slot(it)]
+        if out is not None:
+            torch_recv = False
+            if not cnp.PyArray_CheckExact(out):
+                out, torch_recv = as_array(out, "out")
         timeout = self._timeout_arg(timeout)
         result = self._complete(it, out, timeout)
-        if self.slot_torch[self._slot(it)]:
+        if torch_recv:
             return to_torch(result[0]), result[1]
         return result
 
@@ -1857,9 +1861,11 @@ cdef class Core:
         cdef bint was_torch = False
         if not cnp.PyArray_CheckExact(send):
             send, was_torch = as_array(send, "send")
+        cdef bint torch_recv = was_torch  # as complete(): out's kind if given, else send's
         if out is not None:
+            torch_recv = False
             if not cnp.PyArray_CheckExact(out):
-                out, _ = as_array(out, "out")
+                out, torch_recv = as_array(out, "out")
             self._check_out(out, <cnp.dtype>cnp.PyArray_DESCR(<cnp.ndarray>send))  # before publishing
         timeout = self._timeout_arg(timeout)
         # Our own block goes from send to out directly, unless out overlaps
@@ -1873,7 +1879,7 @@ cdef class Core:
             # If complete did not finish (a timeout, out too small), t stays
             # posted and a later complete(t) reads our block from the record.
             self._place_deferred_own()
-        if was_torch:
+        if torch_recv:
             return to_torch(result[0]), result[1]
         return result
 

@@ -62,3 +62,19 @@ def test_tensors_with_a_lazy_conjugate_or_negation_are_named():
                 comm.alltoallv(lazy, [2])
         recv, _ = comm.alltoallv(z.conj().resolve_conj(), [2])  # resolved, it goes through
         assert recv.tolist() == [1 - 2j, 3 + 4j]
+
+
+def test_recv_is_of_the_kind_of_out_when_out_is_given():
+    # A numpy send with a torch out returned an ndarray, a torch send with a numpy out a tensor.
+    with blsshm.Comm.create(1) as comm:
+        out_t, out_a = torch.empty(3), np.empty(3, dtype=np.float32)
+        recv, _ = comm.alltoallv(np.arange(3, dtype=np.float32), [3], out=out_t)
+        assert isinstance(recv, torch.Tensor) and recv.data_ptr() == out_t.data_ptr()
+        recv, _ = comm.alltoallv(torch.arange(3.0), [3], out=out_a)
+        assert isinstance(recv, np.ndarray) and np.shares_memory(recv, out_a)
+        comm.post(2, np.ones(3, dtype=np.float32), [3])
+        recv, _ = comm.complete(2, out=out_t)
+        assert isinstance(recv, torch.Tensor) and recv.tolist() == [1.0, 1.0, 1.0]
+        comm.post(3, torch.ones(3), [3])
+        recv, _ = comm.complete(3, out=out_a)
+        assert isinstance(recv, np.ndarray) and recv.tolist() == [1.0, 1.0, 1.0]
