@@ -1157,7 +1157,8 @@ cdef class Core:
                 raise ArenaFullError(
                     f"post({t}): a record of {nbytes} bytes does not fit in the arena "
                     f"({self.arena_bytes} bytes) next to the {self.fl_count} records still in flight; "
-                    f"use arena_bytes of at least (lag + 2) x the largest record")
+                    f"use arena_bytes of at least (lag + 2) x the largest record "
+                    f"(its blocks, each rounded up to 64 bytes)")
             self._await(COMPLETED, oldest + 1, timeout_ns, &deadline_ns, "post", t)
             self.known_completed = self._min_completed()
             self._free_completed(self.known_completed)

@@ -216,7 +216,8 @@ class Comm(_core.Core):
         Other processes join with ``Comm.attach(comm.name, r)``.  ``lag`` is
         the bound L; ``arena_bytes`` is each rank's room for its in-flight
         records, at least ``(lag + 2)`` times the largest record for ``post``
-        never to wait beyond the lag bound.  ``timeout`` (seconds, ``None``
+        never to wait beyond the lag bound (a record is one iteration's
+        blocks, each rounded up to 64 bytes).  ``timeout`` (seconds, ``None``
         blocks) is the default for every wait; ``attach_timeout`` bounds the
         wait, at the first collective call, for every rank to attach.
         ``spin_us`` is how long a wait spins before it sleeps.
