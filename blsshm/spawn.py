@@ -8,7 +8,7 @@ import time
 import traceback
 from typing import Any, Callable, List, Optional, Sequence, Set
 
-from blsshm import segment
+from blsshm import _core, segment
 from blsshm._proc import GRACE_S, TERM_WAIT_S, describe_exit, die_with_parent
 from blsshm._core import MAX_RANKS
 from blsshm.comm import DEFAULT_ARENA_BYTES, Comm, _check_int, _check_seconds, _check_spin_us
@@ -86,7 +86,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     remote traceback attached) once the others have stopped; a rank that
     dies without raising gives :class:`RankFailedError`.  After the first
     failure the others get ``grace`` seconds to stop (they raise
-    :class:`PeerLostError`), then SIGTERM, and SIGKILL 2 s later.  Processes
+    :class:`PeerLostError`, at once even if the failed rank never
+    attached), then SIGTERM, and SIGKILL 2 s later.  Processes
     are always reaped and the segment always removed, whatever happens.
     ``timeout`` is the communicator's default wait timeout;
     ``start_method`` is a multiprocessing start method (default: the
@@ -102,11 +103,22 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     if spin_us is not None:
         _check_spin_us(spin_us)
     name = segment.create(nprocs, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes))
+    observer = None
     try:
+        observer = segment.open_mapping(name)
+
+        def abort_if_unattached(rank, why):
+            # A rank that failed before attaching would leave the others
+            # waiting for it until the grace period ends; abort them now.
+            # Does nothing for a rank that attached: its peers watch it.
+            _core.abort_unattached(observer, rank, f"{why} without attaching")
+
         comm_kwargs = dict(timeout=timeout, spin_us=spin_us)
-        return run_ranks(_with_comm, nprocs, args=(fn, name, comm_kwargs, args),
-                         start_method=start_method, grace=grace)
+        return _run_ranks(_with_comm, nprocs, (fn, name, comm_kwargs, args), start_method, grace,
+                          abort_if_unattached)
     finally:
+        if observer is not None:
+            observer.close()
         segment.unlink(name)
 
 
@@ -129,7 +141,11 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
         raise BlsTypeError(f"target must be callable, got {type(target).__name__}")
     nprocs = _check_nprocs(nprocs)
     grace = _check_grace(grace)
-    args = _check_args(args)
+    return _run_ranks(target, nprocs, _check_args(args), start_method, grace, None)
+
+
+def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
+    """:func:`run_ranks` with checked arguments; ``on_failure(rank, why)`` hears of each failed rank."""
     ctx: Any = multiprocessing.get_context(start_method)  # typeshed's BaseContext has no Process
     procs: List[Any] = []
     conns: List[Any] = []
@@ -149,7 +165,7 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
             child_end.close()
             procs.append(proc)
             conns.append(parent_end)
-        return _collect(procs, conns, pidfds, grace, reported)
+        return _collect(procs, conns, pidfds, grace, reported, on_failure)
     finally:
         # A rank that reported may still be exiting (flushing its output):
         # let it finish, within the grace period.  The others get SIGTERM
@@ -191,7 +207,7 @@ def _check_grace(grace):
     return float(grace)
 
 
-def _collect(procs, conns, pidfds, grace, reported):
+def _collect(procs, conns, pidfds, grace, reported, on_failure):
     """Gather every rank's outcome into ``reported``; after the first failure wait at most ``grace`` s.
 
     A rank's outcome is a message on its pipe, or its end: the pipe's EOF, or
@@ -228,6 +244,8 @@ def _collect(procs, conns, pidfds, grace, reported):
                 exc = RankFailedError(
                     f"rank {r} ended without a result ({describe_exit(procs[r].exitcode)})", rank=r)
                 failures.append((r, exc, None))
+                if on_failure is not None:
+                    on_failure(r, f"it ended ({describe_exit(procs[r].exitcode)})")
                 continue
             except Exception as exc:  # a result that pickled but does not unpickle here
                 reported.add(r)
@@ -237,6 +255,8 @@ def _collect(procs, conns, pidfds, grace, reported):
             reported.add(r)
             if outcome[r][0] == "error":
                 failures.append((r, outcome[r][1], outcome[r][2]))
+                if on_failure is not None:
+                    on_failure(r, f"it raised {type(outcome[r][1]).__name__}")
         if failures and deadline is None:
             deadline = time.monotonic() + grace
     if failures:

@@ -426,3 +426,44 @@ def test_abort_is_idempotent_and_the_first_reason_stands():
         with pytest.raises(CommAborted, match="first") as info:
             comm.alltoallv(np.zeros(1), [1])
         assert info.value.reason == "first"
+
+
+class _DiesInTheFirstRankToLoadIt:
+    """An argument that ends the first process to unpickle it, before that rank can attach."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __reduce__(self):
+        return (_die_once, (self.flag,))
+
+
+def _die_once(flag):
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return None
+    os._exit(7)
+
+
+def _reports_how_it_ended(comm, _dies, out_dir):
+    try:
+        comm.alltoallv(np.zeros(comm.size), [1] * comm.size)
+    except PeerLostError as exc:
+        with open(os.path.join(out_dir, f"rank{comm.rank}"), "w") as f:
+            f.write(f"{exc.lost_rank}: {exc}")
+        raise
+
+
+@pytest.mark.timeout(40)
+def test_spawn_aborts_the_others_when_a_rank_dies_before_attaching(tmp_path):
+    # They waited for it to attach until the grace period (60 s here) ended.
+    dies = _DiesInTheFirstRankToLoadIt(str(tmp_path / "died"))
+    with pytest.raises(RankFailedError, match="ended without a result") as info:
+        blsshm.spawn(_reports_how_it_ended, 3, args=(dies, str(tmp_path)), start_method="spawn", grace=60)
+    dead = info.value.rank
+    survivors = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("rank"))
+    assert survivors == sorted(f"rank{r}" for r in range(3) if r != dead)
+    for name in survivors:
+        text = (tmp_path / name).read_text()
+        assert text.startswith(f"{dead}: ") and "it ended (exit code 7) without attaching" in text, text

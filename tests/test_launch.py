@@ -172,7 +172,7 @@ def test_spawn_checks_the_communicator_options_before_starting_anyone(monkeypatc
 
     def refuse(*_args, **_kwargs):
         pytest.fail("ranks were started for arguments that should be refused")
-    monkeypatch.setattr(spawn_module, "run_ranks", refuse)
+    monkeypatch.setattr(spawn_module, "_run_ranks", refuse)
     for kwargs, exc_type, words in [
             (dict(timeout=-1), blsshm.BlsValueError, "timeout must be >= 0"),
             (dict(timeout="x"), blsshm.BlsTypeError, "timeout must be a number of seconds"),
