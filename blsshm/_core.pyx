@@ -1270,6 +1270,10 @@ cdef class Core:
             try:
                 dtype = np.dtype(dtype)
             except TypeError as exc:
+                if type(dtype).__module__ == "torch":  # views must turn read-only on exit: numpy only
+                    raise BlsTypeError(
+                        f"zero-copy views are numpy arrays; give the numpy dtype for {dtype} "
+                        f"and wrap a view with torch.from_numpy(views[q]) inside the block") from None
                 raise BlsTypeError(f"not a dtype: {dtype!r} ({exc})") from None
         if dtype.hasobject:
             raise BlsTypeError(f"dtype {dtype} holds Python objects; only fixed-size data can be sent")

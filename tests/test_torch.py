@@ -78,3 +78,13 @@ def test_recv_is_of_the_kind_of_out_when_out_is_given():
         comm.post(3, torch.ones(3), [3])
         recv, _ = comm.complete(3, out=out_a)
         assert isinstance(recv, np.ndarray) and recv.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_torch_dtype_for_zero_copy_views_is_refused_with_the_way_to_do_it():
+    with blsshm.Comm.create(1) as comm:
+        with pytest.raises(blsshm.BlsTypeError, match=r"numpy dtype for torch.float32.*torch.from_numpy"):
+            with comm.post_views(0, [2], torch.float32):
+                pass
+        with comm.post_views(0, [2], np.float32) as views:  # nothing was published: 0 is still next
+            torch.from_numpy(views[0]).fill_(1.5)
+        assert comm.complete(0)[0].tolist() == [1.5, 1.5]
