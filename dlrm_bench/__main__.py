@@ -1,7 +1,6 @@
+import os
 import signal
 import sys
-
-from dlrm_bench.cli import main
 
 received = []  # the signal that interrupted the run
 
@@ -20,14 +19,25 @@ def _interrupt(signum, frame):
         raise KeyboardInterrupt
 
 
+def _die_of(signum):
+    """End by ``signum`` itself, so a calling shell or loop knows it was interrupted, not finished."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    sys.exit(128 + signum)  # not reached unless the signal is blocked
+
+
 if __name__ == "__main__":
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # under nohup, or `cmd &` in a script
+            signal.signal(signum, _interrupt)
     try:
+        from dlrm_bench.cli import main
         status = main()
     except KeyboardInterrupt:  # one line, not the chained tracebacks of every wait it cut short
         signum = received[0] if received else signal.SIGINT  # else a rank's own Ctrl-C came back
-        print(f"dlrm_bench: interrupted by {signal.Signals(signum).name}; ranks stopped, "
-              f"nothing saved", file=sys.stderr)
-        status = 128 + signum  # the shell's convention for a death by that signal
+        try:
+            print(f"dlrm_bench: interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        except OSError:  # the terminal that sent SIGHUP is gone
+            pass
+        _die_of(signum)
     sys.exit(status)

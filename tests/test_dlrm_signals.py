@@ -55,9 +55,8 @@ def test_a_terminated_run_leaves_nothing_behind(tmp_path, backend, signum, to_gr
         else:
             proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 128 + signum
-        assert err.decode().splitlines() == [
-            f"dlrm_bench: interrupted by {signal.Signals(signum).name}; ranks stopped, nothing saved"]
+        assert proc.returncode == -signum  # dies of it, after cleaning up, so a calling loop stops too
+        assert err.decode().splitlines() == [f"dlrm_bench: interrupted by {signal.Signals(signum).name}"]
         for _ in range(100):  # ranks die with their parents; their reapers may lag
             if not _marked():
                 break
