@@ -17,8 +17,8 @@ the bag sizes and draws rows with probability proportional to
 ``1 / (row + 1) ** alpha`` (row 0 the most popular).  ``--pooling-skew s``
 scales table ``t``'s ``k`` by ``exp(s * z_t)`` and ``--pooling-drift s``
 each (table, batch) by ``exp(s * z_tb)`` (``z`` standard normal), which makes
-table access irregular across tables and over iterations; a bag never holds
-more lookups than its table has rows.
+table access irregular across tables and over iterations; a scaled cap stops
+at the table's rows.
 """
 import functools
 import math
@@ -49,15 +49,20 @@ def _table_log_scale(cfg, table):
 
 
 def _bag_cap(cfg, rows, log_scale):
-    """``k * exp(log_scale)``, and never more than the table's ``rows``.
+    """The cap ``k`` of a bag's size: ``K * exp(log_scale)``, limited as the table allows.
 
-    Worked in logs: a large skew or drift would overflow ``exp``, and a bag
-    cannot use more distinct rows than its table has anyway.
+    Unscaled, it is the reference rule's: ``min(rows, K)`` for uniform sizes,
+    ``K`` for fixed ones (drawn with replacement, then deduplicated).  A
+    scaled cap stops at the table's rows (or ``K``, if larger, for fixed
+    sizes), worked in logs: a large skew or drift overflowed ``exp``, and
+    fixed sizes had no bound at all.
     """
+    K = cfg.indices_per_lookup
+    limit = max(rows, K) if cfg.indices_per_lookup_fixed else rows
     if log_scale == 0:
-        return float(min(rows, cfg.indices_per_lookup))
-    log_k = math.log(cfg.indices_per_lookup) + log_scale
-    return float(rows) if log_k >= math.log(rows) else math.exp(log_k)
+        return float(min(limit, K))
+    log_k = math.log(K) + log_scale
+    return math.exp(log_k) if log_k < math.log(limit) else float(limit)  # NaN (inf - inf) too
 
 
 def expected_pooling(cfg, table):
@@ -70,7 +75,7 @@ def expected_pooling(cfg, table):
     if cfg.data_generation == "dataset":
         return 1.0
     # The mean of exp(drift * z) is exp(drift^2 / 2).
-    k = _bag_cap(cfg, rows, _table_log_scale(cfg, table) + cfg.pooling_drift ** 2 / 2)
+    k = _bag_cap(cfg, rows, _table_log_scale(cfg, table) + cfg.pooling_drift * cfg.pooling_drift / 2)
     if cfg.indices_per_lookup_fixed:
         return max(1.0, k)
     return max(1.0, (k + 1) / 2)

@@ -59,6 +59,8 @@ def test_random_bags_follow_the_reference_pooling_rule():
     assert small.sizes.max() <= 3 and small.indices.max() <= 2
     fixed = make_bags(cfg.replace(indices_per_lookup_fixed=True), 0, 5)
     assert fixed.sizes.max() == 6 and fixed.sizes.min() >= 4  # K drawn, duplicates removed
+    # K = 6 draws from 3 rows leave 2.74 distinct rows on average (3 draws would leave 2.11)
+    assert make_bags(cfg.replace(indices_per_lookup_fixed=True), 1, 5).sizes.mean() > 2.5
 
 
 def test_zipf_bags_favour_low_rows():
