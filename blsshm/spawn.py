@@ -1,9 +1,13 @@
 """``spawn``: run a function in ``nprocs`` processes sharing one communicator."""
+import contextlib
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
 import numbers
 import os
 import pickle
+import signal
+import threading
 import time
 import traceback
 from typing import Any, Callable, List, Optional, Sequence, Set
@@ -34,9 +38,12 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
-def _rank_main(target, rank, args, conn, parent_pid):
+def _rank_main(target, rank, args, conn, parent_pid, sigint_handler):
     die_with_parent(parent_pid)()
     try:
+        if sigint_handler is not None:  # shielded from Ctrl-C while starting (see _shield_sigint)
+            signal.signal(signal.SIGINT, sigint_handler)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked, if forked
         result = target(rank, *args)
         try:
             # Plain pickle, not conn.send's ForkingPickler: torch registers
@@ -152,19 +159,20 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
     pidfds: List[int] = []
     reported: Set[int] = set()  # ranks whose outcome arrived (filled by _collect)
     try:
-        for rank in range(nprocs):
-            parent_end, child_end = ctx.Pipe(duplex=False)
-            # Not a daemon, so a rank may start processes of its own (DataLoader
-            # workers); the finally below reaps every rank in any case.
-            proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}",
-                               args=(target, rank, args, child_end, os.getpid()))
-            proc.start()
-            # Now, while it cannot have been reaped: the next start() reaps
-            # the children that exited, and a pid then names nobody, or another.
-            pidfds.append(_pidfd(proc))
-            child_end.close()
-            procs.append(proc)
-            conns.append(parent_end)
+        with _shield_sigint(ctx) as sigint_handler:
+            for rank in range(nprocs):
+                parent_end, child_end = ctx.Pipe(duplex=False)
+                # Not a daemon, so a rank may start processes of its own (DataLoader
+                # workers); the finally below reaps every rank in any case.
+                proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}",
+                                   args=(target, rank, args, child_end, os.getpid(), sigint_handler))
+                proc.start()
+                # Now, while it cannot have been reaped: the next start() reaps
+                # the children that exited, and a pid then names nobody, or another.
+                pidfds.append(_pidfd(proc))
+                child_end.close()
+                procs.append(proc)
+                conns.append(parent_end)
         return _collect(procs, conns, pidfds, grace, reported, on_failure)
     finally:
         # A rank that reported may still be exiting (flushing its output):
@@ -189,6 +197,35 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
         for fd in pidfds:
             if fd >= 0:
                 os.close(fd)
+
+
+@contextlib.contextmanager
+def _shield_sigint(ctx):
+    """Start ranks ignoring SIGINT; yields the handler they restore in ``_rank_main`` (or None).
+
+    A terminal's Ctrl-C reaches the ranks too (they share our process
+    group).  One still starting up (importing, unpickling its arguments)
+    would die printing a traceback; ignoring it there, it leaves the
+    Ctrl-C to us, and we stop it.  SIG_IGN, unlike a handler, survives the
+    exec of the "spawn" start method.  Meanwhile SIGINT is blocked here,
+    not ignored, so a Ctrl-C to this process waits instead of being lost.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    if (threading.current_thread() is not threading.main_thread()  # signal.signal needs it
+            or handler in (signal.SIG_IGN, None)):
+        yield None
+        return
+    method = ctx.get_start_method()
+    if method == "forkserver":  # started now, the server (and every child of it) would ignore SIGINT
+        multiprocessing.forkserver.ensure_running()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        # A forked rank keeps our handler, as before; a new interpreter has Python's default.
+        yield handler if method == "fork" else signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # a Ctrl-C meanwhile arrives now
 
 
 def _check_nprocs(nprocs):

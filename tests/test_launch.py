@@ -713,3 +713,54 @@ def test_tag_output_into_a_text_only_stream(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", err)
     assert run.main(["-n", "2", "--tag-output", str(path), "5"]) == 0, err.getvalue()
     assert sorted(out.getvalue().split("\n")[:-1]) == [f"[rank {r}] rank {r} of 2 lag 0 done 5" for r in range(2)]
+
+
+CTRL_C_AT_START_UP = r"""
+import os, signal, sys, time
+import blsshm
+
+class Slow:  # unpickled in each new rank, before it reaches blsshm's code
+    def __reduce__(self):
+        return (slow_start, (sys.argv[1],))
+
+def slow_start(flag_dir):
+    open(os.path.join(flag_dir, str(os.getpid())), "w").close()
+    time.sleep(5)
+
+def rank_main(comm, _slow):
+    return comm.rank
+
+def unhurried(signum, frame):  # gives the ranks time to show what Ctrl-C does to them
+    time.sleep(1)
+    raise KeyboardInterrupt
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, unhurried)
+    try:
+        blsshm.spawn(rank_main, 2, args=(Slow(),), start_method="spawn")
+    except BaseException as exc:
+        print(type(exc).__name__, getattr(exc, "blsshm_rank", "here"), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_ranks_start_up_stops_them_without_tracebacks(tmp_path):
+    # A terminal's Ctrl-C reaches the whole process group: ranks still
+    # starting up (unpickling, importing) printed KeyboardInterrupt tracebacks.
+    # Now they leave it to the parent, which stops them.
+    path = tmp_path / "ctrl_c.py"
+    path.write_text(CTRL_C_AT_START_UP)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    proc = subprocess.Popen([sys.executable, str(path), str(flags)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        while len(os.listdir(flags)) < 2 and proc.poll() is None:  # both ranks are starting up
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert (out, err) == ("KeyboardInterrupt here\n", "")
