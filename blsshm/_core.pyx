@@ -1273,7 +1273,9 @@ cdef class Core:
                 if type(dtype).__module__ == "torch":  # views must turn read-only on exit: numpy only
                     raise BlsTypeError(
                         f"zero-copy views are numpy arrays; give the numpy dtype for {dtype} "
-                        f"and wrap a view with torch.from_numpy(views[q]) inside the block") from None
+                        f"and wrap a view with torch.from_numpy(views[q]) inside the block"
+                        + (" (bfloat16 has none: use numpy.uint16 and .view(torch.bfloat16))"
+                           if str(dtype) == "torch.bfloat16" else "")) from None
                 raise BlsTypeError(f"not a dtype: {dtype!r} ({exc})") from None
         if dtype.hasobject:
             raise BlsTypeError(f"dtype {dtype} holds Python objects; only fixed-size data can be sent")

@@ -170,7 +170,8 @@ def build_parser():
                    help="untimed iterations before the timed ones (default %(default)s)")
     r.add_argument("--timeout", type=float, default=d.timeout_s, metavar="S",
                    help="longest wait inside a collective before a run fails; the ranks' setup (building "
-                        "tables, loading data) is not counted (default %(default)s)")
+                        "tables, loading data) is not counted. MPI has no such timeout: with "
+                        "--backend mpi the whole mpirun gets S + 60 s + 1 s per batch (default %(default)s)")
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, metavar="PATH", help="write every figure, the configuration "
                    "and the environment as JSON")

@@ -101,11 +101,11 @@ def test_a_failed_compare_run_fails_the_command_and_keeps_the_other_figures(tmp_
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("backend", ["bls", "gloo"])
 def test_timeout_bounds_the_run_and_not_a_slow_rank_setup(backend):
-    # Rank 0 spends seconds building a 12M-row table while rank 1, with a
-    # 10-row table, is ready at once: it used to time out waiting for rank 0.
-    big = ["--arch-embedding-size", "12000000-10", "--arch-sparse-feature-size", "16",
+    # Rank 0 spends seconds building a 24M-row table (4-8 s here) while rank 1,
+    # with a 10-row table, is ready at once: it used to time out waiting for rank 0.
+    big = ["--arch-embedding-size", "24000000-10", "--arch-sparse-feature-size", "16",
            "--arch-mlp-bot", "13-16", "--arch-mlp-top", "19-1", "--mini-batch-size", "64",
-           "--num-batches", "20", "--warmup-batches", "2", "--no-progress", "--timeout", "1"]
+           "--num-batches", "20", "--warmup-batches", "2", "--no-progress", "--timeout", "2"]
     proc = subprocess.run([sys.executable, "-m", "dlrm_bench", *big, "--backend", backend],
                           capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stdout + proc.stderr
