@@ -1265,18 +1265,7 @@ cdef class Core:
             self.last_dtype = dtype
         return self.last_dtype_str
 
-    cdef object _check_dtype(self, object dtype):
-        if not isinstance(dtype, np.dtype):
-            try:
-                dtype = np.dtype(dtype)
-            except TypeError as exc:
-                if type(dtype).__module__ == "torch":  # views must turn read-only on exit: numpy only
-                    raise BlsTypeError(
-                        f"zero-copy views are numpy arrays; give the numpy dtype for {dtype} "
-                        f"and wrap a view with torch.from_numpy(views[q]) inside the block"
-                        + (" (bfloat16 has none: use numpy.uint16 and .view(torch.bfloat16))"
-                           if str(dtype) == "torch.bfloat16" else "")) from None
-                raise BlsTypeError(f"not a dtype: {dtype!r} ({exc})") from None
+    cdef object _check_dtype(self, cnp.dtype dtype):
         if dtype.hasobject:
             raise BlsTypeError(f"dtype {dtype} holds Python objects; only fixed-size data can be sent")
         if dtype.itemsize == 0:
@@ -1292,9 +1281,9 @@ cdef class Core:
         return dtype
 
     cdef object _resolve_dtype(self, object dtype):
-        """``_check_dtype`` of a dtype argument, remembered (callers repeat theirs)."""
+        """The numpy dtype of a zero-copy dtype argument, checked and remembered (callers repeat theirs)."""
         if dtype is not self.last_dtype_arg or self.last_dtype_arg is None:
-            self.last_dtype_arg_resolved = self._check_dtype(dtype)
+            self.last_dtype_arg_resolved = self._check_dtype(_as_numpy_dtype(dtype))
             self.last_dtype_arg = dtype
         return self.last_dtype_arg_resolved
 
@@ -1920,6 +1909,22 @@ cdef class Core:
 
     def _make_ready(self):
         raise NotImplementedError
+
+
+cdef cnp.dtype _as_numpy_dtype(object dtype):
+    """``dtype`` as numpy's; a torch dtype is refused with the way to do it (views must be numpy's)."""
+    if isinstance(dtype, np.dtype):
+        return dtype
+    try:
+        return np.dtype(dtype)
+    except TypeError as exc:
+        if type(dtype).__module__ == "torch":  # views turn read-only on exit, which a tensor cannot
+            raise BlsTypeError(
+                f"zero-copy views are numpy arrays; give the numpy dtype for {dtype} "
+                f"and wrap a view with torch.from_numpy(views[q]) inside the block"
+                + (" (bfloat16 has none: use numpy.uint16 and .view(torch.bfloat16))"
+                   if str(dtype) == "torch.bfloat16" else "")) from None
+        raise BlsTypeError(f"not a dtype: {dtype!r} ({exc})") from None
 
 
 cdef int64_t _iteration(object t) except? -1:

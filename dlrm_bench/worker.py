@@ -289,15 +289,20 @@ class Rank:
         return out
 
 
+def _barrier(comm, **timeout):
+    """Every rank of ``comm`` got here: an alltoallv of nothing."""
+    comm.alltoallv(np.empty(0, dtype=np.float32), [0] * comm.size, **timeout)
+
+
 def bls_rank(comm, cfg, label):
     """Entry of a rank under ``blsshm.spawn``."""
     r = Rank(cfg, comm.rank)
     # --timeout bounds the waits of the run, not a peer's setup: building a
     # large table can take longer.  A rank that dies meanwhile is still noticed.
-    comm.alltoallv(np.empty(0, dtype=np.float32), [0] * comm.size, timeout=None)
+    _barrier(comm, timeout=None)
     quiet = Progress(False, "", 1, 0)
     r.run_bls(comm, r.warmup_batches(), None, quiet)
-    comm.alltoallv(np.empty(0, dtype=np.float32), [0] * comm.size)  # start together
+    _barrier(comm)  # start together
     comm.reset_stats()
     n = cfg.num_batches
     rec = Record(n)
