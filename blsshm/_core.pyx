@@ -584,7 +584,7 @@ cdef class Core:
             self._wake_everyone()
 
     def _abort(self, str reason="aborted", int kind=BLS_ABORT_USER, int lost_rank=-1):
-        """Abort the communicator: every waiting or later call in every rank raises.
+        """Abort the communicator: in every rank, later posts and unmet waits raise.
 
         Does nothing if it was aborted already (the first reason stands).
         """
@@ -835,7 +835,11 @@ cdef class Core:
         cdef bint interrupted = False
         while True:
             if self._aborted():
-                rc = ERR_ABORTED
+                # What was written before the abort is visible now (the word
+                # is read with acquire; the aborting CAS is acq_rel), so one
+                # more look tells for sure whether the wait is satisfied:
+                # an iteration whose records all arrived still completes.
+                rc = OK if self._first_behind(which, target, r) < 0 else ERR_ABORTED
                 break
             if deadline_ns >= 0 and now >= deadline_ns:
                 rc = ERR_TIMEOUT
@@ -1532,7 +1536,10 @@ cdef class Core:
     # ------------------------------------------------------------ completing
 
     cdef int _await_posts(self, int64_t t, object timeout) except -1:
-        self._check_open()
+        # No abort check here: records that all arrived are read even after
+        # an abort (a peer that failed right after posting t is the common
+        # case); only a wait for one that cannot come raises.
+        self._check_owner()
         if t < 0 or <uint64_t>t != self.next_complete:
             raise BlsValueError(
                 f"complete({t}) called, but the next iteration to complete is {self.next_complete}")
@@ -1735,7 +1742,7 @@ cdef class Core:
 
     cdef int _zc_release(self, int64_t t) except -1:
         """Zero-copy complete, second half: mark ``t`` completed."""
-        self._check_open()
+        self._check_owner()  # as _await_posts: what was acquired is released, aborted or not
         if t < 0 or <uint64_t>t != self.next_complete or <uint64_t>t >= self.next_post:
             raise BlsValueError(f"release({t}) without acquire({t})")
         self._finish(t, self.acquired_bytes)
@@ -1755,16 +1762,23 @@ cdef class Core:
         as a sleeping wait checks).
         """
         cdef int64_t it = _iteration(t)
-        self._check_open()
+        self._check_owner()
         if it < 0:
             raise BlsValueError(f"arrived({it}): iterations start at 0")
         if not self.ready and not self._poll_ready():
+            if self._aborted():
+                self._raise_aborted()
             return False  # nobody posts before every rank attached: no need to wait for that
         # _first_behind loads with acquire, so a True answer also makes the
         # records visible to the complete(t) that follows.
         cdef int r = self._first_behind(PUBLISHED, <uint64_t>it + 1, 0)
         if r < 0:
-            return True
+            return True  # even after an abort, as complete(t) would not wait
+        if self._aborted():  # read after the counters: a True above was not missed (see _wait)
+            r = self._first_behind(PUBLISHED, <uint64_t>it + 1, r)
+            if r < 0:
+                return True
+            self._raise_aborted()
         # A polling loop would otherwise spin forever on a dead peer.
         cdef int64_t now = bls_now_ns()
         if now >= self.next_liveness_ns:

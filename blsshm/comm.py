@@ -321,7 +321,11 @@ class Comm(_core.Core):
     # ------------------------------------------------------------- lifecycle
 
     def abort(self, reason: str = "aborted by the user") -> None:
-        """Abort the communicator: in every rank, waiting and later calls raise ``CommAborted``."""
+        """Abort the communicator: in every rank, later posts and waits that cannot be met raise ``CommAborted``.
+
+        An iteration whose blocks had all arrived still completes (as with a
+        dead peer's last posts), so peers finish what this rank took part in.
+        """
         if not self.closed:
             self._abort(str(reason))
 

@@ -88,6 +88,54 @@ def test_abort_wakes_every_rank():
     assert results == [(2, "bad batch"), (2, "bad batch"), "aborted"]
 
 
+def _aborts_right_after_an_iteration(comm, flag, how):
+    send = np.full(2, comm.rank, dtype=np.int32)
+    if comm.rank == 0:
+        comm.alltoallv(send, [1, 1])
+        comm.abort("failed after iteration 0")
+        flag.write_text("aborted")
+        return "aborted"
+    comm.post(0, send, [1, 1])
+    while not flag.exists():  # rank 1 completes only once the abort is there to see
+        time.sleep(0.01)
+    assert comm.arrived(0)
+    if how == "copy":
+        got = comm.complete(0)[0].tolist()
+    else:
+        with comm.complete_views(0) as views:
+            got = [int(v[0]) for v in views]
+    with pytest.raises(CommAborted, match="failed after iteration 0"):
+        comm.post(1, send, [1, 1])  # new work is refused
+    return got
+
+
+@pytest.mark.parametrize("how", ["copy", "zero_copy"])
+def test_an_iteration_that_arrived_before_an_abort_still_completes(tmp_path, how):
+    # Whether a peer's copy of the last alltoallv failed used to depend on
+    # whether it reached complete() before the failing rank aborted.
+    results = blsshm.spawn(_aborts_right_after_an_iteration, 2, args=(tmp_path / "flag", how))
+    assert results == ["aborted", [0, 1]]
+
+
+def _aborts_before_posting(comm, flag):
+    if comm.rank == 0:
+        while not flag.exists():  # rank 1 has posted
+            time.sleep(0.01)
+        comm.abort("failed before iteration 0")
+        return "aborted"
+    comm.post(0, np.zeros(2), [1, 1])
+    flag.write_text("posted")
+    with pytest.raises(CommAborted, match="failed before iteration 0"):
+        comm.complete(0)  # waits for a block that cannot come
+    with pytest.raises(CommAborted, match="failed before iteration 0"):
+        comm.arrived(0)
+    return "raised"
+
+
+def test_a_wait_for_a_block_that_an_abort_stopped_raises(tmp_path):
+    assert blsshm.spawn(_aborts_before_posting, 2, args=(tmp_path / "flag",)) == ["aborted", "raised"]
+
+
 def _closes_early(comm):
     if comm.rank == 0:
         comm.close()
