@@ -689,17 +689,21 @@ cdef class Core:
 
     cdef int _check_alive(self, int which, uint64_t target, int r, bint poll_pids) noexcept nogil:
         """ERR_LOST (and lost_rank set) if a rank we still wait for closed or died."""
-        # A rank may reach the target, then close or exit, between our first
-        # load of its count and our look at its state: so the count is read
-        # again after the state.  That second read is final: a rank stores
-        # its counts before its CLOSED state (release; we acquire the state),
-        # and a process that exited stores nothing more.
+        # "Still wait for" is judged as the wait judges it (_behind: for posts
+        # the record's stamps, which a sender stores before its count), so a
+        # rank killed between the two stores has posted.  It may reach the
+        # target, then close or exit, between our first look and our look at
+        # its state: so we look again after the state.  That second look is
+        # final: a rank stores its stamps and counts before its CLOSED state
+        # (release; we acquire the state), and a process that exited stores
+        # nothing more.
         cdef bint closed
+        cdef uint64_t slot = self._slot(target - 1) if which == PUBLISHED else 0
         while r < self.size:
-            if bls_load_acquire(self._counter(which, r)) < target:
+            if self._behind(which, target, slot, r):
                 closed = bls_load_acquire32(&self.ranks[r].state) == BLS_STATE_CLOSED
                 if ((closed or (poll_pids and self._exited(r)))
-                        and bls_load_acquire(self._counter(which, r)) < target):
+                        and self._behind(which, target, slot, r)):
                     self.lost_rank = r
                     self._abort_nogil(BLS_ABORT_PEER_LOST, r,
                                       b"it closed the communicator while others waited for it" if closed
@@ -839,7 +843,10 @@ cdef class Core:
                 # is read with acquire; the aborting CAS is acq_rel), so one
                 # more look tells for sure whether the wait is satisfied:
                 # an iteration whose records all arrived still completes.
-                rc = OK if self._first_behind(which, target, r) < 0 else ERR_ABORTED
+                # A post never goes on to publish into an aborted communicator.
+                rc = ERR_ABORTED
+                if which == PUBLISHED and self._first_behind(which, target, r) < 0:
+                    rc = OK
                 break
             if deadline_ns >= 0 and now >= deadline_ns:
                 rc = ERR_TIMEOUT
@@ -1756,8 +1763,9 @@ cdef class Core:
 
         Never blocks (like ``MPI_Test``): for loops that complete an
         iteration as soon as its blocks are there and do other work until
-        then.  Raises like a wait on a closed or aborted communicator, and
-        like one on a lost peer: ``PeerLostError`` once a rank that has not
+        then.  True whenever ``complete(t)`` would return at once, even
+        after an abort; otherwise raises like that wait: on a closed or
+        aborted communicator, and ``PeerLostError`` once a rank that has not
         posted ``t`` died or closed (checked at most once per liveness slice,
         as a sleeping wait checks).
         """
