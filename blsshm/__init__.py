@@ -15,9 +15,9 @@ from typing import Optional
 from blsshm.comm import DEFAULT_ARENA_BYTES, Comm, Request
 from blsshm.errors import (
     ArenaFullError, BlsError, BlsTimeoutError, BlsTypeError, BlsValueError,
-    CommAborted, PeerLostError,
+    CommAborted, PeerLostError, RankFailedError,
 )
-from blsshm.spawn import RankFailedError, run_ranks, spawn
+from blsshm._spawn import run_ranks, spawn
 
 __version__ = "0.1.0"
 

@@ -59,7 +59,15 @@ class PeerLostError(CommAborted):
         self.lost_rank = lost_rank
 
 
+class RankFailedError(BlsError):
+    """A rank of :func:`blsshm.spawn` ended without returning: killed, or exited early."""
+
+    def __init__(self, message, *, rank=None):
+        super().__init__(message)
+        self.rank = rank
+
+
 __all__ = [
     "BlsError", "BlsValueError", "BlsTypeError", "ArenaFullError",
-    "BlsTimeoutError", "CommAborted", "PeerLostError",
+    "BlsTimeoutError", "CommAborted", "PeerLostError", "RankFailedError",
 ]

@@ -168,7 +168,7 @@ def test_spawn_rejects_bad_arguments():
 
 def test_spawn_checks_the_communicator_options_before_starting_anyone(monkeypatch):
     # They were checked in each rank, after every process had started.
-    spawn_module = sys.modules["blsshm.spawn"]  # the package's name "spawn" is the function
+    spawn_module = sys.modules["blsshm._spawn"]
 
     def refuse(*_args, **_kwargs):
         pytest.fail("ranks were started for arguments that should be refused")

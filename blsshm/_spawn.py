@@ -16,15 +16,7 @@ from blsshm import _core, segment
 from blsshm._proc import GRACE_S, TERM_WAIT_S, describe_exit, die_with_parent
 from blsshm._core import MAX_RANKS
 from blsshm.comm import DEFAULT_ARENA_BYTES, Comm, _check_int, _check_seconds, _check_spin_us
-from blsshm.errors import BlsError, BlsTypeError, BlsValueError, CommAborted
-
-
-class RankFailedError(BlsError):
-    """A rank of :func:`spawn` ended without returning: killed, or exited early."""
-
-    def __init__(self, message, *, rank=None):
-        super().__init__(message)
-        self.rank = rank
+from blsshm.errors import BlsError, BlsTypeError, BlsValueError, CommAborted, RankFailedError
 
 
 class RemoteTraceback(Exception):
