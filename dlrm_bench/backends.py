@@ -13,6 +13,7 @@ import pickle
 import subprocess
 import sys
 import tempfile
+import time
 
 import blsshm
 from blsshm._proc import die_with_parent, find_mpirun, stop_process
@@ -38,14 +39,15 @@ def arena_bytes(cfg):
     return max(1 << 20, (cfg.lag + 2) * record + (1 << 16))
 
 
-def run_bls(cfg, label):
+def run_bls(cfg, label, bar):
     return blsshm.spawn(worker.bls_rank, cfg.nprocs, lag=cfg.lag, arena_bytes=arena_bytes(cfg),
-                        args=(cfg, label), timeout=cfg.timeout_s, start_method="spawn")
+                        args=(cfg, label, bar and bar.path), timeout=cfg.timeout_s, start_method="spawn")
 
 
-def run_gloo(cfg, label):
+def run_gloo(cfg, label, bar):
     with tempfile.TemporaryDirectory(prefix="dlrm-bench-gloo-") as tmp:
-        return blsshm.run_ranks(worker.gloo_rank, cfg.nprocs, args=(cfg, os.path.join(tmp, "rdv"), label),
+        return blsshm.run_ranks(worker.gloo_rank, cfg.nprocs,
+                                args=(cfg, os.path.join(tmp, "rdv"), label, bar and bar.path),
                                 start_method="spawn")
 
 
@@ -67,21 +69,24 @@ def _is_open_mpi():
     return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout + out.stderr
 
 
-def run_mpi(cfg, label):
+def run_mpi(cfg, label, bar):
     with tempfile.TemporaryDirectory(prefix="dlrm-bench-mpi-") as tmp:
         job_path = os.path.join(tmp, "job.pkl")
         with open(job_path, "wb") as f:
-            pickle.dump({"cfg": cfg, "label": label, "out": tmp}, f)
-        proc = subprocess.Popen(mpirun_command(cfg.nprocs, job_path), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
-        limit = cfg.timeout_s + 60 + cfg.num_batches  # the collective's timeout, plus start-up and the run
-        try:
-            output, _ = proc.communicate(timeout=limit)
-        except subprocess.TimeoutExpired:
-            raise BackendError(f"mpirun did not finish within {limit:.0f} s") from None
-        finally:
-            stop_process(proc, STOP_GRACE_S)
+            pickle.dump({"cfg": cfg, "label": label, "out": tmp, "progress": bar and bar.path}, f)
+        # mpirun's output goes to a file, not a pipe: nothing needs draining
+        # while we wait, drawing rank 0's progress (mpirun has its stderr).
+        with open(os.path.join(tmp, "mpirun.out"), "w+", errors="replace") as log:
+            proc = subprocess.Popen(mpirun_command(cfg.nprocs, job_path), stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
+            limit = cfg.timeout_s + 60 + cfg.num_batches  # the collective's timeout, plus start-up and the run
+            try:
+                _wait_drawing(proc, limit, bar)
+            finally:
+                stop_process(proc, STOP_GRACE_S)
+            log.seek(0)
+            output = log.read()
         paths = [os.path.join(tmp, f"rank{rank}.pkl") for rank in range(cfg.nprocs)]
         if proc.returncode != 0 or not all(os.path.exists(p) for p in paths):
             cause = _first_rank_error(tmp, cfg.nprocs)
@@ -94,6 +99,20 @@ def run_mpi(cfg, label):
             with open(path, "rb") as f:
                 results.append(pickle.load(f))
         return results
+
+
+def _wait_drawing(proc, limit, bar):
+    """Wait up to ``limit`` s for ``proc``, drawing ``bar`` (if any) as it goes."""
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            proc.wait(timeout=max(0.0, min(worker.PROGRESS_EVERY_S, deadline - time.monotonic())))
+            return
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise BackendError(f"mpirun did not finish within {limit:.0f} s") from None
+        if bar is not None:
+            bar.poll()
 
 
 def _first_rank_error(tmp, nprocs):
@@ -109,10 +128,14 @@ def _first_rank_error(tmp, nprocs):
 
 def run(cfg, label):
     """Per-rank results (see ``worker.Rank.result``) of ``cfg`` on ``cfg.backend``."""
-    if cfg.backend == "bls":
-        return run_bls(cfg, label)
-    if cfg.backend == "gloo":
-        return run_gloo(cfg, label)
-    if cfg.backend == "mpi":
-        return run_mpi(cfg, label)
-    raise ValueError(f"unknown backend {cfg.backend!r}")
+    runners = {"bls": run_bls, "gloo": run_gloo, "mpi": run_mpi}
+    if cfg.backend not in runners:
+        raise ValueError(f"unknown backend {cfg.backend!r}")
+    if not cfg.progress:
+        return runners[cfg.backend](cfg, label, None)
+    with tempfile.TemporaryDirectory(prefix="dlrm-bench-progress-") as tmp:
+        bar = worker.RelayedProgress(os.path.join(tmp, "progress"), label, cfg.num_batches, cfg.batch_size)
+        try:
+            return runners[cfg.backend](cfg, label, bar)
+        finally:
+            bar.close()  # a failure or Ctrl-C is then said on a line of its own

@@ -75,10 +75,17 @@ class Record:
 
 
 class Progress:
-    """A one-line progress bar on stderr, drawn by rank 0 when the parent is on a terminal."""
+    """Rank 0's progress bar, drawn on stderr when the parent is on a terminal.
 
-    def __init__(self, enabled, label, total, batch_size):
+    Its state also goes to the file ``relay`` (see :class:`RelayedProgress`):
+    the parent draws from it when it alone has the terminal (an MPI rank's
+    stderr is mpirun's, which the parent captures; ``draw`` False), and
+    ends a bar left unfinished before it prints why.
+    """
+
+    def __init__(self, enabled, label, total, batch_size, relay=None, draw=True):
         self.enabled, self.label, self.total, self.batch_size = enabled, label, total, batch_size
+        self.relay, self.draw = relay, draw
         self.t0 = self.last = now()
 
     def update(self, done):
@@ -88,14 +95,54 @@ class Progress:
         if t - self.last < PROGRESS_EVERY_S and done < self.total:
             return
         self.last = t
-        width = 30
-        filled = width * done // self.total
-        rate = done * self.batch_size / max(t - self.t0, 1e-9)
-        sys.stderr.write(f"\r  {self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                         f"{done}/{self.total} batches  {rate:,.0f} samples/s")
-        if done >= self.total:
+        if self.draw:
+            draw_progress(self.label, done, self.total, done * self.batch_size / max(t - self.t0, 1e-9))
+        if self.relay is not None:
+            part = self.relay + ".part"
+            with open(part, "w") as f:
+                f.write(f"{done} {t - self.t0!r}\n")
+            os.replace(part, self.relay)  # whole: the parent never reads half a state
+
+
+def draw_progress(label, done, total, rate):
+    """Draw the bar on stderr (over the last one); end the line once ``done`` reaches ``total``."""
+    width = 30
+    filled = width * done // total
+    sys.stderr.write(f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] "
+                     f"{done}/{total} batches  {rate:,.0f} samples/s")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+class RelayedProgress:
+    """The parent's side of a :class:`Progress`: the state rank 0 last wrote to ``path``."""
+
+    def __init__(self, path, label, total, batch_size):
+        self.path, self.label, self.total, self.batch_size = path, label, total, batch_size
+        self.drawn = -1
+
+    def _read(self):
+        try:
+            with open(self.path) as f:
+                done, elapsed = f.read().split()
+            return int(done), float(elapsed)
+        except (OSError, ValueError):
+            return None  # not written yet
+
+    def poll(self):
+        """Draw the state if it changed since the last call."""
+        state = self._read()
+        if state is not None and state[0] != self.drawn:
+            self.drawn = state[0]
+            draw_progress(self.label, state[0], self.total, state[0] * self.batch_size / max(state[1], 1e-9))
+
+    def close(self):
+        """End the line of a bar the run left unfinished, so that what follows starts a line of its own."""
+        state = self._read()
+        if state is not None and state[0] < self.total:
             sys.stderr.write("\n")
-        sys.stderr.flush()
+            sys.stderr.flush()
 
 
 class Rank:
@@ -294,8 +341,8 @@ def _barrier(comm, **timeout):
     comm.alltoallv(np.empty(0, dtype=np.float32), [0] * comm.size, **timeout)
 
 
-def bls_rank(comm, cfg, label):
-    """Entry of a rank under ``blsshm.spawn``."""
+def bls_rank(comm, cfg, label, progress_relay=None):
+    """Entry of a rank under ``blsshm.spawn``; ``progress_relay`` as for :class:`Progress`."""
     r = Rank(cfg, comm.rank)
     # --timeout bounds the waits of the run, not a peer's setup: building a
     # large table can take longer.  A rank that dies meanwhile is still noticed.
@@ -306,7 +353,7 @@ def bls_rank(comm, cfg, label):
     comm.reset_stats()
     n = cfg.num_batches
     rec = Record(n)
-    progress = Progress(cfg.progress and comm.rank == 0, label, n, cfg.batch_size)
+    progress = Progress(cfg.progress and comm.rank == 0, label, n, cfg.batch_size, progress_relay)
     begin = now()
     preds = r.run_bls(comm, list(range(n)), rec, progress)
     end = now()
@@ -315,21 +362,22 @@ def bls_rank(comm, cfg, label):
     return r.result(preds, rec, begin, end, wait_s, futex_sleeps=stats["futex_sleeps"])
 
 
-def sync_rank(r, exchange, barrier, label):
-    """The timed part of a synchronous backend, after its setup."""
+def sync_rank(r, exchange, barrier, label, progress_relay=None):
+    """The timed part of a synchronous backend, after its setup; ``progress_relay`` as for :class:`Progress`."""
     quiet = Progress(False, "", 1, 0)
     r.run_sync(exchange, r.warmup_batches(), None, quiet)
     barrier()
     n = r.cfg.num_batches
     rec = Record(n)
-    progress = Progress(r.cfg.progress and r.rank == 0, label, n, r.cfg.batch_size)
+    progress = Progress(r.cfg.progress and r.rank == 0, label, n, r.cfg.batch_size, progress_relay,
+                        draw=r.cfg.backend != "mpi")
     begin = now()
     preds, waited = r.run_sync(exchange, list(range(n)), rec, progress)
     end = now()
     return r.result(preds, rec, begin, end, waited)
 
 
-def gloo_rank(rank, cfg, init_file, label):
+def gloo_rank(rank, cfg, init_file, label, progress_relay=None):
     """Entry of a rank of the gloo backend (torch.distributed ``all_to_all_single``)."""
     import datetime
 
@@ -350,13 +398,16 @@ def gloo_rank(rank, cfg, init_file, label):
             dist.all_to_all_single(torch.from_numpy(recv), torch.from_numpy(send),  # no copy
                                    output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group)
 
-        return sync_rank(r, exchange, lambda: dist.barrier(group=group), label)
+        return sync_rank(r, exchange, lambda: dist.barrier(group=group), label, progress_relay)
     finally:
         dist.destroy_process_group()
 
 
-def mpi_rank(cfg, label):
-    """Entry of a rank of the MPI backend (mpi4py ``Alltoallv``), under mpirun."""
+def mpi_rank(cfg, label, progress_relay=None):
+    """Entry of a rank of the MPI backend (mpi4py ``Alltoallv``), under mpirun.
+
+    Rank 0 writes its progress to ``progress_relay`` (see :class:`Progress`).
+    """
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     r = Rank(cfg, comm.rank)
@@ -367,6 +418,6 @@ def mpi_rank(cfg, label):
     def exchange(send, recv):
         comm.Alltoallv([send, (scounts, sdispls), MPI.FLOAT], [recv, (rcounts, rdispls), MPI.FLOAT])
 
-    result = sync_rank(r, exchange, comm.Barrier, label)
+    result = sync_rank(r, exchange, comm.Barrier, label, progress_relay)
     result["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
     return result

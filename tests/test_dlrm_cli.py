@@ -1,11 +1,14 @@
-"""Bad command lines: one clear line on stderr, exit status 2, no process started."""
+"""The command line: bad ones get one clear line and exit status 2, no process started; what a
+terminal shows (progress bars, failures on lines of their own)."""
 import os
+import select
+import signal
 import subprocess
 import sys
 
 import pytest
 
-from dlrm_bench.config import build_parser
+from dlrm_bench.config import build_parser, mpi_available
 from dlrm_cli_check import assert_rejected
 
 
@@ -110,3 +113,76 @@ def test_timeout_bounds_the_run_and_not_a_slow_rank_setup(backend):
                           capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert " samples/s in " in proc.stdout
+
+
+def _run_on_a_terminal(cmd, signal_at_bar=None):
+    """Run ``cmd`` with stderr on a pty; (returncode, stdout, stderr).
+
+    With ``signal_at_bar`` that signal is sent to it once a progress bar shows.
+    """
+    master, slave = os.openpty()
+    proc = None
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
+        os.close(slave)
+        slave = None
+        err = b""
+        while True:  # drain the terminal as the run writes (a full one would block it)
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: every writer closed it
+                    break
+                if not chunk:
+                    break
+                err += chunk
+                if signal_at_bar is not None and b" batches " in err:
+                    proc.send_signal(signal_at_bar)
+                    signal_at_bar = None
+            elif proc.poll() is not None:
+                break
+        out = proc.communicate(timeout=60)[0].decode()
+    finally:
+        if slave is not None:
+            os.close(slave)
+        os.close(master)
+        if proc is not None:
+            if proc.poll() is None:  # the test failed: let it clean up (SIGKILL would leave MPI's segments)
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err.decode(errors="replace")
+
+
+PROGRESS_RUN = [f for f in TINY if f not in ("--no-progress", "--compare")]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["bls", "gloo", "mpi"])
+def test_every_backend_draws_a_progress_bar_on_a_terminal(backend):
+    # mpirun captures its ranks' stderr: an MPI run showed no bar at all.
+    if backend == "mpi" and mpi_available() is not None:
+        pytest.skip(mpi_available())
+    lag = ["--lag", "2"] if backend == "bls" else []
+    code, out, err = _run_on_a_terminal([sys.executable, "-m", "dlrm_bench", *PROGRESS_RUN,
+                                         "--num-batches", "400", "--backend", backend, *lag])
+    assert code == 0, out + err
+    label = "bls lag 2" if backend == "bls" else backend
+    assert f"\r  {label} [" in err and "400/400 batches" in err, err
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["bls", "mpi"])
+def test_an_interrupted_run_says_so_on_a_line_of_its_own(backend):
+    # It was written after the unfinished bar, on the same line.
+    if backend == "mpi" and mpi_available() is not None:
+        pytest.skip(mpi_available())
+    code, out, err = _run_on_a_terminal([sys.executable, "-m", "dlrm_bench", *PROGRESS_RUN,
+                                         "--num-batches", "1000000", "--backend", backend],
+                                        signal_at_bar=signal.SIGTERM)
+    assert code == -signal.SIGTERM, out + err
+    assert " batches " in err and "\ndlrm_bench: interrupted by SIGTERM" in err.replace("\r\n", "\n"), err

@@ -160,6 +160,41 @@ def test_progress_bar_draws_only_when_enabled(capsys):
     assert "quiet" not in err
 
 
+def test_a_relayed_progress_bar_is_drawn_by_the_reader(tmp_path, capsys):
+    # An MPI rank's stderr is mpirun's: rank 0 writes the state, the parent draws it.
+    from dlrm_bench.worker import Progress, RelayedProgress
+    path = str(tmp_path / "progress")
+    reader = RelayedProgress(path, "mpi", 10, 256)
+    reader.poll()
+    reader.close()  # nothing written yet: nothing drawn, no line ended
+    writer = Progress(True, "mpi", 10, 256, relay=path, draw=False)
+    writer.last = float("-inf")  # past the redraw interval
+    writer.update(4)
+    assert capsys.readouterr().err == ""
+    reader.poll()
+    reader.poll()  # unchanged: not drawn again
+    err = capsys.readouterr().err
+    assert err.count("\r") == 1 and "mpi [############..................] 4/10 batches" in err
+    reader.close()  # the run ended early: the line is ended for what follows
+    assert capsys.readouterr().err == "\n"
+    writer.update(10)
+    reader.poll()
+    reader.close()  # finished: the bar ended its own line
+    err = capsys.readouterr().err
+    assert "10/10 batches" in err and err.endswith("\n") and err.count("\n") == 1
+
+
+def test_a_bar_drawn_by_a_rank_is_also_relayed_so_the_parent_can_end_its_line(tmp_path, capsys):
+    from dlrm_bench.worker import Progress, RelayedProgress
+    path = str(tmp_path / "progress")
+    writer = Progress(True, "bls lag 4", 10, 256, relay=path)
+    writer.last = float("-inf")
+    writer.update(3)
+    assert "3/10 batches" in capsys.readouterr().err
+    RelayedProgress(path, "bls lag 4", 10, 256).close()
+    assert capsys.readouterr().err == "\n"
+
+
 def test_the_capacity_bound_is_printed_only_when_ranks_share_cores():
     # With a core per rank, CPU time read just after the wall clock made the
     # capacity bound a hair above the ideal, and the report said ranks shared cores.
