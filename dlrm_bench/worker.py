@@ -95,13 +95,13 @@ class Progress:
         if t - self.last < PROGRESS_EVERY_S and done < self.total:
             return
         self.last = t
-        if self.draw:
-            draw_progress(self.label, done, self.total, done * self.batch_size / max(t - self.t0, 1e-9))
-        if self.relay is not None:
+        if self.relay is not None:  # first: a bar on the terminal is always one the parent knows of
             part = self.relay + ".part"
             with open(part, "w") as f:
                 f.write(f"{done} {t - self.t0!r}\n")
             os.replace(part, self.relay)  # whole: the parent never reads half a state
+        if self.draw:
+            draw_progress(self.label, done, self.total, done * self.batch_size / max(t - self.t0, 1e-9))
 
 
 def draw_progress(label, done, total, rate):
