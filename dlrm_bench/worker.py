@@ -101,13 +101,14 @@ class Progress:
                 f.write(f"{done} {t - self.t0!r}\n")
             os.replace(part, self.relay)  # whole: the parent never reads half a state
         if self.draw:
-            draw_progress(self.label, done, self.total, done * self.batch_size / max(t - self.t0, 1e-9))
+            draw_progress(self.label, done, self.total, self.batch_size, t - self.t0)
 
 
-def draw_progress(label, done, total, rate):
+def draw_progress(label, done, total, batch_size, elapsed):
     """Draw the bar on stderr (over the last one); end the line once ``done`` reaches ``total``."""
     width = 30
     filled = width * done // total
+    rate = done * batch_size / max(elapsed, 1e-9)
     sys.stderr.write(f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] "
                      f"{done}/{total} batches  {rate:,.0f} samples/s")
     if done >= total:
@@ -135,7 +136,7 @@ class RelayedProgress:
         state = self._read()
         if state is not None and state[0] != self.drawn:
             self.drawn = state[0]
-            draw_progress(self.label, state[0], self.total, state[0] * self.batch_size / max(state[1], 1e-9))
+            draw_progress(self.label, state[0], self.total, self.batch_size, state[1])
 
     def close(self):
         """End the line of a bar the run left unfinished, so that what follows starts a line of its own."""
@@ -362,15 +363,17 @@ def bls_rank(comm, cfg, label, progress_relay=None):
     return r.result(preds, rec, begin, end, wait_s, futex_sleeps=stats["futex_sleeps"])
 
 
-def sync_rank(r, exchange, barrier, label, progress_relay=None):
-    """The timed part of a synchronous backend, after its setup; ``progress_relay`` as for :class:`Progress`."""
+def sync_rank(r, exchange, barrier, label, progress_relay=None, draw=True):
+    """The timed part of a synchronous backend, after its setup.
+
+    ``progress_relay`` and ``draw`` are rank 0's, as for :class:`Progress`.
+    """
     quiet = Progress(False, "", 1, 0)
     r.run_sync(exchange, r.warmup_batches(), None, quiet)
     barrier()
     n = r.cfg.num_batches
     rec = Record(n)
-    progress = Progress(r.cfg.progress and r.rank == 0, label, n, r.cfg.batch_size, progress_relay,
-                        draw=r.cfg.backend != "mpi")
+    progress = Progress(r.cfg.progress and r.rank == 0, label, n, r.cfg.batch_size, progress_relay, draw)
     begin = now()
     preds, waited = r.run_sync(exchange, list(range(n)), rec, progress)
     end = now()
@@ -418,6 +421,6 @@ def mpi_rank(cfg, label, progress_relay=None):
     def exchange(send, recv):
         comm.Alltoallv([send, (scounts, sdispls), MPI.FLOAT], [recv, (rcounts, rdispls), MPI.FLOAT])
 
-    result = sync_rank(r, exchange, comm.Barrier, label, progress_relay)
+    result = sync_rank(r, exchange, comm.Barrier, label, progress_relay, draw=False)  # mpirun has our stderr
     result["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
     return result

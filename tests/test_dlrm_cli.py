@@ -147,13 +147,12 @@ def _run_on_a_terminal(cmd, signal_at_bar=None):
         if slave is not None:
             os.close(slave)
         os.close(master)
-        if proc is not None:
-            if proc.poll() is None:  # the test failed: let it clean up (SIGKILL would leave MPI's segments)
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        if proc is not None and proc.returncode is None:  # the test failed before communicate() ended
+            proc.terminate()  # let it clean up: SIGKILL would leave MPI's segments
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             proc.communicate()
     return proc.returncode, out, err.decode(errors="replace")
 
