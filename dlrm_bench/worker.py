@@ -65,13 +65,14 @@ class Record:
         self.between = np.zeros(n)
         self.after = np.zeros(n)
         self.slow = np.zeros(n)
+        self.held = np.zeros(n)  # the part of `after` inside complete, peers' buffers held (see replay)
         self.phases = dict.fromkeys(("lookup", "bottom", "gather", "top"), 0.0)  # seconds in each step
         self.cpu = 0.0  # CPU seconds of this rank's thread while computing
 
     def as_dict(self):
         return {"start": self.start, "finish": self.finish, "compute": self.compute, "delay": self.delay,
                 "before": self.before, "between": self.between, "after": self.after, "slow": self.slow,
-                "phases": self.phases, "cpu_compute": self.cpu}
+                "held": self.held, "phases": self.phases, "cpu_compute": self.cpu}
 
 
 class Progress:
@@ -243,6 +244,7 @@ class Rank:
                 rec.cpu += cpu_now() - p0
                 rec.compute[j] += c2 - c0
                 rec.after[j] += c2 - c0
+                rec.held[j] += c1 - c0
                 rec.finish[j] = c2
                 rec.phases["gather"] += c1 - c0
                 rec.phases["top"] += c2 - c1

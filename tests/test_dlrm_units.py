@@ -150,6 +150,44 @@ def test_the_synchronous_bound_lets_the_bottom_mlp_overlap_a_peers_delay():
     assert lag_bound(before, z, one + one, z, 0) == 14.0  # no overlap if the MLP waits for the blocks
 
 
+def test_the_replay_follows_the_loop_between_the_bounds():
+    from dlrm_bench.replay import replay_bls
+    from dlrm_bench.report import lag_bound
+    rng = np.random.default_rng(5)
+    shape = (3, 150)
+    delay = (rng.random(shape) < 0.1) * 5.0
+    lookup, bottom, gather, top = (rng.random(shape) for _ in range(4))
+    slow, z = np.zeros(shape), np.zeros(shape)
+    work = delay + lookup + bottom + gather + top
+    ideal = work.sum(axis=1).max()
+    replays = [replay_bls(delay, lookup, bottom, gather, top, slow, lag) for lag in (0, 1, 4, 16, 1000)]
+    for lag, replay in zip((0, 1, 4, 16, 1000), replays):
+        assert replay >= lag_bound(delay + lookup, bottom, gather + top, slow, lag) - 1e-9
+    assert all(a >= b - 1e-9 for a, b in zip(replays, replays[1:]))  # more lag never hurts here
+    assert replays[0] > 1.3 * ideal and np.isclose(replays[-1], ideal)
+    # work only before publishing: lag 0 is exactly the synchronous bound
+    assert np.isclose(replay_bls(delay, lookup, z, z, z, slow, 0), lag_bound(delay + lookup, z, z, z, 0))
+    # the fixed pipeline holds every iteration L steps, so it is never ahead of the eager one
+    fixed = replay_bls(delay, lookup, bottom, gather, top, slow, 4, eager=False)
+    assert fixed >= replays[2] - 1e-9
+
+
+def test_the_replay_is_gated_by_completions_not_publishes():
+    # Every lookup takes 1 s; rank 1 spends 10 s receiving step 0 and rank 0
+    # 5 s on its bottom MLP of step 1.  At lag 0 rank 0 may post step 1 only
+    # once rank 1 has left complete(0), at 11 s: it publishes at 12 and
+    # ends at 17.  Gating on publishes (the lower bound) lets it publish at
+    # 2 and end at 12, when rank 1's step 1 arrives; at lag 1 so does the loop.
+    from dlrm_bench.replay import replay_bls
+    from dlrm_bench.report import lag_bound
+    one, z = np.ones((2, 2)), np.zeros((2, 2))
+    bottom = np.array([[0.0, 5.0], [0.0, 0.0]])
+    gather = np.array([[0.0, 0.0], [10.0, 0.0]])
+    assert replay_bls(z, one, bottom, gather, z, z, 0) == 17.0
+    assert lag_bound(one, bottom, gather, z, 0) == 12.0
+    assert replay_bls(z, one, bottom, gather, z, z, 1) == 12.0
+
+
 def test_progress_bar_draws_only_when_enabled(capsys):
     from dlrm_bench.worker import Progress
     bar = Progress(True, "bls lag 4", 10, 256)
