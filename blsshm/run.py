@@ -13,7 +13,9 @@ every case.
 Each rank leads a process group of its own: a terminal's Ctrl-C reaches the
 launcher alone, which passes it on once to every rank's group, and at the end
 whatever a rank started is killed with it.  A second Ctrl-C (or SIGTERM)
-kills the ranks at once.  SIGHUP and SIGQUIT are passed on the same way.
+kills the ranks at once, and so does the launcher itself if ranks are still
+running ``--grace`` seconds after the first (they may ignore it, or be stuck
+in a C call).  SIGHUP and SIGQUIT are passed on the same way.
 Ranks read no terminal (stdin is /dev/null then; a pipe or file is shared
 by all ranks): outside the terminal's
 foreground group a read would stop them, and a rank stopped so (by opening
@@ -58,8 +60,9 @@ def _parser():
     p.add_argument("--arena-bytes", type=int, default=DEFAULT_ARENA_BYTES,
                    help=f"room per rank for in-flight records (default {DEFAULT_ARENA_BYTES})")
     p.add_argument("--grace", type=float, default=GRACE_S,
-                   help="seconds the other ranks get to stop after one fails; then they get "
-                        f"SIGTERM, and SIGKILL {TERM_WAIT_S:g} s later")
+                   help="seconds the other ranks get to stop after one fails (then they get "
+                        f"SIGTERM, and SIGKILL {TERM_WAIT_S:g} s later) and all ranks after a "
+                        "Ctrl-C or SIGTERM passed on to them (then SIGKILL)")
     p.add_argument("--tag-output", action="store_true",
                    help="start every line a rank writes with [rank N] (ranks' Python then "
                         "writes unbuffered, as to a terminal, unless PYTHONUNBUFFERED is set)")
@@ -133,7 +136,7 @@ def main(argv=None):
                 for rank, proc in enumerate(procs):
                     prefix = f"[rank {rank}] ".encode()
                     relays += [_relay(proc.stdout, prefix, sinks[0]), _relay(proc.stderr, prefix, sinks[1])]
-            codes = _supervise(procs, opts.grace, observer)
+            codes = _supervise(procs, opts.grace, observer, signals_seen)
         finally:
             # Every group, even of a rank that exited: its children may live on.
             _signal_groups(procs, signal.SIGKILL)
@@ -213,11 +216,14 @@ def _stopped_by_terminal(proc):
     return None
 
 
-def _supervise(procs, grace, observer):
+def _supervise(procs, grace, observer, signals_seen):
     """Wait for every rank; after the first failure give the others ``grace`` s.
 
     Ranks still running then get SIGTERM (their handlers may save work, as
     under torchrun), and TERM_WAIT_S later the caller kills what is left.
+    After the first signal passed on to the ranks (``signals_seen``, which
+    the handler fills) they get ``grace`` s too, then SIGKILL: the signal
+    was their chance to stop.
 
     A rank stopped for using the terminal (outside its foreground group, a
     read stops it, and a write under ``stty tostop``) would wait forever for
@@ -225,6 +231,7 @@ def _supervise(procs, grace, observer):
     exit status, None for one still running at the end.
     """
     deadline = None
+    signalled_at = None
     terminated = False
     gone = set()
     killed = set()
@@ -247,6 +254,14 @@ def _supervise(procs, grace, observer):
             deadline = time.monotonic() + grace
         if all(c is not None for c in codes):
             break
+        if signals_seen and signalled_at is None:
+            signalled_at = time.monotonic()
+        if signalled_at is not None and time.monotonic() > signalled_at + grace:
+            running = [r for r, c in enumerate(codes) if c is None]
+            print(f"python -m blsshm.run: rank(s) {running} still running {grace:g} s after "
+                  f"{signal.Signals(signals_seen[0]).name} was passed on to them; killing them", file=sys.stderr)
+            _signal_groups([procs[r] for r in running], signal.SIGKILL)  # their exit status says so
+            signalled_at = float("inf")
         if deadline is not None and time.monotonic() > deadline:
             running = [r for r, c in enumerate(codes) if c is None]
             if terminated:

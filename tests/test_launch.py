@@ -356,7 +356,8 @@ def _start_in_own_group(tmp_path, script, *args):
     path = tmp_path / "prog.py"
     path.write_text(script)
     launcher = subprocess.Popen([sys.executable, "-m", "blsshm.run", *args, str(path)],
-                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     try:
         ready = [launcher.stdout.readline() for _ in range(2)]
         assert sorted(ready) == ["rank 0 ready\n", "rank 1 ready\n"]
@@ -402,6 +403,23 @@ def test_a_second_ctrl_c_kills_ranks_that_ignore_the_first(tmp_path):
     finally:
         launcher.kill()
         launcher.wait()
+    assert launcher.returncode == 128 + signal.SIGKILL
+
+
+IGNORES_SIGTERM = IGNORES_CTRL_C.replace("SIGINT", "SIGTERM")
+
+
+def test_ranks_still_running_grace_seconds_after_a_passed_on_signal_are_killed(tmp_path):
+    # The launcher waited for ever: a service manager's one SIGTERM never ended the run.
+    launcher = _start_in_own_group(tmp_path, IGNORES_SIGTERM, "-n", "2", "--grace", "0.5")
+    try:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=30)
+        err = launcher.stderr.read()
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert "rank(s) [0, 1] still running 0.5 s after SIGTERM was passed on to them; killing them" in err
     assert launcher.returncode == 128 + signal.SIGKILL
 
 
