@@ -101,7 +101,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     _check_seconds("timeout", timeout)
     if spin_us is not None:
         _check_spin_us(spin_us)
-    name = segment.create(nprocs, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes))
+    name = segment.create(nprocs, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes), reaped=True)
     observer = None
     try:
         observer = segment.open_mapping(name)

@@ -89,7 +89,7 @@ def main(argv=None):
         print(f"python -m blsshm.run: no such script: {opts.target}", file=sys.stderr)
         return 2
     try:
-        name = segment.create(opts.nprocs, opts.lag, opts.arena_bytes)
+        name = segment.create(opts.nprocs, opts.lag, opts.arena_bytes, reaped=True)
     except (BlsError, ValueError) as exc:
         print(f"python -m blsshm.run: {exc}", file=sys.stderr)
         return 2

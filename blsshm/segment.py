@@ -4,12 +4,17 @@ The creator makes the segment with ``O_CREAT|O_EXCL``, mode 0600 and an
 unguessable name, reserves its pages with ``posix_fallocate`` (a full
 ``/dev/shm`` is then a clean error here, never a SIGBUS later) and writes the
 header.  Ranks map it by name; once every rank has attached the name is
-unlinked, so a crash afterwards leaves nothing in ``/dev/shm``.
+unlinked, so a crash afterwards leaves nothing in ``/dev/shm``.  Before
+that, a creator whose ranks die with it (the launcher, ``spawn``) asks for a
+reaper: a small process that unlinks the name if the creator dies first,
+even of SIGKILL, which no handler of its own could outlive.
 """
 import errno
 import mmap
 import os
 import secrets
+import subprocess
+import sys
 
 import posix_ipc
 
@@ -17,13 +22,58 @@ from blsshm import _core
 from blsshm.errors import BlsError, BlsValueError
 
 PREFIX = "/blsshm-"
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory: name /x is file /dev/shm/x
+UNLINKED = b"unlinked"  # what the creator tells its reaper once the name is gone
+
+# The reaper reads its pipe until the creator says UNLINKED (it removed the
+# name itself) or the pipe closes without it (the creator died: the name
+# goes now).  No site, no posix_ipc: it must start fast and cannot fail to import.
+REAPER = f"""
+import os, sys
+said = b""
+while {UNLINKED!r} not in said and (chunk := os.read(0, 64)):
+    said += chunk
+if {UNLINKED!r} not in said:
+    try:
+        os.unlink({SHM_DIR!r} + sys.argv[1])
+    except FileNotFoundError:
+        pass
+"""
+
+_reapers: "dict[str, tuple[subprocess.Popen, int]]" = {}  # name -> (reaper process, our end of its pipe)
 
 
-def create(size, lag, arena_bytes):
-    """Create and initialise a segment for ``size`` ranks; return its name."""
+def _forget_reapers():
+    """In a forked child: the reapers are the parent's, and our copies of
+    their pipes would keep them from seeing the parent die."""
+    for _proc, write_end in _reapers.values():
+        os.close(write_end)
+    _reapers.clear()
+
+
+os.register_at_fork(after_in_child=_forget_reapers)
+
+
+def create(size, lag, arena_bytes, reaped=False):
+    """Create and initialise a segment for ``size`` ranks; return its name.
+
+    With ``reaped``, a reaper process unlinks the name if this process dies
+    before calling :func:`unlink`; it starts before the segment exists.
+    """
     lay = _core.layout(size, lag, arena_bytes)
     nbytes = lay["segment_bytes"]
     name = PREFIX + secrets.token_hex(16)
+    if reaped:
+        _start_reaper(name)
+    try:
+        _create(name, size, lag, arena_bytes, nbytes)
+    except BaseException:
+        unlink(name)  # stops the reaper
+        raise
+    return name
+
+
+def _create(name, size, lag, arena_bytes, nbytes):
     shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
     try:
         try:
@@ -37,12 +87,35 @@ def create(size, lag, arena_bytes):
             raise
         with mmap.mmap(shm.fd, nbytes) as segment:
             _core.initialize(segment, size, lag, arena_bytes)
-    except BaseException:
-        shm.unlink()
-        raise
     finally:
         shm.close_fd()
-    return name
+
+
+def _start_reaper(name):
+    # Its own session: a terminal's Ctrl-C, which the creator handles, must
+    # not end the reaper first.  Our end of the pipe is not inherited by
+    # programs we start, and forked children close it: only our death does.
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", REAPER, name], stdin=read_end,
+                                stdout=subprocess.DEVNULL, start_new_session=True)
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    _reapers[name] = (proc, write_end)
+
+
+def _stop_reaper(name):
+    proc, write_end = _reapers.pop(name)
+    try:
+        os.write(write_end, UNLINKED)
+    except BrokenPipeError:  # it died (killed by hand): nothing more to tell it
+        pass
+    finally:
+        os.close(write_end)
+    proc.wait()  # it exits on reading that; a zombie would outlive us as a child
 
 
 def _open(name):
@@ -99,8 +172,13 @@ def open_for_rank(name):
 
 
 def unlink(name):
-    """Remove the name from ``/dev/shm``; mappings stay valid.  Idempotent."""
+    """Remove the name from ``/dev/shm``; mappings stay valid.  Idempotent.
+
+    Stops the name's reaper (see :func:`create`) once the name is gone.
+    """
     try:
         posix_ipc.unlink_shared_memory(name)
     except posix_ipc.ExistentialError:
         pass
+    if name in _reapers:
+        _stop_reaper(name)

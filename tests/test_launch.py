@@ -450,6 +450,71 @@ def test_a_hangup_before_every_rank_attached_leaves_no_segment(tmp_path, signum)
     # The fixture checks that no segment and no rank is left.
 
 
+def _gone(path):
+    """Wait (under the test's timeout) until ``path`` no longer exists."""
+    while os.path.exists(path):
+        time.sleep(0.02)
+    return True
+
+
+SAYS_ITS_SEGMENT = SLOW_TO_ATTACH.replace('b"started\\n"', 'os.environ["BLSSHM_NAME"].encode() + b"\\n"')
+
+
+def test_a_launcher_killed_before_every_rank_attached_leaves_no_segment(tmp_path):
+    # SIGKILL runs no handler: the segment stayed in /dev/shm for good, its memory with it.
+    path = tmp_path / "prog.py"
+    path.write_text(SAYS_ITS_SEGMENT)
+    launcher = subprocess.Popen([sys.executable, "-m", "blsshm.run", "-n", "2", str(path)], cwd=tmp_path,
+                                stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        names = {launcher.stdout.readline().decode().strip() for _ in range(2)}
+        assert len(names) == 1 and os.path.exists("/dev/shm" + min(names))
+        launcher.kill()
+        launcher.wait()
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert _gone("/dev/shm" + names.pop())  # the ranks die with the launcher, and the fixture checks
+
+
+KILLED_CREATOR = r"""
+import os, sys, time
+from blsshm import segment
+name = segment.create(2, 0, 4096, reaped=True)
+child = os.fork()
+if child == 0:
+    time.sleep(1000)  # a child holding everything the creator had open
+    os._exit(0)
+os.write(1, f"{name} {child}\n".encode())
+time.sleep(1000)
+"""
+
+
+def test_the_reaper_removes_the_segment_of_a_killed_creator_whatever_its_children_hold():
+    creator = subprocess.Popen([sys.executable, "-c", KILLED_CREATOR], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        name, child = creator.stdout.readline().split()
+        assert os.path.exists("/dev/shm" + name)
+        creator.kill()
+        creator.wait()
+        assert _gone("/dev/shm" + name)
+    finally:
+        creator.kill()
+        creator.wait()
+        if child is not None:
+            os.kill(int(child), signal.SIGKILL)  # the creator's child: not ours to wait for
+
+
+def test_a_reaped_segment_unlinked_by_its_creator_stops_its_reaper():
+    from blsshm import segment
+    name = segment.create(2, 0, 4096, reaped=True)
+    proc, _ = segment._reapers[name]
+    segment.unlink(name)
+    assert proc.returncode == 0 and name not in segment._reapers
+    assert not os.path.exists("/dev/shm" + name)
+
+
 STOPS_ON_THE_TERMINAL = r"""
 import os, signal
 import numpy as np
