@@ -1,13 +1,18 @@
-"""Every test leaves nothing behind: no /dev/shm segment of ours, no child process."""
+"""Every test leaves nothing behind: no /dev/shm segment of ours or our peers', no child process."""
 import os
 import time
 
 import pytest
 
 
+# Ours, and what the peers we run make: Open MPI's shared-memory transport
+# (v5 sm_segment.*, v4 vader_segment.*) and torch's shared tensors.
+SEGMENT_PREFIXES = ("blsshm-", "sm_segment.", "vader_segment.", "torch_")
+
+
 def _our_segments():
     try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith("blsshm-")}
+        return {n for n in os.listdir("/dev/shm") if n.startswith(SEGMENT_PREFIXES)}
     except FileNotFoundError:  # pragma: no cover
         return set()
 
