@@ -29,7 +29,9 @@ UNLINKED = b"unlinked"  # what the creator tells its reaper once the name is gon
 # name itself) or the pipe closes without it (the creator died: the name
 # goes now).  No site, no posix_ipc: it must start fast and cannot fail to import.
 REAPER = f"""
-import os, sys
+import os, signal, sys
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a stop sent to all; SIGKILL still ends us
+    signal.signal(s, signal.SIG_IGN)
 said = b""
 while {UNLINKED!r} not in said and (chunk := os.read(0, 64)):
     said += chunk
@@ -58,14 +60,16 @@ def create(size, lag, arena_bytes, reaped=False):
     """Create and initialise a segment for ``size`` ranks; return its name.
 
     With ``reaped``, a reaper process unlinks the name if this process dies
-    before calling :func:`unlink`; it starts before the segment exists.
+    before calling :func:`unlink`; it starts before the segment exists.  A
+    program that cannot start one (frozen, or no interpreter found) goes
+    without: every other exit still unlinks.
     """
     lay = _core.layout(size, lag, arena_bytes)
     nbytes = lay["segment_bytes"]
     name = PREFIX + secrets.token_hex(16)
-    if reaped:
-        _start_reaper(name)
     try:
+        if reaped:
+            _start_reaper(name)
         _create(name, size, lag, arena_bytes, nbytes)
     except BaseException:
         unlink(name)  # stops the reaper
@@ -92,6 +96,8 @@ def _create(name, size, lag, arena_bytes, nbytes):
 
 
 def _start_reaper(name):
+    if getattr(sys, "frozen", False) or not sys.executable:  # sys.executable is not Python
+        return
     # Its own session: a terminal's Ctrl-C, which the creator handles, must
     # not end the reaper first.  Our end of the pipe is not inherited by
     # programs we start, and forked children close it: only our death does.
@@ -99,6 +105,9 @@ def _start_reaper(name):
     try:
         proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", REAPER, name], stdin=read_end,
                                 stdout=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        os.close(write_end)
+        return
     except BaseException:
         os.close(write_end)
         raise

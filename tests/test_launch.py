@@ -527,6 +527,15 @@ with blsshm.init() as comm:
 
 
 def test_a_rank_stopped_by_the_terminal_is_killed_and_named(tmp_path):
+def test_a_creator_that_cannot_start_a_reaper_goes_without(monkeypatch):
+    from blsshm import segment
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    name = segment.create(2, 0, 4096, reaped=True)
+    assert os.path.exists("/dev/shm" + name) and name not in segment._reapers
+    segment.unlink(name)
+    assert not os.path.exists("/dev/shm" + name)
+
+
     # The launcher waited for it forever (a stopped rank looked like a running one).
     path = tmp_path / "prog.py"
     path.write_text(STOPS_ON_THE_TERMINAL)
