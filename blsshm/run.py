@@ -14,8 +14,9 @@ Each rank leads a process group of its own: a terminal's Ctrl-C reaches the
 launcher alone, which passes it on once to every rank's group, and at the end
 whatever a rank started is killed with it.  A second Ctrl-C (or SIGTERM)
 kills the ranks at once, and so does the launcher itself if ranks are still
-running ``--grace`` seconds after the first (they may ignore it, or be stuck
-in a C call).  SIGHUP and SIGQUIT are passed on the same way.
+running ``--stop-timeout`` seconds after the first (they may ignore it, or
+be stuck in a C call).  SIGHUP is passed on the same way, and SIGQUIT too,
+but a rank dumping core on it is never cut short.
 Ranks read no terminal (stdin is /dev/null then; a pipe or file is shared
 by all ranks): outside the terminal's
 foreground group a read would stop them, and a rank stopped so (by opening
@@ -35,6 +36,8 @@ import time
 
 from blsshm import _core, segment
 from blsshm._proc import GRACE_S, TERM_WAIT_S, describe_exit, die_with_parent
+
+STOP_TIMEOUT_S = 30.0  # after a passed-on Ctrl-C or SIGTERM, as torchrun gives its workers
 from blsshm.comm import DEFAULT_ARENA_BYTES
 from blsshm.errors import BlsError
 
@@ -60,9 +63,11 @@ def _parser():
     p.add_argument("--arena-bytes", type=int, default=DEFAULT_ARENA_BYTES,
                    help=f"room per rank for in-flight records (default {DEFAULT_ARENA_BYTES})")
     p.add_argument("--grace", type=float, default=GRACE_S,
-                   help="seconds the other ranks get to stop after one fails (then they get "
-                        f"SIGTERM, and SIGKILL {TERM_WAIT_S:g} s later) and all ranks after a "
-                        "Ctrl-C or SIGTERM passed on to them (then SIGKILL)")
+                   help="seconds the other ranks get to stop after one fails; then they get "
+                        f"SIGTERM, and SIGKILL {TERM_WAIT_S:g} s later")
+    p.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT_S,
+                   help="seconds ranks get to stop after a Ctrl-C, SIGTERM or SIGHUP passed on to "
+                        f"them; then SIGKILL (default {STOP_TIMEOUT_S:g})")
     p.add_argument("--tag-output", action="store_true",
                    help="start every line a rank writes with [rank N] (ranks' Python then "
                         "writes unbuffered, as to a terminal, unless PYTHONUNBUFFERED is set)")
@@ -81,10 +86,11 @@ def main(argv=None):
         print(f"python -m blsshm.run: -n must be between 1 and {_core.MAX_RANKS}, got {opts.nprocs}",
               file=sys.stderr)
         return 2
-    if not opts.grace >= 0:
-        print(f"python -m blsshm.run: --grace must be a number of seconds >= 0, got {opts.grace}",
-              file=sys.stderr)
-        return 2
+    for option, value in (("--grace", opts.grace), ("--stop-timeout", opts.stop_timeout)):
+        if not value >= 0:
+            print(f"python -m blsshm.run: {option} must be a number of seconds >= 0, got {value}",
+                  file=sys.stderr)
+            return 2
     if not opts.module and not os.path.exists(opts.target):
         print(f"python -m blsshm.run: no such script: {opts.target}", file=sys.stderr)
         return 2
@@ -102,10 +108,16 @@ def main(argv=None):
     signals_seen = []
     forwarded = [s for s in FORWARDED if signal.getsignal(s) != signal.SIG_IGN]
 
+    reached = [0]  # how many ranks, first to last, the passed-on signals reached
+
+    def passed_on():
+        # The first signal is the ranks' to handle; a second means "now".
+        return signals_seen[0] if len(signals_seen) == 1 else signal.SIGKILL
+
     def forward(signum, _frame):
         signals_seen.append(signum)
-        # The first signal is the ranks' to handle; a second means "now".
-        _signal_groups(procs, signum if len(signals_seen) == 1 else signal.SIGKILL)
+        _signal_groups(procs, passed_on())
+        reached[0] = len(procs)
 
     try:
         # The launcher keeps a mapping (it is no rank) to tell, after a
@@ -118,25 +130,31 @@ def main(argv=None):
         output = subprocess.PIPE if opts.tag_output else None
         try:
             for rank in range(opts.nprocs):
+                if signals_seen:  # the run is being stopped: start no more ranks
+                    break
                 env = dict(os.environ, **{ENV_NAME: name, ENV_RANK: str(rank), ENV_SIZE: str(opts.nprocs)})
                 env.update({k: str(rank) for k in TORCHRUN_RANK})
                 env.update({k: str(opts.nprocs) for k in TORCHRUN_SIZE})
                 if opts.tag_output:
                     env.setdefault("PYTHONUNBUFFERED", "1")  # lines as they are printed, not at exit
-                # Held while a rank starts: one that came meanwhile is then passed
-                # on once, to every group, this one's included.
+                # Held from this thread while a rank starts, so the rank starts
+                # with them held too (see _rank_setup).  Another thread (say
+                # OpenBLAS's) may still take one, and the handler then runs
+                # before the rank is listed: it is passed on here, once.
                 signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
                 try:
-                    proc = subprocess.Popen(cmd, env=env, stdin=stdin, stdout=output, stderr=output,
-                                            preexec_fn=_rank_setup(os.getpid(), forwarded))
+                    procs.append(subprocess.Popen(cmd, env=env, stdin=stdin, stdout=output, stderr=output,
+                                                  preexec_fn=_rank_setup(os.getpid(), forwarded)))
+                    if signals_seen and reached[0] < len(procs):
+                        _signal_groups(procs[reached[0]:], passed_on())
+                        reached[0] = len(procs)
                 finally:
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
-                procs.append(proc)
             if opts.tag_output:  # only now: no thread may run while a rank forks (preexec_fn)
                 for rank, proc in enumerate(procs):
                     prefix = f"[rank {rank}] ".encode()
                     relays += [_relay(proc.stdout, prefix, sinks[0]), _relay(proc.stderr, prefix, sinks[1])]
-            codes = _supervise(procs, opts.grace, observer, signals_seen)
+            codes = _supervise(procs, opts.grace, observer, signals_seen, opts.stop_timeout)
         finally:
             # Every group, even of a rank that exited: its children may live on.
             _signal_groups(procs, signal.SIGKILL)
@@ -216,14 +234,15 @@ def _stopped_by_terminal(proc):
     return None
 
 
-def _supervise(procs, grace, observer, signals_seen):
+def _supervise(procs, grace, observer, signals_seen, stop_timeout):
     """Wait for every rank; after the first failure give the others ``grace`` s.
 
     Ranks still running then get SIGTERM (their handlers may save work, as
     under torchrun), and TERM_WAIT_S later the caller kills what is left.
     After the first signal passed on to the ranks (``signals_seen``, which
-    the handler fills) they get ``grace`` s too, then SIGKILL: the signal
-    was their chance to stop.
+    the handler fills) they get ``stop_timeout`` s, then SIGKILL: the signal
+    was their chance to stop.  Not after SIGQUIT: a core dump takes as long
+    as it takes.
 
     A rank stopped for using the terminal (outside its foreground group, a
     read stops it, and a write under ``stty tostop``) would wait forever for
@@ -254,11 +273,11 @@ def _supervise(procs, grace, observer, signals_seen):
             deadline = time.monotonic() + grace
         if all(c is not None for c in codes):
             break
-        if signals_seen and signalled_at is None:
+        if signals_seen and signalled_at is None and signals_seen[0] != signal.SIGQUIT:
             signalled_at = time.monotonic()
-        if signalled_at is not None and time.monotonic() > signalled_at + grace:
+        if signalled_at is not None and time.monotonic() > signalled_at + stop_timeout:
             running = [r for r, c in enumerate(codes) if c is None]
-            print(f"python -m blsshm.run: rank(s) {running} still running {grace:g} s after "
+            print(f"python -m blsshm.run: rank(s) {running} still running {stop_timeout:g} s after "
                   f"{signal.Signals(signals_seen[0]).name} was passed on to them; killing them", file=sys.stderr)
             _signal_groups([procs[r] for r in running], signal.SIGKILL)  # their exit status says so
             signalled_at = float("inf")

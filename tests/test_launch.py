@@ -67,6 +67,9 @@ def test_launcher_rejects_bad_arguments(tmp_path):
     res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", "--grace", "-1", "x.py"],
                          capture_output=True, text=True, timeout=30)  # was taken, silently
     assert res.returncode == 2 and "--grace must be a number of seconds >= 0" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", "--stop-timeout", "nan", "x.py"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "--stop-timeout must be a number of seconds >= 0, got nan" in res.stderr
     res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", str(tmp_path / "missing.py")],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "no such script" in res.stderr
@@ -409,9 +412,9 @@ def test_a_second_ctrl_c_kills_ranks_that_ignore_the_first(tmp_path):
 IGNORES_SIGTERM = IGNORES_CTRL_C.replace("SIGINT", "SIGTERM")
 
 
-def test_ranks_still_running_grace_seconds_after_a_passed_on_signal_are_killed(tmp_path):
+def test_ranks_still_running_after_the_stop_timeout_of_a_passed_on_signal_are_killed(tmp_path):
     # The launcher waited for ever: a service manager's one SIGTERM never ended the run.
-    launcher = _start_in_own_group(tmp_path, IGNORES_SIGTERM, "-n", "2", "--grace", "0.5")
+    launcher = _start_in_own_group(tmp_path, IGNORES_SIGTERM, "-n", "2", "--stop-timeout", "0.5")
     try:
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(timeout=30)
@@ -421,6 +424,24 @@ def test_ranks_still_running_grace_seconds_after_a_passed_on_signal_are_killed(t
         launcher.wait()
     assert "rank(s) [0, 1] still running 0.5 s after SIGTERM was passed on to them; killing them" in err
     assert launcher.returncode == 128 + signal.SIGKILL
+
+
+def test_a_signal_while_a_rank_starts_reaches_it_and_starts_no_more(tmp_path, monkeypatch, capfd):
+    # The handler ran before the new rank was listed: it never got the signal,
+    # and the launcher went on to start the rest as if nothing had come.
+    from blsshm import run
+    real_popen = subprocess.Popen
+
+    def popen_with_a_sigterm(*args, **kwargs):
+        if kwargs.get("preexec_fn"):  # a rank (the segment's reaper starts without)
+            os.kill(os.getpid(), signal.SIGTERM)  # held until this rank has started
+        return real_popen(*args, **kwargs)
+    monkeypatch.setattr(subprocess, "Popen", popen_with_a_sigterm)
+    path = tmp_path / "prog.py"
+    path.write_text(SCRIPT)
+    assert run.main(["-n", "2", str(path), "5"]) == 128 + signal.SIGTERM
+    err = capfd.readouterr().err
+    assert "rank 0 failed (signal SIGTERM)" in err and "rank 1" not in err, err
 
 
 SLOW_TO_ATTACH = r"""
@@ -506,6 +527,15 @@ def test_the_reaper_removes_the_segment_of_a_killed_creator_whatever_its_childre
             os.kill(int(child), signal.SIGKILL)  # the creator's child: not ours to wait for
 
 
+def test_a_creator_that_cannot_start_a_reaper_goes_without(monkeypatch):
+    from blsshm import segment
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    name = segment.create(2, 0, 4096, reaped=True)
+    assert os.path.exists("/dev/shm" + name) and name not in segment._reapers
+    segment.unlink(name)
+    assert not os.path.exists("/dev/shm" + name)
+
+
 def test_a_reaped_segment_unlinked_by_its_creator_stops_its_reaper():
     from blsshm import segment
     name = segment.create(2, 0, 4096, reaped=True)
@@ -527,15 +557,6 @@ with blsshm.init() as comm:
 
 
 def test_a_rank_stopped_by_the_terminal_is_killed_and_named(tmp_path):
-def test_a_creator_that_cannot_start_a_reaper_goes_without(monkeypatch):
-    from blsshm import segment
-    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
-    name = segment.create(2, 0, 4096, reaped=True)
-    assert os.path.exists("/dev/shm" + name) and name not in segment._reapers
-    segment.unlink(name)
-    assert not os.path.exists("/dev/shm" + name)
-
-
     # The launcher waited for it forever (a stopped rank looked like a running one).
     path = tmp_path / "prog.py"
     path.write_text(STOPS_ON_THE_TERMINAL)
