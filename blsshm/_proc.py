@@ -16,6 +16,9 @@ GRACE_S = 10.0
 #: Seconds ranks still running after the grace period get between SIGTERM
 #: (a handler may save work, as under torchrun) and SIGKILL.
 TERM_WAIT_S = 2.0
+#: Seconds the launcher's ranks get to stop after a Ctrl-C or SIGTERM passed
+#: on to them, before SIGKILL (torchrun gives its workers as long).
+STOP_TIMEOUT_S = 30.0
 
 
 def pid_namespace():

@@ -35,9 +35,7 @@ import threading
 import time
 
 from blsshm import _core, segment
-from blsshm._proc import GRACE_S, TERM_WAIT_S, describe_exit, die_with_parent
-
-STOP_TIMEOUT_S = 30.0  # after a passed-on Ctrl-C or SIGTERM, as torchrun gives its workers
+from blsshm._proc import GRACE_S, STOP_TIMEOUT_S, TERM_WAIT_S, describe_exit, die_with_parent
 from blsshm.comm import DEFAULT_ARENA_BYTES
 from blsshm.errors import BlsError
 

@@ -102,18 +102,18 @@ def _start_reaper(name):
     # not end the reaper first.  Our end of the pipe is not inherited by
     # programs we start, and forked children close it: only our death does.
     read_end, write_end = os.pipe()
+    proc = None
     try:
         proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", REAPER, name], stdin=read_end,
                                 stdout=subprocess.DEVNULL, start_new_session=True)
     except OSError:
-        os.close(write_end)
-        return
-    except BaseException:
-        os.close(write_end)
-        raise
+        pass  # no interpreter to run it: go without (see create)
     finally:
         os.close(read_end)
-    _reapers[name] = (proc, write_end)
+        if proc is None:
+            os.close(write_end)
+    if proc is not None:
+        _reapers[name] = (proc, write_end)
 
 
 def _stop_reaper(name):
