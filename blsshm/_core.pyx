@@ -700,7 +700,10 @@ cdef class Core:
         cdef bint closed
         cdef uint64_t slot = self._slot(target - 1) if which == PUBLISHED else 0
         while r < self.size:
-            if self._behind(which, target, slot, r):
+            # Never ourselves (arrived(t) before our own post(t) counts us
+            # behind): we live, and our lock, held through this very file
+            # description, would look released to the query (F_OFD_GETLK).
+            if r != self.rank and self._behind(which, target, slot, r):
                 closed = bls_load_acquire32(&self.ranks[r].state) == BLS_STATE_CLOSED
                 if ((closed or (poll_pids and self._exited(r)))
                         and self._behind(which, target, slot, r)):

@@ -193,6 +193,25 @@ def test_polling_arrived_notices_a_lost_peer(how):
         assert outcomes[1] == ("ok", "left")
 
 
+def _polls_before_its_own_post(comm):
+    if comm.rank == 1:
+        comm.post(0, np.ones(2), [1, 1])
+    # Rank 0 has not posted 0, so it is "behind" itself: a liveness check
+    # (due on the first poll) must not take its own lock for a dead rank's.
+    polls = [comm.arrived(0) for _ in range(3)]
+    time.sleep(0.2)  # past a liveness slice: checked again
+    polls.append(comm.arrived(0))
+    if comm.rank == 0:
+        comm.post(0, np.zeros(2), [1, 1])
+    return polls, comm.complete(0)[0].tolist()
+
+
+def test_polling_arrived_before_its_own_post_is_not_a_lost_rank():
+    results = blsshm.spawn(_polls_before_its_own_post, 2, lag=1)
+    assert results[0] == ([False] * 4, [0.0, 1.0])
+    assert results[1][1] == [0.0, 1.0]
+
+
 def _times_out(comm):
     if comm.rank == 0:
         with pytest.raises(BlsTimeoutError) as info:
