@@ -94,9 +94,13 @@ def liveness_ms():
         ms = float(env)
     except ValueError:
         ms = float("nan")
-    if not ms > 0 or ms > 3.6e6:
-        raise BlsValueError(f"BLSSHM_LIVENESS_MS must be a number of milliseconds in (0, 3600000], got {env!r}")
+    if not 0.001 <= ms <= 3.6e6:  # under a microsecond a sleeping wait would only spin
+        raise BlsValueError(f"BLSSHM_LIVENESS_MS must be a number of milliseconds in [0.001, 3600000], got {env!r}")
     return ms
+
+
+#: The longest spin accepted (an hour): waits add it to the clock in int64 ns.
+MAX_SPIN_US = 3.6e9
 
 
 def _check_spin_us(spin_us):
@@ -104,8 +108,8 @@ def _check_spin_us(spin_us):
         spin_us = float(spin_us)
     except (TypeError, ValueError):
         raise BlsTypeError(f"spin_us must be a number of microseconds, got {spin_us!r}") from None
-    if not spin_us >= 0:
-        raise BlsValueError(f"spin_us must be >= 0, got {spin_us}")
+    if not 0 <= spin_us <= MAX_SPIN_US:  # also refuses nan and inf
+        raise BlsValueError(f"spin_us must be a number of microseconds in [0, {MAX_SPIN_US:.0f}], got {spin_us}")
     return spin_us
 
 
@@ -173,7 +177,8 @@ class Comm(_core.Core):
             timeout = _check_seconds("timeout", timeout)
             if not 0 <= rank < _core.MAX_RANKS:  # the segment says how many; this keeps C ints in range
                 raise BlsValueError(f"rank must be in [0, {_core.MAX_RANKS}), got {rank}")
-            slice_ms = liveness_ms()
+            spin_ns = int(1000 * spin_us)
+            slice_ns = int(1e6 * liveness_ms())
             self = cls.__new__(cls)
             self.name = name
             self._pidfds = []
@@ -202,8 +207,8 @@ class Comm(_core.Core):
             raise
         if len(self._attached_ranks()) == self.size:
             segment.unlink(name)  # the last to attach: from now on a crash leaks nothing
-        self.spin_ns = int(1000 * spin_us)
-        self.slice_ns = int(1e6 * slice_ms)
+        self.spin_ns = spin_ns
+        self.slice_ns = slice_ns
         self.timeout = timeout
         return self
 

@@ -336,7 +336,7 @@ def test_dtypes_that_would_arrive_as_raw_bytes_are_refused_before_posting(dtype)
         assert recv.view(STRUCTURED)["id"].tolist() == [0, 2]
 
 
-@pytest.mark.parametrize("spin", ["-1", "soon"])
+@pytest.mark.parametrize("spin", ["-1", "soon", "inf", "1e300"])
 def test_a_bad_spin_setting_is_refused_before_the_rank_is_claimed(spin, monkeypatch):
     """A retry must find the rank free: nothing of the segment is touched before the check."""
     with blsshm.Comm.create(2, 0) as creator:
@@ -352,7 +352,7 @@ def test_a_bad_spin_setting_is_refused_before_the_rank_is_claimed(spin, monkeypa
             assert joined.rank == 1
 
 
-@pytest.mark.parametrize("setting", ["0", "-5", "often", "nan"])
+@pytest.mark.parametrize("setting", ["0", "-5", "often", "nan", "1e-7"])
 def test_a_bad_liveness_setting_is_refused(setting, monkeypatch):
     monkeypatch.setenv("BLSSHM_LIVENESS_MS", setting)
     with pytest.raises(BlsValueError, match="BLSSHM_LIVENESS_MS"):

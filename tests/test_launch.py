@@ -179,7 +179,8 @@ def test_spawn_checks_the_communicator_options_before_starting_anyone(monkeypatc
     for kwargs, exc_type, words in [
             (dict(timeout=-1), blsshm.BlsValueError, "timeout must be >= 0"),
             (dict(timeout="x"), blsshm.BlsTypeError, "timeout must be a number of seconds"),
-            (dict(spin_us=-1), blsshm.BlsValueError, "spin_us must be >= 0"),
+            (dict(spin_us=-1), blsshm.BlsValueError, "spin_us must be a number of microseconds in"),
+            (dict(spin_us=float("inf")), blsshm.BlsValueError, "spin_us must be a number of microseconds in"),
             (dict(args="ab"), blsshm.BlsTypeError, "args must be a tuple or list"),  # was fn(comm, "a", "b")
             (dict(args=5), blsshm.BlsTypeError, "args must be a tuple or list")]:
         with pytest.raises(exc_type, match=words):
