@@ -27,7 +27,7 @@ from libc.stdint cimport uint32_t, uint64_t, int64_t, int32_t
 from libc.string cimport memcpy, memset, strncpy, strncmp, memchr
 from libc.stdlib cimport calloc, free
 from libc.errno cimport errno, EINTR
-from posix.unistd cimport getpid
+from posix.unistd cimport getpid, close
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.long cimport PyLong_AsLongLong
 from cpython.ref cimport Py_INCREF
@@ -308,8 +308,9 @@ cdef class Core:
     cdef bint closed
     cdef int owner_pid          # the process that attached (a forked child is not it)
     cdef bint forked            # this is a forked child's copy: it may only be closed
-    cdef int waiting            # waits in progress (a signal handler may close during one)
-    cdef bint release_pending   # closed during a wait: free our buffers when it unwinds
+    cdef int busy               # calls in progress: Python code they run (a signal handler,
+                                # an __index__, a finalizer) may close us in the middle
+    cdef bint release_pending   # closed during a call: free our buffers when it returns
 
     # local state of this rank's sends
     cdef readonly uint64_t next_post
@@ -482,6 +483,7 @@ cdef class Core:
         self._release()
 
     cdef void _release(self):
+        cdef int r
         if self.have_buf:
             PyBuffer_Release(&self.buf)
             self.have_buf = False
@@ -492,6 +494,10 @@ cdef class Core:
         free(self.block_off)
         free(self.recv_off)
         free(self.recv_bytes)
+        if self.pidfds != NULL:
+            for r in range(self.size):
+                if self.pidfds[r] >= 0:
+                    close(self.pidfds[r])
         free(self.pidfds)
         self.fl_iter = self.fl_start = self.fl_end = NULL
         self.counts = NULL
@@ -528,11 +534,20 @@ cdef class Core:
         return 0
 
     def _set_pidfds(self, fds):
-        """Give the pidfds of the peers (``-1`` for self) used to detect a dead rank."""
+        """Hand over the pidfds of the peers (``-1`` for self) used to detect a dead rank.
+
+        They are ours from then on: closed with the communicator, or when
+        replaced.  Nothing is taken if this raises (closed meanwhile).
+        """
+        self._check_mapped()
         if len(fds) != self.size:
             raise BlsValueError("one pidfd per rank")
+        cdef int fd
         for r in range(self.size):
-            self.pidfds[r] = fds[r]
+            fd = fds[r]
+            if self.pidfds[r] >= 0 and self.pidfds[r] != fd:
+                close(self.pidfds[r])
+            self.pidfds[r] = fd
 
     def _close_core(self):
         """Mark this rank closed and wake every sleeper so nobody waits on it."""
@@ -545,13 +560,27 @@ cdef class Core:
             bls_fence()
             self._wake_everyone()
         self.view_base = None  # views handed out keep the mapping alive themselves
-        if self.waiting:
-            # A signal handler closed us inside a wait, which still reads our
-            # arrays and the segment (mapped while we hold its buffer): the
-            # wait releases them when it unwinds (see _await).
+        if self.busy:
+            # Closed from inside one of our calls (a signal handler, or any
+            # Python code it ran), which still uses our arrays and the segment
+            # (mapped while we hold its buffer): it releases them when it
+            # returns (_leave), after raising at its next shared write.
             self.release_pending = True
         else:
             self._release()
+
+    cdef inline void _leave(self) noexcept:
+        """End a call that counted itself ``busy``; release what a close during it left."""
+        self.busy -= 1
+        if self.release_pending and not self.busy:
+            self.release_pending = False
+            self._release()
+
+    cdef int _check_not_closed_during(self, str operation, int64_t t) except -1:
+        """Raise if a signal handler (or other Python code) closed us during this call."""
+        if self.closed:
+            raise BlsError(f"communicator was closed during {operation}({t}) (by a signal handler)")
+        return 0
 
     def _mark_forked(self):
         """This object is a forked child's copy: refuse every call but ``close``."""
@@ -954,19 +983,14 @@ cdef class Core:
         # HOLD_GIL_NS (CPython itself lets a thread keep it 5 ms), and only
         # then lets this process's other threads run.  Yielding the CPU while
         # holding it delays only those threads, by at most that long.
-        self.waiting += 1  # signal handlers run only in the second phase
+        # Signal handlers run only in the second phase; one that closes us
+        # leaves our arrays to the call (busy), which must not go on.
         rc = self._wait(which, target, deadline_ns[0], HOLD_GIL_NS)
         if rc == STILL_WAITING:
             with nogil:
                 rc = self._wait(which, target, deadline_ns[0])
-        self.waiting -= 1
-        if self.closed:  # a handler closed us: nothing of ours may be touched any more
-            if self.release_pending and not self.waiting:
-                self.release_pending = False
-                self._release()
-            if rc != ERR_SIGNAL:
-                raise BlsError(f"communicator was closed during {operation}({t}) "
-                               f"(by a signal handler)")
+        if self.closed and rc != ERR_SIGNAL:
+            self._check_not_closed_during(operation, t)
         if rc == ERR_SIGNAL:
             return -1  # the handler's exception (KeyboardInterrupt) is set: let it propagate
         if rc != OK:
@@ -1231,6 +1255,7 @@ cdef class Core:
         cdef int idx
         cdef uint64_t itemsize = dtype.itemsize
         cdef bytes dstr = self._dtype_str(dtype)
+        self._check_not_closed_during("post", t)  # or peers would read a closed rank's post
         if not self.pending_inline and self.mboxes == NULL:
             d = self._desc_in_slot(self.rank, slot)
             d.record_offset = self.pending_start
@@ -1523,6 +1548,7 @@ cdef class Core:
         self._reserve_blocks(t, nbytes, dtype.itemsize, self._timeout_ns(timeout))
         self.slot_dtype[self._slot(t)] = dtype
         try:
+            self._check_not_closed_during("post_views", t)  # views of a mapping about to go
             return [self._view(<uint64_t>(self._block_dst(q, t) - self.base), self.counts[q], dtype, True)
                     for q in range(self.size)]
         except BaseException:
@@ -1637,6 +1663,7 @@ cdef class Core:
         return where
 
     cdef int _finish(self, uint64_t t, uint64_t received) except -1:
+        self._check_not_closed_during("complete", t)
         self.bytes_received += received
         cdef bls_rank_t* me = &self.ranks[self.rank]
         self._announce(&me.completed, &me.completed_sleepers, t + 1)
@@ -1718,6 +1745,7 @@ cdef class Core:
         marks ``t`` completed (the senders may then overwrite the blocks).
         """
         self._await_posts(t, timeout)
+        self._check_not_closed_during("complete_views", t)  # views of a mapping about to go
         cdef uint64_t n
         cdef int s
         cdef const char* dchars
@@ -1772,6 +1800,13 @@ cdef class Core:
         posted ``t`` died or closed (checked at most once per liveness slice,
         as a sleeping wait checks).
         """
+        self.busy += 1
+        try:
+            return self._arrived(t)
+        finally:
+            self._leave()
+
+    cdef bint _arrived(self, object t) except -1:
         cdef int64_t it = _iteration(t)
         self._check_owner()
         if it < 0:
@@ -1780,6 +1815,7 @@ cdef class Core:
             if self._aborted():
                 self._raise_aborted()
             return False  # nobody posts before every rank attached: no need to wait for that
+        self._check_not_closed_during("arrived", it)  # _poll_ready ran Python code
         # _first_behind loads with acquire, so a True answer also makes the
         # records visible to the complete(t) that follows.
         cdef int r = self._first_behind(PUBLISHED, <uint64_t>it + 1, 0)
@@ -1827,15 +1863,20 @@ cdef class Core:
         ``0, 1, 2, ...``, and ``post(t)`` needs this rank's own
         ``complete(t - lag - 1)`` first.
         """
-        if not self.ready:
-            self._make_ready()
-        cdef int64_t it = _iteration(t)
+        cdef int64_t it
         cdef bint was_torch = False
-        if not cnp.PyArray_CheckExact(send):
-            send, was_torch = as_array(send, "send")
-        timeout = self._timeout_arg(timeout)
-        self._post(it, send, send_counts, timeout)
-        self.slot_torch[self._slot(it)] = was_torch
+        self.busy += 1
+        try:
+            if not self.ready:
+                self._make_ready()
+            it = _iteration(t)
+            if not cnp.PyArray_CheckExact(send):
+                send, was_torch = as_array(send, "send")
+            timeout = self._timeout_arg(timeout)
+            self._post(it, send, send_counts, timeout)
+            self.slot_torch[self._slot(it)] = was_torch
+        finally:
+            self._leave()
 
     def complete(self, t, out=None, *, timeout=DEFAULT_TIMEOUT):
         """Wait until every rank posted ``t``; return ``(recv, recv_counts)``.
@@ -1848,16 +1889,22 @@ cdef class Core:
         own post.  ``recv`` is a torch tensor if ``out`` is one, or, without
         ``out``, if this rank's ``send`` was one.
         """
-        if not self.ready:
-            self._make_ready()
-        cdef int64_t it = _iteration(t)
-        cdef bint torch_recv = self.slot_torch[self._slot(it)]
-        if out is not None:
-            torch_recv = False
-            if not cnp.PyArray_CheckExact(out):
-                out, torch_recv = as_array(out, "out")
-        timeout = self._timeout_arg(timeout)
-        result = self._complete(it, out, timeout)
+        cdef int64_t it
+        cdef bint torch_recv
+        self.busy += 1
+        try:
+            if not self.ready:
+                self._make_ready()
+            it = _iteration(t)
+            torch_recv = self.slot_torch[self._slot(it)]
+            if out is not None:
+                torch_recv = False
+                if not cnp.PyArray_CheckExact(out):
+                    out, torch_recv = as_array(out, "out")
+            timeout = self._timeout_arg(timeout)
+            result = self._complete(it, out, timeout)
+        finally:
+            self._leave()
         if torch_recv:
             return to_torch(result[0]), result[1]
         return result
@@ -1871,6 +1918,13 @@ cdef class Core:
         arrived (their sizes are the senders'): if it is too small, the
         iteration stays posted and ``complete(t)`` with room enough ends it.
         """
+        self.busy += 1
+        try:
+            return self._alltoallv(send, send_counts, out, timeout)
+        finally:
+            self._leave()
+
+    cdef object _alltoallv(self, object send, object send_counts, object out, object timeout):
         self._check_open()
         cdef int64_t t = self.next_post
         if self.next_complete != self.next_post:
@@ -1977,7 +2031,11 @@ cdef class PostViews:
         self.views = ()
 
     def __enter__(self):
-        views = self.comm._zc_reserve(self.t, self.counts, self.dtype, self.timeout)
+        self.comm.busy += 1
+        try:
+            views = self.comm._zc_reserve(self.t, self.counts, self.dtype, self.timeout)
+        finally:
+            self.comm._leave()
         self.views = tuple(views)
         return views
 
@@ -2007,7 +2065,11 @@ cdef class CompleteViews:
         self.comm, self.t, self.timeout = comm, t, timeout
 
     def __enter__(self):
-        return self.comm._zc_acquire(self.t, self.timeout)
+        self.comm.busy += 1
+        try:
+            return self.comm._zc_acquire(self.t, self.timeout)
+        finally:
+            self.comm._leave()
 
     def __exit__(self, exc_type, exc, tb):
         if not self.comm.closed:

@@ -155,7 +155,6 @@ class Comm(_core.Core):
     """
 
     name: str
-    _pidfds: List[int]
     _lock_fd: int
     _pid: int
     _pid_ns: int
@@ -181,7 +180,6 @@ class Comm(_core.Core):
             slice_ns = int(1e6 * liveness_ms())
             self = cls.__new__(cls)
             self.name = name
-            self._pidfds = []
             self._lock_fd = -1
             self._pid = os.getpid()  # a forked child's copy must not unlink or abort
             self._pid_ns = _proc.pid_namespace()
@@ -298,19 +296,24 @@ class Comm(_core.Core):
         # another one (containers sharing /dev/shm) it is someone else's or
         # nobody's, and only its liveness lock tells.
         fds = []
-        for r, (pid, pid_ns) in enumerate(self._peer_pids()):
-            fd = -1
-            if r != self.rank and pid > 0 and pid_ns == self._pid_ns != 0:
-                try:
-                    fd = os.pidfd_open(pid)
-                except OSError:
-                    fd = -1  # gone, or no pidfds here: its lock tells
-                if fd >= 0 and self._lock_released(r):
-                    os.close(fd)  # it died before we opened it: the pid may be another's now
-                    fd = -1
-            fds.append(fd)
-        self._pidfds = [fd for fd in fds if fd >= 0]
-        self._set_pidfds(fds)
+        try:
+            for r, (pid, pid_ns) in enumerate(self._peer_pids()):
+                fd = -1
+                if r != self.rank and pid > 0 and pid_ns == self._pid_ns != 0:
+                    try:
+                        fd = os.pidfd_open(pid)
+                    except OSError:
+                        fd = -1  # gone, or no pidfds here: its lock tells
+                    if fd >= 0 and self._lock_released(r):
+                        os.close(fd)  # it died before we opened it: the pid may be another's now
+                        fd = -1
+                fds.append(fd)
+            self._set_pidfds(fds)  # the core's from now on: closed with it
+        except BaseException:  # closed meanwhile (by a signal handler), or interrupted
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+            raise
         self.ready = True
 
     # ------------------------------------------------------------ collectives
@@ -350,7 +353,7 @@ class Comm(_core.Core):
         Views handed out earlier stay valid memory until they are dropped.
         A communicator belongs to one thread: to interrupt a wait from another
         thread, call :meth:`abort`, never ``close``.  A signal handler may
-        close it; the wait it interrupted then raises :class:`BlsError`.  In
+        close it; the call it interrupted then raises :class:`BlsError`.  In
         a child made by ``os.fork`` every other call raises ``BlsError``, and
         ``close`` only drops the child's copy (and so does leaving a ``with``
         block there, even on an exception).
@@ -360,9 +363,6 @@ class Comm(_core.Core):
         try:
             self._close_core()
         finally:
-            for fd in self._pidfds:
-                os.close(fd)
-            self._pidfds = []
             self._drop_lock_fd()  # peers that look now see the lock gone, after our CLOSED state
             if self._owns_name and not self.ready and os.getpid() == self._pid:
                 # The creator leaving before the start-up barrier takes the

@@ -454,6 +454,67 @@ def test_a_signal_handler_may_close_the_communicator_during_a_wait(split):
     assert got[1] == [0.0, 1.0]  # rank 0 had posted before it closed
 
 
+class _ClosesWhenIndexed:
+    """An integer whose ``__index__`` raises SIGUSR1: the handler runs inside the call using it."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __index__(self):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        for _ in range(100):  # Python runs the handler at its next check, in this loop
+            pass
+        return self.value
+
+
+def _pidfds_open():
+    return sum(os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]" for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}"))
+
+
+def _closed_by_a_handler_outside_a_wait(comm, operation):
+    send = np.full(2, comm.rank, np.float32)
+    if comm.rank == 1:
+        try:
+            return comm.alltoallv(send, [1, 1], timeout=20)[0].tolist()
+        except PeerLostError:
+            return "peer lost"
+    signal.signal(signal.SIGUSR1, lambda *_: comm.close())
+    comm._make_ready()  # waits until every rank attached: our pidfds are open
+    assert _pidfds_open() == 1
+    one = _ClosesWhenIndexed(1)
+    try:
+        if operation == "post":
+            comm.post(0, send, [one, 1])
+        elif operation == "alltoallv":
+            comm.alltoallv(send, [1, one])
+        elif operation == "post_views":
+            with comm.post_views(0, [one, 1], np.float32) as views:
+                views[0][:] = 0
+        elif operation == "complete":
+            comm.post(0, send, [1, 1])
+            comm.complete(_ClosesWhenIndexed(0))
+        else:
+            comm.arrived(_ClosesWhenIndexed(0))
+    except blsshm.BlsError as exc:
+        return str(exc), _pidfds_open()
+    return "returned", _pidfds_open()
+
+
+@pytest.mark.parametrize("operation", ["post", "alltoallv", "post_views", "complete", "arrived"])
+def test_a_signal_handler_may_close_the_communicator_inside_any_call(operation):
+    # Python code a call runs (here an __index__) lets a handler run in the
+    # middle of it: close() freed the arrays the call went on to write (SIGSEGV).
+    got = blsshm.spawn(_closed_by_a_handler_outside_a_wait, 2, args=(operation,))
+    message, pidfds = got[0]
+    assert "closed" in message
+    if operation in ("post", "alltoallv", "post_views"):  # nothing was published
+        step = "post" if operation == "alltoallv" else operation
+        assert message == f"communicator was closed during {step}(0) (by a signal handler)"
+        assert got[1] == "peer lost"
+    assert pidfds == 0  # released when the call returned
+
+
 def test_a_forked_child_of_the_creator_neither_unlinks_nor_aborts():
     """Before every rank attached, the creator's copy in a child must leave the name and the run alone."""
     a = blsshm.Comm.create(2, 0, arena_bytes=1 << 16, timeout=10)
