@@ -36,21 +36,32 @@ def init(*, timeout: Optional[float] = None, attach_timeout: float = 60.0,
     """
     global _initialized
     from blsshm.run import ENV_NAME, ENV_RANK, ENV_SIZE
-    try:
-        name, rank, size = os.environ[ENV_NAME], int(os.environ[ENV_RANK]), int(os.environ[ENV_SIZE])
-    except (KeyError, ValueError):
+    missing = [var for var in (ENV_NAME, ENV_RANK, ENV_SIZE) if var not in os.environ]
+    if missing:
         raise BlsError(
-            "blsshm.init() needs the environment set by `python -m blsshm.run -n N script.py`; "
-            "in other processes use Comm.create()/Comm.attach() or blsshm.spawn()") from None
+            f"blsshm.init() needs the environment set by `python -m blsshm.run -n N script.py` "
+            f"({', '.join(missing)} not set); in other processes use Comm.create()/Comm.attach() "
+            f"or blsshm.spawn()")
+    name = os.environ[ENV_NAME]
+    rank, size = _env_int(ENV_RANK, 0), _env_int(ENV_SIZE, 1)
     if _initialized == (os.getpid(), rank):
         raise BlsError(f"blsshm.init() was already called in this process (rank {rank}): a rank "
                        f"attaches once; keep the communicator the first call returned")
-    comm = Comm.attach(name, rank, timeout=timeout, attach_timeout=attach_timeout, spin_us=spin_us)
+    comm = Comm._open(name, rank, timeout=timeout, attach_timeout=attach_timeout, spin_us=spin_us,
+                      owns_name=False, expected_size=size, size_source=ENV_SIZE)  # checked before claiming
     _initialized = (os.getpid(), rank)
-    if comm.size != size:
-        comm.close()
-        raise BlsError(f"{ENV_SIZE}={size} but the segment has {comm.size} ranks")
     return comm
+
+
+def _env_int(var, least):
+    value = os.environ[var]
+    try:
+        number = int(value)
+    except ValueError:
+        number = least - 1
+    if number < least:
+        raise BlsValueError(f"{var}={value!r} is not an integer >= {least} (set by `python -m blsshm.run`)")
+    return number
 
 
 __all__ = [

@@ -393,12 +393,15 @@ cdef class Core:
         self.dtype_cache = {}
         self.copy_mode = COPY_AUTO
 
-    def _attach_mapping(self, segment, int rank, int lock_fd=-1, uint64_t pid_ns=0):
+    def _attach_mapping(self, segment, int rank, int lock_fd=-1, uint64_t pid_ns=0,
+                        int64_t expected_size=-1, str size_source="size"):
         """Claim ``rank`` in the mapped segment (a writable buffer).
 
         ``lock_fd``, an open descriptor of the segment of this rank's own
         (kept open while the rank lives), carries its liveness lock and tests
         the peers'; ``pid_ns`` names this process's PID namespace (0: unknown).
+        With ``expected_size`` >= 0, a segment of another size is refused
+        before the rank is claimed (``size_source`` names where it came from).
         """
         # Views hold this memoryview, which holds an export of the mapping:
         # the memory cannot be unmapped while a view lives.  It is read-only,
@@ -408,14 +411,15 @@ cdef class Core:
         PyObject_GetBuffer(segment, &self.buf, PyBUF_WRITABLE)
         self.have_buf = True
         try:
-            self._bind(rank, lock_fd, pid_ns)  # claiming the rank is its last step
+            self._bind(rank, lock_fd, pid_ns, expected_size, size_source)  # claiming the rank is its last step
         except BaseException:
             self.closed = True
             self.view_base = None
             self._release()
             raise
 
-    cdef int _bind(self, int rank, int lock_fd, uint64_t pid_ns) except -1:
+    cdef int _bind(self, int rank, int lock_fd, uint64_t pid_ns, int64_t expected_size,
+                   str size_source) except -1:
         self.base = <char*>self.buf.buf
         self.hdr = <bls_header_t*>self.base
         if <uint64_t>self.buf.len < 2 * BLS_LINE or bls_load_acquire(&self.hdr.magic) != BLS_MAGIC:
@@ -433,6 +437,8 @@ cdef class Core:
             raise BlsValueError("segment header does not match its size")
         self.size = self.hdr.nranks
         self.lag = self.hdr.lag
+        if expected_size >= 0 and expected_size != self.size:
+            raise BlsValueError(f"{size_source} is {expected_size} but the segment has {self.size} ranks")
         if rank < 0 or rank >= self.size:
             raise BlsValueError(f"rank must be in [0, {self.size}), got {rank}")
         self.rank = rank

@@ -167,7 +167,8 @@ class Comm(_core.Core):
         raise TypeError("use Comm.create(), Comm.attach(), blsshm.init() or blsshm.spawn()")
 
     @classmethod
-    def _open(cls, name, rank, *, timeout, attach_timeout, spin_us, owns_name):
+    def _open(cls, name, rank, *, timeout, attach_timeout, spin_us, owns_name,
+              expected_size=-1, size_source="size"):
         mapping = None
         lock_fd = -1
         try:
@@ -191,7 +192,7 @@ class Comm(_core.Core):
                 self._mapping = mapping
                 self._lock_fd = lock_fd
                 _open_comms.add(self)
-            self._attach_mapping(mapping, rank, lock_fd, self._pid_ns)
+            self._attach_mapping(mapping, rank, lock_fd, self._pid_ns, expected_size, size_source)
         except BaseException:
             if mapping is not None:
                 mapping.close()

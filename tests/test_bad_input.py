@@ -1,5 +1,7 @@
 """DESIGN §5: bad input raises a named error before anything is published,
 and the communicator still works afterwards."""
+import re
+
 import numpy as np
 import pytest
 
@@ -192,9 +194,31 @@ def test_attaching_the_same_rank_twice_is_refused():
         second.close()
 
 
-def test_init_outside_the_launcher_says_how_to_start():
-    with pytest.raises(BlsError, match="python -m blsshm.run"):
+def test_init_outside_the_launcher_says_how_to_start(monkeypatch):
+    for name in ("BLSSHM_NAME", "BLSSHM_SIZE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.delenv("BLSSHM_RANK", raising=False)
+    with pytest.raises(BlsError, match=r"python -m blsshm.run.*\(BLSSHM_RANK not set\)"):
         blsshm.init()
+
+
+@pytest.mark.parametrize("variable, value, words", [
+    ("BLSSHM_RANK", "x", "BLSSHM_RANK='x' is not an integer >= 0"),
+    ("BLSSHM_SIZE", "0", "BLSSHM_SIZE='0' is not an integer >= 1"),
+    ("BLSSHM_SIZE", "3", "BLSSHM_SIZE is 3 but the segment has 2 ranks")])
+def test_init_names_a_garbled_variable_before_the_rank_is_claimed(variable, value, words, monkeypatch):
+    # The size was compared after attaching: the rank was taken (and, for the
+    # last rank, the name unlinked), and the peers saw it close.
+    monkeypatch.setattr(blsshm, "_initialized", None)
+    with blsshm.Comm.create(2, 0) as creator:
+        good = {"BLSSHM_NAME": creator.name, "BLSSHM_RANK": "1", "BLSSHM_SIZE": "2"}
+        for name, setting in {**good, variable: value}.items():
+            monkeypatch.setenv(name, setting)
+        with pytest.raises(BlsValueError, match=re.escape(words)):
+            blsshm.init(attach_timeout=5)
+        monkeypatch.setenv(variable, good[variable])
+        with blsshm.init(attach_timeout=5) as joined:  # rank 1 is still free
+            assert joined.rank == 1
 
 
 def test_close_is_idempotent_and_calls_after_close_raise():
