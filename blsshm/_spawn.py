@@ -167,28 +167,42 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
                 conns.append(parent_end)
         return _collect(procs, conns, pidfds, grace, reported, on_failure)
     finally:
-        # A rank that reported may still be exiting (flushing its output):
-        # let it finish, within the grace period.  The others get SIGTERM
-        # at once, and SIGKILL if they are still running TERM_WAIT_S later.
-        deadline = time.monotonic() + grace
-        for r, proc in enumerate(procs):
-            if r in reported:
-                proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        deadline = time.monotonic() + TERM_WAIT_S
-        for proc in procs:
+        try:
+            _stop_ranks(procs, reported, grace)
+        except BaseException:
+            # A second Ctrl-C while we waited for them means "now" (as in the
+            # launcher): no rank may outlive the call, the caller may live on.
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+            for proc in procs:
+                proc.join()
+            raise
+        finally:
+            for conn in conns:
+                conn.close()
+            for fd in pidfds:
+                if fd >= 0:
+                    os.close(fd)
+
+
+def _stop_ranks(procs, reported, grace):
+    """Let ranks that reported exit, within ``grace``; SIGTERM the others, SIGKILL after TERM_WAIT_S; reap all."""
+    # A rank that reported may still be exiting (flushing its output).
+    deadline = time.monotonic() + grace
+    for r, proc in enumerate(procs):
+        if r in reported:
             proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-        for proc in procs:
-            proc.join()
-        for conn in conns:
-            conn.close()
-        for fd in pidfds:
-            if fd >= 0:
-                os.close(fd)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + TERM_WAIT_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+    for proc in procs:
+        proc.join()
 
 
 @contextlib.contextmanager

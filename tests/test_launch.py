@@ -286,6 +286,32 @@ def test_ranks_that_returned_are_not_killed_while_they_exit(tmp_path):
     assert [text.count(f"rank {r} finished exiting") for r in (0, 1)] == [2, 2], text
 
 
+def _second_ctrl_c_while_stopping(comm, pid_file):
+    if comm.rank == 1:
+        # The SIGTERM that stops us comes while spawn waits for us to exit:
+        # we answer with the user's second Ctrl-C to spawn, and stay.
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getppid(), signal.SIGINT))
+        pid_file.write_text(str(os.getpid()))
+    comm.alltoallv(np.zeros(2), [1, 1])  # both are set up
+    if comm.rank == 0:
+        raise RuntimeError("the first failure")
+    time.sleep(60)
+
+
+def test_a_second_ctrl_c_while_spawn_stops_the_ranks_kills_them(tmp_path):
+    # The Ctrl-C cut the clean-up short: rank 1 ran on after spawn returned
+    # (a notebook, whose kernel lives on, kept it for good).
+    with pytest.raises(KeyboardInterrupt):
+        blsshm.spawn(_second_ctrl_c_while_stopping, 2, args=(tmp_path / "pid",), grace=0.2)
+    pid = int((tmp_path / "pid").read_text())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return  # killed and reaped
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("rank 1 outlived spawn")
+
+
 def _many_iterations(comm, iters):
     send = np.arange(comm.size * 4, dtype=np.float32)
     for _ in range(iters):
