@@ -610,6 +610,11 @@ cdef class Core:
 
     cdef void _abort_nogil(self, uint32_t kind, int lost_rank, const char* reason) noexcept nogil:
         cdef bls_rank_t* me = &self.ranks[self.rank]
+        # Aborted already: the first reason stands, and if it was ours, others
+        # may be reading our fields now.  (Only we write them, so if the word
+        # is still 0 nobody reads them yet.)
+        if self._aborted():
+            return
         me.abort_kind = kind
         me.abort_lost_rank = lost_rank
         strncpy(me.abort_reason, reason, BLS_REASON_CHARS - 1)
