@@ -12,6 +12,7 @@ synchronous alltoallv returns.  Start here:
 import os
 from typing import Optional
 
+from blsshm._core import MAX_RANKS
 from blsshm.comm import DEFAULT_ARENA_BYTES, Comm, Request
 from blsshm.errors import (
     ArenaFullError, BlsError, BlsTimeoutError, BlsTypeError, BlsValueError,
@@ -43,7 +44,7 @@ def init(*, timeout: Optional[float] = None, attach_timeout: float = 60.0,
             f"({', '.join(missing)} not set); in other processes use Comm.create()/Comm.attach() "
             f"or blsshm.spawn()")
     name = os.environ[ENV_NAME]
-    rank, size = _env_int(ENV_RANK, 0), _env_int(ENV_SIZE, 1)
+    rank, size = _env_int(ENV_RANK, 0, MAX_RANKS - 1), _env_int(ENV_SIZE, 1, MAX_RANKS)
     if _initialized == (os.getpid(), rank):
         raise BlsError(f"blsshm.init() was already called in this process (rank {rank}): a rank "
                        f"attaches once; keep the communicator the first call returned")
@@ -53,14 +54,15 @@ def init(*, timeout: Optional[float] = None, attach_timeout: float = 60.0,
     return comm
 
 
-def _env_int(var, least):
+def _env_int(var, least, most):
     value = os.environ[var]
     try:
         number = int(value)
     except ValueError:
         number = least - 1
-    if number < least:
-        raise BlsValueError(f"{var}={value!r} is not an integer >= {least} (set by `python -m blsshm.run`)")
+    if not least <= number <= most:
+        raise BlsValueError(f"{var}={value!r} is not an integer in [{least}, {most}] "
+                            f"(set by `python -m blsshm.run`)")
     return number
 
 

@@ -1625,6 +1625,8 @@ cdef class Core:
         ``dtype_chars``/``item_out``, if given, receive the sender's dtype
         string and item size.
         """
+        if self._aborted():
+            self._raise_aborted()  # the first reason stands, as every rank reads it
         cdef uint64_t slot = self._slot(t)
         cdef bls_mbox_t* mb
         cdef bls_desc_t* d

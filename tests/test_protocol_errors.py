@@ -206,3 +206,16 @@ def test_the_lines_these_tests_corrupt_are_the_ones_the_protocol_reads():
     finally:
         a.close()
         b.close()
+
+
+def test_a_protocol_error_after_our_own_abort_reports_the_first_reason():
+    # The rank raised the protocol error as its own reason while every peer
+    # (and the segment) said "first".
+    with Comm.create(2, 0, arena_bytes=1 << 16, timeout=5) as a, Comm.attach(a.name, 1, timeout=5) as b:
+        a.post(0, np.zeros(2, np.float32), [1, 1])
+        b.post(0, np.zeros(2, np.float64), [1, 1])  # a dtype mismatch for a to find
+        a.abort("first")
+        for comm in (a, b):
+            with pytest.raises(CommAborted) as info:
+                comm.complete(0)
+            assert info.value.reason == "first"
