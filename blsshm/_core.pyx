@@ -461,12 +461,13 @@ cdef class Core:
         self.recv_off = <uint64_t*>calloc(1, self.size * sizeof(uint64_t))
         self.recv_bytes = <uint64_t*>calloc(1, self.size * sizeof(uint64_t))
         self.pidfds = <int*>calloc(1, self.size * sizeof(int))
+        if self.pidfds != NULL:  # before anything can fail: _release closes those >= 0
+            for r in range(self.size):
+                self.pidfds[r] = -1
         if (self.fl_iter == NULL or self.fl_start == NULL or self.fl_end == NULL
                 or self.counts == NULL or self.block_off == NULL or self.pidfds == NULL
                 or self.recv_off == NULL or self.recv_bytes == NULL):
             raise MemoryError()
-        for r in range(self.size):
-            self.pidfds[r] = -1
         self.slot_dtype = [None] * (self.lag + 1)
         self.slot_torch = [False] * (self.lag + 1)
         # Claim the rank with a CAS on its pid (guards against two processes
@@ -539,16 +540,20 @@ cdef class Core:
             raise BlsValueError(f"rank {self.rank} is closed")
         return 0
 
-    def _set_pidfds(self, fds):
+    def _set_pidfds(self, list fds):
         """Hand over the pidfds of the peers (``-1`` for self) used to detect a dead rank.
 
         They are ours from then on: closed with the communicator, or when
-        replaced.  Nothing is taken if this raises (closed meanwhile).
+        replaced; if this refuses them (closed meanwhile), it closes them.
+        No Python code runs between the check and the hand-over.
         """
-        self._check_mapped()
-        if len(fds) != self.size:
-            raise BlsValueError("one pidfd per rank")
         cdef int fd
+        if self.closed or len(fds) != self.size:
+            for fd in fds:
+                if fd >= 0:
+                    close(fd)
+            self._check_mapped()
+            raise BlsValueError("one pidfd per rank")
         for r in range(self.size):
             fd = fds[r]
             if self.pidfds[r] >= 0 and self.pidfds[r] != fd:
@@ -1530,8 +1535,18 @@ cdef class Core:
         self._commit(t, dtype)
         return 0
 
-    cdef cnp.ndarray _view(self, uint64_t offset, cnp.npy_intp count, cnp.dtype dtype, bint writable):
-        """A 1-D array of ``count`` elements at ``offset`` in the mapping (no copy)."""
+    cdef object _views_base(self, str operation, int64_t t):
+        """What views of this call hold to keep the mapping alive (``view_base``, read once).
+
+        Read once per call: a close during it (a finalizer at an allocation)
+        drops ``view_base``, and a view without it would outlive the mapping.
+        """
+        self._check_not_closed_during(operation, t)
+        return self.view_base
+
+    cdef cnp.ndarray _view(self, object base, uint64_t offset, cnp.npy_intp count, cnp.dtype dtype,
+                           bint writable):
+        """A 1-D array of ``count`` elements at ``offset`` in the mapping (no copy), holding ``base``."""
         cdef cnp.npy_intp dims[1]
         dims[0] = count
         cdef int flags = cnp.NPY_ARRAY_C_CONTIGUOUS
@@ -1540,8 +1555,8 @@ cdef class Core:
         Py_INCREF(dtype)
         cdef cnp.ndarray view = _PyArray_NewFromDescr(
             np.ndarray, dtype, 1, dims, NULL, self.base + offset, flags, None)
-        Py_INCREF(self.view_base)
-        _PyArray_SetBaseObject(view, self.view_base)
+        Py_INCREF(base)
+        _PyArray_SetBaseObject(view, base)
         return view
 
     cdef list _zc_reserve(self, int64_t t, object send_counts, object dtype_arg, object timeout):
@@ -1559,8 +1574,8 @@ cdef class Core:
         self._reserve_blocks(t, nbytes, dtype.itemsize, self._timeout_ns(timeout))
         self.slot_dtype[self._slot(t)] = dtype
         try:
-            self._check_not_closed_during("post_views", t)  # views of a mapping about to go
-            return [self._view(<uint64_t>(self._block_dst(q, t) - self.base), self.counts[q], dtype, True)
+            base = self._views_base("post_views", t)
+            return [self._view(base, <uint64_t>(self._block_dst(q, t) - self.base), self.counts[q], dtype, True)
                     for q in range(self.size)]
         except BaseException:
             self.pending = False
@@ -1610,6 +1625,8 @@ cdef class Core:
 
     cdef int _protocol_error(self, str message) except -1:
         data = message.encode("utf-8", "replace")[:BLS_REASON_CHARS - 1]
+        if self._aborted():
+            self._raise_aborted()  # the first reason stands, as every rank reads it
         self._abort_nogil(BLS_ABORT_PROTOCOL, -1, data)
         if self._abort_info()[0] != self.rank:
             self._raise_aborted()  # another rank aborted first (the same mismatch, seen from its side)
@@ -1625,8 +1642,6 @@ cdef class Core:
         ``dtype_chars``/``item_out``, if given, receive the sender's dtype
         string and item size.
         """
-        if self._aborted():
-            self._raise_aborted()  # the first reason stands, as every rank reads it
         cdef uint64_t slot = self._slot(t)
         cdef bls_mbox_t* mb
         cdef bls_desc_t* d
@@ -1758,7 +1773,7 @@ cdef class Core:
         marks ``t`` completed (the senders may then overwrite the blocks).
         """
         self._await_posts(t, timeout)
-        self._check_not_closed_during("complete_views", t)  # views of a mapping about to go
+        base = self._views_base("complete_views", t)
         cdef uint64_t n
         cdef int s
         cdef const char* dchars
@@ -1786,7 +1801,7 @@ cdef class Core:
                 self.last_recv_dtype, self.last_recv_dtype_str = dtype, dstr
             if (<cnp.dtype>dtype).itemsize != isz:
                 self._protocol_error(f"rank {s} sent an invalid dtype at iteration {t}")
-            views.append(self._view(off, n // isz, dtype, False))
+            views.append(self._view(base, off, n // isz, dtype, False))
             total += n
         self.acquired_bytes = total
         return views
@@ -1982,9 +1997,13 @@ cdef class Core:
         views turn read-only on exit (numpy will not make them writable
         again); do not keep writable slices of them past the block either.
         """
-        if not self.ready:
-            self._make_ready()
-        return PostViews(self, _iteration(t), send_counts, dtype, self._timeout_arg(timeout))
+        self.busy += 1  # _make_ready runs Python code
+        try:
+            if not self.ready:
+                self._make_ready()
+            return PostViews(self, _iteration(t), send_counts, dtype, self._timeout_arg(timeout))
+        finally:
+            self._leave()
 
     def complete_views(self, t, *, timeout=DEFAULT_TIMEOUT):
         """Zero-copy complete: a context manager giving read-only views of what arrived.
@@ -1995,9 +2014,13 @@ cdef class Core:
         after which the senders may overwrite those bytes: copy what must
         outlive the block.
         """
-        if not self.ready:
-            self._make_ready()
-        return CompleteViews(self, _iteration(t), self._timeout_arg(timeout))
+        self.busy += 1  # _make_ready runs Python code
+        try:
+            if not self.ready:
+                self._make_ready()
+            return CompleteViews(self, _iteration(t), self._timeout_arg(timeout))
+        finally:
+            self._leave()
 
     def _make_ready(self):
         raise NotImplementedError

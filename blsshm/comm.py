@@ -309,12 +309,12 @@ class Comm(_core.Core):
                         os.close(fd)  # it died before we opened it: the pid may be another's now
                         fd = -1
                 fds.append(fd)
-            self._set_pidfds(fds)  # the core's from now on: closed with it
-        except BaseException:  # closed meanwhile (by a signal handler), or interrupted
+        except BaseException:  # interrupted
             for fd in fds:
                 if fd >= 0:
                     os.close(fd)
             raise
+        self._set_pidfds(fds)  # the core's from now on (or closed by it, if we were closed meanwhile)
         self.ready = True
 
     # ------------------------------------------------------------ collectives

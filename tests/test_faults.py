@@ -515,6 +515,52 @@ def test_a_signal_handler_may_close_the_communicator_inside_any_call(operation):
     assert pidfds == 0  # released when the call returned
 
 
+def _closed_by_a_finalizer(rank, operation):
+    import gc
+    outcomes = set()
+    for allocations in range(20):  # a collection after 0..19 allocations: somewhere inside the call
+        comm = blsshm.Comm.create(1, arena_bytes=1 << 16)
+        if operation != "post_views, not ready":
+            comm.alltoallv(np.zeros(2, np.float32), [2])
+        if operation == "complete_views":
+            comm.post(1, np.arange(2, dtype=np.float32), [2])
+        armed = [False]
+
+        def close_once(phase, _info):
+            if armed[0] and phase == "start":
+                armed[0] = False
+                comm.close()
+        gc.callbacks.append(close_once)
+        gc.set_threshold(50)
+        gc.collect()
+        keep = [[] for _ in range(50 - allocations)]
+        armed[0] = True
+        try:
+            if operation == "complete_views":
+                with comm.complete_views(1) as views:
+                    float(views[0].sum())  # a view over an unmapped segment: SIGSEGV
+            else:
+                with comm.post_views(comm.next_post, [2], np.float32) as views:
+                    views[0][:] = 1
+            outcomes.add("ok")
+        except blsshm.BlsError:
+            outcomes.add("closed")
+        finally:
+            gc.set_threshold(700)
+            gc.callbacks.remove(close_once)
+            del keep
+            comm.close()
+    return sorted(outcomes)
+
+
+@pytest.mark.parametrize("operation", ["post_views", "post_views, not ready", "complete_views"])
+def test_views_never_outlive_a_close_by_a_finalizer(operation):
+    # A close from a finalizer (a collection at an allocation) inside the
+    # call made views without the mapping's keeper, or read the segment
+    # after it was unmapped: SIGSEGV.
+    assert "closed" in blsshm.run_ranks(_closed_by_a_finalizer, 1, args=(operation,))[0]
+
+
 def test_a_forked_child_of_the_creator_neither_unlinks_nor_aborts():
     """Before every rank attached, the creator's copy in a child must leave the name and the run alone."""
     a = blsshm.Comm.create(2, 0, arena_bytes=1 << 16, timeout=10)
