@@ -1839,11 +1839,12 @@ cdef class Core:
         self._check_owner()
         if it < 0:
             raise BlsValueError(f"arrived({it}): iterations start at 0")
-        if not self.ready and not self._poll_ready():
+        cdef bint all_attached = self.ready or self._poll_ready()
+        self._check_not_closed_during("arrived", it)  # _poll_ready ran Python code
+        if not all_attached:
             if self._aborted():
                 self._raise_aborted()
             return False  # nobody posts before every rank attached: no need to wait for that
-        self._check_not_closed_during("arrived", it)  # _poll_ready ran Python code
         # _first_behind loads with acquire, so a True answer also makes the
         # records visible to the complete(t) that follows.
         cdef int r = self._first_behind(PUBLISHED, <uint64_t>it + 1, 0)
