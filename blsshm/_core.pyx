@@ -1005,7 +1005,7 @@ cdef class Core:
         if rc == STILL_WAITING:
             with nogil:
                 rc = self._wait(which, target, deadline_ns[0])
-        if self.closed and rc != ERR_SIGNAL:
+        if rc != ERR_SIGNAL:
             self._check_not_closed_during(operation, t)
         if rc == ERR_SIGNAL:
             return -1  # the handler's exception (KeyboardInterrupt) is set: let it propagate
