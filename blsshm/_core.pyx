@@ -73,8 +73,12 @@ cdef extern from "_sync.h" nogil:
     void bls_fence()
     void bls_cpu_relax()
     int64_t bls_now_ns()
-    int bls_futex_wait(uint64_t *counter, uint32_t expected, int64_t timeout_ns)
+    int bls_futex_wait3(uint64_t *counter, uint32_t seen, uint32_t *abort_word,
+                        uint32_t *closes, uint32_t closes_seen, int64_t timeout_ns)
+    int bls_futex_waitv_works()
+    int bls_waitv_support
     void bls_futex_wake_all(uint64_t *counter)
+    void bls_futex_wake_all32(uint32_t *word)
     int bls_pidfd_exited(int pidfd)
     void bls_yield()
     int bls_lock_hold(int fd, int byte)
@@ -120,6 +124,7 @@ cdef extern from "_layout.h" nogil:
         uint64_t mbox_offset
     ctypedef struct bls_abort_t:
         uint32_t word
+        uint32_t closes
     ctypedef struct bls_rank_t:
         uint64_t published
         uint32_t published_sleepers
@@ -353,6 +358,10 @@ cdef class Core:
     cdef public int64_t spin_ns   # how long a wait spins before it sleeps
     cdef public int64_t pause_ns  # longest pause between yields while spinning
     cdef public int64_t slice_ns  # longest futex sleep between liveness checks
+    # Tests only (0 otherwise): spin this long between a sleep's last look at
+    # the words it sleeps on and the futex call, to widen the window in which
+    # an abort or a close must not be missed.
+    cdef public int64_t sleep_gap_ns
     cdef int lost_rank
     cdef int64_t next_liveness_ns  # when arrived() may next ask whether the ranks behind live
     cdef const char* own_src    # a blocking alltoallv's own block, not yet copied (see _scatter)
@@ -568,7 +577,11 @@ cdef class Core:
         if getpid() == self.owner_pid:  # a forked child only drops its copy
             bls_store_release32(&self.ranks[self.rank].state, BLS_STATE_CLOSED)
             bls_store_relaxed32(&self.ranks[self.rank].cpu_hint, 0)  # shares no CPU any more
-            bls_fence()
+            # After the state (a sequentially consistent add, so it also orders
+            # the state before it): a sleeper that read the count before looking
+            # at our state either saw CLOSED, or sleeps expecting the old count,
+            # which the kernel then finds changed or our wake finds queued.
+            bls_add32(&self.abort_line.closes, 1)
             self._wake_everyone()
         self.view_base = None  # views handed out keep the mapping alive themselves
         if self.busy:
@@ -608,7 +621,13 @@ cdef class Core:
     # -------------------------------------------------------------- aborting
 
     cdef void _wake_everyone(self) noexcept nogil:
+        """Wake every sleeper, after an abort or a close changed the word it says."""
         cdef int r
+        # Sleepers wait on the abort word and the closes count too (futex_waitv),
+        # which is what closes the window between their last look and their
+        # sleep; the counters are woken for kernels without it.
+        bls_futex_wake_all32(&self.abort_line.word)
+        bls_futex_wake_all32(&self.abort_line.closes)
         for r in range(self.size):
             bls_futex_wake_all(&self.ranks[r].published)
             bls_futex_wake_all(&self.ranks[r].completed)
@@ -853,8 +872,9 @@ cdef class Core:
         so that other work gets the CPU.  It yields at once while one of
         them last waited on our CPU: that rank can run only if we give way.
         Then sleeps on the futex of the first rank still behind (its
-        ``published`` or ``completed``, stored after its stamps), in slices of
-        ``slice_ns``, re-checking the abort word and whether that rank lives.
+        ``published`` or ``completed``, stored after its stamps) and on the
+        abort word and the count of closes, in slices of ``slice_ns``,
+        re-checking the abort word and whether the ranks behind live.
         With ``hold_ns`` >= 0 it is the first phase of a wait, run holding
         the GIL: it returns STILL_WAITING after ``hold_ns`` or at the end of
         the spin, whichever comes first, and never sleeps.
@@ -884,6 +904,7 @@ cdef class Core:
         cdef uint64_t seen
         cdef uint64_t* counter
         cdef uint32_t* sleepers
+        cdef uint32_t closes_seen
         cdef bint interrupted = False
         while True:
             if self._aborted():
@@ -935,6 +956,10 @@ cdef class Core:
                     continue
                 now = bls_now_ns()
                 continue
+            # Read before the states _check_alive looks at (acquire: those
+            # loads stay after it), so a close we do not see there changes the
+            # count after this read, and the sleep below cannot miss it.
+            closes_seen = bls_load_acquire32(&self.abort_line.closes)
             rc = self._check_alive(which, target, r, now >= next_poll)
             if rc != OK:
                 break
@@ -960,11 +985,18 @@ cdef class Core:
             # Sleep handshake with the writer (see _announce): register, full
             # fence, re-read.  Either we see its new count, or it sees us
             # registered and wakes us; the kernel re-checks the word too.
+            # An abort or a close is covered the same way by the words beside
+            # the counter (bls_futex_wait3): they were 0 and closes_seen when
+            # we last looked, and whoever changes them wakes them.
             bls_add32(sleepers, 1)
             bls_fence()
             seen = bls_load_acquire(counter)
             if seen < target and not self._aborted():
-                interrupted = bls_futex_wait(counter, <uint32_t>seen, sleep_ns) == -1 and errno == EINTR
+                if self.sleep_gap_ns:
+                    self._spin_for(self.sleep_gap_ns)
+                interrupted = bls_futex_wait3(counter, <uint32_t>seen, &self.abort_line.word,
+                                              &self.abort_line.closes, closes_seen,
+                                              sleep_ns) == -1 and errno == EINTR
                 self.futex_sleeps += 1
             bls_add32(sleepers, -1)
             now = bls_now_ns()
@@ -1012,6 +1044,11 @@ cdef class Core:
         if rc != OK:
             self._raise_wait(rc, which, target, operation, t)
         return 0
+
+    cdef void _spin_for(self, int64_t ns) noexcept nogil:
+        cdef int64_t end = bls_now_ns() + ns
+        while bls_now_ns() < end:
+            bls_cpu_relax()
 
     cdef inline void _announce(self, uint64_t* counter, uint32_t* sleepers, uint64_t value) noexcept nogil:
         """Store this rank's new count and wake sleepers, if any."""
@@ -2114,6 +2151,21 @@ cdef class CompleteViews:
         return False
 
 
+def futex_waitv_works():
+    """Whether sleeping waits use ``futex_waitv`` here (Linux 5.16+, not
+    refused by a seccomp filter), so that an abort or a peer's close wakes a
+    sleeper at once however the two race.  Without it a sleeper sleeps on
+    one counter, and such a wake may wait for the end of its liveness slice.
+    """
+    return bool(bls_futex_waitv_works())
+
+
+def _sleep_on_one_futex(bint yes):
+    """Tests only: sleep as on a kernel without ``futex_waitv`` (this process)."""
+    global bls_waitv_support
+    bls_waitv_support = -1 if yes else 0
+
+
 def abort_unattached(segment, int rank, str reason):
     """For the launcher: abort the communicator for ``rank``, whose process
     exited without attaching; False if it had attached (its peers watch it
@@ -2126,6 +2178,7 @@ def abort_unattached(segment, int rank, str reason):
     cdef Py_buffer buf
     PyObject_GetBuffer(segment, &buf, PyBUF_WRITABLE)
     cdef bls_rank_t* a
+    cdef bls_abort_t* abort_line
     try:
         if buf.len < 2 * BLS_LINE or bls_load_acquire(&(<bls_header_t*>buf.buf).magic) != BLS_MAGIC:
             raise BlsValueError("not a blsshm segment (bad magic)")
@@ -2140,7 +2193,11 @@ def abort_unattached(segment, int rank, str reason):
         data = _reason_bytes(reason)
         strncpy(a.abort_reason, data, BLS_REASON_CHARS - 1)
         # The CAS (acq_rel) publishes the fields above to whoever acquires the word.
-        return bool(bls_cas32(&(<bls_abort_t*>(<char*>buf.buf + BLS_LINE)).word, 0, rank + 1))
+        abort_line = <bls_abort_t*>(<char*>buf.buf + BLS_LINE)
+        if not bls_cas32(&abort_line.word, 0, rank + 1):
+            return False
+        bls_futex_wake_all32(&abort_line.word)  # anyone asleep on it (_wait)
+        return True
     finally:
         PyBuffer_Release(&buf)
 

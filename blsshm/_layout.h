@@ -1,7 +1,7 @@
 /* The shared-memory layout of one blsshm communicator (DESIGN §3).
  *
  *   offset 0                  bls_header_t        written once by the creator
- *   BLS_LINE                  bls_abort_t         the abort word (first aborter wins)
+ *   BLS_LINE                  bls_abort_t         the abort word (first aborter wins), closes
  *   2 * BLS_LINE              bls_rank_t[P]       per-rank counters, 3 lines each
  *   descs_offset              P x (L+1) descriptors of desc_stride bytes
  *   mbox_offset               P x P x (L+1) mailboxes of one line (0: none)
@@ -18,7 +18,7 @@
 
 #define BLS_LINE 128
 #define BLS_MAGIC 0x314d485353534c42ULL /* "BLSSSHM1" */
-#define BLS_VERSION 4
+#define BLS_VERSION 5
 #define BLS_BLOCK_ALIGN 64              /* each per-destination block starts on a cache line */
 #define BLS_DTYPE_CHARS 20
 #define BLS_REASON_CHARS (BLS_LINE - 32) /* abort reason, NUL included */
@@ -48,8 +48,9 @@ typedef struct {
 } bls_header_t;
 
 typedef struct {
-    uint32_t word;  /* 0 while running, else 1 + the rank that aborted first */
-    char _pad[BLS_LINE - 4];
+    uint32_t word;    /* 0 while running, else 1 + the rank that aborted first */
+    uint32_t closes;  /* ranks that closed so far: sleepers wait on it too (see _sync.h) */
+    char _pad[BLS_LINE - 8];
 } bls_abort_t;
 
 typedef struct {

@@ -102,6 +102,82 @@ static inline int bls_futex_wait(volatile uint64_t *counter, uint32_t expected, 
 static inline void bls_futex_wake_all(volatile uint64_t *counter) {
     syscall(SYS_futex, (uint32_t *)counter, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
+static inline void bls_futex_wake_all32(volatile uint32_t *word) {
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* futex_waitv (Linux 5.16): sleep until any of several 32-bit words is
+ * woken, the kernel checking every word against its expected value as it
+ * queues the sleeper.  A waiter that passes the abort word and the count of
+ * closed ranks as well as its peer's counter cannot miss an abort or a close
+ * that lands between its last look and its sleep: either the kernel sees the
+ * changed word and returns at once, or the writer's wake finds it queued.
+ * (One futex only covers the counter, so such an abort or close would be
+ * noticed only when the sleep's slice ended.)  Declared here rather than
+ * taken from <linux/futex.h>, whose copy may predate it. */
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449
+#endif
+struct bls_futex_waitv {
+    uint64_t val;
+    uint64_t uaddr;
+    uint32_t flags;
+    uint32_t reserved;
+};
+#define BLS_FUTEX2_SIZE_U32 0x02   /* FUTEX2_SIZE_U32; no FUTEX2_PRIVATE: the words are shared */
+
+/* 1 once futex_waitv worked, -1 once the kernel (or a seccomp filter)
+ * refused it, 0 before the first sleep.  Racing first sleeps in two threads
+ * both find the same answer (relaxed: the value is all they share). */
+static int bls_waitv_support = 0;
+
+/* Sleep on `counter`'s low half (expected `seen`), the abort word (expected
+ * 0) and the closes word (expected `closes_seen`), for at most `timeout_ns`.
+ * Returns as bls_futex_wait.  Without futex_waitv it sleeps on the counter
+ * alone, as before. */
+static inline int bls_futex_wait3(volatile uint64_t *counter, uint32_t seen,
+                                  volatile uint32_t *abort_word,
+                                  volatile uint32_t *closes, uint32_t closes_seen,
+                                  int64_t timeout_ns) {
+    if (__atomic_load_n(&bls_waitv_support, __ATOMIC_RELAXED) >= 0) {
+        struct bls_futex_waitv w[3];
+        struct timespec deadline;
+        memset(w, 0, sizeof w);
+        w[0].uaddr = (uint64_t)(uintptr_t)counter;
+        w[0].val = seen;
+        w[1].uaddr = (uint64_t)(uintptr_t)abort_word;
+        w[1].val = 0;
+        w[2].uaddr = (uint64_t)(uintptr_t)closes;
+        w[2].val = closes_seen;
+        w[0].flags = w[1].flags = w[2].flags = BLS_FUTEX2_SIZE_U32;
+        /* futex_waitv takes an absolute deadline. */
+        clock_gettime(CLOCK_MONOTONIC, &deadline);
+        int64_t end_ns = (int64_t)deadline.tv_nsec + timeout_ns % 1000000000LL;
+        deadline.tv_sec += timeout_ns / 1000000000LL + end_ns / 1000000000LL;
+        deadline.tv_nsec = end_ns % 1000000000LL;
+        long rc = syscall(SYS_futex_waitv, w, 3, 0, &deadline, CLOCK_MONOTONIC);
+        if (rc >= 0 || errno == EAGAIN || errno == ETIMEDOUT || errno == EINTR) {
+            __atomic_store_n(&bls_waitv_support, 1, __ATOMIC_RELAXED);
+            return rc >= 0 || errno == EAGAIN ? 0 : -1;
+        }
+        /* ENOSYS (before 5.16), EPERM (a seccomp filter) or anything else:
+         * fall back below, from now on, rather than return at once from
+         * every sleep and spin. */
+        __atomic_store_n(&bls_waitv_support, -1, __ATOMIC_RELAXED);
+    }
+    return bls_futex_wait(counter, seen, timeout_ns);
+}
+
+/* Whether sleeps use futex_waitv here (asks the kernel once if not yet known:
+ * a wait on a word that does not hold the expected value returns at once). */
+static inline int bls_futex_waitv_works(void) {
+    if (__atomic_load_n(&bls_waitv_support, __ATOMIC_RELAXED) == 0) {
+        uint64_t counter = 1;
+        uint32_t zero = 0;
+        bls_futex_wait3(&counter, 0, &zero, &zero, 0, 1000000);
+    }
+    return __atomic_load_n(&bls_waitv_support, __ATOMIC_RELAXED) > 0;
+}
 
 /* 1 if the process behind a pidfd has exited (a zombie counts as exited:
  * its parent may not have reaped it yet), 0 if it runs, -1 on error. */

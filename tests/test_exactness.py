@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import blsshm
+from blsshm import _core
 from payload import counts_matrix, expected_recv, send_buffer
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,6 +61,22 @@ def test_pipeline_is_exact(size, lag):
         assert mismatches == [], f"rank {rank} got wrong data at iterations {mismatches[:10]}"
         assert stats["iterations_completed"] == iters
     assert sum(s["bytes_sent"] for _, s in results) == sum(s["bytes_received"] for _, s in results)
+
+
+def _pipeline_on_one_futex(comm, *args):
+    _core._sleep_on_one_futex(True)  # as on a kernel without futex_waitv
+    return _pipeline(comm, *args)
+
+
+def test_pipeline_is_exact_when_sleeps_use_one_futex():
+    # Without a spin, most waits sleep: they must still be woken by each post and complete.
+    iters = 1000
+    results = blsshm.spawn(_pipeline_on_one_futex, 3, lag=1, arena_bytes=1 << 20, spin_us=0,
+                           args=(iters, 23, 0.05, "copy"))
+    for rank, (mismatches, stats) in enumerate(results):
+        assert mismatches == [], f"rank {rank} got wrong data at iterations {mismatches[:10]}"
+        assert stats["iterations_completed"] == iters
+    assert sum(s["futex_sleeps"] for _, s in results) > 0
 
 
 @pytest.mark.parametrize("lag", [0, 3])

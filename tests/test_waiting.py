@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 import blsshm
+from blsshm import _core
+from harness import Ranks
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,3 +117,51 @@ def test_waits_are_counted_where_they_happen(late_in):
     if late_in == "post":
         assert on_time["post_wait_s"] == 0, on_time
     assert late["post_wait_s"] == late["complete_wait_s"] == 0 and late["futex_sleeps"] == 0, late
+
+
+# Where rank 0's wait registers as a sleeper on rank 1's posts: the offsets
+# mirror blsshm/_layout.h (header and abort lines, then 3 lines per rank).
+_LINE = 128
+_PUBLISHED_SLEEPERS_OF_RANK_1 = 2 * _LINE + 3 * _LINE + 8
+
+
+def _wake_in_the_sleep_window(comm, waker, how):
+    """Rank 0 sleeps waiting for rank 1's post; ``waker`` aborts or closes
+    once rank 0 has registered as a sleeper, inside the widened window between
+    rank 0's last look and its futex call."""
+    if comm.rank == 0:
+        comm.spin_ns = 0
+        comm.slice_ns = 3600 * 10**9  # a missed wake would sleep for an hour
+        comm.sleep_gap_ns = 2_000_000
+        comm.post(0, np.zeros(comm.size), [1] * comm.size)
+        try:
+            comm.complete(0)
+        except blsshm.BlsError as exc:
+            return type(exc).__name__, getattr(exc, "lost_rank", None)
+        return "completed", None
+    if comm.rank == waker:
+        sleepers = np.frombuffer(comm._mapping, np.uint32, 1, _PUBLISHED_SLEEPERS_OF_RANK_1)
+        while sleepers[0] == 0:
+            pass
+        if how == "abort":
+            comm.abort("woken")
+        else:
+            comm.close()
+        return None
+    while comm._abort_info() is None:  # the other rank stays until rank 0 has seen it
+        time.sleep(0.001)
+    return None
+
+
+@pytest.mark.skipif(not _core.futex_waitv_works(),
+                    reason="needs futex_waitv (Linux 5.16+); without it such a wake waits for the slice")
+@pytest.mark.parametrize("waker, how, expected", [
+    (1, "abort", ("CommAborted", None)),
+    (1, "close", ("PeerLostError", 1)),
+    (2, "close", ("PeerLostError", 2)),  # a rank other than the one slept on
+])
+def test_an_abort_or_close_racing_a_sleep_still_wakes_it(waker, how, expected):
+    with Ranks(_wake_in_the_sleep_window, 3, args=(waker, how), timeout=None) as ranks:
+        out = ranks.collect(3, timeout=20)
+    assert 0 in out, f"rank 0 still sleeps: the {how} by rank {waker} did not wake it ({out})"
+    assert out[0] == ("ok", expected)
