@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""What a rank's turn on a shared core costs: the floor under an oversubscribed lag-0 alltoallv.
+
+With more ranks than cores, a lag-0 alltoallv needs every rank to run once
+per iteration, so a core with two ranks switches twice per iteration, and
+each rank's call then runs "cold": the other process has just used the core,
+and its caches, TLB (without PCID every switch between processes empties it)
+and branch predictors hold the other's state.  This tool times, for a few
+kinds of work, one call alone in a loop ("hot") and the same loop run by two
+processes pinned to one core that yield to each other after every call
+(each call then follows a switch):
+
+``none``       an empty Python call: the switch and the interpreter's own
+               loop;
+``numpy``      ``np.add`` of 16 doubles into ``out``: one small NumPy call;
+``alltoallv``  a one-rank blsshm ``alltoallv`` of 8 bytes into ``out``: the
+               library's own call path, with no peer to wait for.
+
+A "turn" is one call plus one switch to the other process.  Four ranks on two
+cores at lag 0 take at least two turns per core per iteration.
+
+Reproduce::
+
+    python tools/switch_cost.py
+    python tools/switch_cost.py --rounds 200000 --kinds none alltoallv
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+
+import blsshm
+
+KINDS = ("none", "numpy", "alltoallv")
+
+
+def make_call(kind):
+    """The call to time, and what to close afterwards (or None)."""
+    if kind == "none":
+        return (lambda: None), None
+    if kind == "numpy":
+        a, b, c = np.zeros(16), np.ones(16), np.empty(16)
+        return (lambda: np.add(a, b, out=c)), None
+    comm = blsshm.Comm.create(1, 0, arena_bytes=1 << 16)
+    send, out = np.zeros(8, np.uint8), np.empty(8, np.uint8)
+    return (lambda: comm.alltoallv(send, [8], out=out)), comm
+
+
+def time_calls(call, rounds, switch):
+    """Mean ns per round of ``call()`` (then ``sched_yield()`` when ``switch``)."""
+    for _ in range(1000):
+        call()
+    start = time.perf_counter_ns()
+    if switch:
+        for _ in range(rounds):
+            call()
+            os.sched_yield()
+    else:
+        for _ in range(rounds):
+            call()
+    return (time.perf_counter_ns() - start) / rounds
+
+
+def timed(kind, rounds, switch):
+    """``time_calls`` of a call of ``kind`` made in this process."""
+    call, closer = make_call(kind)
+    try:
+        return time_calls(call, rounds, switch)
+    finally:
+        if closer is not None:
+            closer.close()
+
+
+def measure(kind, rounds):
+    """``(hot ns per call, ns per turn)`` for ``kind``, on the lowest CPU we may use."""
+    mask = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(mask)})
+    try:
+        hot = timed(kind, rounds, False)
+        pid = os.fork()
+        if pid == 0:  # the other process on the core: its own call, as many turns
+            try:
+                timed(kind, rounds, True)
+            finally:
+                os._exit(0)
+        try:
+            per_round = timed(kind, rounds, True)  # each round holds one turn of each process
+        finally:
+            os.waitpid(pid, 0)
+    finally:
+        os.sched_setaffinity(0, mask)
+    return hot, per_round / 2
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="See the module docstring: python -m pydoc tools/switch_cost.py")
+    parser.add_argument("--rounds", type=int, default=100_000, help="calls per measurement (default 100000)")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                        help="which calls to time (default: all)")
+    args = parser.parse_args(argv)
+    print("two processes on one core, yielding to each other after every call; ns:")
+    print(f"  {'call':10s} {'hot call':>9s} {'turn':>7s} {'turn - hot':>11s}")
+    for kind in args.kinds:
+        hot, turn = measure(kind, args.rounds)
+        print(f"  {kind:10s} {hot:9.0f} {turn:7.0f} {turn - hot:11.0f}")
+
+
+if __name__ == "__main__":
+    main()
