@@ -904,7 +904,9 @@ cdef class Core:
         cdef uint64_t seen
         cdef uint64_t* counter
         cdef uint32_t* sleepers
-        cdef uint32_t closes_seen
+        # 0, not the count now: a rank that closed before we began is looked for too.
+        cdef uint32_t closes_seen = 0
+        cdef uint32_t closes
         cdef bint interrupted = False
         while True:
             if self._aborted():
@@ -924,6 +926,15 @@ cdef class Core:
                 rc = STILL_WAITING
                 break
             if now < spin_until:
+                # A rank closed since we last looked (rare, and the count shares
+                # the abort word's line, just read): is it one we wait for?
+                # Acquire: the states _check_alive reads are read after it.
+                closes = bls_load_acquire32(&self.abort_line.closes)
+                if closes != closes_seen:
+                    closes_seen = closes
+                    rc = self._check_alive(which, target, r, False)
+                    if rc != OK:
+                        break
                 if not give_way and now < pause_until:
                     # One pause between checks: a pause costs 10-140 cycles
                     # depending on the CPU (25 ns on this project's Zen 4), and

@@ -125,6 +125,10 @@ struct bls_futex_waitv {
     uint32_t reserved;
 };
 #define BLS_FUTEX2_SIZE_U32 0x02   /* FUTEX2_SIZE_U32; no FUTEX2_PRIVATE: the words are shared */
+struct bls_kernel_timespec {       /* __kernel_timespec: 64-bit fields even where time_t is 32 */
+    int64_t tv_sec;
+    int64_t tv_nsec;
+};
 
 /* 1 once futex_waitv worked, -1 once the kernel (or a seccomp filter)
  * refused it, 0 before the first sleep.  Racing first sleeps in two threads
@@ -141,7 +145,8 @@ static inline int bls_futex_wait3(volatile uint64_t *counter, uint32_t seen,
                                   int64_t timeout_ns) {
     if (__atomic_load_n(&bls_waitv_support, __ATOMIC_RELAXED) >= 0) {
         struct bls_futex_waitv w[3];
-        struct timespec deadline;
+        struct timespec now;
+        struct bls_kernel_timespec deadline;
         memset(w, 0, sizeof w);
         w[0].uaddr = (uint64_t)(uintptr_t)counter;
         w[0].val = seen;
@@ -151,9 +156,9 @@ static inline int bls_futex_wait3(volatile uint64_t *counter, uint32_t seen,
         w[2].val = closes_seen;
         w[0].flags = w[1].flags = w[2].flags = BLS_FUTEX2_SIZE_U32;
         /* futex_waitv takes an absolute deadline. */
-        clock_gettime(CLOCK_MONOTONIC, &deadline);
-        int64_t end_ns = (int64_t)deadline.tv_nsec + timeout_ns % 1000000000LL;
-        deadline.tv_sec += timeout_ns / 1000000000LL + end_ns / 1000000000LL;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        int64_t end_ns = (int64_t)now.tv_nsec + timeout_ns % 1000000000LL;
+        deadline.tv_sec = (int64_t)now.tv_sec + timeout_ns / 1000000000LL + end_ns / 1000000000LL;
         deadline.tv_nsec = end_ns % 1000000000LL;
         long rc = syscall(SYS_futex_waitv, w, 3, 0, &deadline, CLOCK_MONOTONIC);
         if (rc >= 0 || errno == EAGAIN || errno == ETIMEDOUT || errno == EINTR) {

@@ -129,10 +129,15 @@ def _wake_in_the_sleep_window(comm, waker, how):
     """Rank 0 sleeps waiting for rank 1's post; ``waker`` aborts or closes
     once rank 0 has registered as a sleeper, inside the widened window between
     rank 0's last look and its futex call."""
+    # On CPUs of their own, so the waker acts within microseconds of seeing
+    # rank 0 register, well inside the window (on rank 0's CPU it would run
+    # only once rank 0 is asleep, and a plain wake would do).
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[0]} if comm.rank == 0 else {cpus[1]})
     if comm.rank == 0:
         comm.spin_ns = 0
         comm.slice_ns = 3600 * 10**9  # a missed wake would sleep for an hour
-        comm.sleep_gap_ns = 2_000_000
+        comm.sleep_gap_ns = 50_000_000
         comm.post(0, np.zeros(comm.size), [1] * comm.size)
         try:
             comm.complete(0)
@@ -153,6 +158,7 @@ def _wake_in_the_sleep_window(comm, waker, how):
     return None
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 @pytest.mark.skipif(not _core.futex_waitv_works(),
                     reason="needs futex_waitv (Linux 5.16+); without it such a wake waits for the slice")
 @pytest.mark.parametrize("waker, how, expected", [
@@ -165,3 +171,35 @@ def test_an_abort_or_close_racing_a_sleep_still_wakes_it(waker, how, expected):
         out = ranks.collect(3, timeout=20)
     assert 0 in out, f"rank 0 still sleeps: the {how} by rank {waker} did not wake it ({out})"
     assert out[0] == ("ok", expected)
+
+
+_CLOSES = _LINE + 4  # the count of closed ranks, beside the abort word
+
+
+def _peer_closes_while_we_spin(comm, when):
+    """Rank 0 spins (for up to an hour) for rank 1's post; rank 1 closes
+    before the wait begins or during it."""
+    if comm.rank == 1:
+        if when == "during":
+            time.sleep(0.2)
+        comm.close()
+        return None
+    comm.spin_ns = 3600 * 10**9
+    comm.post(0, np.zeros(2), [1, 1])
+    if when == "before":
+        closes = np.frombuffer(comm._mapping, np.uint32, 1, _CLOSES)
+        while closes[0] == 0:
+            time.sleep(0.001)
+    try:
+        comm.complete(0)
+    except blsshm.PeerLostError as exc:
+        return exc.lost_rank, comm.stats["futex_sleeps"]
+    return "completed", None
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_spinning_wait_notices_a_peer_that_closes(when):
+    with Ranks(_peer_closes_while_we_spin, 2, args=(when,), timeout=None) as ranks:
+        out = ranks.collect(2, timeout=20)
+    assert 0 in out, f"rank 0 still spins: it did not notice rank 1 close ({out})"
+    assert out[0] == ("ok", (1, 0))  # lost rank 1, noticed without sleeping
