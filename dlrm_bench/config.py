@@ -18,6 +18,10 @@ from dlrm_bench.model import interaction_size
 
 BACKENDS = ("bls", "gloo", "mpi")
 DATA_GENERATIONS = ("random", "zipf", "dataset")
+MAX_TIMEOUT_S = 1e6      # 11.6 days: gloo's millisecond deadline still fits
+MAX_DELAY_MS = 3.6e6     # an hour per delay
+MAX_SLOW_FACTOR = 1e6
+SHM_DIR = "/dev/shm"
 
 
 class UsageError(Exception):
@@ -105,8 +109,9 @@ def build_parser():
     m.add_argument("--arch-mlp-bot", default="-".join(map(str, d.mlp_bot)), metavar="SIZES",
                    help="bottom MLP sizes; first is the dense feature count (default %(default)s)")
     m.add_argument("--arch-mlp-top", default=None, metavar="SIZES",
-                   help="top MLP sizes; first must be the interaction size D + F(F-1)/2 "
-                        "with F = tables + 1; last 1 (default 415-256-128-1 for the default tables)")
+                   help="top MLP sizes after its input, last 1; as in the reference, the input "
+                        "size, D + F(F-1)/2 interactions with F = tables + 1, is put in front "
+                        "(default 256-128-1)")
     m.add_argument("--load-model", default=None, metavar="PATH",
                    help="checkpoint of the reference DLRM code: torch.save({'state_dict': ...})")
     m.add_argument("--max-ind-range", type=int, default=d.max_ind_range, metavar="N",
@@ -118,8 +123,9 @@ def build_parser():
     b.add_argument("--num-batches", type=int, default=d.num_batches, metavar="N",
                    help="timed iterations (default %(default)s)")
     b.add_argument("--data-size", type=int, default=None, metavar="N",
-                   help="distinct samples generated; iterations cycle through them "
-                        "(default 64 batches' worth; dataset: every sample used once)")
+                   help="distinct samples generated, rounded up to whole batches (every "
+                        "iteration runs a full batch: no partial last one); iterations cycle "
+                        "through them (default 64 batches' worth; dataset: every sample used once)")
     b.add_argument("--num-indices-per-lookup", type=int, default=d.indices_per_lookup, metavar="K",
                    help="bag size cap: uniform in 1..K per bag (default %(default)s)")
     b.add_argument("--num-indices-per-lookup-fixed", type=_bool, nargs="?", const=True,
@@ -246,12 +252,9 @@ def parse(argv=None):
     if args.arch_mlp_top is None:
         mlp_top = (want,) + Config.mlp_top[1:]
     else:
-        mlp_top = _dashed(args.arch_mlp_top, "--arch-mlp-top")
-        if len(mlp_top) < 2:
-            raise UsageError(f"--arch-mlp-top needs at least an input and an output size, got {args.arch_mlp_top!r}")
-        if mlp_top[0] != want:
-            raise UsageError(f"--arch-mlp-top starts with {mlp_top[0]} but the interaction of "
-                             f"{len(table_rows)} tables of width {sparse_size} gives {want} features")
+        # The reference's rule (dlrm_s_pytorch.py: arch_mlp_top_adjusted):
+        # the interaction size is the first layer's input, put in front.
+        mlp_top = (want,) + _dashed(args.arch_mlp_top, "--arch-mlp-top")
         if mlp_top[-1] != 1:
             raise UsageError(f"--arch-mlp-top must end with 1 (the click probability), got {mlp_top[-1]}")
 
@@ -288,6 +291,13 @@ def parse(argv=None):
         raise UsageError(f"--zipf-alpha must be positive, got {args.zipf_alpha}")
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    # Finite but huge values overflow the backends' and the OS's clocks inside
+    # the ranks (gloo's deadline, sleep's time_t), far from the flag's name.
+    for flag, value, most in (("--timeout", args.timeout, MAX_TIMEOUT_S),
+                              ("--delay-ms", args.delay_ms, MAX_DELAY_MS),
+                              ("--slow-factor", args.slow_factor, MAX_SLOW_FACTOR)):
+        if value > most:
+            raise UsageError(f"{flag} must be at most {most:g}, got {value:g}")
     # Options that would change nothing are refused rather than ignored.
     if (args.delay_prob > 0) != (args.delay_ms > 0):
         raise UsageError("--delay-prob and --delay-ms go together: each iteration is delayed by "
@@ -296,6 +306,8 @@ def parse(argv=None):
         raise UsageError("--zipf-alpha needs --data-generation zipf")
     if args.slow_factor != 1.0 and args.slow_rank == -1:
         raise UsageError("--slow-factor needs --slow-rank R, the rank it slows")
+    if args.slow_rank != -1 and args.slow_factor == 1.0:
+        raise UsageError("--slow-rank needs --slow-factor F > 1, how much slower it runs")
     if args.backend != "bls" and not args.compare:
         for flag, value, default in (("--lag", args.lag, Config.lag),
                                      ("--bls-pipeline", args.bls_pipeline, Config.bls_pipeline)):
@@ -352,7 +364,26 @@ def parse(argv=None):
         progress=sys.stderr.isatty() and not args.no_progress)
     if cfg.load_model is not None:
         _check_model_file(cfg)
+    if args.backend == "bls" or args.compare:
+        _check_shm_room(cfg)
     return cfg, args
+
+
+def _check_shm_room(cfg):
+    """Refuse a --lag whose arenas /dev/shm cannot hold, naming the flag
+    (blsshm would refuse them too, but after the start and about arena_bytes)."""
+    from dlrm_bench.backends import arena_bytes
+    need = cfg.nprocs * arena_bytes(cfg)
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return  # blsshm names the problem itself
+    have = st.f_bavail * st.f_frsize
+    if need > have:
+        raise UsageError(f"--lag {cfg.lag}: the bls arenas ({cfg.lag} + 2 iterations of pooled "
+                         f"embeddings for each of {cfg.nprocs} ranks) need {need / 2**20:.0f} MiB "
+                         f"of {SHM_DIR}, which has {have / 2**20:.0f} MiB free: use a smaller --lag "
+                         f"(or --mini-batch-size)")
 
 
 def _processed_file(args):

@@ -29,7 +29,7 @@ def dashed(sizes):
 
 def model_flags(path):
     return ["--arch-embedding-size", dashed(ROWS), "--arch-sparse-feature-size", str(D),
-            "--arch-mlp-bot", dashed(BOT), "--arch-mlp-top", dashed(TOP), "--load-model", str(path)]
+            "--arch-mlp-bot", dashed(BOT), "--arch-mlp-top", dashed(TOP[1:]), "--load-model", str(path)]
 
 
 RUN_FLAGS = ["--nprocs", "2", "--lag", "1", "--num-batches", "3", "--warmup-batches", "0",

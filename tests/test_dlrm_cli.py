@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dlrm_bench.config import build_parser, mpi_available
+from dlrm_bench.config import build_parser, mpi_available, parse
 from dlrm_cli_check import assert_rejected
 
 
@@ -16,9 +16,14 @@ BAD = [
     (["--arch-sparse-feature-size", "16", "--arch-mlp-bot", "13-32-8"],
      "--arch-sparse-feature-size 16 does not match the last size of --arch-mlp-bot"),
     (["--arch-embedding-size", "10-10-10", "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "3-4",
-      "--arch-mlp-top", "12-1"], "--arch-mlp-top starts with 12 but the interaction of 3 tables of width 4 gives 10"),
-    (["--arch-embedding-size", "10-10-10", "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "3-4",
       "--arch-mlp-top", "10-2"], "must end with 1"),
+    (["--arch-mlp-top", "256-0-1"], "--arch-mlp-top must be positive integers"),
+    (["--timeout", "1e10"], "--timeout must be at most 1e+06, got 1e+10"),
+    (["--delay-prob", "1", "--delay-ms", "1e300"], "--delay-ms must be at most 3.6e+06"),
+    (["--slow-rank", "0", "--slow-factor", "1e300"], "--slow-factor must be at most 1e+06"),
+    (["--slow-rank", "0"], "--slow-rank needs --slow-factor F > 1"),
+    (["--arch-embedding-size", "1000-1000", "--mini-batch-size", "65536", "--lag", "65536"],
+     "--lag 65536: the bls arenas"),
     (["--backend", "nccl"], "unknown backend 'nccl'"),
     (["--nprocs", "9", "--mini-batch-size", "8"], "--nprocs 9 is more ranks than the 8 samples"),
     (["--data-generation", "dataset", "--raw-data-file", "/nonexistent/train.txt", "--max-ind-range", "10"],
@@ -54,6 +59,16 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, no_dlrm_runs):
     assert_rejected(capsys, argv, message)
 
 
+def test_the_top_mlp_flag_means_what_it_means_in_the_reference():
+    # dlrm_s_pytorch.py puts the interaction size in front of --arch-mlp-top:
+    # its defaults (3 tables of width 2: 4 features, 6 pairs + 2) make 8-4-2-1.
+    cfg, _ = parse(["--arch-embedding-size", "4-3-2", "--arch-sparse-feature-size", "2",
+                    "--arch-mlp-bot", "4-3-2", "--arch-mlp-top", "4-2-1", "--mini-batch-size", "8"])
+    assert cfg.mlp_top == (8, 4, 2, 1)
+    default, _ = parse([])
+    assert default.mlp_top == (415, 256, 128, 1)  # 26 tables of width 16
+
+
 def test_an_output_path_through_a_dangling_link_is_refused(tmp_path, capsys, no_dlrm_runs):
     link = tmp_path / "run.json"
     link.symlink_to(tmp_path / "missing" / "run.json")
@@ -81,7 +96,7 @@ def test_non_finite_numbers_are_refused(capsys, no_dlrm_runs):
 
 
 TINY = ["--arch-embedding-size", "100-100", "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "13-4",
-        "--arch-mlp-top", "7-1", "--mini-batch-size", "8", "--num-batches", "4", "--warmup-batches", "1",
+        "--arch-mlp-top", "1", "--mini-batch-size", "8", "--num-batches", "4", "--warmup-batches", "1",
         "--no-progress", "--compare"]
 
 
@@ -107,7 +122,7 @@ def test_timeout_bounds_the_run_and_not_a_slow_rank_setup(backend):
     # Rank 0 spends seconds building a 24M-row table (4-8 s here) while rank 1,
     # with a 10-row table, is ready at once: it used to time out waiting for rank 0.
     big = ["--arch-embedding-size", "24000000-10", "--arch-sparse-feature-size", "16",
-           "--arch-mlp-bot", "13-16", "--arch-mlp-top", "19-1", "--mini-batch-size", "64",
+           "--arch-mlp-bot", "13-16", "--arch-mlp-top", "1", "--mini-batch-size", "64",
            "--num-batches", "20", "--warmup-batches", "2", "--no-progress", "--timeout", "2"]
     proc = subprocess.run([sys.executable, "-m", "dlrm_bench", *big, "--backend", backend],
                           capture_output=True, text=True, timeout=200)

@@ -17,7 +17,7 @@ from dlrm_bench.config import mpi_available, parse
 from dlrm_bench.verify import compare, reference_predictions
 
 SMALL = ["--arch-embedding-size", "40-7-300-25-90", "--arch-sparse-feature-size", "8",
-         "--arch-mlp-bot", "5-16-8", "--arch-mlp-top", "23-12-1", "--mini-batch-size", "11",
+         "--arch-mlp-bot", "5-16-8", "--arch-mlp-top", "12-1", "--mini-batch-size", "11",
          "--num-batches", "13", "--data-size", "55", "--num-indices-per-lookup", "6",
          "--warmup-batches", "3", "--timeout", "60"]
 

@@ -143,7 +143,7 @@ def test_a_checkpoint_with_the_counts_tables_predicts_what_its_weights_give(proc
     sd = random_state_dict(counts, BOT, TOP, D, seed=11)  # tables of the counts' sizes
     ckpt = tmp_path / "dlrm.pt"
     torch.save({"state_dict": sd, "epoch": 1}, ckpt)
-    cfg, _ = config.parse(run_flags(path, "--load-model", str(ckpt), "--arch-mlp-top", "-".join(map(str, TOP))))
+    cfg, _ = config.parse(run_flags(path, "--load-model", str(ckpt), "--arch-mlp-top", "-".join(map(str, TOP[1:]))))
 
     pred = report.predictions(backends.run(cfg, "t"))
 

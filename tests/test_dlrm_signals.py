@@ -11,7 +11,7 @@ import pytest
 from dlrm_bench.config import mpi_available
 
 LONG_RUN = ["--arch-embedding-size", "100-100-100-100", "--arch-sparse-feature-size", "8",
-            "--arch-mlp-bot", "4-8", "--arch-mlp-top", "18-4-1", "--mini-batch-size", "16",
+            "--arch-mlp-bot", "4-8", "--arch-mlp-top", "4-1", "--mini-batch-size", "16",
             "--num-batches", "1000000", "--warmup-batches", "0", "--nprocs", "2", "--no-progress"]
 
 
@@ -69,3 +69,4 @@ def test_a_terminated_run_leaves_nothing_behind(tmp_path, backend, signum, to_gr
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+

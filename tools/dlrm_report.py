@@ -42,7 +42,7 @@ import numpy as np
 MODELS = {
     "default": [],
     "light": ["--arch-embedding-size", "-".join(["10000"] * 8), "--arch-sparse-feature-size", "16",
-              "--arch-mlp-bot", "13-64-16", "--arch-mlp-top", "52-32-1", "--num-indices-per-lookup", "10",
+              "--arch-mlp-bot", "13-64-16", "--arch-mlp-top", "32-1", "--num-indices-per-lookup", "10",
               "--mini-batch-size", "256"],
 }
 DELAYS = {"none": [], "0.1x5ms": ["--delay-prob", "0.1", "--delay-ms", "5"]}
