@@ -30,9 +30,11 @@ def pid_namespace():
         return 0
 
 
-def die_with_parent(parent_pid):
-    """A function that asks the kernel to SIGKILL the calling process when its
-    parent dies (Linux), and exits at once if ``parent_pid`` died already.
+def die_with_parent(parent_pid, signum=signal.SIGKILL):
+    """A function that asks the kernel to send ``signum`` (SIGKILL) to the
+    calling process when its parent dies (Linux), and exits at once if
+    ``parent_pid`` died already.  A process that cleans up after others
+    (mpirun) should get SIGTERM, which it can act on.
 
     ``parent_pid`` is the process that started us.  With multiprocessing's
     forkserver our parent is the fork server instead, which outlives that
@@ -43,7 +45,7 @@ def die_with_parent(parent_pid):
         parent = os.getppid()
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
         except (OSError, AttributeError):  # pragma: no cover - not Linux
             return
         if os.getppid() != parent:  # our parent died before prctl took effect

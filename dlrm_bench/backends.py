@@ -10,6 +10,7 @@ thread pools, which a forked child must not inherit.
 """
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -77,9 +78,11 @@ def run_mpi(cfg, label, bar):
         # mpirun's output goes to a file, not a pipe: nothing needs draining
         # while we wait, drawing rank 0's progress (mpirun has its stderr).
         with open(os.path.join(tmp, "mpirun.out"), "w+", errors="replace") as log:
+            # If we are killed, mpirun gets SIGTERM, not SIGKILL: it then stops
+            # its ranks and removes its session files and shared segments.
             proc = subprocess.Popen(mpirun_command(cfg.nprocs, job_path), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=die_with_parent(os.getpid(), signal.SIGTERM))
             limit = cfg.timeout_s + 60 + cfg.num_batches  # the collective's timeout, plus start-up and the run
             try:
                 _wait_drawing(proc, limit, bar)

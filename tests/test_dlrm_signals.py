@@ -70,3 +70,38 @@ def test_a_terminated_run_leaves_nothing_behind(tmp_path, backend, signum, to_gr
             proc.kill()
         proc.wait()
 
+
+@pytest.mark.timeout(120)
+def test_a_killed_mpi_run_lets_mpirun_clean_up(tmp_path):
+    """SIGKILL, which dlrm_bench cannot act on: mpirun is told (SIGTERM), stops
+    its ranks and removes its session files and shared-memory segments."""
+    if mpi_available() is not None:
+        pytest.skip(mpi_available())
+    key, value = MARK.decode().split("=")
+    env = dict(os.environ, TMPDIR=str(tmp_path), **{key: value})
+    shm_before = set(os.listdir("/dev/shm"))
+    proc = subprocess.Popen([sys.executable, "-m", "dlrm_bench", *LONG_RUN, "--backend", "mpi"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    try:
+        assert proc.stdout.readline().startswith(b"dlrm_bench: ")
+        for _ in range(300):  # until the ranks have made their segments
+            if set(os.listdir("/dev/shm")) - shm_before:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.kill()
+        proc.wait()
+        for _ in range(300):
+            if not _marked():
+                break
+            time.sleep(0.1)
+        assert not _marked(), "processes of the run outlived it"
+        assert set(os.listdir("/dev/shm")) - shm_before == set()
+        # Only dlrm_bench's own directory stays: a killed process cannot remove it.
+        assert [p.name.startswith("dlrm-bench-mpi-") for p in tmp_path.iterdir()] == [True]
+    finally:
+        for pid in _marked():
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
