@@ -35,6 +35,25 @@ def _marked():
 MARK = f"DLRM_SIGNAL_TEST={uuid.uuid4().hex}".encode()
 
 
+def _all_gone(seconds=30.0):
+    """Whether every process of the run has exited (ranks die with their parents; reapers may lag)."""
+    deadline = time.monotonic() + seconds
+    while _marked():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _kill_all(proc):
+    """Whatever the test's outcome: nothing of the run stays."""
+    for pid in _marked():
+        os.kill(pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend, signum, to_group", [
     ("bls", signal.SIGINT, True),  # a terminal's Ctrl-C reaches the ranks too
@@ -57,18 +76,10 @@ def test_a_terminated_run_leaves_nothing_behind(tmp_path, backend, signum, to_gr
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == -signum  # dies of it, after cleaning up, so a calling loop stops too
         assert err.decode().splitlines() == [f"dlrm_bench: interrupted by {signal.Signals(signum).name}"]
-        for _ in range(100):  # ranks die with their parents; their reapers may lag
-            if not _marked():
-                break
-            time.sleep(0.1)
-        assert not _marked(), "processes of the run outlived it"
+        assert _all_gone(), "processes of the run outlived it"
         assert os.listdir(tmp_path) == []  # temporary files of the backend removed
     finally:
-        for pid in _marked():
-            os.kill(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        _kill_all(proc)
 
 
 @pytest.mark.timeout(120)
@@ -91,17 +102,9 @@ def test_a_killed_mpi_run_lets_mpirun_clean_up(tmp_path):
         assert proc.poll() is None, proc.stderr.read()
         proc.kill()
         proc.wait()
-        for _ in range(300):
-            if not _marked():
-                break
-            time.sleep(0.1)
-        assert not _marked(), "processes of the run outlived it"
+        assert _all_gone(), "processes of the run outlived it"
         assert set(os.listdir("/dev/shm")) - shm_before == set()
         # Only dlrm_bench's own directory stays: a killed process cannot remove it.
         assert [p.name.startswith("dlrm-bench-mpi-") for p in tmp_path.iterdir()] == [True]
     finally:
-        for pid in _marked():
-            os.kill(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        _kill_all(proc)
