@@ -99,11 +99,11 @@ static inline int bls_futex_wait(volatile uint64_t *counter, uint32_t expected, 
     if (rc == -1 && errno == EAGAIN) return 0;
     return (int)rc;
 }
-static inline void bls_futex_wake_all(volatile uint64_t *counter) {
-    syscall(SYS_futex, (uint32_t *)counter, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-}
 static inline void bls_futex_wake_all32(volatile uint32_t *word) {
     syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+static inline void bls_futex_wake_all(volatile uint64_t *counter) {
+    bls_futex_wake_all32((volatile uint32_t *)counter);  /* its low half (little-endian, above) */
 }
 
 /* futex_waitv (Linux 5.16): sleep until any of several 32-bit words is
