@@ -6,9 +6,10 @@ communicator, like ``torchrun``: each finds its rank through
 ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``).  If a rank fails, the others get a
 few seconds to notice (they raise ``PeerLostError``); ranks still running
 then get SIGTERM, and SIGKILL 2 s later.  The exit status is the first
-failing rank's.  A rank that exits without attaching aborts the
-communicator, so the others do not wait for it.  The segment is removed in
-every case.
+failing rank's; if ranks die of a signal passed on to them (below), the
+launcher dies of it too, as a shell expects of an interrupted program.  A
+rank that exits without attaching aborts the communicator, so the others do
+not wait for it.  The segment is removed in every case.
 
 Each rank leads a process group of its own: a terminal's Ctrl-C reaches the
 launcher alone, which passes it on once to every rank's group, and at the end
@@ -77,26 +78,43 @@ def _parser():
 
 
 def main(argv=None):
+    """Run the launcher with ``argv`` (default ``sys.argv[1:]``); return its exit status.
+
+    That is 0, 2 for bad usage, or the failing rank's status (128 + N for a
+    rank that died of signal N).
+    """
+    return _launch(argv)[0]
+
+
+def _launch(argv):
+    """Run as :func:`main` does; return the exit status and the signal the launcher should die of, or None.
+
+    That signal is the first one passed on to the ranks when the rank that
+    decides the status died of a signal: the run was interrupted, and a
+    shell running the launcher must see it die of, say, SIGINT (a loop in a
+    script stops on Ctrl-C only then).  Ranks that handle it and exit decide
+    the status themselves, as a program that catches SIGINT does.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = _parser().parse_args(argv)
     opts.args = _verbatim(argv, opts)
     if not 1 <= opts.nprocs <= _core.MAX_RANKS:
         print(f"python -m blsshm.run: -n must be between 1 and {_core.MAX_RANKS}, got {opts.nprocs}",
               file=sys.stderr)
-        return 2
+        return 2, None
     for option, value in (("--grace", opts.grace), ("--stop-timeout", opts.stop_timeout)):
         if not value >= 0:
             print(f"python -m blsshm.run: {option} must be a number of seconds >= 0, got {value}",
                   file=sys.stderr)
-            return 2
+            return 2, None
     if not opts.module and not os.path.exists(opts.target):
         print(f"python -m blsshm.run: no such script: {opts.target}", file=sys.stderr)
-        return 2
+        return 2, None
     try:
         name = segment.create(opts.nprocs, opts.lag, opts.arena_bytes, reaped=True)
     except (BlsError, ValueError) as exc:
         print(f"python -m blsshm.run: {exc}", file=sys.stderr)
-        return 2
+        return 2, None
     cmd = [sys.executable] + (["-m"] if opts.module else []) + [opts.target] + opts.args
     procs = []
     relays = []
@@ -162,7 +180,10 @@ def main(argv=None):
             # signal arriving while the relays drain is forwarded to no one.
             procs.clear()
             _drain(relays, sinks)
-        return _report(codes, observer)
+        code = _report(codes, observer)
+        status = 0 if code is None else code if code > 0 else 128 - code
+        interrupted = signals_seen and signals_seen[0] != signal.SIGQUIT  # no core dump of ours
+        return status, signals_seen[0] if interrupted and code is not None and code < 0 else None
     finally:
         if observer is not None:
             observer.close()
@@ -295,14 +316,14 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout):
 
 
 def _report(codes, observer):
-    """Print what failed; return 0, or the exit status of the rank that caused the failure.
+    """Print what failed; return None, or the exit status (as ``Popen.returncode``) of the rank that caused it.
 
     That is the rank that aborted the communicator first or that the others
     found lost, else the first that failed.
     """
     failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
     if not failed:
-        return 0
+        return None
     culprit = failed[0]
     abort = _core.read_abort(observer)
     if abort is not None:
@@ -313,8 +334,7 @@ def _report(codes, observer):
             culprit = suspect
     for r in failed:
         print(f"python -m blsshm.run: rank {r} failed ({describe_exit(codes[r])})", file=sys.stderr)
-    code = codes[culprit]
-    return code if code > 0 else 128 - code
+    return codes[culprit]
 
 
 class _Sink:
@@ -385,5 +405,17 @@ def _drain(relays, sinks):
             sink.broken = True
 
 
+def _die_of(signum):
+    """End this process by ``signum``'s default action, as a shell expects of an interrupted program."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    os.kill(os.getpid(), signum)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_status, stop_signal = _launch(None)
+    if stop_signal is not None:
+        _die_of(stop_signal)
+    sys.exit(exit_status)

@@ -409,7 +409,33 @@ def test_ctrl_c_reaches_every_rank_once(tmp_path):
         launcher.kill()
         launcher.wait()
     assert sorted(out.split("\n")[:-1]) == ["rank 0 saved", "rank 1 saved"]
-    assert launcher.returncode == 0
+    assert launcher.returncode == 0  # the ranks handled it: theirs to decide, as a shell does
+
+
+DIES_OF_CTRL_C = CTRL_C.replace("except KeyboardInterrupt:", "except ZeroDivisionError:")
+
+
+def test_ranks_that_die_of_a_ctrl_c_make_a_shell_loop_stop(tmp_path):
+    # The launcher exited with status 130: a shell takes that for a program
+    # that handled Ctrl-C itself, and went on with the loop's next run.
+    path = tmp_path / "prog.py"
+    path.write_text(DIES_OF_CTRL_C)
+    loop = (f'for i in 1 2; do echo "run $i"; "{sys.executable}" -m blsshm.run -n 2 "{path}"; done; '
+            'echo "loop ended"')
+    shell = subprocess.Popen(["bash", "-c", loop], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        assert shell.stdout.readline() == "run 1\n"
+        assert sorted(shell.stdout.readline() for _ in range(2)) == ["rank 0 ready\n", "rank 1 ready\n"]
+        os.killpg(shell.pid, signal.SIGINT)  # Ctrl-C: the shell and the launcher get it
+        out, err = shell.communicate(timeout=30)
+    finally:
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait()
+    assert out == "", out  # neither "run 2" nor "loop ended"
+    assert "rank 0 failed (signal SIGINT)" in err and "rank 1 failed (signal SIGINT)" in err, err
+    assert shell.returncode == -signal.SIGINT
 
 
 IGNORES_CTRL_C = r"""
@@ -433,7 +459,7 @@ def test_a_second_ctrl_c_kills_ranks_that_ignore_the_first(tmp_path):
     finally:
         launcher.kill()
         launcher.wait()
-    assert launcher.returncode == 128 + signal.SIGKILL
+    assert launcher.returncode == -signal.SIGINT  # killed for the user's Ctrl-C: interrupted by it
 
 
 IGNORES_SIGTERM = IGNORES_CTRL_C.replace("SIGINT", "SIGTERM")
@@ -450,7 +476,8 @@ def test_ranks_still_running_after_the_stop_timeout_of_a_passed_on_signal_are_ki
         launcher.kill()
         launcher.wait()
     assert "rank(s) [0, 1] still running 0.5 s after SIGTERM was passed on to them; killing them" in err
-    assert launcher.returncode == 128 + signal.SIGKILL
+    assert "rank 0 failed (signal SIGKILL)" in err
+    assert launcher.returncode == -signal.SIGTERM
 
 
 def test_a_signal_while_a_rank_starts_reaches_it_and_starts_no_more(tmp_path, monkeypatch, capfd):
@@ -494,7 +521,9 @@ def test_a_hangup_before_every_rank_attached_leaves_no_segment(tmp_path, signum)
     finally:
         launcher.kill()
         launcher.wait()
-    assert launcher.returncode == 128 + signum  # passed on to the ranks, which died of it
+    # Passed on to the ranks, which died of it; and so, as a shell expects,
+    # did the launcher, but with no core dump of its own for Ctrl-\.
+    assert launcher.returncode == (128 + signum if signum == signal.SIGQUIT else -signum)
     # The fixture checks that no segment and no rank is left.
 
 
