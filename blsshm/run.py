@@ -5,8 +5,8 @@ communicator, like ``torchrun``: each finds its rank through
 :func:`blsshm.init` (and, as under torchrun, in ``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``).  If a rank fails, the others get a
 few seconds to notice (they raise ``PeerLostError``); ranks still running
-then get SIGTERM, and SIGKILL 2 s later.  The exit status is the first
-failing rank's; if ranks die of a signal passed on to them (below), the
+then get SIGTERM, and SIGKILL 2 s later.  The exit status is that of the
+rank that failed first (not of one the launcher stopped so); if ranks die of a signal passed on to them (below), the
 launcher dies of it too, as a shell expects of an interrupted program.  A
 rank that exits without attaching aborts the communicator, so the others do
 not wait for it.  The segment is removed in every case.
@@ -22,6 +22,10 @@ Ranks read no terminal (stdin is /dev/null then; a pipe or file is shared
 by all ranks): outside the terminal's
 foreground group a read would stop them, and a rank stopped so (by opening
 ``/dev/tty``, say) is killed and named rather than waited for.
+
+Ctrl-Z stops the ranks with the launcher, and ``fg``/``bg`` continues them.
+Ranks write unbuffered (``PYTHONUNBUFFERED=1`` unless set), as under
+torchrun's ``python -u``: what a rank printed survives its being killed.
 
 With ``--tag-output`` every line a rank writes starts with ``[rank N]`` (its
 stdout to the launcher's stdout, its stderr to its stderr, whole lines at a
@@ -68,8 +72,7 @@ def _parser():
                    help="seconds ranks get to stop after a Ctrl-C, SIGTERM or SIGHUP passed on to "
                         f"them; then SIGKILL (default {STOP_TIMEOUT_S:g})")
     p.add_argument("--tag-output", action="store_true",
-                   help="start every line a rank writes with [rank N] (ranks' Python then "
-                        "writes unbuffered, as to a terminal, unless PYTHONUNBUFFERED is set)")
+                   help="start every line a rank writes with [rank N]")
     p.add_argument("-m", dest="module", action="store_true",
                    help="run the target as a module, like python -m")
     p.add_argument("target", help="script path (or module name with -m)")
@@ -135,11 +138,22 @@ def _launch(argv):
         _signal_groups(procs, passed_on())
         reached[0] = len(procs)
 
+    def suspend(_signum, _frame):
+        # Ctrl-Z reaches the launcher alone (see _rank_setup): stop the ranks
+        # with it, and continue them when the shell continues it (fg, bg).
+        _signal_groups(procs, signal.SIGSTOP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # stops here, unless our group is orphaned
+        signal.signal(signal.SIGTSTP, suspend)
+        _signal_groups(procs, signal.SIGCONT)
+
     try:
         # The launcher keeps a mapping (it is no rank) to tell, after a
         # failure, which rank caused it: the first to abort, or the one lost.
         observer = segment.open_mapping(name)
         old = {s: signal.signal(s, forward) for s in forwarded}
+        if signal.getsignal(signal.SIGTSTP) == signal.SIG_DFL:
+            old[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, suspend)
         # Ignored SIGCHLD would reap the ranks behind our back (see _peek_exit).
         old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         stdin = subprocess.DEVNULL if os.isatty(0) else None
@@ -151,8 +165,9 @@ def _launch(argv):
                 env = dict(os.environ, **{ENV_NAME: name, ENV_RANK: str(rank), ENV_SIZE: str(opts.nprocs)})
                 env.update({k: str(rank) for k in TORCHRUN_RANK})
                 env.update({k: str(opts.nprocs) for k in TORCHRUN_SIZE})
-                if opts.tag_output:
-                    env.setdefault("PYTHONUNBUFFERED", "1")  # lines as they are printed, not at exit
+                # As torchrun's ``python -u``: what a rank printed is not lost
+                # in its buffer when it is killed (after a failure elsewhere).
+                env.setdefault("PYTHONUNBUFFERED", "1")
                 # Held from this thread while a rank starts, so the rank starts
                 # with them held too (see _rank_setup).  Another thread (say
                 # OpenBLAS's) may still take one, and the handler then runs
@@ -170,7 +185,8 @@ def _launch(argv):
                 for rank, proc in enumerate(procs):
                     prefix = f"[rank {rank}] ".encode()
                     relays += [_relay(proc.stdout, prefix, sinks[0]), _relay(proc.stderr, prefix, sinks[1])]
-            codes = _supervise(procs, opts.grace, observer, signals_seen, opts.stop_timeout)
+            codes, failed_order, cut_short = _supervise(procs, opts.grace, observer, signals_seen,
+                                                        opts.stop_timeout)
         finally:
             # Every group, even of a rank that exited: its children may live on.
             _signal_groups(procs, signal.SIGKILL)
@@ -180,7 +196,9 @@ def _launch(argv):
             # signal arriving while the relays drain is forwarded to no one.
             procs.clear()
             _drain(relays, sinks)
-        code = _report(codes, observer)
+        code = _report(codes, observer, failed_order, cut_short)
+        if code is None and signals_seen and not codes:  # stopped before any rank started
+            code = -signals_seen[0]
         status = 0 if code is None else code if code > 0 else 128 - code
         interrupted = signals_seen and signals_seen[0] != signal.SIGQUIT  # no core dump of ours
         return status, signals_seen[0] if interrupted and code is not None and code < 0 else None
@@ -266,13 +284,17 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout):
     A rank stopped for using the terminal (outside its foreground group, a
     read stops it, and a write under ``stty tostop``) would wait forever for
     a ``fg`` that cannot come: it is killed, and named.  Returns each rank's
-    exit status, None for one still running at the end.
+    exit status (None for one still running at the end), the ranks that
+    failed in the order seen, and those the launcher itself signalled after
+    the grace period (they failed because another did).
     """
     deadline = None
     signalled_at = None
     terminated = False
     gone = set()
     killed = set()
+    failed_order = []
+    cut_short = set()
     while True:
         for r, p in enumerate(procs):
             stop = _stopped_by_terminal(p) if r not in gone | killed else None
@@ -286,6 +308,8 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout):
         for r, c in enumerate(codes):
             if c is not None and r not in gone:
                 gone.add(r)
+                if c != 0:
+                    failed_order.append(r)
                 # Does nothing for a rank that attached: its peers watch it.
                 _core.abort_unattached(observer, r, f"it exited ({describe_exit(c)}) without attaching")
         if deadline is None and any(c not in (None, 0) for c in codes):
@@ -309,22 +333,26 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout):
             print(f"python -m blsshm.run: rank(s) {running} still running {grace:g} s after the first "
                   f"failure; sending SIGTERM", file=sys.stderr)
             _signal_groups([procs[r] for r in running], signal.SIGTERM)
+            cut_short.update(running)
             terminated = True
             deadline = time.monotonic() + TERM_WAIT_S
         time.sleep(0.01)
-    return [_peek_exit(p) for p in procs]
+    codes = [_peek_exit(p) for p in procs]
+    failed_order += [r for r, c in enumerate(codes) if c not in (None, 0) and r not in failed_order]
+    return codes, failed_order, cut_short
 
 
-def _report(codes, observer):
+def _report(codes, observer, failed_order, cut_short):
     """Print what failed; return None, or the exit status (as ``Popen.returncode``) of the rank that caused it.
 
     That is the rank that aborted the communicator first or that the others
-    found lost, else the first that failed.
+    found lost, else the first to fail that the launcher did not stop itself
+    (``cut_short``).  ``failed_order`` lists the failed ranks as they were seen.
     """
-    failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+    failed = [r for r in failed_order if codes[r] not in (None, 0)]
     if not failed:
         return None
-    culprit = failed[0]
+    culprit = next((r for r in failed if r not in cut_short), failed[0])
     abort = _core.read_abort(observer)
     if abort is not None:
         rank, kind, lost_rank, _ = abort
@@ -333,7 +361,8 @@ def _report(codes, observer):
         if suspect in failed:
             culprit = suspect
     for r in failed:
-        print(f"python -m blsshm.run: rank {r} failed ({describe_exit(codes[r])})", file=sys.stderr)
+        after = ", from the launcher after the grace period" if r in cut_short and codes[r] < 0 else ""
+        print(f"python -m blsshm.run: rank {r} failed ({describe_exit(codes[r])}{after})", file=sys.stderr)
     return codes[culprit]
 
 
@@ -364,13 +393,28 @@ class _Sink:
                 self.broken = True
 
 
-def _relay(pipe, prefix, sink):
-    """Copy a rank's output pipe to ``sink`` line by line, each line prefixed; a thread."""
-    def pump():
+class _Relay(threading.Thread):
+    """Copies a rank's output pipe to a :class:`_Sink` line by line, each line prefixed."""
+
+    def __init__(self, pipe, prefix, sink):
+        super().__init__(name=f"relay {prefix.decode().strip()}", daemon=True)
+        self.pipe, self.prefix, self.sink = pipe, prefix, sink
+        self.read_s = 0.0  # seconds spent in finished reads
+        self.reading_since = None  # when the read now under way began
+
+    def read_time(self, now):
+        """Seconds spent reading (waiting for output) so far; not those spent passing it on."""
+        since = self.reading_since
+        return self.read_s + (now - since if since is not None else 0.0)
+
+    def run(self):
         pending = b""
-        fd = pipe.fileno()
+        fd = self.pipe.fileno()
         while True:
+            began = self.reading_since = time.monotonic()
             chunk = os.read(fd, RELAY_CHUNK)
+            self.reading_since = None  # before the sum grows: read_time may undercount, never over
+            self.read_s += time.monotonic() - began
             if not chunk:
                 break
             lines = (pending + chunk).split(b"\n")
@@ -379,27 +423,34 @@ def _relay(pipe, prefix, sink):
                 lines.append(pending)
                 pending = b""
             if lines:
-                sink.write(b"".join(prefix + line + b"\n" for line in lines))
+                self.sink.write(b"".join(self.prefix + line + b"\n" for line in lines))
         if pending:
-            sink.write(prefix + pending + b"\n")
-        pipe.close()
+            self.sink.write(self.prefix + pending + b"\n")
+        self.pipe.close()
 
-    thread = threading.Thread(target=pump, name=f"relay {prefix.decode().strip()}", daemon=True)
-    thread.start()
-    return thread
+
+def _relay(pipe, prefix, sink):
+    """A started :class:`_Relay` of ``pipe``."""
+    relay = _Relay(pipe, prefix, sink)
+    relay.start()
+    return relay
 
 
 def _drain(relays, sinks):
     """Wait for the relays to pass on the ranks' last lines, then stop them writing.
 
     The ranks' groups are dead by now, so the pipes end, unless a process that
-    left its rank's group (``setsid``) still holds one: that one is not waited
-    for, and what it writes later is dropped (a thread writing to our stdout
-    while the interpreter shuts down could crash it).
+    left its rank's group (``setsid``) still holds one: a relay that has
+    spent RELAY_DRAIN_S reading since is not waited for, and what comes later
+    is dropped (a thread writing to our stdout while the interpreter shuts
+    down could crash it).  Time spent passing lines on does not count: that
+    is our reader's pace (``| less``, a terminal paused with Ctrl-S).
     """
-    deadline = time.monotonic() + RELAY_DRAIN_S
-    for thread in relays:
-        thread.join(max(0.0, deadline - time.monotonic()))
+    start = time.monotonic()
+    read_before = [relay.read_time(start) for relay in relays]
+    for relay, before in zip(relays, read_before):
+        while relay.is_alive() and relay.read_time(time.monotonic()) - before <= RELAY_DRAIN_S:
+            relay.join(0.05)
     for sink in sinks:
         with sink.lock:
             sink.broken = True

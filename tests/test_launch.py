@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import blsshm
+from blsshm.run import RELAY_DRAIN_S
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -480,6 +481,21 @@ def test_ranks_still_running_after_the_stop_timeout_of_a_passed_on_signal_are_ki
     assert launcher.returncode == -signal.SIGTERM
 
 
+def test_a_signal_before_any_rank_started_is_not_a_success(monkeypatch, capfd, tmp_path):
+    # Between the handlers and the first rank: no rank failed, so the status was 0.
+    from blsshm import run
+    real_isatty = os.isatty
+
+    def isatty_then_sigterm(fd):  # called once the handlers are in place, before the first rank
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_isatty(fd)
+    monkeypatch.setattr(os, "isatty", isatty_then_sigterm)
+    path = tmp_path / "prog.py"
+    path.write_text(SCRIPT)
+    assert run.main(["-n", "2", str(path), "5"]) == 128 + signal.SIGTERM
+    assert "failed" not in capfd.readouterr().err  # no rank started
+
+
 def test_a_signal_while_a_rank_starts_reaches_it_and_starts_no_more(tmp_path, monkeypatch, capfd):
     # The handler ran before the new rank was listed: it never got the signal,
     # and the launcher went on to start the rest as if nothing had come.
@@ -933,3 +949,111 @@ def test_ctrl_c_while_ranks_start_up_stops_them_without_tracebacks(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert (out, err) == ("KeyboardInterrupt here\n", "")
+
+
+BUSY_WHEN_ONE_FAILS = r"""
+import sys, time
+import blsshm
+comm = blsshm.init()
+if comm.rank == 1:
+    sys.exit(3)
+print(f"rank {comm.rank}: epoch 1 done")  # not flushed by the program: stdout is a pipe
+time.sleep(60)  # busy, in no collective: it never hears of rank 1
+"""
+
+
+def _launch_buffered(tmp_path, script, *args):
+    """Run ``script`` as the launcher's target with Python's default buffering (this sandbox may unset it)."""
+    path = tmp_path / "prog.py"
+    path.write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.run([sys.executable, "-m", "blsshm.run", *args, str(path)],
+                          capture_output=True, text=True, timeout=50, env=env)
+
+
+def test_the_status_is_the_failing_ranks_not_that_of_one_the_launcher_stopped(tmp_path):
+    # Rank 0, stopped with SIGTERM after the grace period, was reported as the
+    # failure (status 143) for being the lowest rank that failed.
+    res = _launch_buffered(tmp_path, BUSY_WHEN_ONE_FAILS, "-n", "2", "--grace", "0.3")
+    assert res.returncode == 3, res.stderr
+    first = res.stderr.index("rank 1 failed (exit code 3)")
+    assert res.stderr.index("rank 0 failed (signal SIGTERM, from the launcher after the grace period)") > first
+
+
+def test_what_a_rank_printed_survives_its_being_stopped(tmp_path):
+    # Its Python buffered stdout (a pipe), and died of the SIGTERM with the line unwritten.
+    res = _launch_buffered(tmp_path, BUSY_WHEN_ONE_FAILS, "-n", "2", "--grace", "0.3")
+    assert res.stdout == "rank 0: epoch 1 done\n", res.stderr
+
+
+MANY_LINES = r"""
+import sys
+import blsshm
+with blsshm.init() as comm:
+    for i in range(int(sys.argv[1])):
+        print(f"line {i} of rank {comm.rank} " + "x" * 40)
+"""
+
+
+def test_tagged_output_waits_for_a_slow_reader(tmp_path):
+    # Lines still on their way when the ranks ended were dropped after 2 s, though the reader lived.
+    path = tmp_path / "prog.py"
+    path.write_text(MANY_LINES)
+    n = 1500  # about 100 KB: it fits the pipes, so the rank ends before anything is read
+    launcher = subprocess.Popen([sys.executable, "-m", "blsshm.run", "-n", "1", "--tag-output", str(path),
+                                 str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(2 * RELAY_DRAIN_S)  # a reader at the pace of `| less`
+        out, err = launcher.communicate(timeout=30)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    lines = out.decode().splitlines()
+    assert len(lines) == n and lines[-1].startswith(f"[rank 0] line {n - 1} of rank 0"), err
+    assert launcher.returncode == 0
+
+
+STOPPABLE = r"""
+import os, time
+import blsshm
+with blsshm.init() as comm:
+    os.write(1, f"{os.getpid()}\n".encode())
+    while not os.path.exists("done"):
+        time.sleep(0.02)
+"""
+
+
+def _state(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _until(predicate, what, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_ctrl_z_stops_the_ranks_with_the_launcher_and_fg_continues_them(tmp_path):
+    # Ctrl-Z stopped the launcher alone (each rank leads a group of its own):
+    # the ranks ran on unsupervised while the shell said "Stopped".
+    path = tmp_path / "prog.py"
+    path.write_text(STOPPABLE)
+    # A group of its own in our session, as a shell's job: not orphaned, so SIGTSTP stops it.
+    launcher = subprocess.Popen([sys.executable, "-m", "blsshm.run", "-n", "2", str(path)], cwd=tmp_path,
+                                stdout=subprocess.PIPE, text=True, process_group=0)
+    try:
+        pids = [int(launcher.stdout.readline()) for _ in range(2)]
+        os.kill(launcher.pid, signal.SIGTSTP)  # what the terminal sends on Ctrl-Z
+        _until(lambda: os.waitid(os.P_PID, launcher.pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT) is not None,
+               "the launcher did not stop")
+        assert [_state(pid) for pid in pids] == ["T", "T"]
+        os.kill(launcher.pid, signal.SIGCONT)  # fg
+        _until(lambda: all(_state(pid) != "T" for pid in pids), "the ranks were not continued")
+        (tmp_path / "done").touch()
+        launcher.wait(timeout=30)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert launcher.returncode == 0
