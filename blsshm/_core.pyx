@@ -1233,8 +1233,9 @@ cdef class Core:
             return True
         return False
 
-    cdef int _reserve(self, uint64_t t, uint64_t nbytes, int64_t timeout_ns, uint64_t* start) except -1:
-        """Wait for the lag bound and for arena room; sets self.pending_*."""
+    cdef int _reserve(self, uint64_t t, uint64_t nbytes, int64_t timeout_ns, int64_t* deadline_ns,
+                      uint64_t* start) except -1:
+        """Wait for the lag bound and for arena room; sets self.pending_*.  See _await for the deadline."""
         cdef uint64_t lag_target = 0
         cdef uint64_t oldest
         cdef int rc = OK
@@ -1244,13 +1245,12 @@ cdef class Core:
             raise BlsValueError(
                 f"post({t}) needs this rank to have completed iteration {lag_target - 1} first "
                 f"(lag {self.lag}); it has completed {self.next_complete} iterations")
-        cdef int64_t deadline_ns = NO_DEADLINE_YET
         # Every rank's `completed` line is written by its rank on each
         # complete, so reading them costs a cache miss per rank.  Above lag 0
         # the bound is usually known to hold from the last reading (counters
         # only grow), and the lines are read again only when it is not.
         if lag_target > self.known_completed:
-            self._await(COMPLETED, lag_target, timeout_ns, &deadline_ns, "post", t)
+            self._await(COMPLETED, lag_target, timeout_ns, deadline_ns, "post", t)
             self.known_completed = self._min_completed()
         self._free_completed(self.known_completed)
         while not self._fit(nbytes, start):
@@ -1261,7 +1261,7 @@ cdef class Core:
                     f"({self.arena_bytes} bytes) next to the {self.fl_count} records still in flight; "
                     f"use arena_bytes of at least (lag + 2) x the largest record "
                     f"(its blocks, each rounded up to 64 bytes)")
-            self._await(COMPLETED, oldest + 1, timeout_ns, &deadline_ns, "post", t)
+            self._await(COMPLETED, oldest + 1, timeout_ns, deadline_ns, "post", t)
             self.known_completed = self._min_completed()
             self._free_completed(self.known_completed)
         self.pending = True
@@ -1270,11 +1270,11 @@ cdef class Core:
         return 0
 
     cdef int _reserve_blocks(self, uint64_t t, uint64_t nbytes, uint64_t itemsize,
-                             int64_t timeout_ns) except -1:
+                             int64_t timeout_ns, int64_t* deadline_ns) except -1:
         """``_reserve`` for the blocks just parsed: mailboxes if they all fit, else a record."""
         cdef uint64_t start
         cdef bint inline = self._fits_mailboxes(itemsize)
-        self._reserve(t, 0 if inline else nbytes, timeout_ns, &start)
+        self._reserve(t, 0 if inline else nbytes, timeout_ns, deadline_ns, &start)
         self.pending_inline = inline
         return 0
 
@@ -1550,8 +1550,10 @@ cdef class Core:
         self.own_src = NULL  # closed: the record is gone, and nobody will read it
 
     cdef int _post(self, int64_t t, cnp.ndarray send, object send_counts, object timeout,
-                   bint defer_own=False) except -1:
+                   int64_t* deadline_ns, bint defer_own=False) except -1:
         """Copy ``send`` into this rank's mailboxes or record for iteration ``t`` and publish it.
+
+        ``*deadline_ns``: see ``_await`` (a blocking alltoallv shares one with its complete).
 
         ``defer_own``: see ``_scatter``; the caller must then run ``_gather``
         or ``_place_deferred_own`` before ``send`` may change.
@@ -1573,7 +1575,7 @@ cdef class Core:
         if total != cnp.PyArray_SIZE(send):
             raise BlsValueError(
                 f"send_counts add up to {total} elements but send holds {cnp.PyArray_SIZE(send)}")
-        self._reserve_blocks(t, nbytes, itemsize, self._timeout_ns(timeout))
+        self._reserve_blocks(t, nbytes, itemsize, self._timeout_ns(timeout), deadline_ns)
         cdef char* src = <char*>cnp.PyArray_DATA(send)
         if nbytes >= NOGIL_COPY_BYTES:
             with nogil:
@@ -1619,7 +1621,8 @@ cdef class Core:
         cdef cnp.dtype dtype = self._resolve_dtype(dtype_arg)
         cdef uint64_t nbytes
         self._parse_counts(send_counts, dtype.itemsize, &nbytes)
-        self._reserve_blocks(t, nbytes, dtype.itemsize, self._timeout_ns(timeout))
+        cdef int64_t deadline_ns = NO_DEADLINE_YET
+        self._reserve_blocks(t, nbytes, dtype.itemsize, self._timeout_ns(timeout), &deadline_ns)
         self.slot_dtype[self._slot(t)] = dtype
         try:
             base = self._views_base("post_views", t)
@@ -1645,7 +1648,7 @@ cdef class Core:
 
     # ------------------------------------------------------------ completing
 
-    cdef int _await_posts(self, int64_t t, object timeout) except -1:
+    cdef int _await_posts(self, int64_t t, object timeout, int64_t* deadline_ns) except -1:
         # No abort check here: records that all arrived are read even after
         # an abort (a peer that failed right after posting t is the common
         # case); only a wait for one that cannot come raises.
@@ -1655,8 +1658,7 @@ cdef class Core:
                 f"complete({t}) called, but the next iteration to complete is {self.next_complete}")
         if <uint64_t>t >= self.next_post:
             raise BlsValueError(f"complete({t}) called before post({t}) on this rank")
-        cdef int64_t deadline_ns = NO_DEADLINE_YET
-        self._await(PUBLISHED, t + 1, self._timeout_ns(timeout), &deadline_ns, "complete", t)
+        self._await(PUBLISHED, t + 1, self._timeout_ns(timeout), deadline_ns, "complete", t)
         return 0
 
     cdef cnp.ndarray _check_out(self, object out, cnp.dtype dtype):
@@ -1746,9 +1748,9 @@ cdef class Core:
         self.next_complete = t + 1
         return 0
 
-    cdef tuple _complete(self, int64_t t, object out, object timeout):
+    cdef tuple _complete(self, int64_t t, object out, object timeout, int64_t* deadline_ns):
         """Wait for every rank's post of ``t``, copy our blocks out, mark ``t`` completed."""
-        self._await_posts(t, timeout)
+        self._await_posts(t, timeout, deadline_ns)
         cdef cnp.dtype dtype = self.slot_dtype[self._slot(t)]
         cdef bytes dstr = self._dtype_str(dtype)
         cdef uint64_t itemsize = dtype.itemsize
@@ -1820,7 +1822,8 @@ cdef class Core:
         ``views[s]`` is what rank ``s`` posted to this rank; ``_zc_release(t)``
         marks ``t`` completed (the senders may then overwrite the blocks).
         """
-        self._await_posts(t, timeout)
+        cdef int64_t deadline_ns = NO_DEADLINE_YET
+        self._await_posts(t, timeout, &deadline_ns)
         base = self._views_base("complete_views", t)
         cdef uint64_t n
         cdef int s
@@ -1942,6 +1945,7 @@ cdef class Core:
         """
         cdef int64_t it
         cdef bint was_torch = False
+        cdef int64_t deadline_ns = NO_DEADLINE_YET
         self.busy += 1
         try:
             if not self.ready:
@@ -1950,7 +1954,7 @@ cdef class Core:
             if not cnp.PyArray_CheckExact(send):
                 send, was_torch = as_array(send, "send")
             timeout = self._timeout_arg(timeout)
-            self._post(it, send, send_counts, timeout)
+            self._post(it, send, send_counts, timeout, &deadline_ns)
             self.slot_torch[self._slot(it)] = was_torch
         finally:
             self._leave()
@@ -1968,6 +1972,7 @@ cdef class Core:
         """
         cdef int64_t it
         cdef bint torch_recv
+        cdef int64_t deadline_ns = NO_DEADLINE_YET
         self.busy += 1
         try:
             if not self.ready:
@@ -1979,7 +1984,7 @@ cdef class Core:
                 if not cnp.PyArray_CheckExact(out):
                     out, torch_recv = as_array(out, "out")
             timeout = self._timeout_arg(timeout)
-            result = self._complete(it, out, timeout)
+            result = self._complete(it, out, timeout, &deadline_ns)
         finally:
             self._leave()
         if torch_recv:
@@ -1989,8 +1994,10 @@ cdef class Core:
     def alltoallv(self, send, send_counts, out=None, *, timeout=DEFAULT_TIMEOUT):
         """Blocking alltoallv: ``post`` then ``complete`` of the next iteration.
 
-        Same arguments and result as :meth:`post` and :meth:`complete`.  With
-        ``lag = 0`` this is an ordinary synchronous alltoallv.  ``out``'s
+        Same arguments and result as :meth:`post` and :meth:`complete`;
+        ``timeout`` bounds the whole call, its post's waits and its
+        complete's together.  With ``lag = 0`` this is an ordinary
+        synchronous alltoallv.  ``out``'s
         dtype is checked before posting; its size only once the blocks have
         arrived (their sizes are the senders'): if it is too small, the
         iteration stays posted and ``complete(t)`` with room enough ends it.
@@ -2023,10 +2030,12 @@ cdef class Core:
         # Our own block goes from send to out directly, unless out overlaps
         # send (the blocks gathered before it would overwrite it).
         cdef bint defer_own = out is None or not _overlap(<cnp.ndarray>send, <cnp.ndarray>out)
-        self._post(t, send, send_counts, timeout, defer_own)
+        # One deadline for the whole call: the post's waits and the complete's.
+        cdef int64_t deadline_ns = NO_DEADLINE_YET
+        self._post(t, send, send_counts, timeout, &deadline_ns, defer_own)
         self.slot_torch[self._slot(t)] = was_torch
         try:
-            result = self._complete(t, out, timeout)
+            result = self._complete(t, out, timeout, &deadline_ns)
         finally:
             # If complete did not finish (a timeout, out too small), t stays
             # posted and a later complete(t) reads our block from the record.

@@ -231,6 +231,26 @@ def test_timeouts_name_the_ranks_and_leave_the_comm_usable():
     assert blsshm.spawn(_times_out, 2) == [[0.0, 1.0], [0.0, 1.0]]
 
 
+def _two_waits_in_one_call(comm):
+    # Rank 0's alltoallv(1) waits twice, in its post for rank 1's complete(0)
+    # and in its complete for rank 1's post(1): 0.9 s each, 1.8 s together.
+    comm.post(0, np.full(2, comm.rank, dtype=np.float64), [1, 1])
+    if comm.rank == 0:
+        comm.complete(0)
+        with pytest.raises(BlsTimeoutError, match=r"complete\(1\) timed out"):
+            comm.alltoallv(np.full(2, 10.0), [1, 1], timeout=1.0)
+        return comm.complete(1)[0].tolist()  # posted in the call: it completes now
+    time.sleep(0.9)
+    comm.complete(0)
+    time.sleep(0.9)
+    return comm.alltoallv(np.full(2, 11.0), [1, 1])[0].tolist()
+
+
+def test_a_timeout_bounds_the_whole_alltoallv():
+    # Its post and its complete each had the whole timeout, so a call could block for twice as long.
+    assert blsshm.spawn(_two_waits_in_one_call, 2) == [[10.0, 11.0], [10.0, 11.0]]
+
+
 def test_a_rank_that_never_attaches_is_a_timeout_and_leaks_nothing():
     comm = blsshm.Comm.create(2, attach_timeout=0.3)
     try:
