@@ -73,6 +73,7 @@ cdef extern from "_sync.h" nogil:
     void bls_fence()
     void bls_cpu_relax()
     int64_t bls_now_ns()
+    int64_t bls_coarse_now_ns()
     int bls_futex_wait3(uint64_t *counter, uint32_t seen, uint32_t *abort_word,
                         uint32_t *closes, uint32_t closes_seen, int64_t timeout_ns)
     int bls_futex_waitv_works()
@@ -364,6 +365,8 @@ cdef class Core:
     cdef public int64_t sleep_gap_ns
     cdef int lost_rank
     cdef int64_t next_liveness_ns  # when arrived() may next ask whether the ranks behind live
+    cdef int64_t next_post_liveness_ns  # when post may next ask whether every peer lives
+    cdef uint32_t closes_at_post  # the count of closed ranks when a post last looked
     cdef const char* own_src    # a blocking alltoallv's own block, not yet copied (see _scatter)
     cdef char* own_rec          # where it belongs in the record
     cdef uint64_t own_bytes
@@ -1394,6 +1397,32 @@ cdef class Core:
         self._check_open()
         if t < 0 or <uint64_t>t != self.next_post:
             raise BlsValueError(f"post({t}) called, but the next iteration to post is {self.next_post}")
+        self._check_peers_for_post(t)
+        return 0
+
+    cdef int _check_peers_for_post(self, uint64_t t) except -1:
+        """PeerLostError if a peer that has not posted ``t`` closed, or (looked for once per slice) died.
+
+        Such a peer never posts ``t``, so this iteration can never complete;
+        without this a post that need not wait (lag > 0) went on publishing
+        into a communicator whose peer had gone.  A peer gone after posting
+        ``t`` is no reason to fail: ``t`` still completes here.
+        """
+        cdef bint poll_pids = False
+        cdef int64_t now
+        # Acquire: the states _check_alive reads are read after the count
+        # (a closing rank stores CLOSED, then increments it).  Its line is the
+        # abort word's, which _check_open has just read.
+        cdef uint32_t closes = bls_load_acquire32(&self.abort_line.closes)
+        if closes == self.closes_at_post:
+            now = bls_coarse_now_ns()
+            if now < self.next_post_liveness_ns:
+                return 0
+            self.next_post_liveness_ns = now + self.slice_ns
+            poll_pids = True
+        self.closes_at_post = closes
+        if self._check_alive(PUBLISHED, t + 1, 0, poll_pids) != OK:
+            self._raise_aborted()
         return 0
 
     cdef inline void _scatter(self, uint64_t t, const char* src, uint64_t itemsize, bint defer_own) noexcept nogil:

@@ -87,6 +87,14 @@ static inline int64_t bls_now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* The same clock as of the last tick (a few ms behind at most), read without
+ * the TSC: cheap enough for every post to ask whether a slice has passed. */
+static inline int64_t bls_coarse_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
 /* The futex word is the low half of a 64-bit counter (little-endian checked
  * above).  The mapping is shared between processes, so no FUTEX_PRIVATE_FLAG.
  * Returns 0 when woken or when the word no longer holds `expected`, -1 with

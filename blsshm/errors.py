@@ -4,8 +4,9 @@ Every error derives from :class:`BlsError`.  Bad input raises a subclass that
 is also a ``ValueError`` or ``TypeError`` *before* anything is published, and
 leaves the communicator usable.  A lost or aborting peer raises
 :class:`PeerLostError` / :class:`CommAborted` in every rank, at its next post
-or at a wait for a block that can no longer come (an iteration whose blocks
-all arrived still completes); it takes no new posts after that.
+of an iteration the lost peer never posted, or at a wait for a block that
+can no longer come (an iteration whose blocks all arrived still completes);
+it takes no new posts after that.
 :class:`RankFailedError` is :func:`blsshm.spawn`'s, for a rank that ended
 without returning.
 """

@@ -1,6 +1,7 @@
 """I4 and DESIGN §5: a dead, closed or aborting rank turns every wait into an
 error (never a hang), and nothing is left in /dev/shm or the process table."""
 import os
+import select
 import signal
 import time
 
@@ -51,6 +52,36 @@ def test_sigkilled_rank_is_noticed_by_everyone_quickly(size, lag, victim):
         assert exc_name == "PeerLostError", f"rank {rank}: {exc_name}: {message}\n{tb}"
         assert lost_rank == victim
         assert raised_at - killed_at < DETECT_WITHIN_S
+
+
+def _posts_after_a_peer_is_gone(comm, how):
+    comm.alltoallv(np.zeros(2), [1, 1])
+    if comm.rank == 1:
+        if how == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return None  # the harness closes the communicator, and the process exits
+    pidfd = os.pidfd_open(comm._peer_pids()[1][0])
+    try:
+        select.select([pidfd], [], [], 30)  # readable once rank 1 has exited
+    finally:
+        os.close(pidfd)
+    if how == "killed":
+        time.sleep(0.2)  # a death is looked for once per liveness slice (50 ms)
+    for t in range(1, 10):
+        try:
+            comm.post(t, np.zeros(2), [1, 1])  # lag 4: posts 1-4 need not wait
+        except PeerLostError as exc:
+            return t, exc.lost_rank
+    return None
+
+
+@pytest.mark.parametrize("how", ["closed", "killed"])
+def test_the_next_post_reports_a_peer_that_is_gone(how):
+    # Posts that need not wait went on publishing for up to `lag` iterations
+    # into a communicator whose peer had gone; only the first wait noticed.
+    with Ranks(_posts_after_a_peer_is_gone, 2, lag=4, args=(how,)) as ranks:
+        outcomes = ranks.collect(1 if how == "killed" else 2, timeout=40)
+    assert outcomes[0] == ("ok", (1, 1)), outcomes
 
 
 def _one_rank_raises(comm):

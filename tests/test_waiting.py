@@ -174,12 +174,17 @@ def test_an_abort_or_close_racing_a_sleep_still_wakes_it(waker, how, expected):
 
 
 _CLOSES = _LINE + 4  # the count of closed ranks, beside the abort word
+_PUBLISHED_OF_RANK_0 = 2 * _LINE
 
 
 def _peer_closes_while_we_spin(comm, when):
     """Rank 0 spins (for up to an hour) for rank 1's post; rank 1 closes
     before the wait begins or during it."""
     if comm.rank == 1:
+        # After rank 0's post: a post after the close would itself raise.
+        published = np.frombuffer(comm._mapping, np.uint64, 1, _PUBLISHED_OF_RANK_0)
+        while published[0] == 0:
+            time.sleep(0.001)
         if when == "during":
             time.sleep(0.2)
         comm.close()
