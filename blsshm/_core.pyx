@@ -364,6 +364,7 @@ cdef class Core:
     # an abort or a close must not be missed.
     cdef public int64_t sleep_gap_ns
     cdef int lost_rank
+    cdef int unfit_block        # the first block just parsed that a record could not hold, or -1
     cdef int64_t next_liveness_ns  # when arrived() may next ask whether the ranks behind live
     cdef int64_t next_post_liveness_ns  # when post may next ask whether every peer lives
     cdef uint32_t closes_at_post  # the count of closed ranks when a post last looked
@@ -1112,11 +1113,16 @@ cdef class Core:
     # --------------------------------------------------------------- posting
 
     cdef int _parse_counts(self, object counts, int64_t itemsize, uint64_t* record_bytes) except -1:
-        """Fill self.counts (elements) and self.block_off (bytes); validate."""
+        """Fill self.counts (elements) and self.block_off (bytes); validate.
+
+        A record too big for the arena is refused only by _reserve_blocks,
+        once it knows the blocks do not all go in mailboxes instead.
+        """
         cdef Py_ssize_t n
         cdef int q
         cdef int64_t c
         cdef uint64_t off = 0
+        self.unfit_block = -1
         if isinstance(counts, cnp.ndarray):
             if counts.dtype.kind not in "iu":
                 raise BlsTypeError(f"send_counts must hold integers, got dtype {counts.dtype}")
@@ -1140,6 +1146,7 @@ cdef class Core:
                     record_bytes[0] = off
                     return 0
                 off = 0  # something unusual: the general path below says what
+                self.unfit_block = -1
         # Indexable by 0..P-1 and sized, yet not counts: a dict's keys need
         # not be the ranks, and bytes or a str would be read character by character.
         if isinstance(counts, (Mapping, str, bytes, bytearray)):
@@ -1170,25 +1177,29 @@ cdef class Core:
             if c < 0:
                 raise BlsValueError(f"send_counts[{q}] = {c} is negative")
             if not self._place(q, c, itemsize, &off):
-                raise ArenaFullError(
-                    f"send_counts[{q}] = {c} elements of {itemsize} bytes do not fit in the arena "
-                    f"({self.arena_bytes} bytes per rank) after the blocks before them; "
-                    f"create the communicator with a larger arena_bytes")
+                raise ArenaFullError(f"send_counts[{q}] = {c} elements of {itemsize} bytes are more "
+                                     f"bytes than any arena holds")
         record_bytes[0] = off
         return 0
 
     cdef inline bint _place(self, int q, int64_t c, uint64_t itemsize, uint64_t* off) noexcept:
-        """Lay out block ``q`` of ``c`` elements at ``*off``; False if it cannot fit the arena.
+        """Lay out block ``q`` of ``c`` elements at ``*off``; False if its bytes overflow.
 
-        The product is checked for overflow, so no count can wrap the
-        arithmetic (``*off`` never exceeds the arena, a multiple of 64).
+        A block that does not fit the arena after the blocks before it sets
+        ``unfit_block`` (the first such) and fills the arena (``*off``, a
+        multiple of 64, never exceeds it, so no count can wrap the arithmetic).
         """
         cdef uint64_t nbytes
-        if c < 0 or bls_mul_overflow(<uint64_t>c, itemsize, &nbytes) or nbytes > self.arena_bytes - off[0]:
+        if c < 0 or bls_mul_overflow(<uint64_t>c, itemsize, &nbytes):
             return False
         self.counts[q] = c
         self.block_off[q] = off[0]
-        off[0] = _round_up(off[0] + nbytes, BLS_BLOCK_ALIGN)
+        if nbytes > self.arena_bytes - off[0]:
+            if self.unfit_block < 0:
+                self.unfit_block = q
+            off[0] = self.arena_bytes
+        else:
+            off[0] = _round_up(off[0] + nbytes, BLS_BLOCK_ALIGN)
         return True
 
     cdef inline void _free_completed(self, uint64_t min_completed) noexcept nogil:
@@ -1277,6 +1288,12 @@ cdef class Core:
         """``_reserve`` for the blocks just parsed: mailboxes if they all fit, else a record."""
         cdef uint64_t start
         cdef bint inline = self._fits_mailboxes(itemsize)
+        cdef int q = self.unfit_block
+        if not inline and q >= 0:
+            raise ArenaFullError(
+                f"send_counts[{q}] = {self.counts[q]} elements of {itemsize} bytes do not fit in the arena "
+                f"({self.arena_bytes} bytes per rank) after the blocks before them; "
+                f"create the communicator with a larger arena_bytes")
         self._reserve(t, 0 if inline else nbytes, timeout_ns, deadline_ns, &start)
         self.pending_inline = inline
         return 0

@@ -93,3 +93,30 @@ def test_a_segment_too_big_for_mailboxes_uses_records_only(zero_copy):
     # Enough iterations that every descriptor slot is reused at least once.
     assert blsshm.spawn(_alternate, 2, lag=lag, arena_bytes=16 << 20, args=(lag + 300, zero_copy),
                         timeout=120) == [[], []]
+
+
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["copy", "zero-copy"])
+def test_blocks_that_fit_mailboxes_need_no_room_in_the_arena(zero_copy):
+    # With 80 ranks, 80 one-element blocks laid out in a record take 80 x 64
+    # bytes: the post was refused as too big for a 4 KiB arena, though it
+    # uses mailboxes and no arena at all.  A record that does need the arena
+    # is still refused, and the communicator still works after it.
+    P = 80
+    comms = [blsshm.Comm.create(P, 0, arena_bytes=4096)]
+    try:
+        comms += [blsshm.Comm.attach(comms[0].name, r) for r in range(1, P)]
+        for c in comms:
+            if zero_copy:
+                with c.post_views(0, [1] * P, np.float64) as views:
+                    for q, v in enumerate(views):
+                        v[0] = 1000 * c.rank + q
+            else:
+                c.post(0, np.arange(P) + 1000.0 * c.rank, [1] * P)
+        for c in comms:
+            assert c.complete(0)[0].tolist() == [1000.0 * s + c.rank for s in range(P)]
+        with pytest.raises(blsshm.ArenaFullError, match=r"send_counts\[21\] = 20 elements of 8 bytes"):
+            comms[0].post(1, np.zeros(20 * P), [20] * P)
+        comms[0].post(1, np.zeros(P), [1] * P)
+    finally:
+        for c in comms:
+            c.close()
