@@ -23,6 +23,14 @@ def as_array(x, what):
     raise BlsTypeError(f"{what} must be a numpy array or a CPU torch tensor, got {type(x).__name__}")
 
 
+def tensor_as_array(x, what):
+    """A torch tensor viewed as numpy (as :func:`as_array`); anything else unchanged."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return as_array(x, what)[0]
+    return x
+
+
 def to_torch(array):
     """The torch tensor sharing ``array``'s memory."""
     return sys.modules["torch"].from_numpy(array)

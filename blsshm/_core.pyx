@@ -43,7 +43,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from blsshm._arrays import as_array, to_torch
+from blsshm._arrays import as_array, tensor_as_array, to_torch
 from blsshm.errors import (
     ArenaFullError, BlsError, BlsTimeoutError, BlsTypeError, BlsValueError,
     CommAborted, PeerLostError,
@@ -1123,6 +1123,10 @@ cdef class Core:
         cdef int64_t c
         cdef uint64_t off = 0
         self.unfit_block = -1
+        if type(counts) is not list and type(counts) is not tuple:
+            # A tensor's elements are 0-d tensors that operator.index takes,
+            # bools included: check its dtype as an array's instead.
+            counts = tensor_as_array(counts, "send_counts")
         if isinstance(counts, cnp.ndarray):
             if counts.dtype.kind not in "iu":
                 raise BlsTypeError(f"send_counts must hold integers, got dtype {counts.dtype}")

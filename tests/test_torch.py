@@ -88,3 +88,20 @@ def test_a_torch_dtype_for_zero_copy_views_is_refused_with_the_way_to_do_it():
         with comm.post_views(0, [2], np.float32) as views:  # nothing was published: 0 is still next
             torch.from_numpy(views[0]).fill_(1.5)
         assert comm.complete(0)[0].tolist() == [1.5, 1.5]
+
+
+
+@pytest.mark.parametrize("counts", [torch.tensor([2]), torch.tensor([2], dtype=torch.int32),
+                                    torch.tensor([True]), torch.tensor([2.0])],
+                         ids=["int64", "int32", "bool", "float"])
+def test_tensor_counts_are_checked_as_arrays_are(counts):
+    # A bool tensor's elements passed operator.index as 1s, where a bool list
+    # or array is refused as surely a mistake.
+    with blsshm.Comm.create(1) as comm:
+        send = np.arange(2, dtype=np.float64)
+        if counts.dtype in (torch.int64, torch.int32):
+            assert comm.alltoallv(send, counts)[0].tolist() == [0.0, 1.0]
+        else:
+            with pytest.raises(blsshm.BlsTypeError, match="send_counts must hold integers"):
+                comm.alltoallv(send, counts)
+            assert comm.alltoallv(send, [2])[0].tolist() == [0.0, 1.0]  # nothing was published
