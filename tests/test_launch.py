@@ -1048,7 +1048,8 @@ def test_ctrl_z_stops_the_ranks_with_the_launcher_and_fg_continues_them(tmp_path
         os.kill(launcher.pid, signal.SIGTSTP)  # what the terminal sends on Ctrl-Z
         _until(lambda: os.waitid(os.P_PID, launcher.pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT) is not None,
                "the launcher did not stop")
-        assert [_state(pid) for pid in pids] == ["T", "T"]
+        # Signals are delivered when their target next runs: on a loaded machine, later.
+        _until(lambda: all(_state(pid) == "T" for pid in pids), "the ranks were not stopped")
         os.kill(launcher.pid, signal.SIGCONT)  # fg
         _until(lambda: all(_state(pid) != "T" for pid in pids), "the ranks were not continued")
         (tmp_path / "done").touch()
