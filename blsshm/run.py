@@ -24,18 +24,22 @@ foreground group a read would stop them, and a rank stopped so (by opening
 ``/dev/tty``, say) is killed and named rather than waited for.
 
 Ctrl-Z stops the ranks with the launcher, and ``fg``/``bg`` continues them.
-Ranks write unbuffered (``PYTHONUNBUFFERED=1`` unless set), as under
-torchrun's ``python -u``: what a rank printed survives its being killed.
+Ranks write unbuffered to a pipe or file (``PYTHONUNBUFFERED=1`` unless
+set), as under torchrun's ``python -u``: what a rank printed survives its
+being killed.  Time stopped by Ctrl-Z counts against no deadline.
 
 With ``--tag-output`` every line a rank writes starts with ``[rank N]`` (its
 stdout to the launcher's stdout, its stderr to its stderr, whole lines at a
 time), so the tracebacks of several ranks cannot interleave mid-line.
 """
 import argparse
+import fcntl
 import os
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 
@@ -138,12 +142,24 @@ def _launch(argv):
         _signal_groups(procs, passed_on())
         reached[0] = len(procs)
 
+    starting = [False]  # a rank is being started: not yet in procs
+    suspend_pending = [False]
+    stopped_s = [0.0]  # time spent stopped by Ctrl-Z: no deadline counts it
+
+    def clock():
+        return time.monotonic() - stopped_s[0]
+
     def suspend(_signum, _frame):
         # Ctrl-Z reaches the launcher alone (see _rank_setup): stop the ranks
         # with it, and continue them when the shell continues it (fg, bg).
+        if starting[0]:  # the rank being started would be missed: after it is listed
+            suspend_pending[0] = True
+            return
         _signal_groups(procs, signal.SIGSTOP)
         signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        stopped_at = time.monotonic()
         os.kill(os.getpid(), signal.SIGTSTP)  # stops here, unless our group is orphaned
+        stopped_s[0] += time.monotonic() - stopped_at
         signal.signal(signal.SIGTSTP, suspend)
         _signal_groups(procs, signal.SIGCONT)
 
@@ -165,14 +181,18 @@ def _launch(argv):
                 env = dict(os.environ, **{ENV_NAME: name, ENV_RANK: str(rank), ENV_SIZE: str(opts.nprocs)})
                 env.update({k: str(rank) for k in TORCHRUN_RANK})
                 env.update({k: str(opts.nprocs) for k in TORCHRUN_SIZE})
-                # As torchrun's ``python -u``: what a rank printed is not lost
-                # in its buffer when it is killed (after a failure elsewhere).
-                env.setdefault("PYTHONUNBUFFERED", "1")
+                if opts.tag_output or not os.isatty(1):
+                    # As torchrun's ``python -u``: what a rank printed is not
+                    # lost in its buffer when it is killed (after a failure
+                    # elsewhere).  A terminal's lines are written whole anyway,
+                    # and unbuffered a print's pieces could interleave there.
+                    env.setdefault("PYTHONUNBUFFERED", "1")
                 # Held from this thread while a rank starts, so the rank starts
                 # with them held too (see _rank_setup).  Another thread (say
                 # OpenBLAS's) may still take one, and the handler then runs
                 # before the rank is listed: it is passed on here, once.
                 signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
+                starting[0] = True
                 try:
                     procs.append(subprocess.Popen(cmd, env=env, stdin=stdin, stdout=output, stderr=output,
                                                   preexec_fn=_rank_setup(os.getpid(), forwarded)))
@@ -180,13 +200,17 @@ def _launch(argv):
                         _signal_groups(procs[reached[0]:], passed_on())
                         reached[0] = len(procs)
                 finally:
+                    starting[0] = False
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
+                if suspend_pending[0]:
+                    suspend_pending[0] = False
+                    suspend(signal.SIGTSTP, None)
             if opts.tag_output:  # only now: no thread may run while a rank forks (preexec_fn)
                 for rank, proc in enumerate(procs):
                     prefix = f"[rank {rank}] ".encode()
                     relays += [_relay(proc.stdout, prefix, sinks[0]), _relay(proc.stderr, prefix, sinks[1])]
             codes, failed_order, cut_short = _supervise(procs, opts.grace, observer, signals_seen,
-                                                        opts.stop_timeout)
+                                                        opts.stop_timeout, clock)
         finally:
             # Every group, even of a rank that exited: its children may live on.
             _signal_groups(procs, signal.SIGKILL)
@@ -195,7 +219,7 @@ def _launch(argv):
             # Reaped: their pids may name strangers' groups from now on, so a
             # signal arriving while the relays drain is forwarded to no one.
             procs.clear()
-            _drain(relays, sinks)
+            _drain(relays, sinks, signals_seen)
         code = _report(codes, observer, failed_order, cut_short)
         if code is None and signals_seen and not codes:  # stopped before any rank started
             code = -signals_seen[0]
@@ -271,7 +295,7 @@ def _stopped_by_terminal(proc):
     return None
 
 
-def _supervise(procs, grace, observer, signals_seen, stop_timeout):
+def _supervise(procs, grace, observer, signals_seen, stop_timeout, clock=time.monotonic):
     """Wait for every rank; after the first failure give the others ``grace`` s.
 
     Ranks still running then get SIGTERM (their handlers may save work, as
@@ -286,7 +310,8 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout):
     a ``fg`` that cannot come: it is killed, and named.  Returns each rank's
     exit status (None for one still running at the end), the ranks that
     failed in the order seen, and those the launcher itself signalled after
-    the grace period (they failed because another did).
+    the grace period (they failed because another did).  Its deadlines are
+    kept by ``clock``, which leaves out the time the run was stopped (Ctrl-Z).
     """
     deadline = None
     signalled_at = None
@@ -313,18 +338,18 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout):
                 # Does nothing for a rank that attached: its peers watch it.
                 _core.abort_unattached(observer, r, f"it exited ({describe_exit(c)}) without attaching")
         if deadline is None and any(c not in (None, 0) for c in codes):
-            deadline = time.monotonic() + grace
+            deadline = clock() + grace
         if all(c is not None for c in codes):
             break
         if signals_seen and signalled_at is None and signals_seen[0] != signal.SIGQUIT:
-            signalled_at = time.monotonic()
-        if signalled_at is not None and time.monotonic() > signalled_at + stop_timeout:
+            signalled_at = clock()
+        if signalled_at is not None and clock() > signalled_at + stop_timeout:
             running = [r for r, c in enumerate(codes) if c is None]
             print(f"python -m blsshm.run: rank(s) {running} still running {stop_timeout:g} s after "
                   f"{signal.Signals(signals_seen[0]).name} was passed on to them; killing them", file=sys.stderr)
             _signal_groups([procs[r] for r in running], signal.SIGKILL)  # their exit status says so
             signalled_at = float("inf")
-        if deadline is not None and time.monotonic() > deadline:
+        if deadline is not None and clock() > deadline:
             running = [r for r, c in enumerate(codes) if c is None]
             if terminated:
                 print(f"python -m blsshm.run: rank(s) {running} still running {TERM_WAIT_S:g} s after "
@@ -335,7 +360,7 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout):
             _signal_groups([procs[r] for r in running], signal.SIGTERM)
             cut_short.update(running)
             terminated = True
-            deadline = time.monotonic() + TERM_WAIT_S
+            deadline = clock() + TERM_WAIT_S
         time.sleep(0.01)
     codes = [_peek_exit(p) for p in procs]
     failed_order += [r for r, c in enumerate(codes) if c not in (None, 0) and r not in failed_order]
@@ -399,24 +424,17 @@ class _Relay(threading.Thread):
     def __init__(self, pipe, prefix, sink):
         super().__init__(name=f"relay {prefix.decode().strip()}", daemon=True)
         self.pipe, self.prefix, self.sink = pipe, prefix, sink
-        self.read_s = 0.0  # seconds spent in finished reads
-        self.reading_since = None  # when the read now under way began
-
-    def read_time(self, now):
-        """Seconds spent reading (waiting for output) so far; not those spent passing it on."""
-        since = self.reading_since
-        return self.read_s + (now - since if since is not None else 0.0)
+        self.read_bytes = 0    # taken from the pipe so far
+        self.passed_bytes = 0  # of those, passed on to the sink (a partial line counts once read)
 
     def run(self):
         pending = b""
         fd = self.pipe.fileno()
         while True:
-            began = self.reading_since = time.monotonic()
             chunk = os.read(fd, RELAY_CHUNK)
-            self.reading_since = None  # before the sum grows: read_time may undercount, never over
-            self.read_s += time.monotonic() - began
             if not chunk:
                 break
+            self.read_bytes += len(chunk)
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()
             if len(pending) >= RELAY_CHUNK:  # a line that long is passed on in pieces
@@ -424,9 +442,17 @@ class _Relay(threading.Thread):
                 pending = b""
             if lines:
                 self.sink.write(b"".join(self.prefix + line + b"\n" for line in lines))
+            self.passed_bytes += len(chunk)
         if pending:
             self.sink.write(self.prefix + pending + b"\n")
         self.pipe.close()
+
+    def unread_bytes(self):
+        """Bytes waiting in the pipe now (0 once it is closed)."""
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.pipe.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        except (OSError, ValueError):
+            return 0
 
 
 def _relay(pipe, prefix, sink):
@@ -436,20 +462,23 @@ def _relay(pipe, prefix, sink):
     return relay
 
 
-def _drain(relays, sinks):
+def _drain(relays, sinks, signals_seen):
     """Wait for the relays to pass on the ranks' last lines, then stop them writing.
 
     The ranks' groups are dead by now, so the pipes end, unless a process that
-    left its rank's group (``setsid``) still holds one: a relay that has
-    spent RELAY_DRAIN_S reading since is not waited for, and what comes later
-    is dropped (a thread writing to our stdout while the interpreter shuts
-    down could crash it).  Time spent passing lines on does not count: that
-    is our reader's pace (``| less``, a terminal paused with Ctrl-S).
+    left its rank's group (``setsid``) still holds one.  What the ranks wrote
+    (what each pipe held when this began) is passed on at our reader's pace
+    (``| less``, a terminal paused with Ctrl-S); anything after it gets
+    RELAY_DRAIN_S in all, and is dropped after that (a thread writing to our
+    stdout while the interpreter shuts down could crash it).  A signal
+    arriving meanwhile (Ctrl-C) ends the wait at once.
     """
-    start = time.monotonic()
-    read_before = [relay.read_time(start) for relay in relays]
-    for relay, before in zip(relays, read_before):
-        while relay.is_alive() and relay.read_time(time.monotonic()) - before <= RELAY_DRAIN_S:
+    signals_before = len(signals_seen)
+    deadline = time.monotonic() + RELAY_DRAIN_S
+    owed = [relay.read_bytes + relay.unread_bytes() for relay in relays]
+    for relay, target in zip(relays, owed):
+        while (relay.is_alive() and len(signals_seen) == signals_before
+               and (relay.passed_bytes < target or time.monotonic() < deadline)):
             relay.join(0.05)
     for sink in sinks:
         with sink.lock:

@@ -1024,8 +1024,12 @@ with blsshm.init() as comm:
 
 
 def _state(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
+    """A process's state letter ('T' stopped, 'Z' a zombie), or None once it is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
 
 
 def _until(predicate, what, timeout=10.0):
@@ -1058,3 +1062,164 @@ def test_ctrl_z_stops_the_ranks_with_the_launcher_and_fg_continues_them(tmp_path
         launcher.kill()
         launcher.wait()
     assert launcher.returncode == 0
+
+
+ESCAPED_WRITER = r"""
+import os, subprocess
+import blsshm
+with blsshm.init() as comm:
+    if comm.rank == 0:  # a process that leaves the rank's group, and keeps writing to its stdout
+        writer = subprocess.Popen(["yes", "escaped output line"], start_new_session=True)
+        with open("writer.pid", "w") as f:
+            f.write(str(writer.pid))
+"""
+
+
+def test_tagged_output_of_a_process_that_left_its_rank_does_not_hold_the_launcher(tmp_path):
+    # Only time spent waiting in read counted against the 2 s for such a
+    # pipe: with a writer that never stops, reads never wait, and the
+    # launcher ran on for minutes (deaf to Ctrl-C) after its ranks had ended.
+    path = tmp_path / "prog.py"
+    path.write_text(ESCAPED_WRITER)
+    launcher = subprocess.Popen([sys.executable, "-m", "blsshm.run", "-n", "2", "--tag-output", str(path)],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = launcher.communicate(timeout=30)  # a bound on a hang, not a speed
+    finally:
+        launcher.kill()
+        launcher.wait()
+        _until(lambda: (tmp_path / "writer.pid").exists(), "rank 0 did not start its writer")
+        os.kill(int((tmp_path / "writer.pid").read_text()), signal.SIGKILL)
+    assert launcher.returncode == 0, err
+    assert out.startswith(b"[rank 0] escaped output line\n")
+
+
+FAILS_ON_CUE = r"""
+import os, sys, time
+import blsshm
+with blsshm.init() as comm:
+    os.write(1, f"{comm.rank} {os.getpid()}\n".encode())
+    cue = "fail" if comm.rank == 1 else "done"
+    while not os.path.exists(cue):
+        time.sleep(0.01)
+    if comm.rank == 1:
+        sys.exit(1)
+"""
+
+
+def test_time_stopped_by_ctrl_z_does_not_count_against_the_grace_period(tmp_path):
+    # The grace period ran on while the run was stopped: on fg, rank 0 got
+    # SIGTERM at once, with most of its grace unused.
+    path = tmp_path / "prog.py"
+    path.write_text(FAILS_ON_CUE)
+    launcher = subprocess.Popen([sys.executable, "-m", "blsshm.run", "-n", "2", "--grace", "3", str(path)],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                process_group=0)
+    try:
+        pids = dict(tuple(map(int, launcher.stdout.readline().split())) for _ in range(2))
+        (tmp_path / "fail").touch()
+        _until(lambda: _state(pids[1]) in ("Z", None), "rank 1 did not exit")
+        time.sleep(0.3)  # the launcher sees the failure: its grace period runs
+        os.kill(launcher.pid, signal.SIGTSTP)
+        _until(lambda: os.waitid(os.P_PID, launcher.pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT) is not None,
+               "the launcher did not stop")
+        time.sleep(4)  # longer than the grace period, all of it stopped
+        os.kill(launcher.pid, signal.SIGCONT)
+        _until(lambda: _state(pids[0]) != "T", "rank 0 was not continued")
+        (tmp_path / "done").touch()  # rank 0 ends well within what is left of its grace
+        _, err = launcher.communicate(timeout=30)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert "SIGTERM" not in err, err
+    assert "rank 1 failed (exit code 1)" in err and "rank 0" not in err, err
+    assert launcher.returncode == 1
+
+
+CTRL_Z_WHILE_A_RANK_STARTS = r"""
+import os, signal, subprocess, sys
+from blsshm import run
+real_popen = subprocess.Popen
+ranks_started = []
+
+def popen(*args, **kwargs):
+    if kwargs.get("preexec_fn"):  # a rank (the segment's reaper starts without)
+        ranks_started.append(1)
+        if len(ranks_started) == 2:
+            os.kill(os.getpid(), signal.SIGTSTP)  # Ctrl-Z while the second rank starts
+    return real_popen(*args, **kwargs)
+
+subprocess.Popen = popen
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def _children_running(parent, script):
+    """Pids of ``parent``'s children whose command line names ``script``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if ppid == parent and script.encode() in cmdline:
+                pids.append(int(entry))
+    return pids
+
+
+def test_ctrl_z_while_a_rank_starts_stops_that_rank_too(tmp_path):
+    # The handler ran inside Popen, before the new rank was listed: it was
+    # never stopped, and ran on alone.
+    (tmp_path / "prog.py").write_text(STOPPABLE)
+    (tmp_path / "launch.py").write_text(CTRL_Z_WHILE_A_RANK_STARTS)
+    launcher = subprocess.Popen([sys.executable, "launch.py", "-n", "3", "prog.py"], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, process_group=0)
+    try:
+        _until(lambda: os.waitid(os.P_PID, launcher.pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT) is not None,
+               "the launcher did not stop")
+        ranks = _children_running(launcher.pid, "prog.py")
+        assert len(ranks) == 2, ranks  # the third is started once it is continued
+        _until(lambda: all(_state(pid) == "T" for pid in ranks), "a rank started with Ctrl-Z was not stopped")
+        os.kill(launcher.pid, signal.SIGCONT)
+        _until(lambda: len(_children_running(launcher.pid, "prog.py")) == 3, "the third rank did not start")
+        (tmp_path / "done").touch()
+        launcher.wait(timeout=30)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert launcher.returncode == 0
+
+
+SHOWS_BUFFERING = r"""
+import os
+import blsshm
+with blsshm.init() as comm:
+    print(comm.rank, os.environ.get("PYTHONUNBUFFERED"))
+"""
+
+
+@pytest.mark.parametrize("stdout", ["pipe", "terminal"])
+def test_ranks_write_unbuffered_except_to_a_terminal(tmp_path, stdout):
+    # Unbuffered on a terminal, a print's pieces from several ranks could
+    # interleave mid-line; line-buffered there, nothing printed is lost anyway.
+    import pty
+    path = tmp_path / "prog.py"
+    path.write_text(SHOWS_BUFFERING)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    reader, writer = os.pipe() if stdout == "pipe" else pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "1", str(path)], stdout=writer,
+                              stderr=subprocess.PIPE, text=True, env=env, timeout=50)
+        os.close(writer)
+        writer = -1
+        out = os.read(reader, 4096).decode().replace("\r\n", "\n")
+    finally:
+        os.close(reader)
+        if writer >= 0:
+            os.close(writer)
+    assert proc.returncode == 0, proc.stderr
+    assert out == ("0 1\n" if stdout == "pipe" else "0 None\n")
