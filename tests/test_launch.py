@@ -1032,6 +1032,12 @@ def _state(pid):
         return None
 
 
+def _until_stopped(launcher):
+    """Wait until ``launcher`` (our child) is stopped (Ctrl-Z)."""
+    _until(lambda: os.waitid(os.P_PID, launcher.pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT) is not None,
+           "the launcher did not stop")
+
+
 def _until(predicate, what, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -1050,8 +1056,7 @@ def test_ctrl_z_stops_the_ranks_with_the_launcher_and_fg_continues_them(tmp_path
     try:
         pids = [int(launcher.stdout.readline()) for _ in range(2)]
         os.kill(launcher.pid, signal.SIGTSTP)  # what the terminal sends on Ctrl-Z
-        _until(lambda: os.waitid(os.P_PID, launcher.pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT) is not None,
-               "the launcher did not stop")
+        _until_stopped(launcher)
         # Signals are delivered when their target next runs: on a loaded machine, later.
         _until(lambda: all(_state(pid) == "T" for pid in pids), "the ranks were not stopped")
         os.kill(launcher.pid, signal.SIGCONT)  # fg
@@ -1121,8 +1126,7 @@ def test_time_stopped_by_ctrl_z_does_not_count_against_the_grace_period(tmp_path
         _until(lambda: _state(pids[1]) in ("Z", None), "rank 1 did not exit")
         time.sleep(0.3)  # the launcher sees the failure: its grace period runs
         os.kill(launcher.pid, signal.SIGTSTP)
-        _until(lambda: os.waitid(os.P_PID, launcher.pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT) is not None,
-               "the launcher did not stop")
+        _until_stopped(launcher)
         time.sleep(4)  # longer than the grace period, all of it stopped
         os.kill(launcher.pid, signal.SIGCONT)
         _until(lambda: _state(pids[0]) != "T", "rank 0 was not continued")
@@ -1179,8 +1183,7 @@ def test_ctrl_z_while_a_rank_starts_stops_that_rank_too(tmp_path):
     launcher = subprocess.Popen([sys.executable, "launch.py", "-n", "3", "prog.py"], cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, process_group=0)
     try:
-        _until(lambda: os.waitid(os.P_PID, launcher.pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT) is not None,
-               "the launcher did not stop")
+        _until_stopped(launcher)
         ranks = _children_running(launcher.pid, "prog.py")
         assert len(ranks) == 2, ranks  # the third is started once it is continued
         _until(lambda: all(_state(pid) == "T" for pid in ranks), "a rank started with Ctrl-Z was not stopped")
