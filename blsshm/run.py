@@ -6,10 +6,11 @@ communicator, like ``torchrun``: each finds its rank through
 ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``).  If a rank fails, the others get a
 few seconds to notice (they raise ``PeerLostError``); ranks still running
 then get SIGTERM, and SIGKILL 2 s later.  The exit status is that of the
-rank that failed first (not of one the launcher stopped so); if ranks die of a signal passed on to them (below), the
-launcher dies of it too, as a shell expects of an interrupted program.  A
-rank that exits without attaching aborts the communicator, so the others do
-not wait for it.  The segment is removed in every case.
+rank that failed first (not of one the launcher stopped so); if ranks die of
+a signal passed on to them (below), the launcher dies of it too, as a shell
+expects of an interrupted program.  A rank that exits without attaching
+aborts the communicator, so the others do not wait for it.  The segment is
+removed in every case.
 
 Each rank leads a process group of its own: a terminal's Ctrl-C reaches the
 launcher alone, which passes it on once to every rank's group, and at the end
