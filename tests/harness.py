@@ -8,7 +8,25 @@ import queue
 import time
 import traceback
 
+import numpy as np
+
 from blsshm import Comm, segment
+
+# Offsets that mirror blsshm/_layout.h: a header line and the abort line,
+# then 3 lines per rank, the first holding its ``published`` count.
+LINE = 128
+_RANKS_AT = 2 * LINE
+
+
+def wait_until_published(comm, rank, count):
+    """Sleep-poll until ``rank`` has posted ``count`` iterations, seen from ``comm``.
+
+    A test whose peer closes or dies uses this to order that after a post:
+    a post made after a peer left raises for that reason itself.
+    """
+    published = np.frombuffer(comm._mapping, np.uint64, 1, _RANKS_AT + 3 * LINE * rank)
+    while published[0] < count:
+        time.sleep(0.001)
 
 
 def _rank_main(target, name, rank, args, results, comm_kwargs):

@@ -10,7 +10,7 @@ import pytest
 
 import blsshm
 from blsshm import BlsTimeoutError, CommAborted, PeerLostError, RankFailedError
-from harness import Ranks
+from harness import Ranks, wait_until_published
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -198,6 +198,8 @@ def test_spawn_reports_a_rank_that_vanished():
 def _polls_a_peer_that_leaves(comm, how):
     comm.alltoallv(np.zeros(2), [1, 1])
     if comm.rank == 1:
+        # After rank 0's post: a post after the close would itself raise.
+        wait_until_published(comm, 0, 2)
         if how == "exits":
             os._exit(3)
         comm.close()

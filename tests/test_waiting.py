@@ -10,7 +10,7 @@ import pytest
 
 import blsshm
 from blsshm import _core
-from harness import Ranks
+from harness import LINE, Ranks, wait_until_published
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,8 +121,7 @@ def test_waits_are_counted_where_they_happen(late_in):
 
 # Where rank 0's wait registers as a sleeper on rank 1's posts: the offsets
 # mirror blsshm/_layout.h (header and abort lines, then 3 lines per rank).
-_LINE = 128
-_PUBLISHED_SLEEPERS_OF_RANK_1 = 2 * _LINE + 3 * _LINE + 8
+_PUBLISHED_SLEEPERS_OF_RANK_1 = 2 * LINE + 3 * LINE + 8
 
 
 def _wake_in_the_sleep_window(comm, waker, how):
@@ -173,8 +172,7 @@ def test_an_abort_or_close_racing_a_sleep_still_wakes_it(waker, how, expected):
     assert out[0] == ("ok", expected)
 
 
-_CLOSES = _LINE + 4  # the count of closed ranks, beside the abort word
-_PUBLISHED_OF_RANK_0 = 2 * _LINE
+_CLOSES = LINE + 4  # the count of closed ranks, beside the abort word
 
 
 def _peer_closes_while_we_spin(comm, when):
@@ -182,9 +180,7 @@ def _peer_closes_while_we_spin(comm, when):
     before the wait begins or during it."""
     if comm.rank == 1:
         # After rank 0's post: a post after the close would itself raise.
-        published = np.frombuffer(comm._mapping, np.uint64, 1, _PUBLISHED_OF_RANK_0)
-        while published[0] == 0:
-            time.sleep(0.001)
+        wait_until_published(comm, 0, 1)
         if when == "during":
             time.sleep(0.2)
         comm.close()
