@@ -14,6 +14,9 @@ def as_array(x, what):
     if torch is not None and isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             raise BlsTypeError(f"{what} is a tensor on {x.device}; blsshm moves CPU tensors only")
+        if x.layout != torch.strided:  # numpy's TypeError would blame the dtype
+            raise BlsTypeError(f"{what} is a {x.layout} tensor; blsshm moves dense tensors only "
+                               f"(call .to_dense() first)")
         try:
             return x.detach().numpy(), True
         except TypeError as exc:

@@ -53,6 +53,19 @@ def test_unsupported_tensors_are_named():
             comm.alltoallv(torch.zeros(4, 4).t(), [16])
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("to_sparse", [torch.Tensor.to_sparse, torch.Tensor.to_sparse_csr], ids=["coo", "csr"])
+def test_sparse_tensors_are_refused_for_their_layout(to_sparse):
+    # numpy's own error blamed the dtype ("has dtype torch.float32, which numpy cannot view").
+    sparse = to_sparse(torch.eye(2))
+    with blsshm.Comm.create(1) as comm:
+        with pytest.raises(blsshm.BlsTypeError, match=r"send is a torch.sparse_\w+ tensor.*to_dense"):
+            comm.alltoallv(sparse, [4])
+        with pytest.raises(blsshm.BlsTypeError, match=r"out is a torch.sparse_\w+ tensor"):
+            comm.alltoallv(torch.zeros(4), [4], out=sparse)
+        assert comm.alltoallv(sparse.to_dense().flatten(), [4])[0].tolist() == [1, 0, 0, 1]
+
+
 def test_tensors_with_a_lazy_conjugate_or_negation_are_named():
     """numpy would read the stored values, not the conjugated or negated ones."""
     z = torch.tensor([1 + 2j, 3 - 4j])
