@@ -52,8 +52,20 @@ def count_samples(path, limit=None):
     return n
 
 
-def parse_line(line, max_ind_range, lineno=0):
-    """``(label, dense[13] float32, sparse[26] int64)`` of one line."""
+def dense_features(ints):
+    """The reference's transform of integer features (float32, any shape): ``log(max(x, 0) + 1)``.
+
+    Computed as the reference computes it, with ``torch.log`` in float32
+    (``dlrm_data_pytorch.py``, ``torch.log(torch.tensor(X_int, dtype=torch.float) + 1)``):
+    numpy's ``log`` differs in the last bit for some common values (36, 48, 178).
+    """
+    import torch
+    clamped = np.maximum(np.asarray(ints, dtype=np.float32), np.float32(0))
+    return torch.log(torch.from_numpy(clamped) + 1).numpy()
+
+
+def _fields(line, max_ind_range, lineno):
+    """``(label, ints[13] float32, sparse[26] int64)`` of one line, the integers not yet transformed."""
     fields = line.rstrip("\r\n").split("\t")
     if len(fields) != NUM_FIELDS:
         raise CriteoFormatError(f"line {lineno}: {len(fields)} tab-separated fields, expected {NUM_FIELDS}")
@@ -63,25 +75,36 @@ def parse_line(line, max_ind_range, lineno=0):
         cats = [int(x, 16) % max_ind_range if x else 0 for x in fields[1 + NUM_DENSE:]]
     except ValueError as exc:
         raise CriteoFormatError(f"line {lineno}: {exc}") from None
-    dense = np.log(np.maximum(np.array(ints, dtype=np.float32), 0) + np.float32(1))
-    return label, dense.astype(np.float32), np.array(cats, dtype=np.int64)
+    try:
+        dense = np.array(ints, dtype=np.float32)
+    except OverflowError:  # past float32's range (3.4e38)
+        big = next(x for x in fields[1:1 + NUM_DENSE] if x and abs(float(x)) > np.finfo(np.float32).max)
+        raise CriteoFormatError(f"line {lineno}: integer feature {big[:20]}{'...' if len(big) > 20 else ''} "
+                                f"is too large for float32") from None
+    return label, dense, np.array(cats, dtype=np.int64)
+
+
+def parse_line(line, max_ind_range, lineno=0):
+    """``(label, dense[13] float32, sparse[26] int64)`` of one line."""
+    label, ints, cats = _fields(line, max_ind_range, lineno)
+    return label, dense_features(ints), cats
 
 
 def read(path, num_samples, max_ind_range):
     """Labels ``(n,)``, dense ``(n, 13)`` and categoricals ``(n, 26)`` of the first ``n`` lines."""
     labels = np.zeros(num_samples, dtype=np.float32)
-    dense = np.zeros((num_samples, NUM_DENSE), dtype=np.float32)
+    ints = np.zeros((num_samples, NUM_DENSE), dtype=np.float32)
     sparse = np.zeros((num_samples, NUM_SPARSE), dtype=np.int64)
     n = 0
     with open(path, encoding="ascii", errors="replace") as f:
         for line in f:
             if n >= num_samples:
                 break
-            labels[n], dense[n], sparse[n] = parse_line(line, max_ind_range, n + 1)
+            labels[n], ints[n], sparse[n] = _fields(line, max_ind_range, n + 1)
             n += 1
     if n < num_samples:
         raise CriteoFormatError(f"{path} has {n} samples, {num_samples} needed")
-    return labels, dense, sparse
+    return labels, dense_features(ints), sparse
 
 
 def rank_data(cfg, tables, lo, hi, num_batches):

@@ -28,6 +28,8 @@ import zipfile
 import numpy as np
 from numpy.lib import format as npy
 
+from dlrm_bench.criteo import dense_features
+
 ARRAYS = ("X_int", "X_cat", "y", "counts")
 SKIP_CHUNK = 1 << 22  # bytes read at a time when dropping the rest of a column
 
@@ -163,8 +165,7 @@ def read(path, num_samples, max_ind_range):
             finally:
                 a.close()
     labels = arrays["y"].astype(np.float32)
-    dense = np.log(np.maximum(arrays["X_int"].astype(np.float32), 0) + np.float32(1))
-    return labels, dense, _indices(arrays["X_cat"], rows, max_ind_range, path)
+    return labels, dense_features(arrays["X_int"]), _indices(arrays["X_cat"], rows, max_ind_range, path)
 
 
 def _indices(x_cat, rows, max_ind_range, path):

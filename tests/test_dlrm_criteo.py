@@ -92,6 +92,18 @@ def test_read_follows_the_reference_preprocessing(criteo_file):
     assert criteo.count_samples(path) == len(lines)
 
 
+def test_integers_are_transformed_bit_for_bit_as_the_reference_does():
+    """The reference's ``torch.log(torch.tensor(X_int, dtype=torch.float) + 1)``, not numpy's log,
+    which differs in the last bit for common values (36, 48 and 178 among them)."""
+    import torch
+    x = np.arange(-3, 200_000)
+    line = lambda ints: "\t".join(["1", *map(str, ints), *["ab"] * 26]) + "\n"
+    reference = torch.log(torch.tensor(np.maximum(x, 0), dtype=torch.float) + 1).numpy()
+    np.testing.assert_array_equal(criteo.dense_features(x), reference)
+    np.testing.assert_array_equal(criteo.parse_line(line([36, 48, 178] + [0] * 10), M, 1)[1],
+                                  reference[[39, 51, 181] + [3] * 10])
+
+
 def test_awkward_values_by_hand(criteo_file):
     """Line 1 and the all-empty line 2, against values worked out by hand."""
     path, lines = criteo_file
@@ -122,6 +134,8 @@ BAD_LINES = [
     ("spaces for tabs", " ".join(_fields()), ["1 tab-separated fields"]),
     ("non-hex categorical", "\t".join(_fields()[:20] + ["12g4"] + _fields()[21:]), ["12g4"]),
     ("decimal integer", "\t".join(_fields()[:3] + ["1.5"] + _fields()[4:]), ["1.5"]),
+    ("integer past float32", "\t".join(_fields()[:3] + ["1" + "0" * 400] + _fields()[4:]),
+     ["too large for float32"]),  # was an OverflowError without the line
 ]
 
 
