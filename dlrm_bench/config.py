@@ -425,13 +425,24 @@ def _check_model_file(cfg):
     from dlrm_bench.model import check_checkpoint, read_checkpoint
     try:
         sd = read_checkpoint(cfg.load_model)
-        check_checkpoint(sd, cfg.sparse_size, cfg.table_rows, cfg.mlp_bot, cfg.mlp_top)
+        check_checkpoint(sd, cfg.sparse_size, cfg.table_rows, cfg.mlp_bot, cfg.mlp_top, _rows_from(cfg))
     except ValueError as exc:  # not a checkpoint, or shapes that differ from the flags
         raise UsageError(f"--load-model {cfg.load_model}: {exc}") from None
     except Exception as exc:  # unreadable: torch's messages run over several lines, keep the first
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
         raise UsageError(f"--load-model {cfg.load_model}: cannot read it: "
                          f"{type(exc).__name__}{': ' if first else ''}{first}") from None
+
+
+def _rows_from(cfg):
+    """Where the tables' sizes of ``cfg`` came from, as a message names it."""
+    cap = f"--max-ind-range {cfg.max_ind_range}"
+    if cfg.processed_data_file is not None:
+        counts = f"the counts of --processed-data-file {cfg.processed_data_file}"
+        return counts + (f" (capped by {cap})" if cfg.max_ind_range > 0 else "")
+    if cfg.raw_data_file is not None:
+        return f"{cap} (the rows of every table with --raw-data-file)"
+    return "--arch-embedding-size" + (f" (capped by {cap})" if cfg.max_ind_range > 0 else "")
 
 
 def mpi_available():

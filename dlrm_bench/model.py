@@ -132,8 +132,11 @@ def read_checkpoint(path):
     return ckpt["state_dict"]
 
 
-def check_checkpoint(sd, dim, table_rows, mlp_bot, mlp_top):
-    """Raise ``ValueError`` naming the first parameter whose shape differs from the flags."""
+def check_checkpoint(sd, dim, table_rows, mlp_bot, mlp_top, rows_from="the flags"):
+    """Raise ``ValueError`` naming the first parameter whose shape differs from the flags.
+
+    ``rows_from`` says where ``table_rows`` came from, for the message.
+    """
     expected = {f"emb_l.{i}.weight": (rows, dim) for i, rows in enumerate(table_rows)}
     for name, sizes in (("bot_l", mlp_bot), ("top_l", mlp_top)):
         for i in range(len(sizes) - 1):
@@ -143,8 +146,9 @@ def check_checkpoint(sd, dim, table_rows, mlp_bot, mlp_top):
         if key not in sd:
             raise ValueError(f"checkpoint has no {key} (expected shape {shape})")
         if tuple(sd[key].shape) != tuple(shape):
+            source = rows_from if key.startswith("emb_l.") else "the flags"
             raise ValueError(f"checkpoint {key} has shape {tuple(sd[key].shape)}, "
-                             f"the flags give {tuple(shape)}")
+                             f"{source} give {tuple(shape)}")
         if not sd[key].is_floating_point():  # float16/bfloat16/float64 are computed in float32
             raise ValueError(f"checkpoint {key} holds {sd[key].dtype}, not floating-point weights")
     weighted = sorted(k for k in sd if k.startswith("v_W_l."))

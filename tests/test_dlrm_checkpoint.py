@@ -128,7 +128,8 @@ def _set(key, value):
 
 
 MISFITS = [
-    ("a table of other rows", _set("emb_l.2.weight", torch.zeros(51, D)), ["emb_l.2.weight", "(51, 4)", "(50, 4)"]),
+    ("a table of other rows", _set("emb_l.2.weight", torch.zeros(51, D)),
+     ["emb_l.2.weight", "(51, 4)", "--arch-embedding-size give (50, 4)"]),
     ("a table of other width", _set("emb_l.0.weight", torch.zeros(7, D + 1)), ["emb_l.0.weight", "(7, 5)"]),
     ("a table too many", _set("emb_l.5.weight", torch.zeros(9, D)), ["emb_l.5.weight"]),
     ("a table missing", lambda sd: sd.pop("emb_l.4.weight"), ["emb_l.4.weight"]),

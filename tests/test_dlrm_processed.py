@@ -156,6 +156,17 @@ def test_a_checkpoint_with_the_counts_tables_predicts_what_its_weights_give(proc
 # ----------------------------------------------------------- rejections
 
 
+def test_a_checkpoint_whose_tables_differ_from_the_counts_names_the_counts(processed_file, tmp_path, capsys,
+                                                                        no_dlrm_runs):
+    # The message said "the flags give", though no flag gives the sizes here.
+    path, (_, _, _, counts) = processed_file
+    ckpt = tmp_path / "dlrm.pt"
+    torch.save({"state_dict": random_state_dict(counts + 1, BOT, TOP, D, seed=11)}, ckpt)
+    assert_rejected(capsys, run_flags(path, "--load-model", str(ckpt), "--arch-mlp-top", "-".join(map(str, TOP[1:]))),
+                    "--load-model", f"emb_l.0.weight has shape ({counts[0] + 1}, {D})",
+                    f"the counts of --processed-data-file {path} give ({counts[0]}, {D})")
+
+
 def _mutated(tmp, **changes):
     x_int, x_cat, y, counts = reference_arrays()
     arrays = {**dict(X_int=x_int, X_cat=x_cat, y=y, counts=counts), **changes}
