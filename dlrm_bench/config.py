@@ -319,6 +319,7 @@ def parse(argv=None):
     for flag, path in (("--json", args.json), ("--save-predictions", args.save_predictions)):
         if path is not None:
             _check_writable(flag, path)
+    _check_distinct_outputs(args)
     if args.load_model is not None and not os.path.isfile(args.load_model):
         raise UsageError(f"--load-model {args.load_model}: no such file")
     if args.backend == "mpi" and mpi_available() is not None:
@@ -419,6 +420,30 @@ def _check_writable(flag, path):
         raise UsageError(f"{flag} {path}: cannot write it ({exc.strerror})") from None
     if not existed:
         os.unlink(path)
+
+
+def _same_file(a, b):
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def _check_distinct_outputs(args):
+    """Refuse an output path that is another output or an input: one would overwrite the other."""
+    outputs = [(flag, path) for flag, path in (("--json", args.json), ("--save-predictions", args.save_predictions))
+               if path is not None]
+    others = outputs + [(flag, path) for flag, path in (("--raw-data-file", args.raw_data_file),
+                                                         ("--processed-data-file", args.processed_data_file),
+                                                         ("--load-model", args.load_model))
+                        if path is not None]
+    for i, (flag, path) in enumerate(outputs):
+        for other_flag, other in others[i + 1:]:
+            if _same_file(path, other):
+                raise UsageError(f"{flag} {path} and {other_flag} {other} are the same file: "
+                                 f"writing {flag} would overwrite it")
 
 
 def _check_model_file(cfg):

@@ -76,6 +76,19 @@ def test_an_output_path_through_a_dangling_link_is_refused(tmp_path, capsys, no_
     assert link.is_symlink()  # left as it was
 
 
+def test_an_output_that_is_another_output_or_an_input_is_refused(tmp_path, capsys, no_dlrm_runs):
+    # --json over --save-predictions lost the predictions; over an input, the data.
+    out = tmp_path / "out"
+    assert_rejected(capsys, ["--json", str(out), "--save-predictions", f"{tmp_path}/./out"],
+                    f"--json {out} and --save-predictions {tmp_path}/./out are the same file")
+    model = tmp_path / "dlrm.pt"
+    model.write_bytes(b"weights")
+    os.link(model, tmp_path / "link.pt")
+    assert_rejected(capsys, ["--load-model", str(model), "--save-predictions", str(tmp_path / "link.pt")],
+                    f"--save-predictions {tmp_path}/link.pt and --load-model {model} are the same file")
+    assert model.read_bytes() == b"weights" and not out.exists()
+
+
 def test_the_module_entry_point_exits_2():
     proc = subprocess.run([sys.executable, "-m", "dlrm_bench", "--backend", "nccl"],
                           capture_output=True, text=True, timeout=60)
