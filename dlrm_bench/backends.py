@@ -73,8 +73,10 @@ def _is_open_mpi():
 def run_mpi(cfg, label, bar):
     with tempfile.TemporaryDirectory(prefix="dlrm-bench-mpi-") as tmp:
         job_path = os.path.join(tmp, "job.pkl")
+        heartbeat = os.path.join(tmp, "heartbeat")
         with open(job_path, "wb") as f:
-            pickle.dump({"cfg": cfg, "label": label, "out": tmp, "progress": bar and bar.path}, f)
+            pickle.dump({"cfg": cfg, "label": label, "out": tmp, "progress": bar and bar.path,
+                         "heartbeat": heartbeat}, f)
         # mpirun's output goes to a file, not a pipe: nothing needs draining
         # while we wait, drawing rank 0's progress (mpirun has its stderr).
         with open(os.path.join(tmp, "mpirun.out"), "w+", errors="replace") as log:
@@ -83,9 +85,8 @@ def run_mpi(cfg, label, bar):
             proc = subprocess.Popen(mpirun_command(cfg.nprocs, job_path), stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                     preexec_fn=die_with_parent(os.getpid(), signal.SIGTERM))
-            limit = cfg.timeout_s + 60 + cfg.num_batches  # the collective's timeout, plus start-up and the run
             try:
-                _wait_drawing(proc, limit, bar)
+                _wait_watching(proc, heartbeat, cfg.timeout_s, bar)
             finally:
                 stop_process(proc, STOP_GRACE_S)
             log.seek(0)
@@ -104,16 +105,36 @@ def run_mpi(cfg, label, bar):
         return results
 
 
-def _wait_drawing(proc, limit, bar):
-    """Wait up to ``limit`` s for ``proc``, drawing ``bar`` (if any) as it goes."""
+MPI_STALL_SLACK_S = 60.0  # beyond --timeout: the work of one batch, or a step of setup
+
+
+def _wait_watching(proc, heartbeat, timeout_s, bar):
+    """Wait for ``proc`` while rank 0 touches ``heartbeat``, drawing ``bar`` (if any) as it goes.
+
+    MPI's collectives have no timeout: a run is stopped once rank 0 has
+    shown no sign of progress (starting, finishing its setup, finishing a
+    batch) for ``timeout_s`` plus a minute for a batch's own work.  A limit
+    on the whole run would stop runs that are merely long (injected delays,
+    a slow rank, many batches).
+    """
+    limit = timeout_s + MPI_STALL_SLACK_S
     deadline = time.monotonic() + limit
+    last_beat = None
     while True:
         try:
             proc.wait(timeout=max(0.0, min(worker.PROGRESS_EVERY_S, deadline - time.monotonic())))
             return
         except subprocess.TimeoutExpired:
-            if time.monotonic() >= deadline:
-                raise BackendError(f"mpirun did not finish within {limit:.0f} s") from None
+            pass
+        try:
+            beat = os.stat(heartbeat).st_mtime_ns
+        except FileNotFoundError:
+            beat = None
+        if beat != last_beat:
+            last_beat, deadline = beat, time.monotonic() + limit
+        elif time.monotonic() >= deadline:
+            raise BackendError(f"mpirun stopped: rank 0 showed no progress for {limit:g} s (--timeout "
+                               f"{timeout_s:g} s and a minute; MPI's collectives have no timeout)")
         if bar is not None:
             bar.poll()
 

@@ -177,7 +177,8 @@ def build_parser():
     r.add_argument("--timeout", type=float, default=d.timeout_s, metavar="S",
                    help="longest wait inside a collective before a run fails; the ranks' setup (building "
                         "tables, loading data) is not counted. MPI has no such timeout: with "
-                        "--backend mpi the whole mpirun gets S + 60 s + 1 s per batch (default %(default)s)")
+                        "--backend mpi the run is stopped once rank 0 has made no progress for S + 60 s, "
+                        "setup included (default %(default)s)")
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, metavar="PATH", help="write every figure, the configuration "
                    "and the environment as JSON")
@@ -365,9 +366,45 @@ def parse(argv=None):
         progress=sys.stderr.isatty() and not args.no_progress)
     if cfg.load_model is not None:
         _check_model_file(cfg)
+    _check_memory(cfg)
     if args.backend == "bls" or args.compare:
         _check_shm_room(cfg)
     return cfg, args
+
+
+def _memory_parts(cfg):
+    """``{what sizes it: bytes}`` of the largest arrays the ranks hold together, a lower bound."""
+    P, B, D, T = cfg.nprocs, cfg.batch_size, cfg.sparse_size, len(cfg.table_rows)
+    mlps = sum((a + 1) * b for mlp in (cfg.mlp_bot, cfg.mlp_top) for a, b in zip(mlp, mlp[1:]))
+    parts = {
+        f"the embedding tables ({_rows_from(cfg)}, --arch-sparse-feature-size {D})": sum(cfg.table_rows) * D * 4,
+        "the MLPs (--arch-mlp-bot, --arch-mlp-top), in every rank": P * mlps * 4,
+        # Each rank's predictions, gathered again by the parent, 10 timings
+        # and a list entry per iteration.
+        f"the predictions and timings of --num-batches {cfg.num_batches}": cfg.num_batches * (2 * B * 4 + P * 120),
+        f"the predictions of --warmup-batches {cfg.warmup_batches}": cfg.warmup_batches * (B * 4 + P * 40),
+    }
+    if cfg.data_generation == "dataset":  # every rank reads every sample: 13 floats, 26 int64
+        parts[f"the {cfg.data_batches * B} samples read from the data file by each of --nprocs {P}"] = (
+            P * cfg.data_batches * B * (13 * 4 + T * 8))
+    else:  # at least one row and its offset per bag, and the dense features
+        parts[f"the {cfg.data_batches} distinct batches (--data-size)"] = cfg.data_batches * B * (T * 16 + 13 * 4)
+    return parts
+
+
+def _check_memory(cfg):
+    """Refuse sizes past this machine's memory, naming the flags: else a rank dies
+    of MemoryError or the OOM killer, far from them, after the others started."""
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - not Linux
+        return
+    parts = _memory_parts(cfg)
+    need = sum(parts.values())
+    if need > have:
+        what, most = max(parts.items(), key=lambda item: item[1])
+        raise UsageError(f"this run needs at least {need / 2**30:,.1f} GiB of memory, more than the "
+                         f"{have / 2**30:,.1f} GiB this machine has: {what} take {most / 2**30:,.1f} GiB")
 
 
 def _check_shm_room(cfg):

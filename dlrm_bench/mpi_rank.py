@@ -3,7 +3,8 @@
 ``JOB`` is a pickle written by ``dlrm_bench.backends.run_mpi``; each rank
 writes its result beside it as ``rank<r>.pkl``, or the exception that ended it
 as ``rank<r>.err``, and rank 0 its progress to the file the job names (the
-parent draws the bar: mpirun has our stderr).
+parent draws the bar: mpirun has our stderr) and its heartbeat to another
+(the parent stops a run that stalls).
 """
 import os
 import pickle
@@ -20,7 +21,7 @@ def main(job_path):
     from mpi4py import MPI
     rank = MPI.COMM_WORLD.rank
     try:
-        result = mpi_rank(job["cfg"], job["label"], job["progress"])
+        result = mpi_rank(job["cfg"], job["label"], job["progress"], job["heartbeat"])
     except BaseException as exc:
         # mpirun's own report of the abort buries the cause: leave it for the parent.
         with open(os.path.join(job["out"], f"rank{rank}.err"), "w") as f:

@@ -21,6 +21,7 @@ computed for it and slept in injected delays, and when its predictions
 were out.  Times are ``time.perf_counter()``, one clock for all the
 processes of the machine.
 """
+import math
 import os
 import sys
 import time
@@ -75,21 +76,45 @@ class Record:
                 "held": self.held, "phases": self.phases, "cpu_compute": self.cpu}
 
 
+class Heartbeat:
+    """Touches ``path`` (at most every ``PROGRESS_EVERY_S``) when called: a sign of progress.
+
+    mpirun's parent watches it, since MPI's collectives have no timeout of
+    their own (see ``backends.run_mpi``).  Without a path it does nothing.
+    """
+
+    def __init__(self, path=None):
+        self.path = path
+        self.last = -math.inf
+
+    def __call__(self):
+        if self.path is None:
+            return
+        t = now()
+        if t - self.last >= PROGRESS_EVERY_S:
+            self.last = t
+            with open(self.path, "a"):
+                os.utime(self.path)
+
+
 class Progress:
     """Rank 0's progress bar, drawn on stderr when the parent is on a terminal.
 
     Its state also goes to the file ``relay`` (see :class:`RelayedProgress`):
     the parent draws from it when it alone has the terminal (an MPI rank's
     stderr is mpirun's, which the parent captures; ``draw`` False), and
-    ends a bar left unfinished before it prints why.
+    ends a bar left unfinished before it prints why.  Every update, drawn or
+    not, calls ``heartbeat`` (if any).
     """
 
-    def __init__(self, enabled, label, total, batch_size, relay=None, draw=True):
+    def __init__(self, enabled, label, total, batch_size, relay=None, draw=True, heartbeat=None):
         self.enabled, self.label, self.total, self.batch_size = enabled, label, total, batch_size
-        self.relay, self.draw = relay, draw
+        self.relay, self.draw, self.heartbeat = relay, draw, heartbeat
         self.t0 = self.last = now()
 
     def update(self, done):
+        if self.heartbeat is not None:
+            self.heartbeat()
         if not self.enabled:
             return
         t = now()
@@ -365,17 +390,18 @@ def bls_rank(comm, cfg, label, progress_relay=None):
     return r.result(preds, rec, begin, end, wait_s, futex_sleeps=stats["futex_sleeps"])
 
 
-def sync_rank(r, exchange, barrier, label, progress_relay=None, draw=True):
+def sync_rank(r, exchange, barrier, label, progress_relay=None, draw=True, heartbeat=None):
     """The timed part of a synchronous backend, after its setup.
 
-    ``progress_relay`` and ``draw`` are rank 0's, as for :class:`Progress`.
+    ``progress_relay``, ``draw`` and ``heartbeat`` are rank 0's, as for :class:`Progress`.
     """
-    quiet = Progress(False, "", 1, 0)
+    quiet = Progress(False, "", 1, 0, heartbeat=heartbeat)
     r.run_sync(exchange, r.warmup_batches(), None, quiet)
     barrier()
     n = r.cfg.num_batches
     rec = Record(n)
-    progress = Progress(r.cfg.progress and r.rank == 0, label, n, r.cfg.batch_size, progress_relay, draw)
+    progress = Progress(r.cfg.progress and r.rank == 0, label, n, r.cfg.batch_size, progress_relay, draw,
+                        heartbeat)
     begin = now()
     preds, waited = r.run_sync(exchange, list(range(n)), rec, progress)
     end = now()
@@ -408,14 +434,20 @@ def gloo_rank(rank, cfg, init_file, label, progress_relay=None):
         dist.destroy_process_group()
 
 
-def mpi_rank(cfg, label, progress_relay=None):
+def mpi_rank(cfg, label, progress_relay=None, heartbeat_path=None):
     """Entry of a rank of the MPI backend (mpi4py ``Alltoallv``), under mpirun.
 
-    Rank 0 writes its progress to ``progress_relay`` (see :class:`Progress`).
+    Rank 0 writes its progress to ``progress_relay`` (see :class:`Progress`)
+    and touches ``heartbeat_path`` as it starts, once set up and as batches
+    finish (see :class:`Heartbeat`).
     """
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
+    heartbeat = Heartbeat(heartbeat_path if comm.rank == 0 else None)
+    heartbeat()
     r = Rank(cfg, comm.rank)
+    heartbeat.last = -math.inf  # the end of setup is always told
+    heartbeat()
     sdispls = np.concatenate([[0], np.cumsum(r.send_counts)[:-1]]).tolist()
     rdispls = np.concatenate([[0], np.cumsum(r.recv_counts)[:-1]]).tolist()
     scounts, rcounts = r.send_counts.tolist(), r.recv_counts.tolist()
@@ -423,6 +455,7 @@ def mpi_rank(cfg, label, progress_relay=None):
     def exchange(send, recv):
         comm.Alltoallv([send, (scounts, sdispls), MPI.FLOAT], [recv, (rcounts, rdispls), MPI.FLOAT])
 
-    result = sync_rank(r, exchange, comm.Barrier, label, progress_relay, draw=False)  # mpirun has our stderr
+    result = sync_rank(r, exchange, comm.Barrier, label, progress_relay, draw=False,  # mpirun has our stderr
+                       heartbeat=heartbeat)
     result["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
     return result

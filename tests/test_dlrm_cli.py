@@ -44,6 +44,11 @@ BAD = [
     (["--save-predictions", "/nonexistent/p.npy"], "--save-predictions /nonexistent/p.npy: no such directory"),
     (["--json", "/"], "--json /: is a directory"),
     (["--save-predictions", "/proc/version"], "--save-predictions /proc/version: cannot write it"),
+    # Sizes past any machine's memory: a rank died of a MemoryError naming no flag.
+    (["--num-batches", "99999999999999999999"], "the predictions and timings of --num-batches 99999999999999999999 take"),
+    (["--warmup-batches", "99999999999999999"], "the predictions of --warmup-batches 99999999999999999 take"),
+    (["--arch-embedding-size", "99999999999999999999-5"], "the embedding tables (--arch-embedding-size, "),
+    (["--arch-mlp-bot", "13-99999999999-64"], "the MLPs (--arch-mlp-bot, --arch-mlp-top), in every rank take"),
     # Accepted, then silently changed nothing.
     (["--delay-ms", "50"], "--delay-prob and --delay-ms go together"),
     (["--delay-prob", "0.5"], "--delay-prob and --delay-ms go together"),

@@ -222,6 +222,52 @@ def test_a_relayed_progress_bar_is_drawn_by_the_reader(tmp_path, capsys):
     assert "10/10 batches" in err and err.endswith("\n") and err.count("\n") == 1
 
 
+_BEATS = """
+import os, sys, time
+path, beats, then = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+for _ in range(beats):
+    with open(path, "a"):
+        os.utime(path)
+    time.sleep(0.05)
+time.sleep(then)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("beats, then, stalls", [(150, 0, False), (1, 30, True)], ids=["long", "stalled"])
+def test_an_mpi_run_is_stopped_when_it_stalls_not_when_it_is_long(tmp_path, monkeypatch, beats, then, stalls):
+    # The limit was on the whole run (--timeout + 60 s + 1 s per batch):
+    # delays or a slow rank that made the run long, not stuck, had it killed.
+    import subprocess
+    import sys
+    import time
+    from dlrm_bench import backends
+    monkeypatch.setattr(backends, "MPI_STALL_SLACK_S", 2.3)  # no progress for 2.5 s is a stall
+    heartbeat = str(tmp_path / "heartbeat")
+    proc = subprocess.Popen([sys.executable, "-c", _BEATS, heartbeat, str(beats), str(then)])
+    try:
+        start = time.monotonic()
+        if stalls:
+            with pytest.raises(backends.BackendError, match=r"rank 0 showed no progress for 2.5 s \(--timeout 0.2 s"):
+                backends._wait_watching(proc, heartbeat, 0.2, None)
+            assert proc.poll() is None and time.monotonic() - start < 20
+        else:
+            backends._wait_watching(proc, heartbeat, 0.2, None)  # 7.5 s in all, a beat every 0.05 s
+            assert proc.returncode == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_every_progress_update_is_a_heartbeat(tmp_path):
+    from dlrm_bench.worker import Heartbeat, Progress
+    path = tmp_path / "heartbeat"
+    quiet = Progress(False, "", 1, 0, heartbeat=Heartbeat(str(path)))
+    quiet.update(1)
+    assert path.exists()
+    Heartbeat()()  # without a path: nothing
+
+
 def test_a_bar_drawn_by_a_rank_is_also_relayed_so_the_parent_can_end_its_line(tmp_path, capsys):
     from dlrm_bench.worker import Progress, RelayedProgress
     path = str(tmp_path / "progress")
