@@ -26,14 +26,15 @@ __version__ = "0.1.0"
 _initialized = None  # (pid, rank) of this process's init(): a rank attaches once
 
 
-def init(*, timeout: Optional[float] = None, attach_timeout: float = 60.0,
+def init(*, timeout: Optional[float] = None, attach_timeout: Optional[float] = 60.0,
          spin_us: Optional[float] = None) -> Comm:
     """The :class:`Comm` of a process started by ``python -m blsshm.run``.
 
     Call it once per rank: the segment is gone once every rank has attached,
-    so a second call raises :class:`BlsError`.  ``attach_timeout`` bounds
-    the wait for the other ranks to call it; ``timeout`` and ``spin_us`` are
-    as for :meth:`Comm.create`.
+    so a second call raises :class:`BlsError`.  It does not wait for the
+    other ranks: ``attach_timeout`` bounds the wait, at the first collective
+    call, for all of them to call it (``None``: no bound); ``timeout`` and
+    ``spin_us`` are as for :meth:`Comm.create`.
     """
     global _initialized
     from blsshm.run import ENV_NAME, ENV_RANK, ENV_SIZE

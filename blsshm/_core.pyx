@@ -2018,7 +2018,10 @@ cdef class Core:
         view of it).  If ``out`` is too small nothing is completed and the
         call may be repeated.  Iterations complete in order, each after its
         own post.  ``recv`` is a torch tensor if ``out`` is one, or, without
-        ``out``, if this rank's ``send`` was one.
+        ``out``, if this rank's ``send`` was one.  Every rank must send one
+        dtype in an iteration: a block of another dtype is found only here,
+        after its sender published it, and aborts the communicator
+        (:class:`CommAborted` in every rank).
         """
         cdef int64_t it
         cdef bint torch_recv

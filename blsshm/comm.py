@@ -213,7 +213,7 @@ class Comm(_core.Core):
 
     @classmethod
     def create(cls, size: int, rank: int = 0, *, lag: int = 0, arena_bytes: int = DEFAULT_ARENA_BYTES,
-               timeout: Optional[float] = None, attach_timeout: float = 60.0,
+               timeout: Optional[float] = None, attach_timeout: Optional[float] = 60.0,
                spin_us: Optional[float] = None) -> "Comm":
         """Create a communicator of ``size`` ranks and attach to it as ``rank``.
 
@@ -223,7 +223,8 @@ class Comm(_core.Core):
         never to wait beyond the lag bound (a record is one iteration's
         blocks, each rounded up to 64 bytes).  ``timeout`` (seconds, ``None``
         blocks) is the default for every wait; ``attach_timeout`` bounds the
-        wait, at the first collective call, for every rank to attach.
+        wait, at the first collective call, for every rank to attach
+        (``None``: no bound).
         ``spin_us`` is how long a wait spins before it sleeps.
         """
         size = _check_int("size", size)
@@ -237,7 +238,7 @@ class Comm(_core.Core):
                          spin_us=spin_us, owns_name=True)
 
     @classmethod
-    def attach(cls, name: str, rank: int, *, timeout: Optional[float] = None, attach_timeout: float = 60.0,
+    def attach(cls, name: str, rank: int, *, timeout: Optional[float] = None, attach_timeout: Optional[float] = 60.0,
                spin_us: Optional[float] = None) -> "Comm":
         """Attach to the communicator called ``name`` (see :meth:`create`) as ``rank``."""
         return cls._open(name, _check_int("rank", rank), timeout=timeout,

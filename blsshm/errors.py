@@ -31,9 +31,11 @@ class ArenaFullError(BlsValueError):
 class BlsTimeoutError(BlsError, TimeoutError):
     """A wait ran past its timeout.  The communicator stays usable.
 
-    ``iteration`` is the iteration waited for, ``waiting_for`` the ranks that
-    had not yet reached it, ``operation`` the phase that waited: ``"post"``
-    or ``"complete"`` (an ``alltoallv`` waits in both), or ``"attach"``.
+    ``iteration`` is the iteration of the call that timed out (the message
+    names the one it waited for: a ``post(t)`` waits for ranks to complete
+    an earlier one), ``waiting_for`` the ranks it waited for, ``operation``
+    the phase that waited: ``"post"`` or ``"complete"`` (an ``alltoallv``
+    waits in both), or ``"attach"``.
     """
 
     def __init__(self, message, *, operation=None, iteration=None, waiting_for=()):
@@ -61,7 +63,8 @@ class PeerLostError(CommAborted):
 
 
 class RankFailedError(BlsError):
-    """A rank of :func:`blsshm.spawn` ended without returning: killed, or exited early."""
+    """A rank of :func:`blsshm.spawn` ended without a result: killed, exited
+    early, or returned a value that cannot be pickled."""
 
     def __init__(self, message, *, rank=None):
         super().__init__(message)

@@ -72,7 +72,7 @@ def _parser():
                    help=f"room per rank for in-flight records (default {DEFAULT_ARENA_BYTES})")
     p.add_argument("--grace", type=float, default=GRACE_S,
                    help="seconds the other ranks get to stop after one fails; then they get "
-                        f"SIGTERM, and SIGKILL {TERM_WAIT_S:g} s later")
+                        f"SIGTERM, and SIGKILL {TERM_WAIT_S:g} s later (default {GRACE_S:g})")
     p.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT_S,
                    help="seconds ranks get to stop after a Ctrl-C, SIGTERM or SIGHUP passed on to "
                         f"them; then SIGKILL (default {STOP_TIMEOUT_S:g})")
@@ -104,7 +104,10 @@ def _launch(argv):
     the status themselves, as a program that catches SIGINT does.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    opts = _parser().parse_args(argv)
+    try:
+        opts = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or bad usage (2), already printed: a status, as for our checks
+        return (exc.code if isinstance(exc.code, int) else 2), None
     opts.args = _verbatim(argv, opts)
     if not 1 <= opts.nprocs <= _core.MAX_RANKS:
         print(f"python -m blsshm.run: -n must be between 1 and {_core.MAX_RANKS}, got {opts.nprocs}",

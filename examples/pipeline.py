@@ -6,7 +6,8 @@ Each rank computes for ``--compute-ms`` per iteration (a busy loop), is
 delayed now and then (``--delay-prob``, ``--delay-ms``: a sleep, like a page
 fault or a preemption), then exchanges irregular blocks with every rank.  With
 a synchronous alltoallv (``--lag 0``) the run costs the sum over iterations of
-the slowest rank; with lag L, fast ranks run up to L + 1 iterations ahead, so
+the slowest rank; with lag L, fast ranks post up to L + 1 iterations while the
+slowest is stalled (they run up to L iterations ahead of it), so
 a delay is absorbed when it is shorter than about L iterations of work.  Rank 0
 prints both bounds (they assume a core per rank) and the time taken.
 """
@@ -46,7 +47,7 @@ def main():
             comm.post(t, np.full(counts.sum(), t, np.float32), counts)
             # Complete whatever has arrived; wait only when L iterations are
             # outstanding.  Holding peers' buffers no longer than needed is
-            # what lets a fast rank get up to L + 1 iterations ahead.
+            # what lets a fast rank post up to L + 1 iterations past a stalled one.
             while comm.next_complete <= t and (t - comm.next_complete >= L
                                                or comm.arrived(comm.next_complete)):
                 u = comm.next_complete

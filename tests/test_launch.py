@@ -79,6 +79,15 @@ def test_launcher_rejects_bad_arguments(tmp_path):
     assert res.returncode == 2
 
 
+def test_main_returns_the_status_of_usage_errors_too(capsys):
+    # argparse's own errors raised SystemExit out of main(), which says it returns a status.
+    from blsshm import run
+    assert run.main(["-n", "2", "--no-such-flag", "x.py"]) == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    assert run.main(["--help"]) == 0
+    assert "--stop-timeout" in capsys.readouterr().out
+
+
 ECHO_ARGS = r"""
 import os, sys
 import blsshm
