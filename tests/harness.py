@@ -29,6 +29,23 @@ def wait_until_published(comm, rank, count):
         time.sleep(0.001)
 
 
+def wait_until_a_rank_sleeps_on(comm, rank, counter):
+    """Sleep-poll until some rank sleeps (on its futex) waiting for ``rank``'s ``counter``
+    (``"published"`` or ``"completed"``): a test then knows that rank is waiting,
+    without guessing how long it takes to get there."""
+    line = {"published": 0, "completed": 1}[counter]
+    sleepers = np.frombuffer(comm._mapping, np.uint32, 1, _RANKS_AT + 3 * LINE * rank + line * LINE + 8)
+    while sleepers[0] == 0:
+        time.sleep(0.001)
+
+
+def wait_until_a_rank_closed(comm):
+    """Sleep-poll until some rank has closed the communicator (the count beside the abort word)."""
+    closes = np.frombuffer(comm._mapping, np.uint32, 1, LINE + 4)
+    while closes[0] == 0:
+        time.sleep(0.001)
+
+
 def _rank_main(target, name, rank, args, results, comm_kwargs):
     try:
         with Comm.attach(name, rank, **comm_kwargs) as comm:

@@ -10,7 +10,7 @@ import pytest
 
 import blsshm
 from blsshm import BlsTimeoutError, CommAborted, PeerLostError, RankFailedError
-from harness import Ranks, wait_until_published
+from harness import Ranks, wait_until_a_rank_closed, wait_until_a_rank_sleeps_on, wait_until_published
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -266,16 +266,17 @@ def test_timeouts_name_the_ranks_and_leave_the_comm_usable():
 
 def _two_waits_in_one_call(comm):
     # Rank 0's alltoallv(1) waits twice, in its post for rank 1's complete(0)
-    # and in its complete for rank 1's post(1): 0.9 s each, 1.8 s together.
+    # and in its complete for rank 1's post(1): 1 s and 1.5 s, each shorter
+    # than the 2 s timeout, 2.5 s together.
     comm.post(0, np.full(2, comm.rank, dtype=np.float64), [1, 1])
     if comm.rank == 0:
         comm.complete(0)
         with pytest.raises(BlsTimeoutError, match=r"complete\(1\) timed out"):
-            comm.alltoallv(np.full(2, 10.0), [1, 1], timeout=1.0)
+            comm.alltoallv(np.full(2, 10.0), [1, 1], timeout=2.0)
         return comm.complete(1)[0].tolist()  # posted in the call: it completes now
-    time.sleep(0.9)
+    time.sleep(1.0)
     comm.complete(0)
-    time.sleep(0.9)
+    time.sleep(1.5)
     return comm.alltoallv(np.full(2, 11.0), [1, 1])[0].tolist()
 
 
@@ -484,10 +485,11 @@ def test_a_forked_child_cannot_post_for_the_rank():
 def _closed_by_a_signal_handler(comm, split):
     send = np.full(2, comm.rank, np.float32)
     if comm.rank == 1:
-        time.sleep(0.5)  # rank 0 is waiting for us when its alarm goes off
+        wait_until_a_rank_sleeps_on(comm, 1, "published")  # rank 0 waits for our post
+        os.kill(comm._peer_pids()[0][0], signal.SIGALRM)
+        wait_until_a_rank_closed(comm)
         return comm.alltoallv(send, [1, 1], timeout=20)[0].tolist()
     signal.signal(signal.SIGALRM, lambda *_: comm.close())  # a clean-up handler: returns
-    signal.setitimer(signal.ITIMER_REAL, 0.1)
     try:
         if split:
             comm.post(0, send, [1, 1])

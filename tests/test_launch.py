@@ -451,8 +451,9 @@ def test_ranks_that_die_of_a_ctrl_c_make_a_shell_loop_stop(tmp_path):
 IGNORES_CTRL_C = r"""
 import os, signal, time
 import blsshm
-signal.signal(signal.SIGINT, signal.SIG_IGN)  # or stuck in a C call
 with blsshm.init() as comm:
+    # Ignores it, as a rank stuck in a C call would, but says it came.
+    signal.signal(signal.SIGINT, lambda *_: os.write(1, f"rank {comm.rank} got it\n".encode()))
     os.write(1, f"rank {comm.rank} ready\n".encode())  # one write: lines never interleave
     time.sleep(1000)
 """
@@ -462,7 +463,8 @@ def test_a_second_ctrl_c_kills_ranks_that_ignore_the_first(tmp_path):
     launcher = _start_in_own_group(tmp_path, IGNORES_CTRL_C, "-n", "2")
     try:
         os.killpg(launcher.pid, signal.SIGINT)
-        time.sleep(0.3)
+        # Passed on before the second comes (else the two could merge into one).
+        assert sorted(launcher.stdout.readline() for _ in range(2)) == ["rank 0 got it\n", "rank 1 got it\n"]
         assert launcher.poll() is None  # the first is the ranks' to handle
         os.killpg(launcher.pid, signal.SIGINT)
         launcher.wait(timeout=30)
@@ -692,10 +694,11 @@ def on_term(signum, frame):
     sys.exit(0)
 
 with blsshm.init() as comm:
+    if comm.rank == 1:  # before rank 0 can fail: the grace period is short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[1] == "ignore" else on_term)
     comm.alltoallv(np.zeros(comm.size), [1] * comm.size)
     if comm.rank == 0:
         raise RuntimeError("rank 0 fails")
-    signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[1] == "ignore" else on_term)
     while True:  # busy, never calls the communicator again: outlives the grace period
         time.sleep(0.05)
 """
@@ -719,14 +722,15 @@ def test_ranks_outliving_the_grace_period_get_sigterm_then_sigkill(tmp_path, ran
 
 
 def _fail_or_wait_for_sigterm(comm, flag_file):
-    if comm.rank == 0:
-        raise ValueError("rank 0 fails")
-
     def on_term(signum, frame):
         with open(flag_file, "w") as f:
             f.write("saved")
         os._exit(0)
-    signal.signal(signal.SIGTERM, on_term)
+    if comm.rank == 1:
+        signal.signal(signal.SIGTERM, on_term)
+    comm.alltoallv(np.zeros(2), [1, 1])  # rank 0 fails only once rank 1 has its handler
+    if comm.rank == 0:
+        raise ValueError("rank 0 fails")
     while True:
         time.sleep(0.05)
 
@@ -961,12 +965,16 @@ def test_ctrl_c_while_ranks_start_up_stops_them_without_tracebacks(tmp_path):
 
 
 BUSY_WHEN_ONE_FAILS = r"""
-import sys, time
+import os, sys, time
 import blsshm
 comm = blsshm.init()
+printed = os.path.join(os.path.dirname(__file__), "printed")
 if comm.rank == 1:
+    while not os.path.exists(printed):  # rank 0's print comes first
+        time.sleep(0.01)
     sys.exit(3)
 print(f"rank {comm.rank}: epoch 1 done")  # not flushed by the program: stdout is a pipe
+open(printed, "w").close()
 time.sleep(60)  # busy, in no collective: it never hears of rank 1
 """
 

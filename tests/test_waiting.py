@@ -10,7 +10,7 @@ import pytest
 
 import blsshm
 from blsshm import _core
-from harness import LINE, Ranks, wait_until_published
+from harness import LINE, Ranks, wait_until_a_rank_sleeps_on, wait_until_published
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,17 +90,18 @@ def test_a_signal_handler_runs_in_a_wait_and_its_exception_ends_the_wait():
 
 
 def _late_peer(comm, late_in):
-    """Rank 1 is 0.3 s late to post iteration 0 (``late_in="post"``) or to complete it."""
+    """Rank 1 is late to post iteration 0 (``late_in="post"``) or to complete it:
+    it goes on only once rank 0 sleeps waiting for it."""
     send = np.zeros(comm.size, np.float32)
     if comm.rank == 1 and late_in == "post":
-        time.sleep(0.3)
+        wait_until_a_rank_sleeps_on(comm, 1, "published")
     comm.post(0, send, [1] * comm.size)  # the first post never waits
     comm.reset_stats()
     if late_in == "post":
         comm.complete(0)  # rank 0 waits here for rank 1's post
     else:
         if comm.rank == 1:
-            time.sleep(0.3)
+            wait_until_a_rank_sleeps_on(comm, 1, "completed")
         comm.complete(0)
         comm.post(1, send, [1] * comm.size)  # lag 0: rank 0 waits here for rank 1's complete(0)
     return comm.stats
