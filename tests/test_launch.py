@@ -1,4 +1,5 @@
 """python -m blsshm.run and blsshm.spawn: start, report, always clean up."""
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -1049,6 +1050,24 @@ def _state(pid):
         return None
 
 
+@contextlib.contextmanager
+def _job(tmp_path, argv, **popen):
+    """The launcher started as a shell starts a job: a group of its own in our
+    session (not orphaned, so SIGTSTP stops it); killed and reaped at the end."""
+    launcher = subprocess.Popen(argv, cwd=tmp_path, process_group=0, **popen)
+    try:
+        yield launcher
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
+def _finish(tmp_path, launcher):
+    """Let ranks running STOPPABLE end (they wait for a file); the launcher's status."""
+    (tmp_path / "done").touch()
+    return launcher.wait(timeout=30)
+
+
 def _until_stopped(launcher):
     """Wait until ``launcher`` (our child) is stopped (Ctrl-Z)."""
     _until(lambda: os.waitid(os.P_PID, launcher.pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT) is not None,
@@ -1067,10 +1086,8 @@ def test_ctrl_z_stops_the_ranks_with_the_launcher_and_fg_continues_them(tmp_path
     # the ranks ran on unsupervised while the shell said "Stopped".
     path = tmp_path / "prog.py"
     path.write_text(STOPPABLE)
-    # A group of its own in our session, as a shell's job: not orphaned, so SIGTSTP stops it.
-    launcher = subprocess.Popen([sys.executable, "-m", "blsshm.run", "-n", "2", str(path)], cwd=tmp_path,
-                                stdout=subprocess.PIPE, text=True, process_group=0)
-    try:
+    with _job(tmp_path, [sys.executable, "-m", "blsshm.run", "-n", "2", str(path)],
+              stdout=subprocess.PIPE, text=True) as launcher:
         pids = [int(launcher.stdout.readline()) for _ in range(2)]
         os.kill(launcher.pid, signal.SIGTSTP)  # what the terminal sends on Ctrl-Z
         _until_stopped(launcher)
@@ -1078,12 +1095,7 @@ def test_ctrl_z_stops_the_ranks_with_the_launcher_and_fg_continues_them(tmp_path
         _until(lambda: all(_state(pid) == "T" for pid in pids), "the ranks were not stopped")
         os.kill(launcher.pid, signal.SIGCONT)  # fg
         _until(lambda: all(_state(pid) != "T" for pid in pids), "the ranks were not continued")
-        (tmp_path / "done").touch()
-        launcher.wait(timeout=30)
-    finally:
-        launcher.kill()
-        launcher.wait()
-    assert launcher.returncode == 0
+        assert _finish(tmp_path, launcher) == 0
 
 
 ESCAPED_WRITER = r"""
@@ -1134,10 +1146,8 @@ def test_time_stopped_by_ctrl_z_does_not_count_against_the_grace_period(tmp_path
     # SIGTERM at once, with most of its grace unused.
     path = tmp_path / "prog.py"
     path.write_text(FAILS_ON_CUE)
-    launcher = subprocess.Popen([sys.executable, "-m", "blsshm.run", "-n", "2", "--grace", "3", str(path)],
-                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                process_group=0)
-    try:
+    with _job(tmp_path, [sys.executable, "-m", "blsshm.run", "-n", "2", "--grace", "3", str(path)],
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as launcher:
         pids = dict(tuple(map(int, launcher.stdout.readline().split())) for _ in range(2))
         (tmp_path / "fail").touch()
         _until(lambda: _state(pids[1]) in ("Z", None), "rank 1 did not exit")
@@ -1149,9 +1159,6 @@ def test_time_stopped_by_ctrl_z_does_not_count_against_the_grace_period(tmp_path
         _until(lambda: _state(pids[0]) != "T", "rank 0 was not continued")
         (tmp_path / "done").touch()  # rank 0 ends well within what is left of its grace
         _, err = launcher.communicate(timeout=30)
-    finally:
-        launcher.kill()
-        launcher.wait()
     assert "SIGTERM" not in err, err
     assert "rank 1 failed (exit code 1)" in err and "rank 0" not in err, err
     assert launcher.returncode == 1
@@ -1197,21 +1204,15 @@ def test_ctrl_z_while_a_rank_starts_stops_that_rank_too(tmp_path):
     # never stopped, and ran on alone.
     (tmp_path / "prog.py").write_text(STOPPABLE)
     (tmp_path / "launch.py").write_text(CTRL_Z_WHILE_A_RANK_STARTS)
-    launcher = subprocess.Popen([sys.executable, "launch.py", "-n", "3", "prog.py"], cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, process_group=0)
-    try:
+    with _job(tmp_path, [sys.executable, "launch.py", "-n", "3", "prog.py"],
+              stdout=subprocess.DEVNULL) as launcher:
         _until_stopped(launcher)
         ranks = _children_running(launcher.pid, "prog.py")
         assert len(ranks) == 2, ranks  # the third is started once it is continued
         _until(lambda: all(_state(pid) == "T" for pid in ranks), "a rank started with Ctrl-Z was not stopped")
         os.kill(launcher.pid, signal.SIGCONT)
         _until(lambda: len(_children_running(launcher.pid, "prog.py")) == 3, "the third rank did not start")
-        (tmp_path / "done").touch()
-        launcher.wait(timeout=30)
-    finally:
-        launcher.kill()
-        launcher.wait()
-    assert launcher.returncode == 0
+        assert _finish(tmp_path, launcher) == 0
 
 
 SHOWS_BUFFERING = r"""
