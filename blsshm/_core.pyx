@@ -31,6 +31,7 @@ from posix.unistd cimport getpid, close
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.long cimport PyLong_AsLongLong
 from cpython.ref cimport Py_INCREF
+from cpython.object cimport PyTypeObject
 cimport numpy as cnp
 
 cdef extern from "Python.h":
@@ -55,7 +56,7 @@ cdef extern from "numpy/arrayobject.h":
     # These steal a reference to descr / base (hence the Py_INCREF at the call sites).
     object _PyArray_Empty "PyArray_Empty"(int nd, cnp.npy_intp* dims, cnp.dtype descr, int fortran)
     object _PyArray_NewFromDescr "PyArray_NewFromDescr"(
-        object subtype, cnp.dtype descr, int nd, cnp.npy_intp* dims, cnp.npy_intp* strides,
+        PyTypeObject* subtype, cnp.dtype descr, int nd, cnp.npy_intp* dims, cnp.npy_intp* strides,
         void* data, int flags, object obj)
     int _PyArray_SetBaseObject "PyArray_SetBaseObject"(cnp.ndarray arr, object base) except -1
 
@@ -69,6 +70,7 @@ cdef extern from "_sync.h" nogil:
     void bls_store_release(uint64_t *p, uint64_t v)
     void bls_store_release32(uint32_t *p, uint32_t v)
     int bls_cas32(uint32_t *p, uint32_t expected, uint32_t desired)
+    uint32_t bls_exchange32(uint32_t *p, uint32_t v)
     void bls_add32(uint32_t *p, int32_t v)
     void bls_fence()
     void bls_cpu_relax()
@@ -317,6 +319,7 @@ cdef class Core:
     cdef int busy               # calls in progress: Python code they run (a signal handler,
                                 # an __index__, a finalizer) may close us in the middle
     cdef bint release_pending   # closed during a call: free our buffers when it returns
+    cdef uint32_t abort_claimed # a thread of ours writes our abort fields (one only: see _abort_nogil)
 
     # local state of this rank's sends
     cdef readonly uint64_t next_post
@@ -643,6 +646,11 @@ cdef class Core:
         # is still 0 nobody reads them yet.)
         if self._aborted():
             return
+        # Two of our threads may abort at once (a wait that finds a peer dead
+        # without the GIL, and abort() from another thread): the second must
+        # not write the fields the first's CAS has just published.
+        if bls_exchange32(&self.abort_claimed, 1) != 0:
+            return
         me.abort_kind = kind
         me.abort_lost_rank = lost_rank
         strncpy(me.abort_reason, reason, BLS_REASON_CHARS - 1)
@@ -741,16 +749,20 @@ cdef class Core:
         return -1
 
     cdef inline bint _exited(self, int r) noexcept nogil:
-        """Rank ``r``'s process is gone: by its pidfd, else by its liveness
+        """Rank ``r``'s process is gone: by its pidfd, or by its liveness
         lock, else (in our PID namespace) by its pid.
 
         A rank in another namespace that could not take its lock is never
         declared dead here: its CLOSED state or a timeout still ends a wait.
         """
-        if self.pidfds[r] >= 0:
-            return bls_pidfd_exited(self.pidfds[r]) == 1
+        if self.pidfds[r] >= 0 and bls_pidfd_exited(self.pidfds[r]) == 1:
+            return True
+        # Asked even with a pidfd: a rank that exec()s lives on under its pid,
+        # but the exec closed its lock (and unmapped us): it is gone as a rank.
         if self.lock_fd >= 0 and self.ranks[r].holds_lock:
             return bls_lock_released(self.lock_fd, r) == 1
+        if self.pidfds[r] >= 0:
+            return False
         if self.ranks[r].pid_ns != 0 and self.ranks[r].pid_ns == self.ranks[self.rank].pid_ns:
             return bls_pid_exited(self.ranks[r].pid) == 1
         return False
@@ -778,7 +790,7 @@ cdef class Core:
                     self.lost_rank = r
                     self._abort_nogil(BLS_ABORT_PEER_LOST, r,
                                       b"it closed the communicator while others waited for it" if closed
-                                      else b"its process exited")
+                                      else b"its process exited (or exec'd another program)")
                     return ERR_LOST
             r += 1
         return OK
@@ -890,6 +902,7 @@ cdef class Core:
         cdef int64_t now = start
         cdef int64_t spin_until = start + self.spin_ns
         cdef int64_t pause_until = start + self.pause_ns
+        cdef int64_t spin_poll = start + self.slice_ns  # a spin's first look at the peers' lives
         cdef int64_t hold_until = -1 if hold_ns < 0 else min(start + hold_ns, spin_until)
         # Pausing for a rank that shares our CPU only delays it, and yielding
         # to one that waits too (for other CPUs) costs a switch (1.4 us here)
@@ -937,6 +950,19 @@ cdef class Core:
                 if closes != closes_seen:
                     closes_seen = closes
                     rc = self._check_alive(which, target, r, False)
+                    if rc != OK:
+                        break
+                if now >= spin_poll:
+                    # A spin longer than a slice (spin_us is the user's) still
+                    # finds a dead peer, and lets Ctrl-C in, once a slice.
+                    spin_poll = now + self.slice_ns
+                    rc = self._check_alive(which, target, r, True)
+                    if rc == OK:
+                        with gil:
+                            if check_signals() != 0:
+                                rc = ERR_SIGNAL
+                            elif self.closed:
+                                rc = ERR_CLOSED
                     if rc != OK:
                         break
                 if not give_way and now < pause_until:
@@ -1654,7 +1680,7 @@ cdef class Core:
             flags |= cnp.NPY_ARRAY_WRITEABLE
         Py_INCREF(dtype)
         cdef cnp.ndarray view = _PyArray_NewFromDescr(
-            np.ndarray, dtype, 1, dims, NULL, self.base + offset, flags, None)
+            <PyTypeObject*>np.ndarray, dtype, 1, dims, NULL, self.base + offset, flags, None)
         Py_INCREF(base)
         _PyArray_SetBaseObject(view, base)
         return view

@@ -55,6 +55,11 @@ static inline int bls_cas32(volatile uint32_t *p, uint32_t expected, uint32_t de
     return __atomic_compare_exchange_n(p, &expected, desired, 0,
                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
+/* Atomic exchange, for the claim that makes one thread of a rank the one
+ * that writes its abort fields (see Core._abort_nogil). */
+static inline uint32_t bls_exchange32(volatile uint32_t *p, uint32_t v) {
+    return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL);
+}
 /* Waiter registration counts are written by the waiters (many writers) on
  * the slow path only; a full-barrier read-modify-write is what the sleep
  * handshake needs anyway. */

@@ -3,6 +3,7 @@ error (never a hang), and nothing is left in /dev/shm or the process table."""
 import os
 import select
 import signal
+import sys
 import time
 
 import numpy as np
@@ -377,6 +378,58 @@ def test_a_child_forked_by_a_rank_does_not_keep_it_alive():
     script = os.path.join(os.path.dirname(__file__), "forked_child_liveness.py")
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=50)
     assert out.stdout.split() == ["PeerLostError", "1"], out.stdout + out.stderr
+
+
+def _execs_another_program(comm):
+    comm.alltoallv(np.zeros(2), [1, 1])
+    if comm.rank == 1:  # a self-restart, say: the pid lives on, the rank does not
+        os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)"])
+    comm.alltoallv(np.zeros(2), [1, 1])
+
+
+def test_a_rank_that_execs_another_program_is_lost():
+    # Its pidfd said "alive" for as long as the new program ran, and a pidfd's
+    # answer was final: the others waited for the whole timeout (with
+    # timeout=None, for ever).
+    with Ranks(_execs_another_program, 2, timeout=20) as ranks:
+        outcomes = ranks.collect(1, timeout=40)
+    status, (exc_name, message, raised_at, tb, lost_rank) = outcomes[0]
+    assert (exc_name, lost_rank) == ("PeerLostError", 1), tb
+    assert "exec'd" in message
+
+
+def _spins_long(comm, progress, what):
+    comm.alltoallv(np.zeros(2), [1, 1])
+    if comm.rank == 1:
+        progress.release()
+        time.sleep(60)
+    elif what == "signal":
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+    comm.alltoallv(np.zeros(2), [1, 1])  # spins for up to spin_us, longer than the timeout
+
+
+@pytest.mark.parametrize("what", ["a dead peer", "signal"])
+def test_a_long_spin_still_notices_a_dead_peer_and_signals(what):
+    # While spinning, only a peer's close was looked for: a SIGKILLed peer or
+    # a Ctrl-C was noticed once the spin ended (here after the 5 s timeout,
+    # or, with none, after the spin's 600 s).
+    import multiprocessing
+    progress = multiprocessing.get_context("fork").Semaphore(0)
+    # No timeout with the signal: the old code's spin outlasted the test's timeout.
+    timeout = 5 if what == "a dead peer" else None
+    with Ranks(_spins_long, 2, args=(progress, what), spin_us=600e6, timeout=timeout) as ranks:
+        assert progress.acquire(timeout=30)
+        if what == "a dead peer":
+            os.kill(ranks.procs[1].pid, signal.SIGKILL)
+        outcomes = ranks.collect(1, timeout=30)
+    status, (exc_name, message, raised_at, tb, lost_rank) = outcomes[0]
+    if what == "a dead peer":
+        assert (exc_name, lost_rank) == ("PeerLostError", 1), tb
+    else:
+        assert exc_name == "KeyboardInterrupt", tb
 
 
 _NAMESPACE_RANK = r"""
