@@ -17,7 +17,7 @@ launcher alone, which passes it on once to every rank's group, and at the end
 whatever a rank started is killed with it.  A second Ctrl-C (or SIGTERM)
 kills the ranks at once, and so does the launcher itself if ranks are still
 running ``--stop-timeout`` seconds after the first (they may ignore it, or
-be stuck in a C call).  SIGHUP is passed on the same way, and SIGQUIT too,
+be stuck in a C call); a rank failing of it starts no ``--grace`` period.  SIGHUP is passed on the same way, and SIGQUIT too,
 but a rank dumping core on it is never cut short.
 Ranks read no terminal (stdin is /dev/null then; a pipe or file is shared
 by all ranks): outside the terminal's
@@ -27,7 +27,9 @@ foreground group a read would stop them, and a rank stopped so (by opening
 Ctrl-Z stops the ranks with the launcher, and ``fg``/``bg`` continues them.
 Ranks write unbuffered to a pipe or file (``PYTHONUNBUFFERED=1`` unless
 set), as under torchrun's ``python -u``: what a rank printed survives its
-being killed.  Time stopped by Ctrl-Z counts against no deadline.
+being killed; unbuffered, a print is two writes (text, newline), so the
+lines of ranks printing at once can split mid-line (``--tag-output`` passes
+whole lines).  Time stopped by Ctrl-Z counts against no deadline.
 
 With ``--tag-output`` every line a rank writes starts with ``[rank N]`` (its
 stdout to the launcher's stdout, its stderr to its stderr, whole lines at a
@@ -309,6 +311,10 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout, clock=time.mo
     was their chance to stop.  Not after SIGQUIT: a core dump takes as long
     as it takes.
 
+    A failure after a signal was passed on starts no grace period: the
+    others are stopping too, and a grace period cut short their saving work
+    (or their core dumps) long before the stop timeout.
+
     A rank stopped for using the terminal (outside its foreground group, a
     read stops it, and a write under ``stty tostop``) would wait forever for
     a ``fg`` that cannot come: it is killed, and named.  Returns each rank's
@@ -341,7 +347,10 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout, clock=time.mo
                     failed_order.append(r)
                 # Does nothing for a rank that attached: its peers watch it.
                 _core.abort_unattached(observer, r, f"it exited ({describe_exit(c)}) without attaching")
-        if deadline is None and any(c not in (None, 0) for c in codes):
+        # A rank that fails of a signal passed on (or of the abort its peers
+        # raise then) is stopping as asked: the others get the stop timeout,
+        # not the grace period, which is for failures of a rank's own.
+        if deadline is None and not signals_seen and any(c not in (None, 0) for c in codes):
             deadline = clock() + grace
         if all(c is not None for c in codes):
             break

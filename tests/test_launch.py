@@ -493,6 +493,47 @@ def test_ranks_still_running_after_the_stop_timeout_of_a_passed_on_signal_are_ki
     assert launcher.returncode == -signal.SIGTERM
 
 
+SAVES_WHILE_A_PEER_FAILS = r"""
+import os, signal, time
+import blsshm
+
+class Stop(Exception):
+    pass
+
+def stop(signum, frame):
+    raise Stop
+
+signal.signal(signal.SIGNUM, stop)
+with blsshm.init() as comm:
+    try:
+        os.write(1, f"rank {comm.rank} ready\n".encode())  # one write: lines never interleave
+        while True:
+            time.sleep(0.05)
+    except Stop:
+        if comm.rank == 1:
+            os._exit(3)  # fails at once
+        time.sleep(1.5)  # saving a checkpoint (or writing a core): longer than --grace
+        os.write(1, b"rank 0 saved\n")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGQUIT], ids=lambda s: s.name)
+def test_a_rank_failing_of_a_passed_on_signal_leaves_the_others_the_stop_timeout(tmp_path, signum):
+    # Rank 1's failure started the grace period: rank 0, saving its work
+    # after the same signal, got SIGTERM 0.2 s later, not --stop-timeout.
+    script = SAVES_WHILE_A_PEER_FAILS.replace("SIGNUM", signal.Signals(signum).name)
+    launcher = _start_in_own_group(tmp_path, script, "-n", "2", "--grace", "0.2", "--stop-timeout", "30")
+    try:
+        launcher.send_signal(signum)
+        out, err = launcher.communicate(timeout=30)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert out == "rank 0 saved\n", err
+    assert "SIGTERM" not in err.replace(signal.Signals(signum).name, "") and "grace" not in err, err
+    assert "rank 1 failed (exit code 3)" in err and launcher.returncode == 3, err
+
+
 def test_a_signal_before_any_rank_started_is_not_a_success(monkeypatch, capfd, tmp_path):
     # Between the handlers and the first rank: no rank failed, so the status was 0.
     from blsshm import run
