@@ -88,6 +88,46 @@ def _alive(pid):
     return True
 
 
+def descendants(pid):
+    """Pidfds of the processes ``pid`` started, and of theirs, as they are now; the caller closes them.
+
+    For stopping a process with what it started when it leads no process
+    group of its own.  A pidfd names its process for good, however late the
+    signal; processes that left the tree (orphaned by a double fork) are not
+    found.  Empty without /proc or pidfds.
+    """
+    fds = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            for child in children:
+                try:
+                    fds.append(os.pidfd_open(child))
+                except (OSError, AttributeError):
+                    continue  # gone already, or no pidfds
+                todo.append(child)
+    return fds
+
+
+def signal_pidfds(fds, signum):
+    """Send ``signum`` to the process of each pidfd that still runs."""
+    for fd in fds:
+        try:
+            signal.pidfd_send_signal(fd, signum)
+        except OSError:  # gone (ESRCH)
+            pass
+
+
 def describe_exit(code):
     """'exit code 3' or 'signal SIGKILL' for a process's return code."""
     if code is None:

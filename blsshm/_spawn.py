@@ -7,13 +7,14 @@ import numbers
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import traceback
 from typing import Any, Callable, List, Optional, Sequence, Set
 
 from blsshm import _core, segment
-from blsshm._proc import GRACE_S, TERM_WAIT_S, describe_exit, die_with_parent
+from blsshm._proc import GRACE_S, TERM_WAIT_S, descendants, describe_exit, die_with_parent, signal_pidfds
 from blsshm._core import MAX_RANKS
 from blsshm.comm import DEFAULT_ARENA_BYTES, Comm, _check_int, _check_seconds, _check_spin_us
 from blsshm.errors import BlsError, BlsTypeError, BlsValueError, CommAborted, RankFailedError
@@ -30,8 +31,26 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
+def _line_buffered():
+    """Make this rank's stdout and stderr write whole lines, unless they are terminals (they are then).
+
+    Block buffered (a pipe, a file), what a rank printed is lost if it is
+    killed, after a failure elsewhere; unbuffered, the ranks' lines could
+    split mid-line, each print being two writes.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if not stream.isatty():
+                # write_through off too: under PYTHONUNBUFFERED it sends a
+                # print's text and its newline as two writes.
+                stream.reconfigure(line_buffering=True, write_through=False)
+        except (AttributeError, OSError, ValueError):  # None, replaced, or closed: leave it
+            pass
+
+
 def _rank_main(target, rank, args, conn, parent_pid, sigint_handler):
     die_with_parent(parent_pid)()
+    _line_buffered()
     try:
         if sigint_handler is not None:  # shielded from Ctrl-C while starting (see _shield_sigint)
             signal.signal(signal.SIGINT, sigint_handler)
@@ -86,8 +105,12 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     dies without raising gives :class:`RankFailedError`.  After the first
     failure the others get ``grace`` seconds to stop (they raise
     :class:`PeerLostError`, at once even if the failed rank never
-    attached), then SIGTERM, and SIGKILL 2 s later.  Processes
-    are always reaped and the segment always removed, whatever happens.
+    attached), then SIGTERM, and SIGKILL 2 s later, each with the processes
+    it started.  A Ctrl-C (which a terminal sends the ranks too) gives them
+    ``grace`` seconds to act on it, then raises here; a second one kills
+    them at once.  Processes are always reaped and the segment always
+    removed, whatever happens.  A rank's stdout and stderr write whole lines
+    (line buffered), so what it printed survives its being stopped.
     ``timeout`` is the communicator's default wait timeout;
     ``start_method`` is a multiprocessing start method (default: the
     platform's).  ``fn`` and ``args`` must be picklable for ``"spawn"``.
@@ -150,6 +173,7 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
     conns: List[Any] = []
     pidfds: List[int] = []
     reported: Set[int] = set()  # ranks whose outcome arrived (filled by _collect)
+    interrupted = False
     try:
         with _shield_sigint(ctx) as sigint_handler:
             for rank in range(nprocs):
@@ -165,16 +189,22 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
                 child_end.close()
                 procs.append(proc)
                 conns.append(parent_end)
-        return _collect(procs, conns, pidfds, grace, reported, on_failure)
+        try:
+            return _collect(procs, conns, pidfds, grace, reported, on_failure)
+        except KeyboardInterrupt:
+            # A terminal's Ctrl-C reached the ranks too (our process group):
+            # they get ``grace`` to act on it, as the launcher's get theirs.
+            interrupted = True
+            raise
     finally:
         try:
-            _stop_ranks(procs, reported, grace)
+            _stop_ranks(procs, reported if not interrupted else range(len(procs)), grace)
         except BaseException:
             # A second Ctrl-C while we waited for them means "now" (as in the
             # launcher): no rank may outlive the call, the caller may live on.
-            for proc in procs:
-                if proc.is_alive():
-                    proc.kill()
+            for _, fds in _kill_trees([proc for proc in procs if proc.is_alive()], signal.SIGKILL):
+                for fd in fds:
+                    os.close(fd)
             for proc in procs:
                 proc.join()
             raise
@@ -186,23 +216,48 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
                     os.close(fd)
 
 
-def _stop_ranks(procs, reported, grace):
-    """Let ranks that reported exit, within ``grace``; SIGTERM the others, SIGKILL after TERM_WAIT_S; reap all."""
+def _stop_ranks(procs, let_finish, grace):
+    """Let ranks in ``let_finish`` exit within ``grace``; SIGTERM the others, SIGKILL after TERM_WAIT_S; reap all.
+
+    A rank stopped so is stopped with the processes it started (they would
+    outlive it, as the launcher's never do).
+    """
     # A rank that reported may still be exiting (flushing its output).
     deadline = time.monotonic() + grace
     for r, proc in enumerate(procs):
-        if r in reported:
+        if r in let_finish:
             proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-    deadline = time.monotonic() + TERM_WAIT_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-        if proc.is_alive():
-            proc.kill()
-    for proc in procs:
-        proc.join()
+    trees = _kill_trees([proc for proc in procs if proc.is_alive()], signal.SIGTERM)
+    try:
+        deadline = time.monotonic() + TERM_WAIT_S
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc, fds in trees:
+            if proc.is_alive():
+                proc.kill()
+            signal_pidfds(fds, signal.SIGKILL)
+        for proc in procs:
+            proc.join()
+    except BaseException:  # a second Ctrl-C: what the ranks started goes now (the caller kills them)
+        for _, fds in trees:
+            signal_pidfds(fds, signal.SIGKILL)
+        raise
+    finally:
+        for _, fds in trees:
+            for fd in fds:
+                os.close(fd)
+
+
+def _kill_trees(procs, signum):
+    """Send ``signum`` to each rank in ``procs`` and to what it started; ``[(proc, its descendants' pidfds)]``.
+
+    The descendants are found first, while the rank still holds them as children.
+    """
+    trees = [(proc, descendants(proc.pid)) for proc in procs]
+    for proc, fds in trees:
+        proc.kill() if signum == signal.SIGKILL else proc.terminate()  # never once reaped
+        signal_pidfds(fds, signum)
+    return trees
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 Starts N copies of a script (or ``-m module``) as the ranks of one
 communicator, like ``torchrun``: each finds its rank through
 :func:`blsshm.init` (and, as under torchrun, in ``RANK``, ``LOCAL_RANK``,
-``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``).  If a rank fails, the others get a
+``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``; ``OMP_NUM_THREADS=1`` too, when
+there are several ranks and it is not set).  If a rank fails, the others get a
 few seconds to notice (they raise ``PeerLostError``); ranks still running
 then get SIGTERM, and SIGKILL 2 s later.  The exit status is that of the
 rank that failed first (not of one the launcher stopped so); if ranks die of
@@ -187,6 +188,8 @@ def _launch(argv):
                 env = dict(os.environ, **{ENV_NAME: name, ENV_RANK: str(rank), ENV_SIZE: str(opts.nprocs)})
                 env.update({k: str(rank) for k in TORCHRUN_RANK})
                 env.update({k: str(opts.nprocs) for k in TORCHRUN_SIZE})
+                if opts.nprocs > 1:  # as torchrun: P ranks of a thread per core each would oversubscribe
+                    env.setdefault("OMP_NUM_THREADS", "1")
                 if opts.tag_output or not os.isatty(1):
                     # As torchrun's ``python -u``: what a rank printed is not
                     # lost in its buffer when it is killed (after a failure

@@ -136,6 +136,27 @@ def test_ranks_find_their_rank_in_torchruns_variables_too(tmp_path):
         f"RANK={r} LOCAL_RANK={r} WORLD_SIZE=3 LOCAL_WORLD_SIZE=3 rank={r}" for r in range(3)]
 
 
+OMP = r"""
+import os
+import blsshm
+with blsshm.init() as comm:
+    os.write(1, f"{os.environ.get('OMP_NUM_THREADS')}\n".encode())
+"""
+
+
+@pytest.mark.parametrize("given", [None, "3"])
+def test_ranks_get_one_openmp_thread_as_under_torchrun_unless_told(tmp_path, monkeypatch, given):
+    # Each of P ranks started as many OpenMP (torch) threads as there are cores.
+    if given is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", given)
+    for n, expected in ((2, given or "1"), (1, given)):
+        res = _launch(tmp_path, "-n", str(n), script=OMP)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split("\n")[:-1] == [str(expected)] * n
+
+
 def test_init_twice_says_so(tmp_path):
     # It said the segment did not exist, or that the rank was attached, depending on timing.
     path = tmp_path / "prog.py"
@@ -321,6 +342,71 @@ def test_a_second_ctrl_c_while_spawn_stops_the_ranks_kills_them(tmp_path):
         return  # killed and reaped
     os.kill(pid, signal.SIGKILL)
     pytest.fail("rank 1 outlived spawn")
+
+
+SPAWN_CTRL_C = r"""
+import os, time
+import blsshm
+
+def rank_main(comm):
+    try:
+        os.write(1, f"rank {comm.rank} ready\n".encode())
+        while True:
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        time.sleep(0.5)  # saving a checkpoint
+        print(f"rank {comm.rank} saved")  # line buffered: survives a stop too
+        raise
+
+if __name__ == "__main__":
+    try:
+        blsshm.spawn(rank_main, 2, grace=20)
+    except KeyboardInterrupt:
+        print("spawn raised KeyboardInterrupt", flush=True)
+"""
+
+
+def test_spawn_gives_ranks_the_grace_period_to_act_on_a_ctrl_c(tmp_path):
+    # The parent's KeyboardInterrupt terminated every rank at once, in the
+    # middle of the clean-up its handler was doing.
+    path = tmp_path / "prog.py"
+    path.write_text(SPAWN_CTRL_C)
+    parent = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert sorted(parent.stdout.readline() for _ in range(2)) == ["rank 0 ready\n", "rank 1 ready\n"]
+        os.killpg(parent.pid, signal.SIGINT)  # the terminal's Ctrl-C: parent and ranks
+        out, err = parent.communicate(timeout=40)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    lines = out.splitlines()
+    assert sorted(lines[:2]) == ["rank 0 saved", "rank 1 saved"] and lines[2:] == ["spawn raised KeyboardInterrupt"], \
+        out + err
+
+
+def _starts_a_child(comm, pid_file):
+    if comm.rank == 1:
+        child = subprocess.Popen(["sleep", "60"])
+        pid_file.write_text(str(child.pid))
+    comm.alltoallv(np.zeros(2), [1, 1])  # rank 0 fails only once the child runs
+    if comm.rank == 0:
+        raise RuntimeError("rank 0 fails")
+    time.sleep(60)
+
+
+def test_spawn_stops_what_a_rank_it_stops_started(tmp_path):
+    # The rank got SIGTERM, and its child ran on (reparented to init).
+    with pytest.raises(RuntimeError, match="rank 0 fails"):
+        blsshm.spawn(_starts_a_child, 2, args=(tmp_path / "pid",), grace=0.2)
+    pid = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 20  # it got SIGTERM before spawn returned; it dies when scheduled
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the child rank 1 started outlived spawn")
 
 
 def _many_iterations(comm, iters):
