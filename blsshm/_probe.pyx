@@ -25,7 +25,8 @@ def pingpong(unsigned char[::1] lines not None, int role, uint64_t rounds, doubl
     ``role`` 0 serves first and returns the nanoseconds for ``rounds`` round
     trips (the one-way latency is half a round trip); ``role`` 1 answers and
     returns 0.  The GIL is released, so the two sides may be threads of one
-    process.  Returns -1 if the other side did not answer within ``timeout_s``.
+    process.  Returns -1 if all ``rounds`` did not end within ``timeout_s`` in
+    all (the other side is gone, or the two were preempted that long).
     """
     if lines.shape[0] < 2 * LINE_WORDS * 8:
         raise ValueError("lines must hold at least 256 bytes")

@@ -33,6 +33,7 @@ Reproduce (from the repository root, about 10 minutes on 2 idle cores)::
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,10 +56,23 @@ def run_one(model, nprocs, delays, opts):
                "--lag", str(opts.lag), "--num-batches", str(opts.num_batches[model]), "--compare",
                "--json", out, "--no-progress"]
         print("$ python " + " ".join(cmd[1:]), flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sys.stdout.write(proc.stdout[proc.stdout.find("\nrun ") + 1:] if "\nrun " in proc.stdout else proc.stdout)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            stdout, stderr = proc.communicate()
+        finally:  # stopped (Ctrl-C, SIGTERM: see main): the run goes too, before its directory
+            if proc.poll() is None:
+                proc.terminate()  # dlrm_bench unwinds on it as on Ctrl-C, stopping its ranks
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        sys.stdout.write(stdout[stdout.find("\nrun ") + 1:] if "\nrun " in stdout else stdout)
         if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
+            print(stderr, file=sys.stderr)
+        # A --compare run whose one backend failed exits 1 but still writes
+        # the others' figures.
+        if not os.path.exists(out):
             return None
         with open(out) as f:
             return json.load(f)
@@ -84,7 +98,11 @@ def ratios(doc, lag):
     }
 
 
-def main():
+def _exit_on(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--nprocs", nargs="+", type=int, default=[2, 4])
@@ -93,7 +111,16 @@ def main():
     p.add_argument("--light-num-batches", type=int, default=2000, help="per run of the light model (default 2000)")
     p.add_argument("--repeat", type=int, default=1, help="rounds over the whole matrix (default 1)")
     p.add_argument("--json", default=None, help="write every run's figures here")
-    opts = p.parse_args()
+    opts = p.parse_args(argv)
+    for name in ("num_batches", "light_num_batches", "repeat"):
+        if getattr(opts, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+    if opts.lag < 0 or min(opts.nprocs) < 1:
+        p.error("--lag must be at least 0 and --nprocs at least 1")
+    # SIGTERM and SIGHUP end the report as Ctrl-C does, through the clean-up
+    # (the dlrm_bench run, its temporary directory), not around it.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on)
     opts.num_batches = {"default": opts.num_batches, "light": opts.light_num_batches}
     configs = [(m, n, d) for m in opts.models for n in opts.nprocs for d in DELAYS]
     found = {c: [] for c in configs}  # config -> ratios of every round
@@ -137,7 +164,11 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
         with open(opts.json, "w") as f:
             json.dump(docs, f, indent=2)
-    return 0
+    missing = [config for config in configs if not found[config]]
+    if missing:
+        print(f"no figures for {len(missing)} of {len(configs)} configurations (see the errors above)",
+              file=sys.stderr)
+    return 1 if missing else 0
 
 
 if __name__ == "__main__":

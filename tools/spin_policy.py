@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 import blsshm
+from blsshm.comm import _check_spin_us
 
 
 def busy(seconds):
@@ -82,6 +83,11 @@ def main():
     p.add_argument("--spins", type=float, nargs="+", default=[2.0, 1000.0],
                    help="spin budgets to compare, in microseconds")
     opts = p.parse_args()
+    for spin in opts.spins:
+        try:  # the library's own check, as spawn(spin_us=) would make it
+            _check_spin_us(spin)
+        except ValueError as exc:
+            p.error(f"--spins: {exc}")
     unknown = set(opts.experiments) - {"wake", "oversub", "compute"}
     if unknown:
         p.error(f"unknown experiment(s): {sorted(unknown)}")

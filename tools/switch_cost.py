@@ -100,6 +100,8 @@ def main(argv=None):
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                         help="which calls to time (default: all)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     print("two processes on one core, yielding to each other after every call; ns:")
     print(f"  {'call':10s} {'hot call':>9s} {'turn':>7s} {'turn - hot':>11s}")
     for kind in args.kinds:

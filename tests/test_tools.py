@@ -1,0 +1,55 @@
+"""tools/: the figures they compute from measured times, and bad arguments refused before any run."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(TOOLS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_oversubscribed_memcpy_floor_is_the_copying_spread_over_the_cores():
+    # Each rank timed a barrier after its copy: the floor held the barrier's
+    # exit and a switch (57 us at P = 4, 64 B, above the transports it bounds).
+    compare = _tool("compare_alltoallv")
+    ns = np.array([[100, 100], [100, 400], [100, 100], [100, 100]])  # ns[rank, iteration]
+    assert compare.floor_series(ns, 2).tolist() == [200.0, 400.0]  # sum / cores, at least the longest
+    rank_opts = {"cores": 2}
+    rounds = [[{64: compare.floor_entry(ns[r], 4, rank_opts)} for r in range(4)] for _ in range(2)]
+    fig = compare.summarize(compare.merge_rounds(rounds), 64)
+    assert fig["floor_of_shared_cores"] == 2 and fig["iters"] == 4
+    assert fig["median_us"] == pytest.approx(0.3) and fig["loop_us"] == pytest.approx(0.3)
+    # Not oversubscribed: every rank copies at once, the slowest ends the iteration.
+    alone = [{64: compare.floor_entry(ns[r], 4, {"cores": 4})} for r in range(4)]
+    assert "shared_cores" not in alone[0][64]
+    assert compare.summarize(alone, 64)["max_us"] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("tool, argv, message", [
+    ("compare_alltoallv", ["--timeout", "0"], "--timeout must be a positive number of seconds"),
+    ("compare_alltoallv", ["--timeout", "nan"], "--timeout must be a positive number of seconds"),
+    ("compare_alltoallv", ["--json", "/nonexistent-dir/x.json"], "cannot write in /nonexistent-dir"),
+    ("switch_cost", ["--rounds", "0"], "--rounds must be at least 1"),
+    ("spin_policy", ["--spins", "nan"], "--spins: spin_us must be a number of microseconds"),
+    ("spin_policy", ["--spins", "-5"], "--spins: spin_us must be a number of microseconds"),
+    ("dlrm_report", ["--repeat", "0"], "--repeat must be at least 1"),
+    ("dlrm_report", ["--lag", "-1"], "--lag must be at least 0"),
+    ("dlrm_report", ["--nprocs", "0"], "--nprocs at least 1"),
+])
+def test_the_tools_refuse_bad_arguments_before_running(tool, argv, message):
+    # They ran and failed late (every backend "timed out", a traceback after
+    # the whole run, a negative time), or printed "(no figures)" with status 0.
+    res = subprocess.run([sys.executable, os.path.join(TOOLS, f"{tool}.py"), *argv],
+                         capture_output=True, text=True, timeout=50)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
