@@ -314,9 +314,9 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout, clock=time.mo
     was their chance to stop.  Not after SIGQUIT: a core dump takes as long
     as it takes.
 
-    A failure after a signal was passed on starts no grace period: the
-    others are stopping too, and a grace period cut short their saving work
-    (or their core dumps) long before the stop timeout.
+    A failure caused by a signal passed on starts no grace period (see
+    :func:`_stopping_as_asked`): the others are stopping too, and a grace
+    period cut their saving (or core dumps) short long before the stop timeout.
 
     A rank stopped for using the terminal (outside its foreground group, a
     read stops it, and a write under ``stty tostop``) would wait forever for
@@ -350,10 +350,8 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout, clock=time.mo
                     failed_order.append(r)
                 # Does nothing for a rank that attached: its peers watch it.
                 _core.abort_unattached(observer, r, f"it exited ({describe_exit(c)}) without attaching")
-        # A rank that fails of a signal passed on (or of the abort its peers
-        # raise then) is stopping as asked: the others get the stop timeout,
-        # not the grace period, which is for failures of a rank's own.
-        if deadline is None and not signals_seen and any(c not in (None, 0) for c in codes):
+        if deadline is None and any(c not in (None, 0) and not _stopping_as_asked(c, signals_seen)
+                                    for c in codes):
             deadline = clock() + grace
         if all(c is not None for c in codes):
             break
@@ -381,6 +379,22 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout, clock=time.mo
     codes = [_peek_exit(p) for p in procs]
     failed_order += [r for r, c in enumerate(codes) if c not in (None, 0) and r not in failed_order]
     return codes, failed_order, cut_short
+
+
+def _stopping_as_asked(code, signals_seen):
+    """Whether a rank that failed with ``code`` did so because of the signal passed on: no grace period then.
+
+    After Ctrl-C, SIGTERM or SIGHUP every failure counts (the handler's own
+    exit, the abort its peers raise): the others are stopping too, and the
+    stop timeout bounds them; a grace period cut their saving short.  Ctrl-\\
+    sets no stop timeout (a core dump takes as long as it takes), so there
+    only a death by it counts, and a rank's own failure still starts one.
+    """
+    if not signals_seen:
+        return False
+    if signals_seen[0] == signal.SIGQUIT:
+        return code == -signal.SIGQUIT
+    return True
 
 
 def _report(codes, observer, failed_order, cut_short):

@@ -386,6 +386,45 @@ def test_spawn_gives_ranks_the_grace_period_to_act_on_a_ctrl_c(tmp_path):
         out + err
 
 
+SPAWN_CTRL_C_AT_START = r"""
+import os, sys, time
+import blsshm
+
+if __name__ != "__main__":  # a rank importing this module ("spawn"): still starting up
+    time.sleep(3)
+
+def rank_main(comm):
+    os.write(1, f"rank {comm.rank} running\n".encode())
+    time.sleep(60)
+
+if __name__ == "__main__":
+    print("starting", flush=True)
+    try:
+        blsshm.spawn(rank_main, 2, grace=40, start_method="spawn")
+    except KeyboardInterrupt:
+        print("spawn raised KeyboardInterrupt", flush=True)
+"""
+
+
+def test_a_ctrl_c_while_spawned_ranks_start_stops_them_at_once(tmp_path):
+    # Starting ranks ignore Ctrl-C (shielded): given the grace period, they
+    # went on into rank_main and ran it for all of it.
+    path = tmp_path / "prog.py"
+    path.write_text(SPAWN_CTRL_C_AT_START)
+    parent = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert parent.stdout.readline() == "starting\n"
+        time.sleep(0.5)  # the ranks are in their 3 s of start-up
+        os.killpg(parent.pid, signal.SIGINT)
+        out, err = parent.communicate(timeout=30)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    assert out == "spawn raised KeyboardInterrupt\n", out + err
+
+
 def _starts_a_child(comm, pid_file):
     if comm.rank == 1:
         child = subprocess.Popen(["sleep", "60"])
@@ -580,7 +619,7 @@ def test_ranks_still_running_after_the_stop_timeout_of_a_passed_on_signal_are_ki
 
 
 SAVES_WHILE_A_PEER_FAILS = r"""
-import os, signal, time
+import os, resource, signal, time
 import blsshm
 
 class Stop(Exception):
@@ -597,17 +636,25 @@ with blsshm.init() as comm:
             time.sleep(0.05)
     except Stop:
         if comm.rank == 1:
+            if HOW == "dies of it":
+                resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+                signal.signal(signal.SIGNUM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGNUM)
             os._exit(3)  # fails at once
         time.sleep(1.5)  # saving a checkpoint (or writing a core): longer than --grace
         os.write(1, b"rank 0 saved\n")
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGQUIT], ids=lambda s: s.name)
-def test_a_rank_failing_of_a_passed_on_signal_leaves_the_others_the_stop_timeout(tmp_path, signum):
+@pytest.mark.parametrize("signum, how", [(signal.SIGINT, "exits 3"), (signal.SIGTERM, "exits 3"),
+                                         (signal.SIGQUIT, "dies of it"), (signal.SIGQUIT, "exits 3")])
+def test_a_rank_failing_of_a_passed_on_signal_leaves_the_others_the_stop_timeout(tmp_path, signum, how):
     # Rank 1's failure started the grace period: rank 0, saving its work
     # after the same signal, got SIGTERM 0.2 s later, not --stop-timeout.
-    script = SAVES_WHILE_A_PEER_FAILS.replace("SIGNUM", signal.Signals(signum).name)
+    # Ctrl-\ sets no stop timeout: there a rank's own failure (exit 3)
+    # still starts the grace period, or the launcher could wait for ever.
+    name = signal.Signals(signum).name
+    script = SAVES_WHILE_A_PEER_FAILS.replace("SIGNUM", name).replace("HOW", repr(how))
     launcher = _start_in_own_group(tmp_path, script, "-n", "2", "--grace", "0.2", "--stop-timeout", "30")
     try:
         launcher.send_signal(signum)
@@ -615,9 +662,13 @@ def test_a_rank_failing_of_a_passed_on_signal_leaves_the_others_the_stop_timeout
     finally:
         launcher.kill()
         launcher.wait()
-    assert out == "rank 0 saved\n", err
-    assert "SIGTERM" not in err.replace(signal.Signals(signum).name, "") and "grace" not in err, err
-    assert "rank 1 failed (exit code 3)" in err and launcher.returncode == 3, err
+    own_failure = signum == signal.SIGQUIT and how == "exits 3"
+    assert out == ("" if own_failure else "rank 0 saved\n"), err
+    assert ("still running 0.2 s after the first failure; sending SIGTERM" in err) == own_failure, err
+    if how == "dies of it":
+        assert "rank 1 failed (signal SIGQUIT)" in err and launcher.returncode == 128 + signum, err
+    else:
+        assert "rank 1 failed (exit code 3)" in err and launcher.returncode == 3, err
 
 
 def test_a_signal_before_any_rank_started_is_not_a_success(monkeypatch, capfd, tmp_path):
