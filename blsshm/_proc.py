@@ -88,15 +88,16 @@ def _alive(pid):
     return True
 
 
-def descendants(pid):
+def descendants(pid, fds=None):
     """Pidfds of the processes ``pid`` started, and of theirs, as they are now; the caller closes them.
 
     For stopping a process with what it started when it leads no process
     group of its own.  A pidfd names its process for good, however late the
     signal; processes that left the tree (orphaned by a double fork) are not
-    found.  Empty without /proc or pidfds.
+    found.  Empty without /proc or pidfds.  Appended to ``fds`` if given, as
+    they are opened (an interruption then loses none).
     """
-    fds = []
+    fds = [] if fds is None else fds
     todo = [pid]
     while todo:
         parent = todo.pop()
@@ -112,11 +113,24 @@ def descendants(pid):
                 continue
             for child in children:
                 try:
-                    fds.append(os.pidfd_open(child))
+                    fd = os.pidfd_open(child)
                 except (OSError, AttributeError):
                     continue  # gone already, or no pidfds
+                if _parent_of(child) != parent:  # it exited and its pid went to a stranger
+                    os.close(fd)
+                    continue
+                fds.append(fd)
                 todo.append(child)
     return fds
+
+
+def _parent_of(pid):
+    """The parent pid of ``pid`` from /proc, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def signal_pidfds(fds, signum):

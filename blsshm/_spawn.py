@@ -6,6 +6,7 @@ import multiprocessing.forkserver
 import numbers
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -48,13 +49,14 @@ def _line_buffered():
             pass
 
 
-def _rank_main(target, rank, args, conn, parent_pid, sigint_handler):
+def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running):
     die_with_parent(parent_pid)()
     _line_buffered()
     try:
         if sigint_handler is not None:  # shielded from Ctrl-C while starting (see _shield_sigint)
             signal.signal(signal.SIGINT, sigint_handler)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked, if forked
+        running[rank] = 1  # from now on a terminal's Ctrl-C reaches ``target``
         result = target(rank, *args)
         try:
             # Plain pickle, not conn.send's ForkingPickler: torch registers
@@ -173,6 +175,7 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
     conns: List[Any] = []
     pidfds: List[int] = []
     reported: Set[int] = set()  # ranks whose outcome arrived (filled by _collect)
+    running = ctx.RawArray("b", nprocs)  # 1 once a rank runs ``target`` (Ctrl-C no longer shielded)
     interrupted = False
     try:
         with _shield_sigint(ctx) as sigint_handler:
@@ -181,7 +184,7 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
                 # Not a daemon, so a rank may start processes of its own (DataLoader
                 # workers); the finally below reaps every rank in any case.
                 proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}",
-                                   args=(target, rank, args, child_end, os.getpid(), sigint_handler))
+                                   args=(target, rank, args, child_end, os.getpid(), sigint_handler, running))
                 proc.start()
                 # Now, while it cannot have been reaped: the next start() reaps
                 # the children that exited, and a pid then names nobody, or another.
@@ -193,20 +196,18 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
             return _collect(procs, conns, pidfds, grace, reported, on_failure)
         except KeyboardInterrupt:
             # A terminal's Ctrl-C reached the ranks too (our process group):
-            # they get ``grace`` to act on it, as the launcher's get theirs.
+            # those running ``target`` get ``grace`` to act on it, as the
+            # launcher's get theirs.  One still starting ignored it: stopped now.
             interrupted = True
             raise
     finally:
+        let_finish = reported | ({r for r in range(len(procs)) if running[r]} if interrupted else set())
         try:
-            _stop_ranks(procs, reported if not interrupted else range(len(procs)), grace)
+            _stop_ranks(procs, let_finish, grace)
         except BaseException:
             # A second Ctrl-C while we waited for them means "now" (as in the
             # launcher): no rank may outlive the call, the caller may live on.
-            for _, fds in _kill_trees([proc for proc in procs if proc.is_alive()], signal.SIGKILL):
-                for fd in fds:
-                    os.close(fd)
-            for proc in procs:
-                proc.join()
+            _stop_ranks(procs, set(), 0.0, signal.SIGKILL)
             raise
         finally:
             for conn in conns:
@@ -216,48 +217,57 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
                     os.close(fd)
 
 
-def _stop_ranks(procs, let_finish, grace):
-    """Let ranks in ``let_finish`` exit within ``grace``; SIGTERM the others, SIGKILL after TERM_WAIT_S; reap all.
+def _stop_ranks(procs, let_finish, grace, signum=signal.SIGTERM):
+    """Let ranks in ``let_finish`` exit within ``grace``; send the others ``signum``, SIGKILL after TERM_WAIT_S; reap all.
 
     A rank stopped so is stopped with the processes it started (they would
-    outlive it, as the launcher's never do).
+    outlive it, as the launcher's never do), and they get as long.
     """
     # A rank that reported may still be exiting (flushing its output).
     deadline = time.monotonic() + grace
     for r, proc in enumerate(procs):
         if r in let_finish:
             proc.join(max(0.0, deadline - time.monotonic()))
-    trees = _kill_trees([proc for proc in procs if proc.is_alive()], signal.SIGTERM)
+    started = []  # pidfds of what the stopped ranks started: ours to close, whatever happens
     try:
+        for proc in procs:
+            if proc.is_alive():
+                # Found first, while the rank still holds them as its children.
+                descendants(proc.pid, started)
+                proc.kill() if signum == signal.SIGKILL else proc.terminate()  # pid never reaped yet
+        signal_pidfds(started, signum)
         deadline = time.monotonic() + TERM_WAIT_S
         for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
-        for proc, fds in trees:
+        _wait_pidfds(started, deadline)
+        for proc in procs:
             if proc.is_alive():
                 proc.kill()
-            signal_pidfds(fds, signal.SIGKILL)
+        signal_pidfds(started, signal.SIGKILL)
         for proc in procs:
             proc.join()
     except BaseException:  # a second Ctrl-C: what the ranks started goes now (the caller kills them)
-        for _, fds in trees:
-            signal_pidfds(fds, signal.SIGKILL)
+        signal_pidfds(started, signal.SIGKILL)
         raise
     finally:
-        for _, fds in trees:
-            for fd in fds:
-                os.close(fd)
+        for fd in started:
+            os.close(fd)
 
 
-def _kill_trees(procs, signum):
-    """Send ``signum`` to each rank in ``procs`` and to what it started; ``[(proc, its descendants' pidfds)]``.
-
-    The descendants are found first, while the rank still holds them as children.
-    """
-    trees = [(proc, descendants(proc.pid)) for proc in procs]
-    for proc, fds in trees:
-        proc.kill() if signum == signal.SIGKILL else proc.terminate()  # never once reaped
-        signal_pidfds(fds, signum)
-    return trees
+def _wait_pidfds(fds, deadline):
+    """Wait until every process of ``fds`` has exited, or ``deadline`` (monotonic) passes."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)  # readable once the process has exited
+    left = set(fds)
+    while left:
+        ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+        events = poller.poll(ms)
+        if not events:
+            return
+        for fd, _ in events:
+            poller.unregister(fd)
+            left.discard(fd)
 
 
 @contextlib.contextmanager

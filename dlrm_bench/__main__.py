@@ -16,7 +16,31 @@ def _interrupt(signum, frame):
     """
     if not received:
         received.append(signum)
+        if signum != signal.SIGINT:
+            _interrupt_children()
         raise KeyboardInterrupt
+
+
+def _interrupt_children():
+    """Pass a SIGTERM or SIGHUP sent to us alone on to the ranks as the Ctrl-C a terminal would send them.
+
+    blsshm.spawn gives ranks that run its grace period to act on a Ctrl-C,
+    which a terminal sends them too; told nothing, they would compute on
+    until it ends.  (multiprocessing's helpers ignore SIGINT; mpirun passes
+    it on to its ranks.)
+    """
+    tasks = f"/proc/{os.getpid()}/task"
+    for task in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{task}/children") as f:
+                children = [int(pid) for pid in f.read().split()]
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGINT)  # not reaped while we run: still our child
+            except ProcessLookupError:
+                pass
 
 
 def _die_of(signum):
