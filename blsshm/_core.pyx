@@ -787,6 +787,8 @@ cdef class Core:
                 closed = bls_load_acquire32(&self.ranks[r].state) == BLS_STATE_CLOSED
                 if ((closed or (poll_pids and self._exited(r)))
                         and self._behind(which, target, slot, r)):
+                    # A rank that closed as we asked about its process: say it closed.
+                    closed = closed or bls_load_acquire32(&self.ranks[r].state) == BLS_STATE_CLOSED
                     self.lost_rank = r
                     self._abort_nogil(BLS_ABORT_PEER_LOST, r,
                                       b"it closed the communicator while others waited for it" if closed
@@ -1072,7 +1074,8 @@ cdef class Core:
         # HOLD_GIL_NS (CPython itself lets a thread keep it 5 ms), and only
         # then lets this process's other threads run.  Yielding the CPU while
         # holding it delays only those threads, by at most that long.
-        # Signal handlers run only in the second phase; one that closes us
+        # Signal handlers run in the second phase (in the first only when the
+        # liveness slice is shorter than HOLD_GIL_NS); one that closes us
         # leaves our arrays to the call (busy), which must not go on.
         rc = self._wait(which, target, deadline_ns[0], HOLD_GIL_NS)
         if rc == STILL_WAITING:

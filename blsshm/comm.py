@@ -80,13 +80,13 @@ def default_spin_us():
     return SPIN_US
 
 
-#: How often a sleeping wait wakes to check that the ranks it waits for are
+#: How often a wait (sleeping, or spinning long) checks that the ranks it waits for are
 #: alive (milliseconds): a dead or closed peer is noticed within about this.
 LIVENESS_MS = 50.0
 
 
 def liveness_ms():
-    """How often a sleeping wait checks its peers are alive (``BLSSHM_LIVENESS_MS`` overrides)."""
+    """How often a wait checks its peers are alive (``BLSSHM_LIVENESS_MS`` overrides)."""
     env = os.environ.get("BLSSHM_LIVENESS_MS", "").strip()
     if not env:
         return LIVENESS_MS

@@ -43,8 +43,9 @@ measures, one backend after another (never two at once):
                together before every iteration by a spinning barrier (not
                timed).  When ranks outnumber cores, ranks sharing a core copy
                one after the other: the iteration's floor is then the copies'
-               sum over the cores (never less than the longest copy), the
-               time the cores are busy copying, with no switch counted;
+               CPU times summed over the cores (never less than the longest
+               copy), the time the cores are busy copying, with no switch
+               counted;
 ``memcpy x``   the floor for bytes that cross cores: every rank writes its P
                blocks into shared memory (not timed, like a producer), all
                meet at a barrier (not timed), then each copies the P blocks
@@ -202,8 +203,8 @@ def make_plan(sizes, iters, warmup):
     return plan
 
 
-def time_loop(step, warmup, iters, before=None):
-    """Run ``step`` ``warmup`` times, then time ``iters`` calls of it (ns each).
+def time_loop(step, warmup, iters, before=None, clock=time.perf_counter_ns):
+    """Run ``step`` ``warmup`` times, then time ``iters`` calls of it (ns each, by ``clock``).
 
     ``before`` (not timed) runs ahead of every call, e.g. a barrier.  A step
     may return nanoseconds it spent on the application's own work (producing
@@ -214,7 +215,6 @@ def time_loop(step, warmup, iters, before=None):
             before()
         step()
     out = np.empty(iters, np.int64)
-    clock = time.perf_counter_ns
     for i in range(iters):
         if before is not None:
             before()
@@ -387,15 +387,22 @@ class SpinBarrier:
                 raise RuntimeError(f"rank {self.rank}: barrier timed out after {BARRIER_TIMEOUT_S} s")
 
 
-def floor_entry(ns, nprocs, rank_opts):
-    """A memcpy rank's result: its copy times, and the cores they share when ranks outnumber them.
+def floor_clock(nprocs, rank_opts):
+    """How a memcpy rank times its copies: wall time, or its own CPU time when ranks outnumber cores.
 
     On shared cores the ranks copy one after another, and the floor of an
     iteration is the cores' busy time, the copies' sum over the cores (see
-    ``floor_series``).  Timing a barrier after each copy instead put the
-    barrier's own exit (a Python loop, a switch) in the floor: at 64 B it
-    measured 57 us at P = 4, above the transports it was to bound.
+    ``floor_series``).  CPU time, since a copy preempted half way would hold
+    the other rank's copy in its wall time, counted twice in the sum.
+    Timing a barrier after each copy instead put the barrier's own exit (a
+    Python loop, a switch) in the floor: at 64 B it measured 57 us at P = 4,
+    above the transports it was to bound.
     """
+    return time.thread_time_ns if nprocs > rank_opts["cores"] else time.perf_counter_ns
+
+
+def floor_entry(ns, nprocs, rank_opts):
+    """A memcpy rank's result: its copy times, and the cores they share when ranks outnumber them."""
     entry = {"ns": ns}
     if nprocs > rank_opts["cores"]:  # the run's cores: --pin leaves this rank only one
         entry["shared_cores"] = rank_opts["cores"]
@@ -417,7 +424,8 @@ def memcpy_rank(rank, nprocs, plan, raw_flags, rank_opts):
         src = send_buffer(rank, nprocs, size)
         dst = np.empty_like(src)
         before = send_refresher(src, rank_opts, barrier.wait) or barrier.wait
-        ns = time_loop(lambda: np.copyto(dst, src), warmup, iters, before=before)
+        ns = time_loop(lambda: np.copyto(dst, src), warmup, iters, before=before,
+                       clock=floor_clock(nprocs, rank_opts))
         if not np.array_equal(dst, src):
             raise RuntimeError(f"rank {rank}: memcpy result differs at size {size}")
         out[size] = floor_entry(ns, nprocs, rank_opts)
@@ -443,7 +451,8 @@ def cross_memcpy_rank(rank, nprocs, plan, raw_flags, raw_data, rank_opts):
             np.copyto(mine, outgoing)
             barrier.wait()  # everyone's blocks are written
 
-        ns = time_loop(lambda: np.concatenate(blocks, out=dst), warmup, iters, before=produce)
+        ns = time_loop(lambda: np.concatenate(blocks, out=dst), warmup, iters, before=produce,
+                       clock=floor_clock(nprocs, rank_opts))
         check_received(dst, rank, nprocs, size)
         out[size] = floor_entry(ns, nprocs, rank_opts)
     return out
@@ -831,8 +840,9 @@ def fmt_ratio(v):
 
 def print_table(nprocs, plan, results, cores):
     over = "OVERSUBSCRIBED" if nprocs > cores else "not oversubscribed"
+    floors = " (memcpy columns: the ranks' copy CPU time summed over the cores)" if nprocs > cores else ""
     print(f"\nP = {nprocs} ranks on {cores} cores ({over}); "
-          f"µs per iteration, max over ranks: median / p99")
+          f"µs per iteration, max over ranks{floors}: median / p99")
     shown = [b for b in BACKENDS if b in results]
     head = f"{'size':>8} {'iters':>6}" + "".join(f" {LABELS[b]:>17}" for b in shown)
     ratio_names = list(ratios({}, 0))
@@ -853,8 +863,8 @@ def print_table(nprocs, plan, results, cores):
                   + "".join(f" {fmt_ratio(rs[r]):>8}" for r in ratio_names))
 
     rows(lambda fig: f"{fmt_us(fig['median_us'])} / {fmt_us(fig['p99_us'])}", "median_us")
-    print("  the same, per iteration of the whole loop (the slowest rank's mean call; "
-          "ratios of these):")
+    print("  the same, per iteration of the whole loop (the slowest rank's mean call"
+          + ("; memcpy: the mean floor" if floors else "") + "; ratios of these):")
     rows(lambda fig: fmt_us(fig["loop_us"]), "loop_us")
     paired = {size: paired_ratios(results, size) for size, _, _ in plan}
     if any(v is not None for rs in paired.values() for v in rs.values()):
@@ -1066,6 +1076,8 @@ def write_json(path, opts, machine, plans, results):
                    "pin": opts.pin, "fresh_send": opts.fresh_send, "rounds": opts.rounds,
                    "plans": {str(p): plan for p, plan in plans.items()},
                    "dtype": "uint8", "statistic": "per-iteration max over ranks",
+                   "oversubscribed_floor_statistic": "memcpy, memcpy_x: per-iteration sum over ranks "
+                                                     "of copy CPU time / cores (at least the max)",
                    "mpi_library": getattr(opts, "mpi_library", None)},
         "machine": machine,
         "results": {},
