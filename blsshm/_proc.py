@@ -101,27 +101,33 @@ def descendants(pid, fds=None):
     todo = [pid]
     while todo:
         parent = todo.pop()
+        for child in children_of(parent):
+            try:
+                fd = os.pidfd_open(child)
+            except (OSError, AttributeError):
+                continue  # gone already, or no pidfds
+            if _parent_of(child) != parent:  # it exited and its pid went to a stranger
+                os.close(fd)
+                continue
+            fds.append(fd)
+            todo.append(child)
+    return fds
+
+
+def children_of(pid):
+    """The pids of ``pid``'s children now, from /proc (every thread's; empty if it is gone)."""
+    children = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for task in tasks:
         try:
-            tasks = os.listdir(f"/proc/{parent}/task")
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
         except OSError:
             continue
-        for task in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{task}/children") as f:
-                    children = [int(c) for c in f.read().split()]
-            except OSError:
-                continue
-            for child in children:
-                try:
-                    fd = os.pidfd_open(child)
-                except (OSError, AttributeError):
-                    continue  # gone already, or no pidfds
-                if _parent_of(child) != parent:  # it exited and its pid went to a stranger
-                    os.close(fd)
-                    continue
-                fds.append(fd)
-                todo.append(child)
-    return fds
+    return children
 
 
 def _parent_of(pid):

@@ -29,18 +29,12 @@ def _interrupt_children():
     until it ends.  (multiprocessing's helpers ignore SIGINT; mpirun passes
     it on to its ranks.)
     """
-    tasks = f"/proc/{os.getpid()}/task"
-    for task in os.listdir(tasks):
+    from blsshm._proc import children_of
+    for pid in children_of(os.getpid()):
         try:
-            with open(f"{tasks}/{task}/children") as f:
-                children = [int(pid) for pid in f.read().split()]
-        except OSError:
-            continue
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGINT)  # not reaped while we run: still our child
-            except ProcessLookupError:
-                pass
+            os.kill(pid, signal.SIGINT)  # not reaped while we run: still our child
+        except ProcessLookupError:
+            pass
 
 
 def _die_of(signum):

@@ -366,21 +366,28 @@ if __name__ == "__main__":
 """
 
 
-def test_spawn_gives_ranks_the_grace_period_to_act_on_a_ctrl_c(tmp_path):
-    # The parent's KeyboardInterrupt terminated every rank at once, in the
-    # middle of the clean-up its handler was doing.
+def _ctrl_c_to_a_spawning_program(tmp_path, script, ready):
+    """Run ``script`` as a terminal would, Ctrl-C it once ``ready(its stdout)`` returned; ``(out, err)``."""
     path = tmp_path / "prog.py"
-    path.write_text(SPAWN_CTRL_C)
+    path.write_text(script)
     parent = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, start_new_session=True)
     try:
-        assert sorted(parent.stdout.readline() for _ in range(2)) == ["rank 0 ready\n", "rank 1 ready\n"]
+        ready(parent.stdout)
         os.killpg(parent.pid, signal.SIGINT)  # the terminal's Ctrl-C: parent and ranks
-        out, err = parent.communicate(timeout=40)
+        return parent.communicate(timeout=40)
     finally:
         if parent.poll() is None:
             os.killpg(parent.pid, signal.SIGKILL)
             parent.wait()
+
+
+def test_spawn_gives_ranks_the_grace_period_to_act_on_a_ctrl_c(tmp_path):
+    # The parent's KeyboardInterrupt terminated every rank at once, in the
+    # middle of the clean-up its handler was doing.
+    def ready(stdout):
+        assert sorted(stdout.readline() for _ in range(2)) == ["rank 0 ready\n", "rank 1 ready\n"]
+    out, err = _ctrl_c_to_a_spawning_program(tmp_path, SPAWN_CTRL_C, ready)
     lines = out.splitlines()
     assert sorted(lines[:2]) == ["rank 0 saved", "rank 1 saved"] and lines[2:] == ["spawn raised KeyboardInterrupt"], \
         out + err
@@ -409,19 +416,10 @@ if __name__ == "__main__":
 def test_a_ctrl_c_while_spawned_ranks_start_stops_them_at_once(tmp_path):
     # Starting ranks ignore Ctrl-C (shielded): given the grace period, they
     # went on into rank_main and ran it for all of it.
-    path = tmp_path / "prog.py"
-    path.write_text(SPAWN_CTRL_C_AT_START)
-    parent = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True)
-    try:
-        assert parent.stdout.readline() == "starting\n"
+    def ready(stdout):
+        assert stdout.readline() == "starting\n"
         time.sleep(0.5)  # the ranks are in their 3 s of start-up
-        os.killpg(parent.pid, signal.SIGINT)
-        out, err = parent.communicate(timeout=30)
-    finally:
-        if parent.poll() is None:
-            os.killpg(parent.pid, signal.SIGKILL)
-            parent.wait()
+    out, err = _ctrl_c_to_a_spawning_program(tmp_path, SPAWN_CTRL_C_AT_START, ready)
     assert out == "spawn raised KeyboardInterrupt\n", out + err
 
 
