@@ -218,24 +218,23 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
 
 
 def _stop_ranks(procs, let_finish, grace, signum=signal.SIGTERM):
-    """Let ranks in ``let_finish`` exit within ``grace``; send the others ``signum``, SIGKILL after TERM_WAIT_S; reap all.
+    """Send ranks not in ``let_finish`` ``signum`` now, the others if still running after ``grace``;
+    SIGKILL TERM_WAIT_S later; reap all.
 
     A rank stopped so is stopped with the processes it started (they would
     outlive it, as the launcher's never do), and they get as long.
     """
-    # A rank that reported may still be exiting (flushing its output).
-    deadline = time.monotonic() + grace
-    for r, proc in enumerate(procs):
-        if r in let_finish:
-            proc.join(max(0.0, deadline - time.monotonic()))
     started = []  # pidfds of what the stopped ranks started: ours to close, whatever happens
     try:
-        for proc in procs:
-            if proc.is_alive():
-                # Found first, while the rank still holds them as its children.
-                descendants(proc.pid, started)
-                proc.kill() if signum == signal.SIGKILL else proc.terminate()  # pid never reaped yet
-        signal_pidfds(started, signum)
+        # The others at once: one still starting up must not get as far as
+        # its work while those given ``grace`` use it.
+        _signal_trees([p for r, p in enumerate(procs) if r not in let_finish], signum, started)
+        # A rank that reported may still be exiting (flushing its output).
+        deadline = time.monotonic() + grace
+        for r, proc in enumerate(procs):
+            if r in let_finish:
+                proc.join(max(0.0, deadline - time.monotonic()))
+        _signal_trees([p for r, p in enumerate(procs) if r in let_finish], signum, started)
         deadline = time.monotonic() + TERM_WAIT_S
         for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -252,6 +251,16 @@ def _stop_ranks(procs, let_finish, grace, signum=signal.SIGTERM):
     finally:
         for fd in started:
             os.close(fd)
+
+
+def _signal_trees(procs, signum, started):
+    """Send ``signum`` to each rank of ``procs`` still running and to what it started (pidfds into ``started``)."""
+    first = len(started)  # those before were signalled already
+    for proc in procs:
+        if proc.is_alive():
+            descendants(proc.pid, started)  # first, while the rank still holds them as its children
+            proc.kill() if signum == signal.SIGKILL else proc.terminate()  # pid never reaped yet
+    signal_pidfds(started[first:], signum)
 
 
 def _wait_pidfds(fds, deadline):

@@ -393,34 +393,48 @@ def test_spawn_gives_ranks_the_grace_period_to_act_on_a_ctrl_c(tmp_path):
         out + err
 
 
-SPAWN_CTRL_C_AT_START = r"""
+SPAWN_CTRL_C_WHILE_STARTING = r"""
 import os, sys, time
 import blsshm
 
-if __name__ != "__main__":  # a rank importing this module ("spawn"): still starting up
-    time.sleep(3)
+if __name__ != "__main__":  # a rank importing this module ("spawn")
+    if ALL_STARTING or os.path.exists(MARK):
+        time.sleep(3)  # still starting up
+    else:
+        open(MARK, "w").close()  # the first rank: on into rank_main
 
 def rank_main(comm):
-    os.write(1, f"rank {comm.rank} running\n".encode())
-    time.sleep(60)
+    try:
+        os.write(1, b"running\n")  # inside: a Ctrl-C right after it is handled too
+        while True:
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        time.sleep(4)  # saving: a starting rank would reach rank_main long before this ends
+        raise
 
 if __name__ == "__main__":
     print("starting", flush=True)
     try:
-        blsshm.spawn(rank_main, 2, grace=40, start_method="spawn")
+        blsshm.spawn(rank_main, 2, grace=30, start_method="spawn")
     except KeyboardInterrupt:
         print("spawn raised KeyboardInterrupt", flush=True)
 """
 
 
-def test_a_ctrl_c_while_spawned_ranks_start_stops_them_at_once(tmp_path):
-    # Starting ranks ignore Ctrl-C (shielded): given the grace period, they
-    # went on into rank_main and ran it for all of it.
+@pytest.mark.parametrize("running", [0, 1])
+def test_a_ctrl_c_stops_starting_ranks_at_once(tmp_path, running):
+    # Starting ranks ignore Ctrl-C (shielded).  Given the grace period, or
+    # stopped only after a running rank's grace, they went on into rank_main.
     def ready(stdout):
         assert stdout.readline() == "starting\n"
-        time.sleep(0.5)  # the ranks are in their 3 s of start-up
-    out, err = _ctrl_c_to_a_spawning_program(tmp_path, SPAWN_CTRL_C_AT_START, ready)
-    assert out == "spawn raised KeyboardInterrupt\n", out + err
+        if running:
+            assert stdout.readline() == "running\n"
+        else:
+            time.sleep(0.5)  # the ranks are in their 3 s of start-up
+    script = SPAWN_CTRL_C_WHILE_STARTING.replace("ALL_STARTING", str(not running)).replace(
+        "MARK", repr(str(tmp_path / "first")))
+    out, err = _ctrl_c_to_a_spawning_program(tmp_path, script, ready)
+    assert out == "spawn raised KeyboardInterrupt\n", out + err  # no starting rank ran
 
 
 def _starts_a_child(comm, pid_file):
