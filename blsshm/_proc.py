@@ -98,20 +98,30 @@ def descendants(pid, fds=None):
     they are opened (an interruption then loses none).
     """
     fds = [] if fds is None else fds
-    todo = [pid]
+    todo = [(pid, -1)]  # (pid, its pidfd; -1 for ``pid``, which the caller keeps from being reaped)
     while todo:
-        parent = todo.pop()
+        parent, parent_fd = todo.pop()
         for child in children_of(parent):
             try:
                 fd = os.pidfd_open(child)
             except (OSError, AttributeError):
                 continue  # gone already, or no pidfds
-            if _parent_of(child) != parent:  # it exited and its pid went to a stranger
+            # Its parent is ``parent``, and, asked afterwards, the process we
+            # hold as ``parent`` still runs: so that pid was still its, not a
+            # stranger's that took it over (and whose children these would be).
+            if _parent_of(child) != parent or (parent_fd >= 0 and pidfd_exited(parent_fd)):
                 os.close(fd)
                 continue
             fds.append(fd)
-            todo.append(child)
+            todo.append((child, fd))
     return fds
+
+
+def pidfd_exited(fd):
+    """Whether the process of pidfd ``fd`` has exited (the pidfd is readable then)."""
+    poller = select.poll()  # not select(): descriptors may be above FD_SETSIZE
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def children_of(pid):

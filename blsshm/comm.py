@@ -233,7 +233,7 @@ class Comm(_core.Core):
             raise BlsValueError(f"size must be at least 1, got {size}")
         if not 0 <= rank < size:
             raise BlsValueError(f"rank must be in [0, {size}), got {rank}")
-        name = segment.create(size, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes))
+        name = segment.create(size, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes), reaped=True)
         return cls._open(name, rank, timeout=timeout, attach_timeout=attach_timeout,
                          spin_us=spin_us, owns_name=True)
 

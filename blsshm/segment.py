@@ -5,16 +5,20 @@ unguessable name, reserves its pages with ``posix_fallocate`` (a full
 ``/dev/shm`` is then a clean error here, never a SIGBUS later) and writes the
 header.  Ranks map it by name; once every rank has attached the name is
 unlinked, so a crash afterwards leaves nothing in ``/dev/shm``.  Before
-that, a creator whose ranks die with it (the launcher, ``spawn``) asks for a
-reaper: a small process that unlinks the name if the creator dies first,
-even of SIGKILL, which no handler of its own could outlive.
+that, the creator (the launcher, ``spawn``, a ``Comm.create`` rank) asks for
+a reaper: a small process that unlinks the name if the creator dies first,
+even of SIGKILL or an unhandled SIGTERM, which no handler of its own could
+outlive.  Its communicator cannot work without it then anyway: spawn's and
+the launcher's ranks die with them, and a ``Comm.create`` creator is a rank.
 """
 import errno
 import mmap
 import os
+import re
 import secrets
 import subprocess
 import sys
+import threading
 
 import posix_ipc
 
@@ -22,6 +26,7 @@ from blsshm import _core
 from blsshm.errors import BlsError, BlsValueError
 
 PREFIX = "/blsshm-"
+NAME = re.compile(re.escape(PREFIX) + "[0-9a-f]{32}")  # what create() makes: checked before the kernel sees it
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory: name /x is file /dev/shm/x
 UNLINKED = b"unlinked"  # what the creator tells its reaper once the name is gone
 
@@ -43,17 +48,26 @@ if {UNLINKED!r} not in said:
 """
 
 _reapers: "dict[str, tuple[subprocess.Popen, int]]" = {}  # name -> (reaper process, our end of its pipe)
+# Held from making a reaper's pipe until its end is in _reapers, and across
+# fork(): a child forked by another thread in between would keep a copy of
+# the pipe that _forget_reapers does not know of, and the reaper would never
+# see its creator die.  (Popen's own fork runs no fork handlers.)
+_reapers_lock = threading.Lock()
 
 
 def _forget_reapers():
     """In a forked child: the reapers are the parent's, and our copies of
     their pipes would keep them from seeing the parent die."""
+    global _reapers_lock
+    _reapers_lock = threading.Lock()  # the parent's thread held it across the fork
     for _proc, write_end in _reapers.values():
         os.close(write_end)
     _reapers.clear()
 
 
-os.register_at_fork(after_in_child=_forget_reapers)
+os.register_at_fork(before=lambda: _reapers_lock.acquire(),
+                    after_in_parent=lambda: _reapers_lock.release(),
+                    after_in_child=_forget_reapers)
 
 
 def create(size, lag, arena_bytes, reaped=False):
@@ -71,8 +85,10 @@ def create(size, lag, arena_bytes, reaped=False):
         if reaped:
             _start_reaper(name)
         _create(name, size, lag, arena_bytes, nbytes)
-    except BaseException:
+    except BaseException as exc:
         unlink(name)  # stops the reaper
+        if isinstance(exc, (OSError, posix_ipc.Error)):  # no inode or fd left, EACCES, EROFS...
+            raise BlsError(f"cannot create a segment in {SHM_DIR} for {size} ranks: {exc}") from exc
         raise
     return name
 
@@ -101,19 +117,20 @@ def _start_reaper(name):
     # Its own session: a terminal's Ctrl-C, which the creator handles, must
     # not end the reaper first.  Our end of the pipe is not inherited by
     # programs we start, and forked children close it: only our death does.
-    read_end, write_end = os.pipe()
-    proc = None
-    try:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", REAPER, name], stdin=read_end,
-                                stdout=subprocess.DEVNULL, start_new_session=True)
-    except OSError:
-        pass  # no interpreter to run it: go without (see create)
-    finally:
-        os.close(read_end)
-        if proc is None:
-            os.close(write_end)
-    if proc is not None:
-        _reapers[name] = (proc, write_end)
+    with _reapers_lock:
+        read_end, write_end = os.pipe()
+        proc = None
+        try:
+            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", REAPER, name], stdin=read_end,
+                                    stdout=subprocess.DEVNULL, start_new_session=True)
+        except OSError:
+            pass  # no interpreter to run it: go without (see create)
+        finally:
+            os.close(read_end)
+            if proc is None:
+                os.close(write_end)
+        if proc is not None:
+            _reapers[name] = (proc, write_end)
 
 
 def _stop_reaper(name):
@@ -128,8 +145,8 @@ def _stop_reaper(name):
 
 
 def _open(name):
-    if not isinstance(name, str) or not name.startswith(PREFIX):
-        raise BlsValueError(f"not a blsshm segment name: {name!r}")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise BlsValueError(f"not a blsshm segment name: {name!r} (they are {PREFIX} and 32 hex digits)")
     try:
         return posix_ipc.SharedMemory(name)
     except posix_ipc.ExistentialError:

@@ -186,6 +186,14 @@ def test_attach_to_a_missing_segment():
         blsshm.Comm.attach("/etc/passwd", 0)
 
 
+@pytest.mark.parametrize("name", ["/blsshm-" + "0" * 31 + "\x00",  # posix_ipc crashed on it
+                                  "/blsshm-a/b", "/blsshm-" + "0" * 32 + "/x", "/blsshm-" + "A" * 32,
+                                  "/blsshm-" + "0" * 33, "blsshm-" + "0" * 32])
+def test_a_name_blsshm_never_makes_is_refused_before_the_kernel_sees_it(name):
+    with pytest.raises(BlsValueError, match="not a blsshm segment name"):
+        blsshm.Comm.attach(name, 0)
+
+
 def test_attaching_the_same_rank_twice_is_refused():
     with blsshm.Comm.create(2, rank=0) as first:
         with pytest.raises(BlsValueError, match="already attached"):

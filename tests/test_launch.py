@@ -1,7 +1,9 @@
 """python -m blsshm.run and blsshm.spawn: start, report, always clean up."""
 import contextlib
+import errno
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 import blsshm
+from blsshm.errors import BlsError
 from blsshm.run import RELAY_DRAIN_S
 
 pytestmark = pytest.mark.timeout(60)
@@ -799,6 +802,46 @@ def test_the_reaper_removes_the_segment_of_a_killed_creator_whatever_its_childre
         creator.wait()
         if child is not None:
             os.kill(int(child), signal.SIGKILL)  # the creator's child: not ours to wait for
+
+
+A_CREATOR_ALONE = """
+import time
+import blsshm
+comm = blsshm.Comm.create(2, arena_bytes=1 << 16)
+print(comm.name, flush=True)
+time.sleep(1000)  # rank 1 never comes
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_comm_create_creator_killed_before_every_rank_attached_leaves_no_segment(signum):
+    creator = subprocess.Popen([sys.executable, "-c", A_CREATOR_ALONE], stdout=subprocess.PIPE, text=True)
+    try:
+        name = creator.stdout.readline().strip()
+        assert os.path.exists("/dev/shm" + name)
+        creator.send_signal(signum)
+        assert creator.wait() == -signum
+        assert _gone("/dev/shm" + name)  # no rank will ever attach to unlink it
+    finally:
+        creator.kill()
+        creator.wait()
+
+
+@pytest.mark.parametrize("error", [OSError(errno.EMFILE, "Too many open files"),
+                                   OSError(errno.ENOSPC, "No space left on device"),
+                                   "PermissionsError"])
+def test_a_segment_that_cannot_be_made_is_a_clean_error(monkeypatch, error):
+    from blsshm import segment
+    import posix_ipc
+    if error == "PermissionsError":
+        error = posix_ipc.PermissionsError("Permission denied")
+
+    def refuse(*_args, **_kwargs):
+        raise error
+    monkeypatch.setattr(posix_ipc, "SharedMemory", refuse)
+    with pytest.raises(BlsError, match="cannot create a segment in /dev/shm for 2 ranks: " + re.escape(str(error))):
+        blsshm.Comm.create(2)
+    assert not segment._reapers  # stopped, and nothing was made
 
 
 def test_a_creator_that_cannot_start_a_reaper_goes_without(monkeypatch):
