@@ -1,8 +1,15 @@
 """Every test leaves nothing behind: no /dev/shm segment of ours or our peers', no child process."""
 import os
 import time
+import uuid
 
 import pytest
+
+# In the environment of every process the tests start (children inherit it,
+# mpirun passes it on to its ranks): what tells our processes from those of
+# other jobs on the machine, whose segments are not ours to judge or remove.
+RUN_MARK = "BLSSHM_TEST_RUN"
+os.environ[RUN_MARK] = uuid.uuid4().hex
 
 
 # Ours, and what the peers we run make: Open MPI's shared-memory transport
@@ -15,6 +22,56 @@ def _our_segments():
         return {n for n in os.listdir("/dev/shm") if n.startswith(SEGMENT_PREFIXES)}
     except FileNotFoundError:  # pragma: no cover
         return set()
+
+
+def _held_by_others(names):
+    """Those of ``names`` (in /dev/shm) that a process of another job maps,
+    holds open or names on its command line, and no process of this run does.
+
+    Ours are this process, its descendants, and whatever has our mark in
+    the environment it was started with (an exec'd orphan).  A segment that
+    nobody holds is ours to judge: it was left behind.
+    """
+    mark = f"{RUN_MARK}={os.environ[RUN_MARK]}".encode()
+    paths = {"/dev/shm/" + n: n for n in names}
+    parent, holders = {}, {}
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent[pid] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                held = {n for n in names if n.encode() in f.read()}
+            with open(f"/proc/{pid}/maps") as f:
+                held |= {paths[p] for p in paths if p in f.read()}
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except (OSError, ValueError, IndexError):  # gone, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                held.add(paths[os.readlink(f"/proc/{pid}/fd/{fd}")])
+            except (OSError, KeyError):
+                pass
+        if held:
+            holders[pid] = held
+
+    def is_ours(pid):
+        seen = set()
+        while pid > 1 and pid not in seen:
+            if pid == os.getpid():
+                return True
+            seen.add(pid)
+            pid = parent.get(pid, 0)
+        return False
+
+    ours, theirs = set(), set()
+    for pid, held in holders.items():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                marked = mark in f.read().split(b"\0")
+        except OSError:
+            marked = False
+        (ours if marked or is_ours(pid) else theirs).update(held)
+    return theirs - ours
 
 
 def _is_multiprocessing_helper(pid):
@@ -45,8 +102,12 @@ def nothing_left_behind():
     yield
     # Give a failing test's cleanup a moment, then insist.
     deadline = time.monotonic() + 2.0
+    others = set()
     while True:
-        segments = _our_segments() - before_segments
+        segments = _our_segments() - before_segments - others
+        if segments:
+            others |= _held_by_others(segments)
+            segments -= others
         children = _children() - before_children
         if not segments and not children or time.monotonic() > deadline:
             break
