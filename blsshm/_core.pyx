@@ -338,6 +338,7 @@ cdef class Core:
     cdef dict dtype_cache       # descriptor dtype string -> numpy dtype (zero-copy receive)
     cdef object view_base       # read-only memoryview of the whole mapping: the base of every view
     cdef uint64_t acquired_bytes
+    cdef bint acquired          # inside complete_views(next_complete): its views read the blocks
     cdef object last_dtype      # the last dtype validated, and its descriptor string
     cdef bytes last_dtype_str
     cdef object last_dtype_arg  # the last dtype argument of post_views, and its dtype
@@ -1647,13 +1648,16 @@ cdef class Core:
         cdef int64_t itemsize = dtype.itemsize
         cdef uint64_t nbytes
         self._parse_counts(send_counts, itemsize, &nbytes)
-        cdef int64_t total = 0
+        cdef uint64_t total = 0
+        cdef bint wrapped = False  # counts are int64 >= 0: a sum past 2**64 cannot match send
         cdef int q
         for q in range(self.size):
-            total += self.counts[q]
-        if total != cnp.PyArray_SIZE(send):
+            wrapped |= total + <uint64_t>self.counts[q] < total
+            total += <uint64_t>self.counts[q]
+        if wrapped or total != <uint64_t>cnp.PyArray_SIZE(send):
             raise BlsValueError(
-                f"send_counts add up to {total} elements but send holds {cnp.PyArray_SIZE(send)}")
+                f"send_counts add up to {sum([self.counts[q] for q in range(self.size)])} elements "
+                f"but send holds {cnp.PyArray_SIZE(send)}")
         self._reserve_blocks(t, nbytes, itemsize, self._timeout_ns(timeout), deadline_ns)
         cdef char* src = <char*>cnp.PyArray_DATA(send)
         if nbytes >= NOGIL_COPY_BYTES:
@@ -1731,13 +1735,19 @@ cdef class Core:
         # No abort check here: records that all arrived are read even after
         # an abort (a peer that failed right after posting t is the common
         # case); only a wait for one that cannot come raises.
+        self._check_complete_order(t)
+        self._await(PUBLISHED, t + 1, self._timeout_ns(timeout), deadline_ns, "complete", t)
+        return 0
+
+    cdef int _check_complete_order(self, int64_t t) except -1:
         self._check_owner()
+        if self.acquired:  # completing it would let the senders overwrite what the views show
+            raise BlsValueError(f"complete({t}) inside an open complete_views({self.next_complete}) block")
         if t < 0 or <uint64_t>t != self.next_complete:
             raise BlsValueError(
                 f"complete({t}) called, but the next iteration to complete is {self.next_complete}")
         if <uint64_t>t >= self.next_post:
             raise BlsValueError(f"complete({t}) called before post({t}) on this rank")
-        self._await(PUBLISHED, t + 1, self._timeout_ns(timeout), deadline_ns, "complete", t)
         return 0
 
     cdef cnp.ndarray _check_out(self, object out, cnp.dtype dtype):
@@ -1829,8 +1839,14 @@ cdef class Core:
 
     cdef tuple _complete(self, int64_t t, object out, object timeout, int64_t* deadline_ns):
         """Wait for every rank's post of ``t``, copy our blocks out, mark ``t`` completed."""
+        self._check_complete_order(t)
+        cdef cnp.dtype dtype = self.slot_dtype[self._slot(t)]  # ours: every rank's, or an abort
+        cdef cnp.ndarray recv
+        if out is not None:  # before waiting: a bad out is the caller's error, not a timeout
+            if not isinstance(out, cnp.ndarray):
+                raise BlsTypeError(f"out must be a numpy array, got {type(out).__name__}")
+            recv = self._check_out(out, dtype)
         self._await_posts(t, timeout, deadline_ns)
-        cdef cnp.dtype dtype = self.slot_dtype[self._slot(t)]
         cdef bytes dstr = self._dtype_str(dtype)
         cdef uint64_t itemsize = dtype.itemsize
         cdef cnp.npy_intp dims[1]
@@ -1841,15 +1857,11 @@ cdef class Core:
             self.recv_off[s] = self._block(s, t, dstr, itemsize, &n)
             self.recv_bytes[s] = n
             total += n
-        cdef cnp.ndarray recv
         if out is None:
             dims[0] = total // itemsize
             Py_INCREF(dtype)
             recv = _PyArray_Empty(1, dims, dtype, 0)
         else:
-            if not isinstance(out, cnp.ndarray):
-                raise BlsTypeError(f"out must be a numpy array, got {type(out).__name__}")
-            recv = self._check_out(out, dtype)
             if <uint64_t>cnp.PyArray_SIZE(recv) * itemsize < total:
                 raise BlsValueError(
                     f"out holds {cnp.PyArray_SIZE(recv)} elements; iteration {t} delivers {total // itemsize}: "
@@ -1934,14 +1946,16 @@ cdef class Core:
             views.append(self._view(base, off, n // isz, dtype, False))
             total += n
         self.acquired_bytes = total
+        self.acquired = True
         return views
 
     cdef int _zc_release(self, int64_t t) except -1:
         """Zero-copy complete, second half: mark ``t`` completed."""
         self._check_owner()  # as _await_posts: what was acquired is released, aborted or not
-        if t < 0 or <uint64_t>t != self.next_complete or <uint64_t>t >= self.next_post:
+        if not self.acquired or t < 0 or <uint64_t>t != self.next_complete or <uint64_t>t >= self.next_post:
             raise BlsValueError(f"release({t}) without acquire({t})")
         self._finish(t, self.acquired_bytes)
+        self.acquired = False
         return 0
 
     # ---------------------------------------------------------------- blocking
@@ -2027,12 +2041,12 @@ cdef class Core:
         cdef int64_t deadline_ns = NO_DEADLINE_YET
         self.busy += 1
         try:
+            timeout = self._timeout_arg(timeout)
             if not self.ready:
-                self._make_ready()
+                self._ready_within(timeout, &deadline_ns)
             it = _iteration(t)
             if not cnp.PyArray_CheckExact(send):
                 send, was_torch = as_array(send, "send")
-            timeout = self._timeout_arg(timeout)
             self._post(it, send, send_counts, timeout, &deadline_ns)
             self.slot_torch[self._slot(it)] = was_torch
         finally:
@@ -2057,15 +2071,15 @@ cdef class Core:
         cdef int64_t deadline_ns = NO_DEADLINE_YET
         self.busy += 1
         try:
+            timeout = self._timeout_arg(timeout)
             if not self.ready:
-                self._make_ready()
+                self._ready_within(timeout, &deadline_ns)
             it = _iteration(t)
             torch_recv = self.slot_torch[self._slot(it)]
             if out is not None:
                 torch_recv = False
                 if not cnp.PyArray_CheckExact(out):
                     out, torch_recv = as_array(out, "out")
-            timeout = self._timeout_arg(timeout)
             result = self._complete(it, out, timeout, &deadline_ns)
         finally:
             self._leave()
@@ -2097,8 +2111,11 @@ cdef class Core:
             raise BlsValueError(
                 f"alltoallv() while iterations {self.next_complete}..{t - 1} are posted "
                 f"but not completed; complete them first")
+        timeout = self._timeout_arg(timeout)
+        # One deadline for the whole call: the post's waits and the complete's.
+        cdef int64_t deadline_ns = NO_DEADLINE_YET
         if not self.ready:
-            self._make_ready()
+            self._ready_within(timeout, &deadline_ns)
         cdef bint was_torch = False
         if not cnp.PyArray_CheckExact(send):
             send, was_torch = as_array(send, "send")
@@ -2108,12 +2125,9 @@ cdef class Core:
             if not cnp.PyArray_CheckExact(out):
                 out, torch_recv = as_array(out, "out")
             self._check_out(out, <cnp.dtype>cnp.PyArray_DESCR(<cnp.ndarray>send))  # before publishing
-        timeout = self._timeout_arg(timeout)
         # Our own block goes from send to out directly, unless out overlaps
         # send (the blocks gathered before it would overwrite it).
         cdef bint defer_own = out is None or not _overlap(<cnp.ndarray>send, <cnp.ndarray>out)
-        # One deadline for the whole call: the post's waits and the complete's.
-        cdef int64_t deadline_ns = NO_DEADLINE_YET
         self._post(t, send, send_counts, timeout, &deadline_ns, defer_own)
         self.slot_torch[self._slot(t)] = was_torch
         try:
@@ -2137,11 +2151,13 @@ cdef class Core:
         views turn read-only on exit (numpy will not make them writable
         again); do not keep writable slices of them past the block either.
         """
+        cdef int64_t deadline_ns = NO_DEADLINE_YET
         self.busy += 1  # _make_ready runs Python code
         try:
+            timeout = self._timeout_arg(timeout)
             if not self.ready:
-                self._make_ready()
-            return PostViews(self, _iteration(t), send_counts, dtype, self._timeout_arg(timeout))
+                self._ready_within(timeout, &deadline_ns)
+            return PostViews(self, _iteration(t), send_counts, dtype, timeout)
         finally:
             self._leave()
 
@@ -2154,15 +2170,26 @@ cdef class Core:
         after which the senders may overwrite those bytes: copy what must
         outlive the block.
         """
+        cdef int64_t deadline_ns = NO_DEADLINE_YET
         self.busy += 1  # _make_ready runs Python code
         try:
+            timeout = self._timeout_arg(timeout)
             if not self.ready:
-                self._make_ready()
-            return CompleteViews(self, _iteration(t), self._timeout_arg(timeout))
+                self._ready_within(timeout, &deadline_ns)
+            return CompleteViews(self, _iteration(t), timeout)
         finally:
             self._leave()
 
-    def _make_ready(self):
+    cdef int _ready_within(self, object timeout, int64_t* deadline_ns) except -1:
+        """The first collective call: wait for every rank to attach (``_make_ready``), within the
+        call's ``timeout`` as well as ``attach_timeout``; the call's deadline counts from here."""
+        cdef int64_t timeout_ns = self._timeout_ns(timeout)
+        if deadline_ns[0] == NO_DEADLINE_YET:
+            deadline_ns[0] = -1 if timeout_ns < 0 else bls_now_ns() + timeout_ns
+        self._make_ready(timeout)
+        return 0
+
+    def _make_ready(self, timeout=None):
         raise NotImplementedError
 
 

@@ -224,7 +224,7 @@ class Comm(_core.Core):
         blocks, each rounded up to 64 bytes).  ``timeout`` (seconds, ``None``
         blocks) is the default for every wait; ``attach_timeout`` bounds the
         wait, at the first collective call, for every rank to attach
-        (``None``: no bound).
+        (``None``: no bound), as that call's ``timeout`` does.
         ``spin_us`` is how long a wait spins before it sleeps.
         """
         size = _check_int("size", size)
@@ -251,10 +251,11 @@ class Comm(_core.Core):
 
     # --------------------------------------------------------------- startup
 
-    def _raise_not_attached(self, attached):
+    def _raise_not_attached(self, attached, seconds=None, what="attach_timeout"):
         missing = sorted(set(range(self.size)) - set(attached))
+        seconds = self._attach_timeout if seconds is None else seconds
         raise BlsTimeoutError(
-            f"rank(s) {missing} did not attach to {self.name} within {self._attach_timeout} s",
+            f"rank(s) {missing} did not attach to {self.name} within {seconds} s ({what})",
             operation="attach", waiting_for=missing)
 
     def _poll_ready(self):
@@ -277,18 +278,27 @@ class Comm(_core.Core):
                 self._raise_not_attached(attached)
         return False
 
-    def _make_ready(self):
-        """Wait until every rank attached, unlink the name, watch the peers' processes."""
+    def _make_ready(self, timeout=None):
+        """Wait until every rank attached, unlink the name, watch the peers' processes.
+
+        ``timeout`` is that of the call that waits (seconds, checked), which
+        bounds it as well as ``attach_timeout``.
+        """
         self._check()
-        deadline = None if self._attach_timeout is None else time.monotonic() + self._attach_timeout
+        now = time.monotonic()
+        limits = [(seconds, what) for seconds, what in ((self._attach_timeout, "attach_timeout"),
+                                                        (timeout, "the call's timeout"))
+                  if seconds is not None and seconds < 1e9]  # beyond: for ever, not an OverflowError
+        seconds, what = min(limits) if limits else (None, "")
+        deadline = None if seconds is None else now + seconds
         delay = 1e-4
         while True:
             attached = self._attached_ranks()
             if len(attached) == self.size:
                 break
             self._check()  # raises if a rank gave up already
-            if deadline is not None and time.monotonic() > deadline:
-                self._raise_not_attached(attached)
+            if deadline is not None and time.monotonic() >= deadline:
+                self._raise_not_attached(attached, seconds, what)
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
         # The last rank to attach unlinked the name already; this is for the

@@ -35,6 +35,8 @@ def _bad_posts():
         ("float count array", lambda c: c.post(0, GOOD, np.array([2.0, 2.0])), BlsTypeError, ["integers"]),
         ("counts exceed data", lambda c: c.post(0, GOOD, [3, 3]), BlsValueError, ["6 elements", "holds 4"]),
         ("counts short of data", lambda c: c.post(0, GOOD, [1, 1]), BlsValueError, ["2 elements", "holds 4"]),
+        ("counts adding up past 2**64", lambda c: c.post(0, np.zeros(0, np.uint8), [2 ** 63 - 1] * 2),
+         BlsValueError, [f"{2 ** 64 - 2} elements", "holds 0"]),
         ("record bigger than arena", lambda c: c.post(0, np.zeros(20000, np.float64), [10000, 10000]),
          ArenaFullError, ["fit in the arena", "arena_bytes"]),
         ("non-contiguous", lambda c: c.post(0, strided, [2, 2]), BlsValueError, ["contiguous"]),
@@ -293,6 +295,52 @@ def _bad_out_in_blocking_call(comm):
 
 def test_blocking_call_checks_out_before_publishing():
     assert blsshm.spawn(_bad_out_in_blocking_call, 2)[0] == [0.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("out, exc_type", [(np.empty(4, np.float64), BlsTypeError),
+                                           (np.empty(8, np.float32)[::2], BlsValueError),
+                                           (np.frombuffer(bytes(16), np.float32), BlsValueError),
+                                           ("no", BlsTypeError)])
+def test_complete_checks_out_before_waiting_for_the_blocks(out, exc_type):
+    with blsshm.Comm.create(2, 0, timeout=10) as a, blsshm.Comm.attach(a.name, 1, timeout=10) as b:
+        a.post(0, GOOD, [2, 2])
+        with pytest.raises(exc_type):  # at once, not a BlsTimeoutError once b never posted
+            a.complete(0, out=out)
+        b.alltoallv(GOOD, [2, 2])
+        assert a.complete(0, out=np.empty(4, np.float32))[0].tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_the_first_call_waits_for_ranks_to_attach_only_as_long_as_its_timeout():
+    with blsshm.Comm.create(2, 0, attach_timeout=None) as a:
+        for call in (lambda: a.post(0, GOOD, [2, 2], timeout=0.2), lambda: a.alltoallv(GOOD, [2, 2], timeout=0),
+                     lambda: a.post_views(0, [2, 2], timeout=0.2), lambda: a.complete_views(0, timeout=0.2)):
+            with pytest.raises(blsshm.BlsTimeoutError, match=r"rank\(s\) \[1\] did not attach .*(the call's timeout)"):
+                call()
+        a.timeout = 0.2  # the default timeout bounds it as well
+        with pytest.raises(blsshm.BlsTimeoutError, match="did not attach"):
+            a.complete(0)
+        assert a.next_post == 0
+        with blsshm.Comm.attach(a.name, 1, timeout=10) as b:
+            b.post(0, GOOD, [2, 2])
+            assert a.alltoallv(GOOD, [2, 2], timeout=10)[0].tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_completing_inside_an_open_complete_views_block_is_refused():
+    """The senders could overwrite what the block's views still show."""
+    with blsshm.Comm.create(2, 0, lag=1, timeout=10) as a, blsshm.Comm.attach(a.name, 1, timeout=10) as b:
+        for t in (0, 1):
+            for c in (a, b):
+                c.post(t, np.full(2, 10 * c.rank + t, np.float64), [1, 1])
+        with a.complete_views(0) as views:
+            for call in (lambda: a.complete(0), lambda: a.complete(0, out=np.empty(2)),
+                         lambda: a.complete_views(0).__enter__()):
+                with pytest.raises(BlsValueError, match=r"complete\(0\) inside an open complete_views\(0\)"):
+                    call()
+            assert [v.tolist() for v in views] == [[0.0], [10.0]]
+        assert a.next_complete == 1  # leaving the block completed it
+        assert a.complete(1)[0].tolist() == [1.0, 11.0]
+        for t in (0, 1):
+            assert b.complete(t)[0].tolist() == [t, 10.0 + t]
 
 
 @pytest.mark.parametrize("timeout, exc_type", [("soon", BlsTypeError), (float("nan"), BlsValueError),
