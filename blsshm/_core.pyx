@@ -2149,7 +2149,10 @@ cdef class Core:
         the block exits normally.  On an exception nothing is published and
         ``t`` may be posted again.  Waits like :meth:`post` on entry.  The
         views turn read-only on exit (numpy will not make them writable
-        again); do not keep writable slices of them past the block either.
+        again); do not keep writable slices of them past the block either,
+        nor tensors made of them (``torch.from_numpy`` does not see the flag
+        change: a write through one after the block changes what receivers
+        read).
         """
         cdef int64_t deadline_ns = NO_DEADLINE_YET
         self.busy += 1  # _make_ready runs Python code
