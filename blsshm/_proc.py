@@ -1,6 +1,7 @@
 """Small process helpers shared by the launcher, spawn, and the tools that start mpirun."""
 import ctypes
 import os
+import re
 import select
 import shutil
 import signal
@@ -180,6 +181,27 @@ def stop_process(proc, grace):
         except subprocess.TimeoutExpired:
             proc.kill()
     proc.wait()
+
+
+def open_mpi_options(mpirun):
+    """Open MPI's options for a job on this node, ``[]`` if ``mpirun`` is not Open MPI's (MPICH's takes none of them).
+
+    Shared memory between the ranks (its BTL is ``sm`` from Open MPI 5 on,
+    ``vader`` before, when ``sm`` names a removed component and the job
+    fails), ranks not bound to cores, more ranks than cores allowed, and
+    root allowed (these VMs run as root).
+    """
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    said = out.stdout + out.stderr
+    if "Open MPI" not in said and "OpenRTE" not in said:
+        return []
+    found = re.search(r"(?:Open MPI|OpenRTE)\)? (\d+)\.", said)
+    btl = "self,sm" if found is None or int(found.group(1)) >= 5 else "self,vader"
+    options = ["--mca", "btl", btl, "--bind-to", "none", "--oversubscribe"]
+    return options + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
 
 
 def find_mpirun():

@@ -17,7 +17,7 @@ import tempfile
 import time
 
 import blsshm
-from blsshm._proc import die_with_parent, find_mpirun, stop_process
+from blsshm._proc import die_with_parent, find_mpirun, open_mpi_options, stop_process
 from dlrm_bench import worker
 from dlrm_bench.sharding import make_plan
 
@@ -53,21 +53,10 @@ def run_gloo(cfg, label, bar):
 
 
 def mpirun_command(nprocs, job_path):
-    cmd = [find_mpirun(), "-n", str(nprocs), "--bind-to", "none"]
-    if _is_open_mpi():
-        cmd += ["--mca", "btl", "self,sm", "--oversubscribe"]
-        if os.geteuid() == 0:
-            cmd.append("--allow-run-as-root")
+    mpirun = find_mpirun()
+    cmd = [mpirun, "-n", str(nprocs)] + (open_mpi_options(mpirun) or ["-bind-to", "none"])  # or MPICH's
     # "-m mpi4py" aborts the whole job on an uncaught exception instead of hanging.
     return cmd + [sys.executable, "-m", "mpi4py", "-m", "dlrm_bench.mpi_rank", job_path]
-
-
-def _is_open_mpi():
-    try:
-        out = subprocess.run([find_mpirun(), "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout + out.stderr
 
 
 def run_mpi(cfg, label, bar):

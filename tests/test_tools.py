@@ -53,3 +53,21 @@ def test_the_tools_refuse_bad_arguments_before_running(tool, argv, message):
     res = subprocess.run([sys.executable, os.path.join(TOOLS, f"{tool}.py"), *argv],
                          capture_output=True, text=True, timeout=50)
     assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("says, btl", [("mpirun (Open MPI) 5.0.11", "self,sm"),
+                                       ("mpirun (Open MPI) 4.1.6", "self,vader"),
+                                       ("mpirun (Open MPI) 3.1.6", "self,vader"),
+                                       ("HYDRA build details:\n    Version: 4.2.0", None)])
+def test_mpirun_gets_the_options_of_its_own_mpi(tmp_path, says, btl):
+    """Open MPI below 5 calls its shared-memory transport vader ("sm" names a removed one);
+    MPICH takes none of Open MPI's options."""
+    from blsshm import _proc
+    mpirun = tmp_path / "mpirun"
+    mpirun.write_text(f"#!/bin/sh\necho '{says}'\n")
+    mpirun.chmod(0o755)
+    options = _proc.open_mpi_options(str(mpirun))
+    if btl is None:
+        assert options == []
+    else:
+        assert options[:3] == ["--mca", "btl", btl] and "--oversubscribe" in options

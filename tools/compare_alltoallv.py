@@ -606,11 +606,10 @@ def run_cross_memcpy(nprocs, plan, opts):
 
 
 def mpirun_command(mpirun, nprocs, plan_path, out_path, cores):
-    cmd = [mpirun, "-n", str(nprocs), "--mca", "btl", "self,sm", "--bind-to", "none"]
-    if os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
-    if nprocs > cores:
-        cmd.append("--oversubscribe")
+    options = _proc.open_mpi_options(mpirun) or ["-bind-to", "none"]  # or MPICH's
+    if nprocs <= cores:  # as measured so far: allowed only when needed
+        options = [o for o in options if o != "--oversubscribe"]
+    cmd = [mpirun, "-n", str(nprocs)] + options
     # "-m mpi4py" aborts the whole job on an uncaught exception instead of hanging.
     return cmd + [sys.executable, "-m", "mpi4py", os.path.abspath(__file__),
                   "--mpi-worker", plan_path, out_path]
