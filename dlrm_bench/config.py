@@ -300,6 +300,9 @@ def parse(argv=None):
         if value > most:
             raise UsageError(f"{flag} must be at most {most:g}, got {value:g}")
     # Options that would change nothing are refused rather than ignored.
+    if args.delay_ms / 1e3 >= args.timeout:
+        raise UsageError(f"--delay-ms {args.delay_ms:g} is not shorter than --timeout {args.timeout:g} s: "
+                         f"the peers of a rank delayed that long would time out waiting for it")
     if (args.delay_prob > 0) != (args.delay_ms > 0):
         raise UsageError("--delay-prob and --delay-ms go together: each iteration is delayed by "
                          "--delay-ms ms with probability --delay-prob (both > 0)")
@@ -366,13 +369,14 @@ def parse(argv=None):
         progress=sys.stderr.isatty() and not args.no_progress)
     if cfg.load_model is not None:
         _check_model_file(cfg)
-    _check_memory(cfg)
-    if args.backend == "bls" or args.compare:
+    bls = args.backend == "bls" or args.compare
+    _check_memory(cfg, bls)
+    if bls:
         _check_shm_room(cfg)
     return cfg, args
 
 
-def _memory_parts(cfg):
+def _memory_parts(cfg, bls):
     """``{what sizes it: bytes}`` of the largest arrays the ranks hold together, a lower bound."""
     P, B, D, T = cfg.nprocs, cfg.batch_size, cfg.sparse_size, len(cfg.table_rows)
     mlps = sum((a + 1) * b for mlp in (cfg.mlp_bot, cfg.mlp_top) for a, b in zip(mlp, mlp[1:]))
@@ -384,22 +388,25 @@ def _memory_parts(cfg):
         f"the predictions and timings of --num-batches {cfg.num_batches}": cfg.num_batches * (2 * B * 4 + P * 120),
         f"the predictions of --warmup-batches {cfg.warmup_batches}": cfg.warmup_batches * (B * 4 + P * 40),
     }
-    if cfg.data_generation == "dataset":  # every rank reads every sample: 13 floats, 26 int64
-        parts[f"the {cfg.data_batches * B} samples read from the data file by each of --nprocs {P}"] = (
-            P * cfg.data_batches * B * (13 * 4 + T * 8))
+    if cfg.data_generation == "dataset":  # each rank keeps its tables' columns and its rows' 13 floats
+        parts[f"the {cfg.data_batches * B} samples read from the data file"] = cfg.data_batches * B * (13 * 4 + T * 8)
     else:  # at least one row and its offset per bag, and the dense features
-        parts[f"the {cfg.data_batches} distinct batches (--data-size)"] = cfg.data_batches * B * (T * 16 + 13 * 4)
+        parts[f"the {cfg.data_batches} distinct batches (--data-size)"] = (
+            cfg.data_batches * B * (T * 16 + cfg.mlp_bot[0] * 4))
+    if bls:  # in /dev/shm, which is memory, reserved whole
+        from dlrm_bench.backends import arena_bytes
+        parts[f"the bls arenas of --lag {cfg.lag}, for each of --nprocs {P}"] = P * arena_bytes(cfg)
     return parts
 
 
-def _check_memory(cfg):
+def _check_memory(cfg, bls):
     """Refuse sizes past this machine's memory, naming the flags: else a rank dies
     of MemoryError or the OOM killer, far from them, after the others started."""
     try:
         have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):  # pragma: no cover - not Linux
         return
-    parts = _memory_parts(cfg)
+    parts = _memory_parts(cfg, bls)
     need = sum(parts.values())
     if need > have:
         what, most = max(parts.items(), key=lambda item: item[1])

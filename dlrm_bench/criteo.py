@@ -28,6 +28,7 @@ from dlrm_bench.data import Bags, RankData
 NUM_DENSE = 13
 NUM_SPARSE = 26
 NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
+BEAT_EVERY = 4096  # lines: how often read() calls its beat (see read)
 
 
 class CriteoFormatError(ValueError):
@@ -71,17 +72,24 @@ def _fields(line, max_ind_range, lineno):
         raise CriteoFormatError(f"line {lineno}: {len(fields)} tab-separated fields, expected {NUM_FIELDS}")
     try:
         label = int(fields[0]) if fields[0] else 0
-        ints = [int(x) if x else 0 for x in fields[1:1 + NUM_DENSE]]
         cats = [int(x, 16) % max_ind_range if x else 0 for x in fields[1 + NUM_DENSE:]]
     except ValueError as exc:
         raise CriteoFormatError(f"line {lineno}: {exc}") from None
+    return label, _ints(fields, lineno), np.array(cats, dtype=np.int64)
+
+
+def _ints(fields, lineno):
+    """The integer features of a line's ``fields``, as float32, not yet transformed."""
     try:
-        dense = np.array(ints, dtype=np.float32)
+        ints = [int(x) if x else 0 for x in fields[1:1 + NUM_DENSE]]
+    except ValueError as exc:
+        raise CriteoFormatError(f"line {lineno}: {exc}") from None
+    try:
+        return np.array(ints, dtype=np.float32)
     except OverflowError:  # past float32's range (3.4e38)
         big = next(x for x in fields[1:1 + NUM_DENSE] if x and abs(float(x)) > np.finfo(np.float32).max)
         raise CriteoFormatError(f"line {lineno}: integer feature {big[:20]}{'...' if len(big) > 20 else ''} "
                                 f"is too large for float32") from None
-    return label, dense, np.array(cats, dtype=np.int64)
 
 
 def parse_line(line, max_ind_range, lineno=0):
@@ -90,36 +98,62 @@ def parse_line(line, max_ind_range, lineno=0):
     return label, dense_features(ints), cats
 
 
-def read(path, num_samples, max_ind_range):
-    """Labels ``(n,)``, dense ``(n, 13)`` and categoricals ``(n, 26)`` of the first ``n`` lines."""
+def read(path, num_samples, max_ind_range, tables=range(NUM_SPARSE), rows=None, beat=None):
+    """Labels ``(n,)``, dense ``(n', 13)`` and categoricals ``(n, len(tables))`` of the first ``n`` lines.
+
+    Only what a rank needs is parsed: the categorical columns ``tables``
+    and, with ``rows = (B, lo, hi)``, the dense features of lines ``lo`` to
+    ``hi - 1`` of every ``B`` (``n'`` of them; all ``n`` without ``rows``).
+    Every line's field count and label are checked.  ``beat`` (if given) is
+    called every few thousand lines: a sign of progress to a watchdog.
+    """
+    tables = list(tables)
+    columns = [1 + NUM_DENSE + t for t in tables]
+    B, lo, hi = rows if rows is not None else (1, 0, 1)
     labels = np.zeros(num_samples, dtype=np.float32)
-    ints = np.zeros((num_samples, NUM_DENSE), dtype=np.float32)
-    sparse = np.zeros((num_samples, NUM_SPARSE), dtype=np.int64)
-    n = 0
+    ints = np.zeros((num_samples // B * (hi - lo), NUM_DENSE), dtype=np.float32)
+    sparse = np.zeros((num_samples, len(tables)), dtype=np.int64)
+    n = d = 0
     with open(path, encoding="ascii", errors="replace") as f:
         for line in f:
             if n >= num_samples:
                 break
-            labels[n], ints[n], sparse[n] = _fields(line, max_ind_range, n + 1)
+            fields = line.rstrip("\r\n").split("\t")
+            if len(fields) != NUM_FIELDS:
+                raise CriteoFormatError(f"line {n + 1}: {len(fields)} tab-separated fields, expected {NUM_FIELDS}")
+            try:
+                labels[n] = int(fields[0]) if fields[0] else 0
+                sparse[n] = [int(fields[c], 16) % max_ind_range if fields[c] else 0 for c in columns]
+            except ValueError as exc:
+                raise CriteoFormatError(f"line {n + 1}: {exc}") from None
+            if lo <= n % B < hi:
+                ints[d] = _ints(fields, n + 1)
+                d += 1
             n += 1
+            if beat is not None and n % BEAT_EVERY == 0:
+                beat()
     if n < num_samples:
         raise CriteoFormatError(f"{path} has {n} samples, {num_samples} needed")
     return labels, dense_features(ints), sparse
 
 
-def rank_data(cfg, tables, lo, hi, num_batches):
+def rank_data(cfg, tables, lo, hi, num_batches, beat=None):
     """The :class:`RankData` of one rank: bags of ``tables``, dense rows ``lo:hi`` of each batch.
 
-    Read from the reference's processed file when the run names one, else from the text.
+    Read from the reference's processed file when the run names one, else
+    from the text (parsing only this rank's columns and rows; ``beat``: see :func:`read`).
     """
     B = cfg.batch_size
+    tables = list(tables)
     if cfg.processed_data_file is not None:
         from dlrm_bench import processed
         _, dense, sparse = processed.read(cfg.processed_data_file, num_batches * B, cfg.max_ind_range)
+        sparse = sparse[:, tables]
+        dense = dense.reshape(num_batches, B, -1)[:, lo:hi].reshape(num_batches * (hi - lo), -1)
     else:
-        _, dense, sparse = read(cfg.raw_data_file, num_batches * B, cfg.max_ind_range)
+        _, dense, sparse = read(cfg.raw_data_file, num_batches * B, cfg.max_ind_range, tables, (B, lo, hi), beat)
     one_each = np.arange(B + 1, dtype=np.int64)  # every bag holds exactly one row
-    bags = [{t: Bags(np.ascontiguousarray(sparse[b * B:(b + 1) * B, t]), one_each) for t in tables}
+    bags = [{t: Bags(np.ascontiguousarray(sparse[b * B:(b + 1) * B, j]), one_each) for j, t in enumerate(tables)}
             for b in range(num_batches)]
-    dense_slices = [np.ascontiguousarray(dense[b * B + lo:b * B + hi]) for b in range(num_batches)]
+    dense_slices = [np.ascontiguousarray(dense[b * (hi - lo):(b + 1) * (hi - lo)]) for b in range(num_batches)]
     return RankData(bags, dense_slices, num_batches)

@@ -137,11 +137,14 @@ class RankData:
         self.num_batches = num_batches
 
 
-def load_rank_data(cfg, tables, lo, hi, num_batches):
-    """Bags of ``tables`` and dense rows ``lo:hi`` of every batch, generated or read."""
+def load_rank_data(cfg, tables, lo, hi, num_batches, beat=None):
+    """Bags of ``tables`` and dense rows ``lo:hi`` of every batch, generated or read.
+
+    ``beat`` (if given) is called now and then while a data file is read: a sign of progress.
+    """
     if cfg.data_generation == "dataset":
         from dlrm_bench import criteo
-        return criteo.rank_data(cfg, tables, lo, hi, num_batches)
+        return criteo.rank_data(cfg, tables, lo, hi, num_batches, beat)
     bags = [{t: make_bags(cfg, t, b) for t in tables} for b in range(num_batches)]
     dense = [np.ascontiguousarray(make_dense(cfg, b)[lo:hi]) for b in range(num_batches)]
     return RankData(bags, dense, num_batches)

@@ -48,11 +48,24 @@ def create_mlp(sizes, *, top, seed):
     return nn.Sequential(*layers)
 
 
-def init_table(rows, dim, table, seed):
-    """Table ``table``'s initial weights: uniform in +-sqrt(1 / rows), as the reference."""
+def init_table(rows, dim, table, seed, beat=None, chunk_values=1 << 22):
+    """Table ``table``'s initial weights: uniform in +-sqrt(1 / rows), as the reference.
+
+    Drawn in float64 a chunk of rows at a time (``chunk_values`` values,
+    32 MiB), so the table takes its own float32 size, not three times it;
+    the draws, and so the values, are those of one ``uniform`` call.
+    ``beat`` (if given) is called after every chunk: a sign of progress.
+    """
     rng = np.random.default_rng([seed, TABLE_STREAM, table])
     bound = np.sqrt(1.0 / rows)
-    return rng.uniform(-bound, bound, size=(rows, dim)).astype(np.float32)
+    out = np.empty((rows, dim), dtype=np.float32)
+    step = max(1, chunk_values // max(dim, 1))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        out[start:stop] = rng.uniform(-bound, bound, size=(stop - start, dim))
+        if beat is not None:
+            beat()
+    return out
 
 
 def interaction_pairs(num_features):
@@ -169,11 +182,14 @@ class Model:
         self.tables = tables  # global table index -> (rows, d) float32 array
 
     @classmethod
-    def build(cls, cfg, owned_tables):
-        """Initialise from the seed, or load ``cfg.load_model``; keep only ``owned_tables``."""
+    def build(cls, cfg, owned_tables, beat=None):
+        """Initialise from the seed, or load ``cfg.load_model``; keep only ``owned_tables``.
+
+        ``beat``: see :func:`init_table`.
+        """
         dense = DenseModel(cfg.mlp_bot, cfg.mlp_top, len(cfg.table_rows), cfg.seed)
         if cfg.load_model is None:
-            tables = {t: init_table(cfg.table_rows[t], cfg.sparse_size, t, cfg.seed) for t in owned_tables}
+            tables = {t: init_table(cfg.table_rows[t], cfg.sparse_size, t, cfg.seed, beat) for t in owned_tables}
         else:
             sd = read_checkpoint(cfg.load_model)
             dense.load_state_dict({k: v for k, v in sd.items() if k.startswith(("bot_l.", "top_l."))})

@@ -175,7 +175,8 @@ class RelayedProgress:
 class Rank:
     """A rank's share of model and data, and the steps of an iteration."""
 
-    def __init__(self, cfg, rank):
+    def __init__(self, cfg, rank, beat=None):
+        """``beat`` (if given) is called now and then while the model and data are made or read."""
         torch.set_num_threads(1)  # ranks share the cores; intra-op threads would oversubscribe
         self.cfg, self.rank = cfg, rank
         self.plan = plan = make_plan(cfg)
@@ -185,8 +186,8 @@ class Rank:
         self.b = self.hi - self.lo
         d, P = cfg.sparse_size, self.nprocs
         self.d = d
-        self.model = Model.build(cfg, self.own_tables)
-        self.data = load_rank_data(cfg, self.own_tables, self.lo, self.hi, cfg.data_batches)
+        self.model = Model.build(cfg, self.own_tables, beat)
+        self.data = load_rank_data(cfg, self.own_tables, self.lo, self.hi, cfg.data_batches, beat)
         width = len(self.own_tables) * d
         self.send_counts = np.array([plan.batch_size(q) * width for q in range(P)], dtype=np.int64)
         self.recv_counts = np.array([self.b * len(plan.tables[s]) * d for s in range(P)], dtype=np.int64)
@@ -438,14 +439,14 @@ def mpi_rank(cfg, label, progress_relay=None, heartbeat_path=None):
     """Entry of a rank of the MPI backend (mpi4py ``Alltoallv``), under mpirun.
 
     Rank 0 writes its progress to ``progress_relay`` (see :class:`Progress`)
-    and touches ``heartbeat_path`` as it starts, once set up and as batches
-    finish (see :class:`Heartbeat`).
+    and touches ``heartbeat_path`` as it starts, as it reads data, once set
+    up and as batches finish (see :class:`Heartbeat`).
     """
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     heartbeat = Heartbeat(heartbeat_path if comm.rank == 0 else None)
     heartbeat()
-    r = Rank(cfg, comm.rank)
+    r = Rank(cfg, comm.rank, heartbeat)  # reading a data file may take minutes
     heartbeat.last = -math.inf  # the end of setup is always told
     heartbeat()
     sdispls = np.concatenate([[0], np.cumsum(r.send_counts)[:-1]]).tolist()

@@ -23,7 +23,7 @@ BAD = [
     (["--slow-rank", "0", "--slow-factor", "1e300"], "--slow-factor must be at most 1e+06"),
     (["--slow-rank", "0"], "--slow-rank needs --slow-factor F > 1"),
     (["--arch-embedding-size", "1000-1000", "--mini-batch-size", "65536", "--lag", "65536"],
-     "--lag 65536: the bls arenas"),
+     "the bls arenas of --lag 65536, for each of --nprocs 2 take"),
     (["--backend", "nccl"], "unknown backend 'nccl'"),
     (["--nprocs", "9", "--mini-batch-size", "8"], "--nprocs 9 is more ranks than the 8 samples"),
     (["--data-generation", "dataset", "--raw-data-file", "/nonexistent/train.txt", "--max-ind-range", "10"],
@@ -51,6 +51,9 @@ BAD = [
     (["--arch-mlp-bot", "13-99999999999-64"], "the MLPs (--arch-mlp-bot, --arch-mlp-top), in every rank take"),
     # Accepted, then silently changed nothing.
     (["--delay-ms", "50"], "--delay-prob and --delay-ms go together"),
+    # Accepted, then bound to fail: the peers' waits time out.
+    (["--delay-prob", "0.5", "--delay-ms", "2500", "--timeout", "2.5"],
+     "--delay-ms 2500 is not shorter than --timeout 2.5 s"),
     (["--delay-prob", "0.5"], "--delay-prob and --delay-ms go together"),
     (["--slow-factor", "5"], "--slow-factor needs --slow-rank R"),
     (["--zipf-alpha", "3"], "--zipf-alpha needs --data-generation zipf"),
@@ -218,3 +221,14 @@ def test_an_interrupted_run_says_so_on_a_line_of_its_own(backend):
                                         signal_at_bar=signal.SIGTERM)
     assert code == -signal.SIGTERM, out + err
     assert " batches " in err and "\ndlrm_bench: interrupted by SIGTERM" in err.replace("\r\n", "\n"), err
+
+
+def test_a_lag_whose_arenas_dev_shm_cannot_hold_is_refused(monkeypatch, capsys):
+    """/dev/shm may hold less than the memory (a container's 64 MiB): its free room is checked too."""
+    import os
+    from collections import namedtuple
+    from dlrm_bench import config
+    small = namedtuple("statvfs", "f_bavail f_frsize")(16, 1 << 20)  # 16 MiB free
+    monkeypatch.setattr(config.os, "statvfs", lambda path: small if path == config.SHM_DIR else os.statvfs(path))
+    assert_rejected(capsys, ["--lag", "64", "--mini-batch-size", "1024"],
+                    "--lag 64: the bls arenas", "which has 16 MiB free")

@@ -193,6 +193,18 @@ def test_rank_data_is_the_rank_share_of_the_file(criteo_file):
             np.testing.assert_array_equal(got.bags[b][t].offsets, np.arange(B + 1))
 
 
+def test_a_rank_parses_only_its_columns_and_rows_and_beats_as_it_reads(criteo_file, monkeypatch):
+    path, lines = criteo_file
+    labels, dense, sparse = criteo.read(path, 10, M)
+    beats = []
+    monkeypatch.setattr(criteo, "BEAT_EVERY", 3)
+    part_labels, part_dense, part_sparse = criteo.read(path, 10, M, [25, 3], (5, 1, 4), lambda: beats.append(1))
+    np.testing.assert_array_equal(part_labels, labels)
+    np.testing.assert_array_equal(part_sparse, sparse[:, [25, 3]])
+    np.testing.assert_array_equal(part_dense, dense[[1, 2, 3, 6, 7, 8]])
+    assert len(beats) == 3  # after lines 3, 6 and 9 of the 10 read
+
+
 @pytest.mark.timeout(120)
 def test_distributed_run_on_the_file_matches_single_process_bit_for_bit(criteo_file):
     """Two ranks at lag 1 on the Criteo lines predict exactly what one process recomputes."""

@@ -306,3 +306,27 @@ def test_an_extreme_skew_or_drift_caps_bags_at_the_table_instead_of_overflowing(
         assert all(expected_pooling(cfg, t) <= 300 for t in range(4))
     assert max(s.max() for s in sizes) <= 300 and min(s.min() for s in sizes) >= 1
     assert any(s.max() > 150 for s in sizes) and any(s.max() == 1 for s in sizes)  # both tails reached
+
+
+def test_a_table_drawn_in_chunks_is_the_table_drawn_at_once():
+    """Chunks keep the peak at the table's float32 size; the values must not change."""
+    from dlrm_bench.model import TABLE_STREAM, init_table
+    rows, dim, seed = 37, 6, 11
+    rng = np.random.default_rng([seed, TABLE_STREAM, 2])
+    bound = np.sqrt(1.0 / rows)
+    at_once = rng.uniform(-bound, bound, size=(rows, dim)).astype(np.float32)
+    beats = []
+    for chunk_values in (1, 6, 25, 1 << 22):
+        chunked = init_table(rows, dim, 2, seed, beat=lambda: beats.append(1), chunk_values=chunk_values)
+        assert chunked.dtype == np.float32
+        np.testing.assert_array_equal(chunked, at_once)
+    assert len(beats) == 37 + 37 + 10 + 1  # a beat per chunk of rows
+
+
+def test_the_memory_check_counts_the_bls_arenas_of_bls_runs_only():
+    from dlrm_bench.backends import arena_bytes
+    from dlrm_bench.config import _memory_parts
+    cfg, _ = parse(["--lag", "64", "--nprocs", "2"])
+    arenas = {k: v for k, v in _memory_parts(cfg, bls=True).items() if "bls arenas" in k}
+    assert arenas == {"the bls arenas of --lag 64, for each of --nprocs 2": 2 * arena_bytes(cfg)}
+    assert not any("bls arenas" in k for k in _memory_parts(cfg, bls=False))
