@@ -111,7 +111,8 @@ def read(path, num_samples, max_ind_range, tables=range(NUM_SPARSE), rows=None, 
     columns = [1 + NUM_DENSE + t for t in tables]
     B, lo, hi = rows if rows is not None else (1, 0, 1)
     labels = np.zeros(num_samples, dtype=np.float32)
-    ints = np.zeros((num_samples // B * (hi - lo), NUM_DENSE), dtype=np.float32)
+    whole, rest = divmod(num_samples, B)
+    ints = np.zeros((whole * (hi - lo) + max(0, min(hi, rest) - lo), NUM_DENSE), dtype=np.float32)
     sparse = np.zeros((num_samples, len(tables)), dtype=np.int64)
     n = d = 0
     with open(path, encoding="ascii", errors="replace") as f:

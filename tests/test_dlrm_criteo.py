@@ -203,6 +203,8 @@ def test_a_rank_parses_only_its_columns_and_rows_and_beats_as_it_reads(criteo_fi
     np.testing.assert_array_equal(part_sparse, sparse[:, [25, 3]])
     np.testing.assert_array_equal(part_dense, dense[[1, 2, 3, 6, 7, 8]])
     assert len(beats) == 3  # after lines 3, 6 and 9 of the 10 read
+    _, part_dense, _ = criteo.read(path, 12, M, [1], (5, 1, 4))  # and a last partial batch's rows
+    np.testing.assert_array_equal(part_dense, criteo.read(path, 12, M)[1][[1, 2, 3, 6, 7, 8, 11]])
 
 
 @pytest.mark.timeout(120)
