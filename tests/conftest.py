@@ -40,9 +40,10 @@ def _held_by_others(names):
             with open(f"/proc/{pid}/stat") as f:
                 parent[pid] = int(f.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                held = {n for n in names if n.encode() in f.read()}
+                cmdline = f.read()
             with open(f"/proc/{pid}/maps") as f:
-                held |= {paths[p] for p in paths if p in f.read()}
+                maps = f.read()
+            held = {n for n in names if n.encode() in cmdline} | {paths[p] for p in paths if p in maps}
             fds = os.listdir(f"/proc/{pid}/fd")
         except (OSError, ValueError, IndexError):  # gone, or not ours to read
             continue
