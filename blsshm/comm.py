@@ -6,7 +6,6 @@ and attaching, the start-up barrier, zero-copy views, requests, statistics,
 and a lifetime that never leaves a segment or a waiting peer behind.
 """
 import os
-import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
@@ -26,26 +25,21 @@ if TYPE_CHECKING:
 # every call but close(): a post from the child would reach the peers as the
 # parent's data.  _fork_guard keeps a fork
 # out of the moments when a lock descriptor exists but is not registered
-# (opening) or is being closed; reentrant, as a collected Comm may close
-# inside a guarded section.
+# (opening) or is being closed (see segment.fork_guard).
 _open_comms: "weakref.WeakSet[Comm]" = weakref.WeakSet()
-_fork_guard = threading.RLock()
+_fork_guard = segment.fork_guard  # held across fork() by segment's fork handlers
 
 
 def _drop_inherited_locks():
-    try:
-        for comm in list(_open_comms):
-            comm._mark_forked()  # its calls would pass for the parent's: they now raise
-            try:
-                comm._drop_lock_fd()
-            except OSError:
-                pass
-    finally:
-        _fork_guard.release()
+    for comm in list(_open_comms):
+        comm._mark_forked()  # its calls would pass for the parent's: they now raise
+        try:
+            comm._drop_lock_fd()
+        except OSError:
+            pass
 
 
-os.register_at_fork(before=_fork_guard.acquire, after_in_parent=_fork_guard.release,
-                    after_in_child=_drop_inherited_locks)
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 #: Default arena per rank; it should hold (lag + 2) of its largest records.
 DEFAULT_ARENA_BYTES = 32 << 20
@@ -224,7 +218,8 @@ class Comm(_core.Core):
         blocks, each rounded up to 64 bytes).  ``timeout`` (seconds, ``None``
         blocks) is the default for every wait; ``attach_timeout`` bounds the
         wait, at the first collective call, for every rank to attach
-        (``None``: no bound), as that call's ``timeout`` does.
+        (``None``: no bound), as does a ``timeout`` given to that call (not
+        the default ``timeout``: peers may be slow to start).
         ``spin_us`` is how long a wait spins before it sleeps.
         """
         size = _check_int("size", size)
@@ -281,8 +276,9 @@ class Comm(_core.Core):
     def _make_ready(self, timeout=None):
         """Wait until every rank attached, unlink the name, watch the peers' processes.
 
-        ``timeout`` is that of the call that waits (seconds, checked), which
-        bounds it as well as ``attach_timeout``.
+        ``timeout`` is the ``timeout`` argument of the call that waits
+        (seconds, checked; None if it had none), which bounds it as well as
+        ``attach_timeout``.
         """
         self._check()
         now = time.monotonic()
@@ -290,7 +286,7 @@ class Comm(_core.Core):
                                                         (timeout, "the call's timeout"))
                   if seconds is not None and seconds < 1e9]  # beyond: for ever, not an OverflowError
         seconds, what = min(limits) if limits else (None, "")
-        deadline = None if seconds is None else now + seconds
+        deadline = None if seconds is None else now + float(seconds)
         delay = 1e-4
         while True:
             attached = self._attached_ranks()

@@ -48,26 +48,28 @@ if {UNLINKED!r} not in said:
 """
 
 _reapers: "dict[str, tuple[subprocess.Popen, int]]" = {}  # name -> (reaper process, our end of its pipe)
-# Held from making a reaper's pipe until its end is in _reapers, and across
-# fork(): a child forked by another thread in between would keep a copy of
-# the pipe that _forget_reapers does not know of, and the reaper would never
-# see its creator die.  (Popen's own fork runs no fork handlers.)
-_reapers_lock = threading.Lock()
+
+#: Held across fork(), and while a descriptor a child must not keep exists
+#: but is not yet registered where the child's fork handler finds it: a
+#: reaper's pipe here (the reaper would never see its creator die), a rank's
+#: liveness lock in comm.py.  One lock for both, so no two fork handlers take
+#: two locks in an order a guarded section could reverse; reentrant, as a
+#: collected Comm may close inside a guarded section.  (Popen's own fork runs
+#: no fork handlers, so Popen may run inside.)
+fork_guard = threading.RLock()
 
 
-def _forget_reapers():
-    """In a forked child: the reapers are the parent's, and our copies of
-    their pipes would keep them from seeing the parent die."""
-    global _reapers_lock
-    _reapers_lock = threading.Lock()  # the parent's thread held it across the fork
+def _after_fork_in_child():
+    """The reapers are the parent's, and our copies of their pipes would keep
+    them from seeing the parent die."""
     for _proc, write_end in _reapers.values():
         os.close(write_end)
     _reapers.clear()
+    fork_guard.release()  # taken by the thread that forked, which we are
 
 
-os.register_at_fork(before=lambda: _reapers_lock.acquire(),
-                    after_in_parent=lambda: _reapers_lock.release(),
-                    after_in_child=_forget_reapers)
+os.register_at_fork(before=fork_guard.acquire, after_in_parent=fork_guard.release,
+                    after_in_child=_after_fork_in_child)
 
 
 def create(size, lag, arena_bytes, reaped=False):
@@ -117,7 +119,7 @@ def _start_reaper(name):
     # Its own session: a terminal's Ctrl-C, which the creator handles, must
     # not end the reaper first.  Our end of the pipe is not inherited by
     # programs we start, and forked children close it: only our death does.
-    with _reapers_lock:
+    with fork_guard:
         read_end, write_end = os.pipe()
         proc = None
         try:
@@ -153,6 +155,8 @@ def _open(name):
         raise BlsError(
             f"segment {name} does not exist (already unlinked: every rank must attach "
             f"before any rank starts communicating)") from None
+    except (OSError, posix_ipc.Error) as exc:  # another user's (mode 0600), no descriptor left
+        raise BlsError(f"cannot open segment {name}: {exc}") from exc
 
 
 def _map(shm):
