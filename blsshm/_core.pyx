@@ -1692,7 +1692,8 @@ cdef class Core:
         _PyArray_SetBaseObject(view, base)
         return view
 
-    cdef list _zc_reserve(self, int64_t t, object send_counts, object dtype_arg, object timeout):
+    cdef list _zc_reserve(self, int64_t t, object send_counts, object dtype_arg, object timeout,
+                          int64_t* deadline_ns):
         """Zero-copy post, first half: wait, reserve the mailboxes or record of ``t``, return its views.
 
         ``views[q]`` is the writable block for rank ``q``.  ``_zc_commit(t)``
@@ -1704,8 +1705,7 @@ cdef class Core:
         cdef cnp.dtype dtype = self._resolve_dtype(dtype_arg)
         cdef uint64_t nbytes
         self._parse_counts(send_counts, dtype.itemsize, &nbytes)
-        cdef int64_t deadline_ns = NO_DEADLINE_YET
-        self._reserve_blocks(t, nbytes, dtype.itemsize, self._timeout_ns(timeout), &deadline_ns)
+        self._reserve_blocks(t, nbytes, dtype.itemsize, self._timeout_ns(timeout), deadline_ns)
         self.slot_dtype[self._slot(t)] = dtype
         try:
             base = self._views_base("post_views", t)
@@ -1907,14 +1907,13 @@ cdef class Core:
         self.last_recv_counts = counts
         return counts
 
-    cdef list _zc_acquire(self, int64_t t, object timeout):
+    cdef list _zc_acquire(self, int64_t t, object timeout, int64_t* deadline_ns):
         """Zero-copy complete, first half: wait for ``t``; read-only views of our blocks.
 
         ``views[s]`` is what rank ``s`` posted to this rank; ``_zc_release(t)``
         marks ``t`` completed (the senders may then overwrite the blocks).
         """
-        cdef int64_t deadline_ns = NO_DEADLINE_YET
-        self._await_posts(t, timeout, &deadline_ns)
+        self._await_posts(t, timeout, deadline_ns)
         base = self._views_base("complete_views", t)
         cdef uint64_t n
         cdef int s
@@ -2041,9 +2040,9 @@ cdef class Core:
         cdef int64_t deadline_ns = NO_DEADLINE_YET
         self.busy += 1
         try:
-            timeout = self._timeout_arg(timeout)
             if not self.ready:
                 self._ready_within(timeout, &deadline_ns)
+            timeout = self._timeout_arg(timeout)
             it = _iteration(t)
             if not cnp.PyArray_CheckExact(send):
                 send, was_torch = as_array(send, "send")
@@ -2071,9 +2070,9 @@ cdef class Core:
         cdef int64_t deadline_ns = NO_DEADLINE_YET
         self.busy += 1
         try:
-            timeout = self._timeout_arg(timeout)
             if not self.ready:
                 self._ready_within(timeout, &deadline_ns)
+            timeout = self._timeout_arg(timeout)
             it = _iteration(t)
             torch_recv = self.slot_torch[self._slot(it)]
             if out is not None:
@@ -2111,11 +2110,11 @@ cdef class Core:
             raise BlsValueError(
                 f"alltoallv() while iterations {self.next_complete}..{t - 1} are posted "
                 f"but not completed; complete them first")
-        timeout = self._timeout_arg(timeout)
         # One deadline for the whole call: the post's waits and the complete's.
         cdef int64_t deadline_ns = NO_DEADLINE_YET
         if not self.ready:
             self._ready_within(timeout, &deadline_ns)
+        timeout = self._timeout_arg(timeout)
         cdef bint was_torch = False
         if not cnp.PyArray_CheckExact(send):
             send, was_torch = as_array(send, "send")
@@ -2157,10 +2156,9 @@ cdef class Core:
         cdef int64_t deadline_ns = NO_DEADLINE_YET
         self.busy += 1  # _make_ready runs Python code
         try:
-            timeout = self._timeout_arg(timeout)
             if not self.ready:
                 self._ready_within(timeout, &deadline_ns)
-            return PostViews(self, _iteration(t), send_counts, dtype, timeout)
+            return PostViews(self, _iteration(t), send_counts, dtype, self._timeout_arg(timeout), deadline_ns)
         finally:
             self._leave()
 
@@ -2176,17 +2174,26 @@ cdef class Core:
         cdef int64_t deadline_ns = NO_DEADLINE_YET
         self.busy += 1  # _make_ready runs Python code
         try:
-            timeout = self._timeout_arg(timeout)
             if not self.ready:
                 self._ready_within(timeout, &deadline_ns)
-            return CompleteViews(self, _iteration(t), timeout)
+            return CompleteViews(self, _iteration(t), self._timeout_arg(timeout), deadline_ns)
         finally:
             self._leave()
 
     cdef int _ready_within(self, object timeout, int64_t* deadline_ns) except -1:
-        """The first collective call: wait for every rank to attach (``_make_ready``), within the
-        call's ``timeout`` as well as ``attach_timeout``; the call's deadline counts from here."""
-        cdef int64_t timeout_ns = self._timeout_ns(timeout)
+        """The first collective call: wait for every rank to attach (``_make_ready``).
+
+        Within ``attach_timeout``, and within the call's own ``timeout``
+        argument if it has one, whose deadline then counts from here.  Not
+        within the communicator's default timeout: a stall detector for
+        the iterations, which peers that start slowly (importing torch, say)
+        should not trip.
+        """
+        cdef int64_t timeout_ns
+        if timeout is DEFAULT_TIMEOUT:
+            self._make_ready(None)
+            return 0
+        timeout_ns = self._timeout_ns(timeout)
         if deadline_ns[0] == NO_DEADLINE_YET:
             deadline_ns[0] = -1 if timeout_ns < 0 else bls_now_ns() + timeout_ns
         self._make_ready(timeout)
@@ -2230,16 +2237,18 @@ cdef class PostViews:
     cdef Core comm
     cdef int64_t t
     cdef object counts, dtype, timeout
+    cdef int64_t deadline_ns  # of the post_views() call, which may have waited for ranks to attach
     cdef tuple views  # ours: the caller gets a list it may change freely
 
-    def __cinit__(self, Core comm, int64_t t, counts, dtype, timeout):
+    def __cinit__(self, Core comm, int64_t t, counts, dtype, timeout, int64_t deadline_ns):
         self.comm, self.t, self.counts, self.dtype, self.timeout = comm, t, counts, dtype, timeout
+        self.deadline_ns = deadline_ns
         self.views = ()
 
     def __enter__(self):
         self.comm.busy += 1
         try:
-            views = self.comm._zc_reserve(self.t, self.counts, self.dtype, self.timeout)
+            views = self.comm._zc_reserve(self.t, self.counts, self.dtype, self.timeout, &self.deadline_ns)
         finally:
             self.comm._leave()
         self.views = tuple(views)
@@ -2266,14 +2275,15 @@ cdef class CompleteViews:
     cdef Core comm
     cdef int64_t t
     cdef object timeout
+    cdef int64_t deadline_ns  # as PostViews's
 
-    def __cinit__(self, Core comm, int64_t t, timeout):
-        self.comm, self.t, self.timeout = comm, t, timeout
+    def __cinit__(self, Core comm, int64_t t, timeout, int64_t deadline_ns):
+        self.comm, self.t, self.timeout, self.deadline_ns = comm, t, timeout, deadline_ns
 
     def __enter__(self):
         self.comm.busy += 1
         try:
-            return self.comm._zc_acquire(self.t, self.timeout)
+            return self.comm._zc_acquire(self.t, self.timeout, &self.deadline_ns)
         finally:
             self.comm._leave()
 

@@ -247,6 +247,7 @@ def test_polling_arrived_before_its_own_post_is_not_a_lost_rank():
 
 
 def _times_out(comm):
+    comm.alltoallv(np.zeros(2), [1, 1])  # both attached: the timeouts below are the iterations'
     if comm.rank == 0:
         with pytest.raises(BlsTimeoutError) as info:
             comm.alltoallv(np.zeros(2), [1, 1], timeout=0.2)
@@ -254,9 +255,9 @@ def _times_out(comm):
         assert info.value.waiting_for == (1,)
         comm.timeout = 0.1  # the communicator default applies too
         with pytest.raises(BlsTimeoutError):
-            comm.complete(0)
+            comm.complete(1)
         comm.timeout = None
-        return comm.complete(0)[0].tolist()  # and the iteration still completes
+        return comm.complete(1)[0].tolist()  # and the iteration still completes
     time.sleep(3.0)  # far longer than the timeouts above, even on a loaded machine
     return comm.alltoallv(np.ones(2), [1, 1])[0].tolist()
 
