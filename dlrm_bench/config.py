@@ -300,7 +300,7 @@ def parse(argv=None):
         if value > most:
             raise UsageError(f"{flag} must be at most {most:g}, got {value:g}")
     # Options that would change nothing are refused rather than ignored.
-    if args.delay_ms / 1e3 >= args.timeout:
+    if args.delay_ms / 1e3 >= args.timeout and (args.backend != "mpi" or args.compare):  # MPI has none
         raise UsageError(f"--delay-ms {args.delay_ms:g} is not shorter than --timeout {args.timeout:g} s: "
                          f"the peers of a rank delayed that long would time out waiting for it")
     if (args.delay_prob > 0) != (args.delay_ms > 0):
@@ -388,7 +388,10 @@ def _memory_parts(cfg, bls):
         f"the predictions and timings of --num-batches {cfg.num_batches}": cfg.num_batches * (2 * B * 4 + P * 120),
         f"the predictions of --warmup-batches {cfg.warmup_batches}": cfg.warmup_batches * (B * 4 + P * 40),
     }
-    if cfg.data_generation == "dataset":  # each rank keeps its tables' columns and its rows' 13 floats
+    if cfg.processed_data_file is not None:  # every rank loads every sample, then keeps its part
+        parts[f"the {cfg.data_batches * B} samples read from the data file by each of --nprocs {P}"] = (
+            P * cfg.data_batches * B * (13 * 4 + T * 8))
+    elif cfg.data_generation == "dataset":  # each rank parses its tables' columns and its rows
         parts[f"the {cfg.data_batches * B} samples read from the data file"] = cfg.data_batches * B * (13 * 4 + T * 8)
     else:  # at least one row and its offset per bag, and the dense features
         parts[f"the {cfg.data_batches} distinct batches (--data-size)"] = (

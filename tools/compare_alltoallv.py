@@ -36,7 +36,7 @@ measures, one backend after another (never two at once):
                gloo over loopback (``file://`` rendezvous, GLOO_SOCKET_IFNAME=lo),
                ranks started with multiprocessing ("spawn");
 ``MPI``        mpi4py ``Alltoallv`` under ``mpirun --mca btl self,sm
-               --bind-to none`` in a subprocess (skipped, with a note, when
+               --bind-to none`` (``vader`` before Open MPI 5) in a subprocess (skipped, with a note, when
                mpirun or mpi4py is missing);
 ``memcpy``     the physical floor: each rank ``np.copyto`` of the P x size
                bytes it receives per iteration, P processes at once, started
