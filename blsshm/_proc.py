@@ -183,25 +183,25 @@ def stop_process(proc, grace):
     proc.wait()
 
 
-def open_mpi_options(mpirun):
-    """Open MPI's options for a job on this node, ``[]`` if ``mpirun`` is not Open MPI's (MPICH's takes none of them).
+def mpirun_options(mpirun, oversubscribe=True):
+    """``mpirun``'s options for a job on this node: ranks not bound to cores and, for Open MPI's,
+    shared memory between them, more ranks than cores allowed (``oversubscribe``), root allowed.
 
-    Shared memory between the ranks (its BTL is ``sm`` from Open MPI 5 on,
-    ``vader`` before, when ``sm`` names a removed component and the job
-    fails), ranks not bound to cores, more ranks than cores allowed, and
-    root allowed (these VMs run as root).
+    Open MPI's shared-memory BTL is ``sm`` from version 5 on and ``vader``
+    before, when ``sm`` names a removed component and the job fails.
+    MPICH's mpirun takes none of Open MPI's options.
     """
     try:
         out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
+        said = out.stdout + out.stderr
     except (OSError, subprocess.TimeoutExpired):
-        return []
-    said = out.stdout + out.stderr
+        said = ""
     if "Open MPI" not in said and "OpenRTE" not in said:
-        return []
+        return ["-bind-to", "none"]  # MPICH's (Hydra's) spelling
     found = re.search(r"(?:Open MPI|OpenRTE)\)? (\d+)\.", said)
     btl = "self,sm" if found is None or int(found.group(1)) >= 5 else "self,vader"
-    options = ["--mca", "btl", btl, "--bind-to", "none", "--oversubscribe"]
-    return options + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    return (["--mca", "btl", btl, "--bind-to", "none"] + (["--oversubscribe"] if oversubscribe else [])
+            + (["--allow-run-as-root"] if os.geteuid() == 0 else []))
 
 
 def find_mpirun():

@@ -29,6 +29,9 @@ PREFIX = "/blsshm-"
 NAME = re.compile(re.escape(PREFIX) + "[0-9a-f]{32}")  # what create() makes: checked before the kernel sees it
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory: name /x is file /dev/shm/x
 UNLINKED = b"unlinked"  # what the creator tells its reaper once the name is gone
+# What shm_open may raise besides a missing name: no inode or descriptor left,
+# EACCES (another user's segment is mode 0600: posix_ipc.PermissionsError), EROFS.
+_SHM_ERRORS = (OSError, posix_ipc.Error)
 
 # The reaper reads its pipe until the creator says UNLINKED (it removed the
 # name itself) or the pipe closes without it (the creator died: the name
@@ -89,7 +92,7 @@ def create(size, lag, arena_bytes, reaped=False):
         _create(name, size, lag, arena_bytes, nbytes)
     except BaseException as exc:
         unlink(name)  # stops the reaper
-        if isinstance(exc, (OSError, posix_ipc.Error)):  # no inode or fd left, EACCES, EROFS...
+        if isinstance(exc, _SHM_ERRORS):
             raise BlsError(f"cannot create a segment in {SHM_DIR} for {size} ranks: {exc}") from exc
         raise
     return name
@@ -155,7 +158,7 @@ def _open(name):
         raise BlsError(
             f"segment {name} does not exist (already unlinked: every rank must attach "
             f"before any rank starts communicating)") from None
-    except (OSError, posix_ipc.Error) as exc:  # another user's (mode 0600), no descriptor left
+    except _SHM_ERRORS as exc:
         raise BlsError(f"cannot open segment {name}: {exc}") from exc
 
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 
 import blsshm
-from blsshm._proc import die_with_parent, find_mpirun, open_mpi_options, stop_process
+from blsshm._proc import die_with_parent, find_mpirun, mpirun_options, stop_process
 from dlrm_bench import worker
 from dlrm_bench.sharding import make_plan
 
@@ -54,7 +54,7 @@ def run_gloo(cfg, label, bar):
 
 def mpirun_command(nprocs, job_path):
     mpirun = find_mpirun()
-    cmd = [mpirun, "-n", str(nprocs)] + (open_mpi_options(mpirun) or ["-bind-to", "none"])  # or MPICH's
+    cmd = [mpirun, "-n", str(nprocs)] + mpirun_options(mpirun)
     # "-m mpi4py" aborts the whole job on an uncaught exception instead of hanging.
     return cmd + [sys.executable, "-m", "mpi4py", "-m", "dlrm_bench.mpi_rank", job_path]
 

@@ -299,10 +299,11 @@ def parse(argv=None):
                               ("--slow-factor", args.slow_factor, MAX_SLOW_FACTOR)):
         if value > most:
             raise UsageError(f"{flag} must be at most {most:g}, got {value:g}")
-    # Options that would change nothing are refused rather than ignored.
-    if args.delay_ms / 1e3 >= args.timeout and (args.backend != "mpi" or args.compare):  # MPI has none
+    # A run bound to fail: the peers' waits time out (MPI's collectives have no timeout).
+    if args.delay_ms / 1e3 >= args.timeout and (args.backend != "mpi" or args.compare):
         raise UsageError(f"--delay-ms {args.delay_ms:g} is not shorter than --timeout {args.timeout:g} s: "
                          f"the peers of a rank delayed that long would time out waiting for it")
+    # Options that would change nothing are refused rather than ignored.
     if (args.delay_prob > 0) != (args.delay_ms > 0):
         raise UsageError("--delay-prob and --delay-ms go together: each iteration is delayed by "
                          "--delay-ms ms with probability --delay-prob (both > 0)")

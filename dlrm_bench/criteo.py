@@ -65,17 +65,31 @@ def dense_features(ints):
     return torch.log(torch.from_numpy(clamped) + 1).numpy()
 
 
+ALL_COLUMNS = range(1 + NUM_DENSE, NUM_FIELDS)  # the categorical fields
+
+
 def _fields(line, max_ind_range, lineno):
     """``(label, ints[13] float32, sparse[26] int64)`` of one line, the integers not yet transformed."""
+    fields = _split(line, lineno)
+    label, cats = _label_and_indices(fields, ALL_COLUMNS, max_ind_range, lineno)
+    return label, _ints(fields, lineno), np.array(cats, dtype=np.int64)
+
+
+def _split(line, lineno):
+    """A line's fields, checked to be as many as the format has."""
     fields = line.rstrip("\r\n").split("\t")
     if len(fields) != NUM_FIELDS:
         raise CriteoFormatError(f"line {lineno}: {len(fields)} tab-separated fields, expected {NUM_FIELDS}")
+    return fields
+
+
+def _label_and_indices(fields, columns, max_ind_range, lineno):
+    """The label and the hashed categoricals of fields ``columns`` (empty: 0)."""
     try:
         label = int(fields[0]) if fields[0] else 0
-        cats = [int(x, 16) % max_ind_range if x else 0 for x in fields[1 + NUM_DENSE:]]
+        return label, [int(fields[c], 16) % max_ind_range if fields[c] else 0 for c in columns]
     except ValueError as exc:
         raise CriteoFormatError(f"line {lineno}: {exc}") from None
-    return label, _ints(fields, lineno), np.array(cats, dtype=np.int64)
 
 
 def _ints(fields, lineno):
@@ -119,14 +133,8 @@ def read(path, num_samples, max_ind_range, tables=range(NUM_SPARSE), rows=None, 
         for line in f:
             if n >= num_samples:
                 break
-            fields = line.rstrip("\r\n").split("\t")
-            if len(fields) != NUM_FIELDS:
-                raise CriteoFormatError(f"line {n + 1}: {len(fields)} tab-separated fields, expected {NUM_FIELDS}")
-            try:
-                labels[n] = int(fields[0]) if fields[0] else 0
-                sparse[n] = [int(fields[c], 16) % max_ind_range if fields[c] else 0 for c in columns]
-            except ValueError as exc:
-                raise CriteoFormatError(f"line {n + 1}: {exc}") from None
+            fields = _split(line, n + 1)
+            labels[n], sparse[n] = _label_and_indices(fields, columns, max_ind_range, n + 1)
             if lo <= n % B < hi:
                 ints[d] = _ints(fields, n + 1)
                 d += 1

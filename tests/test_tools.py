@@ -66,8 +66,9 @@ def test_mpirun_gets_the_options_of_its_own_mpi(tmp_path, says, btl):
     mpirun = tmp_path / "mpirun"
     mpirun.write_text(f"#!/bin/sh\necho '{says}'\n")
     mpirun.chmod(0o755)
-    options = _proc.open_mpi_options(str(mpirun))
+    options = _proc.mpirun_options(str(mpirun))
     if btl is None:
-        assert options == []
+        assert options == ["-bind-to", "none"]
     else:
         assert options[:3] == ["--mca", "btl", btl] and "--oversubscribe" in options
+        assert "--oversubscribe" not in _proc.mpirun_options(str(mpirun), oversubscribe=False)

@@ -606,10 +606,7 @@ def run_cross_memcpy(nprocs, plan, opts):
 
 
 def mpirun_command(mpirun, nprocs, plan_path, out_path, cores):
-    options = _proc.open_mpi_options(mpirun) or ["-bind-to", "none"]  # or MPICH's
-    if nprocs <= cores:  # as measured so far: allowed only when needed
-        options = [o for o in options if o != "--oversubscribe"]
-    cmd = [mpirun, "-n", str(nprocs)] + options
+    cmd = [mpirun, "-n", str(nprocs)] + _proc.mpirun_options(mpirun, oversubscribe=nprocs > cores)
     # "-m mpi4py" aborts the whole job on an uncaught exception instead of hanging.
     return cmd + [sys.executable, "-m", "mpi4py", os.path.abspath(__file__),
                   "--mpi-worker", plan_path, out_path]
