@@ -39,6 +39,7 @@ def test_an_oversubscribed_memcpy_floor_is_the_copying_spread_over_the_cores():
 @pytest.mark.parametrize("tool, argv, message", [
     ("compare_alltoallv", ["--timeout", "0"], "--timeout must be a positive number of seconds"),
     ("compare_alltoallv", ["--timeout", "nan"], "--timeout must be a positive number of seconds"),
+    ("compare_alltoallv", ["--timeout", "inf"], "--timeout must be a positive number of seconds"),
     ("compare_alltoallv", ["--json", "/nonexistent-dir/x.json"], "cannot write in /nonexistent-dir"),
     ("switch_cost", ["--rounds", "0"], "--rounds must be at least 1"),
     ("spin_policy", ["--spins", "nan"], "--spins: spin_us must be a number of microseconds"),
@@ -53,6 +54,12 @@ def test_the_tools_refuse_bad_arguments_before_running(tool, argv, message):
     res = subprocess.run([sys.executable, os.path.join(TOOLS, f"{tool}.py"), *argv],
                          capture_output=True, text=True, timeout=50)
     assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_compare_runs_each_number_of_ranks_once():
+    # --nprocs 2 2 ran P = 2 twice, and the JSON (keyed by P) kept the second run only.
+    opts = _tool("compare_alltoallv").parse_args(["--nprocs", "4", "2", "2", "--sizes", "4K", "4096"])
+    assert opts.nprocs == [2, 4] and opts.sizes == [4096]
 
 
 @pytest.mark.parametrize("says, btl", [("mpirun (Open MPI) 5.0.11", "self,sm"),

@@ -152,6 +152,7 @@ BANDWIDTH_MIN = MIB          # print bandwidth for sizes from this up
 BARRIER_TIMEOUT_S = 60.0     # memcpy ranks: longest wait for the others
 RANK_WAIT_TIMEOUT_S = 60.0   # blsshm and gloo: longest wait inside a collective
 GRACE_S = 5.0                # between SIGTERM and SIGKILL
+MAX_TIMEOUT_S = 1e6          # --timeout: longer than any run, and within every timer's range
 
 BACKENDS = ("blsshm", "blsshm_cached", "blsshm_l1", "blsshm_zc", "gloo", "mpi", "memcpy", "memcpy_x")
 DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b != "blsshm_cached")  # that one is for A/B runs
@@ -953,12 +954,13 @@ def parse_args(argv):
     if (min(opts.nprocs) < 1 or opts.iters < 1 or opts.rounds < 1
             or (opts.warmup is not None and opts.warmup < 0)):
         p.error("--nprocs, --iters and --rounds must be positive, --warmup not negative")
-    if not opts.timeout > 0:
-        p.error(f"--timeout must be a positive number of seconds, got {opts.timeout}")
+    if not 0 < opts.timeout <= MAX_TIMEOUT_S:  # timers and waits take no infinity
+        p.error(f"--timeout must be a positive number of seconds up to {MAX_TIMEOUT_S:g}, got {opts.timeout}")
     if opts.json is not None:
         folder = os.path.dirname(os.path.abspath(opts.json))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             p.error(f"--json {opts.json}: cannot write in {folder}")
+    opts.nprocs = sorted(set(opts.nprocs))  # results are keyed by P: a repeat would overwrite
     opts.sizes = sorted(set(opts.sizes))
     opts.backends = [b for b in BACKENDS if b in opts.backends]
     return opts
