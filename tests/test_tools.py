@@ -26,12 +26,17 @@ def test_an_oversubscribed_memcpy_floor_is_the_copying_spread_over_the_cores():
     ns = np.array([[100, 100], [100, 400], [100, 100], [100, 100]])  # ns[rank, iteration]
     assert compare.floor_series(ns, 2).tolist() == [200.0, 400.0]  # sum / cores, at least the longest
     rank_opts = {"cores": 2}
-    rounds = [[{64: compare.floor_entry(ns[r], 4, rank_opts)} for r in range(4)] for _ in range(2)]
+    # The clock's own cost (CPU time is a system call) is not copying: summed
+    # over 4 ranks on 2 cores it would count twice per iteration.
+    ticks = iter(range(0, 1 << 40, 50))
+    clock = lambda: next(ticks)  # noqa: E731  (every read costs 50 ns)
+    timed = ns + 50
+    rounds = [[{64: compare.floor_entry(timed[r], 4, rank_opts, clock)} for r in range(4)] for _ in range(2)]
     fig = compare.summarize(compare.merge_rounds(rounds), 64)
     assert fig["floor_of_shared_cores"] == 2 and fig["iters"] == 4
     assert fig["median_us"] == pytest.approx(0.3) and fig["loop_us"] == pytest.approx(0.3)
     # Not oversubscribed: every rank copies at once, the slowest ends the iteration.
-    alone = [{64: compare.floor_entry(ns[r], 4, {"cores": 4})} for r in range(4)]
+    alone = [{64: compare.floor_entry(timed[r], 4, {"cores": 4}, clock)} for r in range(4)]
     assert "shared_cores" not in alone[0][64]
     assert compare.summarize(alone, 64)["max_us"] == pytest.approx(0.4)
 

@@ -15,6 +15,9 @@ side by side in one invocation:
               iterations, at lag 0 and 4: do spinning waiters starve a late
               rank that computes on their core?
 
+``oversub`` and ``compute`` time each rank's loop after a warm-up that
+ends with the ranks aligned, and print the slowest rank's time.
+
 Reproduce::
 
     python tools/spin_policy.py                 # all three, spins 2 and 1000 us
@@ -50,13 +53,29 @@ def wake_rank(comm, iters, spin_us):
     return lat
 
 
+def warm_up(comm, calls=50):
+    """A few alltoallv, the last aligning the ranks: the time that follows holds no start-up.
+
+    Without them a rank's time held waiting for the last rank to start and
+    attach, several ms, more than the spin budgets change.
+    """
+    send = np.zeros(comm.size, np.float32)
+    for _ in range(calls):
+        comm.alltoallv(send, [1] * comm.size)
+    comm.reset_stats()
+
+
 def oversub_rank(comm, iters, spin_us):
     comm.spin_ns = int(spin_us * 1000)
     send = np.zeros(comm.size * 16, np.float32)
+    warm_up(comm)
     t0 = time.perf_counter()
     for _ in range(iters):
         comm.alltoallv(send, [16] * comm.size)
     return time.perf_counter() - t0, comm.stats["futex_sleeps"]
+
+
+COMPUTE_S, COMPUTE_LATE_S, COMPUTE_LATE_SHARE = 0.0005, 0.002, 0.1  # compute: each iteration's work
 
 
 def compute_rank(comm, iters, spin_us):
@@ -65,13 +84,15 @@ def compute_rank(comm, iters, spin_us):
     send = np.zeros(comm.size * 256, np.float32)
     counts = [256] * comm.size
     L = comm.lag
+    warm_up(comm)
+    first = comm.next_post
     t0 = time.perf_counter()
-    for t in range(iters):
-        busy(0.0005 + (0.002 if rng.random() < 0.1 else 0.0))
+    for t in range(first, first + iters):
+        busy(COMPUTE_S + (COMPUTE_LATE_S if rng.random() < COMPUTE_LATE_SHARE else 0.0))
         comm.post(t, send, counts)
-        if t >= L:
+        if t - first >= L:
             comm.complete(t - L)
-    for t in range(max(0, iters - L), iters):
+    for t in range(max(first, first + iters - L), first + iters):
         comm.complete(t)
     return time.perf_counter() - t0, comm.stats["futex_sleeps"]
 
@@ -92,7 +113,8 @@ def main():
     if unknown:
         p.error(f"unknown experiment(s): {sorted(unknown)}")
     opts.experiments = opts.experiments or ["wake", "oversub", "compute"]
-    print(f"{len(os.sched_getaffinity(0))} cores")
+    cores = len(os.sched_getaffinity(0))
+    print(f"{cores} cores")
     for exp in opts.experiments:
         for spin in opts.spins:
             if exp == "wake":
@@ -104,10 +126,12 @@ def main():
                 print(f"oversub  spin {spin:6.0f} us: 8 ranks, 2000 alltoallv in "
                       f"{max(r[0] for r in res):.3f} s, futex sleeps {sum(r[1] for r in res)}")
             else:
+                ranks, iters = 4, 400
+                work = ranks * iters * (COMPUTE_S + COMPUTE_LATE_SHARE * COMPUTE_LATE_S) / min(ranks, cores)
                 for lag in (0, 4):
-                    res = blsshm.spawn(compute_rank, 4, lag=lag, args=(400, spin))
-                    print(f"compute  spin {spin:6.0f} us, lag {lag}: 4 ranks, 400 iterations in "
-                          f"{max(r[0] for r in res):.3f} s (CPU work per core 0.56 s), "
+                    res = blsshm.spawn(compute_rank, ranks, lag=lag, args=(iters, spin))
+                    print(f"compute  spin {spin:6.0f} us, lag {lag}: {ranks} ranks, {iters} iterations in "
+                          f"{max(r[0] for r in res):.3f} s (CPU work per core {work:.2f} s), "
                           f"futex sleeps {sum(r[1] for r in res)}")
 
 

@@ -9,7 +9,8 @@ moves a rank off such a crowded CPU (``_spread.h``, ``Core._spread_out``).
 Each run spawns ``--nprocs`` ranks that do ``--iters`` blocking alltoallv of
 ``--size`` bytes per pair at lag 0, timing every call and noting every 100
 calls the CPU each rank is on.  A run prints the median and mean over
-iterations of the slowest rank's time, the fraction of samples in which
+iterations of the slowest rank's time (but the first: without a warm-up,
+under ``--crowd``, it holds the ranks' start and attach), the fraction of samples in which
 the ranks were not spread evenly, and each rank's ``cpu_moves``.
 ``--crowd`` starts 3 ranks on the first allowed CPU and the rest on the
 second, as an unlucky start would; with ``--stay`` they are pinned there,
@@ -67,13 +68,15 @@ def main():
     parser.add_argument("--crowd", action="store_true", help="start 3 ranks on one CPU")
     parser.add_argument("--stay", action="store_true", help="with --crowd: pin them there")
     opts = parser.parse_args()
+    if min(opts.nprocs, opts.size, opts.runs) < 1 or opts.iters < 2:
+        parser.error("--nprocs, --size and --runs must be at least 1, --iters at least 2")
     allowed = sorted(os.sched_getaffinity(0))
     print(f"{opts.nprocs} ranks on {len(allowed)} CPUs, {opts.size} B per pair, lag 0, "
           f"{opts.iters} iterations per run{', crowded start' if opts.crowd else ''}"
           f"{', pinned' if opts.crowd and opts.stay else ''}")
     for _ in range(opts.runs):
         results = blsshm.spawn(rank_loop, opts.nprocs, args=(opts.size, opts.iters, opts.crowd, opts.stay))
-        slowest = np.max([r[0] for r in results], axis=0) / 1000
+        slowest = np.max([r[0] for r in results], axis=0)[1:] / 1000  # the first waited for the start
         samples = np.array([r[1] for r in results])  # ranks x samples
         per_cpu = np.stack([(samples == c).sum(axis=0) for c in allowed])  # CPUs x samples
         uneven = float(np.mean(per_cpu.max(axis=0) - per_cpu.min(axis=0) > 1))
