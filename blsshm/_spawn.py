@@ -1,5 +1,6 @@
 """``spawn``: run a function in ``nprocs`` processes sharing one communicator."""
 import contextlib
+import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
@@ -108,7 +109,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     failure the others get ``grace`` seconds to stop (they raise
     :class:`PeerLostError`, at once even if the failed rank never
     attached), then SIGTERM, and SIGKILL 2 s later, each with the processes
-    it started.  A Ctrl-C (which a terminal sends the ranks too) gives them
+    it started (``grace=math.inf`` lets them take as long as they need).
+    A Ctrl-C (which a terminal sends the ranks too) gives them
     ``grace`` seconds to act on it, then raises here; a second one kills
     them at once.  Processes are always reaped and the segment always
     removed, whatever happens.  A rank's stdout and stderr write whole lines
@@ -120,7 +122,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     if not callable(fn):
         raise BlsTypeError(f"fn must be callable, got {type(fn).__name__}")
     nprocs = _check_nprocs(nprocs)
-    _check_grace(grace)
+    grace = _check_grace(grace)
     args = _check_args(args)
     # The ranks check these again when they attach; here a bad one starts nobody.
     _check_seconds("timeout", timeout)
@@ -177,44 +179,60 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
     reported: Set[int] = set()  # ranks whose outcome arrived (filled by _collect)
     running = ctx.RawArray("b", nprocs)  # 1 once a rank runs ``target`` (Ctrl-C no longer shielded)
     interrupted = False
-    try:
-        with _shield_sigint(ctx) as sigint_handler:
-            for rank in range(nprocs):
-                parent_end, child_end = ctx.Pipe(duplex=False)
-                # Not a daemon, so a rank may start processes of its own (DataLoader
-                # workers); the finally below reaps every rank in any case.
-                proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}",
-                                   args=(target, rank, args, child_end, os.getpid(), sigint_handler, running))
-                proc.start()
-                # Now, while it cannot have been reaped: the next start() reaps
-                # the children that exited, and a pid then names nobody, or another.
-                pidfds.append(_pidfd(proc))
-                child_end.close()
-                procs.append(proc)
-                conns.append(parent_end)
+    with _reaping_our_children():  # the ranks' exit statuses are ours to collect
         try:
-            return _collect(procs, conns, pidfds, grace, reported, on_failure)
-        except KeyboardInterrupt:
-            # A terminal's Ctrl-C reached the ranks too (our process group):
-            # those running ``target`` get ``grace`` to act on it, as the
-            # launcher's get theirs.  One still starting ignored it: stopped now.
-            interrupted = True
-            raise
-    finally:
-        let_finish = reported | ({r for r in range(len(procs)) if running[r]} if interrupted else set())
-        try:
-            _stop_ranks(procs, let_finish, grace)
-        except BaseException:
-            # A second Ctrl-C while we waited for them means "now" (as in the
-            # launcher): no rank may outlive the call, the caller may live on.
-            _stop_ranks(procs, set(), 0.0, signal.SIGKILL)
-            raise
+            with _shield_sigint(ctx) as sigint_handler:
+                for rank in range(nprocs):
+                    parent_end, child_end = ctx.Pipe(duplex=False)
+                    # Not a daemon, so a rank may start processes of its own (DataLoader
+                    # workers); the finally below reaps every rank in any case.
+                    proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}",
+                                       args=(target, rank, args, child_end, os.getpid(), sigint_handler, running))
+                    proc.start()
+                    # Now, while it cannot have been reaped: the next start() reaps
+                    # the children that exited, and a pid then names nobody, or another.
+                    pidfds.append(_pidfd(proc))
+                    child_end.close()
+                    procs.append(proc)
+                    conns.append(parent_end)
+            try:
+                return _collect(procs, conns, pidfds, grace, reported, on_failure)
+            except KeyboardInterrupt:
+                # A terminal's Ctrl-C reached the ranks too (our process group):
+                # those running ``target`` get ``grace`` to act on it, as the
+                # launcher's get theirs.  One still starting ignored it: stopped now.
+                interrupted = True
+                raise
         finally:
-            for conn in conns:
-                conn.close()
-            for fd in pidfds:
-                if fd >= 0:
-                    os.close(fd)
+            let_finish = reported | ({r for r in range(len(procs)) if running[r]} if interrupted else set())
+            try:
+                _stop_ranks(procs, let_finish, grace)
+            except BaseException:
+                # A second Ctrl-C while we waited for them means "now" (as in the
+                # launcher): no rank may outlive the call, the caller may live on.
+                _stop_ranks(procs, set(), 0.0, signal.SIGKILL)
+                raise
+            finally:
+                for conn in conns:
+                    conn.close()
+                for fd in pidfds:
+                    if fd >= 0:
+                        os.close(fd)
+
+
+@contextlib.contextmanager
+def _reaping_our_children():
+    """SIGCHLD at its default while the ranks run: ignored, the kernel reaps them
+    behind our back, and a rank's exit status (its signal) is lost, its pid free for others."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGCHLD) != signal.SIG_IGN):
+        yield
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
 
 
 def _stop_ranks(procs, let_finish, grace, signum=signal.SIGTERM):
@@ -233,7 +251,7 @@ def _stop_ranks(procs, let_finish, grace, signum=signal.SIGTERM):
         deadline = time.monotonic() + grace
         for r, proc in enumerate(procs):
             if r in let_finish:
-                proc.join(max(0.0, deadline - time.monotonic()))
+                proc.join(_left(deadline))
         _signal_trees([p for r, p in enumerate(procs) if r in let_finish], signum, started)
         deadline = time.monotonic() + TERM_WAIT_S
         for proc in procs:
@@ -315,13 +333,27 @@ def _check_nprocs(nprocs):
     return int(nprocs)
 
 
+#: A grace period longer than this waits for ever (the waits' own limits are near 25 days).
+MAX_GRACE_S = 1e6
+
+
 def _check_grace(grace):
-    """``grace`` in seconds; checked before any process starts (a bad one skipped the clean-up)."""
+    """``grace`` in seconds, ``math.inf`` for no bound; checked before any process starts
+    (a bad one skipped the clean-up)."""
     if isinstance(grace, bool) or not isinstance(grace, numbers.Real):
         raise BlsTypeError(f"grace must be a number of seconds, got {grace!r}")
     if not grace >= 0:
         raise BlsValueError(f"grace must be >= 0, got {grace}")
-    return float(grace)
+    try:
+        seconds = float(grace)
+    except OverflowError:  # an int past any float
+        return math.inf
+    return math.inf if seconds > MAX_GRACE_S else seconds
+
+
+def _left(deadline):
+    """The timeout argument of a wait until ``deadline`` (monotonic): None when it is ``math.inf``."""
+    return None if deadline == math.inf else max(0.0, deadline - time.monotonic())
 
 
 def _collect(procs, conns, pidfds, grace, reported, on_failure):
@@ -341,7 +373,7 @@ def _collect(procs, conns, pidfds, grace, reported, on_failure):
     pending.update({exits[r]: r for r in range(n)})
     deadline = None
     while pending:
-        wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+        wait_s = None if deadline is None else _left(deadline)
         ready = multiprocessing.connection.wait(list(pending), timeout=wait_s)
         if not ready:
             break  # grace period over: the finally of spawn kills what is left

@@ -34,11 +34,15 @@ whole lines).  Time stopped by Ctrl-Z counts against no deadline.
 
 With ``--tag-output`` every line a rank writes starts with ``[rank N]`` (its
 stdout to the launcher's stdout, its stderr to its stderr, whole lines at a
-time), so the tracebacks of several ranks cannot interleave mid-line.
+time), so the tracebacks of several ranks cannot interleave mid-line.  A
+line over 1 MiB is passed on in pieces as it comes, prefixed once (another
+rank's line may then fall between them).  If the launcher's stdout cannot
+be written (a full disk), it says so, drops the rest, and exits with 120.
 """
 import argparse
 import fcntl
 import os
+import select
 import signal
 import struct
 import subprocess
@@ -61,7 +65,9 @@ TORCHRUN_RANK, TORCHRUN_SIZE = ("RANK", "LOCAL_RANK"), ("WORLD_SIZE", "LOCAL_WOR
 # would end the launcher before its clean-up, leaving the segment behind.
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 TERMINAL_STOPS = {signal.SIGTTIN: "read from", signal.SIGTTOU: "wrote to"}  # what stops a rank
-RELAY_CHUNK = 1 << 16     # bytes read at once; also the longest line held back for its newline
+RELAY_CHUNK = 1 << 16     # bytes read at once
+RELAY_LINE_MAX = 1 << 20  # the longest line held back for its newline (a longer one goes in pieces)
+OUTPUT_LOST_STATUS = 120  # the run's status when the ranks' output could not be written (as python's)
 RELAY_DRAIN_S = 2.0       # after the ranks' groups are killed, how long output may still arrive
 
 
@@ -132,7 +138,7 @@ def _launch(argv):
     cmd = [sys.executable] + (["-m"] if opts.module else []) + [opts.target] + opts.args
     procs = []
     relays = []
-    sinks = _Sink(sys.stdout), _Sink(sys.stderr)
+    sinks = _Sink(sys.stdout, "stdout"), _Sink(sys.stderr, "stderr")
     observer = None
     old = {}
     signals_seen = []
@@ -233,6 +239,8 @@ def _launch(argv):
         if code is None and signals_seen and not codes:  # stopped before any rank started
             code = -signals_seen[0]
         status = 0 if code is None else code if code > 0 else 128 - code
+        if status == 0 and any(sink.error for sink in sinks):
+            status = OUTPUT_LOST_STATUS
         interrupted = signals_seen and signals_seen[0] != signal.SIGQUIT  # no core dump of ours
         return status, signals_seen[0] if interrupted and code is not None and code < 0 else None
     finally:
@@ -422,30 +430,68 @@ def _report(codes, observer, failed_order, cut_short):
 
 
 class _Sink:
-    """One of the launcher's own streams, written whole lines at a time by several relays."""
+    """One of the launcher's own streams, written whole lines at a time by several relays.
 
-    def __init__(self, stream):
-        self.stream = stream
+    Once it cannot be written the relays go on draining the ranks' pipes (a
+    rank must never block on a full one) and drop what they read.  A closed
+    reader (``| head``) or a stream closed from the start does that quietly,
+    as a plain ``python`` would; any other error (a full disk) is said once,
+    and ``error`` makes the run's status :data:`OUTPUT_LOST_STATUS`.
+    """
+
+    def __init__(self, stream, name):
+        self.stream, self.name = stream, name
         self.lock = threading.Lock()
-        self.broken = False
+        self.broken = stream is None  # the launcher started with that descriptor closed
+        self.error = None
 
     def write(self, data):
         with self.lock:
             if self.broken:
                 return
             try:
-                self.stream.flush()  # what the launcher printed itself goes first
-                raw = getattr(self.stream, "buffer", None)
-                if raw is None:  # a text-only stream (main() called with sys.stdout replaced)
+                self._flush_own()  # what the launcher printed itself goes first
+                try:
+                    fd = self.stream.fileno()
+                except (OSError, ValueError):  # a text-only stream (main() called with sys.stdout replaced)
                     self.stream.write(data.decode(errors="replace"))
                     self.stream.flush()
                 else:
-                    raw.write(data)
-                    raw.flush()
-            except (OSError, ValueError):
-                # A closed reader (``| head``): keep draining the ranks' pipes
-                # so they never block on a full one, and drop what they write.
+                    _write_all(fd, data)
+            except (BrokenPipeError, ValueError):  # a reader gone, a stream closed: drop quietly
                 self.broken = True
+            except OSError as exc:
+                self.broken, self.error = True, exc
+                if self.name != "stderr" and sys.stderr is not None:
+                    try:
+                        print(f"python -m blsshm.run: cannot write the ranks' output to {self.name} ({exc}); "
+                              f"dropping the rest of it", file=sys.stderr, flush=True)
+                    except (OSError, ValueError):
+                        pass
+
+    def _flush_own(self):
+        while True:
+            try:
+                self.stream.flush()
+                return
+            except BlockingIOError:  # a non-blocking descriptor (left so by our parent): wait for room
+                _wait_writable(self.stream.fileno())
+
+
+def _write_all(fd, data):
+    """All of ``data`` to ``fd``, waiting for room if the descriptor is non-blocking."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            _wait_writable(fd)
+
+
+def _wait_writable(fd):
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    poller.poll()
 
 
 class _Relay(threading.Thread):
@@ -459,6 +505,7 @@ class _Relay(threading.Thread):
 
     def run(self):
         pending = b""
+        midline = False  # what was passed on last is the start of a line longer than RELAY_LINE_MAX
         fd = self.pipe.fileno()
         while True:
             chunk = os.read(fd, RELAY_CHUNK)
@@ -467,14 +514,18 @@ class _Relay(threading.Thread):
             self.read_bytes += len(chunk)
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()
-            if len(pending) >= RELAY_CHUNK:  # a line that long is passed on in pieces
-                lines.append(pending)
-                pending = b""
-            if lines:
-                self.sink.write(b"".join(self.prefix + line + b"\n" for line in lines))
+            out = []
+            for line in lines:
+                out.append((b"" if midline else self.prefix) + line + b"\n")
+                midline = False
+            if len(pending) >= RELAY_LINE_MAX:  # passed on in pieces, the bytes as written, prefixed once
+                out.append((b"" if midline else self.prefix) + pending)
+                pending, midline = b"", True
+            if out:
+                self.sink.write(b"".join(out))
             self.passed_bytes += len(chunk)
-        if pending:
-            self.sink.write(self.prefix + pending + b"\n")
+        if pending or midline:
+            self.sink.write((b"" if midline else self.prefix) + pending + b"\n")
         self.pipe.close()
 
     def unread_bytes(self):
@@ -517,8 +568,12 @@ def _drain(relays, sinks, signals_seen):
 
 def _die_of(signum):
     """End this process by ``signum``'s default action, as a shell expects of an interrupted program."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # None: started with that descriptor closed
+                stream.flush()
+        except (OSError, ValueError):
+            pass
     signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
     os.kill(os.getpid(), signum)

@@ -254,6 +254,33 @@ def test_run_ranks_runs_a_function_without_a_communicator():
         blsshm.run_ranks(_rank_squared, 0)
 
 
+def _kills_itself(rank):
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rank
+
+
+@pytest.mark.parametrize("grace", [float("inf"), 3e6, 10 ** 400], ids=["inf", "3e6", "10**400"])
+def test_a_grace_period_without_bound_waits_as_long_as_needed(grace):
+    # An OverflowError from the waits replaced the results, or the ranks' own error.
+    assert blsshm.run_ranks(_rank_squared, 3, args=(10,), grace=grace) == [10, 11, 14]
+    with pytest.raises(KeyError, match="rank 1 refuses"):
+        blsshm.run_ranks(_rank_squared, 2, args=(1,), grace=grace)
+    assert blsshm.spawn(_rank_and_args, 2, args=(0, 0), grace=grace) == [(0, 2, 0, 0), (1, 2, 0, 0)]
+
+
+def test_spawn_in_a_process_that_ignores_sigchld_still_names_the_signal_that_killed_a_rank():
+    # Ignored SIGCHLD let the kernel reap the ranks: "rank 1 ended without a
+    # result (no exit code)", and later signals went to a pid that was free.
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        with pytest.raises(blsshm.RankFailedError, match=r"rank 1 ended without a result \(signal SIGKILL\)"):
+            blsshm.run_ranks(_kills_itself, 2)
+        assert signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN  # as the caller had it
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
 class TwoArgumentError(Exception):
     """Pickles, but does not unpickle: its constructor wants more than its args."""
 
@@ -1104,6 +1131,70 @@ def test_tag_output_to_a_reader_that_stopped_reading(tmp_path):
     finally:
         launcher.kill()  # the ranks die with it
         launcher.wait()
+
+
+LONG_OUTPUT = r"""
+import sys
+import numpy as np
+import blsshm
+with blsshm.init() as comm:
+    comm.alltoallv(np.zeros(comm.size), [1] * comm.size)
+    for i in range(int(sys.argv[1])):
+        print(f"line {i} " + "x" * 100)
+    print("A" * int(sys.argv[2]))
+"""
+
+
+def test_tag_output_with_the_launchers_stdout_closed_drops_the_output(tmp_path):
+    # sys.stdout is None then: every relay died, and ranks that filled their pipe hung the run.
+    path = tmp_path / "prog.py"
+    path.write_text(LONG_OUTPUT)
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", "--tag-output", str(path), "3000", "10"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=40,
+                         preexec_fn=lambda: os.close(1))  # as `>&-`: the launcher starts without a stdout
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+
+
+def test_tag_output_that_cannot_be_written_is_said_and_fails_the_run(tmp_path):
+    # A full disk was taken for a reader gone: the output dropped, with status 0 and not a word.
+    path = tmp_path / "prog.py"
+    path.write_text(LONG_OUTPUT)
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", "--tag-output", str(path), "3000", "10"],
+                             stdout=full, stderr=subprocess.PIPE, text=True, timeout=40)
+    assert res.returncode == 120, res.stderr
+    assert "cannot write the ranks' output to stdout" in res.stderr and "No space left" in res.stderr
+
+
+def test_tag_output_waits_for_room_on_a_non_blocking_stdout(tmp_path):
+    # A parent (a CI runner, node) may hand over a non-blocking pipe: EAGAIN dropped the rest, status 0.
+    path = tmp_path / "prog.py"
+    path.write_text(LONG_OUTPUT)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    launcher = subprocess.Popen([sys.executable, "-m", "blsshm.run", "-n", "2", "--tag-output", str(path), "3000",
+                                 "10"], stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    try:
+        with open(read_end, "rb") as reader:
+            time.sleep(1)  # let the pipe fill
+            lines = reader.read().split(b"\n")
+        assert launcher.wait(timeout=40) == 0, launcher.stderr.read()
+        assert len(lines) == 2 * 3001 + 1
+    finally:
+        launcher.kill()
+        launcher.wait()
+        launcher.stderr.close()
+
+
+def test_tag_output_passes_a_long_line_whole(tmp_path):
+    # Lines over 64 KiB were cut, a newline and a prefix put in the middle (a long JSON line broken).
+    path = tmp_path / "prog.py"
+    path.write_text(LONG_OUTPUT)
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "1", "--tag-output", str(path), "0", "200000"],
+                         capture_output=True, text=True, timeout=40)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "[rank 0] " + "A" * 200000 + "\n"
 
 
 ESCAPES = r"""
