@@ -19,6 +19,7 @@ import time
 import blsshm
 from blsshm._proc import die_with_parent, find_mpirun, mpirun_options, stop_process
 from dlrm_bench import worker
+from dlrm_bench.config import MPI_STALL_SLACK_S
 from dlrm_bench.sharding import make_plan
 
 STOP_GRACE_S = 10.0
@@ -92,9 +93,6 @@ def run_mpi(cfg, label, bar):
             with open(path, "rb") as f:
                 results.append(pickle.load(f))
         return results
-
-
-MPI_STALL_SLACK_S = 60.0  # beyond --timeout: the work of one batch, or a step of setup
 
 
 def _wait_watching(proc, heartbeat, timeout_s, bar):

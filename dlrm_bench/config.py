@@ -21,6 +21,7 @@ DATA_GENERATIONS = ("random", "zipf", "dataset")
 MAX_TIMEOUT_S = 1e6      # 11.6 days: gloo's millisecond deadline still fits
 MAX_DELAY_MS = 3.6e6     # an hour per delay
 MAX_SLOW_FACTOR = 1e6
+MPI_STALL_SLACK_S = 60.0  # mpirun's watchdog: beyond --timeout, the work of one batch or a step of setup
 SHM_DIR = "/dev/shm"
 
 
@@ -97,10 +98,11 @@ def build_parser():
         prog="python -m dlrm_bench",
         description="Model-parallel DLRM inference across processes with a bounded-lag "
                     "alltoallv (blsshm), against torch.distributed gloo and MPI.",
-        epilog="Every run prints lower bounds on its wall time from the ranks' own measured "
+        epilog="Every run prints bounds on its wall time from the ranks' own measured "
                "compute and injected delays: synchronous (the same work with free communication "
-               "and a synchronous exchange), ideal bounded-lag (the largest per-rank sum), the "
-               "lag-L bound, and, when ranks share cores, the capacity bound.")
+               "and a synchronous exchange; a lower bound for synchronous runs, which lag L > 0 "
+               "may beat), ideal bounded-lag (the largest per-rank sum), the lag-L bound, and, "
+               "when ranks share cores, the capacity bound.")
     m = p.add_argument_group("model (reference DLRM flags)")
     m.add_argument("--arch-sparse-feature-size", type=int, default=d.sparse_size, metavar="D",
                    help="embedding width; must equal the bottom MLP's output (default %(default)s)")
@@ -152,8 +154,8 @@ def build_parser():
     r.add_argument("--nprocs", type=int, default=d.nprocs, metavar="P",
                    help="processes (default %(default)s); more than the cores oversubscribes")
     r.add_argument("--lag", type=int, default=d.lag, metavar="L",
-                   help="bounded lag of the bls backend: ranks run up to L iterations ahead "
-                        "of the slowest (default %(default)s; 0 is synchronous)")
+                   help="bounded lag of the bls backend: a rank may post iteration t once every "
+                        "rank has completed t - L - 1 (default %(default)s; 0 is synchronous)")
     r.add_argument("--bls-pipeline", default=d.bls_pipeline, choices=("eager", "fixed"),
                    help="eager (default): complete each iteration as soon as it has arrived, wait "
                         "only when L are outstanding, so ranks may drift L+1 iterations apart; "
@@ -169,7 +171,7 @@ def build_parser():
                         "independently per rank and iteration (default 0)")
     r.add_argument("--delay-ms", type=float, default=0.0, metavar="MS", help="length of one delay")
     r.add_argument("--slow-rank", type=int, default=-1, metavar="R",
-                   help="this rank takes --slow-factor times its compute time per iteration "
+                   help="this rank takes --slow-factor times its compute (CPU) time per iteration "
                         "(it sleeps the difference)")
     r.add_argument("--slow-factor", type=float, default=1.0, metavar="F", help="(default 1)")
     r.add_argument("--warmup-batches", type=int, default=d.warmup_batches, metavar="N",
@@ -299,10 +301,15 @@ def parse(argv=None):
                               ("--slow-factor", args.slow_factor, MAX_SLOW_FACTOR)):
         if value > most:
             raise UsageError(f"{flag} must be at most {most:g}, got {value:g}")
-    # A run bound to fail: the peers' waits time out (MPI's collectives have no timeout).
-    if args.delay_ms / 1e3 >= args.timeout and (args.backend != "mpi" or args.compare):
-        raise UsageError(f"--delay-ms {args.delay_ms:g} is not shorter than --timeout {args.timeout:g} s: "
-                         f"the peers of a rank delayed that long would time out waiting for it")
+    # A run bound to fail: the peers' waits time out.  MPI's collectives have
+    # none, but mpirun's watchdog stops a run that long without progress.
+    if args.backend != "mpi" or args.compare:
+        if args.delay_ms / 1e3 >= args.timeout:
+            raise UsageError(f"--delay-ms {args.delay_ms:g} is not shorter than --timeout {args.timeout:g} s: "
+                             f"the peers of a rank delayed that long would time out waiting for it")
+    elif args.delay_ms / 1e3 >= args.timeout + MPI_STALL_SLACK_S:
+        raise UsageError(f"--delay-ms {args.delay_ms:g} is not shorter than --timeout {args.timeout:g} s "
+                         f"+ {MPI_STALL_SLACK_S:g} s: mpirun would be stopped as stalled while a rank sleeps")
     # Options that would change nothing are refused rather than ignored.
     if (args.delay_prob > 0) != (args.delay_ms > 0):
         raise UsageError("--delay-prob and --delay-ms go together: each iteration is delayed by "

@@ -15,8 +15,10 @@
   receive ``t`` before every rank published it, what a synchronous
   collective cannot beat; and between them the lag-``L`` bound, where a
   rank may publish ``t`` once every rank published ``t - L - 1``: what lag
-  ``L`` itself permits.  Each is a lower bound on the wall time, never a
-  figure a run can beat.
+  ``L`` itself permits.  The ideal bounds every run; the lag-``L`` bound
+  every run at lag ``L`` or less, so the synchronous one (lag 0) bounds
+  synchronous runs, and a run at lag ``L > 0`` may beat it: that is the
+  point of the lag.
 - for bls runs, the replay (:mod:`dlrm_bench.replay`): the same loop from the
   same measured times with a free exchange.  Wall over replay is what the
   exchange cost; replay over ideal is what the lag rule left of the delays.

@@ -21,6 +21,7 @@ computed for it and slept in injected delays, and when its predictions
 were out.  Times are ``time.perf_counter()``, one clock for all the
 processes of the machine.
 """
+import contextlib
 import math
 import os
 import sys
@@ -197,6 +198,8 @@ class Rank:
         rng = np.random.default_rng([cfg.seed, DELAY_STREAM, rank])
         self.delayed = rng.random(cfg.num_batches) < cfg.delay_prob
         self.slow = rank == cfg.slow_rank and cfg.slow_factor > 1.0
+        self.sleep_owed = 0.0  # injected sleep asked for and not yet slept (< 0: overslept)
+        self.at = ("setup", 0, 0)  # where the loops are: (stage, batch index, batches), for errors
 
     # ------------------------------------------------------------- steps
 
@@ -230,9 +233,30 @@ class Rank:
         return [block.reshape(self.plan.batch_size(q), -1) for q, block in enumerate(flat_blocks)]
 
     def injected_delay(self, i):
-        if self.delayed[i]:
-            return _sleep(self.cfg.delay_ms / 1e3)
-        return 0.0
+        return self.inject(self.cfg.delay_ms / 1e3 if self.delayed[i] else 0.0)
+
+    def slow_sleep(self, step_cpu):
+        """A slow rank's extra time for a step of ``step_cpu`` CPU seconds.
+
+        CPU time, not wall time: on shared cores a step's wall time holds
+        its wait for a core, which differs from backend to backend, so the
+        same run would inject different delays into each.
+        """
+        return self.inject((self.cfg.slow_factor - 1.0) * step_cpu)
+
+    def inject(self, seconds):
+        """Sleep ``seconds`` of injected delay, less what earlier sleeps overslept; return the time slept.
+
+        A sleep on a busy machine wakes late (5 ms took 10.8 here), more
+        under one backend than another: paid back, every backend's run
+        sleeps what was asked in all, give or take one sleep's overshoot.
+        """
+        self.sleep_owed += seconds
+        if seconds <= 0 or self.sleep_owed <= 0:
+            return 0.0
+        slept = _sleep(self.sleep_owed)
+        self.sleep_owed -= slept
+        return slept
 
     # ------------------------------------------------------------ loops
 
@@ -254,20 +278,21 @@ class Rank:
         timed = rec is not None
         pending = {}  # iteration -> bottom output, until its blocks arrive
         preds = np.empty((len(batches), self.b), dtype=np.float32)
-        step_compute = 0.0
+        step_cpu = 0.0  # CPU seconds of the current step (timed runs only)
         done = 0  # iterations completed
 
         def finish(j):
-            nonlocal step_compute
+            nonlocal step_cpu
             with comm.complete_views(base + j) as views:
                 c0, p0 = now(), cpu_now() if timed else 0.0
                 self.gather(views)
                 c1 = now()
             preds[j] = self.top(pending.pop(j))
             c2 = now()
-            step_compute += c2 - c0
             if timed:
-                rec.cpu += cpu_now() - p0
+                cpu = cpu_now() - p0
+                rec.cpu += cpu
+                step_cpu += cpu
                 rec.compute[j] += c2 - c0
                 rec.after[j] += c2 - c0
                 rec.held[j] += c1 - c0
@@ -276,8 +301,10 @@ class Rank:
                 rec.phases["top"] += c2 - c1
             progress.update(j + 1)
 
+        stage = "timed" if timed else "warm-up"
         for i, batch in enumerate(batches):
-            step_compute = 0.0
+            self.at = (stage, i, len(batches))
+            step_cpu = 0.0
             if timed:
                 rec.start[i] = now()
                 injected = self.injected_delay(i)
@@ -289,9 +316,10 @@ class Rank:
                 c1 = now()
             pending[i] = self.bottom(batch)  # after publishing: peers need our blocks first
             c2 = now()
-            step_compute += c2 - c0
             if timed:
-                rec.cpu += cpu_now() - p0
+                cpu = cpu_now() - p0
+                rec.cpu += cpu
+                step_cpu += cpu
                 rec.compute[i] += c2 - c0
                 rec.before[i] += c1 - c0
                 rec.between[i] += c2 - c1
@@ -301,11 +329,16 @@ class Rank:
                 finish(done)
                 done += 1
             if timed and self.slow:
-                rec.slow[i] = _sleep((self.cfg.slow_factor - 1.0) * step_compute)
+                rec.slow[i] = self.slow_sleep(step_cpu)
                 rec.delay[i] += rec.slow[i]
+        step_cpu = 0.0
         while done < len(batches):
             finish(done)
             done += 1
+        if timed and self.slow and len(batches):  # the drain is work too, slowed as the steps were
+            slept = self.slow_sleep(step_cpu)
+            rec.slow[-1] += slept
+            rec.delay[-1] += slept
         return preds
 
     def run_sync(self, exchange, batches, rec, progress):
@@ -318,7 +351,9 @@ class Rank:
         preds = np.empty((len(batches), self.b), dtype=np.float32)
         timed = rec is not None
         waited = 0.0
+        stage = "timed" if timed else "warm-up"
         for i, batch in enumerate(batches):
+            self.at = (stage, i, len(batches))
             if timed:
                 rec.start[i] = now()
                 injected = self.injected_delay(i)
@@ -336,18 +371,18 @@ class Rank:
             preds[i] = self.top(x)
             c3, p3 = now(), cpu_now() if timed else 0.0
             waited += c2 - c1
-            step_compute = (c1 - c0) + (c3 - c2)
             if timed:
-                rec.compute[i] = step_compute
+                step_cpu = (p1 - p0) + (p3 - p2)
+                rec.compute[i] = (c1 - c0) + (c3 - c2)
                 rec.before[i] += c1 - c0
                 rec.after[i] = c3 - c2
                 rec.finish[i] = c3
-                rec.cpu += (p1 - p0) + (p3 - p2)
+                rec.cpu += step_cpu
                 for phase, seconds in (("lookup", cb - c0), ("bottom", c1 - cb), ("gather", cg - c2),
                                        ("top", c3 - cg)):
                     rec.phases[phase] += seconds
                 if self.slow:
-                    rec.slow[i] = _sleep((self.cfg.slow_factor - 1.0) * step_compute)
+                    rec.slow[i] = self.slow_sleep(step_cpu)
                     rec.delay[i] += rec.slow[i]
             progress.update(i + 1)
         return preds, waited
@@ -365,6 +400,24 @@ class Rank:
         return out
 
 
+@contextlib.contextmanager
+def _timeouts_name_the_batch(r):
+    """A collective that timed out says in which batch, and that ``--timeout`` set its limit.
+
+    Its own message counts blsshm's iterations (barriers and warm-up
+    included) or says nothing of the batch (gloo).
+    """
+    try:
+        yield
+    except Exception as exc:
+        # blsshm raises a TimeoutError; gloo a RuntimeError (DistBackendError) saying so.
+        if not (isinstance(exc, TimeoutError) or (isinstance(exc, RuntimeError) and "Timed out" in str(exc))):
+            raise
+        stage, i, n = r.at
+        raise TimeoutError(f"in {stage} batch {i + 1} of {n}, a wait took longer than --timeout "
+                           f"{r.cfg.timeout_s:g} s: {exc}") from exc
+
+
 def _barrier(comm, **timeout):
     """Every rank of ``comm`` got here: an alltoallv of nothing."""
     comm.alltoallv(np.empty(0, dtype=np.float32), [0] * comm.size, **timeout)
@@ -377,14 +430,16 @@ def bls_rank(comm, cfg, label, progress_relay=None):
     # large table can take longer.  A rank that dies meanwhile is still noticed.
     _barrier(comm, timeout=None)
     quiet = Progress(False, "", 1, 0)
-    r.run_bls(comm, r.warmup_batches(), None, quiet)
-    _barrier(comm)  # start together
+    with _timeouts_name_the_batch(r):
+        r.run_bls(comm, r.warmup_batches(), None, quiet)
+        _barrier(comm)  # start together
     comm.reset_stats()
     n = cfg.num_batches
     rec = Record(n)
     progress = Progress(cfg.progress and comm.rank == 0, label, n, cfg.batch_size, progress_relay)
     begin = now()
-    preds = r.run_bls(comm, list(range(n)), rec, progress)
+    with _timeouts_name_the_batch(r):
+        preds = r.run_bls(comm, list(range(n)), rec, progress)
     end = now()
     stats = comm.stats
     wait_s = stats["post_wait_s"] + stats["complete_wait_s"]
@@ -397,14 +452,16 @@ def sync_rank(r, exchange, barrier, label, progress_relay=None, draw=True, heart
     ``progress_relay``, ``draw`` and ``heartbeat`` are rank 0's, as for :class:`Progress`.
     """
     quiet = Progress(False, "", 1, 0, heartbeat=heartbeat)
-    r.run_sync(exchange, r.warmup_batches(), None, quiet)
-    barrier()
+    with _timeouts_name_the_batch(r):
+        r.run_sync(exchange, r.warmup_batches(), None, quiet)
+        barrier()
     n = r.cfg.num_batches
     rec = Record(n)
     progress = Progress(r.cfg.progress and r.rank == 0, label, n, r.cfg.batch_size, progress_relay, draw,
                         heartbeat)
     begin = now()
-    preds, waited = r.run_sync(exchange, list(range(n)), rec, progress)
+    with _timeouts_name_the_batch(r):
+        preds, waited = r.run_sync(exchange, list(range(n)), rec, progress)
     end = now()
     return r.result(preds, rec, begin, end, waited)
 

@@ -1,6 +1,7 @@
 """The command line: bad ones get one clear line and exit status 2, no process started; what a
 terminal shows (progress bars, failures on lines of their own)."""
 import os
+import re
 import select
 import signal
 import subprocess
@@ -54,6 +55,9 @@ BAD = [
     # Accepted, then bound to fail: the peers' waits time out.
     (["--delay-prob", "0.5", "--delay-ms", "2500", "--timeout", "2.5"],
      "--delay-ms 2500 is not shorter than --timeout 2.5 s"),
+    # MPI's collectives wait for ever, but the stall watchdog stopped the run after a minute.
+    (["--backend", "mpi", "--delay-prob", "1", "--delay-ms", "65000", "--timeout", "1"],
+     "--delay-ms 65000 is not shorter than --timeout 1 s + 60 s: mpirun would be stopped"),
     (["--delay-prob", "0.5"], "--delay-prob and --delay-ms go together"),
     (["--slow-factor", "5"], "--slow-factor needs --slow-rank R"),
     (["--zipf-alpha", "3"], "--zipf-alpha needs --data-generation zipf"),
@@ -149,6 +153,21 @@ def test_timeout_bounds_the_run_and_not_a_slow_rank_setup(backend):
                           capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert " samples/s in " in proc.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["bls", "gloo"])
+def test_a_timeout_names_the_batch_and_the_flag(backend):
+    # It said "complete(23) timed out ..." (blsshm's count: barriers and warm-up
+    # included) or gloo's "Timed out waiting 1000ms for send operation".
+    slow = ["--arch-embedding-size", "1000-1000", "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "13-4",
+            "--arch-mlp-top", "1", "--mini-batch-size", "8", "--num-batches", "20", "--warmup-batches", "2",
+            "--no-progress", "--timeout", "1", "--slow-rank", "1", "--slow-factor", "1e6"]
+    proc = subprocess.run([sys.executable, "-m", "dlrm_bench", *slow, "--backend", backend],
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert re.search(r"failed: TimeoutError: in timed batch \d+ of 20, a wait took longer than --timeout 1 s: ",
+                     proc.stderr), proc.stderr
 
 
 def _run_on_a_terminal(cmd, signal_at_bar=None):

@@ -330,3 +330,25 @@ def test_the_memory_check_counts_the_bls_arenas_of_bls_runs_only():
     arenas = {k: v for k, v in _memory_parts(cfg, bls=True).items() if "bls arenas" in k}
     assert arenas == {"the bls arenas of --lag 64, for each of --nprocs 2": 2 * arena_bytes(cfg)}
     assert not any("bls arenas" in k for k in _memory_parts(cfg, bls=False))
+
+
+def test_injected_sleeps_pay_back_what_they_overslept(monkeypatch):
+    # A sleep on a busy machine wakes late (5 ms took 10.8), more under one
+    # backend than another: --compare then injected different delays.
+    from types import SimpleNamespace
+
+    from dlrm_bench import worker
+    asked = []
+
+    def late_sleep(seconds):
+        asked.append(seconds)
+        return seconds * 2 if len(asked) == 1 else seconds  # the first wakes twice as late
+
+    monkeypatch.setattr(worker, "_sleep", late_sleep)
+    rank = SimpleNamespace(sleep_owed=0.0, cfg=SimpleNamespace(slow_factor=3.0))
+    slept = [worker.Rank.inject(rank, s) for s in (0.005, 0.003, 0.0, 0.005)]
+    assert slept == [0.010, 0.0, 0.0, pytest.approx(0.003)]  # 13 ms asked, 13 ms slept
+    assert asked == [0.005, pytest.approx(0.003)]  # no sleep while repaying, none for nothing
+    # A slow rank sleeps (F - 1) times the step's CPU time, which no backend's waits inflate.
+    rank.inject = lambda seconds: worker.Rank.inject(rank, seconds)
+    assert worker.Rank.slow_sleep(rank, 0.002) == pytest.approx(0.004)
