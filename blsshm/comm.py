@@ -50,16 +50,17 @@ DEFAULT_ARENA_BYTES = 32 << 20
 #: usually a cache line away) and calls sched_yield every 2 us; while one
 #: of them last waited on our CPU, as when ranks outnumber cores, it yields
 #: after every check, since that rank runs only if we give way.  A wait
-#: that outlasts the spin pays a wake-up: 17 us median (p90 35 us) here,
-#: 60-90 us in earlier runs on the same kind of VM, where a virtual CPU
-#: leaves its idle state.  A 1 ms spin keeps the moderate
-#: waits of imbalanced iterations free of it and costs at most a few
-#: percent when ranks share cores: 8 ranks on 2 cores ran 2000 alltoallv in
-#: 0.047 s with it (no sleeps) and 0.046 s sleeping after 2 us; 4 ranks on
-#: 2 cores, each busy 0.5 ms per iteration plus 2 ms in 10% of iterations,
-#: ran 400 iterations at lag 4 in 0.625 s with it and 0.629 s sleeping after
-#: 2 us (0.56 s of CPU work per core; at lag 0, 0.711 against 0.723 s).
-#: Reproduce with ``python tools/spin_policy.py``.
+#: that outlasts the spin pays a wake-up: 17 us median (p90 35 us) in one
+#: session, 95-130 us (p90 up to 1.6 ms) in another on the same kind of VM,
+#: where a virtual CPU leaves its idle state.  A 1 ms spin keeps the moderate
+#: waits of imbalanced iterations free of it and costs nothing measurable
+#: when ranks share cores.  In three runs of the tool side by side (after a
+#: warm-up, start-up not timed), 8 ranks on 2 cores ran 2000 alltoallv in
+#: 0.069-0.102 s with it (0-39 sleeps) against 0.073-0.176 s sleeping after
+#: 2 us; 4 ranks on 2 cores, each busy 0.5 ms per iteration plus 2 ms in 10%
+#: of iterations (0.56 s of CPU work per core), ran 400 iterations at lag 4
+#: in 0.628-0.712 s against 0.635-0.857 s, at lag 0 in 0.714-0.749 s against
+#: 0.738-0.820 s.  Reproduce with ``python tools/spin_policy.py``.
 SPIN_US = 1000.0
 
 
