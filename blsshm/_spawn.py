@@ -233,6 +233,11 @@ def _reaping_our_children():
         yield
     finally:
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        # The caller's other children that ended meanwhile are zombies, which
+        # restoring SIG_IGN does not reap: reap them, as it asked the kernel to.
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] != 0:
+                pass
 
 
 def _stop_ranks(procs, let_finish, grace, signum=signal.SIGTERM):

@@ -37,7 +37,8 @@ stdout to the launcher's stdout, its stderr to its stderr, whole lines at a
 time), so the tracebacks of several ranks cannot interleave mid-line.  A
 line over 1 MiB is passed on in pieces as it comes, prefixed once (another
 rank's line may then fall between them).  If the launcher's stdout cannot
-be written (a full disk), it says so, drops the rest, and exits with 120.
+be written (a full disk), it says so and drops the rest, and a run that
+would have exited with 0 exits with 120.
 """
 import argparse
 import fcntl
@@ -434,9 +435,9 @@ class _Sink:
 
     Once it cannot be written the relays go on draining the ranks' pipes (a
     rank must never block on a full one) and drop what they read.  A closed
-    reader (``| head``) or a stream closed from the start does that quietly,
-    as a plain ``python`` would; any other error (a full disk) is said once,
-    and ``error`` makes the run's status :data:`OUTPUT_LOST_STATUS`.
+    reader (``| head``) or a stream closed from the start does that quietly;
+    any other error (a full disk) is said once, and ``error`` makes the
+    run's status :data:`OUTPUT_LOST_STATUS` if it would be 0.
     """
 
     def __init__(self, stream, name):
@@ -451,13 +452,18 @@ class _Sink:
                 return
             try:
                 self._flush_own()  # what the launcher printed itself goes first
-                try:
-                    fd = self.stream.fileno()
-                except (OSError, ValueError):  # a text-only stream (main() called with sys.stdout replaced)
+                raw = getattr(self.stream, "buffer", None)
+                if raw is None:  # a text-only stream (main() called with sys.stdout replaced: a notebook)
                     self.stream.write(data.decode(errors="replace"))
                     self.stream.flush()
                 else:
-                    _write_all(fd, data)
+                    try:
+                        fd = raw.fileno()
+                    except (OSError, ValueError):  # a buffer in memory
+                        raw.write(data)
+                        raw.flush()
+                    else:
+                        _write_all(fd, data)
             except (BrokenPipeError, ValueError):  # a reader gone, a stream closed: drop quietly
                 self.broken = True
             except OSError as exc:
@@ -504,7 +510,8 @@ class _Relay(threading.Thread):
         self.passed_bytes = 0  # of those, passed on to the sink (a partial line counts once read)
 
     def run(self):
-        pending = b""
+        pending = []  # pieces of a line whose newline has not come yet
+        pending_bytes = 0
         midline = False  # what was passed on last is the start of a line longer than RELAY_LINE_MAX
         fd = self.pipe.fileno()
         while True:
@@ -512,20 +519,26 @@ class _Relay(threading.Thread):
             if not chunk:
                 break
             self.read_bytes += len(chunk)
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()
             out = []
-            for line in lines:
-                out.append((b"" if midline else self.prefix) + line + b"\n")
-                midline = False
-            if len(pending) >= RELAY_LINE_MAX:  # passed on in pieces, the bytes as written, prefixed once
-                out.append((b"" if midline else self.prefix) + pending)
-                pending, midline = b"", True
+            if b"\n" in chunk:  # only the new bytes are searched: a long line costs no more than its length
+                lines = chunk.split(b"\n")
+                lines[0] = b"".join(pending + [lines[0]])
+                pending = [lines.pop()]
+                pending_bytes = len(pending[0])
+                for line in lines:
+                    out.append((b"" if midline else self.prefix) + line + b"\n")
+                    midline = False
+            else:
+                pending.append(chunk)
+                pending_bytes += len(chunk)
+            if pending_bytes > RELAY_LINE_MAX:  # passed on in pieces, the bytes as written, prefixed once
+                out.append((b"" if midline else self.prefix) + b"".join(pending))
+                pending, pending_bytes, midline = [], 0, True
             if out:
                 self.sink.write(b"".join(out))
             self.passed_bytes += len(chunk)
-        if pending or midline:
-            self.sink.write((b"" if midline else self.prefix) + pending + b"\n")
+        if pending_bytes or midline:
+            self.sink.write((b"" if midline else self.prefix) + b"".join(pending) + b"\n")
         self.pipe.close()
 
     def unread_bytes(self):

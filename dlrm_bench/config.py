@@ -307,9 +307,10 @@ def parse(argv=None):
         if args.delay_ms / 1e3 >= args.timeout:
             raise UsageError(f"--delay-ms {args.delay_ms:g} is not shorter than --timeout {args.timeout:g} s: "
                              f"the peers of a rank delayed that long would time out waiting for it")
-    elif args.delay_ms / 1e3 >= args.timeout + MPI_STALL_SLACK_S:
+    elif args.delay_ms / 1e3 >= args.timeout + MPI_STALL_SLACK_S / 2:  # half the slack left for the batch
         raise UsageError(f"--delay-ms {args.delay_ms:g} is not shorter than --timeout {args.timeout:g} s "
-                         f"+ {MPI_STALL_SLACK_S:g} s: mpirun would be stopped as stalled while a rank sleeps")
+                         f"+ {MPI_STALL_SLACK_S / 2:g} s: mpirun's watchdog (--timeout + {MPI_STALL_SLACK_S:g} s "
+                         f"without progress, the batch's own work included) would stop it while a rank sleeps")
     # Options that would change nothing are refused rather than ignored.
     if (args.delay_prob > 0) != (args.delay_ms > 0):
         raise UsageError("--delay-prob and --delay-ms go together: each iteration is delayed by "

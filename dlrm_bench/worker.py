@@ -276,6 +276,7 @@ class Rank:
         L, base = comm.lag, comm.next_post
         eager = self.cfg.bls_pipeline == "eager"
         timed = rec is not None
+        stage = "timed" if timed else "warm-up"
         pending = {}  # iteration -> bottom output, until its blocks arrive
         preds = np.empty((len(batches), self.b), dtype=np.float32)
         step_cpu = 0.0  # CPU seconds of the current step (timed runs only)
@@ -283,6 +284,7 @@ class Rank:
 
         def finish(j):
             nonlocal step_cpu
+            self.at = (stage, j, len(batches))  # a wait here is for batch j's blocks
             with comm.complete_views(base + j) as views:
                 c0, p0 = now(), cpu_now() if timed else 0.0
                 self.gather(views)
@@ -301,7 +303,6 @@ class Rank:
                 rec.phases["top"] += c2 - c1
             progress.update(j + 1)
 
-        stage = "timed" if timed else "warm-up"
         for i, batch in enumerate(batches):
             self.at = (stage, i, len(batches))
             step_cpu = 0.0
@@ -414,8 +415,8 @@ def _timeouts_name_the_batch(r):
         if not (isinstance(exc, TimeoutError) or (isinstance(exc, RuntimeError) and "Timed out" in str(exc))):
             raise
         stage, i, n = r.at
-        raise TimeoutError(f"in {stage} batch {i + 1} of {n}, a wait took longer than --timeout "
-                           f"{r.cfg.timeout_s:g} s: {exc}") from exc
+        where = f"{stage} batch {i + 1} of {n}" if n else stage
+        raise TimeoutError(f"in {where}, a wait took longer than --timeout {r.cfg.timeout_s:g} s: {exc}") from exc
 
 
 def _barrier(comm, **timeout):
@@ -432,6 +433,7 @@ def bls_rank(comm, cfg, label, progress_relay=None):
     quiet = Progress(False, "", 1, 0)
     with _timeouts_name_the_batch(r):
         r.run_bls(comm, r.warmup_batches(), None, quiet)
+        r.at = ("the barrier before the timed batches", 0, 0)
         _barrier(comm)  # start together
     comm.reset_stats()
     n = cfg.num_batches
@@ -454,6 +456,7 @@ def sync_rank(r, exchange, barrier, label, progress_relay=None, draw=True, heart
     quiet = Progress(False, "", 1, 0, heartbeat=heartbeat)
     with _timeouts_name_the_batch(r):
         r.run_sync(exchange, r.warmup_batches(), None, quiet)
+        r.at = ("the barrier before the timed batches", 0, 0)
         barrier()
     n = r.cfg.num_batches
     rec = Record(n)

@@ -56,8 +56,8 @@ BAD = [
     (["--delay-prob", "0.5", "--delay-ms", "2500", "--timeout", "2.5"],
      "--delay-ms 2500 is not shorter than --timeout 2.5 s"),
     # MPI's collectives wait for ever, but the stall watchdog stopped the run after a minute.
-    (["--backend", "mpi", "--delay-prob", "1", "--delay-ms", "65000", "--timeout", "1"],
-     "--delay-ms 65000 is not shorter than --timeout 1 s + 60 s: mpirun would be stopped"),
+    (["--backend", "mpi", "--delay-prob", "1", "--delay-ms", "31000", "--timeout", "1"],
+     "--delay-ms 31000 is not shorter than --timeout 1 s + 30 s: mpirun's watchdog"),
     (["--delay-prob", "0.5"], "--delay-prob and --delay-ms go together"),
     (["--slow-factor", "5"], "--slow-factor needs --slow-rank R"),
     (["--zipf-alpha", "3"], "--zipf-alpha needs --data-generation zipf"),

@@ -254,6 +254,11 @@ def test_run_ranks_runs_a_function_without_a_communicator():
         blsshm.run_ranks(_rank_squared, 0)
 
 
+def _naps(rank, seconds):
+    time.sleep(seconds)
+    return rank
+
+
 def _kills_itself(rank):
     if rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -277,6 +282,10 @@ def test_spawn_in_a_process_that_ignores_sigchld_still_names_the_signal_that_kil
         with pytest.raises(blsshm.RankFailedError, match=r"rank 1 ended without a result \(signal SIGKILL\)"):
             blsshm.run_ranks(_kills_itself, 2)
         assert signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN  # as the caller had it
+        # A child of the caller's own that ends while the ranks run is reaped, as SIG_IGN asked: no zombie.
+        other = subprocess.Popen(["sleep", "0.2"])
+        assert blsshm.run_ranks(_naps, 2, args=(2.0,)) == [0, 1]
+        assert not os.path.exists(f"/proc/{other.pid}")
     finally:
         signal.signal(signal.SIGCHLD, previous)
 
@@ -1225,16 +1234,32 @@ def test_tag_output_does_not_wait_for_a_process_that_left_its_rank(tmp_path):
             _kill_all([int(pid_file.read_text())])
 
 
-def test_tag_output_into_a_text_only_stream(tmp_path, monkeypatch):
+class _NotebookStream(__import__("io").StringIO):
+    """Like ipykernel's OutStream: text only, yet fileno() names the kernel's own terminal."""
+
+    def __init__(self, terminal_fd):
+        super().__init__()
+        self.terminal_fd = terminal_fd
+
+    def fileno(self):
+        return self.terminal_fd  # what goes there never reaches the cell
+
+
+@pytest.mark.parametrize("stream", ["StringIO", "notebook"])
+def test_tag_output_into_a_text_only_stream(tmp_path, monkeypatch, stream):
     # main() called in a process whose sys.stdout has no binary buffer (a notebook, a test's capture).
     import io
     from blsshm import run
     path = tmp_path / "prog.py"
     path.write_text(SCRIPT)
-    out, err = io.StringIO(), io.StringIO()
+    terminal = os.open(os.devnull, os.O_WRONLY)
+    out, err = (io.StringIO() if stream == "StringIO" else _NotebookStream(terminal)), io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setattr(sys, "stderr", err)
-    assert run.main(["-n", "2", "--tag-output", str(path), "5"]) == 0, err.getvalue()
+    try:
+        assert run.main(["-n", "2", "--tag-output", str(path), "5"]) == 0, err.getvalue()
+    finally:
+        os.close(terminal)
     assert sorted(out.getvalue().split("\n")[:-1]) == [f"[rank {r}] rank {r} of 2 lag 0 done 5" for r in range(2)]
 
 

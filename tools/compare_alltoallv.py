@@ -149,6 +149,7 @@ DEFAULT_NPROCS = (2, 4)
 DEFAULT_ITERS = 5000
 BIG_SIZE = 64 * KIB          # above this, a quarter of the iterations
 BANDWIDTH_MIN = MIB          # print bandwidth for sizes from this up
+CALL_BOUND_SIZE = 4 * KIB    # up to this, a memcpy column is mostly the cost of the NumPy call
 BARRIER_TIMEOUT_S = 60.0     # memcpy ranks: longest wait for the others
 RANK_WAIT_TIMEOUT_S = 60.0   # blsshm and gloo: longest wait inside a collective
 GRACE_S = 5.0                # between SIGTERM and SIGKILL
@@ -883,8 +884,8 @@ def print_table(nprocs, plan, results, cores):
         if size >= BANDWIDTH_MIN:
             print_bandwidth(nprocs, size, bandwidth(results, nprocs, size))
     print_sleep_note(plan, results, oversubscribed=nprocs > cores)
-    if any(b in results for b in ("memcpy", "memcpy_x")) and any(size < BIG_SIZE for size, _, _ in plan):
-        print(f"  memcpy columns below {fmt_size(BIG_SIZE)} time a NumPy copy call, mostly the call itself: "
+    if any(b in results for b in ("memcpy", "memcpy_x")) and any(size <= CALL_BOUND_SIZE for size, _, _ in plan):
+        print(f"  memcpy columns up to {fmt_size(CALL_BOUND_SIZE)} time a NumPy copy call, mostly the call itself: "
               f"not a floor there; the latency floor is a cache line crossing cores (below)")
     probes = [f"{LABELS[b]} {'/'.join('-' if v is None else f'{v:.0f}' for v in results[b]['cache_line_ns'])}"
               for b in shown if "cache_line_ns" in results[b]]
