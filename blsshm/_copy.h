@@ -66,4 +66,46 @@ static inline void bls_stream_begin(void) {}
 static inline void bls_stream_end(void) {}
 #endif
 
+/* Ask for ownership of the lines of dst[0..n) ahead of a small cached copy.
+ *
+ * A record's lines were last read by a receiver on another core, so each
+ * ordinary store first needs a read-for-ownership across cores (about as
+ * long as a cache-line transfer).  memcpy's stores wait for those one after
+ * another as the store buffer fills; prefetchw requests all of them at once.
+ * At P = 2 (old and new code alternating), a 1 KiB-per-pair alltoallv took
+ * 10-15 % less and 4 KiB 3-8 % less; 64 KiB took 3 % more (the hardware
+ * prefetcher keeps up there), so Core uses it only below STREAM_MIN_BYTES.  prefetchw (PRFCHW) is in x86 CPUs
+ * since Broadwell and Zen; older ones take the read prefetch, which fetches
+ * the line without ownership (no worse than not asking).
+ */
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+
+static int bls_have_prfchw;  /* set once, by bls_copy_init at import */
+
+static inline void bls_copy_init(void) {
+    unsigned a, b, c, d;
+    bls_have_prfchw = __get_cpuid(0x80000001u, &a, &b, &c, &d) && ((c >> 8) & 1);  /* ECX.PRFCHW */
+}
+
+static inline void bls_prefetch_for_write(char *dst, size_t n) {
+    char *line = (char *)((uintptr_t)dst & ~(uintptr_t)63);
+    if (bls_have_prfchw) {
+        for (; line < dst + n; line += 64)
+            __asm__ volatile("prefetchw %0" : : "m"(*line));
+    } else {
+        for (; line < dst + n; line += 64)
+            __builtin_prefetch(line, 0, 3);
+    }
+}
+#else
+static inline void bls_copy_init(void) {}
+
+static inline void bls_prefetch_for_write(char *dst, size_t n) {
+    char *line = (char *)((uintptr_t)dst & ~(uintptr_t)63);
+    for (; line < dst + n; line += 64)
+        __builtin_prefetch(line, 1, 3);
+}
+#endif
+
 #endif /* BLSSHM_COPY_H */

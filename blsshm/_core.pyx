@@ -94,6 +94,8 @@ cdef extern from "_copy.h" nogil:
     void bls_stream_copy(char *dst, const char *src, size_t n)
     void bls_stream_begin()
     void bls_stream_end()
+    void bls_copy_init()
+    void bls_prefetch_for_write(char *dst, size_t n)
 
 cdef extern from "_spread.h" nogil:
     int bls_allowed_cpus(int *cpus, int max)
@@ -203,8 +205,10 @@ cdef enum:
     COPY_STREAM = 1
     COPY_AUTO = 2
 COPY_POLICIES = {"cached": COPY_CACHED, "stream": COPY_STREAM, "auto": COPY_AUTO}
-# Posts with fewer bytes for other ranks copy cached, untimed.
+# Posts with fewer bytes for other ranks copy cached, untimed, and ask for
+# their record's lines ahead of the copy (bls_prefetch_for_write in _copy.h).
 cdef uint64_t STREAM_MIN_BYTES = 16 * 1024
+bls_copy_init()
 # Of the posts that choose, one in this many tries the strategy not in use,
 # so a change of the host's placement is noticed within that many posts.
 cdef uint32_t COPY_EXPLORE_EVERY = 64
@@ -1505,6 +1509,10 @@ cdef class Core:
             elif peer_bytes >= STREAM_MIN_BYTES:
                 strategy, timed = self._copy_strategy(), True
         cdef int64_t start = bls_now_ns() if timed else 0
+        if not self.pending_inline and peer_bytes < STREAM_MIN_BYTES and strategy == COPY_CACHED:
+            for q in range(self.size):  # a mailbox line took no less with it
+                if q != self.rank:
+                    bls_prefetch_for_write(self._block_dst(q, t), <uint64_t>self.counts[q] * itemsize)
         if strategy == COPY_STREAM:
             bls_stream_begin()
         p = src
