@@ -18,7 +18,7 @@
 
 #define BLS_LINE 128
 #define BLS_MAGIC 0x314d485353534c42ULL /* "BLSSSHM1" */
-#define BLS_VERSION 5
+#define BLS_VERSION 6
 #define BLS_BLOCK_ALIGN 64              /* each per-destination block starts on a cache line */
 #define BLS_DTYPE_CHARS 20
 #define BLS_REASON_CHARS (BLS_LINE - 32) /* abort reason, NUL included */
@@ -57,7 +57,9 @@ typedef struct {
     /* line 0, written by its rank on every post */
     uint64_t published;            /* iterations posted so far; futex on its low half */
     uint32_t published_sleepers;   /* ranks asleep on it (they write it, slow path only) */
-    char _pad0[BLS_LINE - 12];
+    uint32_t fence_free;           /* 1: this rank announces with no fence; sleepers on its
+                                      counters run bls_membarrier_heavy (set before attaching) */
+    char _pad0[BLS_LINE - 16];
     /* line 1, written by its rank on every complete */
     uint64_t completed;            /* iterations completed so far; futex on its low half */
     uint32_t completed_sleepers;

@@ -7,9 +7,15 @@
  *   - a reader that has finished reading a sender's record says so with a
  *     store_release on its own `completed` counter, so its reads of the record
  *     happen before the sender, after load_acquire of that counter, reuses it;
- *   - sleeping uses a Dekker-style handshake (see bls_publish / _wait_sleep):
+ *   - sleeping uses a Dekker-style handshake (see Core._announce / _wait):
  *     acquire/release alone do not order a store before a later load, so the
- *     two sides each put a sequentially consistent fence between them.
+ *     two sides each put a full barrier between them.  A rank registered for
+ *     membarrier (bls_membarrier_register) puts only a compiler barrier on
+ *     its side, the writer's, which runs on every post and complete; a
+ *     sleeper then runs bls_membarrier_heavy, which acts as a full barrier
+ *     in every registered process at once (the asymmetric Dekker of liburcu
+ *     and folly): the fast path pays nothing and the sleep, which costs a
+ *     syscall anyway, pays one more.
  */
 #ifndef BLSSHM_SYNC_H
 #define BLSSHM_SYNC_H
@@ -68,6 +74,46 @@ static inline void bls_add32(volatile uint32_t *p, int32_t v) {
 }
 static inline void bls_fence(void) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+/* Keeps the compiler from moving memory accesses across it; the CPU may. */
+static inline void bls_compiler_barrier(void) {
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
+/* membarrier(2) commands (<linux/membarrier.h> may be missing or old). */
+#define BLS_MEMBARRIER_CMD_QUERY 0
+#define BLS_MEMBARRIER_CMD_GLOBAL_EXPEDITED (1 << 1)
+#define BLS_MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED (1 << 2)
+
+/* Register this process to take part in bls_membarrier_heavy (Linux 4.16+).
+ * Per process, kept until exec; a forked child registers on its own.  The
+ * first registration of a process with threads waits for an RCU grace
+ * period (about 5 ms here).  Returns 1 if registered, 0 if not (no such
+ * syscall, a seccomp filter, an older kernel): the caller then keeps its
+ * fences. */
+static inline int bls_membarrier_register(void) {
+#ifdef SYS_membarrier
+    long cmds = syscall(SYS_membarrier, BLS_MEMBARRIER_CMD_QUERY, 0);
+    int need = BLS_MEMBARRIER_CMD_GLOBAL_EXPEDITED | BLS_MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED;
+    if (cmds < 0 || (cmds & need) != need)
+        return 0;
+    return syscall(SYS_membarrier, BLS_MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, 0) == 0;
+#else
+    return 0;
+#endif
+}
+
+/* A full barrier in this thread and, in effect, in every running thread of
+ * every registered process, at some point of its program order during this
+ * call (an IPI; threads not running are between barriers anyway).  0 on
+ * success, -1 with errno otherwise. */
+static inline int bls_membarrier_heavy(void) {
+#ifdef SYS_membarrier
+    return (int)syscall(SYS_membarrier, BLS_MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0);
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
 }
 static inline uint32_t bls_load_relaxed32(const volatile uint32_t *p) {
     return __atomic_load_n(p, __ATOMIC_RELAXED);

@@ -46,8 +46,10 @@ def wait_until_a_rank_closed(comm):
         time.sleep(0.001)
 
 
-def _rank_main(target, name, rank, args, results, comm_kwargs):
+def _rank_main(target, name, rank, args, results, comm_kwargs, setup):
     try:
+        if setup is not None:
+            setup(rank)
         with Comm.attach(name, rank, **comm_kwargs) as comm:
             value = target(comm, *args)
         results.put((rank, "ok", value))
@@ -59,13 +61,14 @@ def _rank_main(target, name, rank, args, results, comm_kwargs):
 class Ranks:
     """Start ``size`` ranks running ``target(comm, *args)``; always reaps and unlinks."""
 
-    def __init__(self, target, size, *, lag=0, arena_bytes=1 << 20, args=(), **comm_kwargs):
+    def __init__(self, target, size, *, lag=0, arena_bytes=1 << 20, args=(), setup=None, **comm_kwargs):
+        """``setup(rank)``, if given, runs in each rank's process before it attaches."""
         self.ctx = multiprocessing.get_context("fork")
         self.name = segment.create(size, lag, arena_bytes)
         self.results = self.ctx.Queue()
         self.procs = [
             self.ctx.Process(target=_rank_main, daemon=True,
-                             args=(target, self.name, r, args, self.results, comm_kwargs))
+                             args=(target, self.name, r, args, self.results, comm_kwargs, setup))
             for r in range(size)
         ]
         for p in self.procs:

@@ -205,3 +205,49 @@ def test_a_spinning_wait_notices_a_peer_that_closes(when):
         out = ranks.collect(2, timeout=20)
     assert 0 in out, f"rank 0 still spins: it did not notice rank 1 close ({out})"
     assert out[0] == ("ok", (1, 0))  # lost rank 1, noticed without sleeping
+
+
+# Where rank r's fence_free flag lies: the offsets mirror blsshm/_layout.h
+# (header and abort lines, then 3 lines per rank; after published and its sleepers).
+def _fence_free_flags(comm):
+    return [int(np.frombuffer(comm._mapping, np.uint32, 1, 2 * LINE + 3 * LINE * r + 12)[0])
+            for r in range(comm.size)]
+
+
+def _allow_fence_free_in(ranks):
+    def setup(rank):
+        _core._allow_fence_free(rank in ranks)
+    return setup
+
+
+def _sleep_in_every_wait(comm, iterations):
+    """Every wait sleeps at once, and a missed wake would sleep for an hour."""
+    comm.spin_ns = 0
+    comm.slice_ns = 3600 * 10**9
+    size, rank = comm.size, comm.rank
+    for t in range(iterations):
+        counts = [(rank + q + t) % 3 for q in range(size)]
+        send = np.concatenate([np.full(c, rank * 1_000_000 + q * 1000 + t % 1000, np.int64)
+                               for q, c in enumerate(counts)])
+        recv, recv_counts = comm.alltoallv(send, counts)
+        expected = np.concatenate([np.full((s + rank + t) % 3, s * 1_000_000 + rank * 1000 + t % 1000, np.int64)
+                                   for s in range(size)])
+        assert recv_counts.tolist() == [(s + rank + t) % 3 for s in range(size)]
+        np.testing.assert_array_equal(recv, expected)
+    return _fence_free_flags(comm), comm.stats["futex_sleeps"]
+
+
+@pytest.mark.parametrize("fence_free", [(0, 1, 2), (1,), ()], ids=["all", "mixed", "none"])
+def test_sleeping_waits_are_woken_by_fenced_and_fence_free_ranks(fence_free):
+    """A rank registered for membarrier announces with no fence, and its sleepers
+    run the barrier for it; ranks that keep their fences mix with such ranks.
+    Every wait here sleeps: a wake lost to a missing barrier would hang the test."""
+    available = _core.membarrier_works()
+    with Ranks(_sleep_in_every_wait, 3, args=(2000,), setup=_allow_fence_free_in(fence_free),
+               timeout=None) as ranks:
+        results = ranks.collect(3, timeout=50)
+    assert sorted(results) == [0, 1, 2], results
+    assert all(status == "ok" for status, _ in results.values()), results
+    expected_flags = [int(available and r in fence_free) for r in range(3)]
+    assert all(value[0] == expected_flags for _, value in results.values()), results
+    assert sum(value[1] for _, value in results.values()) > 0  # the sleeping path ran
