@@ -568,6 +568,31 @@ cdef class Core:
         return (self.lock_fd >= 0 and self.ranks[r].holds_lock
                 and bls_lock_released(self.lock_fd, r) == 1)
 
+    def _lose_the_departed(self):
+        """Before every rank attached: abort, naming it, if a rank that attached has closed or exited.
+
+        The start-up barrier asks this between its looks (``Comm._make_ready``,
+        ``_poll_ready``), as a wait asks ``_check_alive``: such a rank never
+        takes part, and a creator that leaves takes the name with it, so the
+        ranks still missing may never come.  True if it aborted.
+        """
+        self._check_mapped()
+        cdef int r
+        cdef uint32_t state
+        for r in range(self.size):
+            if r == self.rank:
+                continue
+            # Acquire: its pid, lock and namespace, stored before, are read after.
+            state = bls_load_acquire32(&self.ranks[r].state)
+            if state == BLS_STATE_CLOSED or (state == BLS_STATE_ATTACHED and self._exited(r)):
+                self.lost_rank = r
+                self._abort_nogil(BLS_ABORT_PEER_LOST, r,
+                                  b"it closed the communicator before every rank attached"
+                                  if bls_load_acquire32(&self.ranks[r].state) == BLS_STATE_CLOSED
+                                  else b"its process exited before every rank attached")
+                return True
+        return False
+
     def _forget_lock_fd(self):
         """Stop using the lock descriptor (a forked child closes its copy)."""
         self.lock_fd = -1

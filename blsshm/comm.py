@@ -2,8 +2,7 @@
 
 The collectives (``post``, ``complete``, ``alltoallv``) are implemented in
 ``_core.pyx`` and inherited; this module adds what surrounds them: creating
-and attaching, the start-up barrier, zero-copy views, requests, statistics,
-and a lifetime that never leaves a segment or a waiting peer behind.
+and attaching, the start-up barrier, requests, statistics, and a lifetime that never leaves a segment or a waiting peer behind.
 """
 import os
 import time
@@ -67,12 +66,16 @@ SPIN_US = 1000.0
 def default_spin_us():
     """How long a wait spins before it sleeps (``BLSSHM_SPIN_US`` overrides)."""
     env = os.environ.get("BLSSHM_SPIN_US", "").strip()
-    if env:
-        try:
-            return float(env)
-        except ValueError:
-            raise BlsValueError(f"BLSSHM_SPIN_US must be a number of microseconds, got {env!r}") from None
-    return SPIN_US
+    if not env:
+        return SPIN_US
+    try:
+        us = float(env)
+    except ValueError:
+        us = float("nan")
+    if not 0 <= us <= MAX_SPIN_US:  # also refuses nan and inf
+        raise BlsValueError(f"BLSSHM_SPIN_US must be a number of microseconds in [0, {MAX_SPIN_US:.0f}], "
+                            f"got {env!r}")
+    return us
 
 
 #: How often a wait (sleeping, or spinning long) checks that the ranks it waits for are
@@ -99,10 +102,12 @@ MAX_SPIN_US = 3.6e9
 
 
 def _check_spin_us(spin_us):
+    if isinstance(spin_us, bool) or not isinstance(spin_us, (int, float, np.integer, np.floating)):
+        raise BlsTypeError(f"spin_us must be a number of microseconds, got {spin_us!r}")
     try:
         spin_us = float(spin_us)
-    except (TypeError, ValueError):
-        raise BlsTypeError(f"spin_us must be a number of microseconds, got {spin_us!r}") from None
+    except OverflowError:  # an int beyond any float
+        spin_us = float("inf")
     if not 0 <= spin_us <= MAX_SPIN_US:  # also refuses nan and inf
         raise BlsValueError(f"spin_us must be a number of microseconds in [0, {MAX_SPIN_US:.0f}], got {spin_us}")
     return spin_us
@@ -229,6 +234,11 @@ class Comm(_core.Core):
             raise BlsValueError(f"size must be at least 1, got {size}")
         if not 0 <= rank < size:
             raise BlsValueError(f"rank must be in [0, {size}), got {rank}")
+        # Before the segment and its reaper exist (attach checks them again, as the others).
+        _check_spin_us(default_spin_us() if spin_us is None else spin_us)
+        _check_seconds("attach_timeout", attach_timeout)
+        _check_seconds("timeout", timeout)
+        liveness_ms()
         name = segment.create(size, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes), reaped=True)
         return cls._open(name, rank, timeout=timeout, attach_timeout=attach_timeout,
                          spin_us=spin_us, owns_name=True)
@@ -265,6 +275,7 @@ class Comm(_core.Core):
         if len(attached) == self.size:
             self._make_ready()  # returns at once: everyone is here
             return True
+        self._lose_the_departed()
         self._check()
         if self._attach_timeout is not None:
             now = time.monotonic()
@@ -293,6 +304,7 @@ class Comm(_core.Core):
             attached = self._attached_ranks()
             if len(attached) == self.size:
                 break
+            self._lose_the_departed()  # a rank that attached and left: it never takes part
             self._check()  # raises if a rank gave up already
             if deadline is not None and time.monotonic() >= deadline:
                 self._raise_not_attached(attached, seconds, what)

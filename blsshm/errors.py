@@ -35,7 +35,8 @@ class BlsTimeoutError(BlsError, TimeoutError):
     names the one it waited for: a ``post(t)`` waits for ranks to complete
     an earlier one), ``waiting_for`` the ranks it waited for, ``operation``
     the phase that waited: ``"post"`` or ``"complete"`` (an ``alltoallv``
-    waits in both), or ``"attach"``.
+    waits in both), or ``"attach"`` (the start-up barrier of a first call,
+    which waits for ranks, not for an iteration: ``iteration`` is None).
     """
 
     def __init__(self, message, *, operation=None, iteration=None, waiting_for=()):

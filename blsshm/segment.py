@@ -23,7 +23,7 @@ import threading
 import posix_ipc
 
 from blsshm import _core
-from blsshm.errors import BlsError, BlsValueError
+from blsshm.errors import BlsError, BlsTypeError, BlsValueError
 
 PREFIX = "/blsshm-"
 NAME = re.compile(re.escape(PREFIX) + "[0-9a-f]{32}")  # what create() makes: checked before the kernel sees it
@@ -146,18 +146,23 @@ def _stop_reaper(name):
         pass
     finally:
         os.close(write_end)
-    proc.wait()  # it exits on reading that; a zombie would outlive us as a child
+    # It exits on reading that, once its interpreter has started (tens of ms
+    # after a fresh start): waited for by a thread, so the call that removed
+    # the name (the first collective, arrived() included) does not wait.
+    threading.Thread(target=proc.wait, name=f"blsshm reaper of {name}", daemon=True).start()
 
 
 def _open(name):
-    if not isinstance(name, str) or not NAME.fullmatch(name):
+    if not isinstance(name, str):
+        raise BlsTypeError(f"a segment name is a str, got {type(name).__name__}")
+    if not NAME.fullmatch(name):
         raise BlsValueError(f"not a blsshm segment name: {name!r} (they are {PREFIX} and 32 hex digits)")
     try:
         return posix_ipc.SharedMemory(name)
     except posix_ipc.ExistentialError:
         raise BlsError(
             f"segment {name} does not exist (already unlinked: every rank must attach "
-            f"before any rank starts communicating)") from None
+            f"before any rank starts communicating, and the creator must not have closed or died)") from None
     except _SHM_ERRORS as exc:
         raise BlsError(f"cannot open segment {name}: {exc}") from exc
 

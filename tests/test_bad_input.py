@@ -181,6 +181,24 @@ def test_full_dev_shm_is_a_clean_error():
         blsshm.Comm.create(2, arena_bytes=1 << 40)  # 2 TiB: more than /dev/shm holds
 
 
+@pytest.mark.parametrize("argument, error", [
+    ({"timeout": "x"}, BlsTypeError), ({"attach_timeout": -1}, BlsValueError),
+    ({"spin_us": "5"}, BlsTypeError), ({"spin_us": -1}, BlsValueError)])
+def test_create_checks_its_arguments_before_it_makes_a_segment(argument, error, monkeypatch):
+    """A 2 TiB arena cannot be reserved: the argument's error, not that one, says what is wrong."""
+    made = []
+    monkeypatch.setattr(blsshm.segment, "_create", lambda *args: made.append(args))
+    with pytest.raises(error, match=next(iter(argument))):
+        blsshm.Comm.create(2, arena_bytes=1 << 40, **argument)
+    assert made == []
+
+
+@pytest.mark.parametrize("name", [123, None, b"/blsshm-" + b"0" * 32])
+def test_a_name_that_is_not_a_string_is_a_type_error(name):
+    with pytest.raises(BlsTypeError, match="a segment name is a str"):
+        blsshm.Comm.attach(name, 0)
+
+
 def test_attach_to_a_missing_segment():
     with pytest.raises(BlsError, match="does not exist"):
         blsshm.Comm.attach("/blsshm-" + "0" * 32, 0)
@@ -433,12 +451,13 @@ def test_a_bad_spin_setting_is_refused_before_the_rank_is_claimed(spin, monkeypa
     """A retry must find the rank free: nothing of the segment is touched before the check."""
     with blsshm.Comm.create(2, 0) as creator:
         monkeypatch.setenv("BLSSHM_SPIN_US", spin)
-        with pytest.raises(BlsValueError, match="BLSSHM_SPIN_US|spin_us"):
+        with pytest.raises(BlsValueError, match="BLSSHM_SPIN_US"):  # the setting, not an argument
             blsshm.Comm.attach(creator.name, 1)
-        with pytest.raises(BlsTypeError, match="spin_us"):
-            blsshm.Comm.attach(creator.name, 1, spin_us="fast")
-        with pytest.raises(BlsValueError, match="BLSSHM_SPIN_US|spin_us"):
-            blsshm.Comm.create(2)  # and the segment it made is gone again (the fixture checks)
+        for wrong in ("fast", "5", b"7", True):
+            with pytest.raises(BlsTypeError, match="spin_us"):
+                blsshm.Comm.attach(creator.name, 1, spin_us=wrong)
+        with pytest.raises(BlsValueError, match="BLSSHM_SPIN_US"):
+            blsshm.Comm.create(2)
         monkeypatch.delenv("BLSSHM_SPIN_US")
         with blsshm.Comm.attach(creator.name, 1) as joined:
             assert joined.rank == 1

@@ -296,6 +296,52 @@ def test_a_rank_that_never_attaches_is_a_timeout_and_leaks_nothing():
         comm.close()  # the name goes with it: nothing may stay in /dev/shm
 
 
+@pytest.mark.parametrize("call", ["alltoallv", "arrived"])
+def test_a_creator_that_closes_before_everyone_attached_is_a_lost_peer(call):
+    """Its close takes the name with it, so rank 2 can never come: rank 1,
+    waiting at the start-up barrier without bound, must not wait for it."""
+    creator = blsshm.Comm.create(3)
+    waiter = blsshm.Comm.attach(creator.name, 1, attach_timeout=None)
+    try:
+        creator.close()
+        with pytest.raises(PeerLostError, match="rank 0 was lost: it closed the communicator before every rank attached") as exc:
+            if call == "arrived":
+                waiter.arrived(0)
+            else:
+                waiter.alltoallv(np.zeros(3), [1, 1, 1])
+        assert exc.value.lost_rank == 0
+    finally:
+        waiter.close()
+        creator.close()
+
+
+def _create_and_wait(size, names):
+    comm = blsshm.Comm.create(size)
+    names.put(comm.name)
+    time.sleep(60)
+
+
+def test_a_creator_killed_before_everyone_attached_is_a_lost_peer():
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    names = ctx.Queue()
+    creator = ctx.Process(target=_create_and_wait, args=(3, names), daemon=True)
+    creator.start()
+    try:
+        waiter = blsshm.Comm.attach(names.get(timeout=30), 1, attach_timeout=None)
+        try:
+            os.kill(creator.pid, signal.SIGKILL)
+            with pytest.raises(PeerLostError, match="rank 0 was lost: its process exited before every rank attached"):
+                waiter.alltoallv(np.zeros(3), [1, 1, 1])
+        finally:
+            waiter.close()
+    finally:
+        creator.kill()
+        creator.join()
+        names.close()
+        names.join_thread()
+
+
 def _sleeps_forever(comm):
     time.sleep(60)
 
