@@ -117,8 +117,8 @@ def build_parser():
     m.add_argument("--load-model", default=None, metavar="PATH",
                    help="checkpoint of the reference DLRM code: torch.save({'state_dict': ...})")
     m.add_argument("--max-ind-range", type=int, default=d.max_ind_range, metavar="N",
-                   help="cap every table at N rows; categoricals of --data-generation dataset "
-                        "are hashed modulo N (default: no cap)")
+                   help="with --data-generation dataset: categoricals are hashed modulo N and "
+                        "every table capped at N rows, as in the reference (default: no cap)")
     b = p.add_argument_group("data")
     b.add_argument("--mini-batch-size", type=int, default=d.batch_size, metavar="B",
                    help="global batch, split across ranks (default %(default)s)")
@@ -234,10 +234,13 @@ def parse(argv=None):
                            ("--processed-data-file", args.processed_data_file)):
             if path is not None:
                 raise UsageError(f"{flag} needs --data-generation dataset")
-        text = args.arch_embedding_size or "-".join(map(str, Config.table_rows))
-        table_rows = _dashed(text, "--arch-embedding-size")
         if args.max_ind_range > 0:
-            table_rows = tuple(min(r, args.max_ind_range) for r in table_rows)
+            # The reference caps tables only in dataset mode; random data
+            # would silently build other tables than its flags give.
+            raise UsageError("--max-ind-range needs --data-generation dataset (the reference "
+                             "ignores it with random data; give smaller --arch-embedding-size)")
+        text = "-".join(map(str, Config.table_rows)) if args.arch_embedding_size is None else args.arch_embedding_size
+        table_rows = _dashed(text, "--arch-embedding-size")
 
     sparse_size = args.arch_sparse_feature_size
     if sparse_size <= 0:

@@ -93,17 +93,26 @@ def _label_and_indices(fields, columns, max_ind_range, lineno):
 
 
 def _ints(fields, lineno):
-    """The integer features of a line's ``fields``, as float32, not yet transformed."""
+    """The integer features of a line's ``fields``, as float32, negatives as 0, not yet transformed.
+
+    Negatives become 0 here, as the transform makes them (``log(max(x, 0) + 1)``),
+    so that only a positive value past float32's range (3.4e38) is refused.
+    """
     try:
-        ints = [int(x) if x else 0 for x in fields[1:1 + NUM_DENSE]]
+        ints = [max(int(x), 0) if x else 0 for x in fields[1:1 + NUM_DENSE]]
     except ValueError as exc:
         raise CriteoFormatError(f"line {lineno}: {exc}") from None
     try:
-        return np.array(ints, dtype=np.float32)
-    except OverflowError:  # past float32's range (3.4e38)
-        big = next(x for x in fields[1:1 + NUM_DENSE] if x and abs(float(x)) > np.finfo(np.float32).max)
+        with np.errstate(over="ignore"):  # past float32's range: inf, refused below
+            values = np.array(ints, dtype=np.float32)
+    except OverflowError:  # past float64's
+        values = None
+    if values is None or not np.isfinite(values).all():
+        limit = float(np.finfo(np.float32).max)
+        big = next(x for x in fields[1:1 + NUM_DENSE] if x and float(x) > limit)
         raise CriteoFormatError(f"line {lineno}: integer feature {big[:20]}{'...' if len(big) > 20 else ''} "
-                                f"is too large for float32") from None
+                                f"is too large for float32")
+    return values
 
 
 def parse_line(line, max_ind_range, lineno=0):
@@ -129,7 +138,9 @@ def read(path, num_samples, max_ind_range, tables=range(NUM_SPARSE), rows=None, 
     ints = np.zeros((whole * (hi - lo) + max(0, min(hi, rest) - lo), NUM_DENSE), dtype=np.float32)
     sparse = np.zeros((num_samples, len(tables)), dtype=np.int64)
     n = d = 0
-    with open(path, encoding="ascii", errors="replace") as f:
+    # Lines end at "\n" only, as count_samples counts them (universal newlines
+    # would also end one at a lone "\r"); _split strips a "\r\n" ending.
+    with open(path, encoding="ascii", errors="replace", newline="\n") as f:
         for line in f:
             if n >= num_samples:
                 break

@@ -195,7 +195,7 @@ class Model:
             dense.load_state_dict({k: v for k, v in sd.items() if k.startswith(("bot_l.", "top_l."))})
             # Widened or rounded to float32 as the reference's load_state_dict
             # would; a float32 table stays memory-mapped (to() returns it as is).
-            tables = {t: np.ascontiguousarray(sd[f"emb_l.{t}.weight"].to(torch.float32).numpy())
+            tables = {t: np.ascontiguousarray(sd[f"emb_l.{t}.weight"].detach().to(torch.float32).numpy())
                       for t in owned_tables}
         dense.eval()
         return cls(dense, tables)

@@ -96,6 +96,19 @@ def test_checkpoint_gives_the_predictions_of_an_independent_forward(tmp_path):
     assert np.array_equal(pred[2], pred[0])
 
 
+def test_a_checkpoint_of_parameters_loads(tmp_path):
+    """A state_dict of nn.Parameters (requires_grad), as dict(model.named_parameters()) gives."""
+    sd = reference_state_dict()
+    path = tmp_path / "dlrm.pt"
+    save_reference_checkpoint(path, {k: torch.nn.Parameter(v) for k, v in sd.items()})
+    cfg, _ = config.parse(model_flags(path) + RUN_FLAGS)
+
+    pred = report.predictions(backends.run(cfg, "test"))
+
+    expected = np.stack([independent_forward(sd, cfg, i % cfg.data_batches) for i in range(cfg.num_batches)])
+    np.testing.assert_allclose(pred, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_a_checkpoint_of_another_float_type_is_computed_in_float32(tmp_path, dtype):

@@ -136,7 +136,25 @@ BAD_LINES = [
     ("decimal integer", "\t".join(_fields()[:3] + ["1.5"] + _fields()[4:]), ["1.5"]),
     ("integer past float32", "\t".join(_fields()[:3] + ["1" + "0" * 400] + _fields()[4:]),
      ["too large for float32"]),  # was an OverflowError without the line
+    ("integer past float32 only", "\t".join(_fields()[:3] + ["1" + "0" * 39] + _fields()[4:]),
+     ["too large for float32"]),  # was inf, and every prediction NaN
 ]
+
+
+def test_a_hugely_negative_integer_is_0_as_the_transform_makes_it():
+    line = "\t".join(["1", "-" + "9" * 400, "-" + "9" * 39] + ["1"] * 11 + ["ab"] * 26)
+    assert list(criteo.parse_line(line, M, 1)[1][:2]) == [0.0, 0.0]
+
+
+def test_read_splits_lines_as_the_parents_count_does(tmp_path):
+    """Only at "\\n": a lone "\\r" (CRLF converted twice) is no line end to either
+    (the ranks read a line at each, and failed on "line 2" of a file the parent passed)."""
+    doubled, clean = tmp_path / "doubled.txt", tmp_path / "clean.txt"
+    doubled.write_bytes(("\t".join(_fields()) + "\r\r\n").encode() * 4)
+    clean.write_bytes(("\t".join(_fields()) + "\n").encode() * 4)
+    assert criteo.count_samples(doubled) == 4
+    for got, expected in zip(criteo.read(doubled, 4, M), criteo.read(clean, 4, M)):
+        np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("line, words", [b[1:] for b in BAD_LINES], ids=[b[0] for b in BAD_LINES])
