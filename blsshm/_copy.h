@@ -13,8 +13,10 @@
  *
  * Streaming stores are weakly ordered: Intel documents no ordering between
  * them and other loads or stores.  A post therefore brackets its streaming
- * copies: bls_stream_begin (mfence) keeps them after the acquire load that
- * saw every receiver done with the old bytes of these lines, and
+ * copies: bls_stream_begin (mfence) keeps them after the acquire loads that
+ * showed every receiver done with the old bytes of these lines (of their
+ * `completed` counts, or of their stamps of a later iteration: see
+ * Core._finish), and
  * bls_stream_end (sfence) keeps them before the release store that
  * publishes the record (its stamp).
  */
@@ -74,9 +76,10 @@ static inline void bls_stream_end(void) {}
  * another as the store buffer fills; prefetchw requests all of them at once.
  * At P = 2 (old and new code alternating), a 1 KiB-per-pair alltoallv took
  * 10-15 % less and 4 KiB 3-8 % less; 64 KiB took 3 % more (the hardware
- * prefetcher keeps up there), so Core uses it only below STREAM_MIN_BYTES.  prefetchw (PRFCHW) is in x86 CPUs
- * since Broadwell and Zen; older ones take the read prefetch, which fetches
- * the line without ownership (no worse than not asking).
+ * prefetcher keeps up there), so Core uses it only below STREAM_MIN_BYTES.
+ * prefetchw (PRFCHW) is in x86 CPUs since Broadwell and Zen; on older ones
+ * nothing is asked (a read prefetch would fetch the line shared, and the
+ * store would then ask again).
  */
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -93,9 +96,6 @@ static inline void bls_prefetch_for_write(char *dst, size_t n) {
     if (bls_have_prfchw) {
         for (; line < dst + n; line += 64)
             __asm__ volatile("prefetchw %0" : : "m"(*line));
-    } else {
-        for (; line < dst + n; line += 64)
-            __builtin_prefetch(line, 0, 3);
     }
 }
 #else

@@ -74,6 +74,7 @@ cdef extern from "_sync.h" nogil:
     void bls_add32(uint32_t *p, int32_t v)
     void bls_fence()
     void bls_compiler_barrier()
+    int bls_membarrier_available()
     int bls_membarrier_register()
     int bls_membarrier_heavy()
     void bls_cpu_relax()
@@ -249,11 +250,23 @@ cdef inline uint64_t _round_up(uint64_t n, uint64_t a) noexcept nogil:
     return (n + a - 1) // a * a
 
 
+cdef inline uint64_t _slot_count(uint64_t lag) noexcept nogil:
+    """Descriptor and mailbox slots per sender: ``L + 1``, and 2 at lag 0.
+
+    A sender reuses slot ``t mod slots`` once every rank completed the
+    iteration it held.  At lag 0 a second slot lets a blocking alltoallv
+    publish ``t`` at once: the slot last held ``t - 2``, and its own
+    ``complete(t - 1)`` saw every rank post ``t - 1``, which each did only
+    after completing ``t - 2`` (see ``Core._reserve``).
+    """
+    return lag + 1 if lag > 0 else 2
+
+
 def layout(nranks, lag, arena_bytes_arg):
     """Offsets and sizes of a segment for ``nranks`` ranks at lag ``lag``.
 
-    Returns a dict with ``desc_stride``, ``descs_offset``, ``mbox_offset``
-    (0: no mailboxes), ``arenas_offset``,
+    Returns a dict with ``slots`` (per sender), ``desc_stride``,
+    ``descs_offset``, ``mbox_offset`` (0: no mailboxes), ``arenas_offset``,
     ``arena_bytes`` (rounded up to a page) and ``segment_bytes``.
     """
     if not 1 <= nranks <= MAX_RANKS:
@@ -265,15 +278,16 @@ def layout(nranks, lag, arena_bytes_arg):
     cdef uint64_t arena_bytes = arena_bytes_arg
     cdef uint64_t desc_stride = _round_up(48 + 16 * <uint64_t>nranks, BLS_LINE)
     cdef uint64_t descs_offset = 2 * BLS_LINE + <uint64_t>nranks * sizeof(bls_rank_t)
-    cdef uint64_t descs_end = descs_offset + <uint64_t>nranks * (lag + 1) * desc_stride
-    cdef uint64_t mbox_bytes = <uint64_t>nranks * nranks * (lag + 1) * BLS_LINE
+    cdef uint64_t slots = _slot_count(lag)
+    cdef uint64_t descs_end = descs_offset + <uint64_t>nranks * slots * desc_stride
+    cdef uint64_t mbox_bytes = <uint64_t>nranks * nranks * slots * BLS_LINE
     cdef uint64_t mbox_offset = 0
     if mbox_bytes <= MAX_MBOX_BYTES:
         mbox_offset = _round_up(descs_end, BLS_LINE)
         descs_end = mbox_offset + mbox_bytes
     cdef uint64_t arenas_offset = _round_up(descs_end, 4096)
     arena_bytes = _round_up(arena_bytes, 4096)
-    return dict(desc_stride=desc_stride, descs_offset=descs_offset, mbox_offset=mbox_offset,
+    return dict(slots=slots, desc_stride=desc_stride, descs_offset=descs_offset, mbox_offset=mbox_offset,
                 arenas_offset=arenas_offset, arena_bytes=arena_bytes,
                 segment_bytes=arenas_offset + <uint64_t>nranks * arena_bytes)
 
@@ -338,7 +352,8 @@ cdef class Core:
     # local state of this rank's sends
     cdef readonly uint64_t next_post
     cdef readonly uint64_t next_complete
-    cdef uint64_t* fl_iter      # in-flight records, oldest at fl_first (ring of L+1)
+    cdef uint64_t slots         # descriptor and mailbox slots per sender (_slot_count)
+    cdef uint64_t* fl_iter      # in-flight records, oldest at fl_first (ring of `slots`)
     cdef uint64_t* fl_start
     cdef uint64_t* fl_end
     cdef int fl_first
@@ -469,6 +484,7 @@ cdef class Core:
             raise BlsValueError("segment header does not match its size")
         self.size = self.hdr.nranks
         self.lag = self.hdr.lag
+        self.slots = _slot_count(self.lag)
         if expected_size >= 0 and expected_size != self.size:
             raise BlsValueError(f"{size_source} is {expected_size} but the segment has {self.size} ranks")
         if rank < 0 or rank >= self.size:
@@ -485,9 +501,9 @@ cdef class Core:
         self.spin_ns = DEFAULT_SPIN_NS
         self.pause_ns = DEFAULT_PAUSE_NS
         self.slice_ns = DEFAULT_SLICE_NS
-        self.fl_iter = <uint64_t*>calloc(1, (self.lag + 1) * sizeof(uint64_t))
-        self.fl_start = <uint64_t*>calloc(1, (self.lag + 1) * sizeof(uint64_t))
-        self.fl_end = <uint64_t*>calloc(1, (self.lag + 1) * sizeof(uint64_t))
+        self.fl_iter = <uint64_t*>calloc(1, self.slots * sizeof(uint64_t))
+        self.fl_start = <uint64_t*>calloc(1, self.slots * sizeof(uint64_t))
+        self.fl_end = <uint64_t*>calloc(1, self.slots * sizeof(uint64_t))
         self.counts = <int64_t*>calloc(1, self.size * sizeof(int64_t))
         self.block_off = <uint64_t*>calloc(1, self.size * sizeof(uint64_t))
         self.recv_off = <uint64_t*>calloc(1, self.size * sizeof(uint64_t))
@@ -500,12 +516,17 @@ cdef class Core:
                 or self.counts == NULL or self.block_off == NULL or self.pidfds == NULL
                 or self.recv_off == NULL or self.recv_bytes == NULL):
             raise MemoryError()
-        self.slot_dtype = [None] * (self.lag + 1)
-        self.slot_torch = [False] * (self.lag + 1)
+        self.slot_dtype = [None] * <Py_ssize_t>self.slots
+        self.slot_torch = [False] * <Py_ssize_t>self.slots
         # Claim the rank with a CAS on its pid (guards against two processes
         # attaching as one rank), then say "attached" with a release store so
         # whoever acquires the state also sees the pid.
         cdef bls_rank_t* me = &self.ranks[rank]
+        # Registering may wait for an RCU grace period (ms): before the rank
+        # is claimed, so a death in it never leaves a claimed rank unattached.
+        if fence_free_allowed:
+            with nogil:
+                self.fence_free = bls_membarrier_register()
         if not bls_cas32(<uint32_t*>&me.pid, 0, <uint32_t>getpid()):
             raise BlsValueError(f"rank {rank} is already attached to this segment")
         # Where the lock cannot be had, peers are told so and never read a
@@ -515,9 +536,6 @@ cdef class Core:
         me.pid_ns = pid_ns
         # Before the state's release store, so a rank that acquired our state
         # (every rank does before its first wait) reads the flag settled.
-        if fence_free_allowed:
-            with nogil:
-                self.fence_free = bls_membarrier_register()
         me.fence_free = self.fence_free
         bls_store_release32(&me.state, BLS_STATE_ATTACHED)
         self.owner_pid = getpid()
@@ -1344,23 +1362,36 @@ cdef class Core:
         return False
 
     cdef int _reserve(self, uint64_t t, uint64_t nbytes, int64_t timeout_ns, int64_t* deadline_ns,
-                      uint64_t* start) except -1:
-        """Wait for the lag bound and for arena room; sets self.pending_*.  See _await for the deadline."""
+                      uint64_t* start, bint blocking) except -1:
+        """Wait for the lag bound and for arena room; sets self.pending_*.  See _await for the deadline.
+
+        ``blocking``: the post of a blocking alltoallv, which returns only
+        once every rank posted ``t``; it waits only until its slot is free
+        (``_slot_count``), so at lag 0 it publishes at once.  That call is
+        still synchronous: it returns after every rank posted ``t``, and each
+        did so only after completing ``t - 1`` itself.
+        """
         cdef uint64_t lag_target = 0
+        cdef uint64_t slot_free = 0  # every rank completed what slot t held (t - slots): a count
+        cdef uint64_t target
         cdef uint64_t oldest
         cdef int rc = OK
         if t > <uint64_t>self.lag:
             lag_target = t - self.lag
+        if t + 1 > self.slots:
+            slot_free = t + 1 - self.slots
         if lag_target > self.next_complete:
             raise BlsValueError(
                 f"post({t}) needs this rank to have completed iteration {lag_target - 1} first "
                 f"(lag {self.lag}); it has completed {self.next_complete} iterations")
+        target = slot_free if blocking else max(lag_target, slot_free)
         # Every rank's `completed` line is written by its rank on each
-        # complete, so reading them costs a cache miss per rank.  Above lag 0
-        # the bound is usually known to hold from the last reading (counters
-        # only grow), and the lines are read again only when it is not.
-        if lag_target > self.known_completed:
-            self._await(COMPLETED, lag_target, timeout_ns, deadline_ns, "post", t)
+        # complete, so reading them costs a cache miss per rank.  The bound
+        # is usually known to hold already (from the last reading, counters
+        # only grow, or from our own completes: see _finish), and the lines
+        # are read again only when it is not.
+        if target > self.known_completed:
+            self._await(COMPLETED, target, timeout_ns, deadline_ns, "post", t)
             self.known_completed = self._min_completed()
         self._free_completed(self.known_completed)
         while not self._fit(nbytes, start):
@@ -1380,7 +1411,7 @@ cdef class Core:
         return 0
 
     cdef int _reserve_blocks(self, uint64_t t, uint64_t nbytes, uint64_t itemsize,
-                             int64_t timeout_ns, int64_t* deadline_ns) except -1:
+                             int64_t timeout_ns, int64_t* deadline_ns, bint blocking=False) except -1:
         """``_reserve`` for the blocks just parsed: mailboxes if they all fit, else a record."""
         cdef uint64_t start
         cdef bint inline = self._fits_mailboxes(itemsize)
@@ -1390,25 +1421,25 @@ cdef class Core:
                 f"send_counts[{q}] = {self.counts[q]} elements of {itemsize} bytes do not fit in the arena "
                 f"({self.arena_bytes} bytes per rank) after the blocks before them; "
                 f"create the communicator with a larger arena_bytes")
-        self._reserve(t, 0 if inline else nbytes, timeout_ns, deadline_ns, &start)
+        self._reserve(t, 0 if inline else nbytes, timeout_ns, deadline_ns, &start, blocking)
         self.pending_inline = inline
         return 0
 
     # Slot numbers without a 64-bit division where one is easily avoided
-    # (lag 0, ring steps, one slot for all senders in a poll).
+    # (lags 0 and 1, ring steps, one slot for all senders in a poll).
     cdef inline uint64_t _slot(self, uint64_t t) noexcept nogil:
-        """The descriptor slot of iteration ``t``: ``t mod (L + 1)``."""
-        return 0 if self.lag == 0 else t % (self.lag + 1)
+        """The descriptor slot of iteration ``t``: ``t mod slots`` (see ``_slot_count``)."""
+        return t & 1 if self.slots == 2 else t % self.slots
 
     cdef inline int _next_index(self, int i) noexcept nogil:
-        """``(i + 1) mod (L + 1)``, for rings of L + 1 entries."""
-        return 0 if i == self.lag else i + 1
+        """``(i + 1) mod slots``, for rings of ``slots`` entries."""
+        return 0 if <uint64_t>i + 1 == self.slots else i + 1
 
     cdef inline bls_desc_t* _desc_in_slot(self, int sender, uint64_t slot) noexcept nogil:
-        return <bls_desc_t*>(self.descs + (<uint64_t>sender * (self.lag + 1) + slot) * self.desc_stride)
+        return <bls_desc_t*>(self.descs + (<uint64_t>sender * self.slots + slot) * self.desc_stride)
 
     cdef inline bls_mbox_t* _mbox(self, int sender, int receiver, uint64_t slot) noexcept nogil:
-        return self.mboxes + (<uint64_t>sender * self.size + receiver) * (self.lag + 1) + slot
+        return self.mboxes + (<uint64_t>sender * self.size + receiver) * self.slots + slot
 
     cdef inline bint _fits_mailboxes(self, uint64_t itemsize) noexcept nogil:
         """Whether every block just parsed fits its mailbox (then no record is needed)."""
@@ -1696,7 +1727,7 @@ cdef class Core:
         self.own_src = NULL  # closed: the record is gone, and nobody will read it
 
     cdef int _post(self, int64_t t, cnp.ndarray send, object send_counts, object timeout,
-                   int64_t* deadline_ns, bint defer_own=False) except -1:
+                   int64_t* deadline_ns, bint defer_own=False, bint blocking=False) except -1:
         """Copy ``send`` into this rank's mailboxes or record for iteration ``t`` and publish it.
 
         ``*deadline_ns``: see ``_await`` (a blocking alltoallv shares one with its complete).
@@ -1724,7 +1755,7 @@ cdef class Core:
             raise BlsValueError(
                 f"send_counts add up to {sum([self.counts[q] for q in range(self.size)])} elements "
                 f"but send holds {cnp.PyArray_SIZE(send)}")
-        self._reserve_blocks(t, nbytes, itemsize, self._timeout_ns(timeout), deadline_ns)
+        self._reserve_blocks(t, nbytes, itemsize, self._timeout_ns(timeout), deadline_ns, blocking)
         cdef char* src = <char*>cnp.PyArray_DATA(send)
         if nbytes >= NOGIL_COPY_BYTES:
             with nogil:
@@ -1896,8 +1927,18 @@ cdef class Core:
         return where
 
     cdef int _finish(self, uint64_t t, uint64_t received) except -1:
+        """Mark ``t`` completed; every rank's post of ``t`` has been seen."""
         self._check_not_closed_during("complete", t)
         self.bytes_received += received
+        # Each rank posted t only after completing t - L - 1 itself (post's
+        # rule): so every rank has completed t - L iterations, known without
+        # reading their lines (a blocking alltoallv's next post needs no more).
+        # Ordering: a rank's reads of our records happen before its release
+        # store of `completed`, which comes before its release store of its
+        # stamp for t; we acquired every stamp of t (_await_posts), so those
+        # reads happen before whatever we overwrite after this.
+        if t >= <uint64_t>self.lag and t - self.lag > self.known_completed:
+            self.known_completed = t - self.lag
         cdef bls_rank_t* me = &self.ranks[self.rank]
         self._announce(&me.completed, &me.completed_sleepers, t + 1)
         self.next_complete = t + 1
@@ -2193,7 +2234,7 @@ cdef class Core:
         # Our own block goes from send to out directly, unless out overlaps
         # send (the blocks gathered before it would overwrite it).
         cdef bint defer_own = out is None or not _overlap(<cnp.ndarray>send, <cnp.ndarray>out)
-        self._post(t, send, send_counts, timeout, &deadline_ns, defer_own)
+        self._post(t, send, send_counts, timeout, &deadline_ns, defer_own, True)
         self.slot_torch[self._slot(t)] = was_torch
         try:
             result = self._complete(t, out, timeout, &deadline_ns)
@@ -2366,8 +2407,8 @@ def _allow_fence_free(bint allowed):
 
 
 def membarrier_works():
-    """Whether this process can register for membarrier, so its ranks announce without a fence."""
-    return bool(bls_membarrier_register())
+    """Whether the kernel offers membarrier's global expedited barrier, so ranks announce without a fence."""
+    return bool(bls_membarrier_available())
 
 
 def futex_waitv_works():

@@ -3,8 +3,8 @@
  *   offset 0                  bls_header_t        written once by the creator
  *   BLS_LINE                  bls_abort_t         the abort word (first aborter wins), closes
  *   2 * BLS_LINE              bls_rank_t[P]       per-rank counters, 3 lines each
- *   descs_offset              P x (L+1) descriptors of desc_stride bytes
- *   mbox_offset               P x P x (L+1) mailboxes of one line (0: none)
+ *   descs_offset              P x S descriptors (S = L+1 slots, 2 at lag 0) of desc_stride bytes
+ *   mbox_offset               P x P x S mailboxes of one line (0: none)
  *   arenas_offset             P arenas of arena_bytes bytes (byte rings of records)
  *
  * Each separately written field sits on its own 128-byte line (two 64-byte
@@ -18,7 +18,7 @@
 
 #define BLS_LINE 128
 #define BLS_MAGIC 0x314d485353534c42ULL /* "BLSSSHM1" */
-#define BLS_VERSION 6
+#define BLS_VERSION 7
 #define BLS_BLOCK_ALIGN 64              /* each per-destination block starts on a cache line */
 #define BLS_DTYPE_CHARS 20
 #define BLS_REASON_CHARS (BLS_LINE - 32) /* abort reason, NUL included */
@@ -75,7 +75,7 @@ typedef struct {
     char abort_reason[BLS_REASON_CHARS];
 } bls_rank_t;
 
-/* One per sender and iteration slot (t mod (L+1)), used only by segments
+/* One per sender and iteration slot (t mod S), used only by segments
  * without mailboxes: written by the sender when it posts t, `stamp` last;
  * receivers poll the stamp, then read where their block is.  (With
  * mailboxes, each receiver's mailbox says where its block is: one line to

@@ -85,17 +85,26 @@ static inline void bls_compiler_barrier(void) {
 #define BLS_MEMBARRIER_CMD_GLOBAL_EXPEDITED (1 << 1)
 #define BLS_MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED (1 << 2)
 
-/* Register this process to take part in bls_membarrier_heavy (Linux 4.16+).
- * Per process, kept until exec; a forked child registers on its own.  The
- * first registration of a process with threads waits for an RCU grace
- * period (about 5 ms here).  Returns 1 if registered, 0 if not (no such
- * syscall, a seccomp filter, an older kernel): the caller then keeps its
- * fences. */
-static inline int bls_membarrier_register(void) {
+/* Whether the kernel offers the two commands (Linux 4.16+), without registering. */
+static inline int bls_membarrier_available(void) {
 #ifdef SYS_membarrier
     long cmds = syscall(SYS_membarrier, BLS_MEMBARRIER_CMD_QUERY, 0);
     int need = BLS_MEMBARRIER_CMD_GLOBAL_EXPEDITED | BLS_MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED;
-    if (cmds < 0 || (cmds & need) != need)
+    return cmds >= 0 && (cmds & need) == need;
+#else
+    return 0;
+#endif
+}
+
+/* Register this process to take part in bls_membarrier_heavy.  Per process
+ * (every thread), kept across fork and until exec; registering again is
+ * harmless.  The first registration of a process with threads waits for an
+ * RCU grace period (5-18 ms here).  Returns 1 if registered, 0 if not (no
+ * such syscall, a seccomp filter, an older kernel): the caller then keeps
+ * its fences. */
+static inline int bls_membarrier_register(void) {
+#ifdef SYS_membarrier
+    if (!bls_membarrier_available())
         return 0;
     return syscall(SYS_membarrier, BLS_MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, 0) == 0;
 #else

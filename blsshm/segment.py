@@ -149,7 +149,10 @@ def _stop_reaper(name):
     # It exits on reading that, once its interpreter has started (tens of ms
     # after a fresh start): waited for by a thread, so the call that removed
     # the name (the first collective, arrived() included) does not wait.
-    threading.Thread(target=proc.wait, name=f"blsshm reaper of {name}", daemon=True).start()
+    try:
+        threading.Thread(target=proc.wait, name=f"blsshm reaper of {name}", daemon=True).start()
+    except RuntimeError:  # no thread now (interpreter shutdown, a thread limit): wait here
+        proc.wait()
 
 
 def _open(name):

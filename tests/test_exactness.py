@@ -133,9 +133,10 @@ def _lag0_matches_synchronous(comm, iters, seed):
         ref = np.concatenate([np.split(sends[s], np.cumsum(counts[s])[:-1])[me] for s in range(P)])
         assert np.array_equal(rcounts, counts[:, me])
         assert recv.dtype == np.float32 and np.array_equal(recv, ref), f"iteration {t}"
-        # Synchronous: when alltoallv(t) returns, every rank has posted t.
-        published, _ = comm._counters()
-        assert min(published) >= t + 1
+        # Synchronous: when alltoallv(t) returns, every rank has posted t,
+        # and so completed t - 1 (even though posts no longer wait for that).
+        published, completed = comm._counters()
+        assert min(published) >= t + 1 and min(completed) >= t
     # recv_counts is read-only, shared while the counts repeat, and new when they change.
     P1 = [1] * P
     _, first = comm.alltoallv(np.ones(P, np.int32), P1)

@@ -63,6 +63,34 @@ def test_post_blocks_exactly_beyond_the_lag(lag, k):
     assert outcome["next_post_after_timeout"] == k + lag + 1  # the timed-out post changed nothing
 
 
+def _blocking_post_at_lag_0(comm, seen):
+    """Rank 1 posts 0 with the split calls and holds its complete(0) back."""
+    one = np.ones(2, np.int64)
+    if comm.rank == 0:
+        first, _ = comm.alltoallv(one * 10, [1, 1])
+        second, _ = comm.alltoallv(one * 11, [1, 1])
+        return first.tolist(), second.tolist()
+    comm.post(0, one * 20, [1, 1])
+    deadline = time.monotonic() + 30
+    while comm._counters()[0][0] < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    seen.put(comm._counters())
+    first, _ = comm.complete(0)
+    second, _ = comm.alltoallv(one * 21, [1, 1])
+    return first.tolist(), second.tolist()
+
+
+def test_a_blocking_alltoallv_at_lag_0_publishes_before_the_others_completed():
+    """Its slot (one of two) is free, so it need not wait for rank 1's complete(0),
+    which the split post(1) would (I2); it still returns only once rank 1 posted 1."""
+    import multiprocessing
+    seen = multiprocessing.get_context().Queue()
+    results = blsshm.spawn(_blocking_post_at_lag_0, 2, lag=0, args=(seen,))
+    published, completed = seen.get(timeout=5)
+    assert published == [2, 1] and completed == [1, 0]
+    assert results == [([10, 20], [11, 21]), ([10, 20], [11, 21])]
+
+
 def _complete_waits_for_posts(comm):
     if comm.rank == 0:
         comm.post(0, np.zeros(2), [1, 1])

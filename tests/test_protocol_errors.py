@@ -52,15 +52,15 @@ class Line:
 def mailbox(comm, sender, receiver, t):
     lay = _core.layout(comm.size, comm.lag, comm.arena_bytes)
     assert lay["mbox_offset"] != 0
-    slot = t % (comm.lag + 1)
-    return Line(comm, lay["mbox_offset"] + ((sender * comm.size + receiver) * (comm.lag + 1) + slot) * LINE)
+    slot = t % lay["slots"]
+    return Line(comm, lay["mbox_offset"] + ((sender * comm.size + receiver) * lay["slots"] + slot) * LINE)
 
 
 def descriptor(comm, sender, t):
     lay = _core.layout(comm.size, comm.lag, comm.arena_bytes)
     assert lay["mbox_offset"] == 0
-    slot = t % (comm.lag + 1)
-    return Line(comm, lay["descs_offset"] + (sender * (comm.lag + 1) + slot) * lay["desc_stride"])
+    slot = t % lay["slots"]
+    return Line(comm, lay["descs_offset"] + (sender * lay["slots"] + slot) * lay["desc_stride"])
 
 
 # (label, block elements, how to corrupt rank 1's line to rank 0, words of the error)
