@@ -80,8 +80,8 @@ def _is_multiprocessing_helper(pid):
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
-    except FileNotFoundError:
-        return False
+    except (FileNotFoundError, ProcessLookupError):  # gone, or exiting as we read (ESRCH)
+        return False  # still counted: the caller looks again until it is gone
     return b"resource_tracker" in cmdline or b"forkserver" in cmdline
 
 
