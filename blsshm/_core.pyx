@@ -4,7 +4,8 @@
 This module is the whole protocol (DESIGN §2-§3); the layout is in
 ``_layout.h`` and the atomics, futex and clock in ``_sync.h``.
 
-Rank ``s`` posts iteration ``t`` into slot ``t % (L+1)``.  If every block
+Rank ``s`` posts iteration ``t`` into slot ``t % S`` (S = L + 1 slots, 2 at
+lag 0: see ``_slot_count``).  If every block
 fits a mailbox (80 bytes), it writes each block into its one-line mailbox
 for (``s``, receiver, slot); otherwise it writes a record (one block per
 destination) into its own arena, and each mailbox says where in the record
@@ -16,7 +17,8 @@ cache-line transfer; ``published`` serves sleepers, liveness checks and
 tools), reads its blocks, then stores ``completed[r] = t + 1`` with release.
 A sender may reuse a slot or a record once every ``completed`` has passed its
 iteration.  ``post(t)`` first waits until every ``completed >= t - L``: this
-is the lag bound I2.  Segments too large for mailboxes (P x P x (L+1) lines
+is the lag bound I2 (the post inside a blocking ``alltoallv`` waits only for
+its slot).  Segments too large for mailboxes (P x P x S lines
 over 16 MiB) have none: a sender then describes each record in a descriptor
 per (sender, slot), whose stamp it sets to ``t + 1`` (release), and receivers
 poll those stamps.
@@ -360,8 +362,8 @@ cdef class Core:
     cdef int fl_count
     cdef uint64_t arena_head
     cdef uint64_t known_completed  # every rank had completed this many iterations when last read
-    cdef object slot_dtype      # dtype posted per iteration slot (list of L+1)
-    cdef object slot_torch      # whether that post was a torch tensor (list of L+1)
+    cdef object slot_dtype      # dtype posted per iteration slot (list of `slots`)
+    cdef object slot_torch      # whether that post was a torch tensor (list of `slots`)
     cdef object default_timeout  # comm.timeout: of every wait, seconds or None (checked)
     cdef public bint ready      # all ranks attached; set by Comm._make_ready
     cdef bint fence_free  # this rank announces with a compiler barrier only (_announce)
@@ -977,7 +979,8 @@ cdef class Core:
         # per-iteration maximum): 13 us pausing first, 9 us yielding from the
         # start whenever any rank shared our CPU, 5.3 us yielding only while
         # a rank we wait for does: 2 switches per core per iteration, the
-        # least lag 0 allows (1 at lag 1).
+        # least lag 0 allowed then.  Since a blocking alltoallv publishes
+        # without waiting for completions (_reserve), it takes 1, as lag 1.
         cdef uint32_t cpu = self._spread_out(self._publish_cpu(), start)
         cdef bint give_way = self._behind_on_cpu(which, target, r, cpu)
         cdef int64_t next_poll = start

@@ -2,7 +2,8 @@
 
 The collectives (``post``, ``complete``, ``alltoallv``) are implemented in
 ``_core.pyx`` and inherited; this module adds what surrounds them: creating
-and attaching, the start-up barrier, requests, statistics, and a lifetime that never leaves a segment or a waiting peer behind.
+and attaching, the start-up barrier, requests, statistics, and a lifetime
+that never leaves a segment or a waiting peer behind.
 """
 import os
 import time
@@ -101,8 +102,13 @@ def liveness_ms():
 MAX_SPIN_US = 3.6e9
 
 
+def _is_real(value):
+    """A real number, not a bool (True would mean 1 s or 1 us)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def _check_spin_us(spin_us):
-    if isinstance(spin_us, bool) or not isinstance(spin_us, (int, float, np.integer, np.floating)):
+    if not _is_real(spin_us):
         raise BlsTypeError(f"spin_us must be a number of microseconds, got {spin_us!r}")
     try:
         spin_us = float(spin_us)
@@ -117,7 +123,7 @@ def _check_seconds(what, value):
     """``value`` if it is a number of seconds >= 0 or None; raised here, not at the first wait."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if not _is_real(value):
         raise BlsTypeError(f"{what} must be a number of seconds or None, got {value!r}")
     if not value >= 0:
         raise BlsValueError(f"{what} must be >= 0 or None, got {value}")
