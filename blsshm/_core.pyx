@@ -1236,6 +1236,11 @@ cdef class Core:
         cdef int64_t c
         cdef uint64_t off = 0
         self.unfit_block = -1
+        if cnp.PyArray_CheckExact(counts) and self._place_array(<cnp.ndarray>counts, itemsize, &off):
+            record_bytes[0] = off
+            return 0
+        off = 0  # the general path below handles (or refuses) what the fast one left
+        self.unfit_block = -1
         if type(counts) is not list and type(counts) is not tuple:
             # A tensor's elements are 0-d tensors that operator.index takes,
             # bools included: check its dtype as an array's instead.
@@ -1298,6 +1303,34 @@ cdef class Core:
                                      f"bytes than any arena holds")
         record_bytes[0] = off
         return 0
+
+    cdef bint _place_array(self, cnp.ndarray counts, uint64_t itemsize, uint64_t* off) noexcept:
+        """Lay out the blocks from a 1-D int64 or int32 array read in place; False if it is not one.
+
+        The counts a program computes are often such an array (the received
+        counts are one); going through ``tolist()`` and Python ints cost more
+        than a small alltoallv itself.  False also for a negative or
+        overflowing count: the general path then says which.
+        """
+        cdef int type_num = cnp.PyArray_TYPE(counts)
+        cdef char* data = <char*>cnp.PyArray_DATA(counts)
+        cdef cnp.npy_intp stride
+        cdef int q
+        if (cnp.PyArray_NDIM(counts) != 1 or cnp.PyArray_DIMS(counts)[0] != self.size
+                or not cnp.PyArray_ISBEHAVED_RO(counts)):  # aligned, native byte order
+            return False
+        stride = cnp.PyArray_STRIDES(counts)[0]
+        if type_num == cnp.NPY_INT64:
+            for q in range(self.size):
+                if not self._place(q, (<int64_t*>(data + q * stride))[0], itemsize, off):
+                    return False
+        elif type_num == cnp.NPY_INT32:
+            for q in range(self.size):
+                if not self._place(q, (<int32_t*>(data + q * stride))[0], itemsize, off):
+                    return False
+        else:
+            return False
+        return True
 
     cdef inline bint _place(self, int q, int64_t c, uint64_t itemsize, uint64_t* off) noexcept:
         """Lay out block ``q`` of ``c`` elements at ``*off``; False if its bytes overflow.

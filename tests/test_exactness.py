@@ -175,6 +175,41 @@ def test_any_fixed_dtype_round_trips():
             assert recv == exp
 
 
+def _counts_of_every_kind(comm):
+    """The same irregular exchange with its counts given as a list and as arrays of several kinds."""
+    counts = [comm.rank + 2 * q + 1 for q in range(comm.size)]
+    send = np.arange(sum(counts), dtype=np.int64) + 100 * comm.rank
+    kinds = {
+        "list": counts,
+        "int64": np.array(counts, np.int64),
+        "int32": np.array(counts, np.int32),
+        "uint16": np.array(counts, np.uint16),
+        "strided int64": np.repeat(np.array(counts, np.int64), 2)[::2],
+        "big-endian int64": np.array(counts, ">i8"),
+        "received counts": comm.alltoallv(np.zeros(comm.size, np.int8), [1] * comm.size)[1] * counts,
+    }
+    out = {}
+    for kind, c in kinds.items():
+        recv, rc = comm.alltoallv(send, c)
+        zc = comm.next_post
+        with comm.post_views(zc, c, np.int64) as views:
+            for q, v in enumerate(views):
+                v[:] = send[sum(counts[:q]):sum(counts[:q + 1])]
+        with comm.complete_views(zc) as got:
+            zc_recv = np.concatenate([np.array(g) for g in got]).tolist()
+        out[kind] = (recv.tolist(), rc.tolist(), zc_recv)
+    return out
+
+
+def test_counts_as_a_list_or_any_integer_array_give_the_same_exchange():
+    for me, per_kind in enumerate(blsshm.spawn(_counts_of_every_kind, 3)):
+        expected = []
+        for s in range(3):
+            start = sum(s + 2 * q + 1 for q in range(me))
+            expected.extend(range(100 * s + start, 100 * s + start + s + 2 * me + 1))
+        assert per_kind == {kind: (expected, [s + 2 * me + 1 for s in range(3)], expected) for kind in per_kind}
+
+
 def _out_buffer(comm):
     out = np.full(100, -1, np.int32)
     recv, rc = comm.alltoallv(np.arange(4, dtype=np.int32) + 10 * comm.rank, [2, 2], out=out)
