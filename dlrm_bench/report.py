@@ -42,9 +42,9 @@ def lag_bound(before, between, after, slow, lag):
     """A lower bound on the wall time of the measured work at lag ``lag``, communication free.
 
     Arrays are ``[rank, iteration]`` seconds: ``before`` a rank publishes
-    ``t`` (injected delay, lookup; for gloo and MPI the bottom MLP too),
-    ``between`` publishing and receiving (bls runs the bottom MLP there, so
-    it overlaps waiting for peers), ``after`` receiving (gather, top MLP),
+    ``t`` (injected delay, lookup), ``between`` publishing and receiving
+    (the bottom MLP, which every backend overlaps with waiting for peers),
+    ``after`` receiving (gather, top MLP),
     and ``slow``, a slow rank's sleep at the end of its step ``t``.  At lag
     0 a rank's step is strictly serial; above it, only what lies between
     two of its publishes is (its completions may interleave), so the bound

@@ -5,16 +5,19 @@ Per iteration (one global batch) a rank
 1. pools the bags of its own tables for the whole global batch, straight
    into its outgoing blocks laid out by destination (block ``q`` is
    ``(b_q, own tables, d)`` float32, the samples rank ``q`` serves);
-2. runs the bottom MLP on its own slice of the dense features;
-3. exchanges the blocks (the alltoallv);
-4. gathers the blocks it received into ``(b, tables, d)`` in global table
+2. starts the exchange of the blocks (the alltoallv);
+3. runs the bottom MLP on its own slice of the dense features while its
+   peers' blocks arrive;
+4. waits for them, gathers the blocks it received into ``(b, tables, d)`` in global table
    order, runs the interaction and the top MLP: its slice's predictions.
 
 With ``--backend bls`` the exchange is a bounded-lag pipeline:
 ``post(t)`` (the lookup writes into blsshm's zero-copy send views), then
 every complete that can go without waiting, or ``complete(t - L)`` at the
 latest (see ``Rank.run_bls``).  The other backends run the same
-steps with a synchronous alltoallv between lookup and gather.
+steps with their nonblocking synchronous alltoallv (``Ialltoallv``,
+``all_to_all_single(async_op=True)``), so every backend overlaps the
+bottom MLP with waiting for its peers.
 
 Every timed iteration is recorded: when it started, how long this rank
 computed for it and slept in injected delays, and when its predictions
@@ -342,8 +345,16 @@ class Rank:
             rec.delay[-1] += slept
         return preds
 
-    def run_sync(self, exchange, batches, rec, progress):
-        """The synchronous loop of gloo and MPI: lookup, exchange, top, every iteration."""
+    def run_sync(self, start_exchange, batches, rec, progress):
+        """The synchronous loop of gloo and MPI: lookup, exchange with the bottom MLP overlapped, top.
+
+        ``start_exchange(send, recv)`` starts the nonblocking alltoallv
+        (``Ialltoallv``, ``async_op=True``) and returns its wait.  The
+        bottom MLP runs between the two, as the bls loop runs it between
+        publishing and receiving: both backends overlap the same work with
+        waiting for their peers.  Returns the predictions and the seconds
+        spent in the exchange's calls (its start and its wait).
+        """
         P = self.nprocs
         send = np.empty(int(self.send_counts.sum()), dtype=np.float32)
         recv = np.empty(int(self.recv_counts.sum()), dtype=np.float32)
@@ -362,25 +373,28 @@ class Rank:
                 rec.before[i] += injected
             c0, p0 = now(), cpu_now() if timed else 0.0
             self.lookup(batch, send_blocks)
-            cb = now()
-            x = self.bottom(batch)
             c1, p1 = now(), cpu_now() if timed else 0.0
-            exchange(send, recv)
+            wait = start_exchange(send, recv)
             c2, p2 = now(), cpu_now() if timed else 0.0
+            x = self.bottom(batch)
+            c3, p3 = now(), cpu_now() if timed else 0.0
+            wait()
+            c4, p4 = now(), cpu_now() if timed else 0.0
             self.gather(recv_blocks)
             cg = now()
             preds[i] = self.top(x)
-            c3, p3 = now(), cpu_now() if timed else 0.0
-            waited += c2 - c1
+            c5, p5 = now(), cpu_now() if timed else 0.0
+            waited += (c2 - c1) + (c4 - c3)
             if timed:
-                step_cpu = (p1 - p0) + (p3 - p2)
-                rec.compute[i] = (c1 - c0) + (c3 - c2)
+                step_cpu = (p1 - p0) + (p3 - p2) + (p5 - p4)
+                rec.compute[i] = (c1 - c0) + (c3 - c2) + (c5 - c4)
                 rec.before[i] += c1 - c0
-                rec.after[i] = c3 - c2
-                rec.finish[i] = c3
+                rec.between[i] += c3 - c2
+                rec.after[i] = c5 - c4
+                rec.finish[i] = c5
                 rec.cpu += step_cpu
-                for phase, seconds in (("lookup", cb - c0), ("bottom", c1 - cb), ("gather", cg - c2),
-                                       ("top", c3 - cg)):
+                for phase, seconds in (("lookup", c1 - c0), ("bottom", c3 - c2), ("gather", cg - c4),
+                                       ("top", c5 - cg)):
                     rec.phases[phase] += seconds
                 if self.slow:
                     rec.slow[i] = self.slow_sleep(step_cpu)
@@ -448,14 +462,14 @@ def bls_rank(comm, cfg, label, progress_relay=None):
     return r.result(preds, rec, begin, end, wait_s, futex_sleeps=stats["futex_sleeps"])
 
 
-def sync_rank(r, exchange, barrier, label, progress_relay=None, draw=True, heartbeat=None):
+def sync_rank(r, start_exchange, barrier, label, progress_relay=None, draw=True, heartbeat=None):
     """The timed part of a synchronous backend, after its setup.
 
     ``progress_relay``, ``draw`` and ``heartbeat`` are rank 0's, as for :class:`Progress`.
     """
     quiet = Progress(False, "", 1, 0, heartbeat=heartbeat)
     with _timeouts_name_the_batch(r):
-        r.run_sync(exchange, r.warmup_batches(), None, quiet)
+        r.run_sync(start_exchange, r.warmup_batches(), None, quiet)
         r.at = ("the barrier before the timed batches", 0, 0)
         barrier()
     n = r.cfg.num_batches
@@ -464,7 +478,7 @@ def sync_rank(r, exchange, barrier, label, progress_relay=None, draw=True, heart
                         heartbeat)
     begin = now()
     with _timeouts_name_the_batch(r):
-        preds, waited = r.run_sync(exchange, list(range(n)), rec, progress)
+        preds, waited = r.run_sync(start_exchange, list(range(n)), rec, progress)
     end = now()
     return r.result(preds, rec, begin, end, waited)
 
@@ -486,11 +500,12 @@ def gloo_rank(rank, cfg, init_file, label, progress_relay=None):
         group = dist.new_group(timeout=datetime.timedelta(seconds=cfg.timeout_s))
         send_splits, recv_splits = r.send_counts.tolist(), r.recv_counts.tolist()
 
-        def exchange(send, recv):
-            dist.all_to_all_single(torch.from_numpy(recv), torch.from_numpy(send),  # no copy
-                                   output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group)
+        def start_exchange(send, recv):
+            return dist.all_to_all_single(torch.from_numpy(recv), torch.from_numpy(send),  # no copy
+                                          output_split_sizes=recv_splits, input_split_sizes=send_splits,
+                                          group=group, async_op=True).wait
 
-        return sync_rank(r, exchange, lambda: dist.barrier(group=group), label, progress_relay)
+        return sync_rank(r, start_exchange, lambda: dist.barrier(group=group), label, progress_relay)
     finally:
         dist.destroy_process_group()
 
@@ -513,10 +528,10 @@ def mpi_rank(cfg, label, progress_relay=None, heartbeat_path=None):
     rdispls = np.concatenate([[0], np.cumsum(r.recv_counts)[:-1]]).tolist()
     scounts, rcounts = r.send_counts.tolist(), r.recv_counts.tolist()
 
-    def exchange(send, recv):
-        comm.Alltoallv([send, (scounts, sdispls), MPI.FLOAT], [recv, (rcounts, rdispls), MPI.FLOAT])
+    def start_exchange(send, recv):
+        return comm.Ialltoallv([send, (scounts, sdispls), MPI.FLOAT], [recv, (rcounts, rdispls), MPI.FLOAT]).Wait
 
-    result = sync_rank(r, exchange, comm.Barrier, label, progress_relay, draw=False,  # mpirun has our stderr
+    result = sync_rank(r, start_exchange, comm.Barrier, label, progress_relay, draw=False,  # mpirun has our stderr
                        heartbeat=heartbeat)
     result["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
     return result

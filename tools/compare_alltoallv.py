@@ -12,12 +12,12 @@ measures, one backend after another (never two at once):
 ``bls cached``  the same with ``copy_policy="cached"`` (only when named in
                ``--backends``): blsshm copy is ``"auto"``, the default, and
                this is the A/B for it;
-``blsshm lag 1``  the same at lag 1.  Lag 0 is stricter than MPI: there
-               ``post(t + 1)`` waits until every rank has completed ``t``.
-               A loop of blocking MPI ``Alltoallv`` with eager (small)
-               messages lets a rank send ``t + 1`` while others still
-               receive ``t``, but not ``t + 2`` (it needs their ``t + 1``
-               first, sent only after they completed ``t``): that is lag 1;
+``blsshm lag 1``  the same at lag 1 (only when named in ``--backends``).
+               For a loop of blocking calls it measures about what lag 0
+               does: at lag 0 a blocking ``alltoallv`` already publishes
+               ``t + 1`` while others may still receive ``t`` (two slots per
+               sender), as a loop of blocking MPI ``Alltoallv`` with eager
+               messages does, but not ``t + 2``;
 ``blsshm zc``  blsshm zero copy: each rank writes its outgoing blocks in
                place through ``post_views`` (a fill of every byte, standing
                in for a producer that writes its output there; that fill is
@@ -97,11 +97,11 @@ ratio of the two backends' medians in that round, with its range).
 
 Switches.  When some P oversubscribes the cores, the run also times a
 switch between two processes that share a core, each yielding to the other
-(``switch_ns``).  At lag 0 no rank posts iteration t + 1 before every rank
-has completed t, so every rank runs at least once per iteration: with ``k``
-ranks on a core an iteration cannot take less than ``k`` switches plus the
-``k`` ranks' own work, whatever the transport (2 switches at P = 4 on 2
-cores; lag 1 lets a rank run two iterations between switches).
+(``switch_ns``).  At lag 0 ``alltoallv(t)`` returns only once every rank
+has posted ``t``, so ranks sharing a core take turns in every iteration,
+whatever the transport: an iteration cannot take less than the switches
+between them plus their own work (about one switch per core per iteration
+for blsshm at P = 4 on 2 cores).
 
 Placement.  By default the OS places the ranks of every backend (MPI runs
 with ``--bind-to none``), as in a real deployment.  On a loaded machine it
