@@ -3,11 +3,11 @@ import sys
 
 import numpy as np
 
-from blsshm.errors import BlsTypeError
+from blsshm.errors import BlsTypeError, BlsValueError
 
 
-def as_array(x, what):
-    """``(ndarray, was_torch)`` viewing a numpy array or CPU torch tensor."""
+def as_array(x, what, contiguous=True):
+    """``(ndarray, was_torch)`` viewing a numpy array or CPU torch tensor (a contiguous one, if ``contiguous``)."""
     if isinstance(x, np.ndarray):
         return x, False
     torch = sys.modules.get("torch")
@@ -17,6 +17,8 @@ def as_array(x, what):
         if x.layout != torch.strided:  # numpy's TypeError would blame the dtype
             raise BlsTypeError(f"{what} is a {x.layout} tensor; blsshm moves dense tensors only "
                                f"(call .to_dense() first)")
+        if contiguous and not x.is_contiguous():  # numpy's advice (ascontiguousarray) would be the wrong one
+            raise BlsValueError(f"{what} must be C-contiguous (call .contiguous() on the tensor)")
         try:
             return x.detach().numpy(), True
         except TypeError as exc:
@@ -30,7 +32,7 @@ def tensor_as_array(x, what):
     """A torch tensor viewed as numpy (as :func:`as_array`); anything else unchanged."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
-        return as_array(x, what)[0]
+        return as_array(x, what, contiguous=False)[0]
     return x
 
 

@@ -1574,10 +1574,10 @@ cdef class Core:
         return self.last_dtype_arg_resolved
 
     cdef int _check_post_order(self, int64_t t) except -1:
+        """The caller's errors in a post of ``t``; then (once its input is checked) _check_peers_for_post."""
         self._check_open()
         if t < 0 or <uint64_t>t != self.next_post:
             raise BlsValueError(f"post({t}) called, but the next iteration to post is {self.next_post}")
-        self._check_peers_for_post(t)
         return 0
 
     cdef int _check_peers_for_post(self, uint64_t t) except -1:
@@ -1791,6 +1791,7 @@ cdef class Core:
             raise BlsValueError(
                 f"send_counts add up to {sum([self.counts[q] for q in range(self.size)])} elements "
                 f"but send holds {cnp.PyArray_SIZE(send)}")
+        self._check_peers_for_post(t)  # after the input: bad input is the caller's error, whatever the peers did
         self._reserve_blocks(t, nbytes, itemsize, self._timeout_ns(timeout), deadline_ns, blocking)
         cdef char* src = <char*>cnp.PyArray_DATA(send)
         if nbytes >= NOGIL_COPY_BYTES:
@@ -1838,6 +1839,7 @@ cdef class Core:
         cdef cnp.dtype dtype = self._resolve_dtype(dtype_arg)
         cdef uint64_t nbytes
         self._parse_counts(send_counts, dtype.itemsize, &nbytes)
+        self._check_peers_for_post(t)
         self._reserve_blocks(t, nbytes, dtype.itemsize, self._timeout_ns(timeout), deadline_ns)
         self.slot_dtype[self._slot(t)] = dtype
         try:
@@ -2014,12 +2016,15 @@ cdef class Core:
                     recv = recv.view(np.ndarray)
                 recv = recv.reshape(-1)[:total // itemsize]
         cdef char* dst = <char*>cnp.PyArray_DATA(recv)
+        # Before the gather, which consumes a deferred own block: if this
+        # raised (MemoryError) after it, a retried complete(t) would read
+        # that block from a record it was never copied to.
+        counts = self._recv_counts(itemsize)
         if total >= NOGIL_COPY_BYTES:
             with nogil:
                 self._gather(dst)
         else:
             self._gather(dst)
-        counts = self._recv_counts(itemsize)  # before t is marked completed: it may raise
         self._finish(t, total)
         return recv, counts
 
@@ -2235,7 +2240,11 @@ cdef class Core:
         Same arguments and result as :meth:`post` and :meth:`complete`;
         ``timeout`` bounds the whole call, its post's waits and its
         complete's together.  With ``lag = 0`` this is an ordinary
-        synchronous alltoallv.  ``out``'s
+        synchronous alltoallv: it returns only once every rank has posted
+        ``t``.  Its post, like an eager MPI send, waits only for this
+        sender's slot (two at lag 0), so it may publish ``t`` while a peer
+        still receives ``t - 1``; a split ``post(t)`` would wait for that.
+        A timeout in its second half leaves ``t`` so published.  ``out``'s
         dtype is checked before posting; its size only once the blocks have
         arrived (their sizes are the senders'): if it is too small, the
         iteration stays posted and ``complete(t)`` with room enough ends it.
@@ -2389,9 +2398,13 @@ cdef class PostViews:
         self.views = ()
 
     def __enter__(self):
+        # The call's deadline serves the first entry only: a retry after a
+        # timeout gets a timeout of its own, not one already spent.
+        cdef int64_t deadline_ns = self.deadline_ns
+        self.deadline_ns = NO_DEADLINE_YET
         self.comm.busy += 1
         try:
-            views = self.comm._zc_reserve(self.t, self.counts, self.dtype, self.timeout, &self.deadline_ns)
+            views = self.comm._zc_reserve(self.t, self.counts, self.dtype, self.timeout, &deadline_ns)
         finally:
             self.comm._leave()
         self.views = tuple(views)
@@ -2424,9 +2437,11 @@ cdef class CompleteViews:
         self.comm, self.t, self.timeout, self.deadline_ns = comm, t, timeout, deadline_ns
 
     def __enter__(self):
+        cdef int64_t deadline_ns = self.deadline_ns  # as PostViews's
+        self.deadline_ns = NO_DEADLINE_YET
         self.comm.busy += 1
         try:
-            return self.comm._zc_acquire(self.t, self.timeout, &self.deadline_ns)
+            return self.comm._zc_acquire(self.t, self.timeout, &deadline_ns)
         finally:
             self.comm._leave()
 

@@ -796,3 +796,27 @@ def test_spawn_aborts_the_others_when_a_rank_dies_before_attaching(tmp_path):
     for name in survivors:
         text = (tmp_path / name).read_text()
         assert text.startswith(f"{dead}: ") and "it ended (exit code 7) without attaching" in text, text
+
+
+def _bad_input_after_a_peer_left(comm):
+    comm.alltoallv(np.arange(2, dtype=np.float32), [1, 1])
+    if comm.rank == 1:
+        return None  # closes
+    wait_until_a_rank_closed(comm)
+    seen = []
+    for label, call in [("bool counts", lambda: comm.post(1, np.zeros(4, np.float32), [True, 3])),
+                        ("zero copy, negative count", lambda: comm.post_views(1, [1, -2]).__enter__()),
+                        ("good input", lambda: comm.post(1, np.zeros(4, np.float32), [2, 2]))]:
+        try:
+            call()
+            seen.append((label, "no error"))
+        except blsshm.BlsError as exc:
+            seen.append((label, type(exc).__name__))
+    return seen
+
+
+def test_bad_input_is_named_as_such_even_after_a_peer_left():
+    """DESIGN §5: the caller's mistake is reported as one, not hidden behind a peer's departure."""
+    seen = blsshm.spawn(_bad_input_after_a_peer_left, 2)[0]
+    assert seen == [("bool counts", "BlsTypeError"), ("zero copy, negative count", "BlsValueError"),
+                    ("good input", "PeerLostError")]

@@ -49,8 +49,13 @@ def test_unsupported_tensors_are_named():
     with blsshm.Comm.create(1) as comm:
         with pytest.raises(blsshm.BlsTypeError, match="bfloat16"):
             comm.alltoallv(torch.zeros(2, dtype=torch.bfloat16), [2])
-        with pytest.raises(blsshm.BlsValueError, match="contiguous"):
+        with pytest.raises(blsshm.BlsValueError, match=r"contiguous \(call \.contiguous\(\) on the tensor\)"):
             comm.alltoallv(torch.zeros(4, 4).t(), [16])
+        with pytest.raises(blsshm.BlsValueError, match=r"out must be C-contiguous \(call \.contiguous"):
+            comm.alltoallv(torch.zeros(16), [16], out=torch.zeros(4, 4).t())
+        # Counts need no contiguity: a strided tensor of them is fine.
+        recv, counts = comm.alltoallv(torch.zeros(3), torch.tensor([3, 9])[::2])
+        assert counts.tolist() == [3]
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")

@@ -251,3 +251,46 @@ def test_sleeping_waits_are_woken_by_fenced_and_fence_free_ranks(fence_free):
     expected_flags = [int(available and r in fence_free) for r in range(3)]
     assert all(value[0] == expected_flags for _, value in results.values()), results
     assert sum(value[1] for _, value in results.values()) > 0  # the sleeping path ran
+
+
+def _retry_one_views_object(comm, kind):
+    """Rank 1 is late (with its complete(0) or its post(0)); rank 0 retries one views object until it goes."""
+    one = np.ones(2, np.int64)
+    comm.post(0, one * (comm.rank + 1), [1, 1])
+    if comm.rank == 1:
+        # At lag 0, post_views(1) waits for rank 1's complete(0); complete_views(1) for its post(1).
+        if kind == "post_views":
+            time.sleep(SLOW_RANK_DELAY_S)
+        comm.complete(0)
+        if kind == "complete_views":
+            time.sleep(SLOW_RANK_DELAY_S)
+        comm.post(1, one * 3, [1, 1])
+        return comm.complete(1)[0].tolist()
+    comm.complete(0)
+    if kind == "post_views":
+        views = comm.post_views(1, [1, 1], np.int64, timeout=0.1)
+    else:
+        comm.post(1, one * 7, [1, 1])
+        views = comm.complete_views(1, timeout=0.1)
+    timeouts = 0
+    while True:
+        try:
+            with views as got:
+                if kind == "post_views":
+                    for v in got:
+                        v[:] = 7
+                    break
+                return timeouts, [v.tolist() for v in got]
+        except blsshm.BlsTimeoutError:
+            timeouts += 1
+    return timeouts, comm.complete(1)[0].tolist()
+
+
+@pytest.mark.parametrize("kind", ["post_views", "complete_views"])
+def test_a_views_object_retried_after_a_timeout_waits_again(kind):
+    """Each entry of a views object gets its own timeout: a retry after one waits again
+    (it used to find the first entry's deadline spent and time out at once, over and over)."""
+    (timeouts, got), of_rank_1 = blsshm.spawn(_retry_one_views_object, 2, args=(kind,))
+    assert (got, of_rank_1) == (([7, 3] if kind == "post_views" else [[7], [3]]), [7, 3])
+    # 0.5 s late at 0.1 s per try: a handful, where an instant timeout made thousands.
+    assert 1 <= timeouts <= 20
