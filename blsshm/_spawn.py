@@ -7,6 +7,7 @@ import multiprocessing.forkserver
 import numbers
 import os
 import pickle
+import resource
 import select
 import signal
 import sys
@@ -55,9 +56,9 @@ def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running):
     _line_buffered()
     try:
         if sigint_handler is not None:  # shielded from Ctrl-C while starting (see _shield_sigint)
-            signal.signal(signal.SIGINT, sigint_handler)
+            signal.signal(signal.SIGINT, _noting_sigint(sigint_handler, running, rank))
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked, if forked
-        running[rank] = 1  # from now on a terminal's Ctrl-C reaches ``target``
+        running[rank] = RUNNING  # from now on a terminal's Ctrl-C reaches ``target``
         result = target(rank, *args)
         try:
             # Plain pickle, not conn.send's ForkingPickler: torch registers
@@ -74,6 +75,43 @@ def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running):
                                      pickle.HIGHEST_PROTOCOL))
     finally:
         conn.close()
+
+
+#: States of a rank in ``_run_ranks``'s shared ``running`` array.
+RUNNING = 1        # running ``target``: a Ctrl-C reaches it
+GOT_SIGINT = 2     # and its SIGINT handler has run once at least
+#: How long a Ctrl-C to the parent waits for the ranks' handlers to show
+#: theirs before it is passed on to the ranks that showed none.
+SIGINT_SEEN_WAIT_S = 0.1
+
+
+def _noting_sigint(handler, running, rank):
+    """``handler`` (a rank's SIGINT handler), made to note first that the rank got one.
+
+    The parent then knows whether a Ctrl-C it got reached the ranks too (a
+    terminal's, sent to the process group) or not (``kill -INT`` of the
+    parent, a notebook's interrupt), and passes it on only in that case.
+    """
+    if not callable(handler):
+        return handler
+
+    def noting(signum, frame):
+        running[rank] = GOT_SIGINT
+        return handler(signum, frame)
+    return noting
+
+
+def _pass_on_sigint(pidfds, running):
+    """Send SIGINT to the ranks running ``target`` whose handlers showed no Ctrl-C within SIGINT_SEEN_WAIT_S.
+
+    A rank busy in a long C call runs its handler late and may get a
+    second SIGINT (Python merges it with the first unless the first was
+    already handled), or one that replaced our handler gets one it had.
+    """
+    deadline = time.monotonic() + SIGINT_SEEN_WAIT_S
+    while any(running[r] == RUNNING for r in range(len(pidfds))) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    signal_pidfds([fd for r, fd in enumerate(pidfds) if running[r] == RUNNING and fd >= 0], signal.SIGINT)
 
 
 def _portable(exc, rank):
@@ -110,7 +148,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     :class:`PeerLostError`, at once even if the failed rank never
     attached), then SIGTERM, and SIGKILL 2 s later, each with the processes
     it started (``grace=math.inf`` lets them take as long as they need).
-    A Ctrl-C (which a terminal sends the ranks too) gives them
+    A Ctrl-C (which a terminal sends the ranks too; one sent to this
+    process alone is passed on to them) gives them
     ``grace`` seconds to act on it, then raises here; a second one kills
     them at once.  Processes are always reaped and the segment always
     removed, whatever happens.  A rank's stdout and stderr write whole lines
@@ -173,6 +212,7 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
 def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
     """:func:`run_ranks` with checked arguments; ``on_failure(rank, why)`` hears of each failed rank."""
     ctx: Any = multiprocessing.get_context(start_method)  # typeshed's BaseContext has no Process
+    _make_room_for_descriptors(nprocs)
     procs: List[Any] = []
     conns: List[Any] = []
     pidfds: List[int] = []
@@ -201,7 +241,9 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
                 # A terminal's Ctrl-C reached the ranks too (our process group):
                 # those running ``target`` get ``grace`` to act on it, as the
                 # launcher's get theirs.  One still starting ignored it: stopped now.
+                # One that reached only us is passed on to them.
                 interrupted = True
+                _pass_on_sigint(pidfds, running)
                 raise
         finally:
             let_finish = reported | ({r for r in range(len(procs)) if running[r]} if interrupted else set())
@@ -218,6 +260,35 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
                 for fd in pidfds:
                     if fd >= 0:
                         os.close(fd)
+
+
+#: Descriptors this process holds per rank while they run: the result
+#: pipe's end, a pidfd, and the two pipe ends multiprocessing keeps (30 ranks
+#: peaked at 4.07 each); a few more while one starts.
+FDS_PER_RANK = 4
+FDS_SPARE = 8
+
+
+def _make_room_for_descriptors(nprocs):
+    """Raise the soft limit on open files toward the hard one if the ranks need more; else a clear error.
+
+    Past the limit, a start failed halfway with a bare ``OSError: Too many
+    open files`` (at about 250 ranks under the usual 1024).
+    """
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return  # cannot tell: let the starts say it
+    needed = in_use + FDS_PER_RANK * nprocs + FDS_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or needed <= hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+            return
+    raise BlsValueError(f"{nprocs} ranks need about {needed} open files in this process, more than its "
+                        f"limit of {soft} (hard limit {hard}): raise it (ulimit -n) or start fewer ranks")
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ import errno
 import multiprocessing
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -405,15 +406,21 @@ if __name__ == "__main__":
 """
 
 
-def _ctrl_c_to_a_spawning_program(tmp_path, script, ready):
-    """Run ``script`` as a terminal would, Ctrl-C it once ``ready(its stdout)`` returned; ``(out, err)``."""
+def _ctrl_c_to_a_spawning_program(tmp_path, script, ready, only_the_parent=False):
+    """Run ``script`` as a terminal would, Ctrl-C it once ``ready(its stdout)`` returned; ``(out, err)``.
+
+    ``only_the_parent``: SIGINT to the parent alone, as ``kill -INT`` or a notebook's interrupt sends it.
+    """
     path = tmp_path / "prog.py"
     path.write_text(script)
     parent = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, start_new_session=True)
     try:
         ready(parent.stdout)
-        os.killpg(parent.pid, signal.SIGINT)  # the terminal's Ctrl-C: parent and ranks
+        if only_the_parent:
+            os.kill(parent.pid, signal.SIGINT)
+        else:
+            os.killpg(parent.pid, signal.SIGINT)  # the terminal's Ctrl-C: parent and ranks
         return parent.communicate(timeout=40)
     finally:
         if parent.poll() is None:
@@ -421,12 +428,16 @@ def _ctrl_c_to_a_spawning_program(tmp_path, script, ready):
             parent.wait()
 
 
-def test_spawn_gives_ranks_the_grace_period_to_act_on_a_ctrl_c(tmp_path):
+@pytest.mark.parametrize("only_the_parent", [False, True], ids=["terminal", "parent only"])
+def test_spawn_gives_ranks_the_grace_period_to_act_on_a_ctrl_c(tmp_path, only_the_parent):
     # The parent's KeyboardInterrupt terminated every rank at once, in the
-    # middle of the clean-up its handler was doing.
+    # middle of the clean-up its handler was doing.  A Ctrl-C that reached
+    # only the parent was not passed on: the ranks ran on until the grace
+    # period ended, then were stopped without one (for ever with grace=inf).
+    # Each rank saves once: one that got the terminal's gets no second.
     def ready(stdout):
         assert sorted(stdout.readline() for _ in range(2)) == ["rank 0 ready\n", "rank 1 ready\n"]
-    out, err = _ctrl_c_to_a_spawning_program(tmp_path, SPAWN_CTRL_C, ready)
+    out, err = _ctrl_c_to_a_spawning_program(tmp_path, SPAWN_CTRL_C, ready, only_the_parent)
     lines = out.splitlines()
     assert sorted(lines[:2]) == ["rank 0 saved", "rank 1 saved"] and lines[2:] == ["spawn raised KeyboardInterrupt"], \
         out + err
@@ -1593,3 +1604,36 @@ def test_ranks_write_unbuffered_except_to_a_terminal(tmp_path, stdout):
             os.close(writer)
     assert proc.returncode == 0, proc.stderr
     assert out == ("0 1\n" if stdout == "pipe" else "0 None\n")
+
+
+MANY_RANKS = r"""
+import resource, sys
+import blsshm
+
+def rank_main(rank):
+    return rank
+
+if __name__ == "__main__":
+    try:
+        print(blsshm.run_ranks(rank_main, 30) == list(range(30)), flush=True)
+    except blsshm.BlsValueError as exc:
+        print(f"BlsValueError: {exc}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("hard", [4096, 80])
+def test_many_ranks_under_a_low_open_files_limit(tmp_path, hard):
+    """30 ranks need about 130 descriptors in the parent: a soft limit of 64 is raised when the hard
+    one allows it, else a clear error names the limit (it was a bare OSError halfway through the starts)."""
+    path = tmp_path / "many.py"
+    path.write_text(MANY_RANKS)
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60,
+                         preexec_fn=low_limit).stdout
+    if hard == 4096:
+        assert out == "True\n"
+    else:
+        assert out.startswith("BlsValueError: 30 ranks need about") and "limit of 64 (hard limit 80)" in out \
+            and "ulimit -n" in out, out
