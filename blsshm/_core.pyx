@@ -1574,7 +1574,11 @@ cdef class Core:
         return self.last_dtype_arg_resolved
 
     cdef int _check_post_order(self, int64_t t) except -1:
-        """The caller's errors in a post of ``t``; then (once its input is checked) _check_peers_for_post."""
+        """Refuse a post of ``t`` out of order or on a closed or aborted communicator.
+
+        The caller checks its input next, and only then _check_peers_for_post:
+        bad input is named as such even when a peer has left.
+        """
         self._check_open()
         if t < 0 or <uint64_t>t != self.next_post:
             raise BlsValueError(f"post({t}) called, but the next iteration to post is {self.next_post}")
@@ -1791,7 +1795,7 @@ cdef class Core:
             raise BlsValueError(
                 f"send_counts add up to {sum([self.counts[q] for q in range(self.size)])} elements "
                 f"but send holds {cnp.PyArray_SIZE(send)}")
-        self._check_peers_for_post(t)  # after the input: bad input is the caller's error, whatever the peers did
+        self._check_peers_for_post(t)  # after the input checks (see _check_post_order)
         self._reserve_blocks(t, nbytes, itemsize, self._timeout_ns(timeout), deadline_ns, blocking)
         cdef char* src = <char*>cnp.PyArray_DATA(send)
         if nbytes >= NOGIL_COPY_BYTES:

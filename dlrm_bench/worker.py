@@ -8,8 +8,9 @@ Per iteration (one global batch) a rank
 2. starts the exchange of the blocks (the alltoallv);
 3. runs the bottom MLP on its own slice of the dense features while its
    peers' blocks arrive;
-4. waits for them, gathers the blocks it received into ``(b, tables, d)`` in global table
-   order, runs the interaction and the top MLP: its slice's predictions.
+4. waits for them, gathers the blocks it received into ``(b, tables, d)``
+   in global table order, runs the interaction and the top MLP: its
+   slice's predictions.
 
 With ``--backend bls`` the exchange is a bounded-lag pipeline:
 ``post(t)`` (the lookup writes into blsshm's zero-copy send views), then

@@ -223,24 +223,19 @@ def time_loop(step, warmup, iters, before=None, clock=time.perf_counter_ns, repo
     # which this replaced, added about 0.1 us).
     ns = []
     record = ns.append
-    if reports_own_work:
+    if before is None and not reports_own_work:
+        for _ in range(iters):
+            t0 = clock()
+            step()
+            record(clock() - t0)
+    else:  # steps aligned at a barrier: its exit, not this loop, sets when they start
         for _ in range(iters):
             if before is not None:
                 before()
             t0 = clock()
             own_work = step()
-            record(clock() - t0 - own_work)
-    elif before is None:
-        for _ in range(iters):
-            t0 = clock()
-            step()
-            record(clock() - t0)
-    else:
-        for _ in range(iters):
-            before()
-            t0 = clock()
-            step()
-            record(clock() - t0)
+            elapsed = clock() - t0
+            record(elapsed - own_work if reports_own_work else elapsed)
     return np.array(ns, np.int64)
 
 
