@@ -53,6 +53,7 @@ def _line_buffered():
 
 def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running):
     die_with_parent(parent_pid)()
+    _default_termination_signals()  # a forked rank inherited the parent's (see _stopping_ranks_on_termination)
     _line_buffered()
     try:
         if sigint_handler is not None:  # shielded from Ctrl-C while starting (see _shield_sigint)
@@ -114,6 +115,63 @@ def _pass_on_sigint(pidfds, running):
     signal_pidfds([fd for r, fd in enumerate(pidfds) if running[r] == RUNNING and fd >= 0], signal.SIGINT)
 
 
+#: Signals that end a process by default, which a service manager, ``docker
+#: stop``, ``kill`` or a closed terminal send to the parent alone.
+TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class _Terminated(BaseException):
+    """A termination signal arrived while ranks ran (see ``_stopping_ranks_on_termination``)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(signum)
+
+
+def _default_termination_signals():
+    """Give the termination signals back their default action in a rank forked with our handler."""
+    for signum in TERMINATION_SIGNALS:
+        if signal.getsignal(signum) is _raise_terminated:
+            signal.signal(signum, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _stopping_ranks_on_termination():
+    """While ranks run, end this process on SIGTERM or SIGHUP only once they are stopped and cleaned up.
+
+    At their default, these signals ended the parent at once: the ranks
+    then died of their parent-death SIGKILL, with no chance to act, and
+    what they started (DataLoader workers) ran on.  Now the signal raises
+    ``_Terminated`` here, the clean-up stops each rank with what it started
+    (SIGTERM now, SIGKILL 2 s later) and removes the segment, and then the
+    signal is taken again at its default, so the exit status still says
+    what ended the process.  A handler the program installed is left alone:
+    it decides.  Only in the main thread, where handlers run.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ours = [s for s in TERMINATION_SIGNALS if signal.getsignal(s) == signal.SIG_DFL]
+    for signum in ours:
+        signal.signal(signum, _raise_terminated)
+    received = None
+    try:
+        yield
+    except _Terminated as exc:
+        received = exc.signum
+    finally:
+        for signum in ours:
+            signal.signal(signum, signal.SIG_DFL)
+    if received is not None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {received})
+        os.kill(os.getpid(), received)  # delivered before kill returns: the process ends here
+        raise SystemExit(128 + received)  # not reached
+
+
 def _portable(exc, rank):
     """``exc`` as the parent should get it: one that survives pickling, and no ``SystemExit``.
 
@@ -151,8 +209,11 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     A Ctrl-C (which a terminal sends the ranks too; one sent to this
     process alone is passed on to them) gives them
     ``grace`` seconds to act on it, then raises here; a second one kills
-    them at once.  Processes are always reaped and the segment always
-    removed, whatever happens.  A rank's stdout and stderr write whole lines
+    them at once.  SIGTERM or SIGHUP to this process, if it left them at
+    their default, first stops the ranks (SIGTERM, SIGKILL 2 s later) with
+    what they started and removes the segment, then ends it as they would
+    have.  Processes are always reaped and the segment always removed,
+    whatever happens.  A rank's stdout and stderr write whole lines
     (line buffered), so what it printed survives its being stopped.
     ``timeout`` is the communicator's default wait timeout;
     ``start_method`` is a multiprocessing start method (default: the
@@ -167,6 +228,12 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     _check_seconds("timeout", timeout)
     if spin_us is not None:
         _check_spin_us(spin_us)
+    with _stopping_ranks_on_termination():
+        return _spawn_with_segment(fn, nprocs, lag, arena_bytes, args, timeout, spin_us, start_method, grace)
+
+
+def _spawn_with_segment(fn, nprocs, lag, arena_bytes, args, timeout, spin_us, start_method, grace):
+    """:func:`spawn` with checked arguments: makes the segment, runs the ranks, removes it."""
     name = segment.create(nprocs, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes), reaped=True)
     observer = None
     try:
@@ -200,13 +267,16 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
 
     The process half of :func:`spawn`, for programs that bring their own
     transport (a torch.distributed comparison, say): results in rank order,
-    the root-cause failure re-raised with its rank, every process reaped.
+    the root-cause failure re-raised with its rank, every process reaped
+    (also on SIGTERM or SIGHUP, as :func:`spawn`).
     """
     if not callable(target):
         raise BlsTypeError(f"target must be callable, got {type(target).__name__}")
     nprocs = _check_nprocs(nprocs)
     grace = _check_grace(grace)
-    return _run_ranks(target, nprocs, _check_args(args), start_method, grace, None)
+    args = _check_args(args)
+    with _stopping_ranks_on_termination():
+        return _run_ranks(target, nprocs, args, start_method, grace, None)
 
 
 def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
@@ -218,7 +288,7 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
     pidfds: List[int] = []
     reported: Set[int] = set()  # ranks whose outcome arrived (filled by _collect)
     running = ctx.RawArray("b", nprocs)  # 1 once a rank runs ``target`` (Ctrl-C no longer shielded)
-    interrupted = False
+    interrupted = terminated = False
     with _reaping_our_children():  # the ranks' exit statuses are ours to collect
         try:
             with _shield_sigint(ctx) as sigint_handler:
@@ -245,10 +315,13 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
                 interrupted = True
                 _pass_on_sigint(pidfds, running)
                 raise
+            except _Terminated:
+                terminated = True  # no grace: whoever sent it will not wait long
+                raise
         finally:
             let_finish = reported | ({r for r in range(len(procs)) if running[r]} if interrupted else set())
             try:
-                _stop_ranks(procs, let_finish, grace)
+                _stop_ranks(procs, let_finish, 0.0 if terminated else grace)
             except BaseException:
                 # A second Ctrl-C while we waited for them means "now" (as in the
                 # launcher): no rank may outlive the call, the caller may live on.

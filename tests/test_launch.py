@@ -523,6 +523,58 @@ def test_eight_ranks_on_two_cores_finish():
     assert [done for done, _ in results] == [2000] * 8
 
 
+SPAWN_TERMINATED = r"""
+import os, signal, subprocess, sys, time
+import blsshm
+
+def rank_main(comm, pid_file):
+    if comm.rank == 0:
+        def save(signum, frame):
+            print("rank 0 got SIGTERM")  # line buffered: written before it exits
+            sys.exit(1)
+        signal.signal(signal.SIGTERM, save)
+    else:
+        child = subprocess.Popen(["sleep", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # a worker
+        with open(pid_file, "w") as f:
+            f.write(str(child.pid))
+    os.write(1, f"rank {comm.rank} ready\n".encode())
+    while True:
+        time.sleep(0.05)
+
+if __name__ == "__main__":
+    blsshm.spawn(rank_main, 2, args=(sys.argv[1],), grace=30)
+    print("spawn returned")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_termination_signal_to_the_spawning_process_stops_the_ranks_first(tmp_path, signum):
+    # docker stop, a service manager or kill: the parent died at once, the
+    # ranks died of their parent-death SIGKILL (rank 0 never got to act), and
+    # the child rank 1 started ran on.  Now the ranks are stopped as after a
+    # failure, and the parent then dies of the signal it got.
+    path, pid_file = tmp_path / "prog.py", tmp_path / "pid"
+    path.write_text(SPAWN_TERMINATED)
+    parent = subprocess.Popen([sys.executable, str(path), str(pid_file)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        ready = sorted(parent.stdout.readline() for _ in range(2))
+        assert ready == ["rank 0 ready\n", "rank 1 ready\n"], ready
+        parent.send_signal(signum)  # to the parent alone
+        out, err = parent.communicate(timeout=40)
+        child = int(pid_file.read_text())
+        deadline = time.monotonic() + 20  # it got SIGTERM before the parent ended; it dies when scheduled
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _alive(child), "the child rank 1 started outlived the terminated spawn"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group outlives a parent that died first
+            os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+    assert parent.returncode == -signum, out + err
+    assert out == "rank 0 got SIGTERM\n", out + err
+
+
 def _alive(pid):
     """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
     try:
