@@ -208,3 +208,21 @@ def find_mpirun():
     """Path of ``mpirun``, looking first beside this Python (a pip-installed Open MPI lives there)."""
     here = os.path.dirname(sys.executable)
     return shutil.which("mpirun", path=here + os.pathsep + os.environ.get("PATH", ""))
+
+
+def die_of(signum):
+    """End this process by ``signum``'s default action, so a calling shell or loop knows what stopped it.
+
+    Standard streams are flushed first: a signal's default action would
+    lose what they buffer.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # None: started with that descriptor closed
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    os.kill(os.getpid(), signum)  # to this thread, unblocked: delivered before kill returns
+    sys.exit(128 + signum)  # not reached

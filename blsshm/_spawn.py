@@ -17,7 +17,7 @@ import traceback
 from typing import Any, Callable, List, Optional, Sequence, Set
 
 from blsshm import _core, segment
-from blsshm._proc import GRACE_S, TERM_WAIT_S, descendants, describe_exit, die_with_parent, signal_pidfds
+from blsshm._proc import GRACE_S, TERM_WAIT_S, descendants, describe_exit, die_of, die_with_parent, signal_pidfds
 from blsshm._core import MAX_RANKS
 from blsshm.comm import DEFAULT_ARENA_BYTES, Comm, _check_int, _check_seconds, _check_spin_us
 from blsshm.errors import BlsError, BlsTypeError, BlsValueError, CommAborted, RankFailedError
@@ -51,9 +51,9 @@ def _line_buffered():
             pass
 
 
-def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running):
+def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running, termination_blocked):
     die_with_parent(parent_pid)()
-    _default_termination_signals()  # a forked rank inherited the parent's (see _stopping_ranks_on_termination)
+    _default_termination_signals(termination_blocked)  # as the parent started us (see _run_ranks)
     _line_buffered()
     try:
         if sigint_handler is not None:  # shielded from Ctrl-C while starting (see _shield_sigint)
@@ -115,8 +115,8 @@ def _pass_on_sigint(pidfds, running):
     signal_pidfds([fd for r, fd in enumerate(pidfds) if running[r] == RUNNING and fd >= 0], signal.SIGINT)
 
 
-#: Signals that end a process by default, which a service manager, ``docker
-#: stop``, ``kill`` or a closed terminal send to the parent alone.
+#: Signals that end a process by default: a service manager's or ``docker
+#: stop``'s SIGTERM, or ``kill``'s, may reach the parent alone.
 TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
@@ -128,15 +128,49 @@ class _Terminated(BaseException):
         self.signum = signum
 
 
-def _raise_terminated(signum, frame):
-    raise _Terminated(signum)
+class _TerminationHandler:
+    """The handler of the termination signals while ranks run: notes the first and raises ``_Terminated`` once.
+
+    Once: a second one (a closed terminal's SIGHUP after a SIGTERM) must
+    not cut the clean-up the first started short; the process ends anyway.
+    """
+
+    def __init__(self):
+        self.received = None
+
+    def __call__(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+            raise _Terminated(signum)
 
 
-def _default_termination_signals():
-    """Give the termination signals back their default action in a rank forked with our handler."""
+def _ours_blocked():
+    """The termination signals our handler has (blocked while ranks start)."""
+    return {s for s in TERMINATION_SIGNALS if isinstance(signal.getsignal(s), _TerminationHandler)}
+
+
+def _default_termination_signals(blocked):
+    """In a rank: our handler (inherited by a fork) back to the default, then ``blocked`` unblocked.
+
+    In that order, so a signal that came while the rank started ends it,
+    as it would have ended a rank with nothing inherited.
+    """
     for signum in TERMINATION_SIGNALS:
-        if signal.getsignal(signum) is _raise_terminated:
+        if isinstance(signal.getsignal(signum), _TerminationHandler):
             signal.signal(signum, signal.SIG_DFL)
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+
+
+@contextlib.contextmanager
+def _blocking(signals):
+    """Block ``signals`` (they wait) for the duration."""
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals) if signals else None
+    try:
+        yield
+    finally:
+        if old_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 @contextlib.contextmanager
@@ -145,31 +179,33 @@ def _stopping_ranks_on_termination():
 
     At their default, these signals ended the parent at once: the ranks
     then died of their parent-death SIGKILL, with no chance to act, and
-    what they started (DataLoader workers) ran on.  Now the signal raises
-    ``_Terminated`` here, the clean-up stops each rank with what it started
-    (SIGTERM now, SIGKILL 2 s later) and removes the segment, and then the
-    signal is taken again at its default, so the exit status still says
-    what ended the process.  A handler the program installed is left alone:
-    it decides.  Only in the main thread, where handlers run.
+    what they started (DataLoader workers) ran on.  Now the first one
+    raises ``_Terminated`` here; the clean-up stops each rank with what it
+    started (SIGTERM at once, without the grace period, SIGKILL 2 s later)
+    and removes the segment, and then the process dies of the signal at
+    its default action, so its exit status says what ended it, whatever
+    else was raised meanwhile.  A handler the program installed, or
+    SIG_IGN, is left alone: it decides.  Only in the main thread, where
+    handlers run; processes forked meanwhile by other threads inherit the
+    handler (the ranks reset it).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    handler = _TerminationHandler()
     ours = [s for s in TERMINATION_SIGNALS if signal.getsignal(s) == signal.SIG_DFL]
     for signum in ours:
-        signal.signal(signum, _raise_terminated)
-    received = None
+        signal.signal(signum, handler)
     try:
         yield
-    except _Terminated as exc:
-        received = exc.signum
+    except _Terminated:
+        pass  # what it says is in handler.received
     finally:
-        for signum in ours:
-            signal.signal(signum, signal.SIG_DFL)
-    if received is not None:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {received})
-        os.kill(os.getpid(), received)  # delivered before kill returns: the process ends here
-        raise SystemExit(128 + received)  # not reached
+        with _blocking(set(ours)):  # one arriving now waits for the default action
+            for signum in ours:
+                signal.signal(signum, signal.SIG_DFL)
+            if handler.received is not None:
+                die_of(handler.received)
 
 
 def _portable(exc, rank):
@@ -210,9 +246,9 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     process alone is passed on to them) gives them
     ``grace`` seconds to act on it, then raises here; a second one kills
     them at once.  SIGTERM or SIGHUP to this process, if it left them at
-    their default, first stops the ranks (SIGTERM, SIGKILL 2 s later) with
-    what they started and removes the segment, then ends it as they would
-    have.  Processes are always reaped and the segment always removed,
+    their default and calls from the main thread, first stops the ranks
+    (SIGTERM, without the grace period; SIGKILL 2 s later) with what they
+    started and removes the segment, then ends it as they would have.  Processes are always reaped and the segment always removed,
     whatever happens.  A rank's stdout and stderr write whole lines
     (line buffered), so what it printed survives its being stopped.
     ``timeout`` is the communicator's default wait timeout;
@@ -288,16 +324,20 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
     pidfds: List[int] = []
     reported: Set[int] = set()  # ranks whose outcome arrived (filled by _collect)
     running = ctx.RawArray("b", nprocs)  # 1 once a rank runs ``target`` (Ctrl-C no longer shielded)
-    interrupted = terminated = False
+    interrupted = False
+    # A termination signal that comes while ranks start waits until each is
+    # in ``procs`` (see _stopping_ranks_on_termination); they unblock it.
+    ours = _ours_blocked()
     with _reaping_our_children():  # the ranks' exit statuses are ours to collect
         try:
-            with _shield_sigint(ctx) as sigint_handler:
+            with _shield_sigint(ctx) as sigint_handler, _blocking(ours):
                 for rank in range(nprocs):
                     parent_end, child_end = ctx.Pipe(duplex=False)
                     # Not a daemon, so a rank may start processes of its own (DataLoader
                     # workers); the finally below reaps every rank in any case.
                     proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}",
-                                       args=(target, rank, args, child_end, os.getpid(), sigint_handler, running))
+                                       args=(target, rank, args, child_end, os.getpid(), sigint_handler, running,
+                                             ours))
                     proc.start()
                     # Now, while it cannot have been reaped: the next start() reaps
                     # the children that exited, and a pid then names nobody, or another.
@@ -315,13 +355,15 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
                 interrupted = True
                 _pass_on_sigint(pidfds, running)
                 raise
-            except _Terminated:
-                terminated = True  # no grace: whoever sent it will not wait long
-                raise
         finally:
+            # Terminated: no grace period (whoever sent it will not wait long).
+            terminated = isinstance(sys.exc_info()[1], _Terminated)
             let_finish = reported | ({r for r in range(len(procs)) if running[r]} if interrupted else set())
             try:
                 _stop_ranks(procs, let_finish, 0.0 if terminated else grace)
+            except _Terminated:  # during the grace period: the ranks are stopped now, SIGTERM first
+                _stop_ranks(procs, set(), 0.0)
+                raise
             except BaseException:
                 # A second Ctrl-C while we waited for them means "now" (as in the
                 # launcher): no rank may outlive the call, the caller may live on.

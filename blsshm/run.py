@@ -53,7 +53,7 @@ import threading
 import time
 
 from blsshm import _core, segment
-from blsshm._proc import GRACE_S, STOP_TIMEOUT_S, TERM_WAIT_S, describe_exit, die_with_parent
+from blsshm._proc import GRACE_S, STOP_TIMEOUT_S, TERM_WAIT_S, describe_exit, die_of, die_with_parent
 from blsshm.comm import DEFAULT_ARENA_BYTES
 from blsshm.errors import BlsError
 
@@ -579,21 +579,8 @@ def _drain(relays, sinks, signals_seen):
             sink.broken = True
 
 
-def _die_of(signum):
-    """End this process by ``signum``'s default action, as a shell expects of an interrupted program."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:  # None: started with that descriptor closed
-                stream.flush()
-        except (OSError, ValueError):
-            pass
-    signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
-    os.kill(os.getpid(), signum)
-
-
 if __name__ == "__main__":
     exit_status, stop_signal = _launch(None)
     if stop_signal is not None:
-        _die_of(stop_signal)
+        die_of(stop_signal)
     sys.exit(exit_status)

@@ -37,13 +37,6 @@ def _interrupt_children():
             pass
 
 
-def _die_of(signum):
-    """End by ``signum`` itself, so a calling shell or loop knows it was interrupted, not finished."""
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-    sys.exit(128 + signum)  # not reached unless the signal is blocked
-
-
 if __name__ == "__main__":
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is not signal.SIG_IGN:  # under nohup, or `cmd &` in a script
@@ -57,5 +50,6 @@ if __name__ == "__main__":
             print(f"dlrm_bench: interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
         except OSError:  # the terminal that sent SIGHUP is gone
             pass
-        _die_of(signum)
+        from blsshm._proc import die_of
+        die_of(signum)
     sys.exit(status)

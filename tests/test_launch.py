@@ -575,6 +575,53 @@ def test_a_termination_signal_to_the_spawning_process_stops_the_ranks_first(tmp_
     assert out == "rank 0 got SIGTERM\n", out + err
 
 
+SPAWN_TERMINATED_IN_GRACE = r"""
+import os, signal, sys, time
+import blsshm
+
+def rank_main(comm):
+    def stop(signum, frame):
+        print(f"rank {comm.rank} got SIGTERM")
+        sys.exit(1)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        os.write(1, f"rank {comm.rank} ready\n".encode())
+        while True:
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        os.write(1, f"rank {comm.rank} saving\n".encode())
+        time.sleep(60)  # a long save: the parent waits for it in the grace period
+        raise
+
+if __name__ == "__main__":
+    blsshm.spawn(rank_main, 2, grace=60)
+"""
+
+
+def test_a_termination_signal_during_the_grace_period_still_lets_ranks_act_on_sigterm(tmp_path):
+    # It cut the wait for the ranks' grace period (after a Ctrl-C) short as a
+    # second Ctrl-C does: SIGKILL for every rank, and no chance to act.
+    path = tmp_path / "prog.py"
+    path.write_text(SPAWN_TERMINATED_IN_GRACE)
+    parent = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        ready = sorted(parent.stdout.readline() for _ in range(2))
+        assert ready == ["rank 0 ready\n", "rank 1 ready\n"], ready
+        os.killpg(parent.pid, signal.SIGINT)  # a terminal's Ctrl-C
+        saving = sorted(parent.stdout.readline() for _ in range(2))
+        assert saving == ["rank 0 saving\n", "rank 1 saving\n"], saving
+        time.sleep(0.5)  # the parent is in the ranks' 60 s of grace
+        parent.send_signal(signal.SIGTERM)
+        out, err = parent.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+    assert parent.returncode == -signal.SIGTERM, out + err
+    assert sorted(out.splitlines()) == ["rank 0 got SIGTERM", "rank 1 got SIGTERM"], out + err
+
+
 def _alive(pid):
     """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
     try:
