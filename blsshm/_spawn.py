@@ -51,9 +51,9 @@ def _line_buffered():
             pass
 
 
-def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running, termination_blocked):
+def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running):
     die_with_parent(parent_pid)()
-    _default_termination_signals(termination_blocked)  # as the parent started us (see _run_ranks)
+    _default_termination_signals()  # a forked rank inherited the parent's (see _run_ranks)
     _line_buffered()
     try:
         if sigint_handler is not None:  # shielded from Ctrl-C while starting (see _shield_sigint)
@@ -133,44 +133,59 @@ class _TerminationHandler:
 
     Once: a second one (a closed terminal's SIGHUP after a SIGTERM) must
     not cut the clean-up the first started short; the process ends anyway.
+    While ``holding`` (ranks starting: one raised inside a start would leave
+    a process outside ``procs``) it only notes it, for ``_holding_termination``
+    to raise.  No signal mask: a helper started meanwhile (the fork server,
+    the resource tracker) would keep it, and other threads would still get
+    the signal.  In a process forked meanwhile (a rank before it resets
+    the handler, or a child another thread forked) it is the default action.
     """
 
     def __init__(self):
+        self.pid = os.getpid()
         self.received = None
+        self.holding = False
 
     def __call__(self, signum, frame):
+        if os.getpid() != self.pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.received is None:
             self.received = signum
-            raise _Terminated(signum)
+            if not self.holding:
+                raise _Terminated(signum)
 
 
-def _ours_blocked():
-    """The termination signals our handler has (blocked while ranks start)."""
-    return {s for s in TERMINATION_SIGNALS if isinstance(signal.getsignal(s), _TerminationHandler)}
-
-
-def _default_termination_signals(blocked):
-    """In a rank: our handler (inherited by a fork) back to the default, then ``blocked`` unblocked.
-
-    In that order, so a signal that came while the rank started ends it,
-    as it would have ended a rank with nothing inherited.
-    """
+def _termination_handler():
+    """The ``_TerminationHandler`` this process's spawn or run_ranks installed, or None."""
     for signum in TERMINATION_SIGNALS:
-        if isinstance(signal.getsignal(signum), _TerminationHandler):
-            signal.signal(signum, signal.SIG_DFL)
-    if blocked:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        handler = signal.getsignal(signum)
+        if isinstance(handler, _TerminationHandler):
+            return handler
+    return None
 
 
 @contextlib.contextmanager
-def _blocking(signals):
-    """Block ``signals`` (they wait) for the duration."""
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals) if signals else None
+def _holding_termination(handler):
+    """While ranks start, a termination signal is only noted; raised once they are all in ``procs``."""
+    if handler is None:
+        yield
+        return
+    handler.holding = True
     try:
         yield
     finally:
-        if old_mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        handler.holding = False
+    if handler.received is not None:
+        raise _Terminated(handler.received)
+
+
+def _default_termination_signals():
+    """In a rank forked with our handler: the default action back."""
+    for signum in TERMINATION_SIGNALS:
+        if isinstance(signal.getsignal(signum), _TerminationHandler):
+            signal.signal(signum, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -186,26 +201,27 @@ def _stopping_ranks_on_termination():
     its default action, so its exit status says what ended it, whatever
     else was raised meanwhile.  A handler the program installed, or
     SIG_IGN, is left alone: it decides.  Only in the main thread, where
-    handlers run; processes forked meanwhile by other threads inherit the
-    handler (the ranks reset it).
+    handlers run.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     handler = _TerminationHandler()
-    ours = [s for s in TERMINATION_SIGNALS if signal.getsignal(s) == signal.SIG_DFL]
-    for signum in ours:
-        signal.signal(signum, handler)
-    try:
+    ours = []
+    try:  # from here: one that comes while the handler is being installed is handled too
+        for signum in TERMINATION_SIGNALS:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                signal.signal(signum, handler)
+                ours.append(signum)
         yield
     except _Terminated:
         pass  # what it says is in handler.received
     finally:
-        with _blocking(set(ours)):  # one arriving now waits for the default action
-            for signum in ours:
-                signal.signal(signum, signal.SIG_DFL)
-            if handler.received is not None:
-                die_of(handler.received)
+        handler.holding = True  # one that comes while the defaults are restored is only noted
+        for signum in ours:
+            signal.signal(signum, signal.SIG_DFL)
+        if handler.received is not None:
+            die_of(handler.received)
 
 
 def _portable(exc, rank):
@@ -248,8 +264,9 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     them at once.  SIGTERM or SIGHUP to this process, if it left them at
     their default and calls from the main thread, first stops the ranks
     (SIGTERM, without the grace period; SIGKILL 2 s later) with what they
-    started and removes the segment, then ends it as they would have.  Processes are always reaped and the segment always removed,
-    whatever happens.  A rank's stdout and stderr write whole lines
+    started and removes the segment, then ends it as they would have.
+    Processes are always reaped and the segment always removed, whatever
+    happens.  A rank's stdout and stderr write whole lines
     (line buffered), so what it printed survives its being stopped.
     ``timeout`` is the communicator's default wait timeout;
     ``start_method`` is a multiprocessing start method (default: the
@@ -325,19 +342,16 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
     reported: Set[int] = set()  # ranks whose outcome arrived (filled by _collect)
     running = ctx.RawArray("b", nprocs)  # 1 once a rank runs ``target`` (Ctrl-C no longer shielded)
     interrupted = False
-    # A termination signal that comes while ranks start waits until each is
-    # in ``procs`` (see _stopping_ranks_on_termination); they unblock it.
-    ours = _ours_blocked()
+    termination = _termination_handler()  # None unless spawn or run_ranks, in the main thread
     with _reaping_our_children():  # the ranks' exit statuses are ours to collect
         try:
-            with _shield_sigint(ctx) as sigint_handler, _blocking(ours):
+            with _shield_sigint(ctx) as sigint_handler, _holding_termination(termination):
                 for rank in range(nprocs):
                     parent_end, child_end = ctx.Pipe(duplex=False)
                     # Not a daemon, so a rank may start processes of its own (DataLoader
                     # workers); the finally below reaps every rank in any case.
                     proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}",
-                                       args=(target, rank, args, child_end, os.getpid(), sigint_handler, running,
-                                             ours))
+                                       args=(target, rank, args, child_end, os.getpid(), sigint_handler, running))
                     proc.start()
                     # Now, while it cannot have been reaped: the next start() reaps
                     # the children that exited, and a pid then names nobody, or another.
@@ -356,8 +370,9 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
                 _pass_on_sigint(pidfds, running)
                 raise
         finally:
-            # Terminated: no grace period (whoever sent it will not wait long).
-            terminated = isinstance(sys.exc_info()[1], _Terminated)
+            # Terminated (even if a Ctrl-C's KeyboardInterrupt replaced the
+            # exception): no grace period, whoever sent it will not wait long.
+            terminated = termination is not None and termination.received is not None
             let_finish = reported | ({r for r in range(len(procs)) if running[r]} if interrupted else set())
             try:
                 _stop_ranks(procs, let_finish, 0.0 if terminated else grace)

@@ -523,6 +523,21 @@ def test_eight_ranks_on_two_cores_finish():
     assert [done for done, _ in results] == [2000] * 8
 
 
+def _termination_signals_as_found(comm):
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    return [(signal.getsignal(s) == signal.SIG_DFL, s in blocked) for s in (signal.SIGTERM, signal.SIGHUP)]
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_ranks_and_the_caller_keep_termination_signals_at_their_default(start_method):
+    # While ranks run, spawn handles SIGTERM and SIGHUP (below); its ranks,
+    # forked with that handler or not, must not keep it (a rank would raise
+    # instead of dying), nor the caller once spawn returns.
+    results = blsshm.spawn(_termination_signals_as_found, 2, start_method=start_method)
+    assert results == [[(True, False), (True, False)]] * 2
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)] == [signal.SIG_DFL] * 2
+
+
 SPAWN_TERMINATED = r"""
 import os, signal, subprocess, sys, time
 import blsshm
