@@ -4,6 +4,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import numbers
 import os
 import pickle
@@ -522,6 +523,10 @@ def _shield_sigint(ctx):
     method = ctx.get_start_method()
     if method == "forkserver":  # started now, the server (and every child of it) would ignore SIGINT
         multiprocessing.forkserver.ensure_running()
+    elif method == "spawn":
+        # The first start would start the resource tracker, which unblocks
+        # SIGINT as it returns: a Ctrl-C during the other starts was lost.
+        multiprocessing.resource_tracker.ensure_running()
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

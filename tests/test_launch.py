@@ -443,6 +443,38 @@ def test_spawn_gives_ranks_the_grace_period_to_act_on_a_ctrl_c(tmp_path, only_th
         out + err
 
 
+SIGINT_MASK_WHILE_STARTING = r"""
+import multiprocessing.process, signal, sys
+import blsshm
+
+blocked = []
+start = multiprocessing.process.BaseProcess.start
+
+def noting_start(self):
+    start(self)
+    blocked.append(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+def rank_main(comm):
+    return comm.rank
+
+if __name__ == "__main__":
+    multiprocessing.process.BaseProcess.start = noting_start
+    blsshm.spawn(rank_main, 2, start_method=sys.argv[1])
+    print(blocked)
+"""
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_ctrl_c_stays_blocked_while_every_rank_starts(tmp_path, start_method):
+    # Under "spawn", a fresh program's first start started the resource
+    # tracker, which unblocks SIGINT on its way out: a Ctrl-C to the parent
+    # during the other starts was then ignored (the shield's SIG_IGN), lost.
+    path = tmp_path / "prog.py"
+    path.write_text(SIGINT_MASK_WHILE_STARTING)
+    done = subprocess.run([sys.executable, str(path), start_method], capture_output=True, text=True, timeout=60)
+    assert done.stdout == "[True, True]\n", done.stdout + done.stderr
+
+
 SPAWN_CTRL_C_WHILE_STARTING = r"""
 import os, sys, time
 import blsshm
