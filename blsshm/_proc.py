@@ -225,4 +225,4 @@ def die_of(signum):
     signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
     os.kill(os.getpid(), signum)  # to this thread, unblocked: delivered before kill returns
-    sys.exit(128 + signum)  # not reached
+    sys.exit(128 + signum)  # reached only where the kernel drops it: as PID 1 of a namespace

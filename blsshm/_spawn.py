@@ -158,15 +158,6 @@ class _TerminationHandler:
                 raise _Terminated(signum)
 
 
-def _termination_handler():
-    """The ``_TerminationHandler`` this process's spawn or run_ranks installed, or None."""
-    for signum in TERMINATION_SIGNALS:
-        handler = signal.getsignal(signum)
-        if isinstance(handler, _TerminationHandler):
-            return handler
-    return None
-
-
 @contextlib.contextmanager
 def _holding_termination(handler):
     """While ranks start, a termination signal is only noted; raised once they are all in ``procs``."""
@@ -202,10 +193,11 @@ def _stopping_ranks_on_termination():
     its default action, so its exit status says what ended it, whatever
     else was raised meanwhile.  A handler the program installed, or
     SIG_IGN, is left alone: it decides.  Only in the main thread, where
-    handlers run.
+    handlers run.  Yields the handler, for ``_run_ranks`` (None if not
+    installed).
     """
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield None
         return
     handler = _TerminationHandler()
     ours = []
@@ -214,7 +206,7 @@ def _stopping_ranks_on_termination():
             if signal.getsignal(signum) == signal.SIG_DFL:
                 signal.signal(signum, handler)
                 ours.append(signum)
-        yield
+        yield handler if ours else None
     except _Terminated:
         pass  # what it says is in handler.received
     finally:
@@ -282,11 +274,12 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     _check_seconds("timeout", timeout)
     if spin_us is not None:
         _check_spin_us(spin_us)
-    with _stopping_ranks_on_termination():
-        return _spawn_with_segment(fn, nprocs, lag, arena_bytes, args, timeout, spin_us, start_method, grace)
+    with _stopping_ranks_on_termination() as termination:
+        return _spawn_with_segment(fn, nprocs, lag, arena_bytes, args, timeout, spin_us, start_method, grace,
+                                   termination)
 
 
-def _spawn_with_segment(fn, nprocs, lag, arena_bytes, args, timeout, spin_us, start_method, grace):
+def _spawn_with_segment(fn, nprocs, lag, arena_bytes, args, timeout, spin_us, start_method, grace, termination):
     """:func:`spawn` with checked arguments: makes the segment, runs the ranks, removes it."""
     name = segment.create(nprocs, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes), reaped=True)
     observer = None
@@ -301,7 +294,7 @@ def _spawn_with_segment(fn, nprocs, lag, arena_bytes, args, timeout, spin_us, st
 
         comm_kwargs = dict(timeout=timeout, spin_us=spin_us)
         return _run_ranks(_with_comm, nprocs, (fn, name, comm_kwargs, args), start_method, grace,
-                          abort_if_unattached)
+                          abort_if_unattached, termination)
     finally:
         if observer is not None:
             observer.close()
@@ -329,12 +322,13 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
     nprocs = _check_nprocs(nprocs)
     grace = _check_grace(grace)
     args = _check_args(args)
-    with _stopping_ranks_on_termination():
-        return _run_ranks(target, nprocs, args, start_method, grace, None)
+    with _stopping_ranks_on_termination() as termination:
+        return _run_ranks(target, nprocs, args, start_method, grace, None, termination)
 
 
-def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
-    """:func:`run_ranks` with checked arguments; ``on_failure(rank, why)`` hears of each failed rank."""
+def _run_ranks(target, nprocs, args, start_method, grace, on_failure, termination):
+    """:func:`run_ranks` with checked arguments; ``on_failure(rank, why)`` hears of each failed rank,
+    ``termination`` (a ``_TerminationHandler`` or None) of SIGTERM and SIGHUP."""
     ctx: Any = multiprocessing.get_context(start_method)  # typeshed's BaseContext has no Process
     _make_room_for_descriptors(nprocs)
     procs: List[Any] = []
@@ -343,7 +337,6 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure):
     reported: Set[int] = set()  # ranks whose outcome arrived (filled by _collect)
     running = ctx.RawArray("b", nprocs)  # 1 once a rank runs ``target`` (Ctrl-C no longer shielded)
     interrupted = False
-    termination = _termination_handler()  # None unless spawn or run_ranks, in the main thread
     with _reaping_our_children():  # the ranks' exit statuses are ours to collect
         try:
             with _shield_sigint(ctx) as sigint_handler, _holding_termination(termination):

@@ -594,17 +594,29 @@ if __name__ == "__main__":
 """
 
 
+@contextlib.contextmanager
+def _program_in_own_session(tmp_path, script, *args):
+    """Run ``script`` (text) leading a session of its own; afterwards kill what is left of the session."""
+    path = tmp_path / "prog.py"
+    path.write_text(script)
+    parent = subprocess.Popen([sys.executable, str(path), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        yield parent
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group outlives a parent that died first
+            os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_termination_signal_to_the_spawning_process_stops_the_ranks_first(tmp_path, signum):
     # docker stop, a service manager or kill: the parent died at once, the
     # ranks died of their parent-death SIGKILL (rank 0 never got to act), and
     # the child rank 1 started ran on.  Now the ranks are stopped as after a
     # failure, and the parent then dies of the signal it got.
-    path, pid_file = tmp_path / "prog.py", tmp_path / "pid"
-    path.write_text(SPAWN_TERMINATED)
-    parent = subprocess.Popen([sys.executable, str(path), str(pid_file)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
+    pid_file = tmp_path / "pid"
+    with _program_in_own_session(tmp_path, SPAWN_TERMINATED, str(pid_file)) as parent:
         ready = sorted(parent.stdout.readline() for _ in range(2))
         assert ready == ["rank 0 ready\n", "rank 1 ready\n"], ready
         parent.send_signal(signum)  # to the parent alone
@@ -614,10 +626,6 @@ def test_a_termination_signal_to_the_spawning_process_stops_the_ranks_first(tmp_
         while _alive(child) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not _alive(child), "the child rank 1 started outlived the terminated spawn"
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # the group outlives a parent that died first
-            os.killpg(parent.pid, signal.SIGKILL)
-        parent.wait()
     assert parent.returncode == -signum, out + err
     assert out == "rank 0 got SIGTERM\n", out + err
 
@@ -648,11 +656,7 @@ if __name__ == "__main__":
 def test_a_termination_signal_during_the_grace_period_still_lets_ranks_act_on_sigterm(tmp_path):
     # It cut the wait for the ranks' grace period (after a Ctrl-C) short as a
     # second Ctrl-C does: SIGKILL for every rank, and no chance to act.
-    path = tmp_path / "prog.py"
-    path.write_text(SPAWN_TERMINATED_IN_GRACE)
-    parent = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True)
-    try:
+    with _program_in_own_session(tmp_path, SPAWN_TERMINATED_IN_GRACE) as parent:
         ready = sorted(parent.stdout.readline() for _ in range(2))
         assert ready == ["rank 0 ready\n", "rank 1 ready\n"], ready
         os.killpg(parent.pid, signal.SIGINT)  # a terminal's Ctrl-C
@@ -661,10 +665,6 @@ def test_a_termination_signal_during_the_grace_period_still_lets_ranks_act_on_si
         time.sleep(0.5)  # the parent is in the ranks' 60 s of grace
         parent.send_signal(signal.SIGTERM)
         out, err = parent.communicate(timeout=30)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(parent.pid, signal.SIGKILL)
-        parent.wait()
     assert parent.returncode == -signal.SIGTERM, out + err
     assert sorted(out.splitlines()) == ["rank 0 got SIGTERM", "rank 1 got SIGTERM"], out + err
 
