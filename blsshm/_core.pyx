@@ -2059,7 +2059,7 @@ cdef class Core:
         self.last_recv_counts = counts
         return counts
 
-    cdef list _zc_acquire(self, int64_t t, object timeout, int64_t* deadline_ns):
+    cdef tuple _zc_acquire(self, int64_t t, object timeout, int64_t* deadline_ns):
         """Zero-copy complete, first half: wait for ``t``; read-only views of our blocks.
 
         ``views[s]`` is what rank ``s`` posted to this rank; ``_zc_release(t)``
@@ -2086,11 +2086,14 @@ cdef class Core:
                 dtype = self.dtype_cache.get(dstr)
                 if dtype is None:
                     try:
-                        dtype = self.dtype_cache[dstr] = np.dtype(dstr.decode())
+                        dtype = np.dtype(dstr.decode())
                     except (TypeError, ValueError, UnicodeDecodeError):
                         self._protocol_error(f"rank {s} sent an unknown dtype at iteration {t}")
+                    # Checked before it is cached: a retry after the abort finds
+                    # the stamps arrived and would take a cached dtype unchecked.
                     if dtype.hasobject:
                         self._protocol_error(f"rank {s} sent an object dtype at iteration {t}")
+                    self.dtype_cache[dstr] = dtype
                 self.last_recv_dtype, self.last_recv_dtype_str = dtype, dstr
             if (<cnp.dtype>dtype).itemsize != isz:
                 self._protocol_error(f"rank {s} sent an invalid dtype at iteration {t}")
@@ -2098,7 +2101,7 @@ cdef class Core:
             total += n
         self.acquired_bytes = total
         self.acquired = True
-        return views
+        return tuple(views)
 
     cdef int _zc_release(self, int64_t t) except -1:
         """Zero-copy complete, second half: mark ``t`` completed."""
@@ -2298,10 +2301,10 @@ cdef class Core:
     def post_views(self, t, send_counts, dtype=np.float32, *, timeout=DEFAULT_TIMEOUT):
         """Zero-copy post: a context manager giving writable views of iteration ``t``'s record.
 
-        ``with comm.post_views(t, counts, np.float32) as views:`` gives
-        ``views[q]``, a 1-D array of ``counts[q]`` elements for rank ``q``
-        lying in shared memory; fill them, and the record is published when
-        the block exits normally.  On an exception nothing is published and
+        ``with comm.post_views(t, counts, np.float32) as views:`` gives a
+        tuple: ``views[q]`` is a 1-D array of ``counts[q]`` elements for rank
+        ``q`` lying in shared memory; fill them (``views[q][:] = x``), and the
+        record is published when the block exits normally.  On an exception nothing is published and
         ``t`` may be posted again.  Waits like :meth:`post` on entry.  The
         views turn read-only on exit (numpy will not make them writable
         again); do not keep writable slices of them past the block either,
@@ -2321,11 +2324,14 @@ cdef class Core:
     def complete_views(self, t, *, timeout=DEFAULT_TIMEOUT):
         """Zero-copy complete: a context manager giving read-only views of what arrived.
 
-        ``with comm.complete_views(t) as views:`` gives ``views[s]``, the
-        block rank ``s`` posted to this rank for ``t``, in shared memory, in
-        the dtype rank ``s`` posted.  Leaving the block marks ``t`` completed,
-        after which the senders may overwrite those bytes: copy what must
-        outlive the block.
+        ``with comm.complete_views(t) as views:`` gives a tuple: ``views[s]``
+        is the block rank ``s`` posted to this rank for ``t``, in shared
+        memory, in the dtype rank ``s`` posted.  Leaving the block marks ``t``
+        completed, after which the senders may overwrite those bytes: copy
+        what must outlive the block.  A tensor made of a view
+        (``torch.from_numpy`` only warns that it is read-only) is writable:
+        an in-place operation on it writes into the sender's shared memory,
+        and after the block into what the sender posts next; copy first.
         """
         cdef int64_t deadline_ns = NO_DEADLINE_YET
         self.busy += 1  # _make_ready runs Python code
@@ -2363,8 +2369,12 @@ cdef cnp.dtype _as_numpy_dtype(object dtype):
     """``dtype`` as numpy's; a torch dtype is refused with the way to do it (views must be numpy's)."""
     if isinstance(dtype, np.dtype):
         return dtype
+    if dtype is None:  # numpy reads None as float64, while the default here is float32
+        raise BlsTypeError("dtype must be given (None would be numpy's float64); the default is numpy.float32")
     try:
         return np.dtype(dtype)
+    except ValueError as exc:  # ("i4", -1), ("V", 2**40): a dtype-like of impossible shape or size
+        raise BlsValueError(f"not a valid dtype: {dtype!r} ({exc})") from None
     except TypeError as exc:
         if type(dtype).__module__ == "torch":  # views turn read-only on exit, which a tensor cannot
             raise BlsTypeError(
@@ -2394,7 +2404,8 @@ cdef class PostViews:
     cdef int64_t t
     cdef object counts, dtype, timeout
     cdef int64_t deadline_ns  # of the post_views() call, which may have waited for ranks to attach
-    cdef tuple views  # ours: the caller gets a list it may change freely
+    cdef tuple views  # handed out as they are: a tuple, so a mistaken views[q] = x
+                      # raises instead of leaving the block unwritten
 
     def __cinit__(self, Core comm, int64_t t, counts, dtype, timeout, int64_t deadline_ns):
         self.comm, self.t, self.counts, self.dtype, self.timeout = comm, t, counts, dtype, timeout
@@ -2412,13 +2423,10 @@ cdef class PostViews:
         finally:
             self.comm._leave()
         self.views = tuple(views)
-        return views
+        return self.views
 
     def __exit__(self, exc_type, exc, tb):
-        # A write after publishing would tear what receivers read: no more
-        # writes.  The views are taken from our own tuple, never from the
-        # list the caller got, so what it put there is neither trusted as an
-        # ndarray nor left writable in its place.
+        # A write after publishing would tear what receivers read: no more writes.
         cdef cnp.ndarray view
         for view in self.views:
             cnp.PyArray_CLEARFLAGS(view, cnp.NPY_ARRAY_WRITEABLE)

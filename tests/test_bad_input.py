@@ -457,6 +457,21 @@ def test_dtypes_that_would_arrive_as_raw_bytes_are_refused_before_posting(dtype)
         assert recv.view(STRUCTURED)["id"].tolist() == [0, 2]
 
 
+@pytest.mark.parametrize("dtype, error, words", [
+    (None, BlsTypeError, "dtype must be given"),
+    (("i4", -1), BlsValueError, "not a valid dtype"),
+    ("no such dtype", BlsTypeError, "not a dtype"),
+], ids=["None", "negative shape", "a name numpy does not know"])
+def test_a_bad_zero_copy_dtype_is_refused_before_anything_is_reserved(dtype, error, words):
+    """None is not the default's float32 but numpy's float64: refused, not sent to peers expecting float32."""
+    with blsshm.Comm.create(1) as comm:
+        with pytest.raises(error, match=words):
+            comm.post_views(0, [2], dtype).__enter__()
+        with comm.post_views(0, [2]) as views:  # nothing was reserved: t is still free
+            views[0][:] = 7
+        assert comm.complete(0)[0].tolist() == [7.0, 7.0]
+
+
 @pytest.mark.parametrize("spin", ["-1", "soon", "inf", "1e300"])
 def test_a_bad_spin_setting_is_refused_before_the_rank_is_claimed(spin, monkeypatch):
     """A retry must find the rank free: nothing of the segment is touched before the check."""

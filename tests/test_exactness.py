@@ -335,16 +335,19 @@ def test_published_and_received_views_cannot_be_made_writable_again():
             assert received[0].tolist() == [2.0] * 4
 
 
-def test_published_views_turn_read_only_whatever_the_caller_did_to_the_list():
-    """Only the views handed out are frozen: an object the caller put in the list is left alone."""
-    scratch = np.zeros(4, np.float32)
+def test_views_are_a_tuple_so_replacing_one_fails_before_anything_is_published():
+    """``views[q] = x`` (meant: ``views[q][:] = x``) would publish the old bytes: it raises instead."""
     with blsshm.Comm.create(1, lag=1) as comm:
+        with pytest.raises(TypeError):
+            with comm.post_views(0, [4], np.float32) as views:
+                views[0][:] = 1.0
+                views[0] = np.full(4, 3.0, np.float32)
+        assert comm.next_post == 0  # the exception cancelled the post: t may be posted again
         with comm.post_views(0, [4], np.float32) as views:
+            assert isinstance(views, tuple)
             published = views[0]
             published[:] = 3.0
-            views[0] = scratch       # the list is the caller's to change
-            views.append("not an array")
         assert not published.flags.writeable
-        assert scratch.flags.writeable
         with comm.complete_views(0) as received:
+            assert isinstance(received, tuple)
             assert received[0].tolist() == [3.0] * 4
