@@ -338,6 +338,10 @@ def parse(argv=None):
     _check_distinct_outputs(args)
     if args.load_model is not None and not os.path.isfile(args.load_model):
         raise UsageError(f"--load-model {args.load_model}: no such file")
+    if (args.numpy_rand_seed != Config.seed and kind == "dataset" and args.load_model is not None
+            and args.delay_prob == 0):
+        raise UsageError("--numpy-rand-seed changes nothing here: the data come from the file, the weights "
+                         "from --load-model, and no delays are drawn (--delay-prob)")
     if args.backend == "mpi" and mpi_available() is not None:
         raise UsageError(f"--backend mpi: {mpi_available()}")
     num_batches = args.num_batches

@@ -161,13 +161,13 @@ def rank_data(cfg, tables, lo, hi, num_batches, beat=None):
     """The :class:`RankData` of one rank: bags of ``tables``, dense rows ``lo:hi`` of each batch.
 
     Read from the reference's processed file when the run names one, else
-    from the text (parsing only this rank's columns and rows; ``beat``: see :func:`read`).
+    from the text (parsing only this rank's columns and rows); ``beat``: see :func:`read`.
     """
     B = cfg.batch_size
     tables = list(tables)
     if cfg.processed_data_file is not None:
         from dlrm_bench import processed
-        _, dense, sparse = processed.read(cfg.processed_data_file, num_batches * B, cfg.max_ind_range)
+        _, dense, sparse = processed.read(cfg.processed_data_file, num_batches * B, cfg.max_ind_range, beat)
         sparse = sparse[:, tables]
         dense = dense.reshape(num_batches, B, -1)[:, lo:hi].reshape(num_batches * (hi - lo), -1)
     else:

@@ -185,7 +185,7 @@ class Model:
     def build(cls, cfg, owned_tables, beat=None):
         """Initialise from the seed, or load ``cfg.load_model``; keep only ``owned_tables``.
 
-        ``beat``: see :func:`init_table`.
+        ``beat``: see :func:`init_table` (called after each table is made or loaded).
         """
         dense = DenseModel(cfg.mlp_bot, cfg.mlp_top, len(cfg.table_rows), cfg.seed)
         if cfg.load_model is None:
@@ -195,7 +195,10 @@ class Model:
             dense.load_state_dict({k: v for k, v in sd.items() if k.startswith(("bot_l.", "top_l."))})
             # Widened or rounded to float32 as the reference's load_state_dict
             # would; a float32 table stays memory-mapped (to() returns it as is).
-            tables = {t: np.ascontiguousarray(sd[f"emb_l.{t}.weight"].detach().to(torch.float32).numpy())
-                      for t in owned_tables}
+            tables = {}
+            for t in owned_tables:
+                tables[t] = np.ascontiguousarray(sd[f"emb_l.{t}.weight"].detach().to(torch.float32).numpy())
+                if beat is not None:  # a conversion of a big table takes seconds
+                    beat()
         dense.eval()
         return cls(dense, tables)

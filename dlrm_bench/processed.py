@@ -24,6 +24,7 @@ read and dropped).  Samples are used in file order; the reference's split
 into train, validation and test days is not applied.
 """
 import zipfile
+import zlib
 
 import numpy as np
 from numpy.lib import format as npy
@@ -31,7 +32,9 @@ from numpy.lib import format as npy
 from dlrm_bench.criteo import dense_features
 
 ARRAYS = ("X_int", "X_cat", "y", "counts")
-SKIP_CHUNK = 1 << 22  # bytes read at a time when dropping the rest of a column
+CHUNK = 1 << 22  # bytes decompressed at a time (``beat`` is called after each)
+# What a damaged member raises as it is decompressed (zipfile checks the CRC at its end).
+DAMAGED = (zlib.error, zipfile.BadZipFile, EOFError, OSError)
 
 
 class ProcessedFormatError(ValueError):
@@ -39,15 +42,22 @@ class ProcessedFormatError(ValueError):
 
 
 class _Array:
-    """One ``.npy`` member of the archive, opened at its data: ``shape``, ``fortran``, ``dtype``."""
+    """One ``.npy`` member of the archive, opened at its data: ``shape``, ``fortran``, ``dtype``.
 
-    def __init__(self, archive, path, name):
-        self.path, self.name = path, name
+    ``beat`` (if given) is called after every ``CHUNK`` bytes decompressed:
+    a sign of progress, since skipping through a column-major ``X_cat`` of
+    the whole Kaggle file decompresses gigabytes.
+    """
+
+    def __init__(self, archive, path, name, beat=None):
+        self.path, self.name, self.beat = path, name, beat
         try:
             self.stream = archive.open(name + ".npy")
         except KeyError:
             raise ProcessedFormatError(f"{path} holds no array {name!r} (it holds "
                                        f"{sorted(n[:-4] for n in archive.namelist())})") from None
+        except DAMAGED as exc:
+            raise ProcessedFormatError(f"{path}: array {name!r} cannot be read: {exc}") from None
         try:
             version = npy.read_magic(self.stream)
             if version == (1, 0):
@@ -56,7 +66,7 @@ class _Array:
                 self.shape, self.fortran, self.dtype = npy.read_array_header_2_0(self.stream)
             else:
                 raise ValueError(f".npy format version {version[0]}.{version[1]} is not read here")
-        except ValueError as exc:
+        except (ValueError, *DAMAGED) as exc:
             self.stream.close()
             raise ProcessedFormatError(f"{path}: array {name!r}: {exc}") from None
         if self.dtype.kind not in "iuf":
@@ -64,20 +74,31 @@ class _Array:
             raise ProcessedFormatError(f"{path}: array {name!r} has dtype {self.dtype}, "
                                        f"expected integers or floats")
 
+    def _chunks(self, nbytes):
+        """The next ``nbytes`` of the member, ``CHUNK`` at a time; a damaged or short member is refused."""
+        while nbytes > 0:
+            try:
+                data = self.stream.read(min(nbytes, CHUNK))
+            except DAMAGED as exc:
+                raise ProcessedFormatError(f"{self.path}: array {self.name!r} is damaged: {exc}") from None
+            if not data:
+                raise ProcessedFormatError(f"{self.path}: array {self.name!r} ends early: truncated file")
+            nbytes -= len(data)
+            if self.beat is not None:
+                self.beat()
+            yield data
+
     def _read(self, count):
-        nbytes = count * self.dtype.itemsize
-        data = self.stream.read(nbytes)
-        if len(data) != nbytes:
-            raise ProcessedFormatError(f"{self.path}: array {self.name!r} ends early: truncated file")
-        return np.frombuffer(data, self.dtype)
+        out = bytearray(count * self.dtype.itemsize)
+        at = 0
+        for data in self._chunks(len(out)):
+            out[at:at + len(data)] = data
+            at += len(data)
+        return np.frombuffer(out, self.dtype)
 
     def _drop(self, count):
-        nbytes = count * self.dtype.itemsize
-        while nbytes > 0:
-            got = len(self.stream.read(min(nbytes, SKIP_CHUNK)))
-            if got == 0:
-                raise ProcessedFormatError(f"{self.path}: array {self.name!r} ends early: truncated file")
-            nbytes -= got
+        for _ in self._chunks(count * self.dtype.itemsize):
+            pass
 
     def leading_rows(self, n):
         """The first ``n`` rows, as a C-ordered array (1-D arrays: the first ``n`` values)."""
@@ -150,8 +171,11 @@ def table_rows(counts, max_ind_range):
     return tuple(min(c, max_ind_range) if max_ind_range > 0 else c for c in counts)
 
 
-def read(path, num_samples, max_ind_range):
-    """Labels ``(n,)``, dense ``(n, 13)`` float32 and categoricals ``(n, 26)`` int64 of the first ``n`` samples."""
+def read(path, num_samples, max_ind_range, beat=None):
+    """Labels ``(n,)``, dense ``(n, 13)`` float32 and categoricals ``(n, 26)`` int64 of the first ``n`` samples.
+
+    ``beat``: see :class:`_Array`.
+    """
     with _open(path) as archive:
         samples, _, num_sparse = _headers(archive, path)
         if samples < num_samples:
@@ -159,13 +183,30 @@ def read(path, num_samples, max_ind_range):
         rows = table_rows(_counts(archive, path, num_sparse), max_ind_range)
         arrays = {}
         for name in ("X_int", "X_cat", "y"):
-            a = _Array(archive, path, name)
+            a = _Array(archive, path, name, beat)
             try:
                 arrays[name] = a.leading_rows(num_samples)
             finally:
                 a.close()
     labels = arrays["y"].astype(np.float32)
-    return labels, dense_features(arrays["X_int"]), _indices(arrays["X_cat"], rows, max_ind_range, path)
+    return labels, _dense(arrays["X_int"], path), _indices(arrays["X_cat"], rows, max_ind_range, path)
+
+
+def _dense(x_int, path):
+    """``X_int`` through the reference's transform; refuses values that would make predictions NaN.
+
+    The reference's file holds whole numbers; a float ``X_int`` with an
+    inf, a NaN or a value past float32's range would turn every prediction
+    of its sample into NaN (and ``--verify`` would still find the NaNs equal).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # what overflows is named below
+        dense = dense_features(x_int)
+    finite = np.isfinite(dense)
+    if not finite.all():
+        i, j = np.argwhere(~finite)[0]
+        raise ProcessedFormatError(f"{path}: X_int[{i}, {j}] is {x_int[i, j]}, which the log transform "
+                                   f"turns into {dense[i, j]}: not a count")
+    return dense
 
 
 def _indices(x_cat, rows, max_ind_range, path):

@@ -188,3 +188,16 @@ def test_file_that_is_not_a_checkpoint_is_rejected(tmp_path, capsys, no_dlrm_run
 def test_missing_checkpoint_file_is_rejected(tmp_path, capsys, no_dlrm_runs):
     """A path that does not exist: exit 2 before torch reads anything."""
     assert_rejected(capsys, model_flags(tmp_path / "nowhere.pt") + RUN_FLAGS, "--load-model", "no such file")
+
+
+def test_loading_a_checkpoint_beats_for_each_table(tmp_path):
+    """Converting a big bf16 table takes seconds: mpirun's watchdog hears from the rank after each."""
+    from dlrm_bench.model import Model
+    sd = {k: v.to(torch.bfloat16) for k, v in reference_state_dict().items()}
+    path = tmp_path / "dlrm.pt"
+    save_reference_checkpoint(path, sd)
+    cfg, _ = config.parse(model_flags(path) + RUN_FLAGS)
+    beats = []
+    model = Model.build(cfg, [0, 2], beat=lambda: beats.append(1))
+    assert sorted(model.tables) == [0, 2] and len(beats) == 2
+    np.testing.assert_array_equal(model.tables[2], sd["emb_l.2.weight"].float().numpy())

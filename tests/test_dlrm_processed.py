@@ -70,7 +70,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("save, layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_read_gives_what_the_reference_dataset_feeds(tmp_path, monkeypatch, save, layout, cap):
     """The first n samples, transformed as the reference's CriteoDataset does, however the file stores them."""
-    monkeypatch.setattr(processed, "SKIP_CHUNK", 24)  # drop each column's tail in several reads
+    monkeypatch.setattr(processed, "CHUNK", 24)  # read and drop each column in several pieces
     x_int, x_cat, y, counts = reference_arrays()
     path = write_processed(tmp_path / "p.npz", x_int, layout(x_cat), y, counts, save)
 
@@ -200,6 +200,7 @@ REJECTIONS = [
      ["--arch-mlp-bot must start with 13"]),
     ("table sizes given too", lambda tmp: _mutated(tmp), ["--arch-embedding-size", "4-4"],
      ["--arch-embedding-size does not apply"]),
+    ("damaged counts", lambda tmp: _damaged(tmp, "counts.npy"), [], ["--processed-data-file", "array 'counts'"]),
 ]
 
 
@@ -228,3 +229,60 @@ def test_read_refuses_a_row_past_its_table(tmp_path, value, words):
         processed.read(path, 10, -1)
     for word in words:
         assert word in str(info.value)
+
+
+def _damaged(tmp, member="X_int.npy"):
+    """A compressed file with bytes in the middle of ``member``'s compressed data overwritten."""
+    import zipfile
+    path = write_processed(tmp / "p.npz", *reference_arrays())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+    data = bytearray(path.read_bytes())
+    # The member's data follows its 30-byte local header, name and extra field.
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    middle = start + info.compress_size // 2
+    data[middle:middle + 40] = bytes(b ^ 0x5A for b in data[middle:middle + 40])
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_damaged_array_is_named_not_a_zlib_traceback(tmp_path):
+    """What zlib or zipfile raises on damaged bytes becomes the reader's error, naming file and array."""
+    path = _damaged(tmp_path)
+    with pytest.raises(processed.ProcessedFormatError, match=r"p\.npz: array 'X_int'"):
+        processed.read(path, SAMPLES, -1)
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan, 1e39])
+def test_read_refuses_dense_values_that_would_make_predictions_nan(tmp_path, value):
+    """As the text reader does: an inf, a NaN or a value past float32 in X_int is named, not fed to the model."""
+    x_int, x_cat, y, counts = reference_arrays()
+    x_int = x_int.astype(np.float64)
+    x_int[3, 5] = value
+    path = write_processed(tmp_path / "p.npz", x_int, x_cat, y, counts)
+    with pytest.raises(processed.ProcessedFormatError, match=r"X_int\[3, 5\] is .*not a count"):
+        processed.read(path, 10, -1)
+
+
+def test_read_beats_as_it_decompresses(tmp_path, monkeypatch):
+    """A watchdog (mpirun's, see backends.run_mpi) hears from a rank while it skips through column-major X_cat."""
+    monkeypatch.setattr(processed, "CHUNK", 64)
+    path = write_processed(tmp_path / "p.npz", *reference_arrays())
+    beats = []
+    processed.read(path, 10, -1, beat=lambda: beats.append(1))
+    x_cat_bytes = SAMPLES * TABLES * 8  # column-major float64: all but the last column's tail is read
+    assert len(beats) >= (x_cat_bytes - (SAMPLES - 10) * 8) // 64
+
+
+def test_a_seed_that_would_change_nothing_is_refused(processed_file, tmp_path, capsys, no_dlrm_runs):
+    """Data from the file, weights from the checkpoint, no delays: the seed has nothing left to seed."""
+    path, _ = processed_file
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"")  # only its existence is checked before the seed
+    assert_rejected(capsys, run_flags(path, "--load-model", str(ckpt), "--numpy-rand-seed", "7"),
+                    "--numpy-rand-seed changes nothing", "--load-model")
+    # With delays the seed draws them.
+    cfg, _ = config.parse(run_flags(path, "--numpy-rand-seed", "7", "--delay-prob", "0.1", "--delay-ms", "1"))
+    assert cfg.seed == 7
