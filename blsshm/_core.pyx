@@ -2370,7 +2370,7 @@ cdef cnp.dtype _as_numpy_dtype(object dtype):
     if isinstance(dtype, np.dtype):
         return dtype
     if dtype is None:  # numpy reads None as float64, while the default here is float32
-        raise BlsTypeError("dtype must be given (None would be numpy's float64); the default is numpy.float32")
+        raise BlsTypeError("dtype=None is refused (numpy reads it as float64); leave it out for float32")
     try:
         return np.dtype(dtype)
     except ValueError as exc:  # ("i4", -1), ("V", 2**40): a dtype-like of impossible shape or size

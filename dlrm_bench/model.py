@@ -185,7 +185,7 @@ class Model:
     def build(cls, cfg, owned_tables, beat=None):
         """Initialise from the seed, or load ``cfg.load_model``; keep only ``owned_tables``.
 
-        ``beat``: see :func:`init_table` (called after each table is made or loaded).
+        ``beat``: see :func:`init_table`; loading calls it after each table.
         """
         dense = DenseModel(cfg.mlp_bot, cfg.mlp_top, len(cfg.table_rows), cfg.seed)
         if cfg.load_model is None:

@@ -33,12 +33,19 @@ from dlrm_bench.criteo import dense_features
 
 ARRAYS = ("X_int", "X_cat", "y", "counts")
 CHUNK = 1 << 22  # bytes decompressed at a time (``beat`` is called after each)
-# What a damaged member raises as it is decompressed (zipfile checks the CRC at its end).
-DAMAGED = (zlib.error, zipfile.BadZipFile, EOFError, OSError)
+# What a damaged member raises as it is decompressed.  zipfile checks a
+# member's CRC only once it is read to its end: a column-major array is
+# (_Array.leading_rows), but the first rows of a row-major one are not, and
+# damage past them that still inflates passes unseen.
+DAMAGED = (zlib.error, zipfile.BadZipFile, EOFError)
 
 
 class ProcessedFormatError(ValueError):
     """A file that is not the reference's processed Criteo ``.npz``."""
+
+
+def _what(exc):
+    return str(exc) or "its compressed data end early"  # zipfile's EOFError says nothing
 
 
 class _Array:
@@ -57,7 +64,7 @@ class _Array:
             raise ProcessedFormatError(f"{path} holds no array {name!r} (it holds "
                                        f"{sorted(n[:-4] for n in archive.namelist())})") from None
         except DAMAGED as exc:
-            raise ProcessedFormatError(f"{path}: array {name!r} cannot be read: {exc}") from None
+            raise ProcessedFormatError(f"{path}: array {name!r} is damaged: {_what(exc)}") from None
         try:
             version = npy.read_magic(self.stream)
             if version == (1, 0):
@@ -66,7 +73,10 @@ class _Array:
                 self.shape, self.fortran, self.dtype = npy.read_array_header_2_0(self.stream)
             else:
                 raise ValueError(f".npy format version {version[0]}.{version[1]} is not read here")
-        except (ValueError, *DAMAGED) as exc:
+        except DAMAGED as exc:
+            self.stream.close()
+            raise ProcessedFormatError(f"{path}: array {name!r} is damaged: {_what(exc)}") from None
+        except ValueError as exc:
             self.stream.close()
             raise ProcessedFormatError(f"{path}: array {name!r}: {exc}") from None
         if self.dtype.kind not in "iuf":
@@ -80,7 +90,7 @@ class _Array:
             try:
                 data = self.stream.read(min(nbytes, CHUNK))
             except DAMAGED as exc:
-                raise ProcessedFormatError(f"{self.path}: array {self.name!r} is damaged: {exc}") from None
+                raise ProcessedFormatError(f"{self.path}: array {self.name!r} is damaged: {_what(exc)}") from None
             if not data:
                 raise ProcessedFormatError(f"{self.path}: array {self.name!r} ends early: truncated file")
             nbytes -= len(data)
@@ -109,8 +119,13 @@ class _Array:
         out = np.empty((n, cols), self.dtype)
         for j in range(cols):  # column-major: column j is rows values in a row
             out[:, j] = self._read(n)
-            if j < cols - 1:
-                self._drop(rows - n)
+            self._drop(rows - n)
+        # Nearly all of it was read: reading to its end (1/cols more) makes
+        # zipfile check its CRC, so damage that still inflates is found too.
+        try:
+            self.stream.read(1)
+        except DAMAGED as exc:
+            raise ProcessedFormatError(f"{self.path}: array {self.name!r} is damaged: {_what(exc)}") from None
         return out
 
     def close(self):
@@ -204,8 +219,8 @@ def _dense(x_int, path):
     finite = np.isfinite(dense)
     if not finite.all():
         i, j = np.argwhere(~finite)[0]
-        raise ProcessedFormatError(f"{path}: X_int[{i}, {j}] is {x_int[i, j]}, which the log transform "
-                                   f"turns into {dense[i, j]}: not a count")
+        raise ProcessedFormatError(f"{path}: X_int[{i}, {j}] is {x_int[i, j]}: not a count "
+                                   f"(a NaN, or past float32's range)")
     return dense
 
 

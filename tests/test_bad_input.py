@@ -458,7 +458,7 @@ def test_dtypes_that_would_arrive_as_raw_bytes_are_refused_before_posting(dtype)
 
 
 @pytest.mark.parametrize("dtype, error, words", [
-    (None, BlsTypeError, "dtype must be given"),
+    (None, BlsTypeError, "dtype=None is refused"),
     (("i4", -1), BlsValueError, "not a valid dtype"),
     ("no such dtype", BlsTypeError, "not a dtype"),
 ], ids=["None", "negative shape", "a name numpy does not know"])

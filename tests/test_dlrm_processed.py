@@ -231,10 +231,11 @@ def test_read_refuses_a_row_past_its_table(tmp_path, value, words):
         assert word in str(info.value)
 
 
-def _damaged(tmp, member="X_int.npy"):
-    """A compressed file with bytes in the middle of ``member``'s compressed data overwritten."""
+def _damaged(tmp, member="X_int.npy", path=None):
+    """A compressed file (``path``, else one of reference_arrays) with bytes in the middle of
+    ``member``'s compressed data overwritten."""
     import zipfile
-    path = write_processed(tmp / "p.npz", *reference_arrays())
+    path = path or write_processed(tmp / "p.npz", *reference_arrays())
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(member)
     data = bytearray(path.read_bytes())
@@ -250,9 +251,24 @@ def _damaged(tmp, member="X_int.npy"):
 
 def test_a_damaged_array_is_named_not_a_zlib_traceback(tmp_path):
     """What zlib or zipfile raises on damaged bytes becomes the reader's error, naming file and array."""
-    path = _damaged(tmp_path)
-    with pytest.raises(processed.ProcessedFormatError, match=r"p\.npz: array 'X_int'"):
+    path = _damaged(tmp_path)  # small: inflated with its header
+    with pytest.raises(processed.ProcessedFormatError, match=r"p\.npz: array 'X_int' is damaged"):
         processed.read(path, SAMPLES, -1)
+
+
+def test_damage_found_while_skipping_through_a_column_is_named_too(tmp_path, monkeypatch):
+    """Damage far past the header surfaces in the chunked reads (a wide X_cat of random rows)."""
+    monkeypatch.setattr(processed, "CHUNK", 1 << 12)
+    rng = np.random.default_rng(5)
+    n = 4000
+    x_int = rng.integers(0, 100, (n, 13)).astype(np.int32)
+    x_cat = np.transpose(rng.integers(0, 50, (TABLES, n)).astype(np.float64))  # column-major, as the reference's
+    arrays = (x_int, x_cat, rng.integers(0, 2, n).astype(np.int32), np.full(TABLES, 50))
+    path = write_processed(tmp_path / "p.npz", *arrays)
+    path = _damaged(tmp_path, "X_cat.npy", path)
+    assert processed.describe(path)[0] == n  # the headers and counts are intact
+    with pytest.raises(processed.ProcessedFormatError, match=r"p\.npz: array 'X_cat' is damaged"):
+        processed.read(path, 10, -1)
 
 
 @pytest.mark.parametrize("value", [np.inf, np.nan, 1e39])
@@ -262,7 +278,7 @@ def test_read_refuses_dense_values_that_would_make_predictions_nan(tmp_path, val
     x_int = x_int.astype(np.float64)
     x_int[3, 5] = value
     path = write_processed(tmp_path / "p.npz", x_int, x_cat, y, counts)
-    with pytest.raises(processed.ProcessedFormatError, match=r"X_int\[3, 5\] is .*not a count"):
+    with pytest.raises(processed.ProcessedFormatError, match=r"X_int\[3, 5\] is .*: not a count"):
         processed.read(path, 10, -1)
 
 
@@ -278,11 +294,11 @@ def test_read_beats_as_it_decompresses(tmp_path, monkeypatch):
 
 def test_a_seed_that_would_change_nothing_is_refused(processed_file, tmp_path, capsys, no_dlrm_runs):
     """Data from the file, weights from the checkpoint, no delays: the seed has nothing left to seed."""
-    path, _ = processed_file
+    path, (_, _, _, counts) = processed_file
     ckpt = tmp_path / "m.pt"
-    ckpt.write_bytes(b"")  # only its existence is checked before the seed
-    assert_rejected(capsys, run_flags(path, "--load-model", str(ckpt), "--numpy-rand-seed", "7"),
-                    "--numpy-rand-seed changes nothing", "--load-model")
+    torch.save({"state_dict": random_state_dict(counts, BOT, TOP, D, seed=11)}, ckpt)
+    flags = run_flags(path, "--load-model", str(ckpt), "--arch-mlp-top", "-".join(map(str, TOP[1:])))
+    assert_rejected(capsys, flags + ["--numpy-rand-seed", "7"], "--numpy-rand-seed changes nothing", "--load-model")
     # With delays the seed draws them.
-    cfg, _ = config.parse(run_flags(path, "--numpy-rand-seed", "7", "--delay-prob", "0.1", "--delay-ms", "1"))
+    cfg, _ = config.parse(flags + ["--numpy-rand-seed", "7", "--delay-prob", "0.1", "--delay-ms", "1"])
     assert cfg.seed == 7
