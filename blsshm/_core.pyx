@@ -2304,13 +2304,13 @@ cdef class Core:
         ``with comm.post_views(t, counts, np.float32) as views:`` gives a
         tuple: ``views[q]`` is a 1-D array of ``counts[q]`` elements for rank
         ``q`` lying in shared memory; fill them (``views[q][:] = x``), and the
-        record is published when the block exits normally.  On an exception nothing is published and
-        ``t`` may be posted again.  Waits like :meth:`post` on entry.  The
-        views turn read-only on exit (numpy will not make them writable
-        again); do not keep writable slices of them past the block either,
-        nor tensors made of them (``torch.from_numpy`` does not see the flag
-        change: a write through one after the block changes what receivers
-        read).
+        record is published when the block exits normally.  On an exception
+        nothing is published and ``t`` may be posted again.  Waits like
+        :meth:`post` on entry.  The views turn read-only on exit (numpy will
+        not make them writable again); do not keep writable slices of them
+        past the block either, nor tensors made of them (``torch.from_numpy``
+        does not see the flag change: a write through one after the block
+        changes what receivers read).
         """
         cdef int64_t deadline_ns = NO_DEADLINE_YET
         self.busy += 1  # _make_ready runs Python code

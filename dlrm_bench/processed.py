@@ -44,10 +44,6 @@ class ProcessedFormatError(ValueError):
     """A file that is not the reference's processed Criteo ``.npz``."""
 
 
-def _what(exc):
-    return str(exc) or "its compressed data end early"  # zipfile's EOFError says nothing
-
-
 class _Array:
     """One ``.npy`` member of the archive, opened at its data: ``shape``, ``fortran``, ``dtype``.
 
@@ -64,7 +60,7 @@ class _Array:
             raise ProcessedFormatError(f"{path} holds no array {name!r} (it holds "
                                        f"{sorted(n[:-4] for n in archive.namelist())})") from None
         except DAMAGED as exc:
-            raise ProcessedFormatError(f"{path}: array {name!r} is damaged: {_what(exc)}") from None
+            raise self._damaged(exc) from None
         try:
             version = npy.read_magic(self.stream)
             if version == (1, 0):
@@ -75,7 +71,7 @@ class _Array:
                 raise ValueError(f".npy format version {version[0]}.{version[1]} is not read here")
         except DAMAGED as exc:
             self.stream.close()
-            raise ProcessedFormatError(f"{path}: array {name!r} is damaged: {_what(exc)}") from None
+            raise self._damaged(exc) from None
         except ValueError as exc:
             self.stream.close()
             raise ProcessedFormatError(f"{path}: array {name!r}: {exc}") from None
@@ -84,13 +80,17 @@ class _Array:
             raise ProcessedFormatError(f"{path}: array {name!r} has dtype {self.dtype}, "
                                        f"expected integers or floats")
 
+    def _damaged(self, exc):
+        what = str(exc) or "its compressed data end early"  # zipfile's EOFError says nothing
+        return ProcessedFormatError(f"{self.path}: array {self.name!r} is damaged: {what}")
+
     def _chunks(self, nbytes):
         """The next ``nbytes`` of the member, ``CHUNK`` at a time; a damaged or short member is refused."""
         while nbytes > 0:
             try:
                 data = self.stream.read(min(nbytes, CHUNK))
             except DAMAGED as exc:
-                raise ProcessedFormatError(f"{self.path}: array {self.name!r} is damaged: {_what(exc)}") from None
+                raise self._damaged(exc) from None
             if not data:
                 raise ProcessedFormatError(f"{self.path}: array {self.name!r} ends early: truncated file")
             nbytes -= len(data)
@@ -125,7 +125,7 @@ class _Array:
         try:
             self.stream.read(1)
         except DAMAGED as exc:
-            raise ProcessedFormatError(f"{self.path}: array {self.name!r} is damaged: {_what(exc)}") from None
+            raise self._damaged(exc) from None
         return out
 
     def close(self):
