@@ -667,6 +667,22 @@ cdef class Core:
         else:
             self._release()
 
+    cdef inline int _enter(self, str operation) except -1:
+        """Begin a call: count it ``busy``, refusing one that would nest in another.
+
+        A signal handler (or another thread, while a wait releases the GIL)
+        calling us in the middle of a call would overwrite the call's scratch
+        (counts, offsets, ``next_post``): the outer call would then copy with
+        the inner one's counts, past its reservation.  ``close()`` and
+        ``abort()`` stay allowed: they are how a handler stops a wait.
+        """
+        if self.busy:
+            raise BlsError(f"{operation}() called while another call on this communicator is in "
+                           f"progress (from a signal handler or another thread); a communicator "
+                           f"serves one call at a time: only close() and abort() may interrupt one")
+        self.busy += 1
+        return 0
+
     cdef inline void _leave(self) noexcept:
         """End a call that counted itself ``busy``; release what a close during it left."""
         self.busy -= 1
@@ -1208,7 +1224,7 @@ cdef class Core:
         if timeout is self.last_timeout:
             return self.last_timeout_ns
         cdef double secs
-        if isinstance(timeout, bool):  # a bool is an int: True would mean 1 s
+        if _is_bool(timeout):  # True (an int) or numpy.True_ (a float) would mean 1 s
             raise BlsTypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
         try:
             secs = timeout
@@ -1289,7 +1305,7 @@ cdef class Core:
                 raise BlsTypeError(
                     f"send_counts must be a sequence of {self.size} integers, got {type(counts).__name__}") from None
             try:
-                if isinstance(item, bool):  # operator.index takes it as 0 or 1: surely a mistake
+                if _is_bool(item):  # operator.index takes it as 0 or 1: surely a mistake
                     raise TypeError
                 c = operator.index(item)
             except TypeError:
@@ -2126,7 +2142,7 @@ cdef class Core:
         posted ``t`` died or closed (checked at most once per liveness slice,
         as a sleeping wait checks).
         """
-        self.busy += 1
+        self._enter("arrived")
         try:
             return self._arrived(t)
         finally:
@@ -2193,7 +2209,7 @@ cdef class Core:
         cdef int64_t it
         cdef bint was_torch = False
         cdef int64_t deadline_ns = NO_DEADLINE_YET
-        self.busy += 1
+        self._enter("post")
         try:
             if not self.ready:
                 self._ready_within(timeout, &deadline_ns)
@@ -2223,7 +2239,7 @@ cdef class Core:
         cdef int64_t it
         cdef bint torch_recv
         cdef int64_t deadline_ns = NO_DEADLINE_YET
-        self.busy += 1
+        self._enter("complete")
         try:
             if not self.ready:
                 self._ready_within(timeout, &deadline_ns)
@@ -2256,7 +2272,7 @@ cdef class Core:
         arrived (their sizes are the senders'): if it is too small, the
         iteration stays posted and ``complete(t)`` with room enough ends it.
         """
-        self.busy += 1
+        self._enter("alltoallv")
         try:
             return self._alltoallv(send, send_counts, out, timeout)
         finally:
@@ -2313,7 +2329,7 @@ cdef class Core:
         changes what receivers read).
         """
         cdef int64_t deadline_ns = NO_DEADLINE_YET
-        self.busy += 1  # _make_ready runs Python code
+        self._enter("post_views")  # _make_ready runs Python code
         try:
             if not self.ready:
                 self._ready_within(timeout, &deadline_ns)
@@ -2334,7 +2350,7 @@ cdef class Core:
         and after the block into what the sender posts next; copy first.
         """
         cdef int64_t deadline_ns = NO_DEADLINE_YET
-        self.busy += 1  # _make_ready runs Python code
+        self._enter("complete_views")  # _make_ready runs Python code
         try:
             if not self.ready:
                 self._ready_within(timeout, &deadline_ns)
@@ -2385,12 +2401,29 @@ cdef cnp.dtype _as_numpy_dtype(object dtype):
         raise BlsTypeError(f"not a dtype: {dtype!r} ({exc})") from None
 
 
+cdef bint _is_bool(object x):
+    """Whether ``x`` is a boolean: ``True``, ``numpy.True_``, a 0-d bool array or tensor.
+
+    ``operator.index`` and ``float`` take some of them as 0 or 1, which as a
+    count, an iteration or a timeout is surely a mistake.
+    """
+    if type(x) is int or type(x) is float:
+        return False
+    if isinstance(x, (bool, np.bool_)):
+        return True
+    dtype = getattr(x, "dtype", None)  # a numpy dtype has kind 'b'; torch.bool has no kind
+    return dtype is not None and (getattr(dtype, "kind", None) == "b" or str(dtype) == "torch.bool")
+
+
 cdef int64_t _iteration(object t) except? -1:
     """An iteration number given by the caller, as an int64 (its sign is checked later)."""
     if type(t) is not int:
-        if isinstance(t, bool) or not hasattr(type(t), "__index__"):  # 0.5 or "0" is a mistake
+        if _is_bool(t) or not hasattr(type(t), "__index__"):  # 0.5 or "0" is a mistake
             raise BlsTypeError(f"the iteration must be an integer, got {type(t).__name__}")
-        t = operator.index(t)
+        try:
+            t = operator.index(t)
+        except TypeError:  # a 0-d float tensor has __index__, which refuses it
+            raise BlsTypeError(f"the iteration must be an integer, got {t!r}") from None
     try:
         return PyLong_AsLongLong(t)
     except OverflowError:
@@ -2417,7 +2450,7 @@ cdef class PostViews:
         # timeout gets a timeout of its own, not one already spent.
         cdef int64_t deadline_ns = self.deadline_ns
         self.deadline_ns = NO_DEADLINE_YET
-        self.comm.busy += 1
+        self.comm._enter("post_views")
         try:
             views = self.comm._zc_reserve(self.t, self.counts, self.dtype, self.timeout, &deadline_ns)
         finally:
@@ -2451,7 +2484,7 @@ cdef class CompleteViews:
     def __enter__(self):
         cdef int64_t deadline_ns = self.deadline_ns  # as PostViews's
         self.deadline_ns = NO_DEADLINE_YET
-        self.comm.busy += 1
+        self.comm._enter("complete_views")
         try:
             return self.comm._zc_acquire(self.t, self.timeout, &deadline_ns)
         finally:

@@ -155,6 +155,9 @@ class Comm(_core.Core):
 
     Use it as a context manager: leaving the block closes this rank, and
     leaving it on an exception aborts the communicator so no peer waits.
+    It serves one call at a time: a call made while another is in progress
+    (from a signal handler, or another thread while one waits) raises
+    :class:`BlsError`; only :meth:`close` and :meth:`abort` may interrupt.
     Attributes: ``rank``, ``size``, ``lag``, ``name`` (of the segment, for
     :meth:`attach`), ``timeout`` (default for every wait, ``None`` blocks),
     ``next_post``, ``next_complete``, ``arena_bytes``.

@@ -58,6 +58,10 @@ def _bad_posts():
         ("float iteration", lambda c: c.post(0.5, GOOD, [2, 2]), BlsTypeError, ["iteration", "float"]),
         ("string iteration", lambda c: c.post("0", GOOD, [2, 2]), BlsTypeError, ["iteration", "str"]),
         ("bool iteration", lambda c: c.post(False, GOOD, [2, 2]), BlsTypeError, ["iteration", "bool"]),
+        ("0-d bool array iteration", lambda c: c.post(np.array(False), GOOD, [2, 2]), BlsTypeError,
+         ["iteration", "ndarray"]),
+        ("0-d float array iteration", lambda c: c.post(np.array(0.5), GOOD, [2, 2]), BlsTypeError,
+         ["iteration", "0.5"]),
         ("huge iteration", lambda c: c.post(2 ** 64, GOOD, [2, 2]), BlsValueError, ["out of range"]),
         ("float iteration to complete", lambda c: c.complete(0.0), BlsTypeError, ["iteration", "float"]),
         ("None iteration to arrived", lambda c: c.arrived(None), BlsTypeError, ["iteration", "NoneType"]),
@@ -67,6 +71,8 @@ def _bad_posts():
         ("negative timeout", lambda c: c.post(0, GOOD, [2, 2], timeout=-1), BlsValueError, ["timeout"]),
         # A bool is an int: True was taken for 1 s, as Comm.create refuses it.
         ("bool timeout", lambda c: c.post(0, GOOD, [2, 2], timeout=True), BlsTypeError, ["timeout", "True"]),
+        ("numpy bool timeout", lambda c: c.post(0, GOOD, [2, 2], timeout=np.True_), BlsTypeError,
+         ["timeout", "True"]),
         ("timeout beyond any float", lambda c: c.post(0, GOOD, [2, 2], timeout=-10 ** 400), BlsValueError,
          ["timeout"]),
         ("zero-copy bad counts", lambda c: c.post_views(0, [1, -2]).__enter__(), BlsValueError, ["negative"]),
@@ -393,7 +399,8 @@ def test_bad_timeouts(timeout, exc_type):
 
 
 @pytest.mark.parametrize("timeout, exc_type", [("soon", BlsTypeError), (float("nan"), BlsValueError),
-                                               (-0.5, BlsValueError), (True, BlsTypeError)])
+                                               (-0.5, BlsValueError), (True, BlsTypeError),
+                                               (np.True_, BlsTypeError)])
 def test_a_bad_default_timeout_is_refused_when_set(timeout, exc_type):
     # It was kept, and the next call raised about a timeout it was never given.
     with blsshm.Comm.create(1, timeout=2.5) as comm:

@@ -4,6 +4,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -668,6 +669,72 @@ def test_a_signal_handler_may_close_the_communicator_inside_any_call(operation):
         assert message == f"communicator was closed during {step}(0) (by a signal handler)"
         assert got[1] == "peer lost"
     assert pidfds == 0  # released when the call returned
+
+
+def _nested_call(comm, operation):
+    """Call ``operation`` on ``comm`` for iteration 1, as a handler interrupting ``post(1)`` would."""
+    send = np.full(4, 2, np.float32)
+    if operation == "post":
+        comm.post(1, send, [3, 1])
+    elif operation == "alltoallv":
+        comm.alltoallv(send, [3, 1])
+    elif operation == "complete":
+        comm.complete(1)
+    elif operation == "arrived":
+        comm.arrived(1)
+    elif operation == "post_views":
+        with comm.post_views(1, [3, 1], np.float32) as views:
+            views[0][:] = 2
+    else:
+        with comm.complete_views(1):
+            pass
+
+
+def _interrupted_by_a_nested_call(comm, operation, from_thread):
+    send = np.full(2, 1, np.float32)
+    comm.post(0, np.zeros(2, np.float32), [1, 1])
+    if comm.rank == 1:
+        time.sleep(1.5)  # rank 0 waits in post(1) for this complete(0) meanwhile
+        comm.complete(0)
+        comm.post(1, np.full(2, 7, np.float32), [1, 1])
+        recv, counts = comm.complete(1)
+        return recv.tolist(), counts.tolist()
+    comm.complete(0)
+    refused = []
+
+    def nested():
+        try:
+            _nested_call(comm, operation)
+            refused.append("not refused")
+        except blsshm.BlsError as exc:
+            refused.append(str(exc))
+    if from_thread:
+        caller = threading.Timer(0.2, nested)
+        caller.start()
+    else:
+        signal.signal(signal.SIGALRM, lambda *_: nested())
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+    comm.post(1, send, [1, 1])  # waits for rank 1's complete(0)
+    if from_thread:
+        caller.join()
+    recv, counts = comm.complete(1)
+    return refused, recv.tolist(), counts.tolist()
+
+
+@pytest.mark.parametrize("from_thread", [False, True], ids=["signal handler", "thread"])
+@pytest.mark.parametrize("operation", ["post", "alltoallv", "complete", "arrived", "post_views",
+                                       "complete_views"])
+def test_a_call_nested_in_a_waiting_call_is_refused_and_the_waiting_call_goes_on(operation, from_thread):
+    # A post from a handler used to run inside the outer post's wait, on its
+    # scratch: the outer post then sent the nested call's counts from its own
+    # array, past its reservation, and rank 1 got a block neither post sent.
+    got = blsshm.spawn(_interrupted_by_a_nested_call, 2, args=(operation, from_thread), timeout=30)
+    refused, recv, counts = got[0]
+    assert refused == [f"{operation}() called while another call on this communicator is in progress "
+                       f"(from a signal handler or another thread); a communicator serves one call "
+                       f"at a time: only close() and abort() may interrupt one"]
+    assert (recv, counts) == ([1.0, 7.0], [1, 1])
+    assert got[1] == ([1.0, 7.0], [1, 1])  # what the outer post sent, nothing of the nested call
 
 
 def _closed_by_a_finalizer(rank, operation):

@@ -1,4 +1,6 @@
 """CPU torch tensors go in and come out without copies."""
+import re
+
 import numpy as np
 import pytest
 
@@ -123,3 +125,20 @@ def test_tensor_counts_are_checked_as_arrays_are(counts):
             with pytest.raises(blsshm.BlsTypeError, match="send_counts must hold integers"):
                 comm.alltoallv(send, counts)
             assert comm.alltoallv(send, [2])[0].tolist() == [0.0, 1.0]  # nothing was published
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda c, s: c.alltoallv(s, [torch.tensor(True)]), "send_counts[0]"),
+    (lambda c, s: c.post(torch.tensor(False), s, [2]), "iteration"),
+    (lambda c, s: c.post(torch.tensor(0.5), s, [2]), "iteration"),
+    (lambda c, s: c.alltoallv(s, [2], timeout=torch.tensor(True)), "timeout"),
+], ids=["bool count", "bool iteration", "float iteration", "bool timeout"])
+def test_scalar_tensors_that_are_not_integers_are_refused_as_python_scalars_are(call, words):
+    # operator.index took a 0-d bool tensor as 0 or 1 (a count of 1, iteration
+    # 0), and a 0-d float tensor's __index__ raised a bare TypeError.
+    with blsshm.Comm.create(1) as comm:
+        send = np.arange(2, dtype=np.float64)
+        with pytest.raises(blsshm.BlsTypeError, match=re.escape(words)):
+            call(comm, send)
+        assert comm.next_post == 0 and comm.alltoallv(send, [2])[0].tolist() == [0.0, 1.0]
+
