@@ -32,6 +32,13 @@ def main(argv=None):
         path = cfg.processed_data_file or cfg.raw_data_file
         print(f"dlrm_bench: note: {path} holds {cfg.num_batches} whole batches of {cfg.batch_size}: "
               f"running {cfg.num_batches}, not --num-batches {args.num_batches}", file=sys.stderr, flush=True)
+    if args.verify and cfg.data_batches < min(cfg.num_batches, cfg.lag + 2):
+        # Iteration t's blocks taken for those of t - k (k <= lag + 1 share
+        # the ring's slots) give the same predictions when the batches repeat.
+        print(f"dlrm_bench: note: --verify sees {cfg.data_batches} distinct batch(es): an iteration "
+              f"given the blocks of one up to {cfg.lag + 1} before it may go unnoticed; "
+              f"--data-size {(cfg.lag + 2) * cfg.batch_size} or more makes that visible",
+              file=sys.stderr, flush=True)
     runs = planned_runs(cfg, args.compare)
     if args.compare and mpi_available() is not None:
         print(f"  (mpi skipped: {mpi_available()})")
@@ -75,7 +82,9 @@ def main(argv=None):
                   f"(the bounds leave {fig['sync_bound_s'] / fig['ideal_bound_s']:.2f}x between "
                   f"synchronous and ideal)")
         first = predictions[main_label]
-        differ = [label for label, p in predictions.items() if not np.array_equal(p, first)]
+        # Bitwise, as --verify: NaN != NaN would call identical runs different.
+        differ = [label for label, p in predictions.items()
+                  if not np.array_equal(p.view(np.uint32), first.view(np.uint32))]
         print("predictions: " + (f"differ from {main_label} in {', '.join(differ)}" if differ
                                  else f"bitwise identical across the {len(predictions)} runs"))
 
@@ -85,12 +94,15 @@ def main(argv=None):
         reference = reference_predictions(cfg)
         verified = {}
         for label, p in predictions.items():
-            mismatches, max_diff = compare(p, reference)
-            verified[label] = {"mismatches": mismatches, "max_abs_diff": max_diff, "predictions": p.size}
+            mismatches, max_diff, not_finite = compare(p, reference)
+            verified[label] = {"mismatches": mismatches, "max_abs_diff": max_diff, "not_finite": not_finite,
+                               "predictions": p.size}
             verdict = "bitwise equal" if mismatches == 0 else f"{mismatches} DIFFERENT"
+            if not_finite:
+                verdict += f", {not_finite} NOT FINITE (NaN or inf: they verify nothing)"
             print(f"verify {label}: {p.size} predictions {verdict} to a single-process "
                   f"recomputation (max abs difference {max_diff:.3g})")
-            if mismatches:
+            if mismatches or not_finite:
                 status = 1
     try:
         if args.save_predictions:

@@ -12,7 +12,8 @@ instant, every rank on a core of its own:
 - then, in order, every iteration whose blocks have all arrived (the eager
   pipeline; ``fixed`` skips this) and the oldest one once ``L`` are
   outstanding, waiting for it: gather (peers' buffers held), then top MLP;
-- a slow rank's extra sleep ends the step.
+- a slow rank's extra sleep ends the step, and its drain (after the
+  last step, completing what is left) too.
 
 The loop's choices are taken at the replayed times, so the replay is a model
 of this loop, not a bound.  A run's wall time over its replay is what the
@@ -25,13 +26,14 @@ import itertools
 import numpy as np
 
 
-def replay_bls(delay, lookup, bottom, gather, top, slow, lag, eager=True):
+def replay_bls(delay, lookup, bottom, gather, top, slow, lag, eager=True, drain_slow=None):
     """Replayed wall time (seconds) of the bls loop with a free exchange.
 
     Arrays are ``[rank, iteration]`` seconds, as each rank measured them:
     ``delay`` injected before posting, ``lookup`` inside ``post``, ``bottom``
     after it, ``gather`` inside ``complete``, ``top`` after it, ``slow`` at
-    the end of the step.  ``lag`` and ``eager`` are the run's.
+    the end of the step; ``drain_slow`` (``[rank]``, default none) after
+    the drain.  ``lag`` and ``eager`` are the run's.
     """
     nprocs, n = lookup.shape
     published = np.full((nprocs, n), np.inf)  # when rank r published t, once replayed
@@ -62,7 +64,7 @@ def replay_bls(delay, lookup, bottom, gather, top, slow, lag, eager=True):
             now += slow[r, i]
         while done < n:
             yield from finish()
-        return now
+        return now + (drain_slow[r] if drain_slow is not None else 0.0)
 
     # Events run in time order, so when one at time `when` runs, every record
     # stamped at or before `when` is written: a record is written by an event

@@ -117,8 +117,12 @@ def summarize(results, cfg):
         before, between, after, slow = parts
         held = np.stack([r["held"] for r in results])
         injected = delay - slow
-        replay = replay_bls(injected, before - injected, between, held, after - held, slow, cfg.lag,
-                            eager=cfg.bls_pipeline == "eager")
+        drain_slow = np.array([r["drain_slow"] for r in results])
+        step_slow = slow.copy()  # the drain's sleep comes after the drain, not before it
+        if step_slow.shape[1]:
+            step_slow[:, -1] -= drain_slow
+        replay = replay_bls(injected, before - injected, between, held, after - held, step_slow, cfg.lag,
+                            eager=cfg.bls_pipeline == "eager", drain_slow=drain_slow)
         fig["replay_s"] = replay
         fig["wall_over_replay"] = wall / replay if replay > 0 else float("nan")
     if "futex_sleeps" in results[0]:

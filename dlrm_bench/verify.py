@@ -38,11 +38,14 @@ def reference_predictions(cfg):
 
 
 def compare(predictions, reference):
-    """``(mismatches, max_abs_diff)`` of ``(num_batches, B)`` predictions against the reference.
+    """``(mismatches, max_abs_diff, not_finite)`` of ``(num_batches, B)`` predictions against the reference.
 
-    Iteration ``i`` used distinct batch ``i % data_batches``.
+    Iteration ``i`` used distinct batch ``i % data_batches``.  ``not_finite``
+    counts NaN or infinite predictions: equal or not, they verify nothing (a
+    NaN weight would hide a wrong block behind it), so they fail the check.
     """
     expected = reference[np.arange(len(predictions)) % len(reference)]
     same = predictions.view(np.uint32) == expected.view(np.uint32)
-    diff = np.abs(predictions.astype(np.float64) - expected.astype(np.float64))
-    return int((~same).sum()), float(diff.max()) if diff.size else 0.0
+    finite = np.isfinite(predictions)
+    diff = np.abs(predictions[finite].astype(np.float64) - expected[finite].astype(np.float64))
+    return int((~same).sum()), float(diff.max()) if diff.size else 0.0, int((~finite).sum())

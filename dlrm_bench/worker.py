@@ -72,13 +72,14 @@ class Record:
         self.after = np.zeros(n)
         self.slow = np.zeros(n)
         self.held = np.zeros(n)  # the part of `after` inside complete, peers' buffers held (see replay)
+        self.drain_slow = 0.0  # a slow rank's sleep after the bls loop's drain (in slow[-1] too)
         self.phases = dict.fromkeys(("lookup", "bottom", "gather", "top"), 0.0)  # seconds in each step
         self.cpu = 0.0  # CPU seconds of this rank's thread while computing
 
     def as_dict(self):
         return {"start": self.start, "finish": self.finish, "compute": self.compute, "delay": self.delay,
                 "before": self.before, "between": self.between, "after": self.after, "slow": self.slow,
-                "held": self.held, "phases": self.phases, "cpu_compute": self.cpu}
+                "held": self.held, "drain_slow": self.drain_slow, "phases": self.phases, "cpu_compute": self.cpu}
 
 
 class Heartbeat:
@@ -342,6 +343,7 @@ class Rank:
             done += 1
         if timed and self.slow and len(batches):  # the drain is work too, slowed as the steps were
             slept = self.slow_sleep(step_cpu)
+            rec.drain_slow = slept  # after the drain's waits: the replay puts it there
             rec.slow[-1] += slept
             rec.delay[-1] += slept
         return preds

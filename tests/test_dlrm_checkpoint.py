@@ -152,6 +152,10 @@ MISFITS = [
     ("a top layer too many", _set("top_l.4.weight", torch.zeros(1, 1)), ["top_l.4.weight"]),
     ("an integer table", _set("emb_l.1.weight", torch.zeros(13, D, dtype=torch.int32)),
      ["emb_l.1.weight", "torch.int32", "not floating-point"]),
+    # Every prediction came out NaN, and --verify found them equal.
+    ("a NaN bottom weight", _set("bot_l.0.weight", torch.full((8, 3), float("nan"))),
+     ["bot_l.0.weight", "non-finite values"]),
+    ("an infinite top bias", _set("top_l.2.bias", torch.tensor([float("inf")])), ["top_l.2.bias", "non-finite"]),
     # The reference's --weighted-pooling learned; they were ignored, changing every prediction.
     ("learned pooling weights", _set("v_W_l.0", torch.full((7,), 0.01)), ["v_W_l.0", "--weighted-pooling learned"]),
 ]
@@ -201,3 +205,21 @@ def test_loading_a_checkpoint_beats_for_each_table(tmp_path):
     model = Model.build(cfg, [0, 2], beat=lambda: beats.append(1))
     assert sorted(model.tables) == [0, 2] and len(beats) == 2
     np.testing.assert_array_equal(model.tables[2], sd["emb_l.2.weight"].float().numpy())
+
+
+@pytest.mark.timeout(180)
+def test_nan_predictions_fail_verify_and_identical_runs_still_compare_identical(tmp_path, capsys, monkeypatch):
+    # A NaN table made every prediction NaN: --verify called them "bitwise
+    # equal" to the recomputation, and --compare (NaN != NaN) called every
+    # run, the main one included, different from the main one.
+    from dlrm_bench import cli
+    monkeypatch.setattr(cli, "mpi_available", lambda: "not in this test")
+    sd = reference_state_dict()
+    sd["emb_l.2.weight"] = torch.full((ROWS[2], D), float("nan"))
+    path = tmp_path / "dlrm.pt"
+    save_reference_checkpoint(path, sd)
+    assert cli.main(model_flags(path) + RUN_FLAGS + ["--verify", "--compare"]) == 1
+    out = capsys.readouterr().out
+    assert "predictions: bitwise identical across the 3 runs" in out
+    assert out.count("15 predictions bitwise equal, 15 NOT FINITE (NaN or inf: they verify nothing)") == 3
+

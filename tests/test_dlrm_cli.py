@@ -123,6 +123,24 @@ def test_non_finite_numbers_are_refused(capsys, no_dlrm_runs):
     assert_rejected(capsys, ["--delay-ms", "nan", "--delay-prob", "0.1"], "--delay-ms must be a finite number")
 
 
+
+@pytest.mark.parametrize("data_size, noted", [(8, True), (16, True), (24, False)])
+def test_verify_says_when_too_few_distinct_batches_hide_an_iteration_mix_up(capsys, monkeypatch, data_size, noted):
+    # With as many distinct batches as lag + 1 or fewer, an iteration given
+    # the blocks of one up to lag + 1 before it can predict the same.
+    from dlrm_bench import backends, cli
+
+    def stop(*_args, **_kwargs):
+        raise RuntimeError("stopped before any rank starts")
+    monkeypatch.setattr(backends, "run", stop)
+    flags = [f for f in TINY if f != "--compare"] + ["--num-batches", "6", "--lag", "1", "--verify",
+                                                     "--data-size", str(data_size)]
+    assert cli.main(flags) == 1
+    err = capsys.readouterr().err
+    note = (f"--verify sees {data_size // 8} distinct batch(es): an iteration given the blocks of one up to 2 "
+            f"before it may go unnoticed; --data-size 24 or more makes that visible")
+    assert (note in err) == noted and ("--verify sees" in err) == noted
+
 TINY = ["--arch-embedding-size", "100-100", "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "13-4",
         "--arch-mlp-top", "1", "--mini-batch-size", "8", "--num-batches", "4", "--warmup-batches", "1",
         "--no-progress", "--compare"]

@@ -188,6 +188,19 @@ def test_the_replay_is_gated_by_completions_not_publishes():
     assert replay_bls(z, one, bottom, gather, z, z, 1) == 12.0
 
 
+
+def test_the_replay_sleeps_a_slow_drain_after_it_not_before():
+    # Lag 1, every lookup 1 s but rank 0's last (3 s): rank 0 publishes
+    # iteration 2 at 5 s.  Rank 1 publishes it at 3 s and must wait for rank
+    # 0's to drain; its 3 s of drain sleep come after that wait, so it ends
+    # at 8 s.  Taken as the last step's sleep (before the drain), the wait
+    # hid it: the replay said 5 s.
+    from dlrm_bench.replay import replay_bls
+    z = np.zeros((2, 3))
+    lookup = np.array([[1.0, 1.0, 3.0], [1.0, 1.0, 1.0]])
+    assert replay_bls(z, lookup, z, z, z, z, 1, drain_slow=np.array([0.0, 3.0])) == 8.0
+    assert replay_bls(z, lookup, z, z, z, z, 1) == 5.0
+
 def test_progress_bar_draws_only_when_enabled(capsys):
     from dlrm_bench.worker import Progress
     bar = Progress(True, "bls lag 4", 10, 256)
