@@ -263,7 +263,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     (line buffered), so what it printed survives its being stopped.
     ``timeout`` is the communicator's default wait timeout;
     ``start_method`` is a multiprocessing start method (default: the
-    platform's).  ``fn`` and ``args`` must be picklable for ``"spawn"``.
+    platform's).  ``fn`` and ``args`` must be picklable for ``"spawn"`` and ``"forkserver"``.
     """
     if not callable(fn):
         raise BlsTypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -632,6 +632,12 @@ def _reraise(failures):
     # The root cause is the first failure that is not a reaction to another
     # rank's failure (CommAborted / PeerLostError follow a failure elsewhere).
     causes = [f for f in failures if not isinstance(f[1], CommAborted)]
+    if not causes:
+        # Every rank raised the abort, the rank that called abort() too: its
+        # failure is the one to show (the others' arrived first), as
+        # python -m blsshm.run names it.
+        aborter = failures[0][1].rank
+        causes = [f for f in failures if f[0] == aborter]
     rank, exc, tb = (causes or failures)[0]
     if tb is not None:
         exc.__cause__ = RemoteTraceback(tb)

@@ -136,7 +136,10 @@ def _launch(argv):
     except (BlsError, ValueError) as exc:
         print(f"python -m blsshm.run: {exc}", file=sys.stderr)
         return 2, None
-    cmd = [sys.executable] + (["-m"] if opts.module else []) + [opts.target] + opts.args
+    # The interpreter's own flags (-O, -X dev, -W error, ...) too, as
+    # `python <flags> script.py` and multiprocessing's spawn keep them.
+    interpreter_flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    cmd = [sys.executable, *interpreter_flags] + (["-m"] if opts.module else []) + [opts.target] + opts.args
     procs = []
     relays = []
     sinks = _Sink(sys.stdout, "stdout"), _Sink(sys.stderr, "stderr")

@@ -65,8 +65,11 @@ fork_guard = threading.RLock()
 def _after_fork_in_child():
     """The reapers are the parent's, and our copies of their pipes would keep
     them from seeing the parent die."""
-    for _proc, write_end in _reapers.values():
+    for proc, write_end in _reapers.values():
         os.close(write_end)
+        # Not this process's child: its copy of the Popen must not wait for
+        # it, nor warn at collection that it still runs (ResourceWarning).
+        proc.returncode = 0
     _reapers.clear()
     fork_guard.release()  # taken by the thread that forked, which we are
 

@@ -737,6 +737,22 @@ def test_a_call_nested_in_a_waiting_call_is_refused_and_the_waiting_call_goes_on
     assert got[1] == ([1.0, 7.0], [1, 1])  # what the outer post sent, nothing of the nested call
 
 
+def _aborts_on_bad_input(comm):
+    if comm.rank == 1:
+        comm.abort("bad input on rank 1")
+        time.sleep(0.3)  # the others raise first
+    comm.alltoallv(np.zeros(comm.size), [1] * comm.size, timeout=20)
+
+
+def test_spawn_blames_the_rank_that_aborted_not_the_first_to_raise_the_abort():
+    # Every rank raised CommAborted; spawn re-raised the first to arrive
+    # (rank 0's), naming rank 0 where python -m blsshm.run names rank 1.
+    with pytest.raises(CommAborted, match="aborted by rank 1: bad input on rank 1") as info:
+        blsshm.spawn(_aborts_on_bad_input, 3)
+    assert info.value.blsshm_rank == 1
+    assert "raised in blsshm rank 1" in info.value.__notes__
+
+
 def _closed_by_a_finalizer(rank, operation):
     import gc
     outcomes = set()

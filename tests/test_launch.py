@@ -113,6 +113,48 @@ def test_the_program_gets_its_arguments_verbatim(tmp_path, args):
     assert res.stdout == repr(args)
 
 
+
+FLAGS = r"""
+import os, sys
+import blsshm
+with blsshm.init() as comm:
+    os.write(1, f"optimize={sys.flags.optimize} dev_mode={sys.flags.dev_mode}\n".encode())
+"""
+
+
+def test_ranks_run_with_the_interpreter_flags_of_the_launcher(tmp_path):
+    # They ran without them, unlike `python -O script.py` and multiprocessing's spawn.
+    path = tmp_path / "prog.py"
+    path.write_text(FLAGS)
+    res = subprocess.run([sys.executable, "-O", "-X", "dev", "-m", "blsshm.run", "-n", "2", str(path)],
+                         capture_output=True, text=True, timeout=50)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["optimize=1 dev_mode=True"] * 2
+    assert "ResourceWarning" not in res.stderr
+
+
+SPAWN_IN_DEV_MODE = r"""
+import numpy as np
+import blsshm
+
+def step(comm):
+    return comm.alltoallv(np.zeros(comm.size), [1] * comm.size)[1].tolist()
+
+if __name__ == "__main__":
+    print(blsshm.spawn(step, 2))
+"""
+
+
+def test_forked_ranks_do_not_warn_about_the_parents_reaper(tmp_path):
+    # Each forked rank dropped its copy of the reaper's Popen, which warned
+    # "ResourceWarning: subprocess ... is still running" under -X dev: the
+    # reaper is the parent's child, and it was running.
+    path = tmp_path / "prog.py"
+    path.write_text(SPAWN_IN_DEV_MODE)
+    res = subprocess.run([sys.executable, "-X", "dev", str(path)], capture_output=True, text=True, timeout=50)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "[[1, 1], [1, 1]]\n" and "ResourceWarning" not in res.stderr, res.stderr
+
 INIT_TWICE = r"""
 import blsshm
 with blsshm.init() as comm:
