@@ -26,8 +26,11 @@ foreground group a read would stop them, and a rank stopped so (by opening
 ``/dev/tty``, say) is killed and named rather than waited for.
 
 Ctrl-Z stops the ranks with the launcher, and ``fg``/``bg`` continues them.
+Ranks run with the launcher's interpreter flags (``python -O -m
+blsshm.run ...`` runs them with ``-O``; under ``-I`` or ``-P``, as for
+``python -I script.py``, the script's directory is not on ``sys.path``).
 Ranks write unbuffered to a pipe or file (``PYTHONUNBUFFERED=1`` unless
-set), as under torchrun's ``python -u``: what a rank printed survives its
+set, ``-u`` under ``-E`` or ``-I``), as under torchrun's ``python -u``: what a rank printed survives its
 being killed; unbuffered, a print is two writes (text, newline), so the
 lines of ranks printing at once can split mid-line (``--tag-output`` passes
 whole lines).  Time stopped by Ctrl-Z counts against no deadline.
@@ -70,6 +73,12 @@ RELAY_CHUNK = 1 << 16     # bytes read at once
 RELAY_LINE_MAX = 1 << 20  # the longest line held back for its newline (a longer one goes in pieces)
 OUTPUT_LOST_STATUS = 120  # the run's status when the ranks' output could not be written (as python's)
 RELAY_DRAIN_S = 2.0       # after the ranks' groups are killed, how long output may still arrive
+
+
+
+def _unbuffered_output(opts):
+    """Whether the ranks write unbuffered: to a pipe or a file (see the module docstring)."""
+    return opts.tag_output or not os.isatty(1)
 
 
 def _parser():
@@ -139,6 +148,8 @@ def _launch(argv):
     # The interpreter's own flags (-O, -X dev, -W error, ...) too, as
     # `python <flags> script.py` and multiprocessing's spawn keep them.
     interpreter_flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    if sys.flags.ignore_environment and _unbuffered_output(opts) and os.environ.get("PYTHONUNBUFFERED", "1"):
+        interpreter_flags.append("-u")  # -E and -I make the ranks ignore PYTHONUNBUFFERED (below)
     cmd = [sys.executable, *interpreter_flags] + (["-m"] if opts.module else []) + [opts.target] + opts.args
     procs = []
     relays = []
@@ -200,7 +211,7 @@ def _launch(argv):
                 env.update({k: str(opts.nprocs) for k in TORCHRUN_SIZE})
                 if opts.nprocs > 1:  # as torchrun: P ranks of a thread per core each would oversubscribe
                     env.setdefault("OMP_NUM_THREADS", "1")
-                if opts.tag_output or not os.isatty(1):
+                if _unbuffered_output(opts):
                     # As torchrun's ``python -u``: what a rank printed is not
                     # lost in its buffer when it is killed (after a failure
                     # elsewhere).  A terminal's lines are written whole anyway,

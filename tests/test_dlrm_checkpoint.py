@@ -156,6 +156,8 @@ MISFITS = [
     ("a NaN bottom weight", _set("bot_l.0.weight", torch.full((8, 3), float("nan"))),
      ["bot_l.0.weight", "non-finite values"]),
     ("an infinite top bias", _set("top_l.2.bias", torch.tensor([float("inf")])), ["top_l.2.bias", "non-finite"]),
+    ("a float64 top bias beyond float32", _set("top_l.2.bias", torch.tensor([1e300], dtype=torch.float64)),
+     ["top_l.2.bias", "non-finite"]),
     # The reference's --weighted-pooling learned; they were ignored, changing every prediction.
     ("learned pooling weights", _set("v_W_l.0", torch.full((7,), 0.01)), ["v_W_l.0", "--weighted-pooling learned"]),
 ]

@@ -201,6 +201,25 @@ def test_the_replay_sleeps_a_slow_drain_after_it_not_before():
     assert replay_bls(z, lookup, z, z, z, z, 1, drain_slow=np.array([0.0, 3.0])) == 8.0
     assert replay_bls(z, lookup, z, z, z, z, 1) == 5.0
 
+
+def test_a_run_summary_replays_the_drain_sleep_once_and_after_the_drain():
+    # The same case as a rank records it: the drain's sleep is in slow[-1]
+    # and delay[-1] (for the bounds) and in drain_slow; the replay must take
+    # it out of the last step, or it counts it twice (9 s).
+    from types import SimpleNamespace
+
+    from dlrm_bench.report import summarize
+    z = np.zeros(3)
+
+    def record(before, slow, drain_slow):
+        return {"start": z, "finish": z, "compute": np.array(before), "delay": np.array(slow),
+                "before": np.array(before), "between": z, "after": z, "slow": np.array(slow), "held": z,
+                "drain_slow": drain_slow, "phases": dict.fromkeys(("lookup", "bottom", "gather", "top"), 0.0),
+                "cpu_compute": 1.0, "wait_s": 0.0, "begin": 0.0, "end": 8.0, "tables": [0], "slice": (0, 1)}
+    results = [record([1.0, 1.0, 3.0], [0.0, 0.0, 0.0], 0.0), record([1.0, 1.0, 1.0], [0.0, 0.0, 3.0], 3.0)]
+    cfg = SimpleNamespace(num_batches=3, batch_size=2, lag=1, backend="bls", bls_pipeline="eager")
+    assert summarize(results, cfg)["replay_s"] == 8.0
+
 def test_progress_bar_draws_only_when_enabled(capsys):
     from dlrm_bench.worker import Progress
     bar = Progress(True, "bls lag 4", 10, 256)

@@ -1,5 +1,6 @@
 """I4 and DESIGN §5: a dead, closed or aborting rank turns every wait into an
 error (never a hang), and nothing is left in /dev/shm or the process table."""
+import multiprocessing
 import os
 import select
 import signal
@@ -690,11 +691,11 @@ def _nested_call(comm, operation):
             pass
 
 
-def _interrupted_by_a_nested_call(comm, operation, from_thread):
+def _interrupted_by_a_nested_call(comm, operation, from_thread, tried):
     send = np.full(2, 1, np.float32)
     comm.post(0, np.zeros(2, np.float32), [1, 1])
     if comm.rank == 1:
-        time.sleep(1.5)  # rank 0 waits in post(1) for this complete(0) meanwhile
+        assert tried.wait(20)  # rank 0 waits in post(1) for this complete(0) meanwhile
         comm.complete(0)
         comm.post(1, np.full(2, 7, np.float32), [1, 1])
         recv, counts = comm.complete(1)
@@ -708,6 +709,7 @@ def _interrupted_by_a_nested_call(comm, operation, from_thread):
             refused.append("not refused")
         except blsshm.BlsError as exc:
             refused.append(str(exc))
+        tried.set()
     if from_thread:
         caller = threading.Timer(0.2, nested)
         caller.start()
@@ -728,7 +730,9 @@ def test_a_call_nested_in_a_waiting_call_is_refused_and_the_waiting_call_goes_on
     # A post from a handler used to run inside the outer post's wait, on its
     # scratch: the outer post then sent the nested call's counts from its own
     # array, past its reservation, and rank 1 got a block neither post sent.
-    got = blsshm.spawn(_interrupted_by_a_nested_call, 2, args=(operation, from_thread), timeout=30)
+    tried = multiprocessing.get_context("fork").Event()  # inherited by the forked ranks
+    got = blsshm.spawn(_interrupted_by_a_nested_call, 2, args=(operation, from_thread, tried), timeout=30,
+                       start_method="fork")
     refused, recv, counts = got[0]
     assert refused == [f"{operation}() called while another call on this communicator is in progress "
                        f"(from a signal handler or another thread); a communicator serves one call "

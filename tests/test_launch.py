@@ -118,18 +118,22 @@ FLAGS = r"""
 import os, sys
 import blsshm
 with blsshm.init() as comm:
-    os.write(1, f"optimize={sys.flags.optimize} dev_mode={sys.flags.dev_mode}\n".encode())
+    os.write(1, f"optimize={sys.flags.optimize} dev_mode={sys.flags.dev_mode} "
+                f"unbuffered={sys.stdout.write_through}\n".encode())
 """
 
 
-def test_ranks_run_with_the_interpreter_flags_of_the_launcher(tmp_path):
-    # They ran without them, unlike `python -O script.py` and multiprocessing's spawn.
+@pytest.mark.parametrize("flags", [["-O", "-X", "dev"], ["-E", "-O", "-X", "dev"]], ids=["-O -X dev", "-E too"])
+def test_ranks_run_with_the_interpreter_flags_of_the_launcher(tmp_path, flags):
+    # They ran without them, unlike `python -O script.py` and multiprocessing's
+    # spawn; and given -E, they ignored the PYTHONUNBUFFERED that keeps what a
+    # rank printed when it is killed: they need -u then.
     path = tmp_path / "prog.py"
     path.write_text(FLAGS)
-    res = subprocess.run([sys.executable, "-O", "-X", "dev", "-m", "blsshm.run", "-n", "2", str(path)],
+    res = subprocess.run([sys.executable, *flags, "-m", "blsshm.run", "-n", "2", str(path)],
                          capture_output=True, text=True, timeout=50)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines() == ["optimize=1 dev_mode=True"] * 2
+    assert res.stdout.splitlines() == ["optimize=1 dev_mode=True unbuffered=True"] * 2
     assert "ResourceWarning" not in res.stderr
 
 
