@@ -263,7 +263,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     (line buffered), so what it printed survives its being stopped.
     ``timeout`` is the communicator's default wait timeout;
     ``start_method`` is a multiprocessing start method (default: the
-    platform's).  ``fn`` and ``args`` must be picklable for ``"spawn"`` and ``"forkserver"``.
+    platform's).  ``fn`` and ``args`` must be picklable for ``"spawn"``
+    and ``"forkserver"``.
     """
     if not callable(fn):
         raise BlsTypeError(f"fn must be callable, got {type(fn).__name__}")

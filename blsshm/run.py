@@ -30,10 +30,10 @@ Ranks run with the launcher's interpreter flags (``python -O -m
 blsshm.run ...`` runs them with ``-O``; under ``-I`` or ``-P``, as for
 ``python -I script.py``, the script's directory is not on ``sys.path``).
 Ranks write unbuffered to a pipe or file (``PYTHONUNBUFFERED=1`` unless
-set, ``-u`` under ``-E`` or ``-I``), as under torchrun's ``python -u``: what a rank printed survives its
-being killed; unbuffered, a print is two writes (text, newline), so the
-lines of ranks printing at once can split mid-line (``--tag-output`` passes
-whole lines).  Time stopped by Ctrl-Z counts against no deadline.
+set, ``-u`` under ``-E`` or ``-I``), as under torchrun's ``python -u``:
+what a rank printed survives its being killed; unbuffered, a print is two
+writes (text, newline), so the lines of ranks printing at once can split
+mid-line (``--tag-output`` passes whole lines).  Time stopped by Ctrl-Z counts against no deadline.
 
 With ``--tag-output`` every line a rank writes starts with ``[rank N]`` (its
 stdout to the launcher's stdout, its stderr to its stderr, whole lines at a
@@ -73,7 +73,6 @@ RELAY_CHUNK = 1 << 16     # bytes read at once
 RELAY_LINE_MAX = 1 << 20  # the longest line held back for its newline (a longer one goes in pieces)
 OUTPUT_LOST_STATUS = 120  # the run's status when the ranks' output could not be written (as python's)
 RELAY_DRAIN_S = 2.0       # after the ranks' groups are killed, how long output may still arrive
-
 
 
 def _unbuffered_output(opts):
