@@ -2329,7 +2329,7 @@ cdef class Core:
         changes what receivers read).
         """
         cdef int64_t deadline_ns = NO_DEADLINE_YET
-        self._enter("post_views")  # _make_ready runs Python code
+        self._enter("post_views")
         try:
             if not self.ready:
                 self._ready_within(timeout, &deadline_ns)
@@ -2350,7 +2350,7 @@ cdef class Core:
         and after the block into what the sender posts next; copy first.
         """
         cdef int64_t deadline_ns = NO_DEADLINE_YET
-        self._enter("complete_views")  # _make_ready runs Python code
+        self._enter("complete_views")
         try:
             if not self.ready:
                 self._ready_within(timeout, &deadline_ns)

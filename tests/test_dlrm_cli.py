@@ -123,7 +123,6 @@ def test_non_finite_numbers_are_refused(capsys, no_dlrm_runs):
     assert_rejected(capsys, ["--delay-ms", "nan", "--delay-prob", "0.1"], "--delay-ms must be a finite number")
 
 
-
 @pytest.mark.parametrize("data_size, noted", [(8, True), (16, True), (24, False)])
 def test_verify_says_when_too_few_distinct_batches_hide_an_iteration_mix_up(capsys, monkeypatch, data_size, noted):
     # With as many distinct batches as lag + 1 or fewer, an iteration given
@@ -140,6 +139,7 @@ def test_verify_says_when_too_few_distinct_batches_hide_an_iteration_mix_up(caps
     note = (f"--verify sees {data_size // 8} distinct batch(es): an iteration given the blocks of one up to 2 "
             f"before it may go unnoticed; --data-size 24 or more makes that visible")
     assert (note in err) == noted and ("--verify sees" in err) == noted
+
 
 TINY = ["--arch-embedding-size", "100-100", "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "13-4",
         "--arch-mlp-top", "1", "--mini-batch-size", "8", "--num-batches", "4", "--warmup-batches", "1",

@@ -188,7 +188,6 @@ def test_the_replay_is_gated_by_completions_not_publishes():
     assert replay_bls(z, one, bottom, gather, z, z, 1) == 12.0
 
 
-
 def test_the_replay_sleeps_a_slow_drain_after_it_not_before():
     # Lag 1, every lookup 1 s but rank 0's last (3 s): rank 0 publishes
     # iteration 2 at 5 s.  Rank 1 publishes it at 3 s and must wait for rank
@@ -219,6 +218,7 @@ def test_a_run_summary_replays_the_drain_sleep_once_and_after_the_drain():
     results = [record([1.0, 1.0, 3.0], [0.0, 0.0, 0.0], 0.0), record([1.0, 1.0, 1.0], [0.0, 0.0, 3.0], 3.0)]
     cfg = SimpleNamespace(num_batches=3, batch_size=2, lag=1, backend="bls", bls_pipeline="eager")
     assert summarize(results, cfg)["replay_s"] == 8.0
+
 
 def test_progress_bar_draws_only_when_enabled(capsys):
     from dlrm_bench.worker import Progress

@@ -113,7 +113,6 @@ def test_the_program_gets_its_arguments_verbatim(tmp_path, args):
     assert res.stdout == repr(args)
 
 
-
 FLAGS = r"""
 import os, sys
 import blsshm
@@ -158,6 +157,7 @@ def test_forked_ranks_do_not_warn_about_the_parents_reaper(tmp_path):
     res = subprocess.run([sys.executable, "-X", "dev", str(path)], capture_output=True, text=True, timeout=50)
     assert res.returncode == 0, res.stderr
     assert res.stdout == "[[1, 1], [1, 1]]\n" and "ResourceWarning" not in res.stderr, res.stderr
+
 
 INIT_TWICE = r"""
 import blsshm
