@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from dlrm_bench.criteo import NUM_DENSE, NUM_SPARSE
-from dlrm_bench.model import interaction_size
+from dlrm_bench.model import INTERACTION_OPS, interaction_size
 
 BACKENDS = ("bls", "gloo", "mpi")
 DATA_GENERATIONS = ("random", "zipf", "dataset")
@@ -36,6 +36,8 @@ class Config:
     table_rows: tuple = (100_000,) * 26
     mlp_bot: tuple = (13, 256, 128, 64)
     mlp_top: tuple = (415, 256, 128, 1)
+    interaction_op: str = "dot"
+    interaction_itself: bool = False
     batch_size: int = 1024
     num_batches: int = 3000
     data_batches: int = 64       # distinct global batches; iterations cycle through them
@@ -112,8 +114,16 @@ def build_parser():
                    help="bottom MLP sizes; first is the dense feature count (default %(default)s)")
     m.add_argument("--arch-mlp-top", default=None, metavar="SIZES",
                    help="top MLP sizes after its input, last 1; as in the reference, the input "
-                        "size, D + F(F-1)/2 interactions with F = tables + 1, is put in front "
-                        "(default 256-128-1)")
+                        "size, the interaction's width, is put in front: D + F(F-1)/2 with "
+                        "F = tables + 1 for dot, D + F(F+1)/2 with --arch-interaction-itself, "
+                        "F x D for cat (default 256-128-1)")
+    m.add_argument("--arch-interaction-op", choices=INTERACTION_OPS, default=d.interaction_op,
+                   help="dot: the pairwise dot products of the bottom output and the pooled "
+                        "embeddings, after the bottom output; cat: those features concatenated "
+                        "(default %(default)s)")
+    m.add_argument("--arch-interaction-itself", action="store_true",
+                   help="dot also takes each feature's product with itself (cat ignores it, "
+                        "as the reference does)")
     m.add_argument("--load-model", default=None, metavar="PATH",
                    help="checkpoint of the reference DLRM code: torch.save({'state_dict': ...})")
     m.add_argument("--max-ind-range", type=int, default=d.max_ind_range, metavar="N",
@@ -254,7 +264,7 @@ def parse(argv=None):
     if kind == "dataset" and mlp_bot[0] != num_dense:
         raise UsageError(f"--arch-mlp-bot must start with {num_dense} (the Criteo integer features) "
                          f"for --data-generation dataset, got {mlp_bot[0]}")
-    want = interaction_size(len(table_rows), sparse_size)
+    want = interaction_size(len(table_rows), sparse_size, args.arch_interaction_op, args.arch_interaction_itself)
     if args.arch_mlp_top is None:
         mlp_top = (want,) + Config.mlp_top[1:]
     else:
@@ -371,6 +381,7 @@ def parse(argv=None):
 
     cfg = Config(
         sparse_size=sparse_size, table_rows=table_rows, mlp_bot=mlp_bot, mlp_top=mlp_top,
+        interaction_op=args.arch_interaction_op, interaction_itself=args.arch_interaction_itself,
         batch_size=args.mini_batch_size, num_batches=num_batches, data_batches=data_batches,
         indices_per_lookup=args.num_indices_per_lookup,
         indices_per_lookup_fixed=args.num_indices_per_lookup_fixed, seed=args.numpy_rand_seed,

@@ -5,9 +5,11 @@ reference implementation (facebookresearch/dlrm, ``dlrm_s_pytorch.py``):
 
 - bottom MLP ``bot_l``: ``Linear``/``ReLU`` pairs over the dense features;
 - embedding tables ``emb_l.<i>.weight``, ``(rows_i, d)``, sum-pooled bags;
-- dot interaction: the bottom output and the pooled embeddings stacked as
-  ``(batch, 1 + tables, d)``, their pairwise dot products, the strictly
-  lower triangle (no self-interaction) concatenated after the bottom output;
+- interaction (``--arch-interaction-op``): the bottom output and the pooled
+  embeddings stacked as ``(batch, 1 + tables, d)``; ``dot`` (the default)
+  concatenates after the bottom output their pairwise dot products, the
+  strictly lower triangle, or with ``--arch-interaction-itself`` the lower
+  triangle with its diagonal; ``cat`` concatenates the stacked features;
 - top MLP ``top_l``: ``Linear``/``ReLU`` pairs, the last one a ``Sigmoid``.
 
 The MLPs are replicated on every rank; a rank holds only its own tables,
@@ -68,32 +70,50 @@ def init_table(rows, dim, table, seed, beat=None, chunk_values=1 << 22):
     return out
 
 
-def interaction_pairs(num_features):
-    """Row and column of every strictly-lower-triangle pair, in the reference's order."""
-    li = [i for i in range(num_features) for j in range(i)]
-    lj = [j for i in range(num_features) for j in range(i)]
+INTERACTION_OPS = ("dot", "cat")
+
+
+def interaction_pairs(num_features, itself=False):
+    """Row and column of every lower-triangle pair, in the reference's order.
+
+    The strictly lower triangle, or with ``itself`` the diagonal too (each
+    feature's dot product with itself), row by row as ``dlrm_s_pytorch.py``'s
+    ``li``/``lj``.
+    """
+    offset = 1 if itself else 0
+    li = [i for i in range(num_features) for j in range(i + offset)]
+    lj = [j for i in range(num_features) for j in range(i + offset)]
     return torch.tensor(li, dtype=torch.long), torch.tensor(lj, dtype=torch.long)
 
 
-def interaction_size(num_tables, dim):
-    """Width of the interaction output: the top MLP's input."""
+def interaction_size(num_tables, dim, op="dot", itself=False):
+    """Width of the interaction output: the top MLP's input (the reference's ``num_int``)."""
     features = num_tables + 1
-    return dim + features * (features - 1) // 2
+    if op == "cat":
+        return features * dim
+    if op != "dot":
+        raise ValueError(f"interaction op must be one of {INTERACTION_OPS}, got {op!r}")
+    return dim + (features * (features + 1) // 2 if itself else features * (features - 1) // 2)
 
 
 class DenseModel(nn.Module):
-    """The replicated part of DLRM: bottom MLP, dot interaction, top MLP.
+    """The replicated part of DLRM: bottom MLP, interaction, top MLP.
 
     ``forward(dense, pooled)`` takes ``(b, bottom_in)`` dense features and
     ``(b, tables, d)`` pooled embeddings in global table order, and returns
-    ``(b,)`` click probabilities.
+    ``(b,)`` click probabilities.  ``interaction_op`` and
+    ``interaction_itself`` are the reference's ``--arch-interaction-op`` and
+    ``--arch-interaction-itself`` (which ``cat`` ignores, as the reference does).
     """
 
-    def __init__(self, mlp_bot, mlp_top, num_tables, seed):
+    def __init__(self, mlp_bot, mlp_top, num_tables, seed, interaction_op="dot", interaction_itself=False):
         super().__init__()
+        if interaction_op not in INTERACTION_OPS:
+            raise ValueError(f"interaction op must be one of {INTERACTION_OPS}, got {interaction_op!r}")
         self.bot_l = create_mlp(mlp_bot, top=False, seed=seed)
         self.top_l = create_mlp(mlp_top, top=True, seed=seed)
-        self.li, self.lj = interaction_pairs(num_tables + 1)
+        self.interaction_op = interaction_op
+        self.li, self.lj = interaction_pairs(num_tables + 1, interaction_itself)
 
     def bottom(self, dense):
         return self.bot_l(dense)
@@ -109,8 +129,11 @@ class DenseModel(nn.Module):
         gathers embeddings straight into it saves that copy.
         """
         batch = stacked.shape[0]
-        z = torch.bmm(stacked, torch.transpose(stacked, 1, 2))
-        r = torch.cat([stacked[:, 0, :], z[:, self.li, self.lj]], dim=1)
+        if self.interaction_op == "cat":  # the reference's torch.cat([x] + ly, dim=1)
+            r = stacked.reshape(batch, -1)
+        else:
+            z = torch.bmm(stacked, torch.transpose(stacked, 1, 2))
+            r = torch.cat([stacked[:, 0, :], z[:, self.li, self.lj]], dim=1)
         return self.top_l(r).view(batch)
 
     def forward(self, dense, pooled):
@@ -160,8 +183,12 @@ def check_checkpoint(sd, dim, table_rows, mlp_bot, mlp_top, rows_from="the flags
             raise ValueError(f"checkpoint has no {key} (expected shape {shape})")
         if tuple(sd[key].shape) != tuple(shape):
             source = rows_from if key.startswith("emb_l.") else "the flags"
+            # The top MLP's input is the interaction's width, which no size flag sets.
+            hint = (" (its input is the interaction's width: give the --arch-interaction-op and "
+                    "--arch-interaction-itself the checkpoint was trained with)"
+                    if key == "top_l.0.weight" and tuple(sd[key].shape)[:1] == tuple(shape)[:1] else "")
             raise ValueError(f"checkpoint {key} has shape {tuple(sd[key].shape)}, "
-                             f"{source} give {tuple(shape)}")
+                             f"{source} give {tuple(shape)}{hint}")
         if not sd[key].is_floating_point():  # float16/bfloat16/float64 are computed in float32
             raise ValueError(f"checkpoint {key} holds {sd[key].dtype}, not floating-point weights")
         # NaN in an MLP makes every prediction NaN, which --verify cannot check;
@@ -194,7 +221,8 @@ class Model:
 
         ``beat``: see :func:`init_table`; loading calls it after each table.
         """
-        dense = DenseModel(cfg.mlp_bot, cfg.mlp_top, len(cfg.table_rows), cfg.seed)
+        dense = DenseModel(cfg.mlp_bot, cfg.mlp_top, len(cfg.table_rows), cfg.seed,
+                           cfg.interaction_op, cfg.interaction_itself)
         if cfg.load_model is None:
             tables = {t: init_table(cfg.table_rows[t], cfg.sparse_size, t, cfg.seed, beat) for t in owned_tables}
         else:

@@ -166,8 +166,11 @@ def describe(cfg, plan):
         delays += f", delays {cfg.delay_ms:g} ms with p={cfg.delay_prob:g}"
     if cfg.slow_rank >= 0 and cfg.slow_factor > 1:
         delays += f", rank {cfg.slow_rank} x{cfg.slow_factor:g} slower"
+    interaction = ""
+    if cfg.interaction_op != "dot" or cfg.interaction_itself:
+        interaction = " (cat interaction)" if cfg.interaction_op == "cat" else " (dot interaction with itself)"
     return (f"{cfg.nprocs} ranks on {usable} cores{over}; {len(cfg.table_rows)} tables ({sizes}) "
-            f"of width {cfg.sparse_size}; batch {cfg.batch_size} ({split}); {cfg.num_batches} batches "
+            f"of width {cfg.sparse_size}{interaction}; batch {cfg.batch_size} ({split}); {cfg.num_batches} batches "
             f"of {cfg.data_generation} data{delays}")
 
 

@@ -21,6 +21,12 @@ D = 4
 BOT = (3, 8, 4)
 NUM_FEATURES = len(ROWS) + 1                                  # bottom output + one per table
 TOP = (D + NUM_FEATURES * (NUM_FEATURES - 1) // 2, 6, 1)      # 19-6-1
+# The reference's interaction flags, and the top MLP's input width each gives (its num_int).
+INTERACTIONS = {
+    "dot": ([], TOP[0]),
+    "dot itself": (["--arch-interaction-itself"], D + NUM_FEATURES * (NUM_FEATURES + 1) // 2),  # 25
+    "cat": (["--arch-interaction-op", "cat"], NUM_FEATURES * D),                              # 24
+}
 
 
 def dashed(sizes):
@@ -37,9 +43,9 @@ RUN_FLAGS = ["--nprocs", "2", "--lag", "1", "--num-batches", "3", "--warmup-batc
              "--timeout", "60", "--no-progress"]
 
 
-def reference_state_dict(seed=2024):
+def reference_state_dict(seed=2024, top=TOP):
     """Random parameters of this file's model under the reference's names and shapes."""
-    return random_state_dict(ROWS, BOT, TOP, D, seed)
+    return random_state_dict(ROWS, BOT, top, D, seed)
 
 
 def save_reference_checkpoint(path, sd):
@@ -55,8 +61,11 @@ def save_reference_checkpoint(path, sd):
                 "total_loss": 0, "total_accu": 0, "opt_state_dict": sgd.state_dict()}, path)
 
 
-def independent_forward(sd, cfg, batch):
-    """Click probabilities of global batch ``batch`` from ``sd``, in float64, written from the DLRM definition."""
+def independent_forward(sd, cfg, batch, interaction="dot"):
+    """Click probabilities of global batch ``batch`` from ``sd``, in float64, written from the DLRM definition.
+
+    ``interaction``: a key of ``INTERACTIONS``.
+    """
     p = {k: v.double() for k, v in sd.items()}
     x = torch.from_numpy(data.make_dense(cfg, batch)).double()
     for k in range(len(BOT) - 1):
@@ -67,10 +76,14 @@ def independent_forward(sd, cfg, batch):
         offsets = torch.from_numpy(bags.offsets)
         features.append(F.embedding_bag(torch.from_numpy(bags.indices), p[f"emb_l.{t}.weight"],
                                         offsets[:-1], mode="sum"))
-    stacked = torch.stack(features, dim=1)                       # (b, F, d)
-    z = torch.bmm(stacked, stacked.transpose(1, 2))              # (b, F, F)
-    pairs = [z[:, i, j] for i in range(NUM_FEATURES) for j in range(i)]
-    r = torch.cat([x, torch.stack(pairs, dim=1)], dim=1)         # (b, TOP[0])
+    if interaction == "cat":
+        r = torch.cat(features, dim=1)                           # (b, F * d)
+    else:
+        stacked = torch.stack(features, dim=1)                   # (b, F, d)
+        z = torch.bmm(stacked, stacked.transpose(1, 2))          # (b, F, F)
+        last = 1 if interaction == "dot itself" else 0           # the diagonal too
+        pairs = [z[:, i, j] for i in range(NUM_FEATURES) for j in range(i + last)]
+        r = torch.cat([x, torch.stack(pairs, dim=1)], dim=1)     # (b, top input)
     layers = len(TOP) - 1
     for k in range(layers):
         r = F.linear(r, p[f"top_l.{2 * k}.weight"], p[f"top_l.{2 * k}.bias"])
@@ -79,18 +92,21 @@ def independent_forward(sd, cfg, batch):
 
 
 @pytest.mark.timeout(120)
-def test_checkpoint_gives_the_predictions_of_an_independent_forward(tmp_path):
+@pytest.mark.parametrize("interaction", list(INTERACTIONS))
+def test_checkpoint_gives_the_predictions_of_an_independent_forward(tmp_path, interaction):
     """Two ranks at lag 1 predict what the checkpoint's weights give, batch by batch, cycling the data."""
-    sd = reference_state_dict()
+    flags, width = INTERACTIONS[interaction]
+    sd = reference_state_dict(top=(width,) + TOP[1:])
     path = tmp_path / "dlrm.pt"
     save_reference_checkpoint(path, sd)
-    cfg, _ = config.parse(model_flags(path) + RUN_FLAGS)
+    cfg, _ = config.parse(model_flags(path) + RUN_FLAGS + flags)
     assert cfg.data_batches == 2 and cfg.num_batches == 3  # iteration 2 reuses batch 0
 
     pred = report.predictions(backends.run(cfg, "test"))
 
     assert pred.shape == (3, 5) and pred.dtype == np.float32
-    expected = np.stack([independent_forward(sd, cfg, i % cfg.data_batches) for i in range(cfg.num_batches)])
+    expected = np.stack([independent_forward(sd, cfg, i % cfg.data_batches, interaction)
+                         for i in range(cfg.num_batches)])
     assert 0.1 < expected.std() and np.all((expected > 1e-3) & (expected < 1 - 1e-3))  # not saturated
     np.testing.assert_allclose(pred, expected, rtol=1e-5, atol=1e-6)
     assert np.array_equal(pred[2], pred[0])
@@ -150,6 +166,9 @@ MISFITS = [
      ["bot_l.0.weight", "(3, 8)", "(8, 3)"]),
     ("a top bias missing", lambda sd: sd.pop("top_l.2.bias"), ["top_l.2.bias"]),
     ("a top layer too many", _set("top_l.4.weight", torch.zeros(1, 1)), ["top_l.4.weight"]),
+    # Trained with --arch-interaction-itself: the message blamed the size flags, which cannot fix it.
+    ("a top input of another interaction", _set("top_l.0.weight", torch.zeros(6, 25)),
+     ["top_l.0.weight", "(6, 25)", "(6, 19)", "--arch-interaction-op and --arch-interaction-itself"]),
     ("an integer table", _set("emb_l.1.weight", torch.zeros(13, D, dtype=torch.int32)),
      ["emb_l.1.weight", "torch.int32", "not floating-point"]),
     # Every prediction came out NaN, and --verify found them equal.

@@ -84,6 +84,25 @@ def test_the_top_mlp_flag_means_what_it_means_in_the_reference():
     assert default.mlp_top == (415, 256, 128, 1)  # 26 tables of width 16
 
 
+@pytest.mark.parametrize("flags, width", [
+    ([], 2 + 6),                                                     # D + F(F-1)/2
+    (["--arch-interaction-op", "dot"], 2 + 6),
+    (["--arch-interaction-itself"], 2 + 10),                         # D + F(F+1)/2
+    (["--arch-interaction-op", "cat"], 4 * 2),                       # F x D
+    (["--arch-interaction-op", "cat", "--arch-interaction-itself"], 4 * 2),  # ignored, as the reference does
+])
+def test_the_interaction_flags_of_the_reference_set_the_top_mlp_input(flags, width):
+    cfg, _ = parse(["--arch-embedding-size", "4-3-2", "--arch-sparse-feature-size", "2",
+                    "--arch-mlp-bot", "4-3-2", "--arch-mlp-top", "4-2-1", "--mini-batch-size", "8"] + flags)
+    assert cfg.mlp_top == (width, 4, 2, 1)
+    assert cfg.interaction_op == ("cat" if "cat" in flags else "dot")
+    assert cfg.interaction_itself == ("--arch-interaction-itself" in flags)
+
+
+def test_an_unknown_interaction_op_is_refused(capsys, no_dlrm_runs):
+    assert_rejected(capsys, ["--arch-interaction-op", "sum"], "--arch-interaction-op", "invalid choice: 'sum'")
+
+
 def test_an_output_path_through_a_dangling_link_is_refused(tmp_path, capsys, no_dlrm_runs):
     link = tmp_path / "run.json"
     link.symlink_to(tmp_path / "missing" / "run.json")
