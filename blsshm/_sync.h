@@ -55,8 +55,12 @@ static inline void bls_store_release(volatile uint64_t *p, uint64_t v) {
 static inline void bls_store_release32(volatile uint32_t *p, uint32_t v) {
     __atomic_store_n(p, v, __ATOMIC_RELEASE);
 }
-/* Compare-and-swap used only for the abort word (the one multi-writer flag:
- * the first rank to abort wins, later ones keep its reason). */
+/* Compare-and-swap for the words more than one process may write: the abort
+ * word (the first rank to abort wins, later ones keep its reason) and a rank's
+ * pid (claimed by the one process that attaches as that rank, or by
+ * abort_unattached for a rank that never will).  Acq_rel: a winner sees what
+ * the words' earlier writers published, and what it writes after the claim is
+ * published by its own release stores (the state after the pid). */
 static inline int bls_cas32(volatile uint32_t *p, uint32_t expected, uint32_t desired) {
     return __atomic_compare_exchange_n(p, &expected, desired, 0,
                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
