@@ -45,7 +45,8 @@ def init(*, timeout: Optional[float] = None, attach_timeout: Optional[float] = 6
             f"({', '.join(missing)} not set); in other processes use Comm.create()/Comm.attach() "
             f"or blsshm.spawn()")
     name = os.environ[ENV_NAME]
-    rank, size = _env_int(ENV_RANK, 0, MAX_RANKS - 1), _env_int(ENV_SIZE, 1, MAX_RANKS)
+    size = _env_int(ENV_SIZE, 1, MAX_RANKS)
+    rank = _env_int(ENV_RANK, 0, size - 1)
     if _initialized == (os.getpid(), rank):
         raise BlsError(f"blsshm.init() was already called in this process (rank {rank}): a rank "
                        f"attaches once; keep the communicator the first call returned")
@@ -57,10 +58,8 @@ def init(*, timeout: Optional[float] = None, attach_timeout: Optional[float] = 6
 
 def _env_int(var, least, most):
     value = os.environ[var]
-    try:
-        number = int(value)
-    except ValueError:
-        number = least - 1
+    # Digits only: int() would also take "1_0", " 1" and other scripts' digits.
+    number = int(value) if value.isascii() and value.isdigit() else least - 1
     if not least <= number <= most:
         raise BlsValueError(f"{var}={value!r} is not an integer in [{least}, {most}] "
                             f"(set by `python -m blsshm.run`)")

@@ -204,7 +204,10 @@ class Comm(_core.Core):
             self._attach_mapping(mapping, rank, lock_fd, self._pid_ns, expected_size, size_source)
         except BaseException:
             if mapping is not None:
-                mapping.close()
+                try:
+                    mapping.close()
+                except BufferError:  # the rank's views of it (a Ctrl-C after they were made): they unmap it
+                    pass
             if lock_fd >= 0:
                 with _fork_guard:
                     _open_comms.discard(self)

@@ -102,8 +102,9 @@ def create(size, lag, arena_bytes, reaped=False):
 
 
 def _create(name, size, lag, arena_bytes, nbytes):
-    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
-    try:
+    shm = None
+    try:  # opened inside it: a Ctrl-C just after the open still closes the descriptor
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
         try:
             os.posix_fallocate(shm.fd, 0, nbytes)
         except OSError as exc:
@@ -116,7 +117,8 @@ def _create(name, size, lag, arena_bytes, nbytes):
         with mmap.mmap(shm.fd, nbytes) as segment:
             _core.initialize(segment, size, lag, arena_bytes)
     finally:
-        shm.close_fd()
+        if shm is not None:
+            shm.close_fd()
 
 
 def _start_reaper(name):
@@ -152,9 +154,15 @@ def _stop_reaper(name):
     # It exits on reading that, once its interpreter has started (tens of ms
     # after a fresh start): waited for by a thread, so the call that removed
     # the name (the first collective, arrived() included) does not wait.
+    # Not while the interpreter shuts down (a comm closed by its __del__
+    # then): before 3.12 a thread started then never runs, and start()
+    # waits for it forever; 3.12 raises RuntimeError.
+    if sys.is_finalizing():
+        proc.wait()
+        return
     try:
         threading.Thread(target=proc.wait, name=f"blsshm reaper of {name}", daemon=True).start()
-    except RuntimeError:  # no thread now (interpreter shutdown, a thread limit): wait here
+    except RuntimeError:  # no thread now (a thread limit): wait here
         proc.wait()
 
 
@@ -175,6 +183,8 @@ def _open(name):
 
 def _map(shm):
     nbytes = os.fstat(shm.fd).st_size
+    if nbytes == 0:  # mmap's own error would be a bare ValueError
+        raise BlsValueError(f"not a blsshm segment: {shm.name} is empty")
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
     return mmap.mmap(shm.fd, nbytes, flags=flags)
 

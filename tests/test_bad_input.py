@@ -258,7 +258,10 @@ def test_init_outside_the_launcher_says_how_to_start(monkeypatch):
 
 
 @pytest.mark.parametrize("variable, value, words", [
-    ("BLSSHM_RANK", "x", "BLSSHM_RANK='x' is not an integer in [0, 4095]"),
+    ("BLSSHM_RANK", "x", "BLSSHM_RANK='x' is not an integer in [0, 1]"),
+    ("BLSSHM_RANK", "2", "BLSSHM_RANK='2' is not an integer in [0, 1]"),  # said "rank must be in [0, 2)"
+    ("BLSSHM_RANK", "1_0", "BLSSHM_RANK='1_0' is not an integer in [0, 1]"),  # int() took it as 10
+    ("BLSSHM_RANK", " 1", "BLSSHM_RANK=' 1' is not an integer in [0, 1]"),
     ("BLSSHM_SIZE", "0", "BLSSHM_SIZE='0' is not an integer in [1, 4096]"),
     ("BLSSHM_SIZE", "9" * 20, "is not an integer in [1, 4096]"),
     ("BLSSHM_SIZE", "3", "BLSSHM_SIZE is 3 but the segment has 2 ranks")])
@@ -275,6 +278,19 @@ def test_init_names_a_garbled_variable_before_the_rank_is_claimed(variable, valu
         monkeypatch.setenv(variable, good[variable])
         with blsshm.init(attach_timeout=5) as joined:  # rank 1 is still free
             assert joined.rank == 1
+
+
+def test_attaching_to_an_empty_file_says_it_is_not_a_segment():
+    # mmap's bare "ValueError: cannot mmap an empty file" came out.
+    import posix_ipc
+    from blsshm import segment
+    name = segment.PREFIX + "0" * 32
+    posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600).close_fd()
+    try:
+        with pytest.raises(BlsValueError, match=f"not a blsshm segment: {name} is empty"):
+            blsshm.Comm.attach(name, 0)
+    finally:
+        posix_ipc.unlink_shared_memory(name)
 
 
 def test_close_is_idempotent_and_calls_after_close_raise():

@@ -1083,6 +1083,46 @@ def test_a_segment_that_cannot_be_made_is_a_clean_error(monkeypatch, error):
     assert not segment._reapers  # stopped, and nothing was made
 
 
+A_CREATOR_THAT_FAILS_EARLY = """
+import sys
+import blsshm
+comm = blsshm.Comm.create(2, 0, lag=1)
+print(comm.name, flush=True)
+if sys.argv[1] == "raise":
+    raise RuntimeError("a peer failed to start")
+"""
+
+
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_a_creator_that_never_closes_exits(how):
+    # The comm is closed by its __del__ at interpreter shutdown, which stops
+    # the reaper; a thread started for that then (Python <= 3.11) never ran,
+    # and the process hung in Thread.start() forever.
+    res = subprocess.run([sys.executable, "-c", A_CREATOR_THAT_FAILS_EARLY, how],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == (1 if how == "raise" else 0), res.stderr
+    assert ("RuntimeError: a peer failed to start" in res.stderr) == (how == "raise")
+    assert not os.path.exists("/dev/shm" + res.stdout.strip())
+
+
+def test_a_ctrl_c_after_the_rank_mapped_its_views_still_releases_it(monkeypatch):
+    # The cleanup closed the mapping while the rank's views still used it:
+    # BufferError replaced the KeyboardInterrupt, and the rank's lock stayed
+    # held, so its peers saw it alive (attached) and waited.
+    attach = blsshm.Comm._attach_mapping
+
+    def attach_then_interrupt(self, *args):
+        attach(self, *args)
+        raise KeyboardInterrupt
+    with blsshm.Comm.create(2, 0) as creator:
+        monkeypatch.setattr(blsshm.Comm, "_attach_mapping", attach_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            blsshm.Comm.attach(creator.name, 1)
+        monkeypatch.undo()
+        with pytest.raises(blsshm.PeerLostError, match="rank 1"):
+            creator.alltoallv(np.zeros(2), [1, 1], timeout=20)
+
+
 def test_a_creator_that_cannot_start_a_reaper_goes_without(monkeypatch):
     from blsshm import segment
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")
