@@ -203,7 +203,8 @@ class Rank:
         rng = np.random.default_rng([cfg.seed, DELAY_STREAM, rank])
         self.delayed = rng.random(cfg.num_batches) < cfg.delay_prob
         self.slow = rank == cfg.slow_rank and cfg.slow_factor > 1.0
-        self.sleep_owed = 0.0  # injected sleep asked for and not yet slept (< 0: overslept)
+        # Injected sleep asked for and not yet slept (< 0: overslept), per kind.
+        self.sleep_owed = {"delay": 0.0, "slow": 0.0}
         self.at = ("setup", 0, 0)  # where the loops are: (stage, batch index, batches), for errors
 
     # ------------------------------------------------------------- steps
@@ -238,7 +239,7 @@ class Rank:
         return [block.reshape(self.plan.batch_size(q), -1) for q, block in enumerate(flat_blocks)]
 
     def injected_delay(self, i):
-        return self.inject(self.cfg.delay_ms / 1e3 if self.delayed[i] else 0.0)
+        return self.inject(self.cfg.delay_ms / 1e3 if self.delayed[i] else 0.0, "delay")
 
     def slow_sleep(self, step_cpu):
         """A slow rank's extra time for a step of ``step_cpu`` CPU seconds.
@@ -247,20 +248,24 @@ class Rank:
         its wait for a core, which differs from backend to backend, so the
         same run would inject different delays into each.
         """
-        return self.inject((self.cfg.slow_factor - 1.0) * step_cpu)
+        return self.inject((self.cfg.slow_factor - 1.0) * step_cpu, "slow")
 
-    def inject(self, seconds):
-        """Sleep ``seconds`` of injected delay, less what earlier sleeps overslept; return the time slept.
+    def inject(self, seconds, kind):
+        """Sleep ``seconds`` of injected delay of ``kind``, less what earlier sleeps of that kind
+        overslept; return the time slept.
 
         A sleep on a busy machine wakes late (5 ms took 10.8 here), more
         under one backend than another: paid back, every backend's run
         sleeps what was asked in all, give or take one sleep's overshoot.
+        Each kind pays back its own: the slow rank's short sleeps overshoot
+        most, and paid back from the random delays they cut those spikes
+        (5 ms slept as 1.1), differently in every backend.
         """
-        self.sleep_owed += seconds
-        if seconds <= 0 or self.sleep_owed <= 0:
+        self.sleep_owed[kind] += seconds
+        if seconds <= 0 or self.sleep_owed[kind] <= 0:
             return 0.0
-        slept = _sleep(self.sleep_owed)
-        self.sleep_owed -= slept
+        slept = _sleep(self.sleep_owed[kind])
+        self.sleep_owed[kind] -= slept
         return slept
 
     # ------------------------------------------------------------ loops
