@@ -134,3 +134,38 @@ def test_setting_the_policy_forgets_what_auto_measured():
         assert all(x > 0 for x in a._copy_estimates())
         a.copy_policy = "auto"
         assert a._copy_estimates() == (0.0, 0.0)
+
+
+
+def _streamed_posts(a, b, posts, costs, nbytes=32768):
+    """Which of ``posts`` posts of ``nbytes`` from a to b a streamed, "auto" having measured ``costs`` before each."""
+    send, empty = np.zeros(nbytes, np.uint8), np.zeros(0, np.uint8)
+    streamed = []
+    for t in range(posts):
+        a._set_copy_estimates(*costs)
+        before = a.stats["bytes_streamed"]
+        a.post(t, send, [0, nbytes])
+        b.post(t, empty, [0, 0])
+        a.complete(t)
+        b.complete(t)
+        streamed.append(a.stats["bytes_streamed"] - before == nbytes)
+    return streamed
+
+
+@pytest.mark.parametrize("cached, stream, streams", [
+    (1.0, 0.5, True), (1.0, 0.75, True), (1.0, 0.8, False), (0.5, 1.0, False),  # ns per byte
+    (0.0, 1.0, False),   # cached stores not measured yet: measured first
+    (1.0, 0.0, True),    # then streaming
+])
+def test_auto_uses_streaming_stores_when_they_cost_at_most_three_quarters(cached, stream, streams):
+    a, b = _pair()
+    with a, b:
+        assert _streamed_posts(a, b, 10, (cached, stream)) == [streams] * 10
+
+
+def test_auto_tries_the_dearer_copy_once_in_64_posts():
+    # So a change of placement (cores that came to share a cache) is noticed.
+    a, b = _pair()
+    with a, b:
+        streamed = _streamed_posts(a, b, 128, (1.0, 0.1))
+        assert [t for t, s in enumerate(streamed) if not s] == [63, 127]
