@@ -96,10 +96,31 @@ def _children():
     return {p for p in pids if not _is_multiprocessing_helper(p)}
 
 
+def _marked():
+    """Processes started by this run's programs, wherever they were re-parented
+    (our mark in the environment they were exec'd with; forked children, which
+    _children() finds, show the environment pytest was started with)."""
+    mark = f"{RUN_MARK}={os.environ[RUN_MARK]}".encode()
+    pids = set()
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:  # empty for a zombie: it is gone
+                if mark in f.read().split(b"\0"):
+                    pids.add(pid)
+        except OSError:  # gone, or another user's
+            continue
+    return {p for p in pids if p != os.getpid() and not _is_multiprocessing_helper(p)}
+
+
+def _strays():
+    """Our children, and every process a program we ran started (a launcher's ranks)."""
+    return _children() | _marked()
+
+
 @pytest.fixture(autouse=True)
 def nothing_left_behind():
     before_segments = _our_segments()
-    before_children = _children()
+    before_children = _strays()
     yield
     # Give a failing test's cleanup a moment, then insist.
     deadline = time.monotonic() + 2.0
@@ -109,15 +130,15 @@ def nothing_left_behind():
         if segments:
             others |= _held_by_others(segments)
             segments -= others
-        children = _children() - before_children
+        children = _strays() - before_children
         if not segments and not children or time.monotonic() > deadline:
             break
         time.sleep(0.02)
-    for pid in children:  # reap them so one failure does not cascade
+    for pid in children:  # kill (and reap, if ours) them so one failure does not cascade
         try:
             os.kill(pid, 9)
             os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
+        except (ProcessLookupError, ChildProcessError):  # gone, or another's child (its parent reaps it)
             pass
     for name in segments:  # the test fails, but leaves nothing in /dev/shm either
         try:
@@ -125,7 +146,7 @@ def nothing_left_behind():
         except FileNotFoundError:
             pass
     assert not segments, f"test left shared-memory segments behind: {sorted(segments)}"
-    assert not children, f"test left child processes behind: {sorted(children)}"
+    assert not children, f"test left processes behind: {sorted(children)}"
 
 
 @pytest.fixture

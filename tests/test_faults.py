@@ -269,24 +269,30 @@ def test_timeouts_name_the_ranks_and_leave_the_comm_usable():
 
 
 def _two_waits_in_one_call(comm):
-    # Rank 0's alltoallv(1) waits twice, in its post for rank 1's complete(0)
-    # and in its complete for rank 1's post(1): 1 s and 1.5 s, each shorter
-    # than the 2 s timeout, 2.5 s together.
-    comm.post(0, np.full(2, comm.rank, dtype=np.float64), [1, 1])
+    # At lag 1 (two slots) rank 0's alltoallv(2) waits twice: in its post for
+    # slot 0 (rank 1's complete(0)), then in its complete for rank 1's
+    # post(2): 1 s and 2.5 s from when rank 1 sees it wait, each shorter than
+    # the 3 s timeout, 3.5 s together.  A late rank 1 only makes the second
+    # wait longer; the first has 2 s to spare.
     if comm.rank == 0:
-        comm.complete(0)
-        with pytest.raises(BlsTimeoutError, match=r"complete\(1\) timed out"):
-            comm.alltoallv(np.full(2, 10.0), [1, 1], timeout=2.0)
-        return comm.complete(1)[0].tolist()  # posted in the call: it completes now
+        for t in range(2):
+            comm.alltoallv(np.full(2, float(t)), [1, 1])
+        with pytest.raises(BlsTimeoutError, match=r"complete\(2\) timed out"):
+            comm.alltoallv(np.full(2, 10.0), [1, 1], timeout=3.0)
+        return comm.complete(2)[0].tolist()  # posted in the call: it completes now
+    for t in range(2):
+        comm.post(t, np.full(2, float(t)), [1, 1])
+    wait_until_a_rank_sleeps_on(comm, 1, "completed")  # rank 0, in its post(2)
     time.sleep(1.0)
     comm.complete(0)
-    time.sleep(1.5)
+    comm.complete(1)
+    time.sleep(2.5)
     return comm.alltoallv(np.full(2, 11.0), [1, 1])[0].tolist()
 
 
 def test_a_timeout_bounds_the_whole_alltoallv():
     # Its post and its complete each had the whole timeout, so a call could block for twice as long.
-    assert blsshm.spawn(_two_waits_in_one_call, 2) == [[10.0, 11.0], [10.0, 11.0]]
+    assert blsshm.spawn(_two_waits_in_one_call, 2, lag=1) == [[10.0, 11.0], [10.0, 11.0]]
 
 
 def test_a_rank_that_never_attaches_is_a_timeout_and_leaks_nothing():
