@@ -1083,6 +1083,34 @@ def test_a_segment_that_cannot_be_made_is_a_clean_error(monkeypatch, error):
     assert not segment._reapers  # stopped, and nothing was made
 
 
+WHERE_STDIN_IS = """
+import os
+import blsshm
+with blsshm.init() as comm:
+    print(comm.rank, os.path.realpath("/proc/self/fd/0"), flush=True)
+"""
+
+
+@pytest.mark.parametrize("stdin", ["terminal", "file"])
+def test_ranks_read_dev_null_when_the_launcher_reads_a_terminal(tmp_path, stdin):
+    # Else every rank would compete with the user's shell for the keyboard.
+    path, data = tmp_path / "prog.py", tmp_path / "input.txt"
+    path.write_text(WHERE_STDIN_IS)
+    data.write_text("x\n")
+    master, slave = os.openpty()
+    try:
+        with open(data) as f:
+            res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", str(path)],
+                                 stdin=slave if stdin == "terminal" else f, capture_output=True,
+                                 text=True, timeout=50)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert res.returncode == 0, res.stderr
+    want = "/dev/null" if stdin == "terminal" else str(data.resolve())
+    assert sorted(res.stdout.splitlines()) == [f"0 {want}", f"1 {want}"]
+
+
 A_CREATOR_THAT_FAILS_EARLY = """
 import sys
 import blsshm
