@@ -46,7 +46,7 @@ def init(*, timeout: Optional[float] = None, attach_timeout: Optional[float] = 6
             f"or blsshm.spawn()")
     name = os.environ[ENV_NAME]
     size = _env_int(ENV_SIZE, 1, MAX_RANKS)
-    rank = _env_int(ENV_RANK, 0, size - 1)
+    rank = _env_int(ENV_RANK, 0, size - 1, f" ({ENV_SIZE}={size})")
     if _initialized == (os.getpid(), rank):
         raise BlsError(f"blsshm.init() was already called in this process (rank {rank}): a rank "
                        f"attaches once; keep the communicator the first call returned")
@@ -56,12 +56,13 @@ def init(*, timeout: Optional[float] = None, attach_timeout: Optional[float] = 6
     return comm
 
 
-def _env_int(var, least, most):
+def _env_int(var, least, most, bound=""):
     value = os.environ[var]
-    # Digits only: int() would also take "1_0", " 1" and other scripts' digits.
-    number = int(value) if value.isascii() and value.isdigit() else least - 1
+    # A few digits only: int() would also take "1_0", " 1", other scripts'
+    # digits, and refuse (ValueError) more than 4300 of them.
+    number = int(value) if value.isascii() and value.isdigit() and len(value) <= 12 else least - 1
     if not least <= number <= most:
-        raise BlsValueError(f"{var}={value!r} is not an integer in [{least}, {most}] "
+        raise BlsValueError(f"{var}={value!r} is not an integer in [{least}, {most}]{bound} "
                             f"(set by `python -m blsshm.run`)")
     return number
 

@@ -102,9 +102,8 @@ def create(size, lag, arena_bytes, reaped=False):
 
 
 def _create(name, size, lag, arena_bytes, nbytes):
-    shm = None
-    try:  # opened inside it: a Ctrl-C just after the open still closes the descriptor
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
+    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
+    try:
         try:
             os.posix_fallocate(shm.fd, 0, nbytes)
         except OSError as exc:
@@ -117,8 +116,7 @@ def _create(name, size, lag, arena_bytes, nbytes):
         with mmap.mmap(shm.fd, nbytes) as segment:
             _core.initialize(segment, size, lag, arena_bytes)
     finally:
-        if shm is not None:
-            shm.close_fd()
+        shm.close_fd()
 
 
 def _start_reaper(name):

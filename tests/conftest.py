@@ -104,7 +104,7 @@ def _marked():
     pids = set()
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
-            with open(f"/proc/{pid}/environ", "rb") as f:  # empty for a zombie: it is gone
+            with open(f"/proc/{pid}/environ", "rb") as f:  # a zombie's cannot be read: it is gone
                 if mark in f.read().split(b"\0"):
                     pids.add(pid)
         except OSError:  # gone, or another user's

@@ -259,11 +259,12 @@ def test_init_outside_the_launcher_says_how_to_start(monkeypatch):
 
 @pytest.mark.parametrize("variable, value, words", [
     ("BLSSHM_RANK", "x", "BLSSHM_RANK='x' is not an integer in [0, 1]"),
-    ("BLSSHM_RANK", "2", "BLSSHM_RANK='2' is not an integer in [0, 1]"),  # said "rank must be in [0, 2)"
+    ("BLSSHM_RANK", "2", "BLSSHM_RANK='2' is not an integer in [0, 1] (BLSSHM_SIZE=2)"),  # "rank must be in [0, 2)"
     ("BLSSHM_RANK", "1_0", "BLSSHM_RANK='1_0' is not an integer in [0, 1]"),  # int() took it as 10
     ("BLSSHM_RANK", " 1", "BLSSHM_RANK=' 1' is not an integer in [0, 1]"),
     ("BLSSHM_SIZE", "0", "BLSSHM_SIZE='0' is not an integer in [1, 4096]"),
     ("BLSSHM_SIZE", "9" * 20, "is not an integer in [1, 4096]"),
+    ("BLSSHM_SIZE", "9" * 5000, "is not an integer in [1, 4096]"),  # int()'s own ValueError came out
     ("BLSSHM_SIZE", "3", "BLSSHM_SIZE is 3 but the segment has 2 ranks")])
 def test_init_names_a_garbled_variable_before_the_rank_is_claimed(variable, value, words, monkeypatch):
     # The size was compared after attaching: the rank was taken (and, for the
