@@ -73,6 +73,11 @@ def init_table(rows, dim, table, seed, beat=None, chunk_values=1 << 22):
 INTERACTION_OPS = ("dot", "cat")
 
 
+def _check_interaction_op(op):
+    if op not in INTERACTION_OPS:
+        raise ValueError(f"interaction op must be one of {INTERACTION_OPS}, got {op!r}")
+
+
 def interaction_pairs(num_features, itself=False):
     """Row and column of every lower-triangle pair, in the reference's order.
 
@@ -88,11 +93,10 @@ def interaction_pairs(num_features, itself=False):
 
 def interaction_size(num_tables, dim, op="dot", itself=False):
     """Width of the interaction output: the top MLP's input (the reference's ``num_int``)."""
+    _check_interaction_op(op)
     features = num_tables + 1
     if op == "cat":
         return features * dim
-    if op != "dot":
-        raise ValueError(f"interaction op must be one of {INTERACTION_OPS}, got {op!r}")
     return dim + (features * (features + 1) // 2 if itself else features * (features - 1) // 2)
 
 
@@ -108,8 +112,7 @@ class DenseModel(nn.Module):
 
     def __init__(self, mlp_bot, mlp_top, num_tables, seed, interaction_op="dot", interaction_itself=False):
         super().__init__()
-        if interaction_op not in INTERACTION_OPS:
-            raise ValueError(f"interaction op must be one of {INTERACTION_OPS}, got {interaction_op!r}")
+        _check_interaction_op(interaction_op)
         self.bot_l = create_mlp(mlp_bot, top=False, seed=seed)
         self.top_l = create_mlp(mlp_top, top=True, seed=seed)
         self.interaction_op = interaction_op

@@ -32,7 +32,6 @@ def _held_by_others(names):
     the environment it was started with (an exec'd orphan).  A segment that
     nobody holds is ours to judge: it was left behind.
     """
-    mark = f"{RUN_MARK}={os.environ[RUN_MARK]}".encode()
     paths = {"/dev/shm/" + n: n for n in names}
     parent, holders = {}, {}
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
@@ -66,13 +65,17 @@ def _held_by_others(names):
 
     ours, theirs = set(), set()
     for pid, held in holders.items():
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                marked = mark in f.read().split(b"\0")
-        except OSError:
-            marked = False
-        (ours if marked or is_ours(pid) else theirs).update(held)
+        (ours if _has_our_mark(pid) or is_ours(pid) else theirs).update(held)
     return theirs - ours
+
+
+def _has_our_mark(pid):
+    """Whether ``pid`` was exec'd with this run's mark in its environment."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:  # a zombie's cannot be read: it is gone
+            return f"{RUN_MARK}={os.environ[RUN_MARK]}".encode() in f.read().split(b"\0")
+    except OSError:  # gone, or another user's
+        return False
 
 
 def _is_multiprocessing_helper(pid):
@@ -100,15 +103,7 @@ def _marked():
     """Processes started by this run's programs, wherever they were re-parented
     (our mark in the environment they were exec'd with; forked children, which
     _children() finds, show the environment pytest was started with)."""
-    mark = f"{RUN_MARK}={os.environ[RUN_MARK]}".encode()
-    pids = set()
-    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:  # a zombie's cannot be read: it is gone
-                if mark in f.read().split(b"\0"):
-                    pids.add(pid)
-        except OSError:  # gone, or another user's
-            continue
+    pids = {pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _has_our_mark(pid)}
     return {p for p in pids if p != os.getpid() and not _is_multiprocessing_helper(p)}
 
 

@@ -136,7 +136,6 @@ def test_setting_the_policy_forgets_what_auto_measured():
         assert a._copy_estimates() == (0.0, 0.0)
 
 
-
 def _streamed_posts(a, b, posts, costs, nbytes=32768):
     """Which of ``posts`` posts of ``nbytes`` from a to b a streamed, "auto" having measured ``costs`` before each."""
     send, empty = np.zeros(nbytes, np.uint8), np.zeros(0, np.uint8)
