@@ -1083,11 +1083,13 @@ def test_a_segment_that_cannot_be_made_is_a_clean_error(monkeypatch, error):
     assert not segment._reapers  # stopped, and nothing was made
 
 
-WHERE_STDIN_IS = """
+WHERE_STDIN_IS = r"""
 import os
 import blsshm
 with blsshm.init() as comm:
-    print(comm.rank, os.path.realpath("/proc/self/fd/0"), flush=True)
+    # One write per rank: the ranks share the pipe and run unbuffered, so a print of
+    # several items could interleave with the other rank's.
+    os.write(1, f"{comm.rank} {os.path.realpath('/proc/self/fd/0')}\n".encode())
 """
 
 
