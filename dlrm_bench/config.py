@@ -415,11 +415,15 @@ def _memory_parts(cfg, bls):
         f"the predictions and timings of --num-batches {cfg.num_batches}": cfg.num_batches * (2 * B * 4 + P * 120),
         f"the predictions of --warmup-batches {cfg.warmup_batches}": cfg.warmup_batches * (B * 4 + P * 40),
     }
-    if cfg.processed_data_file is not None:  # every rank loads every sample, then keeps its part
-        parts[f"the {cfg.data_batches * B} samples read from the data file by each of --nprocs {P}"] = (
-            P * cfg.data_batches * B * (13 * 4 + T * 8))
-    elif cfg.data_generation == "dataset":  # each rank parses its tables' columns and its rows
-        parts[f"the {cfg.data_batches * B} samples read from the data file"] = cfg.data_batches * B * (13 * 4 + T * 8)
+    n = cfg.data_batches * B
+    if cfg.processed_data_file is not None:
+        # Every rank reads every sample's label and integers (as the
+        # reference stores them, 8 bytes, then two float32 copies as they are
+        # transformed), and its own tables' columns (float64, then int64).
+        parts[f"the {n} samples read from the data file by each of --nprocs {P}"] = (
+            P * n * (8 + 13 * (8 + 4 + 4)) + n * T * (8 + 8))
+    elif cfg.data_generation == "dataset":  # each rank parses every label, its tables' columns and its rows
+        parts[f"the {n} samples read from the data file"] = P * n * 4 + n * (13 * 4 + T * 8)
     else:  # at least one row and its offset per bag, and the dense features
         parts[f"the {cfg.data_batches} distinct batches (--data-size)"] = (
             cfg.data_batches * B * (T * 16 + cfg.mlp_bot[0] * 4))

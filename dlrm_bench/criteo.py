@@ -35,22 +35,57 @@ class CriteoFormatError(ValueError):
     """A line that is not in the Criteo Kaggle format."""
 
 
+MAX_LINE = 1 << 16  # bytes: a Criteo line is a few hundred; a longer one is another format
+
+
 def count_samples(path, limit=None):
     """Number of lines in ``path``, counting no further than ``limit``.
 
     Checks each line's field count on the way (cheap), so a file in another
-    format is refused before any rank starts reading it.
+    format (compressed, an archive, CR line endings) is refused, saying
+    which, before any rank starts reading it.  Blank lines that end the file
+    end the data (an editor's or a ``cat``'s extra newline); a blank line
+    before a sample is refused.
     """
     n = 0
     with open(path, "rb") as f:
-        for line in f:
+        _refuse_other_formats(f.read(4))
+        f.seek(0)
+        while limit is None or n < limit:
+            line = f.readline(MAX_LINE + 1)
+            if not line:
+                break
             n += 1
+            if len(line) > MAX_LINE:
+                cr = " (its lines end in a lone CR?)" if b"\r" in line and b"\n" not in line else ""
+                raise CriteoFormatError(f"line {n} is longer than {MAX_LINE} bytes: not the Criteo "
+                                        f"format{cr}")
+            if not line.strip(b"\r\n") and _only_blank_lines_follow(f):
+                return n - 1
             fields = line.count(b"\t") + 1
             if fields != NUM_FIELDS:
                 raise CriteoFormatError(f"line {n}: {fields} tab-separated fields, expected {NUM_FIELDS}")
-            if limit is not None and n >= limit:
-                break
     return n
+
+
+def _refuse_other_formats(head):
+    """Name the format of a file that starts as a compressed file or an archive does."""
+    if head.startswith(b"\x1f\x8b"):
+        raise CriteoFormatError("it is gzip-compressed: decompress it first (gunzip -k), "
+                                "as the reference reads day files")
+    if head.startswith(b"PK\x03\x04"):
+        raise CriteoFormatError("it is a zip archive: a processed .npz file is read with "
+                                "--processed-data-file")
+
+
+def _only_blank_lines_follow(f):
+    """Whether the rest of ``f`` is blank lines (a blank line in the middle is an error)."""
+    while True:
+        line = f.readline(MAX_LINE + 1)
+        if not line:
+            return True
+        if line.strip(b"\r\n"):
+            return False
 
 
 def dense_features(ints):
@@ -87,9 +122,28 @@ def _label_and_indices(fields, columns, max_ind_range, lineno):
     """The label and the hashed categoricals of fields ``columns`` (empty: 0)."""
     try:
         label = int(fields[0]) if fields[0] else 0
+    except ValueError:
+        raise CriteoFormatError(f"line {lineno}: the label (field 1) {_show(fields[0])} "
+                                f"is not an integer") from None
+    try:
         return label, [int(fields[c], 16) % max_ind_range if fields[c] else 0 for c in columns]
-    except ValueError as exc:
-        raise CriteoFormatError(f"line {lineno}: {exc}") from None
+    except ValueError:
+        c = next(c for c in columns if not _is_hex(fields[c]))
+        raise CriteoFormatError(f"line {lineno}: categorical feature C{c - NUM_DENSE} (field {c + 1}) "
+                                f"{_show(fields[c])} is not hexadecimal") from None
+
+
+def _is_hex(text):
+    try:
+        int(text, 16) if text else 0
+    except ValueError:
+        return False
+    return True
+
+
+def _show(text):
+    """A field for a message: quoted, long ones cut."""
+    return repr(text if len(text) <= 24 else text[:20] + "...")
 
 
 def _ints(fields, lineno):
@@ -98,21 +152,22 @@ def _ints(fields, lineno):
     Negatives become 0 here, as the transform makes them (``log(max(x, 0) + 1)``),
     so that only a positive value past float32's range (3.4e38) is refused.
     """
-    try:
-        ints = [max(int(x), 0) if x else 0 for x in fields[1:1 + NUM_DENSE]]
-    except ValueError as exc:
-        raise CriteoFormatError(f"line {lineno}: {exc}") from None
-    try:
-        with np.errstate(over="ignore"):  # past float32's range: inf, refused below
-            values = np.array(ints, dtype=np.float32)
-    except OverflowError:  # past float64's
-        values = None
-    if values is None or not np.isfinite(values).all():
-        limit = float(np.finfo(np.float32).max)
-        big = next(x for x in fields[1:1 + NUM_DENSE] if x and float(x) > limit)
-        raise CriteoFormatError(f"line {lineno}: integer feature {big[:20]}{'...' if len(big) > 20 else ''} "
-                                f"is too large for float32")
-    return values
+    limit = float(np.finfo(np.float32).max)
+    ints = []
+    for k, x in enumerate(fields[1:1 + NUM_DENSE], start=1):
+        try:
+            value = max(int(x), 0) if x else 0
+        except ValueError:
+            digits = x.strip().lstrip("+-").replace("_", "")
+            if not digits.isdigit() or not digits.isascii():
+                raise CriteoFormatError(f"line {lineno}: integer feature I{k} (field {k + 1}) {_show(x)} "
+                                        f"is not an integer") from None
+            value = 0 if x.strip().startswith("-") else None  # past int()'s 4300 digits
+        if value is None or value > limit:
+            raise CriteoFormatError(f"line {lineno}: integer feature I{k} (field {k + 1}) {_show(x)} "
+                                    f"is too large for float32")
+        ints.append(value)
+    return np.array(ints, dtype=np.float32)
 
 
 def parse_line(line, max_ind_range, lineno=0):
@@ -136,22 +191,27 @@ def read(path, num_samples, max_ind_range, tables=range(NUM_SPARSE), rows=None, 
     labels = np.zeros(num_samples, dtype=np.float32)
     whole, rest = divmod(num_samples, B)
     ints = np.zeros((whole * (hi - lo) + max(0, min(hi, rest) - lo), NUM_DENSE), dtype=np.float32)
-    sparse = np.zeros((num_samples, len(tables)), dtype=np.int64)
+    # Stored a table's column at a time, so that a batch's indices of one
+    # table are a contiguous slice (rank_data keeps them without a copy).
+    sparse = np.zeros((len(tables), num_samples), dtype=np.int64).T
     n = d = 0
     # Lines end at "\n" only, as count_samples counts them (universal newlines
     # would also end one at a lone "\r"); _split strips a "\r\n" ending.
     with open(path, encoding="ascii", errors="replace", newline="\n") as f:
-        for line in f:
-            if n >= num_samples:
-                break
-            fields = _split(line, n + 1)
-            labels[n], sparse[n] = _label_and_indices(fields, columns, max_ind_range, n + 1)
-            if lo <= n % B < hi:
-                ints[d] = _ints(fields, n + 1)
-                d += 1
-            n += 1
-            if beat is not None and n % BEAT_EVERY == 0:
-                beat()
+        try:
+            for line in f:
+                if n >= num_samples:
+                    break
+                fields = _split(line, n + 1)
+                labels[n], sparse[n] = _label_and_indices(fields, columns, max_ind_range, n + 1)
+                if lo <= n % B < hi:
+                    ints[d] = _ints(fields, n + 1)
+                    d += 1
+                n += 1
+                if beat is not None and n % BEAT_EVERY == 0:
+                    beat()
+        except CriteoFormatError as exc:  # the parent checked only the field counts
+            raise CriteoFormatError(f"{path}: {exc}") from None
     if n < num_samples:
         raise CriteoFormatError(f"{path} has {n} samples, {num_samples} needed")
     return labels, dense_features(ints), sparse
@@ -167,12 +227,14 @@ def rank_data(cfg, tables, lo, hi, num_batches, beat=None):
     tables = list(tables)
     if cfg.processed_data_file is not None:
         from dlrm_bench import processed
-        _, dense, sparse = processed.read(cfg.processed_data_file, num_batches * B, cfg.max_ind_range, beat)
-        sparse = sparse[:, tables]
+        _, dense, sparse = processed.read(cfg.processed_data_file, num_batches * B, cfg.max_ind_range, beat,
+                                          tables)
         dense = dense.reshape(num_batches, B, -1)[:, lo:hi].reshape(num_batches * (hi - lo), -1)
     else:
         _, dense, sparse = read(cfg.raw_data_file, num_batches * B, cfg.max_ind_range, tables, (B, lo, hi), beat)
     one_each = np.arange(B + 1, dtype=np.int64)  # every bag holds exactly one row
+    # Both readers store a table's column contiguously: each batch's slice is
+    # a view, not a copy (a copy per batch held the indices twice).
     bags = [{t: Bags(np.ascontiguousarray(sparse[b * B:(b + 1) * B, j]), one_each) for j, t in enumerate(tables)}
             for b in range(num_batches)]
     dense_slices = [np.ascontiguousarray(dense[b * (hi - lo):(b + 1) * (hi - lo)]) for b in range(num_batches)]

@@ -75,7 +75,7 @@ class _Array:
         except ValueError as exc:
             self.stream.close()
             raise ProcessedFormatError(f"{path}: array {name!r}: {exc}") from None
-        if self.dtype.kind not in "iuf":
+        if self.dtype.kind not in ("iufb" if name == "y" else "iuf"):  # the reference's y is bool
             self.stream.close()
             raise ProcessedFormatError(f"{path}: array {name!r} has dtype {self.dtype}, "
                                        f"expected integers or floats")
@@ -110,23 +110,33 @@ class _Array:
         for _ in self._chunks(count * self.dtype.itemsize):
             pass
 
-    def leading_rows(self, n):
-        """The first ``n`` rows, as a C-ordered array (1-D arrays: the first ``n`` values)."""
-        if len(self.shape) == 1 or not self.fortran:
-            width = 1 if len(self.shape) == 1 else self.shape[1]
-            return self._read(n * width).reshape((n,) + self.shape[1:])
+    def leading_rows(self, n, columns=None):
+        """The first ``n`` rows (of ``columns`` only, if given; 1-D arrays: the first ``n`` values).
+
+        A 2-D result is column-major (a column's values contiguous): read so
+        from a column-major member, whose other columns are skipped unkept.
+        """
+        if len(self.shape) == 1:
+            return self._read(n)
+        columns = range(self.shape[1]) if columns is None else columns
+        if not self.fortran:
+            return np.asfortranarray(self._read(n * self.shape[1]).reshape(n, self.shape[1])[:, columns])
         rows, cols = self.shape
-        out = np.empty((n, cols), self.dtype)
+        out = np.empty((len(columns), n), self.dtype)
+        at = {j: i for i, j in enumerate(columns)}
         for j in range(cols):  # column-major: column j is rows values in a row
-            out[:, j] = self._read(n)
-            self._drop(rows - n)
+            if j in at:
+                out[at[j]] = self._read(n)
+                self._drop(rows - n)
+            else:
+                self._drop(rows)
         # Nearly all of it was read: reading to its end (1/cols more) makes
         # zipfile check its CRC, so damage that still inflates is found too.
         try:
             self.stream.read(1)
         except DAMAGED as exc:
             raise self._damaged(exc) from None
-        return out
+        return out.T
 
     def close(self):
         self.stream.close()
@@ -186,9 +196,11 @@ def table_rows(counts, max_ind_range):
     return tuple(min(c, max_ind_range) if max_ind_range > 0 else c for c in counts)
 
 
-def read(path, num_samples, max_ind_range, beat=None):
-    """Labels ``(n,)``, dense ``(n, 13)`` float32 and categoricals ``(n, 26)`` int64 of the first ``n`` samples.
+def read(path, num_samples, max_ind_range, beat=None, tables=None):
+    """Labels ``(n,)``, dense ``(n, 13)`` float32 and categoricals ``(n, T)`` int64 of the first ``n`` samples.
 
+    The categoricals are those of ``tables`` (default: every one), column-major;
+    a column-major ``X_cat``'s other columns are skipped, not kept.
     ``beat``: see :class:`_Array`.
     """
     with _open(path) as archive:
@@ -196,15 +208,16 @@ def read(path, num_samples, max_ind_range, beat=None):
         if samples < num_samples:
             raise ProcessedFormatError(f"{path} has {samples} samples, {num_samples} needed")
         rows = table_rows(_counts(archive, path, num_sparse), max_ind_range)
+        tables = list(range(num_sparse) if tables is None else tables)
         arrays = {}
         for name in ("X_int", "X_cat", "y"):
             a = _Array(archive, path, name, beat)
             try:
-                arrays[name] = a.leading_rows(num_samples)
+                arrays[name] = a.leading_rows(num_samples, tables if name == "X_cat" else None)
             finally:
                 a.close()
     labels = arrays["y"].astype(np.float32)
-    return labels, _dense(arrays["X_int"], path), _indices(arrays["X_cat"], rows, max_ind_range, path)
+    return labels, _dense(arrays["X_int"], path), _indices(arrays["X_cat"], tables, rows, max_ind_range, path)
 
 
 def _dense(x_int, path):
@@ -224,19 +237,24 @@ def _dense(x_int, path):
     return dense
 
 
-def _indices(x_cat, rows, max_ind_range, path):
-    """``X_cat`` as table rows (int64), ``% max_ind_range`` when capped; refuses rows past a table's end."""
-    if x_cat.dtype.kind == "f":
-        whole = np.isfinite(x_cat) & (x_cat == np.floor(x_cat))
-        if not whole.all():
-            i, j = np.argwhere(~whole)[0]
-            raise ProcessedFormatError(f"{path}: X_cat[{i}, {j}] is {x_cat[i, j]}, not a row number")
-    x_cat = x_cat.astype(np.int64)
-    if max_ind_range > 0:
-        x_cat %= max_ind_range
-    bad = (x_cat < 0) | (x_cat >= np.asarray(rows, dtype=np.int64))
-    if bad.any():
-        i, j = np.argwhere(bad)[0]
-        raise ProcessedFormatError(f"{path}: X_cat[{i}, {j}] is {x_cat[i, j]}, outside table {j}, "
-                                   f"which has {rows[j]} rows")
-    return x_cat
+def _indices(x_cat, tables, rows, max_ind_range, path):
+    """``X_cat``'s columns of ``tables`` as table rows (int64, column-major), ``% max_ind_range`` when
+    capped; refuses rows past a table's end.  A column at a time, so no temporary is the whole array."""
+    out = np.empty((len(tables), x_cat.shape[0]), dtype=np.int64)
+    for k, j in enumerate(tables):
+        column = x_cat[:, k]
+        if column.dtype.kind == "f":
+            whole = np.isfinite(column) & (column == np.floor(column))
+            if not whole.all():
+                i = int(np.argmin(whole))
+                raise ProcessedFormatError(f"{path}: X_cat[{i}, {j}] is {column[i]}, not a row number")
+        values = out[k]
+        values[:] = column
+        if max_ind_range > 0:
+            values %= max_ind_range
+        bad = (values < 0) | (values >= rows[j])
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ProcessedFormatError(f"{path}: X_cat[{i}, {j}] is {values[i]}, outside table {j}, "
+                                       f"which has {rows[j]} rows")
+    return out.T

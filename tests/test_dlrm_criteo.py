@@ -5,6 +5,11 @@ tab-separated, any of them possibly empty.  The reference DLRM preprocessing
 is restated here independently: integers ``log(max(x, 0) + 1)`` in float32,
 categoricals ``int(h, 16) % max_ind_range``, empty fields 0.
 """
+import gzip
+import io
+import re
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -132,8 +137,13 @@ BAD_LINES = [
     ("39 fields", "\t".join(_fields()[:-1]), ["39 tab-separated fields", "expected 40"]),
     ("41 fields", "\t".join(_fields() + ["ab"]), ["41 tab-separated fields"]),
     ("spaces for tabs", " ".join(_fields()), ["1 tab-separated fields"]),
-    ("non-hex categorical", "\t".join(_fields()[:20] + ["12g4"] + _fields()[21:]), ["12g4"]),
-    ("decimal integer", "\t".join(_fields()[:3] + ["1.5"] + _fields()[4:]), ["1.5"]),
+    ("non-hex categorical", "\t".join(_fields()[:20] + ["12g4"] + _fields()[21:]),
+     ["categorical feature C7 (field 21) '12g4' is not hexadecimal"]),
+    ("decimal integer", "\t".join(_fields()[:3] + ["1.5"] + _fields()[4:]),
+     ["integer feature I3 (field 4) '1.5' is not an integer"]),
+    ("bad label", "\t".join(["x"] + _fields()[1:]), ["the label (field 1) 'x' is not an integer"]),
+    ("integer past int()'s digits", "\t".join(_fields()[:3] + ["1" * 5000] + _fields()[4:]),
+     ["integer feature I3 (field 4) '11111111111111111111...' is too large for float32"]),
     ("integer past float32", "\t".join(_fields()[:3] + ["1" + "0" * 400] + _fields()[4:]),
      ["too large for float32"]),  # was an OverflowError without the line
     ("integer past float32 only", "\t".join(_fields()[:3] + ["1" + "0" * 39] + _fields()[4:]),
@@ -167,8 +177,48 @@ def test_malformed_line_names_its_line_number(tmp_path, line, words):
     good = ["\t".join(_fields())] * 4
     path = tmp_path / "train.txt"
     path.write_text("\n".join(good[:2] + [line] + good[2:]) + "\n")
-    with pytest.raises(criteo.CriteoFormatError, match=r"^line 3: "):
+    with pytest.raises(criteo.CriteoFormatError, match=rf"^{re.escape(str(path))}: line 3: ") as info:
         criteo.read(path, 5, M)
+    for word in words:
+        assert word in str(info.value)
+
+
+OTHER_FORMATS = {
+    "gzip": (lambda text: gzip.compress(text), "it is gzip-compressed: decompress it first"),
+    "zip": (lambda text: _zipped(text), "it is a zip archive: a processed .npz file is read with "
+                                        "--processed-data-file"),
+    "lone CR line ends": (lambda text: text.replace(b"\n", b"\r") * 200,
+                          "line 1 is longer than 65536 bytes: not the Criteo format (its lines end in a lone CR?)"),
+}
+
+
+def _zipped(text):
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("train.txt", text)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", OTHER_FORMATS, ids=OTHER_FORMATS)
+def test_a_file_in_another_format_is_refused_saying_which(tmp_path, capsys, kind):
+    # Each said "line 1: 2 tab-separated fields" (a lone-CR file after reading it whole).
+    make, words = OTHER_FORMATS[kind]
+    path = tmp_path / "day_0"
+    path.write_bytes(make(("\t".join(_fields()) + "\n").encode() * 10))
+    with pytest.raises(criteo.CriteoFormatError, match=re.escape(words)):
+        criteo.count_samples(path)
+    assert_rejected(capsys, dataset_flags(path), f"--raw-data-file {path}: {words}")
+
+
+def test_blank_lines_that_end_the_file_end_its_samples(tmp_path):
+    # An extra newline at the end refused the whole file once more samples were asked for than it held.
+    path, good = tmp_path / "train.txt", "\t".join(_fields()) + "\n"
+    path.write_text(good * 12 + "\n\r\n")
+    assert criteo.count_samples(path) == 12
+    assert config.parse(dataset_flags(path))[0].num_batches == 2
+    path.write_text(good * 6 + "\n" + good * 6)
+    with pytest.raises(criteo.CriteoFormatError, match="line 7: 1 tab-separated fields"):
+        criteo.count_samples(path)
 
 
 def test_read_wants_enough_lines(criteo_file):
@@ -209,6 +259,8 @@ def test_rank_data_is_the_rank_share_of_the_file(criteo_file):
         for t in (0, 7, 25):
             np.testing.assert_array_equal(got.bags[b][t].indices, want_sparse[b * B:(b + 1) * B, t])
             np.testing.assert_array_equal(got.bags[b][t].offsets, np.arange(B + 1))
+            # A view of the table's column as read, not a copy per batch (which held them twice).
+            assert not got.bags[b][t].indices.flags.owndata
 
 
 def test_a_rank_parses_only_its_columns_and_rows_and_beats_as_it_reads(criteo_file, monkeypatch):
@@ -260,7 +312,7 @@ def test_an_mpi_rank_that_fails_on_a_bad_line_is_reported_with_its_cause(tmp_pat
     cfg, _ = config.parse(flags + ["--backend", "mpi"])
     with pytest.raises(backends.BackendError) as info:
         backends.run(cfg, "mpi")
-    assert "raised CriteoFormatError: line 8: " in str(info.value) and "12x" in str(info.value)
+    assert f"raised CriteoFormatError: {path}: line 8: integer feature I3 (field 4) '12x'" in str(info.value)
 
 
 # ---------------------------------------------------------- rejections

@@ -87,6 +87,26 @@ def test_read_gives_what_the_reference_dataset_feeds(tmp_path, monkeypatch, save
     np.testing.assert_array_equal(sparse, want % cap if cap > 0 else want)
 
 
+@pytest.mark.parametrize("save, layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_a_rank_reads_only_its_tables_columns_and_keeps_each_contiguous(tmp_path, monkeypatch, save, layout):
+    # Every rank kept all 26 columns (and whole-array temporaries): twice the
+    # memory the run's check counted.
+    monkeypatch.setattr(processed, "CHUNK", 24)
+    x_int, x_cat, y, counts = reference_arrays()
+    path = write_processed(tmp_path / "p.npz", x_int, layout(x_cat), y, counts, save)
+    _, _, every = processed.read(path, 20, 7)
+    labels, dense, sparse = processed.read(path, 20, 7, tables=[25, 3])
+    np.testing.assert_array_equal(sparse, every[:, [25, 3]])
+    assert sparse.shape == (20, 2) and sparse.T.flags.c_contiguous  # a table's column: one slice
+
+
+def test_bool_labels_as_the_reference_describes_them_are_read(tmp_path):
+    x_int, x_cat, y, counts = reference_arrays()
+    path = write_processed(tmp_path / "p.npz", x_int, x_cat, y.astype(bool), counts, np.savez_compressed)
+    labels, _, _ = processed.read(path, 20, -1)
+    np.testing.assert_array_equal(labels, y[:20].astype(bool).astype(np.float32))
+
+
 def test_describe_reads_the_counts_and_the_shapes(processed_file):
     path, (_, _, _, counts) = processed_file
     assert processed.describe(path) == (SAMPLES, 13, tuple(int(c) for c in counts))
