@@ -1769,7 +1769,10 @@ cdef class Core:
 
     @copy_policy.setter
     def copy_policy(self, value):
-        if not isinstance(value, str) or value not in COPY_POLICIES:
+        if not isinstance(value, str):
+            raise BlsTypeError(f"copy_policy must be a str, one of {sorted(COPY_POLICIES)}, "
+                               f"got {type(value).__name__}")
+        if value not in COPY_POLICIES:
             raise BlsValueError(f"copy_policy must be one of {sorted(COPY_POLICIES)}, got {value!r}")
         self.copy_mode = COPY_POLICIES[value]
         memset(self.copy_cost, 0, sizeof(self.copy_cost))

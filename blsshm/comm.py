@@ -184,7 +184,9 @@ class Comm(_core.Core):
             spin_us = _check_spin_us(default_spin_us() if spin_us is None else spin_us)  # before claiming the rank
             attach_timeout = _check_seconds("attach_timeout", attach_timeout)
             timeout = _check_seconds("timeout", timeout)
-            if not 0 <= rank < _core.MAX_RANKS:  # the segment says how many; this keeps C ints in range
+            if rank < 0:  # the segment says how many there are (checked once it is mapped)
+                raise BlsValueError(f"rank must be at least 0, got {rank}")
+            if rank >= _core.MAX_RANKS:  # keeps C ints in range
                 raise BlsValueError(f"rank must be in [0, {_core.MAX_RANKS}), got {rank}")
             spin_ns = int(1000 * spin_us)
             slice_ns = int(1e6 * liveness_ms())

@@ -572,3 +572,5 @@ def test_communicator_arguments_are_checked_when_it_is_made():
     with blsshm.Comm.create(2) as comm:
         with pytest.raises(BlsValueError, match="rank must be in"):
             blsshm.Comm.attach(comm.name, 2 ** 40)  # was an OverflowError
+        with pytest.raises(BlsValueError, match="rank must be at least 0, got -1"):
+            blsshm.Comm.attach(comm.name, -1)  # said "in [0, 4096)": the segment's 2 were not read yet
