@@ -1,5 +1,6 @@
 """tools/: the figures they compute from measured times, and bad arguments refused before any run."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -50,7 +51,10 @@ def test_an_oversubscribed_memcpy_floor_is_the_copying_spread_over_the_cores():
     ("spin_policy", ["--spins", "nan"], "--spins: spin_us must be a number of microseconds"),
     ("spin_policy", ["--spins", "-5"], "--spins: spin_us must be a number of microseconds"),
     ("dlrm_report", ["--repeat", "0"], "--repeat must be at least 1"),
-    ("dlrm_report", ["--lag", "-1"], "--lag must be at least 0"),
+    ("compare_alltoallv", ["--json", "/tmp"], "--json /tmp: not a file this can write"),  # after the run
+    ("dlrm_report", ["--lag", "-1"], "--lag must be at least 1"),
+    ("dlrm_report", ["--lag", "0"], "--lag must be at least 1 (it is compared with lag 0)"),  # lag0/lag0
+    ("dlrm_report", ["--json", "/tmp"], "--json /tmp: a directory, not a file"),
     ("dlrm_report", ["--nprocs", "0"], "--nprocs at least 1"),
 ])
 def test_the_tools_refuse_bad_arguments_before_running(tool, argv, message):
@@ -59,6 +63,24 @@ def test_the_tools_refuse_bad_arguments_before_running(tool, argv, message):
     res = subprocess.run([sys.executable, os.path.join(TOOLS, f"{tool}.py"), *argv],
                          capture_output=True, text=True, timeout=50)
     assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_ratios_show_three_significant_figures():
+    # bls/gloo (about 0.005 at 64 B) read 0.00.
+    compare = _tool("compare_alltoallv")
+    assert [compare.fmt_ratio(v) for v in (0.00468, 0.31, 1.354, 12.36, None)] == [
+        "0.00468", "0.31", "1.35", "12.4", "-"]
+
+
+def test_every_backend_gets_the_same_untimed_calls():
+    # blsshm got warmup + 1, the others warmup: with --warmup 0 MPI's first
+    # timed call set up its connections and blsshm's did not.
+    compare = _tool("compare_alltoallv")
+    assert [w for _, w, _ in compare.make_plan([64, 1 << 20], 100, 0)] == [1, 1]
+    calls = []
+    compare.blsshm_timed(type("C", (), {"reset_stats": lambda self: None, "stats": {}})(),
+                         lambda: calls.append(1), 3, 0)
+    assert len(calls) == 3
 
 
 def test_compare_runs_each_number_of_ranks_once():
@@ -84,3 +106,34 @@ def test_mpirun_gets_the_options_of_its_own_mpi(tmp_path, says, btl):
     else:
         assert options[:3] == ["--mca", "btl", btl] and "--oversubscribe" in options
         assert "--oversubscribe" not in _proc.mpirun_options(str(mpirun), oversubscribe=False)
+
+
+def test_the_report_keeps_each_run_as_it_ends_once_per_configuration_in_aligned_columns(
+        tmp_path, monkeypatch, capsys):
+    # The JSON was written only at the very end (a stopped matrix kept
+    # nothing), --nprocs 2 2 ran everything twice, and headers longer than
+    # the 10-wide cells put every value under the wrong one.
+    report = _tool("dlrm_report")
+    path = str(tmp_path / "r.json")
+    seen = []
+
+    def run_one(model, nprocs, delays, opts):
+        if seen:  # the runs before this one are on disk already
+            with open(path) as f:
+                assert len(json.load(f)) == len(seen)
+        seen.append((model, nprocs, delays))
+        return {"runs": []}
+
+    monkeypatch.setattr(report, "run_one", run_one)
+    monkeypatch.setattr(report, "ratios", lambda doc, lag: {key: 12.345 for key in KEYS})
+    KEYS = ["lagL_over_lag0", "lagL_over_gloo", "lagL_over_mpi", "wall_over_ideal", "wall_over_replay",
+            "replay_over_ideal", "wall_over_best_bound", "lag0_wall_over_ideal", "room_sync_over_ideal"]
+    report.main(["--models", "light", "light", "--nprocs", "2", "2", "--json", path])
+    assert seen == [("light", 2, d) for d in report.DELAYS]
+    out = capsys.readouterr().out.splitlines()
+    header = next(line for line in out if line.startswith("model"))
+    row = next(line for line in out if line.startswith("light"))
+    assert len(row) == len(header)
+    for name in ("lag4/lag0", "lag0 wall/ideal", "sync/ideal"):  # each value ends under its header
+        end = header.index(name) + len(name)
+        assert row[end - 5:end] == "12.35"

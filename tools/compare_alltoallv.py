@@ -11,7 +11,7 @@ measures, one backend after another (never two at once):
                preallocated ``out=`` buffer, ranks from ``blsshm.spawn``;
 ``bls cached``  the same with ``copy_policy="cached"`` (only when named in
                ``--backends``): blsshm copy is ``"auto"``, the default, and
-               this is the A/B for it;
+               this is the A/B for it (ratio ``cch/copy``);
 ``blsshm lag 1``  the same at lag 1 (only when named in ``--backends``).
                For a loop of blocking calls it measures about what lag 0
                does: at lag 0 a blocking ``alltoallv`` already publishes
@@ -162,7 +162,7 @@ LABELS = {"blsshm": "blsshm copy", "blsshm_cached": "bls cached", "blsshm_l1": "
 
 
 RATIO_PAIRS = {"bls/MPI": ("blsshm", "mpi"), "bls/gloo": ("blsshm", "gloo"),
-               "l1/MPI": ("blsshm_l1", "mpi"),
+               "l1/MPI": ("blsshm_l1", "mpi"), "cch/copy": ("blsshm_cached", "blsshm"),
                "zc/MPI": ("blsshm_zc", "mpi"), "zc/gloo": ("blsshm_zc", "gloo")}
 
 
@@ -200,7 +200,8 @@ def make_plan(sizes, iters, warmup):
     plan = []
     for size in sizes:
         n = iters if size <= BIG_SIZE else min(iters, max(20, iters // 4))
-        w = warmup if warmup is not None else max(5, n // 10)
+        # At least one untimed call in every backend, so no first timed call sets up a connection.
+        w = max(1, warmup if warmup is not None else max(5, n // 10))
         plan.append((size, w, n))
     return plan
 
@@ -281,7 +282,7 @@ def die_with_parent():
 
 def blsshm_timed(comm, step, warmup, iters, before=None, reports_own_work=False):
     """Warm up, zero the counters, time: ``{"ns": ..., "stats": comm.stats}``."""
-    time_loop(step, warmup + 1, 0, before)
+    time_loop(step, warmup, 0, before)
     comm.reset_stats()
     ns = time_loop(step, 0, iters, before, reports_own_work=reports_own_work)
     stats = comm.stats
@@ -831,7 +832,7 @@ def bandwidth(results, nprocs, size):
     floor = figure(results, "memcpy", size)
     cross = figure(results, "memcpy_x", size)
     out = {}
-    for backend in ("blsshm", "blsshm_zc", "memcpy", "memcpy_x"):
+    for backend in ("blsshm", "blsshm_cached", "blsshm_zc", "memcpy", "memcpy_x"):
         m = figure(results, backend, size)
         if m is None:
             continue
@@ -856,7 +857,8 @@ def fmt_us(v):
 
 
 def fmt_ratio(v):
-    return "-" if v is None else f"{v:.2f}"
+    """Three significant figures: blsshm / gloo is 0.002-0.02 at small sizes."""
+    return "-" if v is None else f"{v:.3g}"
 
 
 def print_table(nprocs, plan, results, cores):
@@ -892,7 +894,8 @@ def print_table(nprocs, plan, results, cores):
         print("  ratios paired by round (the median over rounds of each round's ratio of medians; min-max):")
         for size, rs in paired.items():
             print(f"{fmt_size(size):>8}" + "".join(
-                f"   {name} {v[0]:.2f} ({v[1]:.2f}-{v[2]:.2f})" for name, v in rs.items() if v is not None))
+                f"   {name} {fmt_ratio(v[0])} ({fmt_ratio(v[1])}-{fmt_ratio(v[2])})"
+                for name, v in rs.items() if v is not None))
     for size, _, _ in plan:
         if size >= BANDWIDTH_MIN:
             print_bandwidth(nprocs, size, bandwidth(results, nprocs, size))
@@ -913,7 +916,7 @@ def print_table(nprocs, plan, results, cores):
 def print_sleep_note(plan, results, oversubscribed):
     """Say where blsshm ranks mostly slept instead of spinning: a peer was not running."""
     why = "ranks share cores" if oversubscribed else "a peer was not running: ranks sharing a core?"
-    for b in ("blsshm", "blsshm_l1", "blsshm_zc"):
+    for b in ("blsshm", "blsshm_cached", "blsshm_l1", "blsshm_zc"):
         figs = results.get(b, {}).get("sizes", {})
         slept = [(s, figs[s]["futex_sleeps_per_iter"]) for s, _, _ in plan
                  if figs.get(s, {}).get("futex_sleeps_per_iter", 0) >= 0.5]
@@ -957,9 +960,10 @@ def parse_args(argv):
     p.add_argument("--sizes", type=parse_size, nargs="+", default=list(DEFAULT_SIZES), metavar="SIZE",
                    help="bytes per pair, e.g. 64 4K 64K 1M (default: 64 4K 64K 1M)")
     p.add_argument("--iters", type=int, default=DEFAULT_ITERS,
-                   help=f"timed iterations per size (default {DEFAULT_ITERS}; a quarter above 64 KiB)")
+                   help=f"timed iterations per size (default {DEFAULT_ITERS}; above 64 KiB a quarter, at least 20 "
+                        f"and at most ITERS; rounded up to a multiple of --rounds)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="warm-up iterations per size (default: a tenth of the timed ones, at least 5)")
+                   help="warm-up iterations per size, at least 1 (default: a tenth of the timed ones, at least 5)")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(DEFAULT_BACKENDS),
                    help="which backends to run (default: all but blsshm_cached)")
     p.add_argument("--pin", action="store_true",
@@ -973,7 +977,7 @@ def parse_args(argv):
                    help="run each backend this many times, taking turns, for 1/ROUNDS of the iterations "
                         "each, so all sample the same host phases; ratios are also paired by round (default 1)")
     p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds one backend may take for one P before it is stopped (default 300)")
+                   help="seconds one backend may take for one P in one round before it is stopped (default 300)")
     p.add_argument("--json", metavar="PATH", help="write the configuration and every figure here")
     p.add_argument("--mpi-worker", nargs=2, metavar=("PLAN", "OUT"), help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
@@ -988,6 +992,8 @@ def parse_args(argv):
         folder = os.path.dirname(os.path.abspath(opts.json))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             p.error(f"--json {opts.json}: cannot write in {folder}")
+        if os.path.isdir(opts.json) or (os.path.exists(opts.json) and not os.access(opts.json, os.W_OK)):
+            p.error(f"--json {opts.json}: not a file this can write")  # else found after the whole run
     opts.nprocs = sorted(set(opts.nprocs))  # results are keyed by P: a repeat would overwrite
     opts.sizes = sorted(set(opts.sizes))
     opts.backends = [b for b in BACKENDS if b in opts.backends]

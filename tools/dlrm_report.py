@@ -102,6 +102,14 @@ def _exit_on(signum, _frame):
     raise SystemExit(128 + signum)
 
 
+def _write_json(path, docs):
+    """Replace ``path`` with ``docs`` whole (a reader never sees half a file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(docs, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -115,8 +123,12 @@ def main(argv=None):
     for name in ("num_batches", "light_num_batches", "repeat"):
         if getattr(opts, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
-    if opts.lag < 0 or min(opts.nprocs) < 1:
-        p.error("--lag must be at least 0 and --nprocs at least 1")
+    if opts.lag < 1 or min(opts.nprocs) < 1:
+        p.error("--lag must be at least 1 (it is compared with lag 0) and --nprocs at least 1")
+    if opts.json is not None and os.path.isdir(opts.json):
+        p.error(f"--json {opts.json}: a directory, not a file")  # else found after the whole matrix
+    opts.models = list(dict.fromkeys(opts.models))  # a repeat would run every configuration twice
+    opts.nprocs = list(dict.fromkeys(opts.nprocs))
     # SIGTERM and SIGHUP end the report as Ctrl-C does, through the clean-up
     # (the dlrm_bench run, its temporary directory), not around it.
     for signum in (signal.SIGTERM, signal.SIGHUP):
@@ -135,6 +147,8 @@ def main(argv=None):
                          "ratios": r, "run": doc})
             if r is not None:
                 found[(model, nprocs, delays)].append(r)
+            if opts.json:  # after every run: a matrix stopped part-way keeps what it measured
+                _write_json(opts.json, docs)
     L = opts.lag
     keys = [("lagL_over_lag0", f"lag{L}/lag0"), ("lagL_over_gloo", f"lag{L}/gloo"), ("lagL_over_mpi", f"lag{L}/mpi"),
             ("wall_over_ideal", "wall/ideal"), ("wall_over_replay", "wall/replay"),
@@ -142,8 +156,8 @@ def main(argv=None):
             ("wall_over_best_bound", "wall/best"), ("lag0_wall_over_ideal", "lag0 wall/ideal"),
             ("room_sync_over_ideal", "sync/ideal")]
     spread = opts.repeat > 1
-    width = 16 if spread else 10
-    print(f"\n{'model':<8} {'P':>2} {'delays':<8} " + " ".join(f"{h:>{width}}" for _, h in keys))
+    widths = [max(len(h), 18 if spread else 6) for _, h in keys]
+    print(f"\n{'model':<8} {'P':>2} {'delays':<8} " + " ".join(f"{h:>{w}}" for (_, h), w in zip(keys, widths)))
     for config in configs:
         model, nprocs, delays = config
         line = f"{model:<8} {nprocs:>2} {delays:<8} "
@@ -151,7 +165,7 @@ def main(argv=None):
             print(line + "(no figures)")
             continue
         cells = []
-        for key, _ in keys:
+        for (key, _), width in zip(keys, widths):
             values = [r[key] for r in found[config] if r[key] is not None]
             if not values:
                 cells.append(f"{'-':>{width}}")
@@ -161,9 +175,7 @@ def main(argv=None):
                 cells.append(f"{values[0]:>{width}.2f}")
         print(line + " ".join(cells))
     if opts.json:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
-        with open(opts.json, "w") as f:
-            json.dump(docs, f, indent=2)
+        _write_json(opts.json, docs)
     missing = [config for config in configs if not found[config]]
     if missing:
         print(f"no figures for {len(missing)} of {len(configs)} configurations (see the errors above)",
