@@ -68,8 +68,8 @@ def test_the_tools_refuse_bad_arguments_before_running(tool, argv, message):
 def test_ratios_show_three_significant_figures():
     # bls/gloo (about 0.005 at 64 B) read 0.00.
     compare = _tool("compare_alltoallv")
-    assert [compare.fmt_ratio(v) for v in (0.00468, 0.31, 1.354, 12.36, None)] == [
-        "0.00468", "0.31", "1.35", "12.4", "-"]
+    assert [compare.fmt_ratio(v) for v in (0.00468, 0.3, 1.354, 12.36, 123.4, None)] == [
+        "0.00468", "0.300", "1.35", "12.4", "123", "-"]
 
 
 def test_every_backend_gets_the_same_untimed_calls():

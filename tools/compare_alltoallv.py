@@ -858,7 +858,7 @@ def fmt_us(v):
 
 def fmt_ratio(v):
     """Three significant figures: blsshm / gloo is 0.002-0.02 at small sizes."""
-    return "-" if v is None else f"{v:.3g}"
+    return "-" if v is None else f"{v:#.3g}".rstrip(".")  # "#": 0.300, not 0.3
 
 
 def print_table(nprocs, plan, results, cores):
