@@ -1183,4 +1183,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the clean-up ran on the way out; a traceback would say nothing more
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
