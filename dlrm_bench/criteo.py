@@ -21,6 +21,8 @@ read by :mod:`dlrm_bench.processed`).
 Samples are used in file order: global batch ``b`` is lines
 ``b * B .. (b + 1) * B - 1``; a last partial batch is not used.
 """
+import re
+
 import numpy as np
 
 from dlrm_bench.data import Bags, RankData
@@ -42,7 +44,7 @@ def count_samples(path, limit=None):
     """Number of lines in ``path``, counting no further than ``limit``.
 
     Checks each line's field count on the way (cheap), so a file in another
-    format (compressed, an archive, CR line endings) is refused, saying
+    format (gzip, a zip archive, lone-CR line endings) is refused, saying
     which, before any rank starts reading it.  Blank lines that end the file
     end the data (an editor's or a ``cat``'s extra newline); a blank line
     before a sample is refused.
@@ -64,12 +66,13 @@ def count_samples(path, limit=None):
                 return n - 1
             fields = line.count(b"\t") + 1
             if fields != NUM_FIELDS:
-                raise CriteoFormatError(f"line {n}: {fields} tab-separated fields, expected {NUM_FIELDS}")
+                cr = " (its lines end in a lone CR?)" if b"\r" in line.rstrip(b"\r\n") else ""
+                raise CriteoFormatError(f"line {n}: {fields} tab-separated fields, expected {NUM_FIELDS}{cr}")
     return n
 
 
 def _refuse_other_formats(head):
-    """Name the format of a file that starts as a compressed file or an archive does."""
+    """Name the format of a file that starts as a gzip file or a zip archive does."""
     if head.startswith(b"\x1f\x8b"):
         raise CriteoFormatError("it is gzip-compressed: decompress it first (gunzip -k), "
                                 "as the reference reads day files")
@@ -101,6 +104,7 @@ def dense_features(ints):
 
 
 ALL_COLUMNS = range(1 + NUM_DENSE, NUM_FIELDS)  # the categorical fields
+PLAIN_INTEGER = re.compile(r"\s*([+-]?)[0-9]+\s*")
 
 
 def _fields(line, max_ind_range, lineno):
@@ -156,13 +160,13 @@ def _ints(fields, lineno):
     ints = []
     for k, x in enumerate(fields[1:1 + NUM_DENSE], start=1):
         try:
-            value = max(int(x), 0) if x else 0
+            value = max(int(x), 0) if x else 0  # int() as the reference's: " 5" and "1_000" too
         except ValueError:
-            digits = x.strip().lstrip("+-").replace("_", "")
-            if not digits.isdigit() or not digits.isascii():
+            whole = PLAIN_INTEGER.fullmatch(x)  # then past int()'s 4300 digits: no other cause
+            if whole is None:
                 raise CriteoFormatError(f"line {lineno}: integer feature I{k} (field {k + 1}) {_show(x)} "
                                         f"is not an integer") from None
-            value = 0 if x.strip().startswith("-") else None  # past int()'s 4300 digits
+            value = 0 if whole[1] == "-" else None
         if value is None or value > limit:
             raise CriteoFormatError(f"line {lineno}: integer feature I{k} (field {k + 1}) {_show(x)} "
                                     f"is too large for float32")

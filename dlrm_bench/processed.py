@@ -32,6 +32,7 @@ from numpy.lib import format as npy
 from dlrm_bench.criteo import dense_features
 
 ARRAYS = ("X_int", "X_cat", "y", "counts")
+INT64_MAX = np.iinfo(np.int64).max
 CHUNK = 1 << 22  # bytes decompressed at a time (``beat`` is called after each)
 # What a damaged member raises as it is decompressed.  zipfile checks a
 # member's CRC only once it is read to its end: a column-major array is
@@ -78,7 +79,7 @@ class _Array:
         if self.dtype.kind not in ("iufb" if name == "y" else "iuf"):  # the reference's y is bool
             self.stream.close()
             raise ProcessedFormatError(f"{path}: array {name!r} has dtype {self.dtype}, "
-                                       f"expected integers or floats")
+                                       f"expected integers or floats{' or bools' if name == 'y' else ''}")
 
     def _damaged(self, exc):
         what = str(exc) or "its compressed data end early"  # zipfile's EOFError says nothing
@@ -118,9 +119,10 @@ class _Array:
         """
         if len(self.shape) == 1:
             return self._read(n)
+        if not self.fortran:  # row-major: the columns are interleaved, so all of them are read
+            rows = self._read(n * self.shape[1]).reshape(n, self.shape[1])
+            return rows if columns is None else np.asfortranarray(rows[:, columns])
         columns = range(self.shape[1]) if columns is None else columns
-        if not self.fortran:
-            return np.asfortranarray(self._read(n * self.shape[1]).reshape(n, self.shape[1])[:, columns])
         rows, cols = self.shape
         out = np.empty((len(columns), n), self.dtype)
         at = {j: i for i, j in enumerate(columns)}
@@ -209,6 +211,8 @@ def read(path, num_samples, max_ind_range, beat=None, tables=None):
             raise ProcessedFormatError(f"{path} has {samples} samples, {num_samples} needed")
         rows = table_rows(_counts(archive, path, num_sparse), max_ind_range)
         tables = list(range(num_sparse) if tables is None else tables)
+        if len(set(tables)) != len(tables) or not all(0 <= j < num_sparse for j in tables):
+            raise ValueError(f"tables must be distinct columns of X_cat's {num_sparse}, got {tables}")
         arrays = {}
         for name in ("X_int", "X_cat", "y"):
             a = _Array(archive, path, name, beat)
@@ -243,8 +247,11 @@ def _indices(x_cat, tables, rows, max_ind_range, path):
     out = np.empty((len(tables), x_cat.shape[0]), dtype=np.int64)
     for k, j in enumerate(tables):
         column = x_cat[:, k]
-        if column.dtype.kind == "f":
-            whole = np.isfinite(column) & (column == np.floor(column))
+        if column.dtype.kind in "fu":  # a whole number int64 holds, or the conversion wraps it
+            if column.dtype.kind == "u":
+                whole = column <= INT64_MAX
+            else:  # 2.0 ** 63 is INT64_MAX as a float: < it, not <=
+                whole = np.isfinite(column) & (column == np.floor(column)) & (np.abs(column) < 2.0 ** 63)
             if not whole.all():
                 i = int(np.argmin(whole))
                 raise ProcessedFormatError(f"{path}: X_cat[{i}, {j}] is {column[i]}, not a row number")

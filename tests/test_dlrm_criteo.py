@@ -142,6 +142,8 @@ BAD_LINES = [
     ("decimal integer", "\t".join(_fields()[:3] + ["1.5"] + _fields()[4:]),
      ["integer feature I3 (field 4) '1.5' is not an integer"]),
     ("bad label", "\t".join(["x"] + _fields()[1:]), ["the label (field 1) 'x' is not an integer"]),
+    *[(f"integer {bad}", "\t".join(_fields()[:3] + [bad] + _fields()[4:]),  # were 0 or "too large"
+       [f"integer feature I3 (field 4) '{bad}' is not an integer"]) for bad in ("--5", "-1__0", "+-5", "_5")],
     ("integer past int()'s digits", "\t".join(_fields()[:3] + ["1" * 5000] + _fields()[4:]),
      ["integer feature I3 (field 4) '11111111111111111111...' is too large for float32"]),
     ("integer past float32", "\t".join(_fields()[:3] + ["1" + "0" * 400] + _fields()[4:]),
@@ -152,8 +154,8 @@ BAD_LINES = [
 
 
 def test_a_hugely_negative_integer_is_0_as_the_transform_makes_it():
-    line = "\t".join(["1", "-" + "9" * 400, "-" + "9" * 39] + ["1"] * 11 + ["ab"] * 26)
-    assert list(criteo.parse_line(line, M, 1)[1][:2]) == [0.0, 0.0]
+    line = "\t".join(["1", "-" + "9" * 400, "-" + "9" * 39, " -" + "9" * 5000] + ["1"] * 10 + ["ab"] * 26)
+    assert list(criteo.parse_line(line, M, 1)[1][:3]) == [0.0, 0.0, 0.0]
 
 
 def test_read_splits_lines_as_the_parents_count_does(tmp_path):
@@ -189,6 +191,8 @@ OTHER_FORMATS = {
                                         "--processed-data-file"),
     "lone CR line ends": (lambda text: text.replace(b"\n", b"\r") * 200,
                           "line 1 is longer than 65536 bytes: not the Criteo format (its lines end in a lone CR?)"),
+    "a few lone CR line ends": (lambda text: text.replace(b"\n", b"\r"),
+                                "line 1: 391 tab-separated fields, expected 40 (its lines end in a lone CR?)"),
 }
 
 

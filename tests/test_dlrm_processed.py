@@ -95,9 +95,28 @@ def test_a_rank_reads_only_its_tables_columns_and_keeps_each_contiguous(tmp_path
     x_int, x_cat, y, counts = reference_arrays()
     path = write_processed(tmp_path / "p.npz", x_int, layout(x_cat), y, counts, save)
     _, _, every = processed.read(path, 20, 7)
+    kept = []
+    read = processed._Array._read
+    monkeypatch.setattr(processed._Array, "_read", lambda self, count: kept.append((self.name, count))
+                        or read(self, count))
     labels, dense, sparse = processed.read(path, 20, 7, tables=[25, 3])
     np.testing.assert_array_equal(sparse, every[:, [25, 3]])
     assert sparse.shape == (20, 2) and sparse.T.flags.c_contiguous  # a table's column: one slice
+    held = sum(count for name, count in kept if name == "X_cat")
+    assert held == (2 * 20 if layout(x_cat).flags.f_contiguous else 26 * 20)  # row-major: interleaved
+    with pytest.raises(ValueError, match=r"tables must be distinct columns of X_cat's 26, got \[3, 3\]"):
+        processed.read(path, 20, 7, tables=[3, 3])  # the second was left unwritten
+
+
+@pytest.mark.parametrize("value", [1e20, 2.0 ** 63, -(2.0 ** 63) * 2, np.uint64(2 ** 63)], ids=str)
+def test_a_row_number_past_int64_is_refused_not_wrapped(tmp_path, value):
+    # 1e20 became row 6 of a table of 7 (int64's conversion gave -2**63).
+    x_int, x_cat, y, counts = reference_arrays()
+    x_cat = x_cat.astype(np.uint64 if isinstance(value, np.uint64) else np.float64)
+    x_cat[4, 9] = value
+    path = write_processed(tmp_path / "p.npz", x_int, x_cat, y, counts, np.savez)
+    with pytest.raises(processed.ProcessedFormatError, match=r"X_cat\[4, 9\] is .*, not a row number"):
+        processed.read(path, 20, 7)
 
 
 def test_bool_labels_as_the_reference_describes_them_are_read(tmp_path):
