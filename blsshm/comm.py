@@ -187,7 +187,8 @@ class Comm(_core.Core):
             if rank < 0:  # the segment says how many there are (checked once it is mapped)
                 raise BlsValueError(f"rank must be at least 0, got {rank}")
             if rank >= _core.MAX_RANKS:  # keeps C ints in range
-                raise BlsValueError(f"rank must be in [0, {_core.MAX_RANKS}), got {rank}")
+                raise BlsValueError(f"rank {rank} is past any communicator's last (sizes are at most "
+                                    f"{_core.MAX_RANKS})")
             spin_ns = int(1000 * spin_us)
             slice_ns = int(1e6 * liveness_ms())
             self = cls.__new__(cls)

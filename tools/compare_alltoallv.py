@@ -201,7 +201,7 @@ def make_plan(sizes, iters, warmup):
     for size in sizes:
         n = iters if size <= BIG_SIZE else min(iters, max(20, iters // 4))
         # At least one untimed call in every backend, so no first timed call sets up a connection.
-        w = max(1, warmup if warmup is not None else max(5, n // 10))
+        w = warmup if warmup is not None else max(5, n // 10)
         plan.append((size, w, n))
     return plan
 
@@ -858,7 +858,9 @@ def fmt_us(v):
 
 def fmt_ratio(v):
     """Three significant figures: blsshm / gloo is 0.002-0.02 at small sizes."""
-    return "-" if v is None else f"{v:#.3g}".rstrip(".")  # "#": 0.300, not 0.3
+    if v is None:
+        return "-"
+    return f"{v:.0f}" if v >= 999.5 else f"{v:#.3g}".rstrip(".")  # "#": 0.300, not 0.3
 
 
 def print_table(nprocs, plan, results, cores):
@@ -984,16 +986,16 @@ def parse_args(argv):
     if opts.mpi_worker:
         return opts
     if (min(opts.nprocs) < 1 or opts.iters < 1 or opts.rounds < 1
-            or (opts.warmup is not None and opts.warmup < 0)):
-        p.error("--nprocs, --iters and --rounds must be positive, --warmup not negative")
+            or (opts.warmup is not None and opts.warmup < 1)):
+        p.error("--nprocs, --iters, --rounds and --warmup must be positive")
     if not 0 < opts.timeout <= MAX_TIMEOUT_S:  # timers and waits take no infinity
         p.error(f"--timeout must be a positive number of seconds up to {MAX_TIMEOUT_S:g}, got {opts.timeout}")
     if opts.json is not None:
         folder = os.path.dirname(os.path.abspath(opts.json))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            p.error(f"--json {opts.json}: cannot write in {folder}")
         if os.path.isdir(opts.json) or (os.path.exists(opts.json) and not os.access(opts.json, os.W_OK)):
             p.error(f"--json {opts.json}: not a file this can write")  # else found after the whole run
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            p.error(f"--json {opts.json}: cannot write in {folder}")
     opts.nprocs = sorted(set(opts.nprocs))  # results are keyed by P: a repeat would overwrite
     opts.sizes = sorted(set(opts.sizes))
     opts.backends = [b for b in BACKENDS if b in opts.backends]
