@@ -221,6 +221,11 @@ COPY_POLICIES = {"cached": COPY_CACHED, "stream": COPY_STREAM, "auto": COPY_AUTO
 # Posts with fewer bytes for other ranks copy cached, untimed, and ask for
 # their record's lines ahead of the copy (bls_prefetch_for_write in _copy.h).
 cdef uint64_t STREAM_MIN_BYTES = 16 * 1024
+# Blocks up to this size for a receiver on our CPU are stored cached under
+# "stream" (see _shares_our_cpu): measured at 4 and 16 KiB.  Larger ones are
+# not assumed to stay in the caches (at 1 MiB per pair a core's blocks
+# outgrow its L2), so they stream as before.
+cdef uint64_t SHARED_CACHE_MAX_BYTES = 16 * 1024
 bls_copy_init()
 # Of the posts that choose, one in this many tries the strategy not in use,
 # so a change of the host's placement is noticed within that many posts.
@@ -1664,7 +1669,7 @@ cdef class Core:
         for q in range(self.size):
             n = <uint64_t>self.counts[q] * itemsize
             if q != self.rank:
-                if strategy == COPY_STREAM and not self._shares_our_cpu(q):
+                if strategy == COPY_STREAM and not (n <= SHARED_CACHE_MAX_BYTES and self._shares_our_cpu(q)):
                     bls_stream_copy(self._block_dst(q, t), p, n)
                     self.bytes_streamed += n
                 else:
