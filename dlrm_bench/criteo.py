@@ -59,16 +59,20 @@ def count_samples(path, limit=None):
                 break
             n += 1
             if len(line) > MAX_LINE:
-                cr = " (its lines end in a lone CR?)" if b"\r" in line and b"\n" not in line else ""
                 raise CriteoFormatError(f"line {n} is longer than {MAX_LINE} bytes: not the Criteo "
-                                        f"format{cr}")
+                                        f"format{_lone_cr_hint(line)}")
             if not line.strip(b"\r\n") and _only_blank_lines_follow(f):
                 return n - 1
             fields = line.count(b"\t") + 1
             if fields != NUM_FIELDS:
-                cr = " (its lines end in a lone CR?)" if b"\r" in line.rstrip(b"\r\n") else ""
-                raise CriteoFormatError(f"line {n}: {fields} tab-separated fields, expected {NUM_FIELDS}{cr}")
+                raise CriteoFormatError(f"line {n}: {fields} tab-separated fields, expected {NUM_FIELDS}"
+                                        f"{_lone_cr_hint(line)}")
     return n
+
+
+def _lone_cr_hint(line):
+    """What to add to a line's error when a CR falls inside it (a line end "\\n" would have ended it)."""
+    return " (its lines end in a lone CR?)" if b"\r" in line.rstrip(b"\r\n") else ""
 
 
 def _refuse_other_formats(head):

@@ -114,14 +114,15 @@ class _Array:
     def leading_rows(self, n, columns=None):
         """The first ``n`` rows (of ``columns`` only, if given; 1-D arrays: the first ``n`` values).
 
-        A 2-D result is column-major (a column's values contiguous): read so
-        from a column-major member, whose other columns are skipped unkept.
+        A 2-D result is in the member's order, except that ``columns`` of a
+        row-major member are made column-major (a column's values contiguous);
+        a column-major member's other columns are skipped unkept.
         """
         if len(self.shape) == 1:
             return self._read(n)
         if not self.fortran:  # row-major: the columns are interleaved, so all of them are read
-            rows = self._read(n * self.shape[1]).reshape(n, self.shape[1])
-            return rows if columns is None else np.asfortranarray(rows[:, columns])
+            values = self._read(n * self.shape[1]).reshape(n, self.shape[1])
+            return values if columns is None else np.asfortranarray(values[:, columns])
         columns = range(self.shape[1]) if columns is None else columns
         rows, cols = self.shape
         out = np.empty((len(columns), n), self.dtype)

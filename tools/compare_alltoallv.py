@@ -200,7 +200,6 @@ def make_plan(sizes, iters, warmup):
     plan = []
     for size in sizes:
         n = iters if size <= BIG_SIZE else min(iters, max(20, iters // 4))
-        # At least one untimed call in every backend, so no first timed call sets up a connection.
         w = warmup if warmup is not None else max(5, n // 10)
         plan.append((size, w, n))
     return plan
@@ -986,7 +985,7 @@ def parse_args(argv):
     if opts.mpi_worker:
         return opts
     if (min(opts.nprocs) < 1 or opts.iters < 1 or opts.rounds < 1
-            or (opts.warmup is not None and opts.warmup < 1)):
+            or (opts.warmup is not None and opts.warmup < 1)):  # else MPI's first timed call connects
         p.error("--nprocs, --iters, --rounds and --warmup must be positive")
     if not 0 < opts.timeout <= MAX_TIMEOUT_S:  # timers and waits take no infinity
         p.error(f"--timeout must be a positive number of seconds up to {MAX_TIMEOUT_S:g}, got {opts.timeout}")

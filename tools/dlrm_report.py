@@ -140,13 +140,12 @@ def main(argv=None):
     for round_ in range(opts.repeat):
         for model, nprocs, delays in configs:
             doc = run_one(model, nprocs, delays, opts)
-            if doc is None:
-                continue
-            r = ratios(doc, opts.lag)
-            docs.append({"model": model, "nprocs": nprocs, "delays": delays, "round": round_,
-                         "ratios": r, "run": doc})
-            if r is not None:
-                found[(model, nprocs, delays)].append(r)
+            if doc is not None:
+                r = ratios(doc, opts.lag)
+                docs.append({"model": model, "nprocs": nprocs, "delays": delays, "round": round_,
+                             "ratios": r, "run": doc})
+                if r is not None:
+                    found[(model, nprocs, delays)].append(r)
             if opts.json:  # after every run: a matrix stopped part-way keeps what it measured
                 _write_json(opts.json, docs)
     L = opts.lag
@@ -174,8 +173,6 @@ def main(argv=None):
             else:
                 cells.append(f"{values[0]:>{width}.2f}")
         print(line + " ".join(cells))
-    if opts.json:
-        _write_json(opts.json, docs)
     missing = [config for config in configs if not found[config]]
     if missing:
         print(f"no figures for {len(missing)} of {len(configs)} configurations (see the errors above)",
