@@ -70,3 +70,20 @@ def test_a_mask_the_user_set_is_kept():
         assert seen == {CPUS[1]}, f"rank {rank} saw ranks on CPUs {seen}"
         assert mask == {CPUS[1]}, f"rank {rank}'s mask became {mask}"
         assert moves == 0, f"rank {rank} moved {moves} times"
+
+
+def _shared_start(comm, cpu, mask, iterations):
+    _place(cpu, mask)
+    counts = [1] * comm.size
+    for _ in range(iterations):
+        comm.alltoallv(np.full(comm.size, comm.rank, np.int64), counts)
+    return comm.stats["cpu_moves"]
+
+
+@needs_two_cpus
+def test_no_rank_moves_while_the_ranks_do_not_outnumber_the_cpus():
+    # Both ranks start on one CPU of two: the other is idle and the kernel
+    # pulls one over by itself, so blsshm leaves them alone (on a big host a
+    # move would only fight the scheduler).
+    results = blsshm.spawn(_shared_start, 2, args=(CPUS[0], set(CPUS[:2]), 300), timeout=50)
+    assert results == [0, 0], f"ranks moved: {results}"
