@@ -39,24 +39,29 @@ def main():
                           args.delay_ms / 1e3, 0.0)
         cost = delays + args.compute_ms / 1e3  # what each rank spends per iteration
         rng = np.random.default_rng([args.seed, me])
+        # Iteration 0, untimed and empty, waits for every rank to start and
+        # attach, so the clock (and the wait counters) hold the run alone.
+        comm.alltoallv(np.empty(0, np.float32), [0] * P)
+        comm.reset_stats()
         start = time.perf_counter()
         for t in range(args.iters):
+            it = t + 1  # the communicator's iteration number
             busy_until = time.perf_counter() + args.compute_ms / 1e3
             while time.perf_counter() < busy_until:
                 pass
             if delays[t, me]:
                 time.sleep(delays[t, me])  # sleep(0) alone costs ~90 us on some VMs
             counts = rng.integers(0, 256, size=P)          # irregular, per iteration
-            comm.post(t, np.full(counts.sum(), t, np.float32), counts)
+            comm.post(it, np.full(counts.sum(), it, np.float32), counts)
             # Complete whatever has arrived; wait only when L iterations are
             # outstanding.  Holding peers' buffers no longer than needed is
             # what lets a fast rank post up to L + 1 iterations past a stalled one.
-            while comm.next_complete <= t and (t - comm.next_complete >= L
-                                               or comm.arrived(comm.next_complete)):
+            while comm.next_complete <= it and (it - comm.next_complete >= L
+                                                or comm.arrived(comm.next_complete)):
                 u = comm.next_complete
                 recv, _ = comm.complete(u)
                 assert (recv == u).all()
-        while comm.next_complete < args.iters:
+        while comm.next_complete <= args.iters:
             comm.complete(comm.next_complete)
         elapsed = time.perf_counter() - start
         if me == 0:
