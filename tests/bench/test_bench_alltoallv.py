@@ -11,8 +11,10 @@ call.  The multi-rank benchmarks (2 and 4 ranks; 4 oversubscribe a 2-core
 machine) time their iterations *inside* the ranks: each
 rank times every ``alltoallv`` with ``perf_counter_ns``, and ``extra_info``
 (in the JSON) holds the median and p99 over iterations of the per-iteration
-maximum over ranks, in µs; pytest-benchmark's own time for them is one whole
-``blsshm.spawn`` (process start included), not a latency.  Ratios against
+maximum over ranks, in µs, and each rank's ``cpu_moves`` and
+``futex_sleeps``; pytest-benchmark's own time for them is one whole
+``blsshm.spawn`` (process start included), not a latency: do not compare it
+across runs (``--benchmark-compare``) as one.  Ratios against
 gloo, Open MPI and the memcpy floor in P processes come from
 ``tools/compare_alltoallv.py``, which runs them side by side.
 """
@@ -62,11 +64,16 @@ def timed_alltoallv(comm, nbytes, iters):
         alltoallv(send, counts, out=out)
         ns[i] = clock() - t0
     assert (out.reshape(comm.size, nbytes) == np.arange(comm.size, dtype=np.uint8)[:, None]).all()
-    return ns
+    return ns, {key: comm.stats[key] for key in ("cpu_moves", "futex_sleeps")}
 
 
-def record_ranks(benchmark, per_rank_ns, nbytes):
-    """Put the in-rank figures (per-iteration max over ranks) into ``extra_info``."""
+def record_ranks(benchmark, results, nbytes):
+    """Put the in-rank figures (per-iteration max over ranks) into ``extra_info``.
+
+    Also each rank's placement counters: the oversubscribed figures depend
+    on how the ranks were spread over the cores.
+    """
+    per_rank_ns = [ns for ns, _ in results]
     worst = np.max(np.stack(per_rank_ns), axis=0) / 1e3
     nprocs = len(per_rank_ns)
     cores = len(os.sched_getaffinity(0))
@@ -75,16 +82,22 @@ def record_ranks(benchmark, per_rank_ns, nbytes):
         cores=cores, oversubscribed=nprocs > cores,
         median_us=float(np.median(worst)), p99_us=float(np.percentile(worst, 99)),
         rank_median_us=[float(np.median(ns)) / 1e3 for ns in per_rank_ns],
+        rank_stats=[stats for _, stats in results],
     )
 
 
-@pytest.mark.benchmark(group="alltoallv-1-rank")
+# pytest-benchmark warms up only on PyPy by default; a call's first runs
+# fault in the record's pages and the caches.
+WARMUP = dict(warmup=True, warmup_iterations=1000)
+
+
+@pytest.mark.benchmark(group="alltoallv-1-rank", **WARMUP)
 def test_alltoallv_1_rank_64b(benchmark, comm1):
     send, out = np.ones(64, np.uint8), np.empty(64, np.uint8)
     benchmark(comm1.alltoallv, send, [64], out=out)
 
 
-@pytest.mark.benchmark(group="alltoallv-1-rank")
+@pytest.mark.benchmark(group="alltoallv-1-rank", **WARMUP)
 def test_zero_copy_1_rank_64b(benchmark, comm1):
     benchmark(zero_copy_round, comm1, [64], np.empty(64, np.uint8))
 
@@ -96,13 +109,21 @@ def test_alltoallv_ranks(benchmark, nprocs, nbytes):
     """Blocking alltoallv across processes; 4 ranks oversubscribe a 2-core machine."""
     benchmark.group = f"alltoallv-{nprocs}-ranks"
     iters = ITERS if benchmark.enabled else SMOKE_ITERS
-    per_rank_ns = benchmark.pedantic(
+    results = benchmark.pedantic(
         blsshm.spawn, args=(timed_alltoallv, nprocs),
         kwargs=dict(args=(nbytes, iters), timeout=SPAWN_TIMEOUT_S), rounds=1, iterations=1)
-    record_ranks(benchmark, per_rank_ns, nbytes)
+    record_ranks(benchmark, results, nbytes)
 
 
-@pytest.mark.benchmark(group="floor")
+@pytest.mark.benchmark(group="1-mib-in-one-process", **WARMUP)
 def test_memcpy_1mib(benchmark):
+    """The floor for the next: a plain copy of 1 MiB."""
     src, dst = np.ones(1 << 20, np.uint8), np.empty(1 << 20, np.uint8)
     benchmark(np.copyto, dst, src)
+
+
+@pytest.mark.benchmark(group="1-mib-in-one-process", **WARMUP)
+def test_alltoallv_1_rank_1mib(benchmark, comm1):
+    """1 MiB through a one-rank alltoallv: one copy, as the floor, plus the call's overhead."""
+    send, out = np.ones(1 << 20, np.uint8), np.empty(1 << 20, np.uint8)
+    benchmark(comm1.alltoallv, send, [1 << 20], out=out)
