@@ -4,6 +4,10 @@ import sys
 
 received = []  # the signal that interrupted the run
 
+# In a background job of a script (`cmd &`) or under nohup, SIGINT starts out
+# ignored, and the ranks inherit that: a Ctrl-C passed on to them does nothing.
+SIGINT_IGNORED = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
 
 def _interrupt(signum, frame):
     """Ctrl-C, a scheduler's SIGTERM or a closed terminal's SIGHUP: unwind as KeyboardInterrupt.
@@ -27,12 +31,15 @@ def _interrupt_children():
     blsshm.spawn gives ranks that run its grace period to act on a Ctrl-C,
     which a terminal sends them too; told nothing, they would compute on
     until it ends.  (multiprocessing's helpers ignore SIGINT; mpirun passes
-    it on to its ranks.)
+    it on to its ranks.)  Ranks that ignore SIGINT (``SIGINT_IGNORED``) get
+    SIGTERM instead, which ends them at once: with a Ctrl-C they computed
+    on for the whole grace period (10 s), as long as ``docker stop`` waits.
     """
     from blsshm._proc import children_of
+    signum = signal.SIGTERM if SIGINT_IGNORED else signal.SIGINT
     for pid in children_of(os.getpid()):
         try:
-            os.kill(pid, signal.SIGINT)  # not reaped while we run: still our child
+            os.kill(pid, signum)  # not reaped while we run: still our child
         except ProcessLookupError:
             pass
 

@@ -18,6 +18,7 @@ import time
 
 import blsshm
 from blsshm._proc import die_with_parent, find_mpirun, mpirun_options, stop_process
+from blsshm._spawn import RemoteTraceback
 from dlrm_bench import worker
 from dlrm_bench.config import MPI_STALL_SLACK_S
 from dlrm_bench.sharding import make_plan
@@ -85,7 +86,9 @@ def run_mpi(cfg, label, bar):
         if proc.returncode != 0 or not all(os.path.exists(p) for p in paths):
             cause = _first_rank_error(tmp, cfg.nprocs)
             if cause is not None:
-                raise BackendError(f"mpirun exited with status {proc.returncode}: {cause}")
+                message, tb = cause
+                error = BackendError(f"mpirun exited with status {proc.returncode}: {message}")
+                raise error from (RemoteTraceback(tb) if tb else None)
             tail = "\n    ".join(output.strip().splitlines()[-8:])
             raise BackendError(f"mpirun exited with status {proc.returncode}:\n    {tail}")
         results = []
@@ -127,14 +130,22 @@ def _wait_watching(proc, heartbeat, timeout_s, bar):
 
 
 def _first_rank_error(tmp, nprocs):
-    """``rank R raised ...`` for the rank whose exception came first (the others' follow from it)."""
+    """``rank R raised ...`` and its traceback ("" if lost), of the rank whose exception came first.
+
+    The others' follow from it.
+    """
     errors = [(os.stat(path).st_mtime_ns, rank, path) for rank in range(nprocs)
               for path in [os.path.join(tmp, f"rank{rank}.err")] if os.path.exists(path)]
     if not errors:
         return None
     _, rank, path = min(errors)
     with open(path) as f:
-        return f"rank {rank} raised {f.read()}"
+        message = f"rank {rank} raised {f.read()}"
+    try:
+        with open(os.path.join(tmp, f"rank{rank}.tb")) as f:
+            return message, f.read()
+    except OSError:
+        return message, ""
 
 
 def run(cfg, label):

@@ -3,6 +3,7 @@ import sys
 
 import numpy as np
 
+from blsshm._spawn import RemoteTraceback
 from dlrm_bench import backends, report
 from dlrm_bench.config import UsageError, mpi_available, parse
 from dlrm_bench.sharding import make_plan
@@ -48,8 +49,11 @@ def main(argv=None):
         try:
             results = backends.run(run_cfg, label)
         except Exception as exc:  # one failed backend must not hide the others' figures
+            _print_rank_traceback(label, exc)
             if not args.compare:
                 print(f"dlrm_bench: {label} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                rows.append((label, f"failed: {type(exc).__name__}: {exc}"))
+                _write_failed_json(args.json, cfg, rows, label, [label])
                 return 1
             print(f"{label}: failed: {type(exc).__name__}: {exc}", flush=True)
             rows.append((label, f"failed: {type(exc).__name__}: {exc}"))
@@ -68,8 +72,7 @@ def main(argv=None):
     if main_label not in figures:
         # The other runs' figures are printed above; keep them in the JSON too.
         print(f"dlrm_bench: {main_label} produced no figures", file=sys.stderr)
-        if args.json and figures:
-            _write_json(args.json, cfg, {}, rows, {"run": main_label, "failed": failed})
+        _write_failed_json(args.json, cfg, rows, main_label, failed)
         return 1
     if args.compare:
         if main_label != "bls lag 0" and "bls lag 0" in figures:
@@ -115,6 +118,27 @@ def main(argv=None):
         print(f"dlrm_bench: could not write {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
     return status
+
+
+def _print_rank_traceback(label, exc):
+    """The traceback of the rank that failed, if it came with the exception: where the cause is."""
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback):
+        print(f"dlrm_bench: {label}: the failing rank's traceback:\n{str(cause).rstrip()}",
+              file=sys.stderr, flush=True)
+
+
+def _write_failed_json(path, cfg, rows, main_label, failed):
+    """A failed run's JSON: no figures of its own, and why; never a previous run's file left as if this one's.
+
+    The other runs' figures (of --compare) are in its ``runs``.
+    """
+    if not path:
+        return
+    try:
+        _write_json(path, cfg, {}, rows, {"run": main_label, "failed": failed})
+    except OSError as exc:
+        print(f"dlrm_bench: could not write {exc.filename}: {exc.strerror}", file=sys.stderr)
 
 
 def _write_json(path, cfg, main_fig, rows, extra):

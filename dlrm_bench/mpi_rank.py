@@ -2,13 +2,14 @@
 
 ``JOB`` is a pickle written by ``dlrm_bench.backends.run_mpi``; each rank
 writes its result beside it as ``rank<r>.pkl``, or the exception that ended it
-as ``rank<r>.err``, and rank 0 its progress to the file the job names (the
-parent draws the bar: mpirun has our stderr) and its heartbeat to another
-(the parent stops a run that stalls).
+as ``rank<r>.err`` (its traceback as ``rank<r>.tb``), and rank 0 its progress
+to the file the job names (the parent draws the bar: mpirun has our stderr)
+and its heartbeat to another (the parent stops a run that stalls).
 """
 import os
 import pickle
 import sys
+import traceback
 
 from blsshm._proc import die_with_parent
 from dlrm_bench.worker import mpi_rank
@@ -24,7 +25,9 @@ def main(job_path):
         result = mpi_rank(job["cfg"], job["label"], job["progress"], job["heartbeat"])
     except BaseException as exc:
         # mpirun's own report of the abort buries the cause: leave it for the parent.
-        with open(os.path.join(job["out"], f"rank{rank}.err"), "w") as f:
+        with open(os.path.join(job["out"], f"rank{rank}.tb"), "w") as f:
+            f.write(traceback.format_exc())
+        with open(os.path.join(job["out"], f"rank{rank}.err"), "w") as f:  # last: its time orders the ranks
             f.write(f"{type(exc).__name__}: {exc}")
         raise
     with open(os.path.join(job["out"], f"rank{rank}.pkl"), "wb") as f:

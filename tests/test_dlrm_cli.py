@@ -197,17 +197,28 @@ def test_timeout_bounds_the_run_and_not_a_slow_rank_setup(backend):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", ["bls", "gloo"])
-def test_a_timeout_names_the_batch_and_the_flag(backend):
+def test_a_timeout_names_the_batch_and_the_flag(backend, tmp_path):
     # It said "complete(23) timed out ..." (blsshm's count: barriers and warm-up
     # included) or gloo's "Timed out waiting 1000ms for send operation".
+    import json
     slow = ["--arch-embedding-size", "1000-1000", "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "13-4",
             "--arch-mlp-top", "1", "--mini-batch-size", "8", "--num-batches", "20", "--warmup-batches", "2",
             "--no-progress", "--timeout", "1", "--slow-rank", "1", "--slow-factor", "1e6"]
-    proc = subprocess.run([sys.executable, "-m", "dlrm_bench", *slow, "--backend", backend],
+    out = tmp_path / "run.json"
+    out.write_text('{"samples_per_s": 1e6, "failed": []}')  # a previous run's, which must not pass for this one's
+    proc = subprocess.run([sys.executable, "-m", "dlrm_bench", *slow, "--backend", backend, "--json", str(out)],
                           capture_output=True, text=True, timeout=100)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert re.search(r"failed: TimeoutError: in timed batch \d+ of 20, a wait took longer than --timeout 1 s: ",
                      proc.stderr), proc.stderr
+    # Where it happened: the rank's traceback (it printed only the message).
+    assert re.search(r"the failing rank's traceback:\nTraceback \(most recent call last\):\n(.*\n)*"
+                     r".*worker\.py", proc.stderr), proc.stderr
+    doc = json.loads(out.read_text())
+    label = "bls lag 4" if backend == "bls" else "gloo"  # lag 4 by default
+    assert doc["run"] == label and doc["failed"] == [label] and "samples_per_s" not in doc
+    assert [r["label"] for r in doc["runs"]] == [label]
+    assert doc["runs"][0]["error"].startswith("failed: TimeoutError: in timed batch ")
 
 
 def _run_on_a_terminal(cmd, signal_at_bar=None):

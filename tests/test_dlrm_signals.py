@@ -108,3 +108,27 @@ def test_a_killed_mpi_run_lets_mpirun_clean_up(tmp_path):
         assert [p.name.startswith("dlrm-bench-mpi-") for p in tmp_path.iterdir()] == [True]
     finally:
         _kill_all(proc)
+
+
+@pytest.mark.timeout(60)
+def test_a_termination_reaches_ranks_that_ignore_ctrl_c():
+    # In a script's background job (`cmd &`) or under nohup SIGINT starts out
+    # ignored, in the ranks too: a SIGTERM passed on to them as a Ctrl-C left
+    # them computing for the whole grace period (10 s, as long as docker stop waits).
+    code = """
+import signal, subprocess, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+import dlrm_bench.__main__ as main
+rank = subprocess.Popen([sys.executable, "-c", "import sys, time; print(flush=True); time.sleep(60)"],
+                        stdout=subprocess.PIPE)
+try:
+    rank.stdout.readline()  # it runs, with SIGINT ignored as inherited
+    main._interrupt_children()
+    print(rank.wait(timeout=20))
+finally:
+    rank.kill()
+    rank.wait()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(-signal.SIGTERM)]
