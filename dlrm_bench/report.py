@@ -5,12 +5,13 @@
 - iteration latency of a global batch: from the first rank starting it to
   the last rank emitting its predictions (at lag ``L`` this includes the
   ``L`` iterations a batch waits in the pipeline: lag buys throughput);
-- waiting share: time inside the collective (bls: waits in post and
-  complete, publishing and releasing) over the wall time, averaged over
-  ranks.  gloo's and MPI's collective also copies the blocks from the send
-  buffer to the receive buffer; bls, zero copy, has no such copy: its
-  lookup writes into the peers' mailboxes and its gather reads from them,
-  so that work counts as compute;
+- waiting share: time inside the collective's calls (bls: entering and
+  leaving post_views and complete_views, waits included, and arrived) over
+  the wall time, averaged over ranks.  gloo's and MPI's collective also
+  copies the blocks from the send buffer to the receive buffer; bls, zero
+  copy, has no such copy: its lookup writes the blocks straight into shared
+  memory (its record, or the receivers' mailboxes when every block fits
+  one, 80 B) and its gather reads them there, so that work counts as compute;
 - bounds, from each rank's own measured compute and injected delays per
   iteration, split where the exchange divides them (see :func:`lag_bound`):
   ideal bounded lag ``max_r sum_t work[r, t]``, what no schedule can beat;

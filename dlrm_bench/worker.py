@@ -75,9 +75,9 @@ class Record:
         self.drain_slow = 0.0  # a slow rank's sleep after the bls loop's drain (in slow[-1] too)
         self.phases = dict.fromkeys(("lookup", "bottom", "gather", "top"), 0.0)  # seconds in each step
         self.cpu = 0.0  # CPU seconds of this rank's thread while computing
-        # bls: seconds publishing and releasing (leaving post_views and
-        # complete_views), the exchange's part as gloo's start of the
-        # collective is; not compute, and added to its waits.
+        # bls: seconds inside the exchange's calls (entering and leaving
+        # post_views and complete_views, with their waits, and arrived), as
+        # gloo's and MPI's time inside their collective's calls; not compute.
         self.exchange = 0.0
 
     def as_dict(self):
@@ -296,9 +296,18 @@ class Rank:
         step_cpu = 0.0  # CPU seconds of the current step (timed runs only)
         done = 0  # iterations completed
 
+        def arrived(t):
+            if not timed:
+                return comm.arrived(t)
+            a = now()
+            yes = comm.arrived(t)
+            rec.exchange += now() - a
+            return yes
+
         def finish(j):
             nonlocal step_cpu
             self.at = (stage, j, len(batches))  # a wait here is for batch j's blocks
+            e0 = now()
             with comm.complete_views(base + j) as views:
                 c0, p0 = now(), cpu_now() if timed else 0.0
                 self.gather(views)
@@ -314,7 +323,7 @@ class Rank:
                 rec.after[j] += (c1 - c0) + (c2 - c1x)
                 rec.held[j] += c1 - c0
                 rec.finish[j] = c2
-                rec.exchange += c1x - c1
+                rec.exchange += (c0 - e0) + (c1x - c1)
                 rec.phases["gather"] += c1 - c0
                 rec.phases["top"] += c2 - c1x
             progress.update(j + 1)
@@ -327,6 +336,7 @@ class Rank:
                 injected = self.injected_delay(i)
                 rec.delay[i] += injected
                 rec.before[i] += injected
+            e0 = now()
             with comm.post_views(base + i, self.send_counts, np.float32) as views:
                 c0, p0 = now(), cpu_now() if timed else 0.0
                 self.lookup(batch, self.outgoing(views))
@@ -341,10 +351,10 @@ class Rank:
                 rec.compute[i] += (c1 - c0) + (c2 - c1x)
                 rec.before[i] += c1 - c0
                 rec.between[i] += c2 - c1x
-                rec.exchange += c1x - c1
+                rec.exchange += (c0 - e0) + (c1x - c1)
                 rec.phases["lookup"] += c1 - c0
                 rec.phases["bottom"] += c2 - c1x
-            while done <= i and (i - done >= L or (eager and comm.arrived(base + done))):
+            while done <= i and (i - done >= L or (eager and arrived(base + done))):
                 finish(done)
                 done += 1
             if timed and self.slow:
@@ -474,9 +484,8 @@ def bls_rank(comm, cfg, label, progress_relay=None):
         preds = r.run_bls(comm, list(range(n)), rec, progress)
     end = now()
     stats = comm.stats
-    # As gloo's and MPI's time in their collective's calls: waits, publishing and releasing.
-    wait_s = stats["post_wait_s"] + stats["complete_wait_s"] + rec.exchange
-    return r.result(preds, rec, begin, end, wait_s, futex_sleeps=stats["futex_sleeps"])
+    # rec.exchange: as gloo's and MPI's time inside their collective's calls.
+    return r.result(preds, rec, begin, end, rec.exchange, futex_sleeps=stats["futex_sleeps"])
 
 
 def sync_rank(r, start_exchange, barrier, label, progress_relay=None, draw=True, heartbeat=None):
