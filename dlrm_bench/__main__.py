@@ -4,8 +4,9 @@ import sys
 
 received = []  # the signal that interrupted the run
 
-# In a background job of a script (`cmd &`) or under nohup, SIGINT starts out
-# ignored, and the ranks inherit that: a Ctrl-C passed on to them does nothing.
+# In a background job of a non-interactive shell (`cmd &` or `nohup cmd &` in a
+# script), SIGINT starts out ignored, and the ranks inherit that: a Ctrl-C
+# passed on to them does nothing.
 SIGINT_IGNORED = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 

@@ -1,4 +1,5 @@
 """``python -m dlrm_bench``: run, compare, verify and report."""
+import os
 import sys
 
 import numpy as np
@@ -40,6 +41,7 @@ def main(argv=None):
               f"given the blocks of one up to {cfg.lag + 1} before it may go unnoticed; "
               f"--data-size {(cfg.lag + 2) * cfg.batch_size} or more makes that visible",
               file=sys.stderr, flush=True)
+    _empty_previous_outputs(args)
     runs = planned_runs(cfg, args.compare)
     if args.compare and mpi_available() is not None:
         print(f"  (mpi skipped: {mpi_available()})")
@@ -118,6 +120,24 @@ def main(argv=None):
         print(f"dlrm_bench: could not write {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
     return status
+
+
+def _empty_previous_outputs(args):
+    """Empty the files a previous run left at --json and --save-predictions.
+
+    A run that fails or is interrupted must not leave their figures there
+    as if they were its own.  Regular files only (a pipe or a terminal has
+    nothing to empty); checked writable already (config).  A failed run
+    then writes its JSON (see ``_write_failed_json``); an interrupted one
+    leaves the files empty.
+    """
+    for path in (args.json, args.save_predictions):
+        if path is not None and os.path.isfile(path) and os.path.getsize(path) > 0:
+            try:
+                with open(path, "r+b") as f:
+                    f.truncate()
+            except OSError:  # said when the run's own figures cannot be written
+                pass
 
 
 def _print_rank_traceback(label, exc):

@@ -160,6 +160,23 @@ def test_verify_says_when_too_few_distinct_batches_hide_an_iteration_mix_up(caps
     assert (note in err) == noted and ("--verify sees" in err) == noted
 
 
+def test_an_interrupted_run_leaves_no_previous_figures_behind(tmp_path, monkeypatch):
+    # A previous run's --json and --save-predictions stayed as they were,
+    # with figures this run never made.
+    from dlrm_bench import backends, cli
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(backends, "run", interrupted)
+    out, preds = tmp_path / "run.json", tmp_path / "preds.npy"
+    out.write_text('{"samples_per_s": 1e6, "failed": []}')
+    preds.write_bytes(b"previous predictions")
+    flags = [f for f in TINY if f != "--compare"]
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(flags + ["--json", str(out), "--save-predictions", str(preds)])
+    assert out.read_bytes() == b"" and preds.read_bytes() == b""
+
+
 TINY = ["--arch-embedding-size", "100-100", "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "13-4",
         "--arch-mlp-top", "1", "--mini-batch-size", "8", "--num-batches", "4", "--warmup-batches", "1",
         "--no-progress", "--compare"]

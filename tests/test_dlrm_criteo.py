@@ -8,12 +8,15 @@ categoricals ``int(h, 16) % max_ind_range``, empty fields 0.
 import gzip
 import io
 import re
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
 import pytest
 
 from dlrm_bench import backends, cli, config, criteo, report, verify
+from dlrm_bench.config import mpi_available
 from dlrm_cli_check import assert_rejected
 
 M = 50  # --max-ind-range
@@ -240,6 +243,30 @@ def dataset_flags(path):
             "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "13-4", "--mini-batch-size", "5",
             "--nprocs", "2", "--lag", "1", "--warmup-batches", "0", "--num-batches", "100",
             "--timeout", "60", "--no-progress"]
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("backend", ["bls", "gloo", "mpi"])
+def test_a_bad_field_found_by_a_rank_is_shown_with_the_rank_traceback(tmp_path, backend):
+    # Only the rank that parses the line finds it, after every rank started;
+    # the run printed its message alone, with no file or line of code.
+    if backend == "mpi" and mpi_available() is not None:
+        pytest.skip(mpi_available())
+    lines = sample_lines()
+    path = write_criteo(tmp_path / "train.txt", lines)
+    text = path.read_text().splitlines(True)
+    fields = text[7].split("\t")
+    fields[20] = "zz12"
+    text[7] = "\t".join(fields)
+    path.write_text("".join(text))
+    flags = dataset_flags(path)
+    del flags[flags.index("--lag"):flags.index("--lag") + 2]  # bls only
+    proc = subprocess.run([sys.executable, "-m", "dlrm_bench", *flags, "--backend", backend],
+                          capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "line 8: categorical feature C7 (field 21) 'zz12' is not hexadecimal" in proc.stderr, proc.stderr
+    assert re.search(r"the failing rank's traceback:\nTraceback \(most recent call last\):\n(.*\n)*"
+                     r'.*criteo\.py", line \d+, in read\n', proc.stderr), proc.stderr
 
 
 def test_dataset_config_uses_whole_batches(criteo_file):

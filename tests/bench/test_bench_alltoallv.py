@@ -50,13 +50,17 @@ def zero_copy_round(comm, counts, out):
 
 
 def timed_alltoallv(comm, nbytes, iters):
-    """In each rank: ``iters`` timed blocking alltoallv calls after a tenth as many warm-ups (ns)."""
+    """In each rank: ``iters`` timed blocking alltoallv calls after a tenth as many warm-ups.
+
+    Returns their times (ns) and the rank's placement counters over them.
+    """
     send = np.full(comm.size * nbytes, comm.rank, np.uint8)
     out = np.empty_like(send)
     counts = [nbytes] * comm.size
     alltoallv = comm.alltoallv
     for _ in range(max(10, iters // 10)):
         alltoallv(send, counts, out=out)
+    comm.reset_stats()
     ns = np.empty(iters, np.int64)
     clock = time.perf_counter_ns
     for i in range(iters):
@@ -87,7 +91,8 @@ def record_ranks(benchmark, results, nbytes):
 
 
 # pytest-benchmark warms up only on PyPy by default; a call's first runs
-# fault in the record's pages and the caches.
+# fault in the record's pages and the caches.  (A marker's options override
+# the command line's --benchmark-warmup for these.)
 WARMUP = dict(warmup=True, warmup_iterations=1000)
 
 
