@@ -911,16 +911,12 @@ cdef class Core:
         against 8.7 us spread 2 + 2 (``python tools/spread.py --crowd --stay``
         and ``--runs 16``).  So at most
         once per SPREAD_CHECK_NS a waiting rank counts our ranks on each CPU
-        it may use, from their hints.  Only if they outnumber those CPUs
-        (else some CPU is free of our ranks, and an idle CPU pulls work at
-        once: a move would only fight the kernel, e.g. on a big host where
-        the emptiest CPU may be busy with other work) and its CPU holds at
-        least 2 more than the emptiest one, the highest rank there (one mover
-        per CPU, chosen alike by all from the same hints) moves to the
-        emptiest, and then leaves the kernel alone for SPREAD_SETTLE_NS.
-        Hints are refreshed only when ranks wait, so one may be stale: the
-        cost of a wrong move is one migration, and the kernel may move the
-        rank back.
+        it may use, from their hints.  If its CPU holds at least 2 more than
+        the emptiest one, the highest rank there (one mover per CPU, chosen
+        alike by all from the same hints) moves to the emptiest, and then
+        leaves the kernel alone for SPREAD_SETTLE_NS.  Hints are refreshed
+        only when ranks wait, so one may be stale: the cost of a wrong move
+        is one migration, and the kernel may move the rank back.
         """
         if self.size < 2 or cpu == 0 or now < self.next_spread_ns:
             return cpu
@@ -931,7 +927,6 @@ cdef class Core:
         memset(self.spread_count, 0, ncpus * sizeof(int))
         cdef int here = -1   # our CPU's index in spread_cpus
         cdef int mover = -1  # the highest rank on our CPU
-        cdef int counted = 0  # our ranks on the CPUs we may use
         cdef int q, i, lo, hi, mid
         cdef uint32_t hint
         for q in range(self.size):
@@ -947,10 +942,9 @@ cdef class Core:
                     hi = mid
             if lo < ncpus and self.spread_cpus[lo] == <int>hint - 1:
                 self.spread_count[lo] += 1
-                counted += 1
                 if hint == cpu:
                     here, mover = lo, q
-        if here < 0 or mover != self.rank or counted <= ncpus:
+        if here < 0 or mover != self.rank:
             return cpu
         cdef int emptiest = 0
         for i in range(1, ncpus):
