@@ -5,8 +5,9 @@
  * (3 on one CPU, 1 on the other) for seconds, because ranks that wait by
  * spinning or yielding keep every CPU busy and a busy CPU balances only
  * rarely; even 2 ranks started on one CPU of 2 stayed there for thousands of
- * iterations while the other was idle.  Core._spread_out detects that from the ranks' CPU hints and moves
- * one rank (see there).  A move pins the calling thread (the one using the
+ * iterations while the other was idle.  Core._spread_out detects that from
+ * the ranks' CPU hints and moves one rank (see there).  A move pins the
+ * calling thread (the one using the
  * communicator) to the new CPU and then restores its own affinity mask: a
  * running thread is not migrated off an allowed CPU when its mask widens, so
  * it stays there, and the kernel stays free to move it later; a mask the

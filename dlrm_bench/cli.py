@@ -149,7 +149,7 @@ def _print_rank_traceback(label, exc):
 
 
 def _write_failed_json(path, cfg, rows, main_label, failed):
-    """A failed run's JSON: no figures of its own, and why; never a previous run's file left as if this one's.
+    """Write a failed run's JSON: no figures of its own, and why.
 
     The other runs' figures (of --compare) are in its ``runs``.
     """

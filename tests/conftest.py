@@ -1,9 +1,20 @@
 """Every test leaves nothing behind: no /dev/shm segment of ours or our peers', no child process."""
 import os
+import signal
 import time
 import uuid
 
 import pytest
+
+# Run as a background job of a non-interactive shell (`python -m pytest &` in
+# a script, some CI runners), pytest starts with SIGINT and SIGQUIT ignored,
+# and every process it starts inherits that: the tests of Ctrl-C and of
+# signals passed on then failed (17 of them).  A handler, unlike SIG_IGN, is
+# reset to the default in an exec'd child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 # In the environment of every process the tests start (children inherit it,
 # mpirun passes it on to its ranks): what tells our processes from those of
