@@ -52,13 +52,13 @@ def main(argv=None):
             results = backends.run(run_cfg, label)
         except Exception as exc:  # one failed backend must not hide the others' figures
             _print_rank_traceback(label, exc)
+            why = f"failed: {type(exc).__name__}: {exc}"
+            rows.append((label, why))
             if not args.compare:
-                print(f"dlrm_bench: {label} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-                rows.append((label, f"failed: {type(exc).__name__}: {exc}"))
+                print(f"dlrm_bench: {label} {why}", file=sys.stderr)
                 _write_failed_json(args.json, cfg, rows, label, [label])
                 return 1
-            print(f"{label}: failed: {type(exc).__name__}: {exc}", flush=True)
-            rows.append((label, f"failed: {type(exc).__name__}: {exc}"))
+            print(f"{label}: {why}", flush=True)
             continue
         fig = report.summarize(results, run_cfg)
         report.print_run(label, fig, run_cfg.lag if run_cfg.backend == "bls" else 0)

@@ -160,6 +160,9 @@ def test_verify_says_when_too_few_distinct_batches_hide_an_iteration_mix_up(caps
     assert (note in err) == noted and ("--verify sees" in err) == noted
 
 
+PREVIOUS_RUN_JSON = '{"samples_per_s": 1e6, "failed": []}'  # what a successful earlier run left
+
+
 def test_an_interrupted_run_leaves_no_previous_figures_behind(tmp_path, monkeypatch):
     # A previous run's --json and --save-predictions stayed as they were,
     # with figures this run never made.
@@ -169,7 +172,7 @@ def test_an_interrupted_run_leaves_no_previous_figures_behind(tmp_path, monkeypa
         raise KeyboardInterrupt
     monkeypatch.setattr(backends, "run", interrupted)
     out, preds = tmp_path / "run.json", tmp_path / "preds.npy"
-    out.write_text('{"samples_per_s": 1e6, "failed": []}')
+    out.write_text(PREVIOUS_RUN_JSON)
     preds.write_bytes(b"previous predictions")
     flags = [f for f in TINY if f != "--compare"]
     with pytest.raises(KeyboardInterrupt):
@@ -222,7 +225,7 @@ def test_a_timeout_names_the_batch_and_the_flag(backend, tmp_path):
             "--arch-mlp-top", "1", "--mini-batch-size", "8", "--num-batches", "20", "--warmup-batches", "2",
             "--no-progress", "--timeout", "1", "--slow-rank", "1", "--slow-factor", "1e6"]
     out = tmp_path / "run.json"
-    out.write_text('{"samples_per_s": 1e6, "failed": []}')  # a previous run's, which must not pass for this one's
+    out.write_text(PREVIOUS_RUN_JSON)  # must not pass for this run's
     proc = subprocess.run([sys.executable, "-m", "dlrm_bench", *slow, "--backend", backend, "--json", str(out)],
                           capture_output=True, text=True, timeout=100)
     assert proc.returncode == 1, proc.stdout + proc.stderr

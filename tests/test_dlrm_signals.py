@@ -113,8 +113,9 @@ def test_a_killed_mpi_run_lets_mpirun_clean_up(tmp_path):
 @pytest.mark.timeout(60)
 def test_a_termination_reaches_ranks_that_ignore_ctrl_c():
     # In a background job of a non-interactive shell (`cmd &` in a script)
-    # SIGINT starts out ignored, in the ranks too: a SIGTERM passed on to them as a Ctrl-C left
-    # them computing for the whole grace period (10 s, as long as docker stop waits).
+    # SIGINT starts out ignored, in the ranks too: a SIGTERM passed on to
+    # them as a Ctrl-C left them computing for the whole grace period (10 s,
+    # as long as docker stop waits).
     code = """
 import signal, subprocess, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
