@@ -330,7 +330,7 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout, clock=time.mo
     """Wait for every rank; after the first failure give the others ``grace`` s.
 
     Ranks still running then get SIGTERM (their handlers may save work, as
-    under torchrun), and TERM_WAIT_S later the caller kills what is left.
+    under torchrun), and TERM_WAIT_S later what is left is killed.
     After the first signal passed on to the ranks (``signals_seen``, which
     the handler fills) they get ``stop_timeout`` s, then SIGKILL: the signal
     was their chance to stop.  Not after SIGQUIT: a core dump takes as long
@@ -343,9 +343,9 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout, clock=time.mo
     A rank stopped for using the terminal (outside its foreground group, a
     read stops it, and a write under ``stty tostop``) would wait forever for
     a ``fg`` that cannot come: it is killed, and named.  Returns each rank's
-    exit status (None for one still running at the end), the ranks that
-    failed in the order seen, and those the launcher itself signalled after
-    the grace period (they failed because another did).  Its deadlines are
+    exit status, the ranks that failed in the order seen, and those the
+    launcher itself signalled after the grace period (they failed because
+    another did).  Its deadlines are
     kept by ``clock``, which leaves out the time the run was stopped (Ctrl-Z).
     """
     deadline = None
@@ -371,7 +371,12 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout, clock=time.mo
                 if c != 0:
                     failed_order.append(r)
                 # Does nothing for a rank that attached: its peers watch it.
-                _core.abort_unattached(observer, r, f"it exited ({describe_exit(c)}) without attaching")
+                if r in cut_short:  # its peers' error should name the cause, not this rank
+                    why = (f"the launcher stopped it ({describe_exit(c)}) before it attached, "
+                           f"after rank {failed_order[0]} failed")
+                else:
+                    why = f"it exited ({describe_exit(c)}) without attaching"
+                _core.abort_unattached(observer, r, why)
         if deadline is None and any(c not in (None, 0) and not _stopping_as_asked(c, signals_seen)
                                     for c in codes):
             deadline = clock() + grace
@@ -390,7 +395,10 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout, clock=time.mo
             if terminated:
                 print(f"python -m blsshm.run: rank(s) {running} still running {TERM_WAIT_S:g} s after "
                       f"SIGTERM; killing them", file=sys.stderr)
-                break
+                # Waited for like the others, so the report gives their status.
+                _signal_groups([procs[r] for r in running], signal.SIGKILL)
+                deadline = float("inf")
+                continue
             print(f"python -m blsshm.run: rank(s) {running} still running {grace:g} s after the first "
                   f"failure; sending SIGTERM", file=sys.stderr)
             _signal_groups([procs[r] for r in running], signal.SIGTERM)
@@ -435,7 +443,7 @@ def _report(codes, observer, failed_order, cut_short):
         rank, kind, lost_rank, _ = abort
         suspect = lost_rank if kind == "peer_lost" else rank
         print(f"python -m blsshm.run: {_core.describe_abort(abort)}", file=sys.stderr)
-        if suspect in failed:
+        if suspect in failed and suspect not in cut_short:  # not a rank stopped because another failed
             culprit = suspect
     for r in failed:
         after = ", from the launcher after the grace period" if r in cut_short and codes[r] < 0 else ""

@@ -63,6 +63,38 @@ def test_launcher_reports_the_failing_rank_and_stops_the_others(tmp_path):
         assert f"[rank {r}] blsshm.errors.CommAborted: communicator aborted by rank 1" in res.stderr, res.stderr
 
 
+def test_launcher_blames_the_rank_that_failed_not_one_it_stopped_before_it_attached(tmp_path):
+    # Rank 1 still starts up (before init) when rank 0 fails: the launcher
+    # stops it after the grace period and aborts the communicator for it.
+    # That abort named rank 1 as lost, and the run's status was its SIGTERM.
+    script = (
+        "import os, time, blsshm\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    comm = blsshm.init(); raise SystemExit('rank 0: bad config')\n"
+        "time.sleep(60); blsshm.init()\n")
+    res = _launch(tmp_path, "-n", "2", "--grace", "0.5", script=script)
+    assert res.returncode == 1, res.stderr
+    assert "rank 1 was lost: the launcher stopped it (signal SIGTERM) before it attached, " \
+           "after rank 0 failed" in res.stderr
+    assert "rank 0 failed (exit code 1)" in res.stderr
+
+
+def test_launcher_reports_a_rank_it_had_to_kill_after_sigterm(tmp_path):
+    # Rank 0 ignores SIGTERM: killed TERM_WAIT_S later, it went unreported.
+    script = (
+        "import os, signal, time, blsshm\n"
+        "comm = blsshm.init()\n"
+        "if comm.rank == 1:\n"
+        "    raise SystemExit(5)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "time.sleep(60)\n")
+    res = _launch(tmp_path, "-n", "2", "--grace", "0.2", script=script)
+    assert res.returncode == 5, res.stderr
+    assert "rank(s) [0] still running 2 s after SIGTERM; killing them" in res.stderr
+    assert "rank 0 failed (signal SIGKILL, from the launcher after the grace period)" in res.stderr
+    assert "rank 1 failed (exit code 5)" in res.stderr
+
+
 def test_launcher_rejects_bad_arguments(tmp_path):
     res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "0", "x.py"],
                          capture_output=True, text=True, timeout=30)
