@@ -28,6 +28,9 @@ from blsshm.errors import BlsError, BlsTypeError, BlsValueError
 PREFIX = "/blsshm-"
 NAME = re.compile(re.escape(PREFIX) + "[0-9a-f]{32}")  # what create() makes: checked before the kernel sees it
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory: name /x is file /dev/shm/x
+#: Random names tried before create() gives up: 128 bits each, so a second
+#: is needed only if someone makes segments of our names on purpose.
+NAME_ATTEMPTS = 3
 UNLINKED = b"unlinked"  # what the creator tells its reaper once the name is gone
 # What shm_open may raise besides a missing name: no inode or descriptor left,
 # EACCES (another user's segment is mode 0600: posix_ipc.PermissionsError), EROFS.
@@ -88,21 +91,31 @@ def create(size, lag, arena_bytes, reaped=False):
     """
     lay = _core.layout(size, lag, arena_bytes)
     nbytes = lay["segment_bytes"]
-    name = PREFIX + secrets.token_hex(16)
-    try:
-        if reaped:
-            _start_reaper(name)
-        _create(name, size, lag, arena_bytes, nbytes)
-    except BaseException as exc:
-        unlink(name)  # stops the reaper
-        if isinstance(exc, _SHM_ERRORS):
-            raise BlsError(f"cannot create a segment in {SHM_DIR} for {size} ranks: {exc}") from exc
-        raise
-    return name
+    for _ in range(NAME_ATTEMPTS):
+        name = PREFIX + secrets.token_hex(16)
+        try:
+            if reaped:
+                _start_reaper(name)
+            if _create(name, size, lag, arena_bytes, nbytes):
+                return name
+        except BaseException as exc:
+            unlink(name)  # stops the reaper
+            if isinstance(exc, _SHM_ERRORS):
+                raise BlsError(f"cannot create a segment in {SHM_DIR} for {size} ranks: {exc}") from exc
+            raise
+        # The name is another communicator's segment: not ours to unlink.
+        if name in _reapers:
+            _stop_reaper(name)
+    raise BlsError(f"cannot create a segment in {SHM_DIR} for {size} ranks: "
+                   f"{NAME_ATTEMPTS} random names in a row were taken")
 
 
 def _create(name, size, lag, arena_bytes, nbytes):
-    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
+    """Create, size and initialise the segment ``name``; False if the name is taken."""
+    try:
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
+    except posix_ipc.ExistentialError:
+        return False
     try:
         try:
             os.posix_fallocate(shm.fd, 0, nbytes)
@@ -117,6 +130,7 @@ def _create(name, size, lag, arena_bytes, nbytes):
             _core.initialize(segment, size, lag, arena_bytes)
     finally:
         shm.close_fd()
+    return True
 
 
 def _start_reaper(name):

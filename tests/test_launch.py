@@ -1194,6 +1194,27 @@ def test_a_creator_that_cannot_start_a_reaper_goes_without(monkeypatch):
     assert not os.path.exists("/dev/shm" + name)
 
 
+@pytest.mark.parametrize("reaped", [False, True], ids=["unreaped", "reaped"])
+def test_a_segment_name_already_taken_is_left_alone_and_another_is_drawn(monkeypatch, reaped):
+    # O_EXCL refused the name, and create() then unlinked it: another
+    # communicator's segment, whose ranks could no longer attach.
+    from blsshm import segment
+    theirs = segment.create(2, 0, 4096)
+    try:
+        drawn = iter([theirs[len(segment.PREFIX):], "ab" * 16])
+        monkeypatch.setattr(segment.secrets, "token_hex", lambda _n: next(drawn))
+        ours = segment.create(2, 0, 4096, reaped=reaped)
+        assert ours == segment.PREFIX + "ab" * 16 and theirs not in segment._reapers
+        segment.unlink(ours)
+        assert os.path.exists("/dev/shm" + theirs)
+        monkeypatch.setattr(segment.secrets, "token_hex", lambda _n: theirs[len(segment.PREFIX):])
+        with pytest.raises(BlsError, match="3 random names in a row were taken"):
+            segment.create(2, 0, 4096, reaped=reaped)
+        assert os.path.exists("/dev/shm" + theirs) and theirs not in segment._reapers
+    finally:
+        segment.unlink(theirs)
+
+
 def test_a_reaped_segment_unlinked_by_its_creator_stops_its_reaper():
     from blsshm import segment
     name = segment.create(2, 0, 4096, reaped=True)
