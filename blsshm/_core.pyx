@@ -46,7 +46,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from blsshm._arrays import as_array, tensor_as_array, to_torch
+from blsshm._arrays import as_array, mark_written, tensor_as_array, to_torch
 from blsshm.errors import (
     ArenaFullError, BlsError, BlsTimeoutError, BlsTypeError, BlsValueError,
     CommAborted, PeerLostError,
@@ -1573,6 +1573,9 @@ cdef class Core:
         return self.last_dtype_str
 
     cdef object _check_dtype(self, cnp.dtype dtype):
+        if dtype.kind == "T":  # numpy's StringDType: hasobject too, though it holds no objects
+            raise BlsTypeError(f"dtype {dtype} holds strings of varying width; only fixed-size data "
+                               f"can be sent (a fixed-width 'U' or 'S' dtype can)")
         if dtype.hasobject:
             raise BlsTypeError(f"dtype {dtype} holds Python objects; only fixed-size data can be sent")
         if dtype.itemsize == 0:
@@ -1941,7 +1944,9 @@ cdef class Core:
             raise BlsTypeError(f"out must be a numpy array or a CPU torch tensor, got {type(out).__name__}")
         cdef cnp.ndarray recv = out
         if not cnp.PyArray_IS_C_CONTIGUOUS(recv) or not cnp.PyArray_ISWRITEABLE(recv):
-            raise BlsValueError("out must be C-contiguous and writable")
+            if not cnp.PyArray_ISWRITEABLE(recv):
+                raise BlsValueError("out is read-only; give a writable array")
+            raise BlsValueError("out must be C-contiguous: blsshm fills it in one piece, not through strides")
         if (<cnp.dtype>cnp.PyArray_DESCR(recv) is not dtype
                 and not cnp.PyArray_EquivTypes(<cnp.dtype>cnp.PyArray_DESCR(recv), dtype)):
             raise BlsTypeError(f"out has dtype {recv.dtype}, the data is {dtype}")
@@ -2276,14 +2281,17 @@ cdef class Core:
             timeout = self._timeout_arg(timeout)
             it = _iteration(t)
             torch_recv = self.slot_torch[self._slot(it)]
+            given_out = out
             if out is not None:
                 torch_recv = False
                 if not cnp.PyArray_CheckExact(out):
-                    out, torch_recv = as_array(out, "out")
+                    out, torch_recv = as_array(out, "out", written=True)
             result = self._complete(it, out, timeout, &deadline_ns)
         finally:
             self._leave()
         if torch_recv:
+            if given_out is not None:
+                mark_written(given_out)
             return to_torch(result[0]), result[1]
         return result
 
@@ -2324,10 +2332,11 @@ cdef class Core:
         if not cnp.PyArray_CheckExact(send):
             send, was_torch = as_array(send, "send")
         cdef bint torch_recv = was_torch  # as complete(): out's kind if given, else send's
+        given_out = out
         if out is not None:
             torch_recv = False
             if not cnp.PyArray_CheckExact(out):
-                out, torch_recv = as_array(out, "out")
+                out, torch_recv = as_array(out, "out", written=True)
             self._check_out(out, <cnp.dtype>cnp.PyArray_DESCR(<cnp.ndarray>send))  # before publishing
         # Our own block goes from send to out directly, unless out overlaps
         # send (the blocks gathered before it would overwrite it).
@@ -2341,6 +2350,8 @@ cdef class Core:
             # posted and a later complete(t) reads our block from the record.
             self._place_deferred_own()
         if torch_recv:
+            if given_out is not None:
+                mark_written(given_out)
             return to_torch(result[0]), result[1]
         return result
 

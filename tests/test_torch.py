@@ -49,7 +49,7 @@ def test_tensor_input_is_not_copied():
 
 def test_unsupported_tensors_are_named():
     with blsshm.Comm.create(1) as comm:
-        with pytest.raises(blsshm.BlsTypeError, match="bfloat16"):
+        with pytest.raises(blsshm.BlsTypeError, match=r"bfloat16.*x\.view\(torch\.int16\)"):
             comm.alltoallv(torch.zeros(2, dtype=torch.bfloat16), [2])
         with pytest.raises(blsshm.BlsValueError, match=r"contiguous \(call \.contiguous\(\) on the tensor\)"):
             comm.alltoallv(torch.zeros(4, 4).t(), [16])
@@ -82,6 +82,59 @@ def test_tensors_with_a_lazy_conjugate_or_negation_are_named():
                 comm.alltoallv(lazy, [2])
         recv, _ = comm.alltoallv(z.conj().resolve_conj(), [2])  # resolved, it goes through
         assert recv.tolist() == [1 - 2j, 3 + 4j]
+
+
+def test_a_lazy_out_is_refused_without_advice_that_would_fill_a_copy():
+    # Torch's advice, resolve_neg(), makes a copy: what arrived would not be in out.
+    with blsshm.Comm.create(1) as comm:
+        with pytest.raises(blsshm.BlsTypeError, match="out has its lazy conjugate or negative bit set"):
+            comm.alltoallv(torch.ones(2), [2], out=torch._neg_view(torch.zeros(2)))
+        assert comm.alltoallv(torch.ones(2), [2], out=torch.zeros(2))[0].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_nested_tensors_are_named():
+    # Torch's own error was "Internal error: NestedTensorImpl doesn't support sizes".
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    with blsshm.Comm.create(1) as comm:
+        with pytest.raises(blsshm.BlsTypeError, match=r"send is a nested tensor.*\.values\(\)"):
+            comm.alltoallv(nested, [5])
+        assert comm.next_post == 0
+
+
+def _write_out_under_autograd(comm):
+    w = torch.ones(3, requires_grad=True)
+    b = torch.ones(3)
+    y = (w * b).sum()  # backward needs b as it was
+    comm.alltoallv(torch.full((3,), 5.0), [3], out=b)
+    try:
+        y.backward()
+    except RuntimeError as exc:
+        return b._version, str(exc)
+    return b._version, f"gradient {w.grad.tolist()}"
+
+
+def test_an_out_tensor_is_written_as_torch_writes_in_place():
+    # Written through a numpy view, out kept its version: backward then used
+    # what arrived as if it were what b held, and gave a wrong gradient.
+    with blsshm.Comm.create(1) as comm:
+        version, what = _write_out_under_autograd(comm)
+        assert version == 1 and "modified by an inplace operation" in what, what
+        leaf = torch.zeros(3, requires_grad=True)
+        with pytest.raises(blsshm.BlsValueError, match="out requires grad"):
+            comm.alltoallv(torch.ones(3), [3], out=leaf)
+        with pytest.raises(blsshm.BlsValueError, match="out requires grad"):
+            comm.post(1, torch.ones(3), [3]) or comm.complete(1, out=leaf)
+        comm.complete(1)
+        with torch.no_grad():  # as torch allows (an optimizer's update)
+            comm.alltoallv(torch.ones(3), [3], out=leaf)
+        assert leaf.tolist() == [1.0, 1.0, 1.0] and leaf.requires_grad
+        with torch.inference_mode():
+            frozen = torch.zeros(3)
+            assert comm.alltoallv(torch.ones(3), [3], out=frozen)[0].tolist() == [1.0] * 3
+        with pytest.raises(blsshm.BlsValueError, match="out is an inference tensor"):
+            comm.alltoallv(torch.ones(3), [3], out=frozen)
+        assert comm.next_post == comm.next_complete == 4
 
 
 def test_recv_is_of_the_kind_of_out_when_out_is_given():
