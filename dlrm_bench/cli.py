@@ -46,8 +46,11 @@ def main(argv=None):
     if args.compare and mpi_available() is not None:
         print(f"  (mpi skipped: {mpi_available()})")
     rows, figures, predictions = [], {}, {}
+    slow_steps = None  # the slow rank's sleeps in the first run, repeated in the others
     for run_cfg in runs:
         label = report.run_label(run_cfg.backend, run_cfg.lag)
+        if slow_steps is not None:
+            run_cfg = run_cfg.replace(slow_steps_s=slow_steps)
         try:
             results = backends.run(run_cfg, label)
         except Exception as exc:  # one failed backend must not hide the others' figures
@@ -60,6 +63,10 @@ def main(argv=None):
                 return 1
             print(f"{label}: {why}", flush=True)
             continue
+        if args.compare and cfg.slow_rank >= 0 and slow_steps is None and len(runs) > 1:
+            slow_steps = tuple(float(x) for x in results[cfg.slow_rank]["slow_asked"])
+            print(f"  (rank {cfg.slow_rank}'s slow sleeps, {cfg.slow_factor:g} - 1 times its CPU time per "
+                  f"step in {label}, are repeated in the runs after it: every backend gets the same)")
         fig = report.summarize(results, run_cfg)
         report.print_run(label, fig, run_cfg.lag if run_cfg.backend == "bls" else 0)
         sys.stdout.flush()

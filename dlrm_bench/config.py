@@ -60,6 +60,10 @@ class Config:
     delay_ms: float = 0.0
     slow_rank: int = -1
     slow_factor: float = 1.0
+    # The slow rank's sleep after each timed step, and last after the
+    # drain, as the first run of a --compare asked them; () in that run,
+    # which derives them from its CPU time (see Rank.slow_sleep).
+    slow_steps_s: tuple = ()
     warmup_batches: int = 20
     timeout_s: float = 300.0
     progress: bool = False
@@ -182,7 +186,8 @@ def build_parser():
     r.add_argument("--delay-ms", type=float, default=0.0, metavar="MS", help="length of one delay")
     r.add_argument("--slow-rank", type=int, default=-1, metavar="R",
                    help="this rank takes --slow-factor times its compute (CPU) time per iteration "
-                        "(it sleeps the difference)")
+                        "(it sleeps the difference; under --compare the first run's sleeps are "
+                        "repeated in the others, so every backend gets the same)")
     r.add_argument("--slow-factor", type=float, default=1.0, metavar="F", help="(default 1)")
     r.add_argument("--warmup-batches", type=int, default=d.warmup_batches, metavar="N",
                    help="untimed iterations before the timed ones (default %(default)s)")

@@ -7,7 +7,7 @@
   ``L`` iterations a batch waits in the pipeline: lag buys throughput);
 - waiting share: time inside the collective's calls (bls: entering and
   leaving post_views and complete_views, waits included, and arrived) over
-  the wall time, averaged over ranks.  gloo's and MPI's collective also
+  the rank's own timed loop, averaged over ranks.  gloo's and MPI's collective also
   copies the blocks from the send buffer to the receive buffer; bls, zero
   copy, has no such copy: its lookup writes the blocks straight into shared
   memory (its record, or the receivers' mailboxes when every block fits
@@ -112,7 +112,8 @@ def summarize(results, cfg):
         "wall_over_ideal": wall / ideal if ideal > 0 else float("nan"),
         "wait_share": float(np.mean([r["wait_s"] / (r["end"] - r["begin"]) for r in results])),
         "compute_s_per_rank": compute.sum(axis=1).tolist(),
-        "delay_s_per_rank": delay.sum(axis=1).tolist(),
+        "delay_s_per_rank": delay.sum(axis=1).tolist(),  # the slow rank's sleeps included
+        "slow_s_per_rank": parts[3].sum(axis=1).tolist(),
         "wait_s_per_rank": [r["wait_s"] for r in results],
         "phase_s_per_rank": {k: [r["phases"][k] for r in results] for k in results[0]["phases"]},
         "tables_per_rank": [r["tables"] for r in results],
@@ -221,7 +222,8 @@ def print_table(rows, out=sys.stdout):
 
 def write_json(path, cfg, main_fig, runs, extra):
     doc = dict(main_fig)
-    doc["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}
+    doc["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()
+                     if k != "slow_steps_s"}  # a run's own, not the command's
     doc["environment"] = environment(cfg)
     doc["runs"] = runs
     doc.update(extra)

@@ -71,6 +71,7 @@ class Record:
         self.between = np.zeros(n)
         self.after = np.zeros(n)
         self.slow = np.zeros(n)
+        self.slow_asked = np.zeros(n + 1)  # the slow sleeps asked, after each step and the drain
         self.held = np.zeros(n)  # the part of `after` inside complete, peers' buffers held (see replay)
         self.drain_slow = 0.0  # a slow rank's sleep after the bls loop's drain (in slow[-1] too)
         self.phases = dict.fromkeys(("lookup", "bottom", "gather", "top"), 0.0)  # seconds in each step
@@ -83,7 +84,8 @@ class Record:
     def as_dict(self):
         return {"start": self.start, "finish": self.finish, "compute": self.compute, "delay": self.delay,
                 "before": self.before, "between": self.between, "after": self.after, "slow": self.slow,
-                "held": self.held, "drain_slow": self.drain_slow, "phases": self.phases, "cpu_compute": self.cpu}
+                "held": self.held, "drain_slow": self.drain_slow, "slow_asked": self.slow_asked,
+                "phases": self.phases, "cpu_compute": self.cpu}
 
 
 class Heartbeat:
@@ -245,14 +247,25 @@ class Rank:
     def injected_delay(self, i):
         return self.inject(self.cfg.delay_ms / 1e3 if self.delayed[i] else 0.0, "delay")
 
-    def slow_sleep(self, step_cpu):
-        """A slow rank's extra time for a step of ``step_cpu`` CPU seconds.
+    def slow_sleep(self, rec, i, step_cpu):
+        """A slow rank's extra time after step ``i`` (``i = n``: the drain) of ``step_cpu`` CPU seconds.
 
         CPU time, not wall time: on shared cores a step's wall time holds
-        its wait for a core, which differs from backend to backend, so the
-        same run would inject different delays into each.
+        its wait for a core, which differs from backend to backend.  The
+        CPU time differs too (another backend's threads share the caches:
+        1.6 times bls's under gloo, measured), so the runs of a --compare
+        after the first sleep what the first asked (``cfg.slow_steps_s``):
+        every backend gets the same delays.
         """
-        return self.inject((self.cfg.slow_factor - 1.0) * step_cpu, "slow")
+        replayed = self.cfg.slow_steps_s
+        if replayed:
+            if len(replayed) != len(rec.slow_asked):
+                raise ValueError(f"{len(replayed)} slow sleeps to repeat for {len(rec.slow_asked)} steps")
+            seconds = replayed[i]
+        else:
+            seconds = (self.cfg.slow_factor - 1.0) * step_cpu
+        rec.slow_asked[i] = seconds
+        return self.inject(seconds, "slow")
 
     def inject(self, seconds, kind):
         """Sleep ``seconds`` of injected delay of ``kind``, less what earlier sleeps of that kind
@@ -358,14 +371,14 @@ class Rank:
                 finish(done)
                 done += 1
             if timed and self.slow:
-                rec.slow[i] = self.slow_sleep(step_cpu)
+                rec.slow[i] = self.slow_sleep(rec, i, step_cpu)
                 rec.delay[i] += rec.slow[i]
         step_cpu = 0.0
         while done < len(batches):
             finish(done)
             done += 1
         if timed and self.slow and len(batches):  # the drain is work too, slowed as the steps were
-            slept = self.slow_sleep(step_cpu)
+            slept = self.slow_sleep(rec, len(batches), step_cpu)
             rec.drain_slow = slept  # after the drain's waits: the replay puts it there
             rec.slow[-1] += slept
             rec.delay[-1] += slept
@@ -423,9 +436,13 @@ class Rank:
                                        ("top", c5 - cg)):
                     rec.phases[phase] += seconds
                 if self.slow:
-                    rec.slow[i] = self.slow_sleep(step_cpu)
+                    rec.slow[i] = self.slow_sleep(rec, i, step_cpu)
                     rec.delay[i] += rec.slow[i]
             progress.update(i + 1)
+        if timed and self.slow and len(batches):  # bls's sleep after its drain (no work here)
+            slept = self.slow_sleep(rec, len(batches), 0.0)
+            rec.slow[-1] += slept
+            rec.delay[-1] += slept
         return preds, waited
 
     # ------------------------------------------------------------- runs

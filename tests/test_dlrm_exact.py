@@ -76,12 +76,31 @@ def test_delays_and_the_slow_rank_are_recorded_where_injected():
     assert sum(report.summarize(results0, cfg0)["delay_s_per_rank"]) == 0
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["bls", "gloo"])
+def test_a_slow_ranks_sleeps_given_are_the_sleeps_taken(backend):
+    # Derived from each run's own CPU time, gloo's slow rank slept 1.6 times
+    # what bls's did for the same work (gloo's threads share the caches):
+    # --compare now repeats the first run's sleeps, step by step.
+    lag = ["--lag", "1"] if backend == "bls" else []  # with a drain, whose sleep is the last
+    cfg, _ = parse(SMALL + ["--nprocs", "2", *lag, "--backend", backend, "--slow-rank", "1", "--slow-factor", "2"])
+    asked = tuple(0.001 * (1 + i % 3) for i in range(cfg.num_batches)) + (0.002,)  # the drain's last
+    results = backends.run(cfg.replace(slow_steps_s=asked), "test")
+    assert results[1]["slow_asked"].tolist() == list(asked) and not results[0]["slow_asked"].any()
+    slept = report.summarize(results, cfg)["slow_s_per_rank"]
+    assert slept[0] == 0 and slept[1] == pytest.approx(sum(asked), abs=0.005)  # within one sleep's overshoot
+    # Unset, the sleeps follow the run's CPU time: (F - 1) x each step's.
+    measured = backends.run(cfg, "test")[1]["slow_asked"]
+    assert measured[:-1].all() and measured.sum() > 0
+
+
 @pytest.mark.timeout(300)
 def test_command_line_compare_verify_json_and_predictions(tmp_path):
     """The whole command: --compare runs every backend, --verify checks them, files are written."""
     out_json, out_npy = tmp_path / "run.json", tmp_path / "predictions"  # the name given, no ".npy" added
     cmd = [sys.executable, "-m", "dlrm_bench", *SMALL, "--nprocs", "2", "--lag", "2", "--compare",
-           "--verify", "--json", str(out_json), "--save-predictions", str(out_npy)]
+           "--verify", "--json", str(out_json), "--save-predictions", str(out_npy),
+           "--slow-rank", "1", "--slow-factor", "1.5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "bitwise identical across" in proc.stdout
@@ -93,6 +112,11 @@ def test_command_line_compare_verify_json_and_predictions(tmp_path):
     assert doc["run"] == "bls lag 2" and doc["config"]["nprocs"] == 2
     assert doc["environment"]["ranks"] == 2 and "oversubscribed" in doc["environment"]
     assert [r["label"] for r in doc["runs"]][:3] == ["bls lag 0", "bls lag 2", "gloo"]
+    # The first run's slow sleeps are every run's (a sleep's overshoot is paid back, the last's not).
+    assert "rank 1's slow sleeps, 1.5 - 1 times its CPU time per step in bls lag 0, are repeated" in proc.stdout
+    slept = [r["slow_s_per_rank"] for r in doc["runs"]]
+    assert all(s[0] == 0 and s[1] == pytest.approx(slept[0][1], abs=0.005) for s in slept), slept
+    assert "slow_steps_s" not in doc["config"]
     assert all(v["mismatches"] == 0 for v in doc["verify"].values())
     pred = np.load(out_npy)
     assert pred.shape == (13 * 11,) and pred.dtype == np.float32

@@ -383,7 +383,10 @@ def test_injected_sleeps_pay_back_what_they_overslept(monkeypatch):
     assert asked == [0.005, pytest.approx(0.003)]  # no sleep while repaying, none for nothing
     # A slow rank sleeps (F - 1) times the step's CPU time, which no backend's waits inflate.
     rank.inject = lambda seconds, kind: worker.Rank.inject(rank, seconds, kind)
-    assert worker.Rank.slow_sleep(rank, 0.002) == pytest.approx(0.004)
+    rank.cfg.slow_steps_s = ()
+    rec = worker.Record(1)
+    assert worker.Rank.slow_sleep(rank, rec, 0, 0.002) == pytest.approx(0.004)
+    assert rec.slow_asked.tolist() == [pytest.approx(0.004), 0.0]
 
 
 def test_a_slow_ranks_oversleep_is_not_paid_back_from_the_random_delays(monkeypatch):
@@ -395,8 +398,9 @@ def test_a_slow_ranks_oversleep_is_not_paid_back_from_the_random_delays(monkeypa
     from dlrm_bench import worker
     monkeypatch.setattr(worker, "_sleep", lambda seconds: seconds + 0.001)  # every sleep wakes 1 ms late
     rank = SimpleNamespace(sleep_owed={"delay": 0.0, "slow": 0.0},
-                           cfg=SimpleNamespace(slow_factor=1.5, delay_ms=5.0), delayed=[True])
+                           cfg=SimpleNamespace(slow_factor=1.5, delay_ms=5.0, slow_steps_s=()), delayed=[True])
     rank.inject = lambda seconds, kind: worker.Rank.inject(rank, seconds, kind)
-    for _ in range(3):
-        assert worker.Rank.slow_sleep(rank, 0.001) >= 0.0  # 0.5 ms asked, 1.5 ms or none slept
+    rec = worker.Record(3)
+    for i in range(3):
+        assert worker.Rank.slow_sleep(rank, rec, i, 0.001) >= 0.0  # 0.5 ms asked, 1.5 ms or none slept
     assert worker.Rank.injected_delay(rank, 0) == pytest.approx(0.006)  # the spike as asked (and late)
