@@ -138,3 +138,35 @@ def test_the_report_keeps_each_run_as_it_ends_once_per_configuration_in_aligned_
     for name in ("lag4/lag0", "lag0 wall/ideal", "sync/ideal"):  # each value ends under its header
         end = header.index(name) + len(name)
         assert row[end - 5:end] == "12.35"
+
+
+def _saved_run(lag, gloo):
+    fig = {"samples_per_s": 100.0, "wall_over_ideal": 1.5, "wall_s": 3.0, "lag_bound_s": 2.0,
+           "wall_over_replay": 1.2, "replay_s": 2.5, "ideal_bound_s": 2.0, "wall_over_best_bound": 1.5,
+           "sync_bound_s": 2.4}
+    runs = [{"label": "bls lag 0", **fig, "samples_per_s": 50.0}, {"label": f"bls lag {lag}", **fig}]
+    if gloo is not None:
+        runs.append({"label": "gloo", **fig, "samples_per_s": gloo})
+    return {"config": {"lag": lag}, "runs": runs}
+
+
+def test_the_report_tabulates_saved_runs_and_says_what_each_cell_is(tmp_path, capsys):
+    # Saved runs could not be tabulated again without running the matrix;
+    # with --repeat the cells had no legend, a round without a figure went
+    # unsaid, and lag L's own columns did not say they were its.
+    report = _tool("dlrm_report")
+    docs = [{"model": "light", "nprocs": 2, "delays": "none", "round": r, "ratios": None,
+             "run": _saved_run(3, gloo)} for r, gloo in enumerate([20.0, None, 50.0])]
+    path = tmp_path / "saved.json"
+    path.write_text(json.dumps(docs))
+    assert report.main(["--from-json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "each cell: the median over the 3 rounds (lowest-highest); n=k: only k rounds gave it" in out
+    header = next(line for line in out.splitlines() if line.startswith("model"))
+    assert "lag3/lag0" in header and "lag3 wall/ideal" in header and "lag0 wall/ideal" in header
+    row = next(line for line in out.splitlines() if line.startswith("light"))
+    assert "2.00 (2.00-2.00)" in row and "3.50 (2.00-5.00) n=2" in row  # lag3/lag0; lag3/gloo in 2 of 3
+    docs.append({**docs[0], "run": _saved_run(4, None)})
+    path.write_text(json.dumps(docs))
+    assert report.main(["--from-json", str(path)]) == 2
+    assert "runs of 2 lags ([3, 4]): one table takes one" in capsys.readouterr().err

@@ -29,6 +29,7 @@ Reproduce (from the repository root, about 10 minutes on 2 idle cores)::
 
     python tools/dlrm_report.py --json results/dlrm_report.json
     python tools/dlrm_report.py --models light --nprocs 2 --light-num-batches 500   # quick look
+    python tools/dlrm_report.py --from-json results/dlrm_report.json   # the table again, nothing run
 """
 import argparse
 import json
@@ -119,7 +120,11 @@ def main(argv=None):
     p.add_argument("--light-num-batches", type=int, default=2000, help="per run of the light model (default 2000)")
     p.add_argument("--repeat", type=int, default=1, help="rounds over the whole matrix (default 1)")
     p.add_argument("--json", default=None, help="write every run's figures here")
+    p.add_argument("--from-json", default=None, metavar="PATH",
+                   help="print the table of the runs a --json of this tool saved; run nothing")
     opts = p.parse_args(argv)
+    if opts.from_json is not None:
+        return _table_from_json(opts.from_json)
     for name in ("num_batches", "light_num_batches", "repeat"):
         if getattr(opts, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
@@ -148,14 +153,44 @@ def main(argv=None):
                     found[(model, nprocs, delays)].append(r)
             if opts.json:  # after every run: a matrix stopped part-way keeps what it measured
                 _write_json(opts.json, docs)
-    L = opts.lag
+    return print_table(configs, found, opts.lag, opts.repeat)
+
+
+def _table_from_json(path):
+    """The table of the runs saved by ``--json`` (every round's), ratios recomputed from their figures."""
+    try:
+        with open(path) as f:
+            docs = json.load(f)
+        lags = {d["run"]["config"]["lag"] for d in docs}
+        if len(lags) != 1:
+            raise ValueError(f"runs of {len(lags)} lags ({sorted(lags)}): one table takes one")
+        configs = list(dict.fromkeys((d["model"], d["nprocs"], d["delays"]) for d in docs))
+        rounds = 1 + max(d["round"] for d in docs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"dlrm_report: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    lag = lags.pop()
+    found = {c: [] for c in configs}
+    for d in docs:
+        r = ratios(d["run"], lag)
+        if r is not None:
+            found[(d["model"], d["nprocs"], d["delays"])].append(r)
+    return print_table(configs, found, lag, rounds)
+
+
+def print_table(configs, found, lag, rounds):
+    """One line per configuration; returns 1 if one has no figures, else 0."""
+    L = lag
+    # The columns not named after lag 0 are lag L's.
     keys = [("lagL_over_lag0", f"lag{L}/lag0"), ("lagL_over_gloo", f"lag{L}/gloo"), ("lagL_over_mpi", f"lag{L}/mpi"),
-            ("wall_over_ideal", "wall/ideal"), ("wall_over_replay", "wall/replay"),
-            ("replay_over_ideal", "replay/ideal"),
-            ("wall_over_best_bound", "wall/best"), ("lag0_wall_over_ideal", "lag0 wall/ideal"),
-            ("room_sync_over_ideal", "sync/ideal")]
-    spread = opts.repeat > 1
-    widths = [max(len(h), 18 if spread else 6) for _, h in keys]
+            ("wall_over_ideal", f"lag{L} wall/ideal"), ("wall_over_replay", f"lag{L} wall/replay"),
+            ("replay_over_ideal", f"lag{L} replay/ideal"),
+            ("wall_over_best_bound", f"lag{L} wall/best"), ("lag0_wall_over_ideal", "lag0 wall/ideal"),
+            ("room_sync_over_ideal", f"lag{L} sync/ideal")]
+    spread = rounds > 1
+    widths = [max(len(h), 23 if spread else 6) for _, h in keys]
+    if spread:
+        print(f"\neach cell: the median over the {rounds} rounds (lowest-highest); n=k: only k rounds gave it")
     print(f"\n{'model':<8} {'P':>2} {'delays':<8} " + " ".join(f"{h:>{w}}" for (_, h), w in zip(keys, widths)))
     for config in configs:
         model, nprocs, delays = config
@@ -169,7 +204,8 @@ def main(argv=None):
             if not values:
                 cells.append(f"{'-':>{width}}")
             elif spread:
-                cells.append(f"{np.median(values):.2f} ({min(values):.2f}-{max(values):.2f})".rjust(width))
+                fewer = f" n={len(values)}" if len(values) < rounds else ""
+                cells.append(f"{np.median(values):.2f} ({min(values):.2f}-{max(values):.2f}){fewer}".rjust(width))
             else:
                 cells.append(f"{values[0]:>{width}.2f}")
         print(line + " ".join(cells))
