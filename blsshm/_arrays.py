@@ -30,6 +30,9 @@ def as_array(x, what, contiguous=True, written=False):
             raise BlsTypeError(f"{what} is a {x.layout} tensor; blsshm moves dense tensors only "
                                f"(call .to_dense() first)")
         if contiguous and not x.is_contiguous():  # numpy's advice (ascontiguousarray) would be the wrong one
+            if written:  # .contiguous() would make a copy, not fill this tensor
+                raise BlsValueError(f"{what} must be C-contiguous: blsshm fills it in one piece, "
+                                    f"not through strides")
             raise BlsValueError(f"{what} must be C-contiguous (call .contiguous() on the tensor)")
         if written:  # the checks torch makes before an in-place write or an out= argument
             if x.requires_grad and torch.is_grad_enabled():

@@ -443,7 +443,10 @@ def _report(codes, observer, failed_order, cut_short):
         rank, kind, lost_rank, _ = abort
         suspect = lost_rank if kind == "peer_lost" else rank
         print(f"python -m blsshm.run: {_core.describe_abort(abort)}", file=sys.stderr)
-        if suspect in failed and suspect not in cut_short:  # not a rank stopped because another failed
+        # Not a rank the launcher stopped before it attached, for which it
+        # wrote this abort itself, after another rank failed.
+        launchers_own = kind == "peer_lost" and suspect in cut_short
+        if suspect in failed and not launchers_own:
             culprit = suspect
     for r in failed:
         after = ", from the launcher after the grace period" if r in cut_short and codes[r] < 0 else ""

@@ -115,7 +115,9 @@ def _create(name, size, lag, arena_bytes, nbytes):
     try:
         shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
     except posix_ipc.ExistentialError:
-        return False
+        if os.path.exists(SHM_DIR + name):  # EEXIST; ENOENT (no /dev/shm) is the same exception
+            return False
+        raise
     try:
         try:
             os.posix_fallocate(shm.fd, 0, nbytes)

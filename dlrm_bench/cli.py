@@ -63,7 +63,7 @@ def main(argv=None):
                 return 1
             print(f"{label}: {why}", flush=True)
             continue
-        if args.compare and cfg.slow_rank >= 0 and slow_steps is None and len(runs) > 1:
+        if args.compare and cfg.slow_rank >= 0 and cfg.slow_factor > 1 and slow_steps is None and len(runs) > 1:
             slow_steps = tuple(float(x) for x in results[cfg.slow_rank]["slow_asked"])
             print(f"  (rank {cfg.slow_rank}'s slow sleeps, {cfg.slow_factor:g} - 1 times its CPU time per "
                   f"step in {label}, are repeated in the runs after it: every backend gets the same)")

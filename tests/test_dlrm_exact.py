@@ -87,8 +87,9 @@ def test_a_slow_ranks_sleeps_given_are_the_sleeps_taken(backend):
     asked = tuple(0.001 * (1 + i % 3) for i in range(cfg.num_batches)) + (0.002,)  # the drain's last
     results = backends.run(cfg.replace(slow_steps_s=asked), "test")
     assert results[1]["slow_asked"].tolist() == list(asked) and not results[0]["slow_asked"].any()
-    slept = report.summarize(results, cfg)["slow_s_per_rank"]
-    assert slept[0] == 0 and slept[1] == pytest.approx(sum(asked), abs=0.005)  # within one sleep's overshoot
+    fig = report.summarize(results, cfg)
+    assert fig["slow_asked_s_per_rank"] == [0.0, pytest.approx(sum(asked))]
+    assert fig["slow_s_per_rank"][0] == 0 and fig["slow_s_per_rank"][1] > 0  # slept, give or take overshoots
     # Unset, the sleeps follow the run's CPU time: (F - 1) x each step's.
     measured = backends.run(cfg, "test")[1]["slow_asked"]
     assert measured[:-1].all() and measured.sum() > 0
@@ -114,8 +115,8 @@ def test_command_line_compare_verify_json_and_predictions(tmp_path):
     assert [r["label"] for r in doc["runs"]][:3] == ["bls lag 0", "bls lag 2", "gloo"]
     # The first run's slow sleeps are every run's (a sleep's overshoot is paid back, the last's not).
     assert "rank 1's slow sleeps, 1.5 - 1 times its CPU time per step in bls lag 0, are repeated" in proc.stdout
-    slept = [r["slow_s_per_rank"] for r in doc["runs"]]
-    assert all(s[0] == 0 and s[1] == pytest.approx(slept[0][1], abs=0.005) for s in slept), slept
+    asked = [r["slow_asked_s_per_rank"] for r in doc["runs"]]
+    assert asked[0][1] > 0 and all(a == [0.0, pytest.approx(asked[0][1])] for a in asked), asked
     assert "slow_steps_s" not in doc["config"]
     assert all(v["mismatches"] == 0 for v in doc["verify"].values())
     pred = np.load(out_npy)

@@ -213,7 +213,7 @@ def test_a_run_summary_replays_the_drain_sleep_once_and_after_the_drain():
     def record(before, slow, drain_slow):
         return {"start": z, "finish": z, "compute": np.array(before), "delay": np.array(slow),
                 "before": np.array(before), "between": z, "after": z, "slow": np.array(slow), "held": z,
-                "drain_slow": drain_slow, "phases": dict.fromkeys(("lookup", "bottom", "gather", "top"), 0.0),
+                "drain_slow": drain_slow, "slow_asked": np.array(slow), "phases": dict.fromkeys(("lookup", "bottom", "gather", "top"), 0.0),
                 "cpu_compute": 1.0, "wait_s": 0.0, "begin": 0.0, "end": 8.0, "tables": [0], "slice": (0, 1)}
     results = [record([1.0, 1.0, 3.0], [0.0, 0.0, 0.0], 0.0), record([1.0, 1.0, 1.0], [0.0, 0.0, 3.0], 3.0)]
     cfg = SimpleNamespace(num_batches=3, batch_size=2, lag=1, backend="bls", bls_pipeline="eager")

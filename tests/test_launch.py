@@ -79,14 +79,28 @@ def test_launcher_blames_the_rank_that_failed_not_one_it_stopped_before_it_attac
     assert "rank 0 failed (exit code 1)" in res.stderr
 
 
+def test_launcher_blames_a_rank_that_aborted_even_when_it_had_to_stop_it(tmp_path):
+    # Only its own abort for a rank stopped before attaching is not blame.
+    script = (
+        "import time, numpy, blsshm\n"
+        "comm = blsshm.init()\n"
+        "if comm.rank == 1:\n"
+        "    comm.abort('bad input'); time.sleep(60)\n"
+        "comm.alltoallv(numpy.zeros(2), [1, 1])\n")
+    res = _launch(tmp_path, "-n", "2", "--grace", "0.5", script=script)
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr
+    assert "communicator aborted by rank 1" in res.stderr
+
+
 def test_launcher_reports_a_rank_it_had_to_kill_after_sigterm(tmp_path):
     # Rank 0 ignores SIGTERM: killed TERM_WAIT_S later, it went unreported.
     script = (
-        "import os, signal, time, blsshm\n"
+        "import os, signal, time, numpy, blsshm\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "comm = blsshm.init()\n"
+        "comm.alltoallv(numpy.zeros(2), [1, 1])  # rank 0 ignores SIGTERM before rank 1 fails\n"
         "if comm.rank == 1:\n"
         "    raise SystemExit(5)\n"
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "time.sleep(60)\n")
     res = _launch(tmp_path, "-n", "2", "--grace", "0.2", script=script)
     assert res.returncode == 5, res.stderr
@@ -1213,6 +1227,19 @@ def test_a_segment_name_already_taken_is_left_alone_and_another_is_drawn(monkeyp
         assert os.path.exists("/dev/shm" + theirs) and theirs not in segment._reapers
     finally:
         segment.unlink(theirs)
+
+
+def test_a_missing_shm_directory_is_said_not_taken_for_a_taken_name(monkeypatch):
+    # posix_ipc raises ExistentialError for ENOENT too.
+    from blsshm import segment
+
+    def no_dev_shm(*_args, **_kwargs):
+        raise segment.posix_ipc.ExistentialError("No such file or directory")
+
+    monkeypatch.setattr(segment.posix_ipc, "SharedMemory", no_dev_shm)
+    with pytest.raises(BlsError, match="cannot create a segment in /dev/shm for 2 ranks: No such file"):
+        segment.create(2, 0, 4096, reaped=True)
+    assert not segment._reapers
 
 
 def test_a_reaped_segment_unlinked_by_its_creator_stops_its_reaper():

@@ -166,7 +166,14 @@ def test_the_report_tabulates_saved_runs_and_says_what_each_cell_is(tmp_path, ca
     assert "lag3/lag0" in header and "lag3 wall/ideal" in header and "lag0 wall/ideal" in header
     row = next(line for line in out.splitlines() if line.startswith("light"))
     assert "2.00 (2.00-2.00)" in row and "3.50 (2.00-5.00) n=2" in row  # lag3/lag0; lag3/gloo in 2 of 3
-    docs.append({**docs[0], "run": _saved_run(4, None)})
-    path.write_text(json.dumps(docs))
+    # A configuration whose every run failed is saved without figures, and said so.
+    failed = [{"model": "light", "nprocs": 4, "delays": "none", "round": 0, "lag": 3, "ratios": None, "run": None}]
+    path.write_text(json.dumps(docs + failed))
+    assert report.main(["--from-json", str(path)]) == 1
+    assert "light     4 none     (no figures)" in capsys.readouterr().out
+    path.write_text(json.dumps(docs + [{**docs[0], "run": _saved_run(4, None)}]))
     assert report.main(["--from-json", str(path)]) == 2
     assert "runs of 2 lags ([3, 4]): one table takes one" in capsys.readouterr().err
+    path.write_text(json.dumps([{**docs[0], "run": {"config": {"lag": 3}, "runs": [{"label": "bls lag 3"}, {"label": "bls lag 0"}]}}]))
+    assert report.main(["--from-json", str(path)]) == 2  # a figure missing: said, no traceback
+    assert "cannot read" in capsys.readouterr().err

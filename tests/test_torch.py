@@ -53,7 +53,8 @@ def test_unsupported_tensors_are_named():
             comm.alltoallv(torch.zeros(2, dtype=torch.bfloat16), [2])
         with pytest.raises(blsshm.BlsValueError, match=r"contiguous \(call \.contiguous\(\) on the tensor\)"):
             comm.alltoallv(torch.zeros(4, 4).t(), [16])
-        with pytest.raises(blsshm.BlsValueError, match=r"out must be C-contiguous \(call \.contiguous"):
+        # .contiguous() would make a copy, and what arrives would not be in out.
+        with pytest.raises(blsshm.BlsValueError, match=r"out must be C-contiguous: blsshm fills it in one piece"):
             comm.alltoallv(torch.zeros(16), [16], out=torch.zeros(4, 4).t())
         # Counts need no contiguity: a strided tensor of them is fine.
         recv, counts = comm.alltoallv(torch.zeros(3), torch.tensor([3, 9])[::2])

@@ -145,12 +145,12 @@ def main(argv=None):
     for round_ in range(opts.repeat):
         for model, nprocs, delays in configs:
             doc = run_one(model, nprocs, delays, opts)
-            if doc is not None:
-                r = ratios(doc, opts.lag)
-                docs.append({"model": model, "nprocs": nprocs, "delays": delays, "round": round_,
-                             "ratios": r, "run": doc})
-                if r is not None:
-                    found[(model, nprocs, delays)].append(r)
+            r = ratios(doc, opts.lag) if doc is not None else None
+            # A run with no JSON is kept too ("run": null): --from-json says it has no figures.
+            docs.append({"model": model, "nprocs": nprocs, "delays": delays, "round": round_, "lag": opts.lag,
+                         "ratios": r, "run": doc})
+            if r is not None:
+                found[(model, nprocs, delays)].append(r)
             if opts.json:  # after every run: a matrix stopped part-way keeps what it measured
                 _write_json(opts.json, docs)
     return print_table(configs, found, opts.lag, opts.repeat)
@@ -161,20 +161,20 @@ def _table_from_json(path):
     try:
         with open(path) as f:
             docs = json.load(f)
-        lags = {d["run"]["config"]["lag"] for d in docs}
+        lags = {d["lag"] if "lag" in d else d["run"]["config"]["lag"] for d in docs}
         if len(lags) != 1:
             raise ValueError(f"runs of {len(lags)} lags ({sorted(lags)}): one table takes one")
+        lag = lags.pop()
         configs = list(dict.fromkeys((d["model"], d["nprocs"], d["delays"]) for d in docs))
         rounds = 1 + max(d["round"] for d in docs)
+        found = {c: [] for c in configs}
+        for d in docs:
+            r = ratios(d["run"], lag) if d["run"] is not None else None
+            if r is not None:
+                found[(d["model"], d["nprocs"], d["delays"])].append(r)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"dlrm_report: cannot read {path}: {exc}", file=sys.stderr)
+        print(f"dlrm_report: cannot read {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    lag = lags.pop()
-    found = {c: [] for c in configs}
-    for d in docs:
-        r = ratios(d["run"], lag)
-        if r is not None:
-            found[(d["model"], d["nprocs"], d["delays"])].append(r)
     return print_table(configs, found, lag, rounds)
 
 
