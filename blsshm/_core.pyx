@@ -1943,9 +1943,9 @@ cdef class Core:
         if not isinstance(out, cnp.ndarray):
             raise BlsTypeError(f"out must be a numpy array or a CPU torch tensor, got {type(out).__name__}")
         cdef cnp.ndarray recv = out
-        if not cnp.PyArray_IS_C_CONTIGUOUS(recv) or not cnp.PyArray_ISWRITEABLE(recv):
-            if not cnp.PyArray_ISWRITEABLE(recv):
-                raise BlsValueError("out is read-only; give a writable array")
+        if not cnp.PyArray_ISWRITEABLE(recv):
+            raise BlsValueError("out is read-only; give a writable array")
+        if not cnp.PyArray_IS_C_CONTIGUOUS(recv):
             raise BlsValueError("out must be C-contiguous: blsshm fills it in one piece, not through strides")
         if (<cnp.dtype>cnp.PyArray_DESCR(recv) is not dtype
                 and not cnp.PyArray_EquivTypes(<cnp.dtype>cnp.PyArray_DESCR(recv), dtype)):

@@ -345,8 +345,8 @@ def _supervise(procs, grace, observer, signals_seen, stop_timeout, clock=time.mo
     a ``fg`` that cannot come: it is killed, and named.  Returns each rank's
     exit status, the ranks that failed in the order seen, and those the
     launcher itself signalled after the grace period (they failed because
-    another did).  Its deadlines are
-    kept by ``clock``, which leaves out the time the run was stopped (Ctrl-Z).
+    another did).  Its deadlines are kept by ``clock``, which leaves out the
+    time the run was stopped (Ctrl-Z).
     """
     deadline = None
     signalled_at = None

@@ -113,8 +113,8 @@ def summarize(results, cfg):
         "wait_share": float(np.mean([r["wait_s"] / (r["end"] - r["begin"]) for r in results])),
         "compute_s_per_rank": compute.sum(axis=1).tolist(),
         "delay_s_per_rank": delay.sum(axis=1).tolist(),  # the slow rank's sleeps included
-        "slow_s_per_rank": parts[3].sum(axis=1).tolist(),  # slept; asked (the same in every run of a --compare):
-        "slow_asked_s_per_rank": [float(r["slow_asked"].sum()) for r in results],
+        "slow_s_per_rank": parts[3].sum(axis=1).tolist(),  # slept, give or take the last oversleep
+        "slow_asked_s_per_rank": [float(r["slow_asked"].sum()) for r in results],  # alike across a --compare
         "wait_s_per_rank": [r["wait_s"] for r in results],
         "phase_s_per_rank": {k: [r["phases"][k] for r in results] for k in results[0]["phases"]},
         "tables_per_rank": [r["tables"] for r in results],

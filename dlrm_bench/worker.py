@@ -439,7 +439,7 @@ class Rank:
                     rec.slow[i] = self.slow_sleep(rec, i, step_cpu)
                     rec.delay[i] += rec.slow[i]
             progress.update(i + 1)
-        if timed and self.slow and len(batches):  # bls's sleep after its drain (no work here)
+        if timed and self.slow and len(batches):  # the sleep bls takes after its drain (this loop has none)
             slept = self.slow_sleep(rec, len(batches), 0.0)
             rec.slow[-1] += slept
             rec.delay[-1] += slept

@@ -178,9 +178,8 @@ def _table_from_json(path):
     return print_table(configs, found, lag, rounds)
 
 
-def print_table(configs, found, lag, rounds):
-    """One line per configuration; returns 1 if one has no figures, else 0."""
-    L = lag
+def print_table(configs, found, L, rounds):
+    """One line per configuration at lag ``L``; returns 1 if one has no figures, else 0."""
     # The columns not named after lag 0 are lag L's.
     keys = [("lagL_over_lag0", f"lag{L}/lag0"), ("lagL_over_gloo", f"lag{L}/gloo"), ("lagL_over_mpi", f"lag{L}/mpi"),
             ("wall_over_ideal", f"lag{L} wall/ideal"), ("wall_over_replay", f"lag{L} wall/replay"),
