@@ -1824,6 +1824,29 @@ cdef class Core:
         ``defer_own``: see ``_scatter``; the caller must then run ``_gather``
         or ``_place_deferred_own`` before ``send`` may change.
         """
+        cdef uint64_t nbytes
+        self._check_send(t, send, send_counts, &nbytes)
+        cdef cnp.dtype dtype = <cnp.dtype>cnp.PyArray_DESCR(send)
+        cdef int64_t itemsize = dtype.itemsize
+        self._check_peers_for_post(t)  # after the input checks (see _check_post_order)
+        self._reserve_blocks(t, nbytes, itemsize, self._timeout_ns(timeout), deadline_ns, blocking)
+        cdef char* src = <char*>cnp.PyArray_DATA(send)
+        if nbytes >= NOGIL_COPY_BYTES:
+            with nogil:
+                self._scatter(t, src, itemsize, defer_own)
+        else:
+            self._scatter(t, src, itemsize, defer_own)
+        self._commit(t, dtype)
+        return 0
+
+    cdef int _check_send(self, int64_t t, cnp.ndarray send, object send_counts, uint64_t* nbytes) except -1:
+        """Refuse a post of ``t`` out of order, or of ``send``/``send_counts`` that do not fit.
+
+        Touches nothing shared but the abort word, so the first call runs it
+        before waiting for the peers to attach too: bad input is named at
+        once, not after (or instead of) that wait.  Leaves the parsed counts
+        in ``self.counts`` and the blocks' bytes in ``nbytes``.
+        """
         self._check_post_order(t)
         if self.pending:
             raise BlsValueError(f"post({t}) inside an open post_views({t}) block")
@@ -1831,9 +1854,7 @@ cdef class Core:
             raise BlsValueError("send must be C-contiguous (use numpy.ascontiguousarray)")
         cdef cnp.dtype dtype = <cnp.dtype>cnp.PyArray_DESCR(send)
         self._dtype_str(dtype)
-        cdef int64_t itemsize = dtype.itemsize
-        cdef uint64_t nbytes
-        self._parse_counts(send_counts, itemsize, &nbytes)
+        self._parse_counts(send_counts, dtype.itemsize, nbytes)
         cdef uint64_t total = 0
         cdef bint wrapped = False  # counts are int64 >= 0: a sum past 2**64 cannot match send
         cdef int q
@@ -1844,15 +1865,6 @@ cdef class Core:
             raise BlsValueError(
                 f"send_counts add up to {sum([self.counts[q] for q in range(self.size)])} elements "
                 f"but send holds {cnp.PyArray_SIZE(send)}")
-        self._check_peers_for_post(t)  # after the input checks (see _check_post_order)
-        self._reserve_blocks(t, nbytes, itemsize, self._timeout_ns(timeout), deadline_ns, blocking)
-        cdef char* src = <char*>cnp.PyArray_DATA(send)
-        if nbytes >= NOGIL_COPY_BYTES:
-            with nogil:
-                self._scatter(t, src, itemsize, defer_own)
-        else:
-            self._scatter(t, src, itemsize, defer_own)
-        self._commit(t, dtype)
         return 0
 
     cdef object _views_base(self, str operation, int64_t t):
@@ -2244,14 +2256,16 @@ cdef class Core:
         cdef int64_t it
         cdef bint was_torch = False
         cdef int64_t deadline_ns = NO_DEADLINE_YET
+        cdef uint64_t nbytes
         self._enter("post")
         try:
-            if not self.ready:
-                self._ready_within(timeout, &deadline_ns)
-            timeout = self._timeout_arg(timeout)
             it = _iteration(t)
             if not cnp.PyArray_CheckExact(send):
                 send, was_torch = as_array(send, "send")
+            if not self.ready:
+                self._check_send(it, send, send_counts, &nbytes)  # bad input: said before waiting for peers
+                self._ready_within(timeout, &deadline_ns)
+            timeout = self._timeout_arg(timeout)
             self._post(it, send, send_counts, timeout, &deadline_ns)
             self.slot_torch[self._slot(it)] = was_torch
         finally:
@@ -2276,10 +2290,11 @@ cdef class Core:
         cdef int64_t deadline_ns = NO_DEADLINE_YET
         self._enter("complete")
         try:
+            it = _iteration(t)
             if not self.ready:
+                self._check_complete_order(it)  # said before waiting for peers
                 self._ready_within(timeout, &deadline_ns)
             timeout = self._timeout_arg(timeout)
-            it = _iteration(t)
             torch_recv = self.slot_torch[self._slot(it)]
             given_out = out
             if out is not None:
@@ -2325,8 +2340,8 @@ cdef class Core:
                 f"but not completed; complete them first")
         # One deadline for the whole call: the post's waits and the complete's.
         cdef int64_t deadline_ns = NO_DEADLINE_YET
-        if not self.ready:
-            self._ready_within(timeout, &deadline_ns)
+        cdef uint64_t nbytes
+        cdef object call_timeout = timeout
         timeout = self._timeout_arg(timeout)
         cdef bint was_torch = False
         if not cnp.PyArray_CheckExact(send):
@@ -2338,6 +2353,9 @@ cdef class Core:
             if not cnp.PyArray_CheckExact(out):
                 out, torch_recv = as_array(out, "out", written=True)
             self._check_out(out, <cnp.dtype>cnp.PyArray_DESCR(<cnp.ndarray>send))  # before publishing
+        if not self.ready:  # the input first: bad input is said before waiting for peers
+            self._check_send(t, send, send_counts, &nbytes)
+            self._ready_within(call_timeout, &deadline_ns)
         # Our own block goes from send to out directly, unless out overlaps
         # send (the blocks gathered before it would overwrite it).
         cdef bint defer_own = out is None or not _overlap(<cnp.ndarray>send, <cnp.ndarray>out)
@@ -2370,11 +2388,16 @@ cdef class Core:
         changes what receivers read).
         """
         cdef int64_t deadline_ns = NO_DEADLINE_YET
+        cdef int64_t it
+        cdef uint64_t nbytes
         self._enter("post_views")
         try:
-            if not self.ready:
+            it = _iteration(t)
+            if not self.ready:  # bad input: said before waiting for peers (checked again on entry)
+                self._check_post_order(it)
+                self._parse_counts(send_counts, self._resolve_dtype(dtype).itemsize, &nbytes)
                 self._ready_within(timeout, &deadline_ns)
-            return PostViews(self, _iteration(t), send_counts, dtype, self._timeout_arg(timeout), deadline_ns)
+            return PostViews(self, it, send_counts, dtype, self._timeout_arg(timeout), deadline_ns)
         finally:
             self._leave()
 
@@ -2391,11 +2414,14 @@ cdef class Core:
         and after the block into what the sender posts next; copy first.
         """
         cdef int64_t deadline_ns = NO_DEADLINE_YET
+        cdef int64_t it
         self._enter("complete_views")
         try:
+            it = _iteration(t)
             if not self.ready:
+                self._check_complete_order(it)  # said before waiting for peers
                 self._ready_within(timeout, &deadline_ns)
-            return CompleteViews(self, _iteration(t), self._timeout_arg(timeout), deadline_ns)
+            return CompleteViews(self, it, self._timeout_arg(timeout), deadline_ns)
         finally:
             self._leave()
 

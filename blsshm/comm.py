@@ -14,7 +14,7 @@ import numpy as np
 
 from blsshm import _core, _proc, segment
 from blsshm._core import DEFAULT_TIMEOUT
-from blsshm.errors import BlsTimeoutError, BlsTypeError, BlsValueError
+from blsshm.errors import BlsError, BlsTimeoutError, BlsTypeError, BlsValueError
 
 if TYPE_CHECKING:
     from blsshm._core import Counts  # a name in the stub only
@@ -316,6 +316,9 @@ class Comm(_core.Core):
         deadline = None if seconds is None else now + float(seconds)
         delay = 1e-4
         while True:
+            if self.closed:  # by a signal handler during the sleep: said as a wait's is (BlsError)
+                raise BlsError("communicator was closed while waiting for every rank to attach "
+                               "(by a signal handler)")
             attached = self._attached_ranks()
             if len(attached) == self.size:
                 break
@@ -440,7 +443,7 @@ class Comm(_core.Core):
     @property
     def stats(self) -> Dict[str, Union[int, float]]:
         """Counters since :meth:`reset_stats` (or creation): seconds waited in post
-        and in complete, futex sleeps, moves off a CPU crowded with other ranks
+        and in complete (not the first call's wait for every rank to attach), futex sleeps, moves off a CPU crowded with other ranks
         (see ``_spread.h``), payload bytes sent and received, and of those sent, the
         bytes copied with streaming stores (see ``copy_policy``).  The iteration
         counts are ``next_post`` and ``next_complete``, since creation: a reset

@@ -377,7 +377,7 @@ def test_complete_checks_out_before_waiting_for_the_blocks(out, exc_type, words)
 def test_the_first_call_waits_for_ranks_to_attach_only_as_long_as_its_timeout():
     with blsshm.Comm.create(2, 0, attach_timeout=None) as a:
         for call in (lambda: a.post(0, GOOD, [2, 2], timeout=0.2), lambda: a.alltoallv(GOOD, [2, 2], timeout=0),
-                     lambda: a.post_views(0, [2, 2], timeout=0.2), lambda: a.complete_views(0, timeout=0.2)):
+                     lambda: a.post_views(0, [2, 2], timeout=0.2)):  # complete's first: before post(0)
             with pytest.raises(blsshm.BlsTimeoutError, match=r"rank\(s\) \[1\] did not attach .*(the call's timeout)"):
                 call()
         assert a.next_post == 0
@@ -388,6 +388,48 @@ def test_the_first_call_waits_for_ranks_to_attach_only_as_long_as_its_timeout():
         with blsshm.Comm.attach(a.name, 1, timeout=10) as b:
             b.post(0, GOOD, [2, 2])
             assert a.alltoallv(GOOD, [2, 2], timeout=10)[0].tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+FIRST_CALLS = [
+    ("complete before post", lambda c: c.complete(0), BlsValueError, "before post(0)"),
+    ("counts that do not add up", lambda c: c.post(0, GOOD, [1, 1]), BlsValueError, "add up to 2"),
+    ("an iteration skipped", lambda c: c.post(3, GOOD, [2, 2]), BlsValueError, "next iteration to post is 0"),
+    ("a bad zero-copy dtype", lambda c: c.post_views(0, [2, 2], "nonsense"), BlsTypeError, "not a dtype"),
+    ("a negative zero-copy count", lambda c: c.post_views(0, [2, -2]), BlsValueError, "negative"),
+    ("complete_views before post", lambda c: c.complete_views(0), BlsValueError, "before post(0)"),
+    ("blocking counts that do not add up", lambda c: c.alltoallv(GOOD, [3, 3]), BlsValueError, "add up to 6"),
+    ("a blocking out of another dtype", lambda c: c.alltoallv(GOOD, [2, 2], out=np.empty(4, np.int32)),
+     BlsTypeError, "dtype int32"),
+]
+
+
+@pytest.mark.parametrize("call, error, words", [f[1:] for f in FIRST_CALLS], ids=[f[0] for f in FIRST_CALLS])
+def test_bad_input_to_the_first_call_is_named_before_waiting_for_peers_to_attach(call, error, words):
+    # It was checked only after the wait: with a peer missing, the error
+    # became a timeout naming the peer (with attach_timeout=None, a hang).
+    with blsshm.Comm.create(2, 0, attach_timeout=1) as a:
+        with pytest.raises(error, match=re.escape(words)):
+            call(a)
+        assert (a.next_post, a.next_complete) == (0, 0)
+        with blsshm.Comm.attach(a.name, 1, timeout=10) as b:  # and it still works
+            b.post(0, GOOD, [2, 2])
+            assert a.alltoallv(GOOD, [2, 2], timeout=10)[0].tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_a_signal_handler_closing_the_communicator_during_the_first_wait_is_a_closed_error():
+    # It was BlsValueError ("rank 0 is closed"), the error of bad input.
+    import signal
+    with blsshm.Comm.create(2, 0, attach_timeout=None) as a:
+        previous = signal.signal(signal.SIGALRM, lambda *_: a.close())
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(BlsError) as caught:
+                a.post(0, GOOD, [2, 2])
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        assert not isinstance(caught.value, ValueError)
+        assert "closed while waiting for every rank to attach" in str(caught.value)
 
 
 def test_completing_inside_an_open_complete_views_block_is_refused():
