@@ -84,6 +84,39 @@ def test_every_backend_gets_the_same_untimed_calls():
     assert len(calls) == 3
 
 
+def test_the_result_check_catches_a_transport_that_skips_or_repeats_an_iteration():
+    # The timed calls all send the same bytes and only the last was checked:
+    # a transport that wrote out once, or delivered an earlier iteration's
+    # slot, passed.  (One rank, sending to itself.)
+    compare = _tool("compare_alltoallv")
+    size = 8
+    send = compare.send_buffer(0, 1, size)
+    recv = np.empty(size, np.uint8)
+    earlier = [send.copy()]
+    calls = []
+
+    def exact():
+        np.copyto(recv, send)
+
+    def one_late():  # a slot of the iteration before
+        np.copyto(recv, earlier[-1])
+        earlier.append(send.copy())
+
+    def once():  # wrote out on the first call only
+        if not calls:
+            exact()
+        calls.append(1)
+
+    for transport in (exact, once, one_late):
+        for _ in range(3):  # the timed calls: each right so far
+            transport()
+        compare.check_received(recv, 0, 1, size)
+    compare.check_fresh_calls(exact, send, recv, 0, 1, size)
+    for wrong in (one_late, once):
+        with pytest.raises(RuntimeError, match="wrong bytes from rank 0"):
+            compare.check_fresh_calls(wrong, send, recv, 0, 1, size)
+
+
 def test_compare_runs_each_number_of_ranks_once():
     # --nprocs 2 2 ran P = 2 twice, and the JSON (keyed by P) kept the second run only.
     opts = _tool("compare_alltoallv").parse_args(["--nprocs", "4", "2", "2", "--sizes", "4K", "4096"])

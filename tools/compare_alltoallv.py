@@ -71,16 +71,22 @@ the tables give the median and the 99th percentile of that maximum, in µs.
 Ratios are of medians: ``bls/MPI`` < 1 means blsshm is faster.  A second
 block gives each backend's time per iteration of the whole loop (every
 rank's mean call; the slowest rank's), with ratios of those: what a loop of
-iterations sees.  For a synchronous collective the two figures agree.
-At lag 1 with ranks sharing cores they do not: a rank runs two iterations
+iterations sees.  When every rank has a core of its own the two figures
+agree.  With ranks sharing cores they do not, for blsshm at lag 0 as at
+lag 1 (both publish ``t + 1`` while others may still receive ``t``, as an
+eager MPI send does): a rank runs two iterations
 per turn on its core, so its calls alternate short and long (the long one
 spans the other rank's turn), and some rank is in its long call in nearly
 every iteration, which the maximum over ranks then reports.  For sizes of
 1 MiB and more the bandwidth is also printed: bytes each rank receives per
 iteration (P x size, its own block included) over the median time, with
 the ratio to the memcpy floor.  Sizes above 64 KiB run a quarter of
-``--iters`` (at least 20).  After timing, every backend checks the bytes of
-its last iteration, so a fast wrong answer cannot pass for a result.  Each
+``--iters`` (at least 20).  The timed calls all send the same bytes, so
+after timing each transport makes two more calls (not timed) with new
+bytes each and checks what arrived: a transport that skipped an iteration
+or read an earlier one's slot cannot pass for a result (zero copy writes
+new bytes every iteration and checks its last; the memcpy floors check
+their last copy).  Each
 backend run has a deadline (``--timeout``); its processes are always reaped
 and a failing backend is reported in the table instead of ending the run.
 
@@ -106,9 +112,13 @@ for blsshm at P = 4 on 2 cores).
 Placement.  By default the OS places the ranks of every backend (MPI runs
 with ``--bind-to none``), as in a real deployment.  On a loaded machine it
 may then put two ranks on one core, which costs a busy-polling library a
-time slice and blsshm its spin window per wait; blsshm's futex sleeps per
-iteration (also in the JSON) are printed when they show it.  ``--pin`` pins
-rank r to core r mod cores in every backend alike.
+time slice.  blsshm does not leave that to the OS: a rank that finds one
+CPU holding two more of the communicator's ranks than the emptiest moves
+itself (``_spread.h``), so such an accident costs it one move, where Open
+MPI and gloo keep paying.  blsshm's moves and futex sleeps per iteration
+(both also in the JSON) are printed when there were any.  ``--pin`` pins
+rank r to core r mod cores in every backend alike (blsshm then never
+moves a rank): use it to compare the transports alone.
 
 Reproduce (from the repository root, in the project's virtualenv)::
 
@@ -182,9 +192,9 @@ def pattern(src, dst, salt=0):
     return (31 * src + 7 * dst + salt) % 251 + 1
 
 
-def send_buffer(rank, nprocs, size):
+def send_buffer(rank, nprocs, size, salt=0):
     """The P blocks of ``size`` bytes rank ``rank`` sends, back to back."""
-    return np.concatenate([np.full(size, pattern(rank, q), np.uint8) for q in range(nprocs)])
+    return np.concatenate([np.full(size, pattern(rank, q, salt), np.uint8) for q in range(nprocs)])
 
 
 def check_received(recv, rank, nprocs, size, salt=0):
@@ -193,6 +203,23 @@ def check_received(recv, rank, nprocs, size, salt=0):
         block = recv[s * size:(s + 1) * size]
         if block.size != size or not (block == pattern(s, rank, salt)).all():
             raise RuntimeError(f"rank {rank}: wrong bytes from rank {s} at size {size}")
+
+
+def check_fresh_calls(call, send, recv, rank, nprocs, size):
+    """After timing, two more calls (not timed), each sending new bytes, and check what arrived.
+
+    The timed calls all send the same bytes into the same buffer, so one
+    right call among them would pass a check of the last: a transport that
+    skipped an iteration, or read a slot of an earlier one, would not be
+    caught.  Two calls, because blsshm's senders alternate two slots at lag 0.
+    ``send`` and ``recv`` are the NumPy arrays ``call`` sends from and
+    receives into (or share their memory).
+    """
+    for salt in (1, 2):
+        np.copyto(send, send_buffer(rank, nprocs, size, salt))
+        recv.fill(0)
+        call()
+        check_received(recv, rank, nprocs, size, salt)
 
 
 def make_plan(sizes, iters, warmup):
@@ -304,7 +331,7 @@ def blsshm_copy_rank(comm, plan, rank_opts, raw_flags, copy_policy):
         alltoallv = comm.alltoallv
         out[size] = blsshm_timed(comm, lambda: alltoallv(send, counts, out=recv), warmup, iters,
                                  before=send_refresher(send, rank_opts, barrier.wait))
-        check_received(recv, rank, nprocs, size)
+        check_fresh_calls(lambda: alltoallv(send, counts, out=recv), send, recv, rank, nprocs, size)
     return out
 
 
@@ -366,7 +393,7 @@ def gloo_rank(rank, nprocs, plan, init_file, timeout_s, rank_opts, raw_flags):
             dist.barrier()
             ns = time_loop(lambda: a2a(recv, send, splits, splits), warmup, iters,
                            before=send_refresher(send_array, rank_opts, barrier.wait))
-            check_received(recv.numpy(), rank, nprocs, size)
+            check_fresh_calls(lambda: a2a(recv, send, splits, splits), send_array, recv.numpy(), rank, nprocs, size)
             out[size] = {"ns": ns}
         return out
     finally:
@@ -504,7 +531,7 @@ def mpi_worker(plan_path, out_path):
         comm.Barrier()
         ns = time_loop(lambda: a2av(smsg, rmsg), warmup, iters,
                        before=send_refresher(send, job["rank_opts"], comm.Barrier))
-        check_received(recv, rank, nprocs, size)
+        check_fresh_calls(lambda: a2av(smsg, rmsg), send, recv, rank, nprocs, size)
         out[size] = {"ns": ns}
     gathered = comm.gather(out, root=0)
     if rank == 0:
@@ -712,6 +739,7 @@ def summarize(per_rank, size):
     if "stats" in per_rank[0][size]:
         fig["rank_stats"] = [r[size]["stats"] for r in per_rank]
         fig["futex_sleeps_per_iter"] = max(st["futex_sleeps"] for st in fig["rank_stats"]) / worst.size
+        fig["cpu_moves"] = max(st["cpu_moves"] for st in fig["rank_stats"])
     return fig
 
 
@@ -925,6 +953,11 @@ def print_sleep_note(plan, results, oversubscribed):
             where = ", ".join(f"{fmt_size(s)} {x:.1f}" for s, x in slept)
             print(f"  note: {LABELS[b]} ranks slept on the futex (sleeps per iteration, "
                   f"most in one rank): {where} ({why})")
+        moved = [(s, figs[s]["cpu_moves"]) for s, _, _ in plan if figs.get(s, {}).get("cpu_moves", 0) > 0]
+        if moved:
+            where = ", ".join(f"{fmt_size(s)} {n}" for s, n in moved)
+            print(f"  note: {LABELS[b]} ranks moved off a CPU crowded with its ranks (moves, most in one "
+                  f"rank): {where}; Open MPI and gloo ranks stay where the OS put them (--pin: no moves)")
 
 
 def print_bandwidth(nprocs, size, bw):
