@@ -533,7 +533,8 @@ def _check_model_file(cfg):
     from dlrm_bench.model import check_checkpoint, read_checkpoint
     try:
         sd = read_checkpoint(cfg.load_model)
-        check_checkpoint(sd, cfg.sparse_size, cfg.table_rows, cfg.mlp_bot, cfg.mlp_top, _rows_from(cfg))
+        check_checkpoint(sd, cfg.sparse_size, cfg.table_rows, cfg.mlp_bot, cfg.mlp_top, _rows_from(cfg),
+                         _rows_hint(cfg))
     except ValueError as exc:  # not a checkpoint, or shapes that differ from the flags
         raise UsageError(f"--load-model {cfg.load_model}: {exc}") from None
     except Exception as exc:  # unreadable: torch's messages run over several lines, keep the first
@@ -551,6 +552,18 @@ def _rows_from(cfg):
     if cfg.raw_data_file is not None:
         return f"{cap} (the rows of every table with --raw-data-file)"
     return "--arch-embedding-size" + (f" (capped by {cap})" if cfg.max_ind_range > 0 else "")
+
+
+def _rows_hint(cfg):
+    """How a checkpoint's tables could have other rows than ``cfg``'s, as a message's parenthesis."""
+    if cfg.raw_data_file is not None:
+        return (" (the reference numbers each table's categories anew when it preprocesses a raw file, "
+                "so its tables hold the categories seen, at most --max-ind-range: give the "
+                "--processed-data-file it wrote instead)")
+    if cfg.processed_data_file is not None and cfg.max_ind_range <= 0:
+        return (" (a model trained with --max-ind-range M has tables of at most M rows: "
+                "give the same --max-ind-range)")
+    return ""
 
 
 def mpi_available():

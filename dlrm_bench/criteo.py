@@ -133,6 +133,9 @@ def _label_and_indices(fields, columns, max_ind_range, lineno):
     except ValueError:
         raise CriteoFormatError(f"line {lineno}: the label (field 1) {_show(fields[0])} "
                                 f"is not an integer") from None
+    if not -2 ** 31 <= label < 2 ** 31:  # the reference keeps labels as int32 (a click is 1)
+        raise CriteoFormatError(f"line {lineno}: the label (field 1) {_show(fields[0])} "
+                                f"is out of range (a 32-bit integer)")
     try:
         return label, [int(fields[c], 16) % max_ind_range if fields[c] else 0 for c in columns]
     except ValueError:

@@ -171,10 +171,11 @@ def read_checkpoint(path):
     return ckpt["state_dict"]
 
 
-def check_checkpoint(sd, dim, table_rows, mlp_bot, mlp_top, rows_from="the flags"):
+def check_checkpoint(sd, dim, table_rows, mlp_bot, mlp_top, rows_from="the flags", rows_hint=""):
     """Raise ``ValueError`` naming the first parameter whose shape differs from the flags.
 
-    ``rows_from`` says where ``table_rows`` came from, for the message.
+    ``rows_from`` says where ``table_rows`` came from, for the message, and
+    ``rows_hint`` (a parenthesis, or empty) how a table could have fewer rows.
     """
     expected = {f"emb_l.{i}.weight": (rows, dim) for i, rows in enumerate(table_rows)}
     for name, sizes in (("bot_l", mlp_bot), ("top_l", mlp_top)):
@@ -183,15 +184,21 @@ def check_checkpoint(sd, dim, table_rows, mlp_bot, mlp_top, rows_from="the flags
             expected[f"{name}.{2 * i}.bias"] = (sizes[i + 1],)
     for key, shape in expected.items():
         if key not in sd:
-            raise ValueError(f"checkpoint has no {key} (expected shape {shape})")
-        if tuple(sd[key].shape) != tuple(shape):
-            source = rows_from if key.startswith("emb_l.") else "the flags"
-            # The top MLP's input is the interaction's width, which no size flag sets.
-            hint = (" (its input is the interaction's width: give the --arch-interaction-op and "
-                    "--arch-interaction-itself the checkpoint was trained with)"
-                    if key == "top_l.0.weight" and tuple(sd[key].shape)[:1] == tuple(shape)[:1] else "")
-            raise ValueError(f"checkpoint {key} has shape {tuple(sd[key].shape)}, "
-                             f"{source} give {tuple(shape)}{hint}")
+            raise ValueError(f"checkpoint has no {key} (expected shape {shape}){_missing_hint(sd, key)}")
+        got = tuple(sd[key].shape)
+        if got != tuple(shape):
+            source, hint = "the flags", ""
+            if key.startswith("emb_l.") and got[:1] == shape[:1]:  # the rows fit: the width does not
+                source = f"--arch-sparse-feature-size {dim}"
+                hint = (f" (give the checkpoint's width, {got[-1]}, as --arch-sparse-feature-size "
+                        f"and as the last size of --arch-mlp-bot)")
+            elif key.startswith("emb_l."):
+                source, hint = rows_from, (rows_hint if got[:1] < shape[:1] else "")  # hints for fewer rows
+            elif key == "top_l.0.weight" and got[:1] == shape[:1]:
+                # The top MLP's input is the interaction's width, which no size flag sets.
+                hint = (" (its input is the interaction's width: give the --arch-interaction-op and "
+                        "--arch-interaction-itself the checkpoint was trained with)")
+            raise ValueError(f"checkpoint {key} has shape {got}; expected {tuple(shape)}, from {source}{hint}")
         if not sd[key].is_floating_point():  # float16/bfloat16/float64 are computed in float32
             raise ValueError(f"checkpoint {key} holds {sd[key].dtype}, not floating-point weights")
         # NaN in an MLP makes every prediction NaN, which --verify cannot check;
@@ -209,6 +216,17 @@ def check_checkpoint(sd, dim, table_rows, mlp_bot, mlp_top, rows_from="the flags
     extra = sorted(k for k in sd if k.startswith(("emb_l.", "bot_l.", "top_l.")) and k not in expected)
     if extra:
         raise ValueError(f"checkpoint has parameters the flags do not describe: {', '.join(extra[:3])}")
+
+
+def _missing_hint(sd, key):
+    """Why ``key`` may be missing from ``sd``, as a message's ending."""
+    wrapped = [k for k in sd if k.replace("module.", "") == key]
+    if wrapped:  # torch's DistributedDataParallel (or DataParallel) puts "module." in its names
+        return (f"; it has {wrapped[0]}, the name in a model wrapped in DistributedDataParallel, as the "
+                f"reference's MLPs are when it runs on several processes: dlrm_bench reads the "
+                f"checkpoint of a single-process run")
+    names = sorted(sd)
+    return f"; it has {len(names)} entries: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
 
 
 class Model:

@@ -158,10 +158,16 @@ def _set(key, value):
 
 MISFITS = [
     ("a table of other rows", _set("emb_l.2.weight", torch.zeros(51, D)),
-     ["emb_l.2.weight", "(51, 4)", "--arch-embedding-size give (50, 4)"]),
-    ("a table of other width", _set("emb_l.0.weight", torch.zeros(7, D + 1)), ["emb_l.0.weight", "(7, 5)"]),
+     ["emb_l.2.weight", "(51, 4)", "expected (50, 4), from --arch-embedding-size"]),
+    # The message blamed what set the rows (--arch-embedding-size) for a width only D sets.
+    ("a table of other width", _set("emb_l.0.weight", torch.zeros(7, D + 1)),
+     ["emb_l.0.weight", "(7, 5)", f"from --arch-sparse-feature-size {D}", "width, 5, as --arch-sparse-feature-size"]),
     ("a table too many", _set("emb_l.5.weight", torch.zeros(9, D)), ["emb_l.5.weight"]),
-    ("a table missing", lambda sd: sd.pop("emb_l.4.weight"), ["emb_l.4.weight"]),
+    ("a table missing", lambda sd: sd.pop("emb_l.4.weight"), ["emb_l.4.weight", "it has 12 entries: bot_l.0.bias"]),
+    # The reference's MLPs in DistributedDataParallel: only "has no bot_l.0.weight" was said.
+    ("MLPs saved wrapped in DistributedDataParallel",
+     lambda sd: sd.update({k.replace("bot_l.", "bot_l.module."): sd.pop(k) for k in list(sd) if k.startswith("bot_l.")}),
+     ["has no bot_l.0.weight", "it has bot_l.module.0.weight", "DistributedDataParallel"]),
     ("a bottom layer transposed", lambda sd: sd.update({"bot_l.0.weight": sd["bot_l.0.weight"].t().contiguous()}),
      ["bot_l.0.weight", "(3, 8)", "(8, 3)"]),
     ("a top bias missing", lambda sd: sd.pop("top_l.2.bias"), ["top_l.2.bias"]),

@@ -145,6 +145,8 @@ BAD_LINES = [
     ("decimal integer", "\t".join(_fields()[:3] + ["1.5"] + _fields()[4:]),
      ["integer feature I3 (field 4) '1.5' is not an integer"]),
     ("bad label", "\t".join(["x"] + _fields()[1:]), ["the label (field 1) 'x' is not an integer"]),
+    # A raw OverflowError past float's range; beyond float32's, stored as inf.
+    ("label past 32 bits", "\t".join(["1" + "0" * 400] + _fields()[1:]), ["the label (field 1) '1000", "out of range"]),
     *[(f"integer {bad}", "\t".join(_fields()[:3] + [bad] + _fields()[4:]),  # were 0 or "too large"
        [f"integer feature I3 (field 4) '{bad}' is not an integer"]) for bad in ("--5", "-1__0", "+-5", "_5")],
     ("integer past int()'s digits", "\t".join(_fields()[:3] + ["1" * 5000] + _fields()[4:]),
@@ -364,7 +366,20 @@ def _comma_file(tmp_path):
     return path
 
 
+def _densely_numbered_checkpoint(tmp):
+    """A checkpoint as the reference trains it on a raw file: tables of the categories seen."""
+    import torch
+    path = tmp / "dlrm.pt"
+    torch.save({"state_dict": {f"emb_l.{i}.weight": torch.zeros(3, 4) for i in range(26)}}, path)
+    return path
+
+
 REJECTIONS = [
+    # The message did not say the reference renumbers categories, nor what to give instead.
+    ("a checkpoint of the reference's renumbered tables",
+     lambda tmp, path: dataset_flags(path) + ["--load-model", str(_densely_numbered_checkpoint(tmp))],
+     ["emb_l.0.weight has shape (3, 4)", f"expected ({M}, 4)", "numbers each table's categories anew",
+      "--processed-data-file"]),
     ("no --raw-data-file", lambda tmp, path: _without(dataset_flags(path), "--raw-data-file"),
      ["--raw-data-file"]),
     ("missing file", lambda tmp, path: dataset_flags(tmp / "nowhere.txt"), ["nowhere.txt", "no such file"]),

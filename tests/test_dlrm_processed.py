@@ -198,15 +198,21 @@ def test_a_checkpoint_with_the_counts_tables_predicts_what_its_weights_give(proc
 # ----------------------------------------------------------- rejections
 
 
+@pytest.mark.parametrize("more", [True, False], ids=["more rows", "fewer rows"])
 def test_a_checkpoint_whose_tables_differ_from_the_counts_names_the_counts(processed_file, tmp_path, capsys,
-                                                                        no_dlrm_runs):
-    # The message said "the flags give", though no flag gives the sizes here.
+                                                                        no_dlrm_runs, more):
+    # The message said "the flags give", though no flag gives the sizes here;
+    # with fewer rows it did not say that --max-ind-range caps them.
     path, (_, _, _, counts) = processed_file
+    rows = counts + 1 if more else np.maximum(counts - 1, 1)
+    j = int(np.flatnonzero(rows != counts)[0])
     ckpt = tmp_path / "dlrm.pt"
-    torch.save({"state_dict": random_state_dict(counts + 1, BOT, TOP, D, seed=11)}, ckpt)
-    assert_rejected(capsys, run_flags(path, "--load-model", str(ckpt), "--arch-mlp-top", "-".join(map(str, TOP[1:]))),
-                    "--load-model", f"emb_l.0.weight has shape ({counts[0] + 1}, {D})",
-                    f"the counts of --processed-data-file {path} give ({counts[0]}, {D})")
+    torch.save({"state_dict": random_state_dict(rows, BOT, TOP, D, seed=11)}, ckpt)
+    hint = "a model trained with --max-ind-range M has tables of at most M rows"
+    argv = run_flags(path, "--load-model", str(ckpt), "--arch-mlp-top", "-".join(map(str, TOP[1:])))
+    said = assert_rejected(capsys, argv, "--load-model", f"emb_l.{j}.weight has shape ({rows[j]}, {D})",
+                           f"expected ({counts[j]}, {D}), from the counts of --processed-data-file {path}")
+    assert (hint in said) == (not more)
 
 
 def _mutated(tmp, **changes):
