@@ -1467,17 +1467,22 @@ cdef class Core:
         self.pending_bytes = nbytes
         return 0
 
-    cdef int _reserve_blocks(self, uint64_t t, uint64_t nbytes, uint64_t itemsize,
-                             int64_t timeout_ns, int64_t* deadline_ns, bint blocking=False) except -1:
-        """``_reserve`` for the blocks just parsed: mailboxes if they all fit, else a record."""
-        cdef uint64_t start
-        cdef bint inline = self._fits_mailboxes(itemsize)
+    cdef int _check_fits(self, uint64_t itemsize) except -1:
+        """ArenaFullError if the blocks just parsed fit neither the arena nor the mailboxes."""
         cdef int q = self.unfit_block
-        if not inline and q >= 0:
+        if q >= 0 and not self._fits_mailboxes(itemsize):
             raise ArenaFullError(
                 f"send_counts[{q}] = {self.counts[q]} elements of {itemsize} bytes do not fit in the arena "
                 f"({self.arena_bytes} bytes per rank) after the blocks before them; "
                 f"create the communicator with a larger arena_bytes")
+        return 0
+
+    cdef int _reserve_blocks(self, uint64_t t, uint64_t nbytes, uint64_t itemsize,
+                             int64_t timeout_ns, int64_t* deadline_ns, bint blocking=False) except -1:
+        """``_reserve`` for the blocks just parsed: mailboxes if they all fit, else a record."""
+        cdef uint64_t start
+        self._check_fits(itemsize)
+        cdef bint inline = self._fits_mailboxes(itemsize)
         self._reserve(t, 0 if inline else nbytes, timeout_ns, deadline_ns, &start, blocking)
         self.pending_inline = inline
         return 0
@@ -1865,6 +1870,7 @@ cdef class Core:
             raise BlsValueError(
                 f"send_counts add up to {sum([self.counts[q] for q in range(self.size)])} elements "
                 f"but send holds {cnp.PyArray_SIZE(send)}")
+        self._check_fits(dtype.itemsize)
         return 0
 
     cdef object _views_base(self, str operation, int64_t t):
@@ -2341,8 +2347,6 @@ cdef class Core:
         # One deadline for the whole call: the post's waits and the complete's.
         cdef int64_t deadline_ns = NO_DEADLINE_YET
         cdef uint64_t nbytes
-        cdef object call_timeout = timeout
-        timeout = self._timeout_arg(timeout)
         cdef bint was_torch = False
         if not cnp.PyArray_CheckExact(send):
             send, was_torch = as_array(send, "send")
@@ -2355,7 +2359,8 @@ cdef class Core:
             self._check_out(out, <cnp.dtype>cnp.PyArray_DESCR(<cnp.ndarray>send))  # before publishing
         if not self.ready:  # the input first: bad input is said before waiting for peers
             self._check_send(t, send, send_counts, &nbytes)
-            self._ready_within(call_timeout, &deadline_ns)
+            self._ready_within(timeout, &deadline_ns)
+        timeout = self._timeout_arg(timeout)
         # Our own block goes from send to out directly, unless out overlaps
         # send (the blocks gathered before it would overwrite it).
         cdef bint defer_own = out is None or not _overlap(<cnp.ndarray>send, <cnp.ndarray>out)
@@ -2389,13 +2394,15 @@ cdef class Core:
         """
         cdef int64_t deadline_ns = NO_DEADLINE_YET
         cdef int64_t it
-        cdef uint64_t nbytes
+        cdef uint64_t nbytes, itemsize
         self._enter("post_views")
         try:
             it = _iteration(t)
             if not self.ready:  # bad input: said before waiting for peers (checked again on entry)
                 self._check_post_order(it)
-                self._parse_counts(send_counts, self._resolve_dtype(dtype).itemsize, &nbytes)
+                itemsize = self._resolve_dtype(dtype).itemsize
+                self._parse_counts(send_counts, itemsize, &nbytes)
+                self._check_fits(itemsize)
                 self._ready_within(timeout, &deadline_ns)
             return PostViews(self, it, send_counts, dtype, self._timeout_arg(timeout), deadline_ns)
         finally:

@@ -307,6 +307,16 @@ class Comm(_core.Core):
         (seconds, checked; None if it had none), which bounds it as well as
         ``attach_timeout``.
         """
+        try:
+            self._wait_for_every_rank(timeout)
+        except BlsValueError:
+            if self.closed:  # by a signal handler meanwhile: said as a wait's close is (not bad input)
+                raise BlsError("communicator was closed while waiting for every rank to attach "
+                               "(by a signal handler)") from None
+            raise
+
+    def _wait_for_every_rank(self, timeout):
+        """``_make_ready``'s work; its reads of the segment raise BlsValueError once it is closed."""
         self._check()
         now = time.monotonic()
         limits = [(seconds, what) for seconds, what in ((self._attach_timeout, "attach_timeout"),
@@ -316,9 +326,6 @@ class Comm(_core.Core):
         deadline = None if seconds is None else now + float(seconds)
         delay = 1e-4
         while True:
-            if self.closed:  # by a signal handler during the sleep: said as a wait's is (BlsError)
-                raise BlsError("communicator was closed while waiting for every rank to attach "
-                               "(by a signal handler)")
             attached = self._attached_ranks()
             if len(attached) == self.size:
                 break
@@ -443,9 +450,10 @@ class Comm(_core.Core):
     @property
     def stats(self) -> Dict[str, Union[int, float]]:
         """Counters since :meth:`reset_stats` (or creation): seconds waited in post
-        and in complete (not the first call's wait for every rank to attach), futex sleeps, moves off a CPU crowded with other ranks
-        (see ``_spread.h``), payload bytes sent and received, and of those sent, the
-        bytes copied with streaming stores (see ``copy_policy``).  The iteration
+        and in complete (not the first call's wait for every rank to attach),
+        futex sleeps, moves off a CPU crowded with other ranks (see
+        ``_spread.h``), payload bytes sent and received, and of those sent,
+        the bytes copied with streaming stores (see ``copy_policy``).  The iteration
         counts are ``next_post`` and ``next_complete``, since creation: a reset
         leaves them alone."""
         return {

@@ -188,12 +188,13 @@ def check_checkpoint(sd, dim, table_rows, mlp_bot, mlp_top, rows_from="the flags
         got = tuple(sd[key].shape)
         if got != tuple(shape):
             source, hint = "the flags", ""
-            if key.startswith("emb_l.") and got[:1] == shape[:1]:  # the rows fit: the width does not
+            if key.startswith("emb_l.") and len(got) == 2 and got[0] == shape[0]:  # only the width differs
                 source = f"--arch-sparse-feature-size {dim}"
-                hint = (f" (give the checkpoint's width, {got[-1]}, as --arch-sparse-feature-size "
+                hint = (f" (give the checkpoint's width, {got[1]}, as --arch-sparse-feature-size "
                         f"and as the last size of --arch-mlp-bot)")
-            elif key.startswith("emb_l."):
-                source, hint = rows_from, (rows_hint if got[:1] < shape[:1] else "")  # hints for fewer rows
+            elif key.startswith("emb_l.") and len(got) == 2:  # the rows differ (and maybe the width)
+                source = rows_from + (f" and --arch-sparse-feature-size {dim}" if got[1] != dim else "")
+                hint = rows_hint if got[0] < shape[0] else ""  # the hints are for fewer rows
             elif key == "top_l.0.weight" and got[:1] == shape[:1]:
                 # The top MLP's input is the interaction's width, which no size flag sets.
                 hint = (" (its input is the interaction's width: give the --arch-interaction-op and "
@@ -222,9 +223,9 @@ def _missing_hint(sd, key):
     """Why ``key`` may be missing from ``sd``, as a message's ending."""
     wrapped = [k for k in sd if k.replace("module.", "") == key]
     if wrapped:  # torch's DistributedDataParallel (or DataParallel) puts "module." in its names
-        return (f"; it has {wrapped[0]}, the name in a model wrapped in DistributedDataParallel, as the "
-                f"reference's MLPs are when it runs on several processes: dlrm_bench reads the "
-                f"checkpoint of a single-process run")
+        return (f"; it has {wrapped[0]}, the name in a model wrapped in DistributedDataParallel (or "
+                f"DataParallel), as the reference's MLPs are when it runs on several processes: "
+                f"dlrm_bench reads the checkpoint of a single-process run")
     names = sorted(sd)
     return f"; it has {len(names)} entries: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
 

@@ -400,6 +400,10 @@ FIRST_CALLS = [
     ("blocking counts that do not add up", lambda c: c.alltoallv(GOOD, [3, 3]), BlsValueError, "add up to 6"),
     ("a blocking out of another dtype", lambda c: c.alltoallv(GOOD, [2, 2], out=np.empty(4, np.int32)),
      BlsTypeError, "dtype int32"),
+    ("a block too big for the arena", lambda c: c.post(0, np.zeros(8192, np.uint8), [0, 8192]),
+     ArenaFullError, "send_counts[1] = 8192 elements of 1 bytes do not fit"),
+    ("a zero-copy block too big for the arena", lambda c: c.post_views(0, [0, 8192], np.uint8),
+     ArenaFullError, "send_counts[1] = 8192 elements of 1 bytes do not fit"),
 ]
 
 
@@ -407,7 +411,7 @@ FIRST_CALLS = [
 def test_bad_input_to_the_first_call_is_named_before_waiting_for_peers_to_attach(call, error, words):
     # It was checked only after the wait: with a peer missing, the error
     # became a timeout naming the peer (with attach_timeout=None, a hang).
-    with blsshm.Comm.create(2, 0, attach_timeout=1) as a:
+    with blsshm.Comm.create(2, 0, arena_bytes=4096, attach_timeout=1) as a:
         with pytest.raises(error, match=re.escape(words)):
             call(a)
         assert (a.next_post, a.next_complete) == (0, 0)
@@ -419,7 +423,7 @@ def test_bad_input_to_the_first_call_is_named_before_waiting_for_peers_to_attach
 def test_a_signal_handler_closing_the_communicator_during_the_first_wait_is_a_closed_error():
     # It was BlsValueError ("rank 0 is closed"), the error of bad input.
     import signal
-    with blsshm.Comm.create(2, 0, attach_timeout=None) as a:
+    with blsshm.Comm.create(2, 0, attach_timeout=5) as a:
         previous = signal.signal(signal.SIGALRM, lambda *_: a.close())
         try:
             signal.setitimer(signal.ITIMER_REAL, 0.2)
@@ -430,6 +434,24 @@ def test_a_signal_handler_closing_the_communicator_during_the_first_wait_is_a_cl
             signal.signal(signal.SIGALRM, previous)
         assert not isinstance(caught.value, ValueError)
         assert "closed while waiting for every rank to attach" in str(caught.value)
+
+
+def test_a_close_just_after_every_rank_attached_is_a_closed_error_too(monkeypatch):
+    # Between the wait and the end of the first call's set-up (no sleep there,
+    # so a rare window), a signal handler's close still gave BlsValueError.
+    looked_up = blsshm.Comm._peer_pids
+
+    def closed_meanwhile(comm):
+        comm.close()  # as a signal handler arriving here would
+        return looked_up(comm)
+
+    with blsshm.Comm.create(2, 0, attach_timeout=5) as a, blsshm.Comm.attach(a.name, 1) as b:
+        monkeypatch.setattr(blsshm.Comm, "_peer_pids", closed_meanwhile)
+        with pytest.raises(BlsError, match="closed while waiting for every rank to attach") as caught:
+            a.post(0, GOOD, [2, 2])
+        assert not isinstance(caught.value, ValueError)
+        monkeypatch.undo()
+        assert b.closed is False
 
 
 def test_completing_inside_an_open_complete_views_block_is_refused():

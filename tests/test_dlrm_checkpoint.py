@@ -162,6 +162,10 @@ MISFITS = [
     # The message blamed what set the rows (--arch-embedding-size) for a width only D sets.
     ("a table of other width", _set("emb_l.0.weight", torch.zeros(7, D + 1)),
      ["emb_l.0.weight", "(7, 5)", f"from --arch-sparse-feature-size {D}", "width, 5, as --arch-sparse-feature-size"]),
+    ("a table of other rows and width", _set("emb_l.2.weight", torch.zeros(49, D + 1)),
+     ["emb_l.2.weight", "(49, 5)", f"expected (50, 4), from --arch-embedding-size and --arch-sparse-feature-size {D}"]),
+    # A width hint for a table that is not a matrix: "give the checkpoint's width, 7".
+    ("a table that is not a matrix", _set("emb_l.0.weight", torch.zeros(7)), ["emb_l.0.weight", "(7,)", "from the flags"]),
     ("a table too many", _set("emb_l.5.weight", torch.zeros(9, D)), ["emb_l.5.weight"]),
     ("a table missing", lambda sd: sd.pop("emb_l.4.weight"), ["emb_l.4.weight", "it has 12 entries: bot_l.0.bias"]),
     # The reference's MLPs in DistributedDataParallel: only "has no bot_l.0.weight" was said.

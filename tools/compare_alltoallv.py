@@ -957,7 +957,7 @@ def print_sleep_note(plan, results, oversubscribed):
         if moved:
             where = ", ".join(f"{fmt_size(s)} {n}" for s, n in moved)
             print(f"  note: {LABELS[b]} ranks moved off a CPU crowded with its ranks (moves, most in one "
-                  f"rank): {where}; Open MPI and gloo ranks stay where the OS put them (--pin: no moves)")
+                  f"rank): {where}; Open MPI and gloo ranks do not move themselves (--pin: no moves)")
 
 
 def print_bandwidth(nprocs, size, bw):
