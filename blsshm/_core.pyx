@@ -1467,10 +1467,16 @@ cdef class Core:
         self.pending_bytes = nbytes
         return 0
 
-    cdef int _check_fits(self, uint64_t itemsize) except -1:
+    @cython.final
+    cdef inline int _check_fits(self, uint64_t itemsize) except -1:
         """ArenaFullError if the blocks just parsed fit neither the arena nor the mailboxes."""
+        if self.unfit_block >= 0:  # rare: a C call only then
+            self._refuse_unfit(itemsize)
+        return 0
+
+    cdef int _refuse_unfit(self, uint64_t itemsize) except -1:
         cdef int q = self.unfit_block
-        if q >= 0 and not self._fits_mailboxes(itemsize):
+        if not self._fits_mailboxes(itemsize):
             raise ArenaFullError(
                 f"send_counts[{q}] = {self.counts[q]} elements of {itemsize} bytes do not fit in the arena "
                 f"({self.arena_bytes} bytes per rank) after the blocks before them; "
@@ -1481,8 +1487,7 @@ cdef class Core:
                              int64_t timeout_ns, int64_t* deadline_ns, bint blocking=False) except -1:
         """``_reserve`` for the blocks just parsed: mailboxes if they all fit, else a record."""
         cdef uint64_t start
-        self._check_fits(itemsize)
-        cdef bint inline = self._fits_mailboxes(itemsize)
+        cdef bint inline = self._fits_mailboxes(itemsize)  # the caller ran _check_fits
         self._reserve(t, 0 if inline else nbytes, timeout_ns, deadline_ns, &start, blocking)
         self.pending_inline = inline
         return 0
@@ -1844,7 +1849,8 @@ cdef class Core:
         self._commit(t, dtype)
         return 0
 
-    cdef int _check_send(self, int64_t t, cnp.ndarray send, object send_counts, uint64_t* nbytes) except -1:
+    @cython.final
+    cdef inline int _check_send(self, int64_t t, cnp.ndarray send, object send_counts, uint64_t* nbytes) except -1:
         """Refuse a post of ``t`` out of order, or of ``send``/``send_counts`` that do not fit.
 
         Touches nothing shared but the abort word, so the first call runs it
@@ -1910,6 +1916,7 @@ cdef class Core:
         cdef cnp.dtype dtype = self._resolve_dtype(dtype_arg)
         cdef uint64_t nbytes
         self._parse_counts(send_counts, dtype.itemsize, &nbytes)
+        self._check_fits(dtype.itemsize)
         self._check_peers_for_post(t)
         self._reserve_blocks(t, nbytes, dtype.itemsize, self._timeout_ns(timeout), deadline_ns)
         self.slot_dtype[self._slot(t)] = dtype
