@@ -1910,13 +1910,8 @@ cdef class Core:
         ``views[q]`` is the writable block for rank ``q``.  ``_zc_commit(t)``
         publishes, ``_zc_cancel(t)`` forgets the reservation.
         """
-        self._check_post_order(t)
-        if self.pending:
-            raise BlsValueError(f"iteration {t} is already reserved and not yet published")
-        cdef cnp.dtype dtype = self._resolve_dtype(dtype_arg)
         cdef uint64_t nbytes
-        self._parse_counts(send_counts, dtype.itemsize, &nbytes)
-        self._check_fits(dtype.itemsize)
+        cdef cnp.dtype dtype = self._check_views_post(t, send_counts, dtype_arg, &nbytes)
         self._check_peers_for_post(t)
         self._reserve_blocks(t, nbytes, dtype.itemsize, self._timeout_ns(timeout), deadline_ns)
         self.slot_dtype[self._slot(t)] = dtype
@@ -1927,6 +1922,16 @@ cdef class Core:
         except BaseException:
             self.pending = False
             raise
+
+    cdef cnp.dtype _check_views_post(self, int64_t t, object send_counts, object dtype_arg, uint64_t* nbytes):
+        """``_check_send`` for a zero-copy post: returns the dtype; run before the first wait too."""
+        self._check_post_order(t)
+        if self.pending:
+            raise BlsValueError(f"iteration {t} is already reserved and not yet published")
+        cdef cnp.dtype dtype = self._resolve_dtype(dtype_arg)
+        self._parse_counts(send_counts, dtype.itemsize, nbytes)
+        self._check_fits(dtype.itemsize)
+        return dtype
 
     cdef int _zc_commit(self, int64_t t) except -1:
         """Zero-copy post, second half: publish the record reserved for ``t``."""
@@ -2401,15 +2406,12 @@ cdef class Core:
         """
         cdef int64_t deadline_ns = NO_DEADLINE_YET
         cdef int64_t it
-        cdef uint64_t nbytes, itemsize
+        cdef uint64_t nbytes
         self._enter("post_views")
         try:
             it = _iteration(t)
             if not self.ready:  # bad input: said before waiting for peers (checked again on entry)
-                self._check_post_order(it)
-                itemsize = self._resolve_dtype(dtype).itemsize
-                self._parse_counts(send_counts, itemsize, &nbytes)
-                self._check_fits(itemsize)
+                self._check_views_post(it, send_counts, dtype, &nbytes)
                 self._ready_within(timeout, &deadline_ns)
             return PostViews(self, it, send_counts, dtype, self._timeout_arg(timeout), deadline_ns)
         finally:

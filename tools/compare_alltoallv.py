@@ -74,10 +74,10 @@ rank's mean call; the slowest rank's), with ratios of those: what a loop of
 iterations sees.  When every rank has a core of its own the two figures
 agree.  With ranks sharing cores they do not, for blsshm at lag 0 as at
 lag 1 (both publish ``t + 1`` while others may still receive ``t``, as an
-eager MPI send does): a rank runs two iterations
-per turn on its core, so its calls alternate short and long (the long one
-spans the other rank's turn), and some rank is in its long call in nearly
-every iteration, which the maximum over ranks then reports.  For sizes of
+eager MPI send does): a rank runs two iterations per turn on its core, so
+its calls alternate short and long (the long one spans the other rank's
+turn), and some rank is in its long call in nearly every iteration, which
+the maximum over ranks then reports.  For sizes of
 1 MiB and more the bandwidth is also printed: bytes each rank receives per
 iteration (P x size, its own block included) over the median time, with
 the ratio to the memcpy floor.  Sizes above 64 KiB run a quarter of
@@ -86,8 +86,7 @@ after timing each transport makes two more calls (not timed) with new
 bytes each and checks what arrived: a transport that skipped an iteration
 or read an earlier one's slot cannot pass for a result (zero copy writes
 new bytes every iteration and checks its last; the memcpy floors check
-their last copy).  Each
-backend run has a deadline (``--timeout``); its processes are always reaped
+their last copy).  Each backend run has a deadline (``--timeout``); its processes are always reaped
 and a failing backend is reported in the table instead of ending the run.
 
 Cache line.  The run starts and ends, and every backend is preceded and
@@ -329,9 +328,13 @@ def blsshm_copy_rank(comm, plan, rank_opts, raw_flags, copy_policy):
         recv = np.empty(nprocs * size, np.uint8)
         counts = [size] * nprocs
         alltoallv = comm.alltoallv
-        out[size] = blsshm_timed(comm, lambda: alltoallv(send, counts, out=recv), warmup, iters,
+
+        def exchange():
+            alltoallv(send, counts, out=recv)
+
+        out[size] = blsshm_timed(comm, exchange, warmup, iters,
                                  before=send_refresher(send, rank_opts, barrier.wait))
-        check_fresh_calls(lambda: alltoallv(send, counts, out=recv), send, recv, rank, nprocs, size)
+        check_fresh_calls(exchange, send, recv, rank, nprocs, size)
     return out
 
 
@@ -391,9 +394,11 @@ def gloo_rank(rank, nprocs, plan, init_file, timeout_s, rank_opts, raw_flags):
             splits = [size] * nprocs
             a2a = dist.all_to_all_single
             dist.barrier()
-            ns = time_loop(lambda: a2a(recv, send, splits, splits), warmup, iters,
-                           before=send_refresher(send_array, rank_opts, barrier.wait))
-            check_fresh_calls(lambda: a2a(recv, send, splits, splits), send_array, recv.numpy(), rank, nprocs, size)
+            def exchange():
+                a2a(recv, send, splits, splits)
+
+            ns = time_loop(exchange, warmup, iters, before=send_refresher(send_array, rank_opts, barrier.wait))
+            check_fresh_calls(exchange, send_array, recv.numpy(), rank, nprocs, size)
             out[size] = {"ns": ns}
         return out
     finally:
@@ -529,9 +534,11 @@ def mpi_worker(plan_path, out_path):
         smsg, rmsg = [send, (counts, displs), MPI.BYTE], [recv, (counts, displs), MPI.BYTE]
         a2av = comm.Alltoallv
         comm.Barrier()
-        ns = time_loop(lambda: a2av(smsg, rmsg), warmup, iters,
-                       before=send_refresher(send, job["rank_opts"], comm.Barrier))
-        check_fresh_calls(lambda: a2av(smsg, rmsg), send, recv, rank, nprocs, size)
+        def exchange():
+            a2av(smsg, rmsg)
+
+        ns = time_loop(exchange, warmup, iters, before=send_refresher(send, job["rank_opts"], comm.Barrier))
+        check_fresh_calls(exchange, send, recv, rank, nprocs, size)
         out[size] = {"ns": ns}
     gathered = comm.gather(out, root=0)
     if rank == 0:
@@ -928,7 +935,7 @@ def print_table(nprocs, plan, results, cores):
     for size, _, _ in plan:
         if size >= BANDWIDTH_MIN:
             print_bandwidth(nprocs, size, bandwidth(results, nprocs, size))
-    print_sleep_note(plan, results, oversubscribed=nprocs > cores)
+    print_blsshm_notes(plan, results, oversubscribed=nprocs > cores)
     if any(b in results for b in ("memcpy", "memcpy_x")) and any(size <= CALL_BOUND_SIZE for size, _, _ in plan):
         print(f"  memcpy columns up to {fmt_size(CALL_BOUND_SIZE)} time a NumPy copy call, mostly the call itself: "
               f"not a floor there; the latency floor is a cache line crossing cores (below)")
@@ -942,8 +949,8 @@ def print_table(nprocs, plan, results, cores):
                 print(f"  note: {LABELS[b]} {kind}: {results[b][kind]}")
 
 
-def print_sleep_note(plan, results, oversubscribed):
-    """Say where blsshm ranks mostly slept instead of spinning: a peer was not running."""
+def print_blsshm_notes(plan, results, oversubscribed):
+    """Say where blsshm ranks mostly slept instead of spinning (a peer was not running), and moved."""
     why = "ranks share cores" if oversubscribed else "a peer was not running: ranks sharing a core?"
     for b in ("blsshm", "blsshm_cached", "blsshm_l1", "blsshm_zc"):
         figs = results.get(b, {}).get("sizes", {})
