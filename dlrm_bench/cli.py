@@ -10,8 +10,14 @@ from dlrm_bench.config import UsageError, mpi_available, parse
 from dlrm_bench.sharding import make_plan
 
 
+# Compute of the same work this much longer in one run than in another of
+# its round is named: the usual spread between runs here is under 1.15x.
+COMPUTE_DRIFT = 1.25
+MIN_DRIFT_S = 0.5
+
+
 def planned_runs(cfg, compare):
-    """The configurations to run: one, or the --compare set in a fixed order."""
+    """The configurations to run: one, or the --compare set (see ``round_order``)."""
     if not compare:
         return [cfg]
     runs = [cfg.replace(backend="bls", lag=0)]
@@ -21,6 +27,84 @@ def planned_runs(cfg, compare):
     if mpi_available() is None:
         runs.append(cfg.replace(backend="mpi"))
     return runs
+
+
+def round_order(runs, k):
+    """Round ``k``'s order: the set rotated by ``k``.
+
+    No run then always goes first or right after another, so a slow phase
+    of the machine (CPU seconds for the same work vary up to 2x between
+    runs here) is spread over all of them instead of one.
+    """
+    k %= len(runs)
+    return runs[k:] + runs[:k]
+
+
+def median_round(done, label, rounds):
+    """``label``'s figures from its median round by samples/s (the lower
+    middle one for an even count), or why one of its rounds failed."""
+    figs = [fig for name, _, fig in done if name == label]
+    for name, k, fig in done:
+        if name == label and not isinstance(fig, dict):
+            return f"{fig} (round {k + 1})" if rounds > 1 else fig
+    figs.sort(key=lambda f: f["samples_per_s"])
+    return figs[(len(figs) - 1) // 2]
+
+
+def paired_ratios(done, main_label, labels):
+    """``main_label``'s samples/s over each other run's, paired by round:
+    ``{label: {"median", "min", "max", "rounds"}}`` over the rounds where both ran."""
+    per_round = {}
+    for label, k, fig in done:
+        if isinstance(fig, dict):
+            per_round.setdefault(k, {})[label] = fig["samples_per_s"]
+    ratios = {}
+    for label in labels:
+        if label == main_label:
+            continue
+        r = [runs[main_label] / runs[label] for runs in per_round.values() if main_label in runs and label in runs]
+        if r:
+            ratios[label] = {"median": float(np.median(r)), "min": min(r), "max": max(r), "rounds": len(r)}
+    return ratios
+
+
+def compute_drift_notes(done, rounds):
+    """Lines saying where the same work's compute took much longer in one run than in another of its round.
+
+    Every run computes the same batches with the same model, so their
+    compute should take alike; when it does not (a slower phase of the
+    machine, or a backend's own threads taking the cores), samples/s
+    ratios carry that.  Compute is the slowest rank's wall seconds in it,
+    or, when ranks share cores (and so wait for each other's compute), the
+    CPU seconds of all ranks.  Runs of under MIN_DRIFT_S are too short to say.
+    """
+    by_round = {}
+    for label, k, fig in done:
+        if isinstance(fig, dict):
+            shared = fig["oversubscribed"]
+            work = sum(fig["cpu_compute_s_per_rank"]) if shared else max(fig["compute_s_per_rank"])
+            by_round.setdefault(k, []).append((work, label))
+    notes = []
+    for k, runs in sorted(by_round.items()):
+        (low, fast), (high, slow) = min(runs), max(runs)
+        if high >= MIN_DRIFT_S and low > 0 and high / low > COMPUTE_DRIFT:
+            where = f" in round {k + 1}" if rounds > 1 else ""
+            notes.append(f"note: the same work's compute took {high / low:.2f}x as long in {slow} as in {fast}"
+                         f"{where} (a slower phase of the machine, or the backend's own threads taking "
+                         f"the cores): samples/s ratios carry that; wall/ideal, each run against its own "
+                         f"compute, does not"
+                         + ("" if rounds > 1 else "; --rounds 3 spreads such phases over every run"))
+    return notes
+
+
+def _ratio_text(ratio, label):
+    if ratio["rounds"] == 1:
+        return f"{ratio['median']:.2f}x {label}"
+    return f"{ratio['median']:.2f}x {label} ({ratio['min']:.2f}-{ratio['max']:.2f} over {ratio['rounds']} rounds)"
+
+
+def _run_name(label, k, rounds):
+    return f"{label} round {k + 1}" if rounds > 1 else label
 
 
 def main(argv=None):
@@ -45,57 +129,67 @@ def main(argv=None):
     runs = planned_runs(cfg, args.compare)
     if args.compare and mpi_available() is not None:
         print(f"  (mpi skipped: {mpi_available()})")
-    rows, figures, predictions = [], {}, {}
+    done = []  # (label, round, figures or why the run has none), in the order they ran
+    predictions = {}  # (label, round) -> predictions
     slow_steps = None  # the slow rank's sleeps in the first run, repeated in the others
-    for run_cfg in runs:
-        label = report.run_label(run_cfg.backend, run_cfg.lag)
-        if slow_steps is not None:
-            run_cfg = run_cfg.replace(slow_steps_s=slow_steps)
-        try:
-            results = backends.run(run_cfg, label)
-        except Exception as exc:  # one failed backend must not hide the others' figures
-            _print_rank_traceback(label, exc)
-            why = f"failed: {type(exc).__name__}: {exc}"
-            rows.append((label, why))
-            if not args.compare:
-                print(f"dlrm_bench: {label} {why}", file=sys.stderr)
-                _write_failed_json(args.json, cfg, rows, label, [label])
-                return 1
-            print(f"{label}: {why}", flush=True)
-            continue
-        if args.compare and cfg.slow_rank >= 0 and cfg.slow_factor > 1 and slow_steps is None and len(runs) > 1:
-            slow_steps = tuple(float(x) for x in results[cfg.slow_rank]["slow_asked"])
-            print(f"  (rank {cfg.slow_rank}'s slow sleeps, {cfg.slow_factor:g} - 1 times its CPU time per "
-                  f"step in {label}, are repeated in the runs after it: every backend gets the same)")
-        fig = report.summarize(results, run_cfg)
-        report.print_run(label, fig, run_cfg.lag if run_cfg.backend == "bls" else 0)
-        sys.stdout.flush()
-        rows.append((label, fig))
-        figures[label] = fig
-        predictions[label] = report.predictions(results)
+    for k in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {k + 1} of {args.rounds}", flush=True)
+        for run_cfg in round_order(runs, k):
+            label = report.run_label(run_cfg.backend, run_cfg.lag)
+            if slow_steps is not None:
+                run_cfg = run_cfg.replace(slow_steps_s=slow_steps)
+            try:
+                results = backends.run(run_cfg, label)
+            except Exception as exc:  # one failed backend must not hide the others' figures
+                _print_rank_traceback(label, exc)
+                why = f"failed: {type(exc).__name__}: {exc}"
+                done.append((label, k, why))
+                if not args.compare:
+                    print(f"dlrm_bench: {label} {why}", file=sys.stderr)
+                    _write_failed_json(args.json, cfg, done, label, [label], args.rounds)
+                    return 1
+                print(f"{label}: {why}", flush=True)
+                continue
+            if args.compare and cfg.slow_rank >= 0 and cfg.slow_factor > 1 and slow_steps is None and len(runs) > 1:
+                slow_steps = tuple(float(x) for x in results[cfg.slow_rank]["slow_asked"])
+                print(f"  (rank {cfg.slow_rank}'s slow sleeps, {cfg.slow_factor:g} - 1 times its CPU time per "
+                      f"step in {label}, are repeated in the runs after it: every backend gets the same)")
+            fig = report.summarize(results, run_cfg)
+            report.print_run(label, fig, run_cfg.lag if run_cfg.backend == "bls" else 0)
+            sys.stdout.flush()
+            done.append((label, k, fig))
+            predictions[label, k] = report.predictions(results)
+    labels = [report.run_label(r.backend, r.lag) for r in runs]
+    rows = [(label, median_round(done, label, args.rounds)) for label in labels]
+    figures = {label: fig for label, fig in rows if isinstance(fig, dict)}
     main_label = report.run_label(cfg.backend, cfg.lag)
     failed = [label for label, fig in rows if not isinstance(fig, dict)]
+    ratios = paired_ratios(done, main_label, labels)
     if args.compare:
         print()
+        if args.rounds > 1:
+            print(f"each run's median round of {args.rounds} (by samples/s):")
         report.print_table(rows)
+        for line in compute_drift_notes(done, args.rounds):
+            print(line)
     if main_label not in figures:
         # The other runs' figures are printed above; keep them in the JSON too.
         print(f"dlrm_bench: {main_label} produced no figures", file=sys.stderr)
-        _write_failed_json(args.json, cfg, rows, main_label, failed)
+        _write_failed_json(args.json, cfg, done, main_label, failed, args.rounds)
         return 1
     if args.compare:
         if main_label != "bls lag 0" and "bls lag 0" in figures:
             fig = figures[main_label]
             lag = cfg.lag if cfg.backend == "bls" else 0  # the bound summarize() computed for this run
-            versus = ", ".join(f"{fig['samples_per_s'] / figures[k]['samples_per_s']:.2f}x {k}"
-                               for k in ("bls lag 0", "gloo", "mpi") if k in figures and k != main_label)
+            versus = ", ".join(_ratio_text(ratios[k], k) for k in ("bls lag 0", "gloo", "mpi") if k in ratios)
             print(f"{main_label}: {versus}; wall {fig['wall_over_ideal']:.2f}x its ideal bound, "
                   f"{fig['wall_s'] / fig['lag_bound_s']:.2f}x its lag-{lag} bound "
                   f"(the bounds leave {fig['sync_bound_s'] / fig['ideal_bound_s']:.2f}x between "
                   f"synchronous and ideal)")
-        first = predictions[main_label]
+        first = predictions[main_label, 0]  # it ran in every round (else it has no figures)
         # Bitwise, as --verify: NaN != NaN would call identical runs different.
-        differ = [label for label, p in predictions.items()
+        differ = [_run_name(label, k, args.rounds) for (label, k), p in predictions.items()
                   if not np.array_equal(p.view(np.uint32), first.view(np.uint32))]
         print("predictions: " + (f"differ from {main_label} in {', '.join(differ)}" if differ
                                  else f"bitwise identical across the {len(predictions)} runs"))
@@ -105,24 +199,25 @@ def main(argv=None):
         from dlrm_bench.verify import compare, reference_predictions
         reference = reference_predictions(cfg)
         verified = {}
-        for label, p in predictions.items():
+        for (label, k), p in predictions.items():
+            name = _run_name(label, k, args.rounds)
             mismatches, max_diff, not_finite = compare(p, reference)
-            verified[label] = {"mismatches": mismatches, "max_abs_diff": max_diff, "not_finite": not_finite,
+            verified[name] = {"mismatches": mismatches, "max_abs_diff": max_diff, "not_finite": not_finite,
                                "predictions": p.size}
             verdict = "bitwise equal" if mismatches == 0 else f"{mismatches} DIFFERENT"
             if not_finite:
                 verdict += f", {not_finite} NOT FINITE (NaN or inf: they verify nothing)"
-            print(f"verify {label}: {p.size} predictions {verdict} to a single-process "
+            print(f"verify {name}: {p.size} predictions {verdict} to a single-process "
                   f"recomputation (max abs difference {max_diff:.3g})")
             if mismatches or not_finite:
                 status = 1
     try:
         if args.save_predictions:
             with open(args.save_predictions, "wb") as f:  # np.save(path) would add ".npy" to the name
-                np.save(f, predictions[main_label].reshape(-1))
+                np.save(f, predictions[main_label, 0].reshape(-1))
         if args.json:
-            _write_json(args.json, cfg, figures[main_label], rows,
-                        {"run": main_label, "verify": verified, "failed": failed})
+            _write_json(args.json, cfg, figures[main_label], done, args.rounds,
+                        {"run": main_label, "verify": verified, "failed": failed, "ratios": ratios})
     except OSError as exc:  # checked before the run, but the file system may have changed since
         print(f"dlrm_bench: could not write {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
@@ -155,7 +250,7 @@ def _print_rank_traceback(label, exc):
               file=sys.stderr, flush=True)
 
 
-def _write_failed_json(path, cfg, rows, main_label, failed):
+def _write_failed_json(path, cfg, done, main_label, failed, rounds):
     """Write a failed run's JSON: no figures of its own, and why.
 
     The other runs' figures (of --compare) are in its ``runs``.
@@ -163,12 +258,13 @@ def _write_failed_json(path, cfg, rows, main_label, failed):
     if not path:
         return
     try:
-        _write_json(path, cfg, {}, rows, {"run": main_label, "failed": failed})
+        _write_json(path, cfg, {}, done, rounds, {"run": main_label, "failed": failed})
     except OSError as exc:
         print(f"dlrm_bench: could not write {exc.filename}: {exc.strerror}", file=sys.stderr)
 
 
-def _write_json(path, cfg, main_fig, rows, extra):
-    runs_doc = [{"label": label, **fig} if isinstance(fig, dict) else {"label": label, "error": fig}
-                for label, fig in rows]
-    report.write_json(path, cfg, main_fig, runs_doc, extra)
+def _write_json(path, cfg, main_fig, done, rounds, extra):
+    """Every run in the order it ran, each with its round (1, 2, ...)."""
+    runs_doc = [{"label": label, "round": k + 1, **fig} if isinstance(fig, dict)
+                else {"label": label, "round": k + 1, "error": fig} for label, k, fig in done]
+    report.write_json(path, cfg, main_fig, runs_doc, {"rounds": rounds, **extra})

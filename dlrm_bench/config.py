@@ -21,6 +21,7 @@ DATA_GENERATIONS = ("random", "zipf", "dataset")
 MAX_TIMEOUT_S = 1e6      # 11.6 days: gloo's millisecond deadline still fits
 MAX_DELAY_MS = 3.6e6     # an hour per delay
 MAX_SLOW_FACTOR = 1e6
+MAX_ROUNDS = 100        # --compare rounds: more is a typo, not a plan
 MPI_STALL_SLACK_S = 60.0  # mpirun's watchdog: beyond --timeout, the work of one batch or a step of setup
 SHM_DIR = "/dev/shm"
 
@@ -180,6 +181,11 @@ def build_parser():
     r.add_argument("--compare", action="store_true",
                    help="run bls lag 0, bls lag L, gloo and (when installed) mpi on the same "
                         "workload and seed, one after another, and print one table")
+    r.add_argument("--rounds", type=int, default=1, metavar="R",
+                   help="with --compare: run the set R times, each round starting one run later in "
+                        "it, so a slow phase of the machine does not always fall on the same backend; "
+                        "each run's figures are then its median round's, and its ratios the median of "
+                        "the same-round ratios (default 1)")
     r.add_argument("--delay-prob", type=float, default=0.0, metavar="P",
                    help="each rank sleeps --delay-ms in an iteration with probability P, "
                         "independently per rank and iteration (default 0)")
@@ -345,6 +351,10 @@ def parse(argv=None):
             if value != default:
                 raise UsageError(f"{flag} applies to --backend bls (or to the bls runs of --compare), "
                                  f"not to --backend {args.backend}")
+    if args.rounds < 1 or args.rounds > MAX_ROUNDS:
+        raise UsageError(f"--rounds must be in 1..{MAX_ROUNDS}, got {args.rounds}")
+    if args.rounds != 1 and not args.compare:
+        raise UsageError("--rounds applies to --compare: it repeats the set of runs")
     if args.numpy_rand_seed < 0:
         raise UsageError(f"--numpy-rand-seed must be >= 0, got {args.numpy_rand_seed}")
     for flag, path in (("--json", args.json), ("--save-predictions", args.save_predictions)):

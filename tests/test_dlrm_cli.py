@@ -43,6 +43,8 @@ BAD = [
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--nprocs", "two"], "invalid int value"),
     (["--numpy-rand-seed", "-1"], "--numpy-rand-seed must be >= 0"),
+    (["--rounds", "3"], "--rounds applies to --compare"),
+    (["--compare", "--rounds", "0"], "--rounds must be in 1..100, got 0"),
     # Found only after the whole run, whose figures were then lost in a traceback.
     (["--json", "/nonexistent/run.json"], "--json /nonexistent/run.json: no such directory /nonexistent"),
     (["--save-predictions", "/nonexistent/p.npy"], "--save-predictions /nonexistent/p.npy: no such directory"),
@@ -199,6 +201,32 @@ def test_a_failed_compare_run_fails_the_command_and_keeps_the_other_figures(tmp_
     assert "gloo: failed:" in proc.stdout and "bls lag 0 " in proc.stdout  # the table's row
     runs = {r["label"]: r for r in json.loads(out.read_text())["runs"]}
     assert "error" in runs["gloo"] and runs["bls lag 0"]["samples_per_s"] > 0
+
+
+@pytest.mark.timeout(240)
+def test_compare_rounds_rotate_the_order_and_pair_the_ratios_by_round(tmp_path):
+    # One pass in a fixed order let a slow phase of the machine fall on one
+    # backend: lag 4 once measured 0.37x lag 0, its compute 2.9x slower.
+    import json
+    out = tmp_path / "runs.json"
+    flags = [f for f in TINY if f != "--backend"] + ["--lag", "1", "--rounds", "2", "--json", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "dlrm_bench", *flags], capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    labels = ["bls lag 0", "bls lag 1", "gloo"] + (["mpi"] if mpi_available() is None else [])
+    order = [(r["label"], r["round"]) for r in doc["runs"]]
+    assert order == [(label, 1) for label in labels] + [(label, 2) for label in labels[1:] + labels[:1]]
+    assert doc["rounds"] == 2 and doc["run"] == "bls lag 1"
+    for label in labels[:1] + labels[2:]:
+        mine = {r["round"]: r["samples_per_s"] for r in doc["runs"] if r["label"] == "bls lag 1"}
+        theirs = {r["round"]: r["samples_per_s"] for r in doc["runs"] if r["label"] == label}
+        per_round = [mine[k] / theirs[k] for k in (1, 2)]
+        ratio = doc["ratios"][label]
+        assert ratio["rounds"] == 2 and ratio["min"] == min(per_round) and ratio["max"] == max(per_round)
+        assert ratio["median"] == pytest.approx(sum(per_round) / 2)
+    # The main run's figures are its lower median round's (of two: the slower).
+    assert doc["samples_per_s"] == min(mine.values())
+    assert "over 2 rounds" in proc.stdout and f"bitwise identical across the {2 * len(labels)} runs" in proc.stdout
 
 
 @pytest.mark.timeout(240)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from dlrm_bench._pooling import pool_sum
+from dlrm_bench.cli import compute_drift_notes, median_round, paired_ratios, round_order
 from dlrm_bench.config import parse
 from dlrm_bench.data import expected_pooling, load_rank_data, make_bags
 from dlrm_bench.sharding import make_plan, place_tables, split_batch
@@ -404,3 +405,47 @@ def test_a_slow_ranks_oversleep_is_not_paid_back_from_the_random_delays(monkeypa
     for i in range(3):
         assert worker.Rank.slow_sleep(rank, rec, i, 0.001) >= 0.0  # 0.5 ms asked, 1.5 ms or none slept
     assert worker.Rank.injected_delay(rank, 0) == pytest.approx(0.006)  # the spike as asked (and late)
+
+
+def test_compare_rounds_put_every_run_in_every_position_once():
+    runs = ["lag 0", "lag 4", "gloo", "mpi"]
+    orders = [round_order(runs, k) for k in range(4)]
+    assert all(sorted(o) == sorted(runs) for o in orders)
+    for position in range(4):
+        assert sorted(o[position] for o in orders) == sorted(runs)
+    assert round_order(runs, 5) == orders[1]
+
+
+def _fig(samples_per_s, compute=1.0, oversubscribed=False, cpu=(1.0, 1.0)):
+    return {"samples_per_s": samples_per_s, "compute_s_per_rank": [compute, compute / 2],
+            "oversubscribed": oversubscribed, "cpu_compute_s_per_rank": list(cpu)}
+
+
+def test_a_runs_figures_are_its_median_rounds_and_a_failed_round_is_named():
+    done = [("a", 0, _fig(5)), ("a", 1, _fig(9)), ("a", 2, _fig(7)), ("b", 0, _fig(1)), ("b", 1, "failed: X")]
+    assert median_round(done, "a", 3)["samples_per_s"] == 7
+    assert median_round(done[:2], "a", 2)["samples_per_s"] == 5  # even: the lower middle
+    assert median_round(done, "b", 3) == "failed: X (round 2)"
+    assert median_round(done[3:], "b", 1) == "failed: X"
+
+
+def test_ratios_are_paired_by_round_over_the_rounds_where_both_ran():
+    done = [("m", 0, _fig(10)), ("o", 0, _fig(5)), ("o", 1, _fig(2)), ("m", 1, _fig(8)),
+            ("m", 2, _fig(30)), ("o", 2, "failed: X")]
+    r = paired_ratios(done, "m", ["m", "o", "absent"])
+    assert r == {"o": {"median": 3.0, "min": 2.0, "max": 4.0, "rounds": 2}}
+
+
+def test_compute_that_differs_between_runs_of_a_round_is_noted():
+    same = [("a", 0, _fig(1, compute=2.0)), ("b", 0, _fig(1, compute=2.2))]
+    assert compute_drift_notes(same, 1) == []
+    drift = [("a", 0, _fig(1, compute=2.0)), ("b", 0, _fig(1, compute=5.8)), ("c", 0, "failed: X")]
+    (note,) = compute_drift_notes(drift, 1)
+    assert "2.90x as long in b as in a" in note and "--rounds 3" in note
+    (note,) = compute_drift_notes([(label, 1, fig) for label, _, fig in drift], 2)
+    assert " in round 2 " in note and "--rounds" not in note
+    assert compute_drift_notes([("a", 0, _fig(1, compute=0.1)), ("b", 0, _fig(1, compute=0.3))], 1) == []
+    # Ranks sharing cores wait for each other's compute: their CPU seconds are compared.
+    shared = [("a", 0, _fig(1, compute=9.0, oversubscribed=True)),
+              ("b", 0, _fig(1, compute=2.0, oversubscribed=True, cpu=(1.1, 1.0)))]
+    assert compute_drift_notes(shared, 1) == []
