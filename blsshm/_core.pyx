@@ -406,6 +406,7 @@ cdef class Core:
     cdef public int64_t sleep_gap_ns
     cdef int lost_rank
     cdef int unfit_block        # the first block just parsed that a record could not hold, or -1
+    cdef int late_rank          # the rank a wait still waited for when it timed out
     cdef int64_t next_liveness_ns  # when arrived() may next ask whether the ranks behind live
     cdef int64_t next_post_liveness_ns  # when post may next ask whether every peer lives
     cdef uint32_t closes_at_post  # the count of closed ranks when a post last looked
@@ -434,6 +435,7 @@ cdef class Core:
 
     def __cinit__(self):
         self.have_buf = False
+        self.late_rank = -1
         self.pidfds = NULL
         self.lock_fd = -1
         self.fl_iter = NULL
@@ -1029,6 +1031,7 @@ cdef class Core:
                 break
             if deadline_ns >= 0 and now >= deadline_ns:
                 rc = ERR_TIMEOUT
+                self.late_rank = r
                 break
             if hold_until >= 0 and now >= hold_until:
                 rc = STILL_WAITING
@@ -1214,8 +1217,10 @@ cdef class Core:
     cdef int _raise_wait(self, int rc, int which, uint64_t target, str operation, uint64_t t) except -1:
         if rc == ERR_ABORTED or rc == ERR_LOST:
             self._raise_aborted()
+        # The ranks still behind, and the one the wait saw behind at its
+        # deadline: by now it may have caught up (a timeout of microseconds).
         behind = [r for r in range(self.size)
-                  if bls_load_acquire(self._counter(which, r)) < target]
+                  if bls_load_acquire(self._counter(which, r)) < target or r == self.late_rank]
         what = "post" if which == PUBLISHED else "complete"
         raise BlsTimeoutError(
             f"{operation}({t}) timed out waiting for rank(s) {behind} to {what} "

@@ -268,6 +268,31 @@ def test_timeouts_name_the_ranks_and_leave_the_comm_usable():
     assert blsshm.spawn(_times_out, 2) == [[0.0, 1.0], [0.0, 1.0]]
 
 
+def _times_out_as_the_peer_posts(comm, iterations):
+    # Timeouts of a microsecond, against a peer that posts all the time: many
+    # end just before it posts.  The error named the ranks still behind once
+    # it was raised, by when the peer had often posted: "rank(s) []".
+    named, timeouts = set(), 0
+    for t in range(iterations):
+        comm.post(t, np.full(2, float(t)), [1, 1])
+        while comm.rank == 0:
+            try:
+                comm.complete(t, timeout=1e-6)
+                break
+            except BlsTimeoutError as exc:
+                timeouts += 1
+                named.add(exc.waiting_for)
+        else:
+            comm.complete(t)
+    return named, timeouts
+
+
+@pytest.mark.timeout(120)
+def test_a_timeout_names_the_rank_it_waited_for_even_once_that_rank_caught_up():
+    (named, timeouts), _ = blsshm.spawn(_times_out_as_the_peer_posts, 2, args=(10000,))
+    assert timeouts > 0 and named == {(1,)}, (named, timeouts)
+
+
 def _two_waits_in_one_call(comm):
     # At lag 1 (two slots) rank 0's alltoallv(2) waits twice: in its post for
     # slot 0 (rank 1's complete(0)), then in its complete for rank 1's
