@@ -118,12 +118,13 @@ def main(argv=None):
         path = cfg.processed_data_file or cfg.raw_data_file
         print(f"dlrm_bench: note: {path} holds {cfg.num_batches} whole batches of {cfg.batch_size}: "
               f"running {cfg.num_batches}, not --num-batches {args.num_batches}", file=sys.stderr, flush=True)
-    if args.verify and cfg.data_batches < min(cfg.num_batches, cfg.lag + 2):
+    lag = cfg.lag if cfg.backend == "bls" or args.compare else 0  # the largest lag of a run
+    if args.verify and cfg.data_batches < min(cfg.num_batches, lag + 2):
         # Iteration t's blocks taken for those of t - k (k <= lag + 1 share
         # the ring's slots) give the same predictions when the batches repeat.
         print(f"dlrm_bench: note: --verify sees {cfg.data_batches} distinct batch(es): an iteration "
-              f"given the blocks of one up to {cfg.lag + 1} before it may go unnoticed; "
-              f"--data-size {(cfg.lag + 2) * cfg.batch_size} or more makes that visible",
+              f"given the blocks of one up to {lag + 1} before it may go unnoticed; "
+              f"--data-size {(lag + 2) * cfg.batch_size} or more makes that visible",
               file=sys.stderr, flush=True)
     _empty_previous_outputs(args)
     runs = planned_runs(cfg, args.compare)

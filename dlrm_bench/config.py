@@ -439,9 +439,19 @@ def _memory_parts(cfg, bls):
             P * n * (8 + 13 * (8 + 4 + 4)) + n * T * (8 + 8))
     elif cfg.data_generation == "dataset":  # each rank parses every label, its tables' columns and its rows
         parts[f"the {n} samples read from the data file"] = P * n * 4 + n * (13 * 4 + T * 8)
-    else:  # at least one row and its offset per bag, and the dense features
-        parts[f"the {cfg.data_batches} distinct batches (--data-size)"] = (
-            cfg.data_batches * B * (T * 16 + cfg.mlp_bot[0] * 4))
+    else:
+        # Each bag's offset and its rows (drawn with replacement, then
+        # deduplicated: the expected count of distinct ones), and the dense
+        # features; while a rank draws one table's bags for a batch it holds
+        # about five 8-byte arrays of every drawn row (draws, rows, bag
+        # numbers, sort order, sorted copies), all ranks at once.
+        from dlrm_bench.data import expected_pooling
+        drawn = [expected_pooling(cfg, t) for t in range(T)]
+        kept = sum(r * -math.expm1(k * math.log1p(-1 / r)) if r > 1 else 1.0
+                   for r, k in zip(cfg.table_rows, drawn))
+        parts[f"the {cfg.data_batches} distinct batches (--data-size) of bags of up to "
+              f"--num-indices-per-lookup {cfg.indices_per_lookup} rows"] = (
+            cfg.data_batches * B * (T * 8 + kept * 8 + cfg.mlp_bot[0] * 4) + P * max(drawn, default=0) * B * 40)
     if bls:  # in /dev/shm, which is memory, reserved whole
         from dlrm_bench.backends import arena_bytes
         parts[f"the bls arenas of --lag {cfg.lag}, for each of --nprocs {P}"] = P * arena_bytes(cfg)

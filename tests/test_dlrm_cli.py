@@ -52,6 +52,7 @@ BAD = [
     (["--save-predictions", "/proc/version"], "--save-predictions /proc/version: cannot write it"),
     # Sizes past any machine's memory: a rank died of a MemoryError naming no flag.
     (["--num-batches", "99999999999999999999"], "the predictions and timings of --num-batches 99999999999999999999 take"),
+    (["--num-indices-per-lookup", "100000"], "bags of up to --num-indices-per-lookup 100000 rows take"),
     (["--warmup-batches", "99999999999999999"], "the predictions of --warmup-batches 99999999999999999 take"),
     (["--arch-embedding-size", "99999999999999999999-5"], "the embedding tables (--arch-embedding-size, "),
     (["--arch-mlp-bot", "13-99999999999-64"], "the MLPs (--arch-mlp-bot, --arch-mlp-top), in every rank take"),
@@ -160,6 +161,20 @@ def test_verify_says_when_too_few_distinct_batches_hide_an_iteration_mix_up(caps
     note = (f"--verify sees {data_size // 8} distinct batch(es): an iteration given the blocks of one up to 2 "
             f"before it may go unnoticed; --data-size 24 or more makes that visible")
     assert (note in err) == noted and ("--verify sees" in err) == noted
+
+
+def test_verify_of_a_synchronous_backend_counts_no_lag(capsys, monkeypatch):
+    # gloo and mpi have no lag, but the note counted the default --lag 4.
+    from dlrm_bench import backends, cli
+
+    def stop(*_args, **_kwargs):
+        raise RuntimeError("stopped before any rank starts")
+    monkeypatch.setattr(backends, "run", stop)
+    flags = [f for f in TINY if f != "--compare"] + ["--num-batches", "6", "--verify", "--backend", "gloo"]
+    assert cli.main(flags + ["--data-size", "16"]) == 1
+    assert "--verify sees" not in capsys.readouterr().err
+    assert cli.main(flags + ["--data-size", "8"]) == 1
+    assert "one up to 1 before it may go unnoticed; --data-size 16 or more" in capsys.readouterr().err
 
 
 PREVIOUS_RUN_JSON = '{"samples_per_s": 1e6, "failed": []}'  # what a successful earlier run left
