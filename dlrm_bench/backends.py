@@ -76,21 +76,24 @@ def run_mpi(cfg, label, bar):
             proc = subprocess.Popen(mpirun_command(cfg.nprocs, job_path), stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                     preexec_fn=die_with_parent(os.getpid(), signal.SIGTERM))
+            stalled = None
             try:
                 _wait_watching(proc, heartbeat, cfg.timeout_s, bar)
+            except BackendError as exc:  # said below with what the ranks and mpirun said
+                stalled = exc
             finally:
                 stop_process(proc, STOP_GRACE_S)
             log.seek(0)
             output = log.read()
         paths = [os.path.join(tmp, f"rank{rank}.pkl") for rank in range(cfg.nprocs)]
-        if proc.returncode != 0 or not all(os.path.exists(p) for p in paths):
+        if stalled is not None or proc.returncode != 0 or not all(os.path.exists(p) for p in paths):
+            what = str(stalled) if stalled is not None else f"mpirun exited with status {proc.returncode}"
             cause = _first_rank_error(tmp, cfg.nprocs)
             if cause is not None:
                 message, tb = cause
-                error = BackendError(f"mpirun exited with status {proc.returncode}: {message}")
-                raise error from (RemoteTraceback(tb) if tb else None)
+                raise BackendError(f"{what}: {message}") from (RemoteTraceback(tb) if tb else None)
             tail = "\n    ".join(output.strip().splitlines()[-8:])
-            raise BackendError(f"mpirun exited with status {proc.returncode}:\n    {tail}")
+            raise BackendError(f"{what}:\n    {tail}" if tail else what)
         results = []
         for path in paths:
             with open(path, "rb") as f:

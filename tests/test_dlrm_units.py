@@ -292,6 +292,26 @@ def test_an_mpi_run_is_stopped_when_it_stalls_not_when_it_is_long(tmp_path, monk
         proc.wait()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rank_error", [False, True], ids=["mpirun's output", "a rank's error"])
+def test_a_stalled_mpi_run_says_what_mpirun_and_the_ranks_said(monkeypatch, rank_error):
+    # The stall's message came alone: mpirun's output and the ranks' errors
+    # were deleted with the run's directory unread.
+    import sys
+    from dlrm_bench import backends
+    script = ("import os, sys, time; print('mpirun: rank 1 is stuck in its setup', flush=True)\n"
+              f"if {rank_error}: open(os.path.join(os.path.dirname(sys.argv[1]), 'rank1.err'), 'w')"
+              ".write('ValueError: no such table')\n"
+              "time.sleep(60)")
+    monkeypatch.setattr(backends, "mpirun_command", lambda n, job: [sys.executable, "-c", script, job])
+    monkeypatch.setattr(backends, "MPI_STALL_SLACK_S", 1.0)
+    cfg = _cfg("--backend", "mpi", "--timeout", "0.5")
+    with pytest.raises(backends.BackendError, match=r"rank 0 showed no progress for 1.5 s") as info:
+        backends.run_mpi(cfg, "mpi", None)
+    said = "rank 1 raised ValueError: no such table" if rank_error else "mpirun: rank 1 is stuck in its setup"
+    assert said in str(info.value)
+
+
 def test_every_progress_update_is_a_heartbeat(tmp_path):
     from dlrm_bench.worker import Heartbeat, Progress
     path = tmp_path / "heartbeat"
