@@ -30,14 +30,27 @@ def planned_runs(cfg, compare):
 
 
 def round_order(runs, k):
-    """Round ``k``'s order: the set rotated by ``k``.
+    """Round ``k``'s order: row ``k`` of a Williams square, relabelled so round 0 keeps ``runs``' order.
 
-    No run then always goes first or right after another, so a slow phase
-    of the machine (CPU seconds for the same work vary up to 2x between
-    runs here) is spread over all of them instead of one.
+    Over ``n`` rounds (``2n`` for an odd ``n``) every run goes once in
+    every place and right after every other run once, so neither a slow
+    phase of the machine (CPU seconds for the same work vary up to 2x
+    between runs here) nor what a run leaves behind (threads, caches)
+    falls on one run more than on another.
     """
-    k %= len(runs)
-    return runs[k:] + runs[:k]
+    n = len(runs)
+    base, lo, hi = [0], 1, n - 1  # 0, 1, n-1, 2, n-2, ...
+    while lo <= hi:
+        base.append(lo)
+        lo += 1
+        if lo <= hi:
+            base.append(hi)
+            hi -= 1
+    place = {b: j for j, b in enumerate(base)}  # relabelling: round 0 is runs as given
+    order = [runs[place[(b + k) % n]] for b in base]
+    if n % 2 and (k // n) % 2:  # odd n: the mirrored rows balance who follows whom
+        order.reverse()
+    return order
 
 
 def median_round(done, label, rounds):
@@ -66,6 +79,13 @@ def paired_ratios(done, main_label, labels):
         if r:
             ratios[label] = {"median": float(np.median(r)), "min": min(r), "max": max(r), "rounds": len(r)}
     return ratios
+
+
+def versus_gloo(done, labels, rounds):
+    """Each run's samples/s over gloo's for the table: paired by round when there are several."""
+    if rounds == 1:
+        return None  # the table divides the two runs' own figures, the same thing
+    return {label: paired_ratios(done, label, ["gloo"]).get("gloo") for label in labels}
 
 
 def compute_drift_notes(done, rounds):
@@ -97,10 +117,16 @@ def compute_drift_notes(done, rounds):
     return notes
 
 
-def _ratio_text(ratio, label):
-    if ratio["rounds"] == 1:
+def _ratio_text(ratio, label, rounds):
+    if rounds == 1:
         return f"{ratio['median']:.2f}x {label}"
-    return f"{ratio['median']:.2f}x {label} ({ratio['min']:.2f}-{ratio['max']:.2f} over {ratio['rounds']} rounds)"
+    of = f" of {rounds}" if ratio["rounds"] < rounds else ""  # some round failed: the table names it
+    return f"{ratio['median']:.2f}x {label} ({ratio['min']:.2f}-{ratio['max']:.2f} over {ratio['rounds']}{of} rounds)"
+
+
+def _bitwise_equal(a, b):
+    """Bitwise, as --verify: NaN != NaN would call identical runs different."""
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 def _run_name(label, k, rounds):
@@ -132,6 +158,7 @@ def main(argv=None):
         print(f"  (mpi skipped: {mpi_available()})")
     done = []  # (label, round, figures or why the run has none), in the order they ran
     predictions = {}  # (label, round) -> predictions
+    alike = {}  # (label, round) -> (label, 0), whose predictions it repeated bit for bit
     slow_steps = None  # the slow rank's sleeps in the first run, repeated in the others
     for k in range(args.rounds):
         if args.rounds > 1:
@@ -160,7 +187,12 @@ def main(argv=None):
             report.print_run(label, fig, run_cfg.lag if run_cfg.backend == "bls" else 0)
             sys.stdout.flush()
             done.append((label, k, fig))
-            predictions[label, k] = report.predictions(results)
+            p = report.predictions(results)
+            first = predictions.get((label, 0))
+            if first is not None and _bitwise_equal(p, first):
+                alike[label, k] = (label, 0)  # verified as round 1's: one copy kept, however many rounds
+            else:
+                predictions[label, k] = p
     labels = [report.run_label(r.backend, r.lag) for r in runs]
     rows = [(label, median_round(done, label, args.rounds)) for label in labels]
     figures = {label: fig for label, fig in rows if isinstance(fig, dict)}
@@ -171,29 +203,31 @@ def main(argv=None):
         print()
         if args.rounds > 1:
             print(f"each run's median round of {args.rounds} (by samples/s):")
-        report.print_table(rows)
+        report.print_table(rows, versus_gloo(done, labels, args.rounds))
         for line in compute_drift_notes(done, args.rounds):
             print(line)
     if main_label not in figures:
         # The other runs' figures are printed above; keep them in the JSON too.
-        print(f"dlrm_bench: {main_label} produced no figures", file=sys.stderr)
+        print(f"dlrm_bench: {main_label} produced no figures" if args.rounds == 1
+              else f"dlrm_bench: {main_label} {dict(rows)[main_label]}", file=sys.stderr)
         _write_failed_json(args.json, cfg, done, main_label, failed, args.rounds)
         return 1
     if args.compare:
         if main_label != "bls lag 0" and "bls lag 0" in figures:
             fig = figures[main_label]
             lag = cfg.lag if cfg.backend == "bls" else 0  # the bound summarize() computed for this run
-            versus = ", ".join(_ratio_text(ratios[k], k) for k in ("bls lag 0", "gloo", "mpi") if k in ratios)
+            versus = ", ".join(_ratio_text(ratios[k], k, args.rounds) for k in ("bls lag 0", "gloo", "mpi") if k in ratios)
             print(f"{main_label}: {versus}; wall {fig['wall_over_ideal']:.2f}x its ideal bound, "
                   f"{fig['wall_s'] / fig['lag_bound_s']:.2f}x its lag-{lag} bound "
                   f"(the bounds leave {fig['sync_bound_s'] / fig['ideal_bound_s']:.2f}x between "
                   f"synchronous and ideal)")
         first = predictions[main_label, 0]  # it ran in every round (else it has no figures)
-        # Bitwise, as --verify: NaN != NaN would call identical runs different.
         differ = [_run_name(label, k, args.rounds) for (label, k), p in predictions.items()
-                  if not np.array_equal(p.view(np.uint32), first.view(np.uint32))]
+                  if not _bitwise_equal(p, first)]
+        differ += [_run_name(label, k, args.rounds) for (label, k), (_, first_k) in alike.items()
+                   if _run_name(label, first_k, args.rounds) in differ]
         print("predictions: " + (f"differ from {main_label} in {', '.join(differ)}" if differ
-                                 else f"bitwise identical across the {len(predictions)} runs"))
+                                 else f"bitwise identical across the {len(predictions) + len(alike)} runs"))
 
     status, verified = (1 if failed else 0), None  # a failed --compare run fails the command
     if args.verify:
@@ -212,6 +246,11 @@ def main(argv=None):
                   f"recomputation (max abs difference {max_diff:.3g})")
             if mismatches or not_finite:
                 status = 1
+        for (label, k), (_, first_k) in alike.items():
+            verified[_run_name(label, k, args.rounds)] = verified[_run_name(label, first_k, args.rounds)]
+        if alike:
+            print(f"verify: the later rounds' {len(alike)} runs that repeated their first round's predictions "
+                  f"bit for bit have its verdict")
     try:
         if args.save_predictions:
             with open(args.save_predictions, "wb") as f:  # np.save(path) would add ".npy" to the name

@@ -440,22 +440,46 @@ def _memory_parts(cfg, bls):
     elif cfg.data_generation == "dataset":  # each rank parses every label, its tables' columns and its rows
         parts[f"the {n} samples read from the data file"] = P * n * 4 + n * (13 * 4 + T * 8)
     else:
-        # Each bag's offset and its rows (drawn with replacement, then
-        # deduplicated: the expected count of distinct ones), and the dense
-        # features; while a rank draws one table's bags for a batch it holds
-        # about five 8-byte arrays of every drawn row (draws, rows, bag
-        # numbers, sort order, sorted copies), all ranks at once.
-        from dlrm_bench.data import expected_pooling
-        drawn = [expected_pooling(cfg, t) for t in range(T)]
-        kept = sum(r * -math.expm1(k * math.log1p(-1 / r)) if r > 1 else 1.0
-                   for r, k in zip(cfg.table_rows, drawn))
+        skew = f", scaled by --pooling-skew {cfg.pooling_skew:g}" if cfg.pooling_skew else ""
         parts[f"the {cfg.data_batches} distinct batches (--data-size) of bags of up to "
-              f"--num-indices-per-lookup {cfg.indices_per_lookup} rows"] = (
-            cfg.data_batches * B * (T * 8 + kept * 8 + cfg.mlp_bot[0] * 4) + P * max(drawn, default=0) * B * 40)
+              f"--num-indices-per-lookup {cfg.indices_per_lookup} rows{skew}"] = _bags_bytes(cfg)
     if bls:  # in /dev/shm, which is memory, reserved whole
         from dlrm_bench.backends import arena_bytes
         parts[f"the bls arenas of --lag {cfg.lag}, for each of --nprocs {P}"] = P * arena_bytes(cfg)
     return parts
+
+
+def _bags_bytes(cfg):
+    """A lower bound of the bytes of generated bags and dense features, all ranks together
+    (in expectation: where it matters, millions of bags, a run's count is within a hair of it).
+
+    Each bag has an offset and at least one row.  With uniform rows and no
+    --pooling-drift (bag caps then fixed per table) it keeps more: a bag of
+    ``s`` rows drawn with replacement from ``R`` keeps ``f(s) = R(1 - (1 -
+    1/R)^s)`` distinct ones, concave in ``s``, so above its chord from 1 to
+    the cap ``c``; its mean over uniform sizes is then at least the chord at
+    the mean size.  And while a rank draws one table's bags for a batch it
+    holds about five 8-byte arrays of every drawn row (draws, rows, bag
+    numbers, sort order, sorted copies), all ranks at once.  (Zipf rows
+    repeat more; drift makes the caps random: neither is counted beyond one
+    row per bag.)
+    """
+    from dlrm_bench.data import _bag_cap, _table_log_scale
+    B, T = cfg.batch_size, len(cfg.table_rows)
+    rows_kept, most_drawn = float(T), 0.0  # per sample
+    if cfg.pooling_drift == 0:
+        rows_kept = 0.0
+        for t, rows in enumerate(cfg.table_rows):
+            cap = max(1.0, _bag_cap(cfg, rows, _table_log_scale(cfg, t)))
+            mean = cap if cfg.indices_per_lookup_fixed else (cap + 1) / 2
+            most_drawn = max(most_drawn, mean)
+            if cfg.data_generation == "zipf" or rows == 1 or cap == 1:
+                rows_kept += 1.0
+                continue
+            distinct_at_cap = rows * -math.expm1(cap * math.log1p(-1 / rows))
+            rows_kept += 1.0 + (mean - 1.0) * (distinct_at_cap - 1.0) / (cap - 1.0)
+    return int(cfg.data_batches * B * (T * 8 + rows_kept * 8 + cfg.mlp_bot[0] * 4)
+               + cfg.nprocs * most_drawn * B * 40)
 
 
 def _check_memory(cfg, bls):

@@ -230,7 +230,8 @@ def test_compare_rounds_rotate_the_order_and_pair_the_ratios_by_round(tmp_path):
     doc = json.loads(out.read_text())
     labels = ["bls lag 0", "bls lag 1", "gloo"] + (["mpi"] if mpi_available() is None else [])
     order = [(r["label"], r["round"]) for r in doc["runs"]]
-    assert order == [(label, 1) for label in labels] + [(label, 2) for label in labels[1:] + labels[:1]]
+    from dlrm_bench.cli import round_order
+    assert order == [(label, 1) for label in labels] + [(label, 2) for label in round_order(labels, 1)]
     assert doc["rounds"] == 2 and doc["run"] == "bls lag 1"
     for label in labels[:1] + labels[2:]:
         mine = {r["round"]: r["samples_per_s"] for r in doc["runs"] if r["label"] == "bls lag 1"}
@@ -242,6 +243,33 @@ def test_compare_rounds_rotate_the_order_and_pair_the_ratios_by_round(tmp_path):
     # The main run's figures are its lower median round's (of two: the slower).
     assert doc["samples_per_s"] == min(mine.values())
     assert "over 2 rounds" in proc.stdout and f"bitwise identical across the {2 * len(labels)} runs" in proc.stdout
+
+
+@pytest.mark.timeout(240)
+def test_a_run_that_failed_in_one_round_is_named_and_its_ratios_say_over_how_many(tmp_path, monkeypatch, capsys):
+    import json
+    from dlrm_bench import backends, cli
+    real_run, calls = backends.run, []
+
+    def gloo_fails_in_round_2(cfg, label):
+        calls.append(label)
+        if label == "gloo" and calls.count("gloo") == 2:
+            raise RuntimeError("gloo lost a peer")
+        return real_run(cfg, label)
+    monkeypatch.setattr(backends, "run", gloo_fails_in_round_2)
+    out = tmp_path / "runs.json"
+    flags = [f for f in TINY if f != "--backend"] + ["--lag", "1", "--rounds", "2", "--json", str(out)]
+    assert cli.main(flags) == 1  # a failed run fails the command
+    printed = capsys.readouterr().out
+    assert re.search(r"\ngloo +failed: RuntimeError: gloo lost a peer \(round 2\)\n", printed), printed
+    assert re.search(r"bls lag 1: .*x gloo \([0-9.]+-[0-9.]+ over 1 of 2 rounds\)", printed), printed
+    doc = json.loads(out.read_text())
+    assert doc["ratios"]["gloo"]["rounds"] == 1 and doc["ratios"]["bls lag 0"]["rounds"] == 2
+    assert doc["failed"] == ["gloo"] and doc["samples_per_s"] > 0
+    # The table's "vs gloo" is paired by round too: the one round gloo ran.
+    mine, gloo = ({r["round"]: r for r in doc["runs"] if r["label"] == label} for label in ("bls lag 1", "gloo"))
+    vs_gloo = re.search(r"\nbls lag 1 .* ([0-9.]+)x\n", printed).group(1)
+    assert vs_gloo == f"{mine[1]['samples_per_s'] / gloo[1]['samples_per_s']:.2f}"
 
 
 @pytest.mark.timeout(240)

@@ -427,13 +427,16 @@ def test_a_slow_ranks_oversleep_is_not_paid_back_from_the_random_delays(monkeypa
     assert worker.Rank.injected_delay(rank, 0) == pytest.approx(0.006)  # the spike as asked (and late)
 
 
-def test_compare_rounds_put_every_run_in_every_position_once():
-    runs = ["lag 0", "lag 4", "gloo", "mpi"]
-    orders = [round_order(runs, k) for k in range(4)]
-    assert all(sorted(o) == sorted(runs) for o in orders)
-    for position in range(4):
-        assert sorted(o[position] for o in orders) == sorted(runs)
-    assert round_order(runs, 5) == orders[1]
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_compare_rounds_put_every_run_in_every_place_and_after_every_other_once(n):
+    runs = list("ABCDE"[:n])
+    cycle = n if n % 2 == 0 else 2 * n
+    orders = [round_order(runs, k) for k in range(cycle)]
+    assert orders[0] == runs and round_order(runs, cycle + 1) == orders[1]
+    for position in range(n):
+        assert sorted(o[position] for o in orders) == sorted(runs * (cycle // n))
+    follows = [(o[j], o[j + 1]) for o in orders for j in range(n - 1)]
+    assert sorted(follows) == sorted([(a, b) for a in runs for b in runs if a != b] * (cycle // n)), follows
 
 
 def _fig(samples_per_s, compute=1.0, oversubscribed=False, cpu=(1.0, 1.0)):
