@@ -182,8 +182,9 @@ def build_parser():
                    help="run bls lag 0, bls lag L, gloo and (when installed) mpi on the same "
                         "workload and seed, one after another, and print one table")
     r.add_argument("--rounds", type=int, default=1, metavar="R",
-                   help="with --compare: run the set R times, each round starting one run later in "
-                        "it, so a slow phase of the machine does not always fall on the same backend; "
+                   help="with --compare: run the set R times in balanced orders (each run in every "
+                        "place and right after every other once), so a slow phase of the machine does "
+                        "not always fall on the same backend; "
                         "each run's figures are then its median round's, and its ratios the median of "
                         "the same-round ratios (default 1)")
     r.add_argument("--delay-prob", type=float, default=0.0, metavar="P",
