@@ -121,6 +121,8 @@ def _ratio_text(ratio, label, rounds):
     if rounds == 1:
         return f"{ratio['median']:.2f}x {label}"
     of = f" of {rounds}" if ratio["rounds"] < rounds else ""  # some round failed: the table names it
+    if ratio["rounds"] == 1:
+        return f"{ratio['median']:.2f}x {label} (1{of} rounds)"
     return f"{ratio['median']:.2f}x {label} ({ratio['min']:.2f}-{ratio['max']:.2f} over {ratio['rounds']}{of} rounds)"
 
 
@@ -216,7 +218,8 @@ def main(argv=None):
         if main_label != "bls lag 0" and "bls lag 0" in figures:
             fig = figures[main_label]
             lag = cfg.lag if cfg.backend == "bls" else 0  # the bound summarize() computed for this run
-            versus = ", ".join(_ratio_text(ratios[k], k, args.rounds) for k in ("bls lag 0", "gloo", "mpi") if k in ratios)
+            versus = ", ".join(_ratio_text(ratios[k], k, args.rounds)
+                               for k in ("bls lag 0", "gloo", "mpi") if k in ratios)
             print(f"{main_label}: {versus}; wall {fig['wall_over_ideal']:.2f}x its ideal bound, "
                   f"{fig['wall_s'] / fig['lag_bound_s']:.2f}x its lag-{lag} bound "
                   f"(the bounds leave {fig['sync_bound_s'] / fig['ideal_bound_s']:.2f}x between "
