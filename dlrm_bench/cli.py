@@ -81,10 +81,8 @@ def paired_ratios(done, main_label, labels):
     return ratios
 
 
-def versus_gloo(done, labels, rounds):
-    """Each run's samples/s over gloo's for the table: paired by round when there are several."""
-    if rounds == 1:
-        return None  # the table divides the two runs' own figures, the same thing
+def versus_gloo(done, labels):
+    """Each run's samples/s over gloo's for the table, paired by round as the ratios are."""
     return {label: paired_ratios(done, label, ["gloo"]).get("gloo") for label in labels}
 
 
@@ -205,7 +203,7 @@ def main(argv=None):
         print()
         if args.rounds > 1:
             print(f"each run's median round of {args.rounds} (by samples/s):")
-        report.print_table(rows, versus_gloo(done, labels, args.rounds))
+        report.print_table(rows, versus_gloo(done, labels))
         for line in compute_drift_notes(done, args.rounds):
             print(line)
     if main_label not in figures:

@@ -206,25 +206,21 @@ COLUMNS = (("run", 10, "{:<10}"), ("samples/s", 10, "{:>10,.0f}"), ("p50 ms", 7,
            ("vs gloo", 7, "{:>7}"))
 
 
-def print_table(rows, versus_gloo=None, out=None):
+def print_table(rows, versus_gloo, out=None):
     """One line per run: ``rows`` is ``[(label, figures, or why the run has none)]``.
 
-    ``versus_gloo``: ``{label: {"median": ...} or None}``, samples/s over
-    gloo's paired by round; without it, the rows' own figures are divided.
+    ``versus_gloo``: ``{label: {"median": ...} or None}``, each run's
+    samples/s over gloo's, paired by round (with one round, simply divided).
     """
     out = out or sys.stdout
     print("  ".join(name.ljust(w) if i == 0 else name.rjust(w)
                     for i, (name, w, _) in enumerate(COLUMNS)), file=out)
-    gloo = next((f for label, f in rows if label == "gloo" and isinstance(f, dict)), None)
     for label, fig in rows:
         if not isinstance(fig, dict):
             print(f"{label:<10}  {fig}", file=out)
             continue
-        if versus_gloo is not None:
-            paired = versus_gloo.get(label)
-            speedup = "1.00x" if label == "gloo" else f"{paired['median']:.2f}x" if paired else "-"
-        else:
-            speedup = f"{fig['samples_per_s'] / gloo['samples_per_s']:.2f}x" if gloo else "-"
+        paired = versus_gloo.get(label)
+        speedup = "1.00x" if label == "gloo" else f"{paired['median']:.2f}x" if paired else "-"
         values = (label, fig["samples_per_s"], fig["p50_ms"], fig["p99_ms"], 100 * fig["wait_share"],
                   fig["wall_s"], fig["sync_bound_s"], fig["ideal_bound_s"], fig["lag_bound_s"],
                   fig["wall_over_ideal"], speedup)
