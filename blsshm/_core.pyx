@@ -2070,7 +2070,30 @@ cdef class Core:
         cdef bls_rank_t* me = &self.ranks[self.rank]
         self._announce(&me.completed, &me.completed_sleepers, t + 1)
         self.next_complete = t + 1
+        if self.next_post == t + 1:  # nothing posted ahead: the next post is likely t + 1's, like t's
+            self._claim_next_lines(t + 1)
         return 0
+
+    cdef inline void _claim_next_lines(self, uint64_t t) noexcept nogil:
+        """Ask now for ownership of our mailbox lines of ``t``'s slot (prefetchw).
+
+        Each receiver on another core read its line last (two iterations
+        back at lag 0).  Asked only when the post writes it, the line's
+        stamp became visible after two trips between the cores: taking the
+        line from the receiver, then the receiver, spinning on it, taking
+        it back.  Asked at the end of the last complete, the first trip
+        overlaps this rank's return, its caller and its next call.  2 ranks,
+        64 B per pair, blocking alltoallv: the median of the per-iteration
+        maximum went from 0.45-0.50 to 0.33-0.36 us (4 KiB, 1 KiB: no
+        change).  A prefetch changes no data; a guess that proves wrong (a
+        receiver still reading, no post of ``t`` soon) costs time only.
+        """
+        cdef uint64_t slot = self._slot(t)
+        cdef int q
+        if self.mboxes != NULL:
+            for q in range(self.size):
+                if q != self.rank:
+                    bls_prefetch_for_write(<char*>self._mbox(self.rank, q, slot), sizeof(bls_mbox_t))
 
     cdef tuple _complete(self, int64_t t, object out, object timeout, int64_t* deadline_ns):
         """Wait for every rank's post of ``t``, copy our blocks out, mark ``t`` completed."""
