@@ -553,6 +553,12 @@ cdef class Core:
         # (every rank does before its first wait) reads the flag settled.
         me.fence_free = self.fence_free
         bls_store_release32(&me.state, BLS_STATE_ATTACHED)
+        # Full fence: the caller reads every rank's state next, to learn
+        # whether it attached last and must unlink the name.  A release store
+        # may be passed by those later loads (x86 reorders store-load too), so
+        # two ranks attaching at once could each miss the other, and neither
+        # unlink it until a start-up barrier did.
+        bls_fence()
         self.owner_pid = getpid()
         self.closed = False
         return 0
