@@ -284,7 +284,8 @@ class Comm(_core.Core):
 
         For :meth:`arrived`: raises like :meth:`_make_ready` once
         ``attach_timeout`` has passed since the first poll, so a loop that
-        polls is not left waiting for a rank that never comes.
+        polls is not left waiting for a rank that never comes; the poll
+        after that starts a new ``attach_timeout``.
         """
         attached = self._attached_ranks()
         if len(attached) == self.size:
@@ -297,6 +298,7 @@ class Comm(_core.Core):
             if self._poll_deadline is None:
                 self._poll_deadline = now + self._attach_timeout
             elif now > self._poll_deadline:
+                self._poll_deadline = None  # the next poll starts a new attach_timeout, as a blocking call does
                 self._raise_not_attached(attached)
         return False
 

@@ -163,5 +163,8 @@ def test_arrived_does_not_wait_for_the_ranks_to_attach():
         with pytest.raises(blsshm.BlsTimeoutError, match=r"rank\(s\) \[1\] did not attach"):
             while not comm.arrived(0):
                 time.sleep(0.01)
+        # The communicator stays usable: polling again waits a new attach_timeout
+        # (it raised at once, forever, from the old deadline).
+        assert comm.arrived(0) is False
     finally:
         comm.close()
