@@ -1246,12 +1246,12 @@ cdef class Core:
         if timeout is self.last_timeout:
             return self.last_timeout_ns
         cdef double secs
-        if _is_bool(timeout):  # True (an int) or numpy.True_ (a float) would mean 1 s
+        # The numbers Comm.create accepts (comm._is_real): True (an int) or
+        # numpy.True_ would mean 1 s; a Decimal, a 0-d array or a string not.
+        if _is_bool(timeout) or not isinstance(timeout, (int, float, np.integer, np.floating)):
             raise BlsTypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
         try:
             secs = timeout
-        except TypeError:
-            raise BlsTypeError(f"timeout must be a number of seconds or None, got {timeout!r}") from None
         except OverflowError:  # an int beyond any double: blocks if positive
             secs = 1e300 if timeout > 0 else -1.0
         if not secs >= 0:  # negative or NaN

@@ -1,5 +1,6 @@
 """DESIGN §5: bad input raises a named error before anything is published,
 and the communicator still works afterwards."""
+import decimal
 import re
 
 import numpy as np
@@ -75,6 +76,11 @@ def _bad_posts():
          ["timeout", "True"]),
         ("timeout beyond any float", lambda c: c.post(0, GOOD, [2, 2], timeout=-10 ** 400), BlsValueError,
          ["timeout"]),
+        # Comm.create refuses these; a call's timeout took them as seconds.
+        ("Decimal timeout", lambda c: c.post(0, GOOD, [2, 2], timeout=decimal.Decimal(1)), BlsTypeError,
+         ["timeout", "Decimal"]),
+        ("0-d array timeout", lambda c: c.post(0, GOOD, [2, 2], timeout=np.array(1.0)), BlsTypeError,
+         ["timeout", "array"]),
         ("zero-copy bad counts", lambda c: c.post_views(0, [1, -2]).__enter__(), BlsValueError, ["negative"]),
         ("zero-copy bad dtype", lambda c: c.post_views(0, [1, 1], object).__enter__(), BlsTypeError, ["object"]),
     ]
@@ -483,7 +489,7 @@ def test_bad_timeouts(timeout, exc_type):
 
 @pytest.mark.parametrize("timeout, exc_type", [("soon", BlsTypeError), (float("nan"), BlsValueError),
                                                (-0.5, BlsValueError), (True, BlsTypeError),
-                                               (np.True_, BlsTypeError)])
+                                               (np.True_, BlsTypeError), (decimal.Decimal(1), BlsTypeError)])
 def test_a_bad_default_timeout_is_refused_when_set(timeout, exc_type):
     # It was kept, and the next call raised about a timeout it was never given.
     with blsshm.Comm.create(1, timeout=2.5) as comm:
