@@ -1804,7 +1804,8 @@ cdef class Core:
     def copy_policy(self):
         """How posts copy blocks for other ranks into shared memory: ``"auto"`` (default),
         ``"cached"`` (ordinary stores) or ``"stream"`` (non-temporal stores, except
-        to a rank last seen on this rank's CPU, which reads them from its caches).
+        for blocks of up to 16 KiB to a rank last seen on this rank's CPU, which
+        reads them from its caches).
 
         ``"auto"`` measures both on posts with at least 16 KiB for other
         ranks and uses the faster (see ``_copy.h``); the two differ only in

@@ -146,7 +146,8 @@ def build_parser():
     b.add_argument("--num-indices-per-lookup", type=int, default=d.indices_per_lookup, metavar="K",
                    help="bag size cap: uniform in 1..K per bag (default %(default)s)")
     b.add_argument("--num-indices-per-lookup-fixed", type=_bool, nargs="?", const=True,
-                   default=False, metavar="BOOL", help="every bag has exactly K lookups")
+                   default=False, metavar="BOOL",
+                   help="every bag draws exactly K rows (duplicates removed, as in the reference)")
     b.add_argument("--numpy-rand-seed", type=int, default=d.seed, metavar="S",
                    help="seed of the model and the data (default %(default)s)")
     b.add_argument("--data-generation", default=d.data_generation, metavar="KIND",
@@ -183,7 +184,8 @@ def build_parser():
                         "workload and seed, one after another, and print one table")
     r.add_argument("--rounds", type=int, default=1, metavar="R",
                    help="with --compare: run the set R times in balanced orders (each run in every "
-                        "place and right after every other once), so a slow phase of the machine does "
+                        "place and right after every other once, complete when R is a multiple of the "
+                        "number of runs, twice it when that is odd), so a slow phase of the machine does "
                         "not always fall on the same backend; "
                         "each run's figures are then its median round's, and its ratios the median of "
                         "the same-round ratios (default 1)")
