@@ -255,8 +255,12 @@ class Comm(_core.Core):
         _check_seconds("timeout", timeout)
         liveness_ms()
         name = segment.create(size, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes), reaped=True)
-        return cls._open(name, rank, timeout=timeout, attach_timeout=attach_timeout,
-                         spin_us=spin_us, owns_name=True)
+        try:
+            return cls._open(name, rank, timeout=timeout, attach_timeout=attach_timeout,
+                             spin_us=spin_us, owns_name=True)
+        except BaseException:  # _open unlinks on its own errors; this covers a Ctrl-C before its try
+            segment.unlink(name)
+            raise
 
     @classmethod
     def attach(cls, name: str, rank: int, *, timeout: Optional[float] = None, attach_timeout: Optional[float] = 60.0,

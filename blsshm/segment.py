@@ -158,13 +158,14 @@ def _start_reaper(name):
 
 
 def _stop_reaper(name):
-    proc, write_end = _reapers.pop(name)
-    try:
-        os.write(write_end, UNLINKED)
-    except BrokenPipeError:  # it died (killed by hand): nothing more to tell it
-        pass
-    finally:
-        os.close(write_end)
+    with fork_guard:  # a child forked between the pop and the close would keep the pipe open
+        proc, write_end = _reapers.pop(name)
+        try:
+            os.write(write_end, UNLINKED)
+        except BrokenPipeError:  # it died (killed by hand): nothing more to tell it
+            pass
+        finally:
+            os.close(write_end)
     # It exits on reading that, once its interpreter has started (tens of ms
     # after a fresh start): waited for by a thread, so the call that removed
     # the name (the first collective, arrived() included) does not wait.

@@ -329,6 +329,27 @@ def test_a_rank_that_never_attaches_is_a_timeout_and_leaks_nothing():
         comm.close()  # the name goes with it: nothing may stay in /dev/shm
 
 
+def test_create_interrupted_before_it_opens_its_segment_removes_it(monkeypatch):
+    # A Ctrl-C between making the segment and opening it left the segment
+    # (and its reaper) until the process exited.
+    made = []
+    real_create = blsshm.segment.create
+
+    def create(*args, **kwargs):
+        made.append(real_create(*args, **kwargs))
+        return made[-1]
+
+    def interrupted(cls, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(blsshm.segment, "create", create)
+    monkeypatch.setattr(blsshm.Comm, "_open", classmethod(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        blsshm.Comm.create(2)
+    assert len(made) == 1 and not os.path.exists("/dev/shm/" + made[0].lstrip("/"))
+    assert made[0] not in blsshm.segment._reapers
+
+
 @pytest.mark.parametrize("call", ["alltoallv", "arrived"])
 def test_a_creator_that_closes_before_everyone_attached_is_a_lost_peer(call):
     """Its close takes the name with it, so rank 2 can never come: rank 1,
