@@ -2083,7 +2083,8 @@ cdef class Core:
         cdef bls_rank_t* me = &self.ranks[self.rank]
         self._announce(&me.completed, &me.completed_sleepers, t + 1)
         self.next_complete = t + 1
-        if self.next_post == t + 1:  # nothing posted ahead: the next post is likely t + 1's, like t's
+        # Nothing posted or reserved ahead: the next post is likely t + 1's, like t's.
+        if self.next_post == t + 1 and not self.pending:
             self._claim_next_lines(t + 1)
         return 0
 
