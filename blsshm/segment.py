@@ -37,20 +37,17 @@ UNLINKED = b"unlinked"  # what the creator tells its reaper once the name is gon
 _SHM_ERRORS = (OSError, posix_ipc.Error)
 
 # The reaper reads its pipe until the creator says UNLINKED (it removed the
-# name itself) or the pipe closes without it (the creator died: the name
-# goes now).  No site, no posix_ipc: it must start fast and cannot fail to import.
-REAPER = f"""
-import os, signal, sys
-for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a stop sent to all; SIGKILL still ends us
-    signal.signal(s, signal.SIG_IGN)
-said = b""
-while {UNLINKED!r} not in said and (chunk := os.read(0, 64)):
-    said += chunk
-if {UNLINKED!r} not in said:
-    try:
-        os.unlink({SHM_DIR!r} + sys.argv[1])
-    except FileNotFoundError:
-        pass
+# name itself) or the pipe closes without it (the creator died: the name goes
+# now).  A POSIX shell, not Python: the reaper starts while the ranks do, and
+# an interpreter's start (10-30 ms of CPU here) took a CPU from a rank, so
+# the ranks' first iterations stalled for milliseconds in half the runs of
+# 2 ranks on 2 cores; sh starts in well under one.  It ignores the stops a
+# terminal sends its whole group (SIGKILL still ends it); rm -f: a name
+# already gone is fine.
+REAPER_SHELL = "/bin/sh"
+REAPER = f"""trap '' INT TERM HUP
+IFS= read -r said
+[ "$said" = {UNLINKED.decode()} ] || exec rm -f -- "$1"
 """
 
 _reapers: "dict[str, tuple[subprocess.Popen, int]]" = {}  # name -> (reaper process, our end of its pipe)
@@ -86,8 +83,8 @@ def create(size, lag, arena_bytes, reaped=False):
 
     With ``reaped``, a reaper process unlinks the name if this process dies
     before calling :func:`unlink`; it starts before the segment exists.  A
-    program that cannot start one (frozen, or no interpreter found) goes
-    without: every other exit still unlinks.
+    program that cannot start one (no ``/bin/sh``) goes without: every
+    other exit still unlinks.
     """
     lay = _core.layout(size, lag, arena_bytes)
     nbytes = lay["segment_bytes"]
@@ -136,8 +133,6 @@ def _create(name, size, lag, arena_bytes, nbytes):
 
 
 def _start_reaper(name):
-    if getattr(sys, "frozen", False) or not sys.executable:  # sys.executable is not Python
-        return
     # Its own session: a terminal's Ctrl-C, which the creator handles, must
     # not end the reaper first.  Our end of the pipe is not inherited by
     # programs we start, and forked children close it: only our death does.
@@ -145,10 +140,10 @@ def _start_reaper(name):
         read_end, write_end = os.pipe()
         proc = None
         try:
-            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", REAPER, name], stdin=read_end,
-                                    stdout=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen([REAPER_SHELL, "-c", REAPER, "blsshm-reaper", SHM_DIR + name],
+                                    stdin=read_end, stdout=subprocess.DEVNULL, start_new_session=True)
         except OSError:
-            pass  # no interpreter to run it: go without (see create)
+            pass  # no shell to run it: go without (see create)
         finally:
             os.close(read_end)
             if proc is None:
@@ -166,9 +161,9 @@ def _stop_reaper(name):
             pass
         finally:
             os.close(write_end)
-    # It exits on reading that, once its interpreter has started (tens of ms
-    # after a fresh start): waited for by a thread, so the call that removed
-    # the name (the first collective, arrived() included) does not wait.
+    # It exits on reading that, once its shell has started: waited for by a
+    # thread, so the call that removed the name (the first collective,
+    # arrived() included) does not wait.
     # Not while the interpreter shuts down (a comm closed by its __del__
     # then): before 3.12 a thread started then never runs, and start()
     # waits for it forever; 3.12 raises RuntimeError.

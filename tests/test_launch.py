@@ -1201,7 +1201,7 @@ def test_a_ctrl_c_after_the_rank_mapped_its_views_still_releases_it(monkeypatch)
 
 def test_a_creator_that_cannot_start_a_reaper_goes_without(monkeypatch):
     from blsshm import segment
-    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    monkeypatch.setattr(segment, "REAPER_SHELL", "/nonexistent/sh")
     name = segment.create(2, 0, 4096, reaped=True)
     assert os.path.exists("/dev/shm" + name) and name not in segment._reapers
     segment.unlink(name)
