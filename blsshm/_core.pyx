@@ -221,12 +221,14 @@ COPY_POLICIES = {"cached": COPY_CACHED, "stream": COPY_STREAM, "auto": COPY_AUTO
 # Posts with fewer bytes for other ranks copy cached, untimed, and ask for
 # their record's lines ahead of the copy (bls_prefetch_for_write in _copy.h).
 cdef uint64_t STREAM_MIN_BYTES = 16 * 1024
-# Records up to this size have their lines asked for when the last complete
-# ends (_claim_next_lines).  2 ranks, blocking alltoallv, median of the
-# per-iteration maximum, builds with and without it in alternating runs:
-# 1 KiB per pair -21 to -25 %, 2 KiB -8 %, 4 KiB (records of 8 KiB) -1 %;
-# claimed too, 6 KiB (12 KiB) took 14 % longer.
-cdef uint64_t CLAIM_RECORD_MAX_BYTES = 8 * 1024
+# Records with up to this many bytes for other ranks have those lines asked
+# for when the last complete ends (_claim_next_lines).  2 ranks, blocking
+# alltoallv, median of the per-iteration maximum, builds alternating (6
+# pairs of runs): against no record claim, 1 KiB per pair -5 %, 2 KiB -17 %,
+# 4 KiB -20 %; against a limit of 8 KiB, 16 KiB -12 %, 24 KiB -5 %; against
+# a limit of 128 KiB, 48 KiB +1 % and 64 KiB +6 % (claimed).  4 ranks on 2
+# cores: 1-16 KiB -1 to -5 %.
+cdef uint64_t CLAIM_MAX_BYTES = 32 * 1024
 # Blocks up to this size for a receiver on our CPU are stored cached under
 # "stream" (see _shares_our_cpu): measured at 4 and 16 KiB.  Larger ones are
 # not assumed to stay in the caches (at 1 MiB per pair a core's blocks
@@ -2098,8 +2100,8 @@ cdef class Core:
         back to the receiver spinning on it; record lines held up the copy
         before the stamp.  Asked at the end of the last complete, the first
         trip overlaps this rank's return, its caller and its next call.
-        Records of up to CLAIM_RECORD_MAX_BYTES only: beyond, the requests
-        slowed the posts.  A prefetch changes no data; a guess that proves
+        Only records with up to CLAIM_MAX_BYTES for other ranks: beyond, the
+        requests slowed the posts.  A prefetch changes no data; a guess that proves
         wrong (other counts, a receiver still reading, no post soon) costs
         time only.
         """
@@ -2110,12 +2112,25 @@ cdef class Core:
             for q in range(self.size):
                 if q != self.rank:
                     bls_prefetch_for_write(<char*>self._mbox(self.rank, q, slot), sizeof(bls_mbox_t))
-        if self.pending_inline or self.pending_bytes == 0 or self.pending_bytes > CLAIM_RECORD_MAX_BYTES:
+        if self.pending_inline or self.pending_bytes == 0:
+            return
+        # Our own block's lines: only this rank reads them (and a blocking
+        # alltoallv never writes them), so there is nothing to ask another
+        # core for.  Its bounds are the last post's layout, still in
+        # block_off (clamped: a post that failed its checks may have parsed
+        # another one since; a wrong range costs time only).
+        cdef uint64_t own_start = min(self.block_off[self.rank], self.pending_bytes)
+        cdef uint64_t own_end = self.pending_bytes
+        if self.rank + 1 < self.size:
+            own_end = min(max(self.block_off[self.rank + 1], own_start), self.pending_bytes)
+        if self.pending_bytes - (own_end - own_start) > CLAIM_MAX_BYTES:
             return
         self._free_completed(self.known_completed)  # as the next _reserve does first
-        if self._fit(self.pending_bytes, &start):  # where that post's record will go
-            bls_prefetch_for_write(self.arenas + <uint64_t>self.rank * self.arena_bytes + start,
-                                   self.pending_bytes)
+        if not self._fit(self.pending_bytes, &start):  # where that post's record will go
+            return
+        cdef char* record = self.arenas + <uint64_t>self.rank * self.arena_bytes + start
+        bls_prefetch_for_write(record, own_start)
+        bls_prefetch_for_write(record + own_end, self.pending_bytes - own_end)
 
     cdef tuple _complete(self, int64_t t, object out, object timeout, int64_t* deadline_ns):
         """Wait for every rank's post of ``t``, copy our blocks out, mark ``t`` completed."""
