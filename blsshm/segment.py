@@ -38,15 +38,19 @@ _SHM_ERRORS = (OSError, posix_ipc.Error)
 
 # The reaper reads its pipe until the creator says UNLINKED (it removed the
 # name itself) or the pipe closes without it (the creator died: the name goes
-# now).  A POSIX shell, not Python: the reaper starts while the ranks do, and
-# an interpreter's start (10-30 ms of CPU here) took a CPU from a rank, so
-# the ranks' first iterations stalled for milliseconds in half the runs of
-# 2 ranks on 2 cores; sh starts in well under one.  It ignores the stops a
-# terminal sends its whole group (SIGKILL still ends it); rm -f: a name
-# already gone is fine.
+# now); any other line changes nothing.  A POSIX shell, not Python: the reaper
+# starts while the ranks do, and an interpreter's start (10-30 ms of CPU here)
+# took a CPU from a rank, so the ranks' first iterations stalled for
+# milliseconds in half the runs of 2 ranks on 2 cores; sh starts in well
+# under one.  It ignores INT, TERM and HUP (in a session of its own it should
+# get none); rm -f: a name already gone is fine.  Its PATH is the system's:
+# the creator's may not lead to rm.
 REAPER_SHELL = "/bin/sh"
+REAPER_PATH = "/usr/bin:/bin"
 REAPER = f"""trap '' INT TERM HUP
-IFS= read -r said
+while IFS= read -r said; do
+    [ "$said" = {UNLINKED.decode()} ] && exit 0
+done
 [ "$said" = {UNLINKED.decode()} ] || exec rm -f -- "$1"
 """
 
@@ -141,7 +145,8 @@ def _start_reaper(name):
         proc = None
         try:
             proc = subprocess.Popen([REAPER_SHELL, "-c", REAPER, "blsshm-reaper", SHM_DIR + name],
-                                    stdin=read_end, stdout=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=read_end, stdout=subprocess.DEVNULL, start_new_session=True,
+                                    env={"PATH": REAPER_PATH})
         except OSError:
             pass  # no shell to run it: go without (see create)
         finally:
@@ -156,12 +161,13 @@ def _stop_reaper(name):
     with fork_guard:  # a child forked between the pop and the close would keep the pipe open
         proc, write_end = _reapers.pop(name)
         try:
-            os.write(write_end, UNLINKED)
+            os.write(write_end, UNLINKED + b"\n")  # a whole line: it exits now
         except BrokenPipeError:  # it died (killed by hand): nothing more to tell it
             pass
         finally:
             os.close(write_end)
-    # It exits on reading that, once its shell has started: waited for by a
+    # It exits on reading that, once its shell has started, or at EOF if a
+    # process forked past our fork handler holds the pipe: waited for by a
     # thread, so the call that removed the name (the first collective,
     # arrived() included) does not wait.
     # Not while the interpreter shuts down (a comm closed by its __del__

@@ -1073,8 +1073,10 @@ time.sleep(1000)
 """
 
 
-def test_the_reaper_removes_the_segment_of_a_killed_creator_whatever_its_children_hold():
-    creator = subprocess.Popen([sys.executable, "-c", KILLED_CREATOR], stdout=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("path", ["inherited", "without rm"])
+def test_the_reaper_removes_the_segment_of_a_killed_creator_whatever_its_children_hold(path):
+    env = dict(os.environ, PATH="/nonexistent") if path == "without rm" else None
+    creator = subprocess.Popen([sys.executable, "-c", KILLED_CREATOR], stdout=subprocess.PIPE, text=True, env=env)
     child = None
     try:
         name, child = creator.stdout.readline().split()
@@ -1242,13 +1244,36 @@ def test_a_missing_shm_directory_is_said_not_taken_for_a_taken_name(monkeypatch)
     assert not segment._reapers
 
 
-def test_a_reaped_segment_unlinked_by_its_creator_stops_its_reaper():
+@pytest.mark.parametrize("pipe", ["closed", "held elsewhere"])
+def test_a_reaped_segment_unlinked_by_its_creator_stops_its_reaper(pipe):
+    # "held elsewhere": a process forked from C, past our fork handler, keeps
+    # a copy of the pipe; the reaper must not wait for that one to end.
     from blsshm import segment
     name = segment.create(2, 0, 4096, reaped=True)
-    proc, _ = segment._reapers[name]
-    segment.unlink(name)  # tells it, and leaves the waiting for its exit to a thread
-    assert name not in segment._reapers and not os.path.exists("/dev/shm" + name)
-    assert proc.wait(timeout=30) == 0
+    proc, write_end = segment._reapers[name]
+    copy = os.dup(write_end) if pipe == "held elsewhere" else None
+    try:
+        segment.unlink(name)  # tells it, and leaves the waiting for its exit to a thread
+        assert name not in segment._reapers and not os.path.exists("/dev/shm" + name)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if copy is not None:
+            os.close(copy)
+
+
+def test_a_reaper_acts_only_on_its_creators_word_or_death():
+    # Stray output on its pipe (a creator started with fd 2 closed gets the
+    # pipe as its stderr) must not make it remove a segment still in use.
+    from blsshm import segment
+    name = segment.create(2, 0, 4096, reaped=True)
+    proc, write_end = segment._reapers[name]
+    try:
+        os.write(write_end, b"a warning on stderr\nunlinked but not\n")
+        time.sleep(0.5)  # long enough for a reaper that acted on those lines to have removed it
+        assert os.path.exists("/dev/shm" + name) and proc.poll() is None
+    finally:
+        segment.unlink(name)
+    assert proc.wait(timeout=20) == 0
 
 
 STOPS_ON_THE_TERMINAL = r"""
