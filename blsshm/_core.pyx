@@ -224,10 +224,11 @@ cdef uint64_t STREAM_MIN_BYTES = 16 * 1024
 # Records with up to this many bytes for other ranks have those lines asked
 # for when the last complete ends (_claim_next_lines).  2 ranks, blocking
 # alltoallv, median of the per-iteration maximum, builds alternating (6
-# pairs of runs): against no record claim, 1 KiB per pair -5 %, 2 KiB -17 %,
-# 4 KiB -20 %; against a limit of 8 KiB, 16 KiB -12 %, 24 KiB -5 %; against
-# a limit of 128 KiB, 48 KiB +1 % and 64 KiB +6 % (claimed).  4 ranks on 2
-# cores: 1-16 KiB -1 to -5 %.
+# pairs of runs): against claiming whole records of up to 8 KiB, own block
+# included, 1 KiB per pair -5 %, 2 KiB -17 %, 4 KiB -20 %, 6 KiB -8 %; this
+# limit against 8 KiB: 12 KiB 0 %, 16 KiB -12 %, 24 KiB -5 %; a limit of
+# 128 KiB took 6 % longer at 64 KiB per pair (48 KiB: within the noise).
+# 4 ranks on 2 cores (4 pairs): 1-16 KiB -1 to -5 %.
 cdef uint64_t CLAIM_MAX_BYTES = 32 * 1024
 # Blocks up to this size for a receiver on our CPU are stored cached under
 # "stream" (see _shares_our_cpu): measured at 4 and 16 KiB.  Larger ones are
@@ -396,6 +397,7 @@ cdef class Core:
     cdef uint64_t pending_start # a reservation made by reserve(), not yet committed
     cdef uint64_t pending_bytes
     cdef bint pending_inline    # the pending post's blocks go in mailboxes, not a record
+    cdef bint last_streamed     # the last post copied with streaming stores (see _claim_next_lines)
     cdef bint pending
 
     # scratch of size P: the record being posted, and the blocks being received
@@ -1482,6 +1484,7 @@ cdef class Core:
             self.known_completed = self._min_completed()
             self._free_completed(self.known_completed)
         self.pending = True
+        self.last_streamed = False  # until _scatter streams
         self.pending_start = start[0]
         self.pending_bytes = nbytes
         return 0
@@ -1697,6 +1700,7 @@ cdef class Core:
                     bls_prefetch_for_write(self._block_dst(q, t), <uint64_t>self.counts[q] * itemsize)
         if strategy == COPY_STREAM:
             bls_stream_begin()
+            self.last_streamed = True
         p = src
         for q in range(self.size):
             n = <uint64_t>self.counts[q] * itemsize
@@ -2123,7 +2127,10 @@ cdef class Core:
         cdef uint64_t own_end = self.pending_bytes
         if self.rank + 1 < self.size:
             own_end = min(max(self.block_off[self.rank + 1], own_start), self.pending_bytes)
-        if self.pending_bytes - (own_end - own_start) > CLAIM_MAX_BYTES:
+        cdef uint64_t peer_bytes = self.pending_bytes - (own_end - own_start)
+        # Streaming stores do not read the lines they write: asking for them
+        # would only fill this core's cache with lines about to be bypassed.
+        if peer_bytes == 0 or peer_bytes > CLAIM_MAX_BYTES or self.last_streamed:
             return
         self._free_completed(self.known_completed)  # as the next _reserve does first
         if not self._fit(self.pending_bytes, &start):  # where that post's record will go

@@ -12,6 +12,7 @@ outlive.  Its communicator cannot work without it then anyway: spawn's and
 the launcher's ranks die with them, and a ``Comm.create`` creator is a rank.
 """
 import errno
+import fcntl
 import mmap
 import os
 import re
@@ -43,8 +44,8 @@ _SHM_ERRORS = (OSError, posix_ipc.Error)
 # took a CPU from a rank, so the ranks' first iterations stalled for
 # milliseconds in half the runs of 2 ranks on 2 cores; sh starts in well
 # under one.  It ignores INT, TERM and HUP (in a session of its own it should
-# get none); rm -f: a name already gone is fine.  Its PATH is the system's:
-# the creator's may not lead to rm.
+# get none); rm -f: a name already gone is fine.  Its PATH starts with the
+# usual places of rm: the creator's may not lead to one (a venv's bin only).
 REAPER_SHELL = "/bin/sh"
 REAPER_PATH = "/usr/bin:/bin"
 REAPER = f"""trap '' INT TERM HUP
@@ -144,11 +145,18 @@ def _start_reaper(name):
         read_end, write_end = os.pipe()
         proc = None
         try:
+            if write_end <= 2:
+                # A creator started without stdin, stdout or stderr would
+                # send what it prints there to the reaper: move it up.
+                low = write_end
+                write_end = fcntl.fcntl(low, fcntl.F_DUPFD_CLOEXEC, 3)
+                os.close(low)
+            path = REAPER_PATH + os.pathsep + os.environ.get("PATH", "")
             proc = subprocess.Popen([REAPER_SHELL, "-c", REAPER, "blsshm-reaper", SHM_DIR + name],
                                     stdin=read_end, stdout=subprocess.DEVNULL, start_new_session=True,
-                                    env={"PATH": REAPER_PATH})
+                                    env={"PATH": path})
         except OSError:
-            pass  # no shell to run it: go without (see create)
+            pass  # no shell to run it (or no descriptor left): go without (see create)
         finally:
             os.close(read_end)
             if proc is None:
@@ -166,9 +174,9 @@ def _stop_reaper(name):
             pass
         finally:
             os.close(write_end)
-    # It exits on reading that, once its shell has started, or at EOF if a
-    # process forked past our fork handler holds the pipe: waited for by a
-    # thread, so the call that removed the name (the first collective,
+    # It exits on reading that line, once its shell has started, even if a
+    # process forked past our fork handler still holds the pipe: waited for
+    # by a thread, so the call that removed the name (the first collective,
     # arrived() included) does not wait.
     # Not while the interpreter shuts down (a comm closed by its __del__
     # then): before 3.12 a thread started then never runs, and start()
