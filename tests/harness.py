@@ -18,6 +18,20 @@ LINE = 128
 _RANKS_AT = 2 * LINE
 
 
+def process_state(pid):
+    """``pid``'s state letter from /proc ('T' stopped, 'Z' a zombie), or None once it is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):  # reaped before the open, or between it and the read
+        return None
+
+
+def running(pid):
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
+    return process_state(pid) not in ("Z", None)
+
+
 def wait_until_published(comm, rank, count):
     """Sleep-poll until ``rank`` has posted ``count`` iterations, seen from ``comm``.
 

@@ -13,7 +13,7 @@ import pytest
 
 import blsshm
 from blsshm import BlsTimeoutError, CommAborted, PeerLostError, RankFailedError
-from harness import Ranks, wait_until_a_rank_closed, wait_until_a_rank_sleeps_on, wait_until_published
+from harness import Ranks, running, wait_until_a_rank_closed, wait_until_a_rank_sleeps_on, wait_until_published
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -419,8 +419,7 @@ def test_killed_launcher_leaves_nothing(tmp_path):
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 10
-        while any(os.path.exists(f"/proc/{c}") and open(f"/proc/{c}/stat").read().split()[2] != "Z"
-                  for c in children):
+        while any(running(c) for c in children):
             assert time.monotonic() < deadline, "ranks outlived their launcher"
             time.sleep(0.05)
     finally:

@@ -16,6 +16,7 @@ import pytest
 import blsshm
 from blsshm.errors import BlsError
 from blsshm.run import RELAY_DRAIN_S
+from harness import process_state, running
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -627,9 +628,9 @@ def test_spawn_stops_what_a_rank_it_stops_started(tmp_path):
         blsshm.spawn(_starts_a_child, 2, args=(tmp_path / "pid",), grace=0.2)
     pid = int((tmp_path / "pid").read_text())
     deadline = time.monotonic() + 20  # it got SIGTERM before spawn returned; it dies when scheduled
-    while _alive(pid) and time.monotonic() < deadline:
+    while running(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
-    if _alive(pid):
+    if running(pid):
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the child rank 1 started outlived spawn")
 
@@ -715,9 +716,9 @@ def test_a_termination_signal_to_the_spawning_process_stops_the_ranks_first(tmp_
         out, err = parent.communicate(timeout=40)
         child = int(pid_file.read_text())
         deadline = time.monotonic() + 20  # it got SIGTERM before the parent ended; it dies when scheduled
-        while _alive(child) and time.monotonic() < deadline:
+        while running(child) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not _alive(child), "the child rank 1 started outlived the terminated spawn"
+        assert not running(child), "the child rank 1 started outlived the terminated spawn"
     assert parent.returncode == -signum, out + err
     assert out == "rank 0 got SIGTERM\n", out + err
 
@@ -759,15 +760,6 @@ def test_a_termination_signal_during_the_grace_period_still_lets_ranks_act_on_si
         out, err = parent.communicate(timeout=30)
     assert parent.returncode == -signal.SIGTERM, out + err
     assert sorted(out.splitlines()) == ["rank 0 got SIGTERM", "rank 1 got SIGTERM"], out + err
-
-
-def _alive(pid):
-    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _kill_all(pids):
@@ -1324,10 +1316,10 @@ def test_the_launcher_kills_what_its_ranks_started(tmp_path):
     try:
         assert res.returncode == 1 and "rank 0 failed (exit code 1)" in res.stderr
         for _ in range(100):  # SIGKILLed before the launcher returned; its reaper may lag
-            if not _alive(child):
+            if not running(child):
                 break
             time.sleep(0.05)
-        assert not _alive(child)
+        assert not running(child)
     finally:
         _kill_all([child])
 
@@ -1453,10 +1445,10 @@ def test_forkserver_ranks_die_with_the_process_that_spawned_them(tmp_path):
         parent.kill()
         parent.wait()
         for _ in range(200):
-            if not any(_alive(pid) for pid in pids):
+            if not any(running(pid) for pid in pids):
                 break
             time.sleep(0.05)
-        assert not any(_alive(pid) for pid in pids)
+        assert not any(running(pid) for pid in pids)
     finally:
         parent.kill()
         parent.wait()
@@ -1768,15 +1760,6 @@ with blsshm.init() as comm:
 """
 
 
-def _state(pid):
-    """A process's state letter ('T' stopped, 'Z' a zombie), or None once it is reaped."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-
-
 @contextlib.contextmanager
 def _job(tmp_path, argv, **popen):
     """The launcher started as a shell starts a job: a group of its own in our
@@ -1819,9 +1802,9 @@ def test_ctrl_z_stops_the_ranks_with_the_launcher_and_fg_continues_them(tmp_path
         os.kill(launcher.pid, signal.SIGTSTP)  # what the terminal sends on Ctrl-Z
         _until_stopped(launcher)
         # Signals are delivered when their target next runs: on a loaded machine, later.
-        _until(lambda: all(_state(pid) == "T" for pid in pids), "the ranks were not stopped")
+        _until(lambda: all(process_state(pid) == "T" for pid in pids), "the ranks were not stopped")
         os.kill(launcher.pid, signal.SIGCONT)  # fg
-        _until(lambda: all(_state(pid) != "T" for pid in pids), "the ranks were not continued")
+        _until(lambda: all(process_state(pid) != "T" for pid in pids), "the ranks were not continued")
         assert _finish(tmp_path, launcher) == 0
 
 
@@ -1877,13 +1860,13 @@ def test_time_stopped_by_ctrl_z_does_not_count_against_the_grace_period(tmp_path
               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as launcher:
         pids = dict(tuple(map(int, launcher.stdout.readline().split())) for _ in range(2))
         (tmp_path / "fail").touch()
-        _until(lambda: _state(pids[1]) in ("Z", None), "rank 1 did not exit")
+        _until(lambda: process_state(pids[1]) in ("Z", None), "rank 1 did not exit")
         time.sleep(0.3)  # the launcher sees the failure: its grace period runs
         os.kill(launcher.pid, signal.SIGTSTP)
         _until_stopped(launcher)
         time.sleep(4)  # longer than the grace period, all of it stopped
         os.kill(launcher.pid, signal.SIGCONT)
-        _until(lambda: _state(pids[0]) != "T", "rank 0 was not continued")
+        _until(lambda: process_state(pids[0]) != "T", "rank 0 was not continued")
         (tmp_path / "done").touch()  # rank 0 ends well within what is left of its grace
         _, err = launcher.communicate(timeout=30)
     assert "SIGTERM" not in err, err
@@ -1936,7 +1919,7 @@ def test_ctrl_z_while_a_rank_starts_stops_that_rank_too(tmp_path):
         _until_stopped(launcher)
         ranks = _children_running(launcher.pid, "prog.py")
         assert len(ranks) == 2, ranks  # the third is started once it is continued
-        _until(lambda: all(_state(pid) == "T" for pid in ranks), "a rank started with Ctrl-Z was not stopped")
+        _until(lambda: all(process_state(pid) == "T" for pid in ranks), "a rank started with Ctrl-Z was not stopped")
         os.kill(launcher.pid, signal.SIGCONT)
         _until(lambda: len(_children_running(launcher.pid, "prog.py")) == 3, "the third rank did not start")
         assert _finish(tmp_path, launcher) == 0
