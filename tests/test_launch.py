@@ -573,10 +573,13 @@ import os, sys, time
 import blsshm
 
 if __name__ != "__main__":  # a rank importing this module ("spawn")
-    if ALL_STARTING or os.path.exists(MARK):
+    try:
+        if ALL_STARTING:
+            raise FileExistsError
+        # Atomic: two ranks importing at once must not both pass as the first.
+        os.close(os.open(MARK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # the first rank: on into rank_main
+    except FileExistsError:
         time.sleep(3)  # still starting up
-    else:
-        open(MARK, "w").close()  # the first rank: on into rank_main
 
 def rank_main(comm):
     try:
@@ -933,7 +936,7 @@ with blsshm.init() as comm:
                 signal.signal(signal.SIGNUM, signal.SIG_DFL)
                 os.kill(os.getpid(), signal.SIGNUM)
             os._exit(3)  # fails at once
-        time.sleep(1.5)  # saving a checkpoint (or writing a core): longer than --grace
+        time.sleep(4)  # saving a checkpoint (or writing a core): far longer than --grace
         os.write(1, b"rank 0 saved\n")
 """
 
@@ -1295,12 +1298,13 @@ import subprocess, sys, time
 import numpy as np
 import blsshm
 with blsshm.init() as comm:
+    if comm.rank == 1:  # before rank 0 can fail: a slow rank 1 would be stopped before it
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"])
+        with open(sys.argv[1], "w") as f:
+            f.write(str(child.pid))
     comm.alltoallv(np.zeros(comm.size), [1] * comm.size)
     if comm.rank == 0:
         raise RuntimeError("rank 0 fails")
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"])
-    with open(sys.argv[1], "w") as f:
-        f.write(str(child.pid))
     while True:  # busy, never calls the communicator again: killed after the grace period
         time.sleep(0.1)
 """

@@ -74,8 +74,8 @@ def test_a_signal_handler_runs_in_a_wait_and_its_exception_ends_the_wait():
     rescue = threading.Timer(20, post_late)
     try:
         a.post(0, np.zeros(2), [1, 1])
+        rescue.start()  # first: the SIGINT must find us inside pytest.raises, however slow a start
         send_sigint.start()
-        rescue.start()
         with pytest.raises(_Interrupted):
             a.complete(0)
         assert not late_post, "the wait ended only when the peer posted"
