@@ -17,6 +17,7 @@ import mmap
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -141,8 +142,12 @@ def _start_reaper(name):
     # Its own session: a terminal's Ctrl-C, which the creator handles, must
     # not end the reaper first.  Our end of the pipe is not inherited by
     # programs we start, and forked children close it: only our death does.
+    # The "pipe" is a Unix socket pair, so that telling a reaper killed by
+    # hand is an error (MSG_NOSIGNAL), not a SIGPIPE that kills a creator
+    # which restored SIGPIPE's default action, as command-line tools do.
     with fork_guard:
-        read_end, write_end = os.pipe()
+        ours, theirs = socket.socketpair()
+        write_end, read_end = ours.detach(), theirs.detach()  # plain descriptors, closed by hand
         proc = None
         try:
             if write_end <= 2:
@@ -168,12 +173,13 @@ def _start_reaper(name):
 def _stop_reaper(name):
     with fork_guard:  # a child forked between the pop and the close would keep the pipe open
         proc, write_end = _reapers.pop(name)
+        end = socket.socket(fileno=write_end)
         try:
-            os.write(write_end, UNLINKED + b"\n")  # a whole line: it exits now
-        except BrokenPipeError:  # it died (killed by hand): nothing more to tell it
+            end.send(UNLINKED + b"\n", socket.MSG_NOSIGNAL)  # a whole line: it exits now
+        except (BrokenPipeError, ConnectionResetError):  # it died (killed by hand): nothing more to tell it
             pass
         finally:
-            os.close(write_end)
+            end.close()
     # It exits on reading that line, once its shell has started, even if a
     # process forked past our fork handler still holds the pipe: waited for
     # by a thread, so the call that removed the name (the first collective,

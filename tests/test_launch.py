@@ -1271,6 +1271,27 @@ def test_a_reaper_acts_only_on_its_creators_word_or_death():
     assert proc.wait(timeout=20) == 0
 
 
+TELLS_A_KILLED_REAPER = r"""
+import signal
+from blsshm import segment
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as command-line tools do
+name = segment.create(2, 0, 4096, reaped=True)
+proc, _ = segment._reapers[name]
+proc.kill()  # by hand
+proc.wait()
+segment.unlink(name)  # tells it: nobody reads that any more
+print("alive")
+"""
+
+
+def test_a_creator_outlives_telling_a_reaper_killed_by_hand(tmp_path):
+    # Its write to the reaper's closed pipe raised SIGPIPE, which killed it.
+    path = tmp_path / "creator.py"
+    path.write_text(TELLS_A_KILLED_REAPER)
+    res = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=50)
+    assert (res.returncode, res.stdout) == (0, "alive\n"), res.stderr
+
+
 STOPS_ON_THE_TERMINAL = r"""
 import os, signal
 import numpy as np
