@@ -1458,10 +1458,6 @@ cdef class Core:
             lag_target = t - self.lag
         if t + 1 > self.slots:
             slot_free = t + 1 - self.slots
-        if lag_target > self.next_complete:
-            raise BlsValueError(
-                f"post({t}) needs this rank to have completed iteration {lag_target - 1} first "
-                f"(lag {self.lag}); it has completed {self.next_complete} iterations")
         target = slot_free if blocking else max(lag_target, slot_free)
         # Every rank's `completed` line is written by its rank on each
         # complete, so reading them costs a cache miss per rank.  The bound
@@ -1638,6 +1634,11 @@ cdef class Core:
         self._check_open()
         if t < 0 or <uint64_t>t != self.next_post:
             raise BlsValueError(f"post({t}) called, but the next iteration to post is {self.next_post}")
+        # This rank's own part of the lag bound (I2): no peer could ever lift it.
+        if <uint64_t>t > <uint64_t>self.lag and <uint64_t>t - self.lag > self.next_complete:
+            raise BlsValueError(
+                f"post({t}) needs this rank to have completed iteration {t - self.lag - 1} first "
+                f"(lag {self.lag}); it has completed {self.next_complete} iterations")
         return 0
 
     cdef int _check_peers_for_post(self, uint64_t t) except -1:
@@ -2339,7 +2340,9 @@ cdef class Core:
         blocks for ranks ``0..size-1`` back to back; ``send_counts[q]`` is the
         number of elements for rank ``q`` (they add up to ``send.size``).
         Waits only while some rank has not completed iteration
-        ``t - lag - 1`` (the lag bound).  Iterations are posted in order
+        ``t - lag - 1`` (the lag bound), given ``arena_bytes`` of at least
+        ``lag + 2`` of the largest records; with less it may also wait for
+        room in the arena.  Iterations are posted in order
         ``0, 1, 2, ...``, and ``post(t)`` needs this rank's own
         ``complete(t - lag - 1)`` first.
         """

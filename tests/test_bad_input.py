@@ -674,3 +674,15 @@ def test_communicator_arguments_are_checked_when_it_is_made():
             blsshm.Comm.attach(comm.name, 2 ** 40)  # was an OverflowError
         with pytest.raises(BlsValueError, match="rank must be at least 0, got -1"):
             blsshm.Comm.attach(comm.name, -1)  # said "in [0, 4096)": the segment's 2 were not read yet
+
+
+def test_a_post_past_this_ranks_own_lag_bound_is_bad_input_even_with_a_peer_gone():
+    # It was checked after the peers: a closed peer made it a PeerLostError.
+    with blsshm.Comm.create(2, 0, timeout=10) as a, blsshm.Comm.attach(a.name, 1, timeout=10) as b:
+        a.post(0, np.zeros(2), [1, 1])
+        b.close()  # before posting 0: iteration 0 can never complete
+        with pytest.raises(blsshm.BlsValueError, match=r"post\(1\) needs this rank to have completed "
+                                                       r"iteration 0 first \(lag 0\); it has completed 0"):
+            a.post(1, np.zeros(2), [1, 1])
+        with pytest.raises(blsshm.PeerLostError):
+            a.complete(0)
