@@ -7,9 +7,12 @@
  *   mbox_offset               P x P x S mailboxes of one line (0: none)
  *   arenas_offset             P arenas of arena_bytes bytes (byte rings of records)
  *
- * Each separately written field sits on its own 128-byte line (two 64-byte
- * lines, because adjacent-line prefetch pairs them); descriptors and
- * mailboxes are multiples of 128 bytes.
+ * The counters sit on 128-byte lines apart from one another (two 64-byte
+ * lines, because adjacent-line prefetch pairs them), each with the count of
+ * its registered waiters (written on the slow path only) on its line; the
+ * closes count shares the abort word's line, and a rank's third line holds
+ * its rarely written state (pid, CPU hint).  Descriptors and mailboxes are
+ * multiples of 128 bytes.
  */
 #ifndef BLSSHM_LAYOUT_H
 #define BLSSHM_LAYOUT_H

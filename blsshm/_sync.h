@@ -1,6 +1,9 @@
 /* Synchronisation primitives for blsshm: atomics, CPU pause, futex, clock.
  *
- * Every shared counter has exactly one writer.  The rules used in _core.pyx:
+ * Every iteration counter and stamp has exactly one writer; the waiter
+ * counts, the closes count, the abort word and a rank's pid are written by
+ * several processes, with atomic read-modify-writes.  The rules used in
+ * _core.pyx:
  *   - a writer makes data visible with store_release on a stamp or counter,
  *     so every byte it wrote before (blocks, descriptors, mailboxes) is visible
  *     to a reader whose load_acquire sees the new value;

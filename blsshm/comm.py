@@ -148,7 +148,8 @@ class Comm(_core.Core):
 
     Each rank calls the collective for iterations ``t = 0, 1, 2, ...`` in
     order.  :meth:`post` publishes this rank's blocks of ``t`` and returns
-    as soon as every rank has completed ``t - lag - 1``; :meth:`complete`
+    as soon as every rank has completed ``t - lag - 1`` (given an arena of
+    ``lag + 2`` records: see :meth:`create`); :meth:`complete`
     returns exactly what every rank posted to this one for ``t``.  With
     ``lag = 0``, :meth:`alltoallv` is an ordinary synchronous alltoallv.
     Counts are in elements of the array's dtype, blocks in rank order.

@@ -146,7 +146,10 @@ def _start_reaper(name):
     # hand is an error (MSG_NOSIGNAL), not a SIGPIPE that kills a creator
     # which restored SIGPIPE's default action, as command-line tools do.
     with fork_guard:
-        ours, theirs = socket.socketpair()
+        try:
+            ours, theirs = socket.socketpair()
+        except OSError:
+            return  # no descriptor left: go without (see create)
         write_end, read_end = ours.detach(), theirs.detach()  # plain descriptors, closed by hand
         proc = None
         try:

@@ -770,7 +770,7 @@ def _interrupted_by_a_nested_call(comm, operation, from_thread, tried):
             signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
     if not from_thread:
         signal.signal(signal.SIGALRM, lambda *_: nested())
-    caller = threading.Thread(target=interrupt)
+    caller = threading.Thread(target=interrupt, daemon=True)
     caller.start()
     comm.post(1, send, [1, 1])  # waits for rank 1's complete(0)
     caller.join()
