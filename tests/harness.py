@@ -28,8 +28,8 @@ def process_state(pid):
 
 
 def running(pid):
-    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
-    return process_state(pid) not in ("Z", None)
+    """Whether ``pid`` runs (a zombie waiting for its reaper, or one dying, does not)."""
+    return process_state(pid) not in ("Z", "X", None)
 
 
 def wait_until_published(comm, rank, count):

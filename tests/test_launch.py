@@ -572,14 +572,16 @@ SPAWN_CTRL_C_WHILE_STARTING = r"""
 import os, sys, time
 import blsshm
 
-if __name__ != "__main__":  # a rank importing this module ("spawn")
+def first_to_start():  # atomic: two ranks importing at once must not both pass as the first
     try:
-        if ALL_STARTING:
-            raise FileExistsError
-        # Atomic: two ranks importing at once must not both pass as the first.
-        os.close(os.open(MARK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # the first rank: on into rank_main
+        os.close(os.open(MARK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
     except FileExistsError:
-        time.sleep(3)  # still starting up
+        return False
+
+if __name__ != "__main__":  # a rank importing this module ("spawn")
+    if ALL_STARTING or not first_to_start():
+        time.sleep(3)  # still starting up; the first rank goes on into rank_main
 
 def rank_main(comm):
     try:
@@ -1319,7 +1321,7 @@ import subprocess, sys, time
 import numpy as np
 import blsshm
 with blsshm.init() as comm:
-    if comm.rank == 1:  # before rank 0 can fail: a slow rank 1 would be stopped before it
+    if comm.rank == 1:  # before rank 0 fails: a slow rank 1 could be stopped before it got here
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"])
         with open(sys.argv[1], "w") as f:
             f.write(str(child.pid))
