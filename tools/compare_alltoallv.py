@@ -148,7 +148,14 @@ import threading
 import time
 import traceback
 
-import numpy as np
+# OpenBLAS, loaded with NumPy, starts a worker thread per extra core, and
+# each spins a whole core for about 0.1 s after the import (perf shows
+# blas_thread_server).  On 2 cores that overlapped the first cache-line probe
+# here, and every MPI and gloo rank, which imports NumPy itself, started its
+# run beside two spinning threads.  Nothing here calls BLAS; inherited by
+# every backend's processes.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402 (after the line above, which it reads)
 
 from blsshm import _proc
 
