@@ -540,16 +540,21 @@ def _check_writable(flag, path):
         raise UsageError(f"{flag} {path}: no such directory {where}")
     if not os.access(where, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: cannot write in {where}")
-    # The directory may be fine and the file not (read-only, a dangling
-    # link, under /proc): try it, leaving an existing file as it was.
-    existed = os.path.lexists(path)
+    # The directory may be fine and the file not (read-only, under /proc):
+    # try it, leaving an existing file as it was.  Without a reader a named
+    # pipe would block the open for ever; O_NONBLOCK makes that ENXIO.
+    existed = os.path.exists(path)  # a dangling link's target is made below
     try:
-        with open(path, "ab"):
-            pass
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
+        try:
+            with open(fd, "ab", closefd=False):  # as the output will be: append mode also seeks
+                pass
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise UsageError(f"{flag} {path}: cannot write it ({exc.strerror})") from None
     if not existed:
-        os.unlink(path)
+        os.unlink(os.path.realpath(path))  # the made file, not a link to it
 
 
 def _same_file(a, b):

@@ -556,10 +556,11 @@ def gloo_rank(rank, cfg, init_file, label, progress_relay=None):
 def mpi_rank(cfg, label, progress_relay=None, heartbeat_path=None):
     """Entry of a rank of the MPI backend (mpi4py ``Ialltoallv``), under mpirun.
 
-    Open MPI's nonblocking alltoallv moves large blocks only inside its
-    ``Wait`` (no progress thread), so this is the blocking ``Alltoallv``
-    after the bottom MLP; waited at once, the two took alike (2 ranks,
-    64 KiB-3.3 MiB per pair: within 2 %).
+    The exchange starts before the bottom MLP and is waited on after it,
+    as in the other backends.  Open MPI moves large blocks only inside its
+    ``Wait`` (no progress thread), so this measures about what the blocking
+    ``Alltoallv`` after the bottom MLP would: waited at once, the two took
+    alike (2 ranks, 64 KiB-3.3 MiB per pair: within 2 %).
 
     Rank 0 writes its progress to ``progress_relay`` (see :class:`Progress`)
     and touches ``heartbeat_path`` as it starts, as it reads data, once set

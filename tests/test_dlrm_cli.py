@@ -77,6 +77,22 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, no_dlrm_runs):
     assert_rejected(capsys, argv, message)
 
 
+@pytest.mark.parametrize("flag", ["--json", "--save-predictions"])
+def test_an_output_that_is_a_pipe_with_no_reader_is_refused_not_waited_on(flag, tmp_path, capsys, no_dlrm_runs):
+    # Before, opening it to check it was writable blocked until a reader came.
+    fifo = tmp_path / "out"
+    os.mkfifo(fifo)
+    assert_rejected(capsys, [flag, str(fifo)], f"{flag} {fifo}: cannot write it")
+
+
+def test_checking_an_output_through_a_dangling_link_leaves_no_file(tmp_path, capsys, no_dlrm_runs):
+    # A missing --load-model is refused after the output check: nothing runs.
+    link, target = tmp_path / "run.json", tmp_path / "target.json"
+    link.symlink_to(target)
+    assert_rejected(capsys, ["--json", str(link), "--load-model", str(tmp_path / "none.pt")], "no such file")
+    assert sorted(os.listdir(tmp_path)) == ["run.json"] and not target.exists()
+
+
 def test_the_top_mlp_flag_means_what_it_means_in_the_reference():
     # dlrm_s_pytorch.py puts the interaction size in front of --arch-mlp-top:
     # its defaults (3 tables of width 2: 4 features, 6 pairs + 2) make 8-4-2-1.
