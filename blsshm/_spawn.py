@@ -372,14 +372,14 @@ def _run_ranks(target, nprocs, args, start_method, grace, on_failure, terminatio
             terminated = termination is not None and termination.received is not None
             let_finish = reported | ({r for r in range(len(procs)) if running[r]} if interrupted else set())
             try:
-                _stop_ranks(procs, let_finish, 0.0 if terminated else grace)
+                _stop_ranks(procs, pidfds, let_finish, 0.0 if terminated else grace)
             except _Terminated:  # during the grace period: the ranks are stopped now, SIGTERM first
-                _stop_ranks(procs, set(), 0.0)
+                _stop_ranks(procs, pidfds, set(), 0.0)
                 raise
             except BaseException:
                 # A second Ctrl-C while we waited for them means "now" (as in the
                 # launcher): no rank may outlive the call, the caller may live on.
-                _stop_ranks(procs, set(), 0.0, signal.SIGKILL)
+                _stop_ranks(procs, pidfds, set(), 0.0, signal.SIGKILL)
                 raise
             finally:
                 for conn in conns:
@@ -438,7 +438,7 @@ def _reaping_our_children():
                 pass
 
 
-def _stop_ranks(procs, let_finish, grace, signum=signal.SIGTERM):
+def _stop_ranks(procs, pidfds, let_finish, grace, signum=signal.SIGTERM):
     """Send ranks not in ``let_finish`` ``signum`` now, the others if still running after ``grace``;
     SIGKILL TERM_WAIT_S later; reap all.
 
@@ -451,14 +451,10 @@ def _stop_ranks(procs, let_finish, grace, signum=signal.SIGTERM):
         # its work while those given ``grace`` use it.
         _signal_trees([p for r, p in enumerate(procs) if r not in let_finish], signum, started)
         # A rank that reported may still be exiting (flushing its output).
-        deadline = time.monotonic() + grace
-        for r, proc in enumerate(procs):
-            if r in let_finish:
-                proc.join(_left(deadline))
+        _wait_ranks(procs, pidfds, let_finish, time.monotonic() + grace)
         _signal_trees([p for r, p in enumerate(procs) if r in let_finish], signum, started)
         deadline = time.monotonic() + TERM_WAIT_S
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
+        _wait_ranks(procs, pidfds, range(len(procs)), deadline)
         _wait_pidfds(started, deadline)
         for proc in procs:
             if proc.is_alive():
@@ -484,6 +480,20 @@ def _signal_trees(procs, signum, started):
     signal_pidfds(started[first:], signum)
 
 
+def _wait_ranks(procs, pidfds, ranks, deadline):
+    """Wait until the ranks ``ranks`` have exited, or ``deadline`` (monotonic) passes.
+
+    Through their pidfds where there are: ``Process.join`` with a timeout
+    waits for multiprocessing's sentinel, a pipe that processes the rank
+    forked hold open after it exited (see ``_collect``).
+    """
+    ranks = [r for r in ranks if r < len(procs)]
+    _wait_pidfds([pidfds[r] for r in ranks if pidfds[r] >= 0], deadline)
+    for r in ranks:
+        if pidfds[r] < 0:
+            procs[r].join(_left(deadline))
+
+
 def _wait_pidfds(fds, deadline):
     """Wait until every process of ``fds`` has exited, or ``deadline`` (monotonic) passes."""
     poller = select.poll()
@@ -491,7 +501,7 @@ def _wait_pidfds(fds, deadline):
         poller.register(fd, select.POLLIN)  # readable once the process has exited
     left = set(fds)
     while left:
-        ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+        ms = -1 if deadline == math.inf else int(max(0.0, deadline - time.monotonic()) * 1000)  # -1: no bound
         events = poller.poll(ms)
         if not events:
             return

@@ -1439,6 +1439,31 @@ def test_spawn_notices_a_dead_rank_whose_forked_child_holds_its_pipe(tmp_path):
             time.sleep(0.05)
 
 
+def _return_leaving_a_forked_child(rank, pid_file):
+    if rank == 0 and os.fork() == 0:  # the child holds this rank's exit sentinel, a pipe, open
+        try:
+            _sleep_forever(pid_file)
+        finally:
+            os._exit(0)
+    return rank
+
+
+def test_spawn_does_not_wait_for_what_a_rank_that_returned_left_running(tmp_path):
+    # Their exits were awaited on multiprocessing's sentinel, which the child
+    # held open: run_ranks returned only when the grace period (here longer
+    # than the test's timeout) was over, 10 s late by default.
+    pid_file = tmp_path / "child.pid"
+    try:
+        assert blsshm.run_ranks(_return_leaving_a_forked_child, 2, args=(str(pid_file),),
+                                start_method="fork", grace=3600) == [0, 1]
+    finally:
+        for _ in range(100):
+            if pid_file.exists() and pid_file.read_text():
+                _kill_all([int(pid_file.read_text())])
+                break
+            time.sleep(0.05)
+
+
 FORKSERVER_PARENT = r"""
 import os, sys, time
 import blsshm
