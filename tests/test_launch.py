@@ -1415,6 +1415,15 @@ def _sleep_forever(pid_file):
     time.sleep(1000)
 
 
+def _kill_the_sleeper(pid_file):
+    """Kill the process ``_sleep_forever`` runs in, once it has written its pid (up to 5 s)."""
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text():
+            _kill_all([int(pid_file.read_text())])
+            return
+        time.sleep(0.05)
+
+
 def _die_leaving_a_forked_child(rank, pid_file):
     import multiprocessing
     if rank == 0:
@@ -1432,11 +1441,7 @@ def test_spawn_notices_a_dead_rank_whose_forked_child_holds_its_pipe(tmp_path):
             # 8 ranks: rank 0 is likely dead, and reaped by a later start(), before spawn waits
             blsshm.run_ranks(_die_leaving_a_forked_child, 8, args=(str(pid_file),), start_method="fork")
     finally:
-        for _ in range(100):
-            if pid_file.exists() and pid_file.read_text():
-                _kill_all([int(pid_file.read_text())])
-                break
-            time.sleep(0.05)
+        _kill_the_sleeper(pid_file)
 
 
 def _return_leaving_a_forked_child(rank, pid_file):
@@ -1457,11 +1462,7 @@ def test_spawn_does_not_wait_for_what_a_rank_that_returned_left_running(tmp_path
         assert blsshm.run_ranks(_return_leaving_a_forked_child, 2, args=(str(pid_file),),
                                 start_method="fork", grace=3600) == [0, 1]
     finally:
-        for _ in range(100):
-            if pid_file.exists() and pid_file.read_text():
-                _kill_all([int(pid_file.read_text())])
-                break
-            time.sleep(0.05)
+        _kill_the_sleeper(pid_file)
 
 
 FORKSERVER_PARENT = r"""
