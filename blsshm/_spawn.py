@@ -487,7 +487,6 @@ def _wait_ranks(procs, pidfds, ranks, deadline):
     waits for multiprocessing's sentinel, a pipe that processes the rank
     forked hold open after it exited (see ``_collect``).
     """
-    ranks = [r for r in ranks if r < len(procs)]
     _wait_pidfds([pidfds[r] for r in ranks if pidfds[r] >= 0], deadline)
     for r in ranks:
         if pidfds[r] < 0:
