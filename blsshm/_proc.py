@@ -40,10 +40,16 @@ def die_with_parent(parent_pid, signum=signal.SIGKILL):
     ``parent_pid`` is the process that started us.  With multiprocessing's
     forkserver our parent is the fork server instead, which outlives that
     process (its children, us included, hold its liveness pipe open): then a
-    thread watches ``parent_pid`` itself (see :func:`_watch_starter`).
+    thread watches ``parent_pid`` itself (see :func:`_watch_starter`), and
+    the fork server's death means nothing to us.  (Armed against it, a
+    SIGTERM to the whole process group, as GNU ``timeout`` sends, killed us
+    with the server, before the stop the SIGTERM asked of us.)
     """
     def arm():
         parent = os.getppid()
+        if parent != parent_pid:  # a fork server's child
+            _watch_starter(parent_pid)
+            return
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
@@ -51,8 +57,6 @@ def die_with_parent(parent_pid, signum=signal.SIGKILL):
             return
         if os.getppid() != parent:  # our parent died before prctl took effect
             os._exit(1)
-        if parent != parent_pid:  # a fork server's child
-            _watch_starter(parent_pid)
     return arm
 
 

@@ -2,6 +2,7 @@
 import contextlib
 import errno
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import re
 import resource
@@ -1506,6 +1507,24 @@ def test_forkserver_ranks_die_with_the_process_that_spawned_them(tmp_path):
         parent.kill()
         parent.wait()
         _kill_all(pids)
+
+
+def _stop_the_fork_server_then_exchange(comm):
+    if comm.rank == 0:
+        os.kill(os.getppid(), signal.SIGTERM)  # the fork server, as a SIGTERM to the whole group would
+    time.sleep(0.5)  # a parent-death signal armed against the server lands meanwhile
+    counts = np.ones(comm.size, np.int64)
+    return comm.alltoallv(np.full(comm.size, comm.rank, np.int32), counts)[0].tolist()
+
+
+def test_forkserver_ranks_outlive_the_fork_server(tmp_path):
+    # They were SIGKILLed with it (their parent-death signal was armed
+    # against it), before the stop a SIGTERM to the group asks of them.
+    try:
+        assert blsshm.spawn(_stop_the_fork_server_then_exchange, 2, start_method="forkserver") == [[0, 1], [0, 1]]
+    finally:
+        multiprocessing.forkserver.ensure_running()  # reaps the dead server, starts another
+    test_spawn_with_other_start_methods("forkserver")
 
 
 def test_the_launcher_works_when_started_with_sigchld_ignored(tmp_path):
