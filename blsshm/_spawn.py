@@ -73,8 +73,7 @@ def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running):
                                   rank=rank) from exc
         conn.send_bytes(payload)
     except BaseException as exc:  # report everything, KeyboardInterrupt included
-        conn.send_bytes(pickle.dumps(("error", _portable(exc, rank), traceback.format_exc()),
-                                     pickle.HIGHEST_PROTOCOL))
+        conn.send_bytes(_error_report(exc, rank, traceback.format_exc()))
     finally:
         conn.close()
 
@@ -231,6 +230,36 @@ def _portable(exc, rank):
         return exc
     except Exception:
         return BlsError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+
+
+def _error_report(exc, rank, tb):
+    """What a rank sends when it failed: the exception pickled on its own, with its name and traceback as text.
+
+    The parent may not be able to unpickle it (its class is in a module
+    only the rank imported): it still gets the name, message and traceback.
+    """
+    exc = _portable(exc, rank)
+    return pickle.dumps(("error", pickle.dumps(exc, pickle.HIGHEST_PROTOCOL), _describe(exc), tb),
+                        pickle.HIGHEST_PROTOCOL)
+
+
+def _describe(exc):
+    """``module.Class: message`` of an exception, whatever its ``__str__`` does."""
+    try:
+        message = str(exc)
+    except Exception as err:  # a broken __str__ must not lose the report
+        message = f"<its str() raised {type(err).__name__}>"
+    return f"{type(exc).__module__}.{type(exc).__qualname__}: {message}"
+
+
+def _received_error(report):
+    """The exception of a rank's error report, or a BlsError naming it if it does not unpickle here."""
+    _, exc_bytes, description, tb = report
+    try:
+        exc = pickle.loads(exc_bytes)
+    except Exception as err:
+        exc = BlsError(f"{description} (the exception does not unpickle here: {type(err).__name__}: {err})")
+    return exc, tb
 
 
 def _with_comm(rank, fn, name, comm_kwargs, args):
@@ -619,9 +648,10 @@ def _collect(procs, conns, pidfds, grace, reported, on_failure):
                 continue
             reported.add(r)
             if outcome[r][0] == "error":
-                failures.append((r, outcome[r][1], outcome[r][2]))
+                exc, tb = _received_error(outcome[r])
+                failures.append((r, exc, tb))
                 if on_failure is not None:
-                    on_failure(r, f"it raised {type(outcome[r][1]).__name__}")
+                    on_failure(r, f"it raised {type(exc).__name__}")
         if failures and deadline is None:
             deadline = time.monotonic() + grace
     if failures:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -409,6 +410,24 @@ def test_a_rank_error_that_does_not_unpickle_still_names_itself_and_its_rank():
         blsshm.run_ranks(_raise_unpicklable, 2)
     assert info.value.blsshm_rank == 1
     assert "TwoArgumentError" in str(info.value.__cause__)  # the remote traceback
+
+
+def _raise_what_only_this_rank_can_unpickle(rank):
+    if rank == 1:
+        module = types.ModuleType("only_in_rank_1")  # the parent has no such module
+        sys.modules[module.__name__] = module
+        exec("class StepError(Exception):\n    pass", module.__dict__)
+        raise module.StepError("rank 1's step failed")
+    return rank
+
+
+def test_a_rank_error_of_a_class_the_parent_cannot_import_keeps_its_message_and_traceback():
+    # It reached the parent as "rank 1's result could not be unpickled",
+    # with no traceback.
+    with pytest.raises(blsshm.BlsError, match="only_in_rank_1.StepError: rank 1's step failed") as info:
+        blsshm.run_ranks(_raise_what_only_this_rank_can_unpickle, 2, start_method="fork")
+    assert info.value.blsshm_rank == 1
+    assert "_raise_what_only_this_rank_can_unpickle" in str(info.value.__cause__)  # the remote traceback
 
 
 def test_sys_exit_in_a_rank_is_a_failure_not_an_exit_of_the_parent():
