@@ -20,7 +20,8 @@ from typing import Any, Callable, List, Optional, Sequence, Set
 from blsshm import _core, segment
 from blsshm._proc import GRACE_S, TERM_WAIT_S, descendants, describe_exit, die_of, die_with_parent, signal_pidfds
 from blsshm._core import MAX_RANKS
-from blsshm.comm import DEFAULT_ARENA_BYTES, Comm, _check_int, _check_seconds, _check_spin_us
+from blsshm.comm import (DEFAULT_ARENA_BYTES, Comm, _check_int, _check_seconds, _check_spin_us, default_spin_us,
+                         liveness_ms)
 from blsshm.errors import BlsError, BlsTypeError, BlsValueError, CommAborted, RankFailedError
 
 
@@ -229,7 +230,7 @@ def _portable(exc, rank):
         pickle.loads(pickle.dumps(exc))
         return exc
     except Exception:
-        return BlsError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+        return BlsError(_describe(exc))
 
 
 def _error_report(exc, rank, tb):
@@ -302,16 +303,16 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     nprocs = _check_nprocs(nprocs)
     grace = _check_grace(grace)
     args = _check_args(args)
+    ctx = _context(start_method)
     # The ranks check these again when they attach; here a bad one starts nobody.
     _check_seconds("timeout", timeout)
-    if spin_us is not None:
-        _check_spin_us(spin_us)
+    _check_spin_us(default_spin_us() if spin_us is None else spin_us)
+    liveness_ms()
     with _stopping_ranks_on_termination() as termination:
-        return _spawn_with_segment(fn, nprocs, lag, arena_bytes, args, timeout, spin_us, start_method, grace,
-                                   termination)
+        return _spawn_with_segment(fn, nprocs, lag, arena_bytes, args, timeout, spin_us, ctx, grace, termination)
 
 
-def _spawn_with_segment(fn, nprocs, lag, arena_bytes, args, timeout, spin_us, start_method, grace, termination):
+def _spawn_with_segment(fn, nprocs, lag, arena_bytes, args, timeout, spin_us, ctx, grace, termination):
     """:func:`spawn` with checked arguments: makes the segment, runs the ranks, removes it."""
     name = segment.create(nprocs, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes), reaped=True)
     observer = None
@@ -325,7 +326,7 @@ def _spawn_with_segment(fn, nprocs, lag, arena_bytes, args, timeout, spin_us, st
             _core.abort_unattached(observer, rank, f"{why} without attaching")
 
         comm_kwargs = dict(timeout=timeout, spin_us=spin_us)
-        return _run_ranks(_with_comm, nprocs, (fn, name, comm_kwargs, args), start_method, grace,
+        return _run_ranks(_with_comm, nprocs, (fn, name, comm_kwargs, args), ctx, grace,
                           abort_if_unattached, termination)
     finally:
         if observer is not None:
@@ -354,14 +355,26 @@ def run_ranks(target: Callable[..., Any], nprocs: int, *, args: Sequence[Any] = 
     nprocs = _check_nprocs(nprocs)
     grace = _check_grace(grace)
     args = _check_args(args)
+    ctx = _context(start_method)
     with _stopping_ranks_on_termination() as termination:
-        return _run_ranks(target, nprocs, args, start_method, grace, None, termination)
+        return _run_ranks(target, nprocs, args, ctx, grace, None, termination)
 
 
-def _run_ranks(target, nprocs, args, start_method, grace, on_failure, termination):
+def _context(start_method):
+    """The multiprocessing context of ``start_method`` (None: the platform's default); a clear error if none."""
+    if start_method is not None and not isinstance(start_method, str):
+        raise BlsTypeError(f"start_method must be a str or None, got {type(start_method).__name__}")
+    try:
+        ctx: Any = multiprocessing.get_context(start_method)  # typeshed's BaseContext has no Process
+    except ValueError:
+        raise BlsValueError(f"start_method must be one of {multiprocessing.get_all_start_methods()} or None, "
+                            f"got {start_method!r}") from None
+    return ctx
+
+
+def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
     """:func:`run_ranks` with checked arguments; ``on_failure(rank, why)`` hears of each failed rank,
     ``termination`` (a ``_TerminationHandler`` or None) of SIGTERM and SIGHUP."""
-    ctx: Any = multiprocessing.get_context(start_method)  # typeshed's BaseContext has no Process
     _make_room_for_descriptors(nprocs)
     procs: List[Any] = []
     conns: List[Any] = []

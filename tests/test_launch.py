@@ -405,6 +405,24 @@ def _exit_early(rank):
     return rank
 
 
+@pytest.mark.parametrize("spawner", [blsshm.spawn, blsshm.run_ranks])
+def test_a_bad_start_method_is_refused_before_anything_starts(spawner):
+    # It was multiprocessing's ValueError, raised once spawn's segment existed.
+    with pytest.raises(blsshm.BlsValueError, match=r"start_method must be one of .*'fork'.* got 'bogus'"):
+        spawner(_rank_and_args, 2, start_method="bogus")
+    with pytest.raises(blsshm.BlsTypeError, match="start_method must be a str or None, got int"):
+        spawner(_rank_and_args, 2, start_method=1)
+
+
+@pytest.mark.parametrize("variable", ["BLSSHM_SPIN_US", "BLSSHM_LIVENESS_MS"])
+def test_a_bad_wait_setting_is_refused_by_spawn_before_any_rank_starts(variable, monkeypatch, tmp_path):
+    # Every rank started and raised it as it attached.
+    monkeypatch.setenv(variable, "soon")
+    with pytest.raises(blsshm.BlsValueError, match=variable) as info:
+        blsshm.spawn(_rank_and_args, 2, args=(0, 0))
+    assert not hasattr(info.value, "blsshm_rank")  # raised here, not re-raised from a rank
+
+
 def test_a_rank_error_that_does_not_unpickle_still_names_itself_and_its_rank():
     with pytest.raises(blsshm.BlsError, match="TwoArgumentError: rank 1's step failed with 7") as info:
         blsshm.run_ranks(_raise_unpicklable, 2)
