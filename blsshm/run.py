@@ -57,7 +57,7 @@ import time
 
 from blsshm import _core, segment
 from blsshm._proc import GRACE_S, STOP_TIMEOUT_S, TERM_WAIT_S, describe_exit, die_of, die_with_parent
-from blsshm.comm import DEFAULT_ARENA_BYTES
+from blsshm.comm import DEFAULT_ARENA_BYTES, default_spin_us, liveness_ms
 from blsshm.errors import BlsError
 
 ENV_NAME, ENV_RANK, ENV_SIZE = "BLSSHM_NAME", "BLSSHM_RANK", "BLSSHM_SIZE"
@@ -140,6 +140,8 @@ def _launch(argv):
         print(f"python -m blsshm.run: no such script: {opts.target}", file=sys.stderr)
         return 2, None
     try:
+        default_spin_us()  # what every rank reads as it attaches: refused once, before any starts
+        liveness_ms()
         name = segment.create(opts.nprocs, opts.lag, opts.arena_bytes, reaped=True)
     except (BlsError, ValueError) as exc:
         print(f"python -m blsshm.run: {exc}", file=sys.stderr)

@@ -133,6 +133,17 @@ def test_launcher_rejects_bad_arguments(tmp_path):
     assert res.returncode == 2
 
 
+@pytest.mark.parametrize("variable", ["BLSSHM_SPIN_US", "BLSSHM_LIVENESS_MS"])
+def test_the_launcher_refuses_a_bad_wait_setting_before_starting_ranks(variable, tmp_path):
+    # Each rank started, raised it with a traceback, and the run failed with exit status 1.
+    script = tmp_path / "s.py"
+    script.write_text("print('rank ran')\n")
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", str(script)], capture_output=True,
+                         text=True, timeout=30, env=dict(os.environ, **{variable: "soon"}))
+    assert res.returncode == 2
+    assert res.stderr.startswith(f"python -m blsshm.run: {variable} must be a number") and "rank ran" not in res.stdout
+
+
 def test_main_returns_the_status_of_usage_errors_too(capsys):
     # argparse's own errors raised SystemExit out of main(), which says it returns a status.
     from blsshm import run
