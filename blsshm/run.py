@@ -236,6 +236,12 @@ def _launch(argv):
                 if suspend_pending[0]:
                     suspend_pending[0] = False
                     suspend(signal.SIGTSTP, None)
+            if len(procs) < opts.nprocs:
+                # The ranks started wait for the others to attach; a handler that
+                # took the signal and went on would keep them waiting until the
+                # stop timeout.  They hear now that the others never come.
+                _core.abort_unattached(observer, len(procs), f"the launcher got "
+                                       f"{signal.Signals(signals_seen[0]).name} before it started it")
             if opts.tag_output:  # only now: no thread may run while a rank forks (preexec_fn)
                 for rank, proc in enumerate(procs):
                     prefix = f"[rank {rank}] ".encode()
@@ -252,8 +258,8 @@ def _launch(argv):
             procs.clear()
             _drain(relays, sinks, signals_seen)
         code = _report(codes, observer, failed_order, cut_short)
-        if code is None and signals_seen and not codes:  # stopped before any rank started
-            code = -signals_seen[0]
+        if code is None and signals_seen and len(codes) < opts.nprocs:  # stopped before every rank started
+            code = -signals_seen[0]  # not a success, whatever the ranks started did
         status = 0 if code is None else code if code > 0 else 128 - code
         if status == 0 and any(sink.error for sink in sinks):
             status = OUTPUT_LOST_STATUS

@@ -1047,7 +1047,54 @@ def test_a_signal_while_a_rank_starts_reaches_it_and_starts_no_more(tmp_path, mo
     path.write_text(SCRIPT)
     assert run.main(["-n", "2", str(path), "5"]) == 128 + signal.SIGTERM
     err = capfd.readouterr().err
-    assert "rank 0 failed (signal SIGTERM)" in err and "rank 1" not in err, err
+    assert "rank 0 failed (signal SIGTERM)" in err and "rank 1 failed" not in err, err
+    assert "rank 1 was lost: the launcher got SIGTERM before it started it" in err, err  # never started
+
+
+TAKES_THE_SIGNAL_AND_ATTACHES = r"""
+import os, pathlib, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a handler that takes it and goes on
+pathlib.Path(sys.argv[1]).write_text("ready")
+import numpy as np
+import blsshm
+comm = blsshm.init()
+if sys.argv[2] == "returns":
+    sys.exit(0)
+try:
+    comm.alltoallv(np.zeros(comm.size), np.ones(comm.size, np.int64))  # waits for every rank to attach
+except blsshm.BlsError as exc:
+    print(f"{type(exc).__name__}: {exc}", flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("rank_0", ["exchanges", "returns"])
+def test_ranks_that_take_a_signal_which_stopped_the_starts_hear_the_others_never_come(
+        tmp_path, monkeypatch, capfd, rank_0):
+    # Rank 0 waited for rank 1 to attach until its attach timeout (60 s);
+    # one that returned made a run whose rank 1 never ran a success.
+    from blsshm import run
+    real_popen = subprocess.Popen
+    ready = tmp_path / "ready"
+
+    def popen_then_sigterm_once_it_runs(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        if kwargs.get("preexec_fn"):  # a rank (the segment's reaper starts without)
+            while not ready.exists():  # its SIGTERM handler is in place
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)  # held until this rank is listed
+        return proc
+    monkeypatch.setattr(subprocess, "Popen", popen_then_sigterm_once_it_runs)
+    path = tmp_path / "prog.py"
+    path.write_text(TAKES_THE_SIGNAL_AND_ATTACHES)
+    status = run.main(["-n", "2", "--stop-timeout", "1000", str(path), str(ready), rank_0])
+    out = capfd.readouterr().out
+    if rank_0 == "returns":
+        assert status == 128 + signal.SIGTERM and out == ""
+    else:
+        assert status == 3
+        assert out.startswith("PeerLostError") and "the launcher got SIGTERM before it started it" in out, out
 
 
 SLOW_TO_ATTACH = r"""
