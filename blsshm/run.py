@@ -251,11 +251,13 @@ def _launch(argv):
         finally:
             # Every group, even of a rank that exited: its children may live on.
             _signal_groups(procs, signal.SIGKILL)
-            for proc in procs:
-                proc.wait()
-            # Reaped: their pids may name strangers' groups from now on, so a
-            # signal arriving while the relays drain is forwarded to no one.
+            # Unlisted before they are reaped: from then on their pids may name
+            # strangers' groups, so a signal arriving while we wait for them or
+            # while the relays drain is forwarded to no one.
+            ranks = procs[:]
             procs.clear()
+            for proc in ranks:
+                proc.wait()
             _drain(relays, sinks, signals_seen)
         code = _report(codes, observer, failed_order, cut_short)
         if code is None and signals_seen and len(codes) < opts.nprocs:  # stopped before every rank started
