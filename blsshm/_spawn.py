@@ -289,9 +289,11 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     (SIGTERM, without the grace period; SIGKILL 2 s later) with what they
     started and removes the segment, then ends it as they would have.
     Processes are always reaped and the segment always removed, whatever
-    happens; what a rank that returned normally started itself and left
-    running is its own (unlike under ``python -m blsshm.run``, which ends
-    each rank's whole process group).  A rank's stdout and stderr write whole lines
+    happens; what a rank that returned normally, or died on its own (of
+    the OOM killer's SIGKILL, say: what it started is orphaned then, and
+    no longer found as its), started itself and left running is its own
+    (unlike under ``python -m blsshm.run``, which ends each rank's whole
+    process group).  A rank's stdout and stderr write whole lines
     (line buffered), so what it printed survives its being stopped.
     ``timeout`` is the communicator's default wait timeout;
     ``start_method`` is a multiprocessing start method (default: the
