@@ -400,16 +400,16 @@ def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
                     child_end.close()
                     procs.append(proc)
                     conns.append(parent_end)
-            try:
-                return _collect(procs, conns, pidfds, grace, reported, on_failure)
-            except KeyboardInterrupt:
-                # A terminal's Ctrl-C reached the ranks too (our process group):
-                # those running ``target`` get ``grace`` to act on it, as the
-                # launcher's get theirs.  One still starting ignored it: stopped now.
-                # One that reached only us is passed on to them.
-                interrupted = True
-                _pass_on_sigint(pidfds, running)
-                raise
+            return _collect(procs, conns, pidfds, grace, reported, on_failure)
+        except KeyboardInterrupt:
+            # Raised in _collect, or as the starts ended (it waited blocked).
+            # A terminal's Ctrl-C reached the ranks too (our process group):
+            # those running ``target`` get ``grace`` to act on it, as the
+            # launcher's get theirs.  One still starting ignored it: stopped now.
+            # One that reached only us is passed on to them.
+            interrupted = True
+            _pass_on_sigint(pidfds, running)
+            raise
         finally:
             # Terminated (even if a Ctrl-C's KeyboardInterrupt replaced the
             # exception): no grace period, whoever sent it will not wait long.

@@ -666,6 +666,57 @@ def test_a_ctrl_c_stops_starting_ranks_at_once(tmp_path, running):
     assert out == "spawn raised KeyboardInterrupt\n", out + err  # no starting rank ran
 
 
+SPAWN_CTRL_C_DURING_THE_STARTS = r"""
+import multiprocessing.context, os, pathlib, signal, sys, time
+import blsshm
+
+RUNNING = pathlib.Path(sys.argv[1])
+real_start = multiprocessing.context.ForkProcess.start
+
+def start_after_a_ctrl_c(self):
+    if self.name == "blsshm-rank-1":  # rank 0 runs its function: the terminal's Ctrl-C comes now
+        while not RUNNING.exists():
+            time.sleep(0.01)
+        os.killpg(0, signal.SIGINT)  # held here until every rank started
+    real_start(self)
+
+multiprocessing.context.ForkProcess.start = start_after_a_ctrl_c
+
+def rank_main(rank):
+    try:
+        if rank == 0:
+            RUNNING.write_text("")
+        time.sleep(30)
+    except KeyboardInterrupt:
+        time.sleep(1)  # saving
+        os.write(1, f"rank {rank} saved\n".encode())
+        raise
+
+if __name__ == "__main__":
+    print("starting", flush=True)
+    try:
+        blsshm.run_ranks(rank_main, 2, grace=30, start_method="fork")
+    except KeyboardInterrupt:
+        print("run_ranks raised KeyboardInterrupt", flush=True)
+"""
+
+
+def test_a_ctrl_c_during_the_starts_gives_running_ranks_the_grace_period(tmp_path):
+    # It surfaced as the starts ended, outside the handler that gives the
+    # grace period: rank 0 was stopped in the middle of its saving.
+    path = tmp_path / "prog.py"
+    path.write_text(SPAWN_CTRL_C_DURING_THE_STARTS)
+    parent = subprocess.Popen([sys.executable, str(path), str(tmp_path / "running")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)  # its own group
+    try:
+        out, err = parent.communicate(timeout=40)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    assert "rank 0 saved\n" in out and out.endswith("run_ranks raised KeyboardInterrupt\n"), out + err
+
+
 def _starts_a_child(comm, pid_file):
     if comm.rank == 1:
         child = subprocess.Popen(["sleep", "60"])
