@@ -93,17 +93,19 @@ def _alive(pid):
     return True
 
 
-def descendants(pid, fds=None):
+def descendants(pid, fds=None, pidfd=-1):
     """Pidfds of the processes ``pid`` started, and of theirs, as they are now; the caller closes them.
 
     For stopping a process with what it started when it leads no process
     group of its own.  A pidfd names its process for good, however late the
     signal; processes that left the tree (orphaned by a double fork) are not
     found.  Empty without /proc or pidfds.  Appended to ``fds`` if given, as
-    they are opened (an interruption then loses none).
+    they are opened (an interruption then loses none).  ``pidfd``, a pidfd
+    of ``pid``, tells whether that pid was still its when its children were
+    read; without one (-1) the caller must keep ``pid`` from being reaped.
     """
     fds = [] if fds is None else fds
-    todo = [(pid, -1)]  # (pid, its pidfd; -1 for ``pid``, which the caller keeps from being reaped)
+    todo = [(pid, pidfd)]  # (pid, its pidfd or -1)
     while todo:
         parent, parent_fd = todo.pop()
         for child in children_of(parent):

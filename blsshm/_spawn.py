@@ -18,7 +18,8 @@ import traceback
 from typing import Any, Callable, List, Optional, Sequence, Set
 
 from blsshm import _core, segment
-from blsshm._proc import GRACE_S, TERM_WAIT_S, descendants, describe_exit, die_of, die_with_parent, signal_pidfds
+from blsshm._proc import (GRACE_S, TERM_WAIT_S, descendants, describe_exit, die_of, die_with_parent, pidfd_exited,
+                          signal_pidfds)
 from blsshm._core import MAX_RANKS
 from blsshm.comm import (DEFAULT_ARENA_BYTES, Comm, _check_int, _check_seconds, _check_spin_us, default_spin_us,
                          liveness_ms)
@@ -491,21 +492,22 @@ def _stop_ranks(procs, pidfds, let_finish, grace, signum=signal.SIGTERM):
     """
     started = []  # pidfds of what the stopped ranks started: ours to close, whatever happens
     try:
+        everyone = range(len(procs))
         # The others at once: one still starting up must not get as far as
         # its work while those given ``grace`` use it.
-        _signal_trees([p for r, p in enumerate(procs) if r not in let_finish], signum, started)
+        _signal_trees(procs, pidfds, [r for r in everyone if r not in let_finish], signum, started)
         # A rank that reported may still be exiting (flushing its output).
         _wait_ranks(procs, pidfds, let_finish, time.monotonic() + grace)
-        _signal_trees([p for r, p in enumerate(procs) if r in let_finish], signum, started)
+        _signal_trees(procs, pidfds, let_finish, signum, started)
         deadline = time.monotonic() + TERM_WAIT_S
-        _wait_ranks(procs, pidfds, range(len(procs)), deadline)
+        _wait_ranks(procs, pidfds, everyone, deadline)
         _wait_pidfds(started, deadline)
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
+        for r in everyone:
+            _signal_rank(procs[r], pidfds[r], signal.SIGKILL)
         signal_pidfds(started, signal.SIGKILL)
+        _wait_ranks(procs, pidfds, everyone, math.inf)  # SIGKILLed: gone at once
         for proc in procs:
-            proc.join()
+            proc.join()  # reaps it (a fork server's child: its status, if the server still lives)
     except BaseException:  # a second Ctrl-C: what the ranks started goes now (the caller kills them)
         signal_pidfds(started, signal.SIGKILL)
         raise
@@ -514,14 +516,36 @@ def _stop_ranks(procs, pidfds, let_finish, grace, signum=signal.SIGTERM):
             os.close(fd)
 
 
-def _signal_trees(procs, signum, started):
-    """Send ``signum`` to each rank of ``procs`` still running and to what it started (pidfds into ``started``)."""
+def _signal_trees(procs, pidfds, ranks, signum, started):
+    """Send ``signum`` to each of the ranks ``ranks`` still running and to what it started (pidfds into ``started``)."""
     first = len(started)  # those before were signalled already
-    for proc in procs:
-        if proc.is_alive():
-            descendants(proc.pid, started)  # first, while the rank still holds them as its children
-            proc.kill() if signum == signal.SIGKILL else proc.terminate()  # pid never reaped yet
+    for r in ranks:
+        if _rank_alive(procs[r], pidfds[r]):
+            # First, while the rank still holds them as its children.  Its
+            # pidfd tells whether its pid was still its (a fork server's child
+            # is reaped by the server, or by init once the server is gone).
+            descendants(procs[r].pid, started, pidfds[r])
+            _signal_rank(procs[r], pidfds[r], signum)
     signal_pidfds(started[first:], signum)
+
+
+def _rank_alive(proc, pidfd):
+    """Whether the rank ``proc`` (pidfd ``pidfd``, -1 if none) still runs.
+
+    Through its pidfd where there is one: under forkserver, multiprocessing
+    learns of a rank from the fork server, and once the server is gone (a
+    SIGTERM to the whole process group) it takes every rank for dead and
+    signals none, though they run on.
+    """
+    return not pidfd_exited(pidfd) if pidfd >= 0 else proc.is_alive()
+
+
+def _signal_rank(proc, pidfd, signum):
+    """Send ``signum`` (SIGTERM or SIGKILL) to the rank ``proc`` if it still runs."""
+    if pidfd >= 0:
+        signal_pidfds([pidfd], signum)
+    elif proc.is_alive():
+        proc.kill() if signum == signal.SIGKILL else proc.terminate()
 
 
 def _wait_ranks(procs, pidfds, ranks, deadline):

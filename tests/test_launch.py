@@ -1655,12 +1655,35 @@ def test_forkserver_ranks_die_with_the_process_that_spawned_them(tmp_path):
         _kill_all(pids)
 
 
-def _stop_the_fork_server_then_exchange(comm):
-    if comm.rank == 0:
-        os.kill(os.getppid(), signal.SIGTERM)  # the fork server, as a SIGTERM to the whole group would
-    time.sleep(0.5)  # a parent-death signal armed against the server lands meanwhile
+def _exchange(comm):
     counts = np.ones(comm.size, np.int64)
     return comm.alltoallv(np.full(comm.size, comm.rank, np.int32), counts)[0].tolist()
+
+
+def _stop_the_fork_server(comm):
+    _exchange(comm)  # every rank has been forked: the server may go
+    if comm.rank == 0:
+        server = os.getppid()
+        os.kill(server, signal.SIGTERM)  # as a SIGTERM to the whole group would
+        while os.getppid() == server:  # gone once we are reparented
+            time.sleep(0.01)
+
+
+def _stop_the_fork_server_then_exchange(comm):
+    _stop_the_fork_server(comm)
+    time.sleep(0.5)  # a parent-death signal armed against the server lands meanwhile
+    return _exchange(comm)
+
+
+def _fail_once_the_fork_server_is_gone(comm, pid_dir):
+    _stop_the_fork_server(comm)
+    _exchange(comm)  # after the server is gone
+    if comm.rank == 1:
+        raise ValueError("rank 1 fails")
+    child = subprocess.Popen(["sleep", "60"])
+    (pid_dir / "rank").write_text(str(os.getpid()))
+    (pid_dir / "child").write_text(str(child.pid))
+    time.sleep(60)
 
 
 def test_forkserver_ranks_outlive_the_fork_server(tmp_path):
@@ -1671,6 +1694,25 @@ def test_forkserver_ranks_outlive_the_fork_server(tmp_path):
     finally:
         multiprocessing.forkserver.ensure_running()  # reaps the dead server, starts another
     test_spawn_with_other_start_methods("forkserver")
+
+
+def test_spawn_stops_forkserver_ranks_and_what_they_started_once_the_server_is_gone(tmp_path):
+    # multiprocessing asks the fork server about its children: without it,
+    # every rank looked dead, and spawn returned with rank 0 and its child
+    # still running.
+    pids = []
+    try:
+        with pytest.raises(ValueError, match="rank 1 fails"):
+            blsshm.spawn(_fail_once_the_fork_server_is_gone, 2, args=(tmp_path,), grace=0.5,
+                         start_method="forkserver")
+        pids = [int((tmp_path / name).read_text()) for name in ("rank", "child")]
+        deadline = time.monotonic() + 5  # SIGTERMed before spawn returned; a reaper may be slow
+        while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not any(running(pid) for pid in pids)
+    finally:
+        _kill_all(pids)
+        multiprocessing.forkserver.ensure_running()  # reaps the dead server, starts another
 
 
 def test_the_launcher_works_when_started_with_sigchld_ignored(tmp_path):
