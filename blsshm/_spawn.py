@@ -689,8 +689,8 @@ def _collect(procs, conns, pidfds, grace, reported, on_failure):
             if outcome[r][0] == "error":
                 exc, tb = _received_error(outcome[r])
                 failures.append((r, exc, tb))
-                if on_failure is not None:
-                    on_failure(r, f"it raised {type(exc).__name__}")
+                if on_failure is not None:  # its own class, even if it does not unpickle here
+                    on_failure(r, f"it raised {outcome[r][2].split(':', 1)[0].rsplit('.', 1)[-1]}")
         if failures and deadline is None:
             deadline = time.monotonic() + grace
     if failures:

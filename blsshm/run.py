@@ -140,7 +140,9 @@ def _launch(argv):
         print(f"python -m blsshm.run: no such script: {opts.target}", file=sys.stderr)
         return 2, None
     try:
-        default_spin_us()  # what every rank reads as it attaches: refused once, before any starts
+        # Settings the ranks read as they attach (BLSSHM_SPIN_US unless the
+        # program passes spin_us): a malformed one is refused once, here.
+        default_spin_us()
         liveness_ms()
         name = segment.create(opts.nprocs, opts.lag, opts.arena_bytes, reaped=True)
     except (BlsError, ValueError) as exc:
@@ -240,8 +242,9 @@ def _launch(argv):
                 # The ranks started wait for the others to attach; a handler that
                 # took the signal and went on would keep them waiting until the
                 # stop timeout.  They hear now that the others never come.
+                never = "it" if len(procs) == opts.nprocs - 1 else f"ranks {len(procs)}-{opts.nprocs - 1}"
                 _core.abort_unattached(observer, len(procs), f"the launcher got "
-                                       f"{signal.Signals(signals_seen[0]).name} before it started it")
+                                       f"{signal.Signals(signals_seen[0]).name} before it started {never}")
             if opts.tag_output:  # only now: no thread may run while a rank forks (preexec_fn)
                 for rank, proc in enumerate(procs):
                     prefix = f"[rank {rank}] ".encode()
