@@ -687,8 +687,8 @@ def _collect(procs, conns, pidfds, grace, reported, on_failure):
                 continue
             reported.add(r)
             if outcome[r][0] == "error":
-                exc, tb = _received_error(outcome[r])
-                failures.append((r, exc, tb))
+                error, tb = _received_error(outcome[r])
+                failures.append((r, error, tb))
                 if on_failure is not None:  # its own class, even if it does not unpickle here
                     on_failure(r, f"it raised {outcome[r][2].split(':', 1)[0].rsplit('.', 1)[-1]}")
         if failures and deadline is None:
