@@ -241,8 +241,8 @@ def _error_report(exc, rank, tb):
     only the rank imported): it still gets the name, message and traceback.
     """
     exc = _portable(exc, rank)
-    return pickle.dumps(("error", pickle.dumps(exc, pickle.HIGHEST_PROTOCOL), _describe(exc), tb),
-                        pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps(("error", pickle.dumps(exc, pickle.HIGHEST_PROTOCOL), type(exc).__name__, _describe(exc),
+                         tb), pickle.HIGHEST_PROTOCOL)
 
 
 def _describe(exc):
@@ -256,7 +256,7 @@ def _describe(exc):
 
 def _received_error(report):
     """The exception of a rank's error report, or a BlsError naming it if it does not unpickle here."""
-    _, exc_bytes, description, tb = report
+    _, exc_bytes, _, description, tb = report
     try:
         exc = pickle.loads(exc_bytes)
     except Exception as err:
@@ -690,7 +690,7 @@ def _collect(procs, conns, pidfds, grace, reported, on_failure):
                 error, tb = _received_error(outcome[r])
                 failures.append((r, error, tb))
                 if on_failure is not None:  # its own class, even if it does not unpickle here
-                    on_failure(r, f"it raised {outcome[r][2].split(':', 1)[0].rsplit('.', 1)[-1]}")
+                    on_failure(r, f"it raised {outcome[r][2]}")
         if failures and deadline is None:
             deadline = time.monotonic() + grace
     if failures:

@@ -1686,7 +1686,7 @@ def _fail_once_the_fork_server_is_gone(comm, pid_dir):
     time.sleep(60)
 
 
-def test_forkserver_ranks_outlive_the_fork_server(tmp_path):
+def test_forkserver_ranks_outlive_the_fork_server():
     # They were SIGKILLed with it (their parent-death signal was armed
     # against it), before the stop a SIGTERM to the group asks of them.
     try:
@@ -1700,7 +1700,6 @@ def test_spawn_stops_forkserver_ranks_and_what_they_started_once_the_server_is_g
     # multiprocessing asks the fork server about its children: without it,
     # every rank looked dead, and spawn returned with rank 0 and its child
     # still running.
-    pids = []
     try:
         with pytest.raises(ValueError, match="rank 1 fails"):
             blsshm.spawn(_fail_once_the_fork_server_is_gone, 2, args=(tmp_path,), grace=0.5,
@@ -1710,8 +1709,8 @@ def test_spawn_stops_forkserver_ranks_and_what_they_started_once_the_server_is_g
         while any(running(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not any(running(pid) for pid in pids)
-    finally:
-        _kill_all(pids)
+    finally:  # whatever got as far as writing its pid, even if spawn did not raise as it should
+        _kill_all([int(path.read_text()) for path in tmp_path.iterdir() if path.read_text()])
         multiprocessing.forkserver.ensure_running()  # reaps the dead server, starts another
 
 
