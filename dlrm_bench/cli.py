@@ -163,7 +163,7 @@ def main(argv=None):
     for k in range(args.rounds):
         if args.rounds > 1:
             print(f"round {k + 1} of {args.rounds}", flush=True)
-        for run_cfg in round_order(runs, k):
+        for run_cfg in round_order(runs, args.order_offset + k):
             label = report.run_label(run_cfg.backend, run_cfg.lag)
             if slow_steps is not None:
                 run_cfg = run_cfg.replace(slow_steps_s=slow_steps)

@@ -189,6 +189,11 @@ def build_parser():
                         "not always fall on the same backend; "
                         "each run's figures are then its median round's, and its ratios the median of "
                         "the same-round ratios (default 1)")
+    r.add_argument("--order-offset", type=int, default=0, metavar="K",
+                   help="with --compare: begin with the K-th of those balanced orders (round r runs in "
+                        "order K + r), so that separate runs can go on where others left off: "
+                        "tools/dlrm_report.py passes its --repeat round (default 0: the order "
+                        "bls lag 0, bls lag L, gloo, mpi)")
     r.add_argument("--delay-prob", type=float, default=0.0, metavar="P",
                    help="each rank sleeps --delay-ms in an iteration with probability P, "
                         "independently per rank and iteration (default 0)")
@@ -358,6 +363,10 @@ def parse(argv=None):
         raise UsageError(f"--rounds must be in 1..{MAX_ROUNDS}, got {args.rounds}")
     if args.rounds != 1 and not args.compare:
         raise UsageError("--rounds applies to --compare: it repeats the set of runs")
+    if args.order_offset < 0:
+        raise UsageError(f"--order-offset must be >= 0, got {args.order_offset}")
+    if args.order_offset != 0 and not args.compare:
+        raise UsageError("--order-offset applies to --compare: it orders the set of runs")
     if args.numpy_rand_seed < 0:
         raise UsageError(f"--numpy-rand-seed must be >= 0, got {args.numpy_rand_seed}")
     for flag, path in (("--json", args.json), ("--save-predictions", args.save_predictions)):

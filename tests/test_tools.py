@@ -151,7 +151,7 @@ def test_the_report_keeps_each_run_as_it_ends_once_per_configuration_in_aligned_
     path = str(tmp_path / "r.json")
     seen = []
 
-    def run_one(model, nprocs, delays, opts):
+    def run_one(model, nprocs, delays, opts, round_):
         if seen:  # the runs before this one are on disk already
             with open(path) as f:
                 assert len(json.load(f)) == len(seen)
@@ -171,6 +171,37 @@ def test_the_report_keeps_each_run_as_it_ends_once_per_configuration_in_aligned_
     for name in ("lag4/lag0", "lag0 wall/ideal", "sync/ideal"):  # each value ends under its header
         end = header.index(name) + len(name)
         assert row[end - 5:end] == "12.35"
+
+
+def test_each_round_of_the_report_runs_the_backends_in_its_own_order(monkeypatch):
+    # Every --repeat round ran bls lag 0, lag L, gloo and MPI in that order,
+    # so a backend's place (the first after the data is made; right after
+    # the same one) was the same in every round.
+    report = _tool("dlrm_report")
+    run_one = report.run_one
+    rounds = []
+    monkeypatch.setattr(report, "run_one", lambda model, nprocs, delays, opts, round_: rounds.append(round_))
+    report.main(["--models", "light", "--nprocs", "2", "--repeat", "3"])
+    assert rounds == [k for k in range(3) for _ in report.DELAYS]
+    commands = []
+
+    class Exited:  # the run dlrm_report starts: it ends at once, writing nothing
+        returncode = 0
+
+        def __init__(self, cmd, **_):
+            commands.append(cmd)
+
+        def communicate(self):
+            return "", ""
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(report.subprocess, "Popen", Exited)
+    opts = report.main.__globals__["argparse"].Namespace(lag=4, num_batches={"light": 10})
+    assert run_one("light", 2, "none", opts, 2) is None
+    cmd = commands[0]
+    assert cmd[cmd.index("--order-offset") + 1] == "2" and "--compare" in cmd
 
 
 def _saved_run(lag, gloo):

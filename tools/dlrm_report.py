@@ -22,8 +22,10 @@ configuration:
   seconds for the same work vary up to 2x between runs on this machine).
 
 With ``--repeat N`` the whole matrix runs N times over (round after round,
-so slow phases of the machine hit every configuration alike) and each
-ratio is the median of its N same-run ratios, with the lowest and highest.
+so slow phases of the machine hit every configuration alike; round k runs
+the backends in dlrm_bench's k-th balanced order, ``--order-offset k``, so
+they do not hit one backend either) and each ratio is the median of its N
+same-run ratios, with the lowest and highest.
 
 Reproduce (from the repository root, about 10 minutes on 2 idle cores)::
 
@@ -50,12 +52,15 @@ MODELS = {
 DELAYS = {"none": [], "0.1x5ms": ["--delay-prob", "0.1", "--delay-ms", "5"]}
 
 
-def run_one(model, nprocs, delays, opts):
+def run_one(model, nprocs, delays, opts, round_=0):
+    """One ``dlrm_bench --compare`` run; its backends run in the ``round_``-th of
+    dlrm_bench's balanced orders, so over ``--repeat`` rounds no backend
+    always runs first (after the data is made) or right after the same one."""
     with tempfile.TemporaryDirectory(prefix="dlrm-report-") as tmp:
         out = os.path.join(tmp, "run.json")
         cmd = [sys.executable, "-m", "dlrm_bench", *MODELS[model], *DELAYS[delays], "--nprocs", str(nprocs),
                "--lag", str(opts.lag), "--num-batches", str(opts.num_batches[model]), "--compare",
-               "--json", out, "--no-progress"]
+               "--json", out, "--no-progress", "--order-offset", str(round_)]
         print("$ python " + " ".join(cmd[1:]), flush=True)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -144,7 +149,7 @@ def main(argv=None):
     docs = []
     for round_ in range(opts.repeat):
         for model, nprocs, delays in configs:
-            doc = run_one(model, nprocs, delays, opts)
+            doc = run_one(model, nprocs, delays, opts, round_)
             r = ratios(doc, opts.lag) if doc is not None else None
             # A run with no JSON is kept too ("run": null): --from-json says it has no figures.
             docs.append({"model": model, "nprocs": nprocs, "delays": delays, "round": round_, "lag": opts.lag,
