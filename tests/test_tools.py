@@ -204,6 +204,26 @@ def test_each_round_of_the_report_runs_the_backends_in_its_own_order(monkeypatch
     assert cmd[cmd.index("--order-offset") + 1] == "2" and "--compare" in cmd
 
 
+def test_switch_cost_times_turns_only_once_the_partner_is_ready(monkeypatch):
+    # The two processes on the core began their timed loops unsynchronized:
+    # the partner's set-up (a communicator: milliseconds) ran inside the
+    # first turns, and a partner that failed left every turn yielding to
+    # nobody, printed as a cheap switch.
+    switch_cost = _tool("switch_cost")
+    hot, turn = switch_cost.measure("alltoallv", 200)
+    assert 0 < hot < turn
+    parent, make_call = os.getpid(), switch_cost.make_call
+
+    def make_call_failing_in_the_partner(kind):
+        if os.getpid() != parent:
+            raise RuntimeError("the partner cannot make its call")
+        return make_call(kind)
+
+    monkeypatch.setattr(switch_cost, "make_call", make_call_failing_in_the_partner)
+    with pytest.raises(RuntimeError, match="the partner process for 'none' failed before its first turn"):
+        switch_cost.measure("none", 200)
+
+
 def _saved_run(lag, gloo):
     fig = {"samples_per_s": 100.0, "wall_over_ideal": 1.5, "wall_s": 3.0, "lag_bound_s": 2.0,
            "wall_over_replay": 1.2, "replay_s": 2.5, "ideal_bound_s": 2.0, "wall_over_best_bound": 1.5,

@@ -25,6 +25,7 @@ Reproduce::
     python tools/switch_cost.py --rounds 200000 --kinds none alltoallv
 """
 import argparse
+import mmap
 import os
 import time
 
@@ -47,10 +48,13 @@ def make_call(kind):
     return (lambda: comm.alltoallv(send, [8], out=out)), comm
 
 
-def time_calls(call, rounds, switch):
-    """Mean ns per round of ``call()`` (then ``sched_yield()`` when ``switch``)."""
+def warm_up(call):
     for _ in range(1000):
         call()
+
+
+def time_calls(call, rounds, switch):
+    """Mean ns per round of ``call()`` (then ``sched_yield()`` when ``switch``)."""
     start = time.perf_counter_ns()
     if switch:
         for _ in range(rounds):
@@ -62,32 +66,75 @@ def time_calls(call, rounds, switch):
     return (time.perf_counter_ns() - start) / rounds
 
 
-def timed(kind, rounds, switch):
-    """``time_calls`` of a call of ``kind`` made in this process."""
+def hot_ns(kind, rounds):
+    """Mean ns of a call of ``kind`` made in a loop in this process alone."""
     call, closer = make_call(kind)
     try:
-        return time_calls(call, rounds, switch)
+        warm_up(call)
+        return time_calls(call, rounds, False)
+    finally:
+        if closer is not None:
+            closer.close()
+
+
+def _partner(kind, ready_w, go_r, stop):
+    """The other process on the core: ready once warm, then turns until ``stop[0]`` is set."""
+    call, closer = make_call(kind)
+    try:
+        warm_up(call)
+        os.write(ready_w, b"r")
+        os.read(go_r, 1)
+        while not stop[0]:
+            call()
+            os.sched_yield()
     finally:
         if closer is not None:
             closer.close()
 
 
 def measure(kind, rounds):
-    """``(hot ns per call, ns per turn)`` for ``kind``, on the lowest CPU we may use."""
+    """``(hot ns per call, ns per turn)`` for ``kind``, on the lowest CPU we may use.
+
+    The timed turns begin only once both processes have made and warmed up
+    their calls (making a one-rank communicator takes milliseconds: it
+    would run in the first turns), and the partner takes turns until the
+    timing ends (else the last rounds would yield to nobody).
+    """
     mask = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(mask)})
     try:
-        hot = timed(kind, rounds, False)
+        hot = hot_ns(kind, rounds)
+        stop = mmap.mmap(-1, 1)  # shared with the partner: zero until the timing ends
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the other process on the core: its own call, as many turns
+        if pid == 0:
+            status = 1
             try:
-                timed(kind, rounds, True)
+                os.close(ready_r)
+                os.close(go_w)
+                _partner(kind, ready_w, go_r, stop)
+                status = 0
             finally:
-                os._exit(0)
+                os._exit(status)
+        os.close(ready_w)
+        os.close(go_r)
+        call, closer = make_call(kind)
         try:
-            per_round = timed(kind, rounds, True)  # each round holds one turn of each process
+            warm_up(call)
+            if os.read(ready_r, 1) != b"r":  # end of file: it exited before it was ready
+                raise RuntimeError(f"the partner process for {kind!r} failed before its first turn")
+            os.write(go_w, b"g")
+            per_round = time_calls(call, rounds, True)  # each round holds one turn of each process
         finally:
-            os.waitpid(pid, 0)
+            stop[0] = 1
+            for fd in (ready_r, go_w):  # the partner, if still waiting for "go", reads end of file
+                os.close(fd)
+            _, status = os.waitpid(pid, 0)
+            if closer is not None:
+                closer.close()
+        if status != 0:
+            raise RuntimeError(f"the partner process for {kind!r} failed (wait status {status})")
     finally:
         os.sched_setaffinity(0, mask)
     return hot, per_round / 2
