@@ -11,6 +11,7 @@ import pickle
 import resource
 import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -73,11 +74,60 @@ def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running):
             raise RankFailedError(f"rank {rank} returned a {type(result).__name__} that cannot be "
                                   f"pickled back to the parent: {type(exc).__name__}: {exc}",
                                   rank=rank) from exc
-        conn.send_bytes(payload)
+        _send_report(conn, payload)
     except BaseException as exc:  # report everything, KeyboardInterrupt included
-        conn.send_bytes(_error_report(exc, rank, traceback.format_exc()))
+        _send_report(conn, _error_report(exc, rank, traceback.format_exc()))
     finally:
         conn.close()
+
+
+#: A report's frame on the pipe: its length, then its bytes (see _read_report).
+_REPORT_HEADER = struct.Struct("!Q")
+
+
+def _send_report(conn, payload):
+    """Write ``payload`` to the parent, framed by its length (read by ``_read_report``)."""
+    fd = conn.fileno()
+    for part in (_REPORT_HEADER.pack(len(payload)), payload):
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def _read_report(conn, exit_fd):
+    """A rank's report from its pipe, or EOFError if the rank ended before it had written it whole.
+
+    Read only as the pipe has bytes, watching the rank's exit (``exit_fd``,
+    its pidfd, or None: then as multiprocessing reads, until the bytes or
+    end of file).  A process the rank forked may hold the pipe's write end
+    open: a rank killed part-way through a large report would otherwise
+    leave this read waiting for the rest for as long as that process lives.
+    """
+    fd = conn.fileno()
+    header = _read_exactly(fd, _REPORT_HEADER.size, exit_fd)
+    return pickle.loads(_read_exactly(fd, _REPORT_HEADER.unpack(header)[0], exit_fd))
+
+
+def _read_exactly(fd, n, exit_fd):
+    data = bytearray(n)
+    view = memoryview(data)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if exit_fd is not None:
+        poller.register(exit_fd, select.POLLIN)
+    while view:
+        ready = dict(poller.poll())
+        if fd in ready:  # bytes, or end of file (POLLHUP): a read returns at once
+            got = os.readv(fd, [view])
+            if got == 0:
+                raise EOFError
+            view = view[got:]
+        elif exit_fd in ready:
+            # It exited with the pipe empty: every byte it wrote was in the
+            # pipe before it exited (its writes had returned), so the rest
+            # will never come.
+            raise EOFError
+    return data
 
 
 #: States of a rank in ``_run_ranks``'s shared ``running`` array.
@@ -671,7 +721,7 @@ def _collect(procs, conns, pidfds, grace, reported, on_failure):
             try:
                 if handle is not conn and not conn.poll():
                     raise EOFError  # exited, and sent nothing
-                outcome[r] = conn.recv()
+                outcome[r] = _read_report(conn, pidfds[r] if pidfds[r] >= 0 else None)
             except EOFError:
                 procs[r].join()
                 exc = RankFailedError(

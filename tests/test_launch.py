@@ -1612,6 +1612,43 @@ def test_spawn_does_not_wait_for_what_a_rank_that_returned_left_running(tmp_path
         _kill_the_sleeper(pid_file)
 
 
+def _return_a_large_result(rank):
+    return np.full(3 << 20, rank, np.uint8)  # many times a pipe's buffer
+
+
+def test_large_results_come_back_whole_in_rank_order():
+    results = blsshm.run_ranks(_return_a_large_result, 3)
+    assert [r.shape for r in results] == [(3 << 20,)] * 3
+    assert [int(r.min()) for r in results] == [0, 1, 2] and [int(r.max()) for r in results] == [0, 1, 2]
+
+
+def _die_part_way_through_its_result(rank, pid_file):
+    if rank == 0:
+        import multiprocessing
+
+        from blsshm import _spawn
+        child = multiprocessing.get_context("fork").Process(target=_sleep_forever, args=(pid_file,))
+        child.start()  # it inherits this rank's end of its result pipe
+
+        def send_a_part_then_die(conn, payload):
+            os.write(conn.fileno(), _spawn._REPORT_HEADER.pack(len(payload)) + payload[:1000])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        _spawn._send_report = send_a_part_then_die  # in this rank's process only
+    return bytes(100_000)
+
+
+def test_spawn_notices_a_rank_that_died_part_way_through_its_result(tmp_path):
+    # The parent read the result until it had all of it: with the rest never
+    # coming and a child of the rank holding the pipe open, forever.
+    pid_file = tmp_path / "child.pid"
+    try:
+        with pytest.raises(blsshm.RankFailedError, match="rank 0 ended without a result .*SIGKILL"):
+            blsshm.run_ranks(_die_part_way_through_its_result, 2, args=(str(pid_file),), start_method="fork")
+    finally:
+        _kill_the_sleeper(pid_file)
+
+
 FORKSERVER_PARENT = r"""
 import os, sys, time
 import blsshm
