@@ -140,11 +140,16 @@ class RankData:
 def load_rank_data(cfg, tables, lo, hi, num_batches, beat=None):
     """Bags of ``tables`` and dense rows ``lo:hi`` of every batch, generated or read.
 
-    ``beat`` (if given) is called now and then while a data file is read: a sign of progress.
+    ``beat`` (if given) is called now and then while a data file is read or
+    the batches are generated (minutes for many large ones): a sign of progress.
     """
     if cfg.data_generation == "dataset":
         from dlrm_bench import criteo
         return criteo.rank_data(cfg, tables, lo, hi, num_batches, beat)
-    bags = [{t: make_bags(cfg, t, b) for t in tables} for b in range(num_batches)]
-    dense = [np.ascontiguousarray(make_dense(cfg, b)[lo:hi]) for b in range(num_batches)]
+    bags, dense = [], []
+    for b in range(num_batches):
+        bags.append({t: make_bags(cfg, t, b) for t in tables})
+        dense.append(np.ascontiguousarray(make_dense(cfg, b)[lo:hi]))
+        if beat is not None:
+            beat()
     return RankData(bags, dense, num_batches)

@@ -97,6 +97,15 @@ def test_a_rank_generates_exactly_its_part_of_what_one_process_generates():
     assert not np.array_equal(other_seed.dense[0], whole.dense[0])
 
 
+def test_generating_the_batches_is_a_sign_of_progress():
+    # mpirun's watchdog stops a run whose rank 0 shows no progress for
+    # --timeout and a minute; generating many large batches showed none.
+    cfg = _cfg("--arch-embedding-size", "30-40", "--mini-batch-size", "10", "--num-batches", "3")
+    beats = []
+    load_rank_data(cfg, [0, 1], 0, 10, 3, lambda: beats.append(1))
+    assert len(beats) == 3  # one per batch (the heartbeat itself keeps to one touch per interval)
+
+
 def test_placement_balances_cost_and_places_every_table_once():
     costs = [9, 1, 1, 1, 5, 5, 3, 2]
     owned = place_tables(costs, 3)
