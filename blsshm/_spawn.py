@@ -86,12 +86,24 @@ _REPORT_HEADER = struct.Struct("!Q")
 
 
 def _send_report(conn, payload):
-    """Write ``payload`` to the parent, framed by its length (read by ``_read_report``)."""
+    """Write ``payload`` to the parent, framed by its length (read by ``_read_report``): the rank's last act.
+
+    Ctrl-C is blocked from here on: a KeyboardInterrupt raised part-way
+    through a large report (its writes wait for the parent to read) would
+    send the error report into the middle of this one.  One that arrived
+    just before is raised as this call to ``pthread_sigmask`` returns,
+    before any byte is written, and then reported whole.  A parent that no
+    longer reads (it was stopped, and stops us) is not an error of ours.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     fd = conn.fileno()
-    for part in (_REPORT_HEADER.pack(len(payload)), payload):
-        view = memoryview(part)
-        while view:
-            view = view[os.write(fd, view):]
+    try:
+        for part in (_REPORT_HEADER.pack(len(payload)), payload):
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view):]
+    except BrokenPipeError:
+        pass
 
 
 def _read_report(conn, exit_fd):
@@ -111,6 +123,8 @@ def _read_report(conn, exit_fd):
 def _read_exactly(fd, n, exit_fd):
     data = bytearray(n)
     view = memoryview(data)
+    pipe = select.poll()
+    pipe.register(fd, select.POLLIN)
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     if exit_fd is not None:
@@ -123,10 +137,12 @@ def _read_exactly(fd, n, exit_fd):
                 raise EOFError
             view = view[got:]
         elif exit_fd in ready:
-            # It exited with the pipe empty: every byte it wrote was in the
-            # pipe before it exited (its writes had returned), so the rest
-            # will never come.
-            raise EOFError
+            # Exited.  poll looked at the pipe before the pidfd, so look
+            # again: every byte the rank wrote was in the pipe before it
+            # exited (its writes had returned).  Still empty: the rest will
+            # never come.
+            if not pipe.poll(0):
+                raise EOFError
     return data
 
 
@@ -462,6 +478,11 @@ def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
             _pass_on_sigint(pidfds, running)
             raise
         finally:
+            # Nothing reads the ranks' reports any more: one still writing
+            # (a large result, or its error after a Ctrl-C) gets EPIPE and
+            # ends (see _send_report), rather than waiting out the grace period.
+            for conn in conns:
+                conn.close()
             # Terminated (even if a Ctrl-C's KeyboardInterrupt replaced the
             # exception): no grace period, whoever sent it will not wait long.
             terminated = termination is not None and termination.received is not None
@@ -477,8 +498,6 @@ def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
                 _stop_ranks(procs, pidfds, set(), 0.0, signal.SIGKILL)
                 raise
             finally:
-                for conn in conns:
-                    conn.close()
                 for fd in pidfds:
                     if fd >= 0:
                         os.close(fd)

@@ -1649,6 +1649,70 @@ def test_spawn_notices_a_rank_that_died_part_way_through_its_result(tmp_path):
         _kill_the_sleeper(pid_file)
 
 
+class _Pipe:
+    """Just a descriptor, as a Connection gives ``_send_report`` and ``_read_report``."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def fileno(self):
+        return self.fd
+
+
+def test_a_report_written_just_before_the_rank_exited_is_read_whole(monkeypatch):
+    # poll looks at the pipe, then at the pidfd: the rank could write its
+    # last bytes and exit in between, the exit alone showed, and a rank that
+    # had returned its result was reported "ended without a result".
+    import pickle
+    import select
+
+    from blsshm import _spawn
+    r, w = os.pipe()
+    exited_r, exited_w = os.pipe()
+    try:
+        os.write(exited_w, b"x")  # the pidfd, readable: the rank has exited
+        payload = pickle.dumps(("ok", 42))
+        os.write(w, _spawn._REPORT_HEADER.pack(len(payload)) + payload)
+        real_poll = select.poll
+
+        class FirstLookMissesThePipe:
+            def __init__(self):
+                self.poller, self.fds, self.missed = real_poll(), [], False
+
+            def register(self, fd, events):
+                self.fds.append(fd)
+                self.poller.register(fd, events)
+
+            def poll(self, *timeout):
+                ready = self.poller.poll(*timeout)
+                if exited_r in self.fds and not self.missed:
+                    self.missed = True
+                    return [(fd, events) for fd, events in ready if fd == exited_r]
+                return ready
+
+        monkeypatch.setattr(select, "poll", FirstLookMissesThePipe)
+        assert _spawn._read_report(_Pipe(r), exited_r) == ("ok", 42)
+    finally:
+        for fd in (r, w, exited_r, exited_w):
+            os.close(fd)
+
+
+def test_a_rank_whose_parent_stopped_reading_ends_its_report_quietly():
+    # The parent closes the pipes as it stops the ranks: a rank writing its
+    # report then (its error after a Ctrl-C) waited out the grace period
+    # with a large one, or died of BrokenPipeError with a traceback.
+    from blsshm import _spawn
+    r, w = os.pipe()
+    os.close(r)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        _spawn._send_report(_Pipe(w), bytes(1 << 20))
+        assert signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a rank's last act
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(w)
+
+
 FORKSERVER_PARENT = r"""
 import os, sys, time
 import blsshm
