@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -222,6 +223,43 @@ def test_switch_cost_times_turns_only_once_the_partner_is_ready(monkeypatch):
     monkeypatch.setattr(switch_cost, "make_call", make_call_failing_in_the_partner)
     with pytest.raises(RuntimeError, match="the partner process for 'none' failed before its first turn"):
         switch_cost.measure("none", 200)
+
+
+def test_switch_cost_reaps_its_partner_when_the_timing_side_fails(monkeypatch):
+    # The timing side's own call failing (after the fork) left the partner
+    # taking turns at full speed, unreaped, for as long as anything lived.
+    switch_cost = _tool("switch_cost")
+    parent, make_call, made, forked = os.getpid(), switch_cost.make_call, [], []
+
+    def make_call_failing_in_the_timing_side(kind):
+        if os.getpid() == parent:
+            made.append(kind)
+            if len(made) == 2:  # the first was the hot loop's, before the fork
+                raise OSError("the timing side cannot make its call")
+        return make_call(kind)
+
+    def fork_noting_the_partner():
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    real_fork = os.fork
+    monkeypatch.setattr(switch_cost, "make_call", make_call_failing_in_the_timing_side)
+    monkeypatch.setattr(os, "fork", fork_noting_the_partner)
+    try:
+        with pytest.raises(OSError, match="the timing side cannot make its call"):
+            switch_cost.measure("none", 200)
+        assert len(forked) == 1
+        with pytest.raises(ChildProcessError):  # reaped
+            os.waitpid(forked[0], os.WNOHANG)
+    finally:
+        for pid in forked:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
 
 
 def _saved_run(lag, gloo):

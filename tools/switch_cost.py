@@ -25,6 +25,7 @@ Reproduce::
     python tools/switch_cost.py --rounds 200000 --kinds none alltoallv
 """
 import argparse
+import contextlib
 import mmap
 import os
 import time
@@ -78,18 +79,28 @@ def hot_ns(kind, rounds):
 
 
 def _partner(kind, ready_w, go_r, stop):
-    """The other process on the core: ready once warm, then turns until ``stop[0]`` is set."""
+    """The other process on the core: ready once warm, then turns until ``stop[0]`` is set.
+
+    Turns go in batches of ``PARTNER_BATCH`` between looks at the flag, so
+    its turns cost what the timed loop's do (a few turns past the end yield
+    to nobody, untimed).
+    """
     call, closer = make_call(kind)
     try:
         warm_up(call)
         os.write(ready_w, b"r")
-        os.read(go_r, 1)
+        if os.read(go_r, 1) != b"g":  # end of file: the timing side failed; no turns to take
+            return
         while not stop[0]:
-            call()
-            os.sched_yield()
+            for _ in range(PARTNER_BATCH):
+                call()
+                os.sched_yield()
     finally:
         if closer is not None:
             closer.close()
+
+
+PARTNER_BATCH = 64
 
 
 def measure(kind, rounds):
@@ -104,40 +115,62 @@ def measure(kind, rounds):
     os.sched_setaffinity(0, {min(mask)})
     try:
         hot = hot_ns(kind, rounds)
-        stop = mmap.mmap(-1, 1)  # shared with the partner: zero until the timing ends
-        ready_r, ready_w = os.pipe()
-        go_r, go_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            status = 1
+        with contextlib.ExitStack() as cleanup:
+            stop = cleanup.enter_context(mmap.mmap(-1, 1))  # shared with the partner: 0 until the timing ends
+            fds = set()  # ours, still open
+            cleanup.callback(lambda: [_close(fds, fd) for fd in list(fds)])
+            ready_r, ready_w = _pipe(fds)
+            go_r, go_w = _pipe(fds)
+            pid = os.fork()
+            if pid == 0:
+                status = 1
+                try:
+                    _close(fds, ready_r)
+                    _close(fds, go_w)
+                    _partner(kind, ready_w, go_r, stop)
+                    status = 0
+                finally:
+                    os._exit(status)
+            partner = {}
+            # Last in, first out: the partner is told to stop, its "go" pipe
+            # closes (waiting for "go", it reads end of file), it is reaped.
+            cleanup.callback(lambda: partner.setdefault("status", os.waitpid(pid, 0)[1]))
+            cleanup.callback(_close, fds, go_w)
+            cleanup.callback(stop.__setitem__, 0, 1)
+            _close(fds, ready_w)
+            _close(fds, go_r)
+            closer = None
             try:
-                os.close(ready_r)
-                os.close(go_w)
-                _partner(kind, ready_w, go_r, stop)
-                status = 0
+                call, closer = make_call(kind)
+                warm_up(call)
+                if os.read(ready_r, 1) != b"r":  # end of file: it exited before it was ready
+                    raise RuntimeError(f"the partner process for {kind!r} failed before its first turn")
+                try:
+                    os.write(go_w, b"g")
+                except BrokenPipeError:
+                    raise RuntimeError(f"the partner process for {kind!r} failed before its first turn") from None
+                per_round = time_calls(call, rounds, True)  # each round holds one turn of each process
             finally:
-                os._exit(status)
-        os.close(ready_w)
-        os.close(go_r)
-        call, closer = make_call(kind)
-        try:
-            warm_up(call)
-            if os.read(ready_r, 1) != b"r":  # end of file: it exited before it was ready
-                raise RuntimeError(f"the partner process for {kind!r} failed before its first turn")
-            os.write(go_w, b"g")
-            per_round = time_calls(call, rounds, True)  # each round holds one turn of each process
-        finally:
-            stop[0] = 1
-            for fd in (ready_r, go_w):  # the partner, if still waiting for "go", reads end of file
-                os.close(fd)
-            _, status = os.waitpid(pid, 0)
-            if closer is not None:
-                closer.close()
-        if status != 0:
-            raise RuntimeError(f"the partner process for {kind!r} failed (wait status {status})")
+                if closer is not None:
+                    closer.close()
+        if partner["status"] != 0:
+            raise RuntimeError(f"the partner process for {kind!r} failed (wait status {partner['status']})")
     finally:
         os.sched_setaffinity(0, mask)
     return hot, per_round / 2
+
+
+def _pipe(fds):
+    r, w = os.pipe()
+    fds.update((r, w))
+    return r, w
+
+
+def _close(fds, fd):
+    """Close ``fd`` if it is still one of ``fds`` (a number closed twice could name another file by then)."""
+    if fd in fds:
+        fds.discard(fd)
+        os.close(fd)
 
 
 def main(argv=None):
