@@ -143,8 +143,17 @@ def test_mpirun_gets_the_options_of_its_own_mpi(tmp_path, says, btl):
         assert "--oversubscribe" not in _proc.mpirun_options(str(mpirun), oversubscribe=False)
 
 
+@pytest.fixture
+def restores_termination_handlers():
+    """dlrm_report's main installs its own SIGTERM and SIGHUP handlers: not for the rest of the tests."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
 def test_the_report_keeps_each_run_as_it_ends_once_per_configuration_in_aligned_columns(
-        tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch, capsys, restores_termination_handlers):
     # The JSON was written only at the very end (a stopped matrix kept
     # nothing), --nprocs 2 2 ran everything twice, and headers longer than
     # the 10-wide cells put every value under the wrong one.
@@ -174,7 +183,7 @@ def test_the_report_keeps_each_run_as_it_ends_once_per_configuration_in_aligned_
         assert row[end - 5:end] == "12.35"
 
 
-def test_each_round_of_the_report_runs_the_backends_in_its_own_order(monkeypatch):
+def test_each_round_of_the_report_runs_the_backends_in_its_own_order(monkeypatch, restores_termination_handlers):
     # Every --repeat round ran bls lag 0, lag L, gloo and MPI in that order,
     # so a backend's place (the first after the data is made; right after
     # the same one) was the same in every round.
