@@ -55,7 +55,9 @@ def _line_buffered():
             pass
 
 
-def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running):
+def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running, parents_ends):
+    for fd in parents_ends:  # forked: the parent's ends of the report pipes (see _run_ranks)
+        os.close(fd)
     die_with_parent(parent_pid)()
     _default_termination_signals()  # a forked rank inherited the parent's (see _run_ranks)
     _line_buffered()
@@ -76,6 +78,7 @@ def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running):
                                   rank=rank) from exc
         _send_report(conn, payload)
     except BaseException as exc:  # report everything, KeyboardInterrupt included
+        _ignore_sigint()  # first: a KeyboardInterrupt while the report is made would lose it
         _send_report(conn, _error_report(exc, rank, traceback.format_exc()))
     finally:
         conn.close()
@@ -85,17 +88,29 @@ def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running):
 _REPORT_HEADER = struct.Struct("!Q")
 
 
+def _ignore_sigint():
+    """Ctrl-C does nothing in this process from now on (a rank's last act is its report).
+
+    Ignored, not only blocked: a block holds for the calling thread, and the
+    kernel hands a Ctrl-C to another thread (a forkserver rank's watcher,
+    torch's), whose handler Python then runs in the main thread all the
+    same.  One that arrived before is too late to interrupt anything now.
+    """
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except KeyboardInterrupt:  # raised as the call returned: it arrived just before
+        pass
+
+
 def _send_report(conn, payload):
     """Write ``payload`` to the parent, framed by its length (read by ``_read_report``): the rank's last act.
 
-    Ctrl-C is blocked from here on: a KeyboardInterrupt raised part-way
+    Ctrl-C is ignored from here on: a KeyboardInterrupt raised part-way
     through a large report (its writes wait for the parent to read) would
-    send the error report into the middle of this one.  One that arrived
-    just before is raised as this call to ``pthread_sigmask`` returns,
-    before any byte is written, and then reported whole.  A parent that no
+    send the error report into the middle of this one.  A parent that no
     longer reads (it was stopped, and stops us) is not an error of ours.
     """
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    _ignore_sigint()
     fd = conn.fileno()
     try:
         for part in (_REPORT_HEADER.pack(len(payload)), payload):
@@ -117,7 +132,11 @@ def _read_report(conn, exit_fd):
     """
     fd = conn.fileno()
     header = _read_exactly(fd, _REPORT_HEADER.size, exit_fd)
-    return pickle.loads(_read_exactly(fd, _REPORT_HEADER.unpack(header)[0], exit_fd))
+    body = _read_exactly(fd, _REPORT_HEADER.unpack(header)[0], exit_fd)
+    try:
+        return pickle.loads(body)
+    except EOFError as exc:  # a frame that arrived whole but holds too little: not the pipe's end
+        raise pickle.UnpicklingError(f"a report of {len(body)} bytes ends early") from exc
 
 
 def _read_exactly(fd, n, exit_fd):
@@ -456,10 +475,16 @@ def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
             with _shield_sigint(ctx) as sigint_handler, _holding_termination(termination):
                 for rank in range(nprocs):
                     parent_end, child_end = ctx.Pipe(duplex=False)
+                    # A forked rank inherits our ends of its pipe and of the earlier
+                    # ranks': it closes them, so that a rank still writing its report
+                    # once we close ours (finally, below) gets EPIPE, not a wait.
+                    parents_ends = ([c.fileno() for c in conns] + [parent_end.fileno()]
+                                    if ctx.get_start_method() == "fork" else [])
                     # Not a daemon, so a rank may start processes of its own (DataLoader
                     # workers); the finally below reaps every rank in any case.
                     proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}",
-                                       args=(target, rank, args, child_end, os.getpid(), sigint_handler, running))
+                                       args=(target, rank, args, child_end, os.getpid(), sigint_handler, running,
+                                             parents_ends))
                     proc.start()
                     # Now, while it cannot have been reaped: the next start() reaps
                     # the children that exited, and a pid then names nobody, or another.
@@ -478,16 +503,16 @@ def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
             _pass_on_sigint(pidfds, running)
             raise
         finally:
-            # Nothing reads the ranks' reports any more: one still writing
-            # (a large result, or its error after a Ctrl-C) gets EPIPE and
-            # ends (see _send_report), rather than waiting out the grace period.
-            for conn in conns:
-                conn.close()
             # Terminated (even if a Ctrl-C's KeyboardInterrupt replaced the
             # exception): no grace period, whoever sent it will not wait long.
             terminated = termination is not None and termination.received is not None
             let_finish = reported | ({r for r in range(len(procs)) if running[r]} if interrupted else set())
             try:
+                # Nothing reads the ranks' reports any more: one still writing
+                # (a large result, or its error after a Ctrl-C) gets EPIPE and
+                # ends (see _send_report), rather than waiting out the grace period.
+                for conn in conns:
+                    conn.close()
                 _stop_ranks(procs, pidfds, let_finish, 0.0 if terminated else grace)
             except _Terminated:  # during the grace period: the ranks are stopped now, SIGTERM first
                 _stop_ranks(procs, pidfds, set(), 0.0)
