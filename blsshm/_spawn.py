@@ -84,7 +84,7 @@ def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running, pa
         conn.close()
 
 
-#: A report's frame on the pipe: its length, then its bytes (see _read_report).
+#: A report's frame on the pipe: its length, then its bytes (see _Report).
 _REPORT_HEADER = struct.Struct("!Q")
 
 
@@ -103,7 +103,7 @@ def _ignore_sigint():
 
 
 def _send_report(conn, payload):
-    """Write ``payload`` to the parent, framed by its length (read by ``_read_report``): the rank's last act.
+    """Write ``payload`` to the parent, framed by its length (read by ``_Report``): the rank's last act.
 
     Ctrl-C is ignored from here on: a KeyboardInterrupt raised part-way
     through a large report (its writes wait for the parent to read) would
@@ -121,48 +121,44 @@ def _send_report(conn, payload):
         pass
 
 
-def _read_report(conn, exit_fd):
-    """A rank's report from its pipe, or EOFError if the rank ended before it had written it whole.
+class _Report:
+    """A rank's report (framed by ``_send_report``) as it arrives on the parent's end of its pipe.
 
-    Read only as the pipe has bytes, watching the rank's exit (``exit_fd``,
-    its pidfd, or None: then as multiprocessing reads, until the bytes or
-    end of file).  A process the rank forked may hold the pipe's write end
-    open: a rank killed part-way through a large report would otherwise
-    leave this read waiting for the rest for as long as that process lives.
+    Read only as the pipe has bytes, never waiting for the rest: a rank
+    stopped (or killed, while a process it forked holds the pipe open)
+    part-way through a large report must hold up neither the other ranks'
+    reports nor the grace period after a failure.
     """
-    fd = conn.fileno()
-    header = _read_exactly(fd, _REPORT_HEADER.size, exit_fd)
-    body = _read_exactly(fd, _REPORT_HEADER.unpack(header)[0], exit_fd)
-    try:
-        return pickle.loads(body)
-    except EOFError as exc:  # a frame that arrived whole but holds too little: not the pipe's end
-        raise pickle.UnpicklingError(f"a report of {len(body)} bytes ends early") from exc
 
+    def __init__(self, fd):
+        self._fd = fd
+        os.set_blocking(fd, False)  # the read end is the parent's alone: the ranks write blocking
+        self._header = bytearray(_REPORT_HEADER.size)
+        self._body: Optional[bytearray] = None
+        self._unread = memoryview(self._header)
 
-def _read_exactly(fd, n, exit_fd):
-    data = bytearray(n)
-    view = memoryview(data)
-    pipe = select.poll()
-    pipe.register(fd, select.POLLIN)
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    if exit_fd is not None:
-        poller.register(exit_fd, select.POLLIN)
-    while view:
-        ready = dict(poller.poll())
-        if fd in ready:  # bytes, or end of file (POLLHUP): a read returns at once
-            got = os.readv(fd, [view])
+    def read(self):
+        """Read what the pipe holds now; True once the report is whole, EOFError if the pipe ended first."""
+        while self._unread:
+            try:
+                got = os.readv(self._fd, [self._unread])
+            except BlockingIOError:
+                return False
             if got == 0:
                 raise EOFError
-            view = view[got:]
-        elif exit_fd in ready:
-            # Exited.  poll looked at the pipe before the pidfd, so look
-            # again: every byte the rank wrote was in the pipe before it
-            # exited (its writes had returned).  Still empty: the rest will
-            # never come.
-            if not pipe.poll(0):
-                raise EOFError
-    return data
+            self._unread = self._unread[got:]
+            if not self._unread and self._body is None:
+                self._body = bytearray(_REPORT_HEADER.unpack(self._header)[0])
+                self._unread = memoryview(self._body)
+        return True
+
+    def value(self):
+        """The whole report, unpickled."""
+        assert self._body is not None and not self._unread
+        try:
+            return pickle.loads(self._body)
+        except EOFError as exc:  # a frame that arrived whole but holds too little: not the pipe's end
+            raise pickle.UnpicklingError(f"a report of {len(self._body)} bytes ends early") from exc
 
 
 #: States of a rank in ``_run_ranks``'s shared ``running`` array.
@@ -737,15 +733,17 @@ def _left(deadline):
 def _collect(procs, conns, pidfds, grace, reported, on_failure):
     """Gather every rank's outcome into ``reported``; after the first failure wait at most ``grace`` s.
 
-    A rank's outcome is a message on its pipe, or its end: the pipe's EOF, or
-    the process's exit with nothing sent, since a process the rank forked may
-    hold the pipe open long after the rank died.  Its exit is watched through
-    a pidfd: multiprocessing's own sentinel is a pipe that such a process
-    holds open too.
+    A rank's outcome is its report on its pipe, or its end: the pipe's EOF,
+    or the process's exit before the report was whole, since a process the
+    rank forked may hold the pipe open long after the rank died.  Its exit
+    is watched through a pidfd: multiprocessing's own sentinel is a pipe
+    that such a process holds open too.  Reports are read as they arrive,
+    all at once, so a rank slow to write a large one delays no other's.
     """
     n = len(procs)
     outcome = [None] * n
     failures = []  # (rank, exception, traceback) in the order they arrived
+    reports = [_Report(conn.fileno()) for conn in conns]
     pending = {conns[r]: r for r in range(n)}
     exits = [procs[r].sentinel if pidfds[r] < 0 else pidfds[r] for r in range(n)]
     pending.update({exits[r]: r for r in range(n)})
@@ -756,17 +754,21 @@ def _collect(procs, conns, pidfds, grace, reported, on_failure):
         if not ready:
             break  # grace period over: the finally of spawn kills what is left
         for handle in ready:
-            r = pending.pop(handle, None)
+            r = pending.get(handle)
             if r is None:
                 continue  # its pipe and its exit were both ready: done already
-            conn = conns[r]
-            pending.pop(conn, None)
-            pending.pop(exits[r], None)
+            # An exit ends the report as the pipe's end does: every byte the
+            # rank wrote was in the pipe before it exited (its writes had
+            # returned), and is read now.
+            ended = handle is not conns[r]
             try:
-                if handle is not conn and not conn.poll():
-                    raise EOFError  # exited, and sent nothing
-                outcome[r] = _read_report(conn, pidfds[r] if pidfds[r] >= 0 else None)
+                whole = reports[r].read()
             except EOFError:
+                whole, ended = False, True
+            if not (whole or ended):
+                continue  # more to come
+            del pending[conns[r]], pending[exits[r]]
+            if not whole:
                 procs[r].join()
                 exc = RankFailedError(
                     f"rank {r} ended without a result ({describe_exit(procs[r].exitcode)})", rank=r)
@@ -774,6 +776,8 @@ def _collect(procs, conns, pidfds, grace, reported, on_failure):
                 if on_failure is not None:
                     on_failure(r, f"it ended ({describe_exit(procs[r].exitcode)})")
                 continue
+            try:
+                outcome[r] = reports[r].value()
             except Exception as exc:  # a result that pickled but does not unpickle here
                 reported.add(r)
                 failures.append((r, RankFailedError(

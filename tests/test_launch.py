@@ -1690,42 +1690,93 @@ class _Pipe:
         return self.fd
 
 
-def test_a_report_written_just_before_the_rank_exited_is_read_whole(monkeypatch):
-    # poll looks at the pipe, then at the pidfd: the rank could write its
-    # last bytes and exit in between, the exit alone showed, and a rank that
-    # had returned its result was reported "ended without a result".
+def _frame(value):
     import pickle
-    import select
 
     from blsshm import _spawn
+    payload = pickle.dumps(value)
+    return _spawn._REPORT_HEADER.pack(len(payload)) + payload
+
+
+def test_a_report_is_read_as_its_bytes_arrive_and_never_waited_for():
+    from blsshm import _spawn
     r, w = os.pipe()
-    exited_r, exited_w = os.pipe()
     try:
-        os.write(exited_w, b"x")  # the pidfd, readable: the rank has exited
-        payload = pickle.dumps(("ok", 42))
-        os.write(w, _spawn._REPORT_HEADER.pack(len(payload)) + payload)
-        real_poll = select.poll
-
-        class FirstLookMissesThePipe:
-            def __init__(self):
-                self.poller, self.fds, self.missed = real_poll(), [], False
-
-            def register(self, fd, events):
-                self.fds.append(fd)
-                self.poller.register(fd, events)
-
-            def poll(self, *timeout):
-                ready = self.poller.poll(*timeout)
-                if exited_r in self.fds and not self.missed:
-                    self.missed = True
-                    return [(fd, events) for fd, events in ready if fd == exited_r]
-                return ready
-
-        monkeypatch.setattr(select, "poll", FirstLookMissesThePipe)
-        assert _spawn._read_report(_Pipe(r), exited_r) == ("ok", 42)
+        report = _spawn._Report(r)
+        assert report.read() is False  # nothing yet: returns, does not wait
+        frame = _frame(("ok", 42))
+        for part in (frame[:3], frame[3:-1]):  # part of the length, then all but the last byte
+            os.write(w, part)
+            assert report.read() is False
+        os.write(w, frame[-1:])
+        assert report.read() is True
+        assert report.value() == ("ok", 42)
     finally:
-        for fd in (r, w, exited_r, exited_w):
-            os.close(fd)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_report_cut_short_by_the_end_of_its_pipe_is_an_eof():
+    from blsshm import _spawn
+    r, w = os.pipe()
+    try:
+        report = _spawn._Report(r)
+        os.write(w, _frame(("ok", 42))[:-1])
+        os.close(w)
+        w = -1
+        with pytest.raises(EOFError):
+            report.read()
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def _return_its_rank(rank):
+    return rank
+
+
+def test_a_rank_seen_to_exit_before_its_report_is_seen_still_has_it_read(monkeypatch):
+    # The parent's wait looks at the pipes, then at the exits: a rank could
+    # write its report and exit in between, and only its exit show.  It had
+    # returned: its report is in the pipe, and must not be taken for none.
+    import multiprocessing.connection
+    real_wait = multiprocessing.connection.wait
+
+    def show_only_exits(handles, timeout=None):
+        if not any(isinstance(h, int) for h in handles):
+            return real_wait(handles, timeout)  # not the wait for the ranks' outcomes
+        while True:
+            ready = real_wait(handles, timeout)
+            exits = [h for h in ready if isinstance(h, int)]  # pidfds (or sentinels); pipes are Connections
+            if exits or not ready:
+                return exits
+            time.sleep(0.01)  # a report, but no exit yet: wait for one
+
+    monkeypatch.setattr(multiprocessing.connection, "wait", show_only_exits)
+    assert blsshm.run_ranks(_return_its_rank, 2) == [0, 1]
+
+
+def _stop_part_way_through_its_result_as_rank_1_fails(rank):
+    if rank == 1:
+        time.sleep(0.2)  # rank 0 is part-way through its result by then, as a rule
+        raise ValueError("rank 1 failed")
+    from blsshm import _spawn
+
+    def send_a_part_then_stop(conn, payload):
+        os.write(conn.fileno(), _spawn._REPORT_HEADER.pack(len(payload)) + payload[:1000])
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    _spawn._send_report = send_a_part_then_stop  # in this rank's process only
+    return bytes(100_000)
+
+
+def test_a_rank_stopped_part_way_through_its_result_holds_up_neither_a_failure_nor_the_grace_period():
+    # The parent read a report to its end once it had begun: a rank stopped
+    # part-way held it there for ever, another rank's failure unheard.
+    with pytest.raises(ValueError, match="rank 1 failed") as info:
+        blsshm.run_ranks(_stop_part_way_through_its_result_as_rank_1_fails, 2, start_method="fork", grace=0.5)
+    assert info.value.blsshm_rank == 1
 
 
 def test_a_rank_whose_parent_stopped_reading_ends_its_report_quietly():
