@@ -58,6 +58,8 @@ def test_an_oversubscribed_memcpy_floor_is_the_copying_spread_over_the_cores():
     ("dlrm_report", ["--lag", "0"], "--lag must be at least 1 (it is compared with lag 0)"),  # lag0/lag0
     ("dlrm_report", ["--json", "{tmp}"], "--json {tmp}: a directory, not a file"),
     ("dlrm_report", ["--nprocs", "0"], "--nprocs at least 1"),
+    ("single_copy", ["--rounds", "0"], "--rounds must be at least 1"),
+    ("single_copy", ["--size", "0"], "--size: size must be positive"),
 ])
 def test_the_tools_refuse_bad_arguments_before_running(tmp_path, tool, argv, message):
     # They ran and failed late (every backend "timed out", a traceback after
@@ -259,6 +261,39 @@ def test_switch_cost_reaps_its_partner_when_the_timing_side_fails(monkeypatch):
     try:
         with pytest.raises(OSError, match="the timing side cannot make its call"):
             switch_cost.measure("none", 200)
+        assert len(forked) == 1
+        with pytest.raises(ChildProcessError):  # reaped
+            os.waitpid(forked[0], os.WNOHANG)
+    finally:
+        for pid in forked:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+
+
+def test_single_copy_reads_the_senders_bytes_and_reaps_the_sender_on_every_path(monkeypatch):
+    single_copy = _tool("single_copy")
+    cma, memcpy = single_copy.measure(4096, 20)  # checks the bytes it read are the sender's
+    assert cma > 0 and memcpy > 0
+    forked = []
+
+    def fork_noting_the_sender():
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    def failing_read(pid, local, remote_address):
+        raise OSError("cannot read the sender")
+
+    real_fork = os.fork
+    monkeypatch.setattr(os, "fork", fork_noting_the_sender)
+    monkeypatch.setattr(single_copy, "_read_from", failing_read)
+    try:
+        with pytest.raises(OSError, match="cannot read the sender"):
+            single_copy.measure(4096, 20)
         assert len(forked) == 1
         with pytest.raises(ChildProcessError):  # reaped
             os.waitpid(forked[0], os.WNOHANG)
