@@ -14,7 +14,7 @@ import numpy as np
 
 from blsshm import _core, _proc, segment
 from blsshm._core import DEFAULT_TIMEOUT
-from blsshm.errors import BlsError, BlsTimeoutError, BlsTypeError, BlsValueError
+from blsshm.errors import BlsError, BlsTimeoutError, BlsTypeError, BlsValueError, exception_line
 
 if TYPE_CHECKING:
     from blsshm._core import Counts  # a name in the stub only
@@ -433,7 +433,7 @@ class Comm(_core.Core):
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is not None and not self.closed and os.getpid() == self._pid:
-                self._abort(f"rank {self.rank} raised {exc_type.__name__}: {exc}")
+                self._abort(f"rank {self.rank} raised {exception_line(exc)}")
         finally:
             self.close()
         return False

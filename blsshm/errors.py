@@ -12,6 +12,16 @@ without returning.
 """
 
 
+def exception_line(exc: BaseException) -> str:
+    """``Class: message`` as a traceback's last line gives it: the class alone when
+    the message is empty (a Ctrl-C's KeyboardInterrupt), whatever ``__str__`` does."""
+    try:
+        message = str(exc)
+    except Exception as err:  # a broken __str__ must not lose the rest
+        message = f"<its str() raised {type(err).__name__}>"
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
 class BlsError(Exception):
     """Base class of every blsshm error."""
 

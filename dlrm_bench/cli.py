@@ -5,6 +5,7 @@ import sys
 import numpy as np
 
 from blsshm._spawn import RemoteTraceback
+from blsshm.errors import exception_line
 from dlrm_bench import backends, report
 from dlrm_bench.config import UsageError, mpi_available, parse
 from dlrm_bench.sharding import make_plan
@@ -171,7 +172,7 @@ def main(argv=None):
                 results = backends.run(run_cfg, label)
             except Exception as exc:  # one failed backend must not hide the others' figures
                 _print_rank_traceback(label, exc)
-                why = f"failed: {type(exc).__name__}: {exc}"
+                why = f"failed: {exception_line(exc)}"
                 done.append((label, k, why))
                 if not args.compare:
                     print(f"dlrm_bench: {label} {why}", file=sys.stderr)

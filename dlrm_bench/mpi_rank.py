@@ -12,6 +12,7 @@ import sys
 import traceback
 
 from blsshm._proc import die_with_parent
+from blsshm.errors import exception_line
 from dlrm_bench.worker import mpi_rank
 
 
@@ -28,7 +29,7 @@ def main(job_path):
         with open(os.path.join(job["out"], f"rank{rank}.tb"), "w") as f:
             f.write(traceback.format_exc())
         with open(os.path.join(job["out"], f"rank{rank}.err"), "w") as f:  # last: its time orders the ranks
-            f.write(f"{type(exc).__name__}: {exc}")
+            f.write(exception_line(exc))
         raise
     with open(os.path.join(job["out"], f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)

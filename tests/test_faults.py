@@ -890,6 +890,25 @@ def test_a_long_abort_reason_is_cut_visibly_at_a_character_boundary():
     assert 92 <= len(cut.encode()) <= 95  # the abort line's room (NUL excluded), less a cut "é"
 
 
+@pytest.mark.parametrize("exc, said", [
+    (KeyboardInterrupt(), "rank 0 raised KeyboardInterrupt"),  # a Ctrl-C's: "... KeyboardInterrupt: ", nothing after
+    (ValueError("no such table"), "rank 0 raised ValueError: no such table"),
+])
+def test_leaving_the_with_block_by_an_exception_aborts_with_its_traceback_line(exc, said):
+    creator = blsshm.Comm.create(2)
+    other = blsshm.Comm.attach(creator.name, 1)
+    try:
+        with pytest.raises(type(exc)):
+            with creator:
+                raise exc
+        with pytest.raises(CommAborted) as info:
+            other.alltoallv(np.zeros(2), [1, 1])
+        assert info.value.reason == said
+    finally:
+        other.close()
+        creator.close()
+
+
 def test_abort_is_idempotent_and_the_first_reason_stands():
     with blsshm.Comm.create(1) as comm:
         comm.abort("first")
