@@ -1267,9 +1267,13 @@ cdef class Core:
 
     # --------------------------------------------------------------- posting
 
-    cdef int _parse_counts(self, object counts, int64_t itemsize, uint64_t* record_bytes) except -1:
+    cdef int _parse_counts(self, object counts, int64_t itemsize, uint64_t* record_bytes,
+                           int64_t elements=-1) except -1:
         """Fill self.counts (elements) and self.block_off (bytes); validate.
 
+        ``elements``: how many ``send`` holds (-1: no ``send``, zero copy).  A
+        count no arena holds that is beyond it is named as beyond it: saying
+        that no arena holds it sent the user to the arena, not the counts.
         A record too big for the arena is refused only by _reserve_blocks,
         once it knows the blocks do not all go in mailboxes instead.
         """
@@ -1333,15 +1337,20 @@ cdef class Core:
             try:
                 if _is_bool(item):  # operator.index takes it as 0 or 1: surely a mistake
                     raise TypeError
-                c = operator.index(item)
+                value = operator.index(item)
             except TypeError:
                 raise BlsTypeError(f"send_counts[{q}] = {item!r} is not an integer") from None
+            if value < 0:
+                raise BlsValueError(f"send_counts[{q}] = {value} is negative")
+            try:
+                c = value
+                fits = self._place(q, c, itemsize, &off)
             except OverflowError:
-                raise ArenaFullError(f"send_counts[{q}] = {item!r} is larger than any arena") from None
-            if c < 0:
-                raise BlsValueError(f"send_counts[{q}] = {c} is negative")
-            if not self._place(q, c, itemsize, &off):
-                raise ArenaFullError(f"send_counts[{q}] = {c} elements of {itemsize} bytes are more "
+                fits = False
+            if not fits:
+                if elements >= 0 and value > elements:
+                    raise BlsValueError(f"send_counts[{q}] = {value} elements but send holds {elements}")
+                raise ArenaFullError(f"send_counts[{q}] = {value} elements of {itemsize} bytes are more "
                                      f"bytes than any arena holds")
         record_bytes[0] = off
         return 0
@@ -1473,7 +1482,8 @@ cdef class Core:
             if oldest >= self.next_complete:
                 raise ArenaFullError(
                     f"post({t}): a record of {nbytes} bytes does not fit in the arena "
-                    f"({self.arena_bytes} bytes) next to the {self.fl_count} records still in flight; "
+                    f"({self.arena_bytes} bytes) next to the {self.fl_count} "
+                    f"record{'' if self.fl_count == 1 else 's'} still in flight; "
                     f"use arena_bytes of at least (lag + 2) x the largest record "
                     f"(its blocks, each rounded up to 64 bytes)")
             self._await(COMPLETED, oldest + 1, timeout_ns, deadline_ns, "post", t)
@@ -1890,7 +1900,7 @@ cdef class Core:
             raise BlsValueError("send must be C-contiguous (use numpy.ascontiguousarray)")
         cdef cnp.dtype dtype = <cnp.dtype>cnp.PyArray_DESCR(send)
         self._dtype_str(dtype)
-        self._parse_counts(send_counts, dtype.itemsize, nbytes)
+        self._parse_counts(send_counts, dtype.itemsize, nbytes, cnp.PyArray_SIZE(send))
         cdef uint64_t total = 0
         cdef bint wrapped = False  # counts are int64 >= 0: a sum past 2**64 cannot match send
         cdef int q
@@ -2275,7 +2285,9 @@ cdef class Core:
         Never blocks (like ``MPI_Test``): for loops that complete an
         iteration as soon as its blocks are there and do other work until
         then.  True whenever ``complete(t)`` would return at once, even
-        after an abort; otherwise raises like that wait: on a closed or
+        after an abort, and for an iteration this rank completed already
+        (everything arrived; ``complete(t)`` would say it is done); otherwise
+        raises like that wait: on a closed or
         aborted communicator, and ``PeerLostError`` once a rank that has not
         posted ``t`` died or closed (checked at most once per liveness slice,
         as a sleeping wait checks).
@@ -2341,8 +2353,11 @@ cdef class Core:
         number of elements for rank ``q`` (they add up to ``send.size``).
         Waits only while some rank has not completed iteration
         ``t - lag - 1`` (the lag bound), given ``arena_bytes`` of at least
-        ``lag + 2`` of the largest records; with less it may also wait for
-        room in the arena.  Iterations are posted in order
+        ``lag + 2`` of the largest records.  With less, a record that does
+        not fit waits for the other ranks to complete the records in its
+        way, but raises ``ArenaFullError`` at once if one of them is an
+        iteration this rank has not completed itself: no wait could free
+        it.  Iterations are posted in order
         ``0, 1, 2, ...``, and ``post(t)`` needs this rank's own
         ``complete(t - lag - 1)`` first.
         """
@@ -2499,7 +2514,9 @@ cdef class Core:
         is the block rank ``s`` posted to this rank for ``t``, in shared
         memory, in the dtype rank ``s`` posted.  Leaving the block marks ``t``
         completed, after which the senders may overwrite those bytes: copy
-        what must outlive the block.  A tensor made of a view
+        what must outlive the block.  That holds when an exception leaves
+        it too (unlike ``post_views``, which then publishes nothing): what
+        arrived for ``t`` cannot be read again.  A tensor made of a view
         (``torch.from_numpy`` only warns that it is read-only) is writable:
         an in-place operation on it writes into the sender's shared memory,
         and after the block into what the sender posts next; copy first.

@@ -500,12 +500,39 @@ def test_a_bad_default_timeout_is_refused_when_set(timeout, exc_type):
         assert comm.timeout is None and comm.alltoallv(GOOD, [4])[0].tolist() == GOOD.tolist()
 
 
+def test_a_record_that_only_this_ranks_own_complete_could_make_room_for_is_refused_at_once():
+    # Waiting could only time out (or, without a timeout, hang): the record
+    # in the way is one this rank has to complete itself.
+    creator = blsshm.Comm.create(2, lag=1, arena_bytes=1 << 20)
+    other = blsshm.Comm.attach(creator.name, 1)
+    try:
+        n = 300_000  # bytes per rank: a record of 600 KB, two of which the arena cannot hold
+        send = np.ones(2 * n, np.uint8)
+        for comm in (other, creator):
+            comm.post(0, send, [n, n])
+        with pytest.raises(ArenaFullError, match=r"post\(1\): .* next to the 1 record still in flight; "
+                                                 r"use arena_bytes of at least \(lag \+ 2\)"):
+            creator.post(1, send, [n, n], timeout=30)
+        # Nothing was published: once 0 is completed, 1 goes in.
+        assert [comm.complete(0)[1].tolist() for comm in (creator, other)] == [[n, n]] * 2
+        for comm in (creator, other):
+            comm.post(1, send, [n, n])
+        assert [comm.complete(1)[1].tolist() for comm in (creator, other)] == [[n, n]] * 2
+    finally:
+        other.close()
+        creator.close()
+
+
 def test_huge_counts_are_a_clear_error():
+    # Counts past what send holds were said to be larger than any arena:
+    # the user was sent to arena_bytes instead of to the counts.
     with blsshm.Comm.create(1) as comm:
-        with pytest.raises(ArenaFullError):
-            comm.post(0, GOOD, [2 ** 64])
-        with pytest.raises(ArenaFullError):
-            comm.post(0, GOOD, np.array([2 ** 63 - 1], dtype=np.int64))
+        for counts in ([2 ** 64], [2 ** 63], np.array([2 ** 63 - 1], dtype=np.int64)):
+            with pytest.raises(BlsValueError, match=r"send_counts\[0\] = \d+ elements but send holds 4") as info:
+                comm.post(0, GOOD, counts)
+            assert not isinstance(info.value, ArenaFullError)
+        with pytest.raises(BlsValueError, match=r"send_counts\[0\] = -\d+ is negative"):
+            comm.post(0, GOOD, [-2 ** 64])  # was "larger than any arena" too
         comm.alltoallv(GOOD, [4])
 
 
