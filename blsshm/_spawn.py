@@ -332,7 +332,8 @@ def _describe(exc):
         message = str(exc)
     except Exception as err:  # a broken __str__ must not lose the report
         message = f"<its str() raised {type(err).__name__}>"
-    return f"{type(exc).__module__}.{type(exc).__qualname__}: {message}"
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    return f"{name}: {message}" if message else name
 
 
 def _received_error(report):
@@ -757,17 +758,23 @@ def _collect(procs, conns, pidfds, grace, reported, on_failure):
             r = pending.get(handle)
             if r is None:
                 continue  # its pipe and its exit were both ready: done already
-            # An exit ends the report as the pipe's end does: every byte the
-            # rank wrote was in the pipe before it exited (its writes had
-            # returned), and is read now.
-            ended = handle is not conns[r]
+            # An exit ends the report: every byte the rank wrote was in the
+            # pipe before it exited (its writes had returned), and is read now.
+            exited = handle is not conns[r]
             try:
                 whole = reports[r].read()
             except EOFError:
-                whole, ended = False, True
-            if not (whole or ended):
+                whole = False
+                if not exited:
+                    # The pipe ended short of a report, but the rank may run on
+                    # (it closed the pipe): its exit decides, as other ranks'
+                    # outcomes and the grace period go on being heard.
+                    del pending[conns[r]]
+                    continue
+            if not (whole or exited):
                 continue  # more to come
-            del pending[conns[r]], pending[exits[r]]
+            pending.pop(conns[r], None)
+            del pending[exits[r]]
             if not whole:
                 procs[r].join()
                 exc = RankFailedError(

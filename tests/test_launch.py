@@ -1681,7 +1681,7 @@ def test_spawn_notices_a_rank_that_died_part_way_through_its_result(tmp_path):
 
 
 class _Pipe:
-    """Just a descriptor, as a Connection gives ``_send_report`` and ``_read_report``."""
+    """Just a descriptor, as a Connection gives ``_send_report``."""
 
     def __init__(self, fd):
         self.fd = fd
@@ -1757,25 +1757,48 @@ def test_a_rank_seen_to_exit_before_its_report_is_seen_still_has_it_read(monkeyp
     assert blsshm.run_ranks(_return_its_rank, 2) == [0, 1]
 
 
-def _stop_part_way_through_its_result_as_rank_1_fails(rank):
+def _wait_for(path):
+    for _ in range(400):
+        if os.path.exists(path):
+            return
+        time.sleep(0.025)
+    raise AssertionError(f"{path} never came")
+
+
+def _fail_once_rank_0_is_stuck_in_its_report(rank, stuck_flag, get_stuck):
     if rank == 1:
-        time.sleep(0.2)  # rank 0 is part-way through its result by then, as a rule
+        _wait_for(stuck_flag)
         raise ValueError("rank 1 failed")
     from blsshm import _spawn
 
-    def send_a_part_then_stop(conn, payload):
-        os.write(conn.fileno(), _spawn._REPORT_HEADER.pack(len(payload)) + payload[:1000])
-        os.kill(os.getpid(), signal.SIGSTOP)
+    def report_then_get_stuck(conn, payload):
+        get_stuck(conn, _spawn._REPORT_HEADER.pack(len(payload)) + payload, stuck_flag)
 
-    _spawn._send_report = send_a_part_then_stop  # in this rank's process only
+    _spawn._send_report = report_then_get_stuck  # in this rank's process only
     return bytes(100_000)
 
 
-def test_a_rank_stopped_part_way_through_its_result_holds_up_neither_a_failure_nor_the_grace_period():
-    # The parent read a report to its end once it had begun: a rank stopped
-    # part-way held it there for ever, another rank's failure unheard.
+def _write_a_part_and_stop(conn, frame, stuck_flag):
+    os.write(conn.fileno(), frame[:1000])
+    open(stuck_flag, "w").close()
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _close_the_pipe_and_run_on(conn, frame, stuck_flag):
+    os.close(conn.fileno())
+    open(stuck_flag, "w").close()
+    time.sleep(1000)
+
+
+@pytest.mark.parametrize("get_stuck", [_write_a_part_and_stop, _close_the_pipe_and_run_on])
+def test_a_rank_stuck_in_its_report_holds_up_neither_another_failure_nor_the_grace_period(tmp_path, get_stuck):
+    # The parent read a report to its end once it had begun, and waited for
+    # the rank's exit once its pipe had ended: a rank stopped part-way, or
+    # running on with its pipe closed, held it there for ever, another
+    # rank's failure unheard.
     with pytest.raises(ValueError, match="rank 1 failed") as info:
-        blsshm.run_ranks(_stop_part_way_through_its_result_as_rank_1_fails, 2, start_method="fork", grace=0.5)
+        blsshm.run_ranks(_fail_once_rank_0_is_stuck_in_its_report, 2, args=(str(tmp_path / "stuck"), get_stuck),
+                         start_method="fork", grace=0.5)
     assert info.value.blsshm_rank == 1
 
 
