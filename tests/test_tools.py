@@ -60,6 +60,7 @@ def test_an_oversubscribed_memcpy_floor_is_the_copying_spread_over_the_cores():
     ("dlrm_report", ["--nprocs", "0"], "--nprocs at least 1"),
     ("single_copy", ["--rounds", "0"], "--rounds must be at least 1"),
     ("single_copy", ["--size", "0"], "--size: size must be positive"),
+    ("single_copy", ["--size", "3072M"], "--size must be at most 2147479552 bytes"),
 ])
 def test_the_tools_refuse_bad_arguments_before_running(tmp_path, tool, argv, message):
     # They ran and failed late (every backend "timed out", a traceback after
@@ -273,7 +274,7 @@ def test_switch_cost_reaps_its_partner_when_the_timing_side_fails(monkeypatch):
                 pass
 
 
-def test_single_copy_reads_the_senders_bytes_and_reaps_the_sender_on_every_path(monkeypatch):
+def test_single_copy_reads_the_senders_bytes_and_reaps_the_sender_after_a_failed_read(monkeypatch):
     single_copy = _tool("single_copy")
     cma, memcpy = single_copy.measure(4096, 20)  # checks the bytes it read are the sender's
     assert cma > 0 and memcpy > 0
@@ -285,12 +286,14 @@ def test_single_copy_reads_the_senders_bytes_and_reaps_the_sender_on_every_path(
             forked.append(pid)
         return pid
 
-    def failing_read(pid, local, remote_address):
-        raise OSError("cannot read the sender")
+    def failing_reader(pid, local, remote_address):
+        def read():
+            raise OSError("cannot read the sender")
+        return read
 
     real_fork = os.fork
     monkeypatch.setattr(os, "fork", fork_noting_the_sender)
-    monkeypatch.setattr(single_copy, "_read_from", failing_read)
+    monkeypatch.setattr(single_copy, "_reader", failing_reader)
     try:
         with pytest.raises(OSError, match="cannot read the sender"):
             single_copy.measure(4096, 20)

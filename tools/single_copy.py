@@ -2,17 +2,21 @@
 """What one copy through the kernel (CMA) costs against a plain memcpy.
 
 blsshm's copy path moves a block in two copies: the sender's into its
-record in shared memory, the receiver's out of it.  At 1 MiB per pair that
-caps it near 2/3 of the memcpy bandwidth (3 MiB copied per 2 MiB received,
-own block included); the zero-copy path, one copy, reaches about 0.93.
+record in shared memory, the receiver's out of it.  With P ranks that caps
+it near P / (2P - 1) of the memcpy bandwidth (each rank copies 2P - 1
+blocks per P it receives, its own block copied once): 2/3 at P = 2.  The
+zero-copy path, one copy, reaches about 0.93 at 1 MiB per pair.
 Open MPI's shared-memory transport moves large messages in one copy with
 ``process_vm_readv`` (cross-memory attach, CMA): the receiver reads straight
 from the sender's buffer.  This tool measures whether that single copy
 would be cheaper here than our two: a child process writes a buffer of
 ``--size`` bytes and waits; the parent times reading it with
 ``process_vm_readv`` and, alternating with it, ``np.copyto`` of a buffer of
-its own of the same size.  Both buffers stay hot in the caches: the best
-case for each.  CMA pins every page of both buffers for each call.
+its own of the same size.  Both sources are written once, before the
+timing.  CMA pins the sender's pages, a chunk at a time, for each call.
+This times the copy alone: a single-copy alltoallv would also have to
+publish the sender's address and make the sender wait until every
+receiver has read its block.
 
 Prints the median of each over ``--rounds`` calls (after a warm-up) and the
 ratio of their bandwidths.  Reproduce::
@@ -26,6 +30,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -38,16 +43,33 @@ class _IoVec(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_process_vm_readv = _libc.process_vm_readv
+_process_vm_readv.restype = ctypes.c_ssize_t
+_process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
+                              ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
+#: The most one call moves (the kernel's MAX_RW_COUNT); larger sizes are refused, not split.
+MAX_SIZE = 0x7FFFF000
 
 
-def _read_from(pid, local, remote_address):
-    """Copy ``local.nbytes`` bytes at ``remote_address`` in process ``pid`` into ``local``."""
+def _reader(pid, local, remote_address):
+    """A call that copies ``local.nbytes`` bytes at ``remote_address`` in process ``pid`` into ``local``.
+
+    Everything but the system call is done here, once, so that the timed
+    call costs what the kernel's copy does, as ``np.copyto`` costs a memcpy.
+    """
     dst = _IoVec(local.ctypes.data, local.nbytes)
     src = _IoVec(remote_address, local.nbytes)
-    got = _libc.process_vm_readv(pid, ctypes.byref(dst), 1, ctypes.byref(src), 1, 0)
-    if got != local.nbytes:
-        err = ctypes.get_errno()
-        raise OSError(err, f"process_vm_readv read {got} of {local.nbytes} bytes: {os.strerror(err)}")
+    args = (pid, ctypes.byref(dst), 1, ctypes.byref(src), 1, 0)
+    nbytes = local.nbytes
+
+    def read():
+        got = _process_vm_readv(*args)
+        if got != nbytes:
+            err = ctypes.get_errno() if got < 0 else 0
+            raise OSError(err, f"process_vm_readv read {got} of {nbytes} bytes"
+                               + (f": {os.strerror(err)}" if err else ""))
+    read.keep = (dst, src)  # the iovecs live as long as the call
+    return read
 
 
 def measure(size, rounds):
@@ -61,8 +83,10 @@ def measure(size, rounds):
             source[:] = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
             os.write(ready_w, b"r")
             signal.pause()  # until the parent kills it
+        except BaseException:
+            traceback.print_exc()
         finally:
-            os._exit(0)
+            os._exit(1)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(os.waitpid, pid, 0)
         cleanup.callback(os.kill, pid, signal.SIGKILL)
@@ -73,7 +97,8 @@ def measure(size, rounds):
         received = np.empty(size, np.uint8)
         own = np.ones(size, np.uint8)
         copy = np.empty(size, np.uint8)
-        _read_from(pid, received, source.ctypes.data)
+        read = _reader(pid, received, source.ctypes.data)
+        read()
         expected = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
         if not np.array_equal(received, expected):
             raise RuntimeError("process_vm_readv did not read the sender's bytes")
@@ -81,7 +106,7 @@ def measure(size, rounds):
         cma, memcpy = np.empty(rounds, np.int64), np.empty(rounds, np.int64)
         for i in range(-max(10, rounds // 10), rounds):  # negative: warm-up, not kept
             t0 = clock()
-            _read_from(pid, received, source.ctypes.data)
+            read()
             t1 = clock()
             np.copyto(copy, own)
             t2 = clock()
@@ -95,6 +120,8 @@ def main(argv=None):
     parser.add_argument("--size", type=parse_size, default=1 << 20, help="bytes per copy (default 1M)")
     parser.add_argument("--rounds", type=int, default=2000, help="timed calls of each (default 2000)")
     args = parser.parse_args(argv)
+    if args.size > MAX_SIZE:
+        parser.error(f"--size must be at most {MAX_SIZE} bytes (one process_vm_readv call), got {args.size}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     cma, memcpy = measure(args.size, args.rounds)
