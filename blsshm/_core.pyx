@@ -1272,8 +1272,9 @@ cdef class Core:
         """Fill self.counts (elements) and self.block_off (bytes); validate.
 
         ``elements``: how many ``send`` holds (-1: no ``send``, zero copy).  A
-        count no arena holds that is beyond it is named as beyond it: saying
-        that no arena holds it sent the user to the arena, not the counts.
+        count too big for any arena is first compared with it: one that
+        exceeds ``send`` is a wrong count, and is named so rather than
+        sending the user to ``arena_bytes``.
         A record too big for the arena is refused only by _reserve_blocks,
         once it knows the blocks do not all go in mailboxes instead.
         """
@@ -2355,9 +2356,9 @@ cdef class Core:
         ``t - lag - 1`` (the lag bound), given ``arena_bytes`` of at least
         ``lag + 2`` of the largest records.  With less, a record that does
         not fit waits for the other ranks to complete the records in its
-        way, but raises ``ArenaFullError`` at once if one of them is an
-        iteration this rank has not completed itself: no wait could free
-        it.  Iterations are posted in order
+        way, and raises ``ArenaFullError`` once the next of them is an
+        iteration this rank has not completed itself (no wait could free
+        it), at once if it is the first.  Iterations are posted in order
         ``0, 1, 2, ...``, and ``post(t)`` needs this rank's own
         ``complete(t - lag - 1)`` first.
         """

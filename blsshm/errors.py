@@ -13,8 +13,8 @@ without returning.
 
 
 def exception_line(exc: BaseException) -> str:
-    """``Class: message`` as a traceback's last line gives it: the class alone when
-    the message is empty (a Ctrl-C's KeyboardInterrupt), whatever ``__str__`` does."""
+    """``Class: message``, or the class alone when the message is empty (a Ctrl-C's
+    KeyboardInterrupt), as a traceback's last line has it; whatever ``__str__`` does."""
     try:
         message = str(exc)
     except Exception as err:  # a broken __str__ must not lose the rest
