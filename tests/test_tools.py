@@ -237,11 +237,32 @@ def test_switch_cost_times_turns_only_once_the_partner_is_ready(monkeypatch):
         switch_cost.measure("none", 200)
 
 
-def test_switch_cost_reaps_its_partner_when_the_timing_side_fails(monkeypatch):
+@pytest.fixture
+def forked(monkeypatch):
+    """The pids of the processes ``os.fork`` starts in the test; any still there at its end killed and reaped."""
+    pids, real_fork = [], os.fork
+
+    def fork_noting_the_child():
+        pid = real_fork()
+        if pid:
+            pids.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork_noting_the_child)
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def test_switch_cost_reaps_its_partner_when_the_timing_side_fails(monkeypatch, forked):
     # The timing side's own call failing (after the fork) left the partner
     # taking turns at full speed, unreaped, for as long as anything lived.
     switch_cost = _tool("switch_cost")
-    parent, make_call, made, forked = os.getpid(), switch_cost.make_call, [], []
+    parent, make_call, made = os.getpid(), switch_cost.make_call, []
 
     def make_call_failing_in_the_timing_side(kind):
         if os.getpid() == parent:
@@ -250,63 +271,31 @@ def test_switch_cost_reaps_its_partner_when_the_timing_side_fails(monkeypatch):
                 raise OSError("the timing side cannot make its call")
         return make_call(kind)
 
-    def fork_noting_the_partner():
-        pid = real_fork()
-        if pid:
-            forked.append(pid)
-        return pid
-
-    real_fork = os.fork
     monkeypatch.setattr(switch_cost, "make_call", make_call_failing_in_the_timing_side)
-    monkeypatch.setattr(os, "fork", fork_noting_the_partner)
-    try:
-        with pytest.raises(OSError, match="the timing side cannot make its call"):
-            switch_cost.measure("none", 200)
-        assert len(forked) == 1
-        with pytest.raises(ChildProcessError):  # reaped
-            os.waitpid(forked[0], os.WNOHANG)
-    finally:
-        for pid in forked:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+    with pytest.raises(OSError, match="the timing side cannot make its call"):
+        switch_cost.measure("none", 200)
+    assert len(forked) == 1
+    with pytest.raises(ChildProcessError):  # reaped
+        os.waitpid(forked[0], os.WNOHANG)
 
 
-def test_single_copy_reads_the_senders_bytes_and_reaps_the_sender_after_a_failed_read(monkeypatch):
+def test_single_copy_reads_the_senders_bytes_and_reaps_the_sender_after_a_failed_read(monkeypatch, forked):
     single_copy = _tool("single_copy")
     cma, memcpy = single_copy.measure(4096, 20)  # checks the bytes it read are the sender's
-    assert cma > 0 and memcpy > 0
-    forked = []
-
-    def fork_noting_the_sender():
-        pid = real_fork()
-        if pid:
-            forked.append(pid)
-        return pid
+    assert cma > 0 and memcpy > 0 and len(forked) == 1
 
     def failing_reader(pid, local, remote_address):
         def read():
             raise OSError("cannot read the sender")
         return read
 
-    real_fork = os.fork
-    monkeypatch.setattr(os, "fork", fork_noting_the_sender)
     monkeypatch.setattr(single_copy, "_reader", failing_reader)
-    try:
-        with pytest.raises(OSError, match="cannot read the sender"):
-            single_copy.measure(4096, 20)
-        assert len(forked) == 1
-        with pytest.raises(ChildProcessError):  # reaped
-            os.waitpid(forked[0], os.WNOHANG)
-    finally:
-        for pid in forked:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+    with pytest.raises(OSError, match="cannot read the sender"):
+        single_copy.measure(4096, 20)
+    assert len(forked) == 2
+    for pid in forked:
+        with pytest.raises(ChildProcessError):  # reaped, after the run as after the failure
+            os.waitpid(pid, os.WNOHANG)
 
 
 def _saved_run(lag, gloo):
