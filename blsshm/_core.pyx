@@ -1344,7 +1344,7 @@ cdef class Core:
             if value < 0:
                 raise BlsValueError(f"send_counts[{q}] = {value} is negative")
             try:
-                c = value
+                c = value  # OverflowError past int64
                 fits = self._place(q, c, itemsize, &off)
             except OverflowError:
                 fits = False

@@ -24,7 +24,7 @@ from blsshm._proc import (GRACE_S, TERM_WAIT_S, descendants, describe_exit, die_
 from blsshm._core import MAX_RANKS
 from blsshm.comm import (DEFAULT_ARENA_BYTES, Comm, _check_int, _check_seconds, _check_spin_us, default_spin_us,
                          liveness_ms)
-from blsshm.errors import BlsError, BlsTypeError, BlsValueError, CommAborted, RankFailedError
+from blsshm.errors import BlsError, BlsTypeError, BlsValueError, CommAborted, RankFailedError, exception_line
 
 
 class RemoteTraceback(Exception):
@@ -312,7 +312,7 @@ def _portable(exc, rank):
         pickle.loads(pickle.dumps(exc))
         return exc
     except Exception:
-        return BlsError(_describe(exc))
+        return BlsError(exception_line(exc, qualified=True))
 
 
 def _error_report(exc, rank, tb):
@@ -322,18 +322,8 @@ def _error_report(exc, rank, tb):
     only the rank imported): it still gets the name, message and traceback.
     """
     exc = _portable(exc, rank)
-    return pickle.dumps(("error", pickle.dumps(exc, pickle.HIGHEST_PROTOCOL), type(exc).__name__, _describe(exc),
+    return pickle.dumps(("error", pickle.dumps(exc, pickle.HIGHEST_PROTOCOL), type(exc).__name__, exception_line(exc, qualified=True),
                          tb), pickle.HIGHEST_PROTOCOL)
-
-
-def _describe(exc):
-    """``module.Class: message`` of an exception, whatever its ``__str__`` does."""
-    try:
-        message = str(exc)
-    except Exception as err:  # a broken __str__ must not lose the report
-        message = f"<its str() raised {type(err).__name__}>"
-    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    return f"{name}: {message}" if message else name
 
 
 def _received_error(report):

@@ -12,14 +12,18 @@ without returning.
 """
 
 
-def exception_line(exc: BaseException) -> str:
+def exception_line(exc: BaseException, qualified: bool = False) -> str:
     """``Class: message``, or the class alone when the message is empty (a Ctrl-C's
-    KeyboardInterrupt), as a traceback's last line has it; whatever ``__str__`` does."""
+    KeyboardInterrupt), as a traceback's last line has it; whatever ``__str__`` does.
+
+    ``qualified``: ``module.Class``, for a reader that may not know the class.
+    """
     try:
         message = str(exc)
     except Exception as err:  # a broken __str__ must not lose the rest
         message = f"<its str() raised {type(err).__name__}>"
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}" if qualified else type(exc).__name__
+    return f"{name}: {message}" if message else name
 
 
 class BlsError(Exception):
