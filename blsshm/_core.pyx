@@ -25,11 +25,11 @@ poll those stamps.
 """
 
 cimport cython
-from libc.stdint cimport uint32_t, uint64_t, int64_t, int32_t
+from libc.stdint cimport uint32_t, uint64_t, int64_t, int32_t, uintptr_t
 from libc.string cimport memcpy, memset, strncpy, strncmp, memchr
 from libc.stdlib cimport calloc, free
 from libc.errno cimport errno, EINTR
-from posix.unistd cimport getpid, close
+from posix.unistd cimport getpid, close, usleep
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.long cimport PyLong_AsLongLong
 from cpython.ref cimport Py_INCREF
@@ -122,6 +122,14 @@ cdef extern from "_layout.h" nogil:
         BLS_ABORT_PEER_LOST
         BLS_ABORT_PROTOCOL
         BLS_MBOX_DATA
+        BLS_DIRECT_NONE
+        BLS_DIRECT_OFFERED
+        BLS_DIRECT_CLAIMED
+        BLS_DIRECT_DONE
+        BLS_DIRECT_REFUSED
+        BLS_DIRECT_WANTED
+        BLS_DIRECT_WITHDRAWN
+        BLS_DIRECT_FILLED
     ctypedef struct bls_header_t:
         uint64_t magic
         uint32_t version
@@ -165,6 +173,11 @@ cdef extern from "_layout.h" nogil:
         char dtype[1]
         char data[1]
         uint64_t block_offset
+        uint64_t direct_addr
+        uint32_t direct_state
+
+cdef extern from "_direct.h" nogil:
+    int bls_read_peer(int pid, char* dst, uint64_t remote, uint64_t n)
 
 # Which counter a wait is about.
 cdef enum:
@@ -247,6 +260,29 @@ cdef enum:
 # cached time: its lines then reach receivers from memory rather than from a
 # shared cache, a cost the sender's clock does not see.
 cdef double STREAM_MARGIN = 0.75
+# A blocking alltoallv offers blocks of at least this many bytes for a direct
+# read (see BLS_DIRECT_* in _layout.h): one copy through the kernel instead
+# of two through the record.  Below it the system call costs more than the
+# copy it saves (tools/single_copy.py: 0.38 of memcpy's speed at 64 KiB,
+# 0.80 at 1 MiB).  0: never.  Comm.direct_min_bytes sets it per communicator.
+DIRECT_MIN_BYTES = 32 * 1024
+# A wait for the other side of a direct read (a copy under way) spins for
+# pause_ns, yields until spin_ns, then naps this long at a time; it checks
+# the peer's liveness, the deadline and signals every HANDOFF_CHECK_NS.
+cdef int HANDOFF_NAP_US = 50
+cdef int64_t HANDOFF_CHECK_NS = 1000000
+# recv_direct[s]: how this rank receives source s's block in the complete in progress.
+cdef enum:
+    FROM_RECORD = 0    # from the record or mailbox (or our own send buffer)
+    FROM_FILL = 1      # offered, but the sender copies it to the record: wait for FILLED
+    READ_DIRECT = 2    # offered, and read straight from the sender's memory
+# Tests make every direct read fail, as ptrace rules would (EPERM).
+cdef bint direct_reads_fail = False
+
+def _fail_direct_reads(bint fail):
+    """Make this process's direct reads fail (tests: the refusal path)."""
+    global direct_reads_fail
+    direct_reads_fail = fail
 
 
 cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b):
@@ -424,6 +460,13 @@ cdef class Core:
     cdef char* own_rec          # where it belongs in the record
     cdef uint64_t own_bytes
     cdef uint32_t cpu_hint      # what this rank last published as its CPU (see _wait)
+    # direct reads (see BLS_DIRECT_* in _layout.h)
+    cdef public uint64_t direct_min_bytes  # offer blocks this big (0: never)
+    cdef char* direct_peer      # per rank: we may offer it blocks (same PID namespace, never refused)
+    cdef const char** offered   # per rank: the send bytes offered to it by the call in progress, or NULL
+    cdef bint offers_pending    # some offered[q] is not NULL
+    cdef uint64_t offered_t     # the iteration of those offers
+    cdef char* recv_direct      # per source: its block of the complete in progress is offered to us
     cdef int64_t next_spread_ns  # when _spread_out may next look at the spread
     cdef int spread_cpus[SPREAD_MAX_CPUS]   # scratch for _spread_out
     cdef int spread_count[SPREAD_MAX_CPUS]
@@ -442,6 +485,7 @@ cdef class Core:
     cdef readonly uint64_t bytes_sent
     cdef readonly uint64_t bytes_received
     cdef readonly uint64_t bytes_streamed
+    cdef readonly uint64_t bytes_read_direct
 
     def __cinit__(self):
         self.have_buf = False
@@ -528,12 +572,17 @@ cdef class Core:
         self.recv_off = <uint64_t*>calloc(1, self.size * sizeof(uint64_t))
         self.recv_bytes = <uint64_t*>calloc(1, self.size * sizeof(uint64_t))
         self.pidfds = <int*>calloc(1, self.size * sizeof(int))
+        self.direct_peer = <char*>calloc(1, self.size)
+        self.recv_direct = <char*>calloc(1, self.size)
+        self.offered = <const char**>calloc(1, self.size * sizeof(char*))
+        self.direct_min_bytes = DIRECT_MIN_BYTES
         if self.pidfds != NULL:  # before anything can fail: _release closes those >= 0
             for r in range(self.size):
                 self.pidfds[r] = -1
         if (self.fl_iter == NULL or self.fl_start == NULL or self.fl_end == NULL
                 or self.counts == NULL or self.block_off == NULL or self.pidfds == NULL
-                or self.recv_off == NULL or self.recv_bytes == NULL):
+                or self.recv_off == NULL or self.recv_bytes == NULL
+                or self.direct_peer == NULL or self.recv_direct == NULL or self.offered == NULL):
             raise MemoryError()
         self.slot_dtype = [None] * <Py_ssize_t>self.slots
         self.slot_torch = [False] * <Py_ssize_t>self.slots
@@ -582,6 +631,11 @@ cdef class Core:
         free(self.block_off)
         free(self.recv_off)
         free(self.recv_bytes)
+        free(self.direct_peer)
+        free(self.recv_direct)
+        free(<void*>self.offered)
+        self.direct_peer = self.recv_direct = NULL
+        self.offered = NULL
         if self.pidfds != NULL:
             for r in range(self.size):
                 if self.pidfds[r] >= 0:
@@ -665,6 +719,10 @@ cdef class Core:
             if self.pidfds[r] >= 0 and self.pidfds[r] != fd:
                 close(self.pidfds[r])
             self.pidfds[r] = fd
+            # A pid names a process only in its own namespace: a rank in
+            # another one cannot be read directly (nor read us by our pid).
+            self.direct_peer[r] = (r != self.rank and self.ranks[r].pid_ns != 0
+                                   and self.ranks[r].pid_ns == self.ranks[self.rank].pid_ns)
 
     def _close_core(self):
         """Mark this rank closed and wake every sleeper so nobody waits on it."""
@@ -1582,6 +1640,11 @@ cdef class Core:
                 mb.inline_data = self.pending_inline
                 if not self.pending_inline:
                     mb.block_offset = self.pending_start + self.block_off[q]
+                    if self.offers_pending and self.offered[q] != NULL:  # (a zero-copy post has none)
+                        mb.direct_addr = <uint64_t><uintptr_t>self.offered[q]
+                        mb.direct_state = BLS_DIRECT_OFFERED
+                    else:
+                        mb.direct_state = BLS_DIRECT_NONE
                 mb.itemsize = <uint32_t>itemsize
                 _put_dtype(mb.dtype, dstr)
                 # Release: the block (inline, or in the record) is visible
@@ -1677,24 +1740,34 @@ cdef class Core:
             self._raise_aborted()
         return 0
 
-    cdef inline void _scatter(self, uint64_t t, const char* src, uint64_t itemsize, bint defer_own) noexcept nogil:
+    cdef inline void _scatter(self, uint64_t t, const char* src, uint64_t itemsize, bint defer_own,
+                              bint offer) noexcept nogil:
         """Copy the blocks of a contiguous send buffer into their places (mailboxes or record).
 
         Blocks for other ranks are copied the way ``_copy_strategy`` picks,
         and timed when it chose.  With ``defer_own`` the block for this rank
         is not copied: the caller (a blocking alltoallv, which holds ``send``
         until it returns) copies it straight to its destination in
-        ``_gather``, one copy instead of two.
+        ``_gather``, one copy instead of two.  With ``offer`` (the same
+        caller) blocks of at least ``direct_min_bytes`` are not copied
+        either: they are offered for a direct read (``offered``), and
+        ``_withdraw_offers`` copies those nobody read before the call returns.
         """
         cdef int q
         cdef uint64_t n
         cdef uint64_t peer_bytes = 0
         cdef const char* own = src
         cdef const char* p = src
+        offer = offer and not self.pending_inline and self.direct_min_bytes != 0
         for q in range(self.size):
             n = <uint64_t>self.counts[q] * itemsize
+            self.offered[q] = NULL
             if q == self.rank:
                 own = p
+            elif offer and n >= self.direct_min_bytes and self.direct_peer[q]:
+                self.offered[q] = p
+                self.offers_pending = True
+                self.offered_t = t
             else:
                 peer_bytes += n
             p += n
@@ -1708,7 +1781,7 @@ cdef class Core:
         cdef int64_t start = bls_now_ns() if timed else 0
         if not self.pending_inline and peer_bytes < STREAM_MIN_BYTES and strategy == COPY_CACHED:
             for q in range(self.size):  # a mailbox line took no less with it
-                if q != self.rank:
+                if q != self.rank and self.offered[q] == NULL:
                     bls_prefetch_for_write(self._block_dst(q, t), <uint64_t>self.counts[q] * itemsize)
         if strategy == COPY_STREAM:
             bls_stream_begin()
@@ -1716,7 +1789,7 @@ cdef class Core:
         p = src
         for q in range(self.size):
             n = <uint64_t>self.counts[q] * itemsize
-            if q != self.rank:
+            if q != self.rank and self.offered[q] == NULL:
                 if strategy == COPY_STREAM and not (n <= SHARED_CACHE_MAX_BYTES and self._shares_our_cpu(q)):
                     bls_stream_copy(self._block_dst(q, t), p, n)
                     self.bytes_streamed += n
@@ -1844,16 +1917,227 @@ cdef class Core:
         memset(self.copy_cost, 0, sizeof(self.copy_cost))
         self.copy_choices = 0
 
-    cdef inline void _gather(self, char* dst) noexcept nogil:
-        """Copy this rank's block of every source, in rank order, to ``dst``."""
+    cdef int _gather(self, char* dst, uint64_t t, int64_t deadline_ns) noexcept nogil:
+        """Copy this rank's block of every source of ``t``, in rank order, to ``dst``.
+
+        In four passes: blocks offered for a direct read are claimed and
+        read first, before their senders can withdraw them; then the others
+        are copied from records and mailboxes; then this rank's own offers
+        (if this is a blocking alltoallv) are withdrawn; last, the offered
+        blocks not read directly are copied from their records once their
+        senders filled them.  Every rank withdraws before it waits for a
+        fill, and a withdrawal waits only for reads under way: so no two
+        ranks wait for each other.  OK, or the error of a hand-over wait
+        (``late_rank`` names the peer).
+        """
         cdef int s
+        cdef int rc
+        cdef char* d = dst
+        cdef bls_mbox_t* mb
+        cdef uint64_t slot = self._slot(t)
+        cdef bint offered_to_us = False
+        for s in range(self.size):
+            if self.recv_direct[s] == FROM_FILL:
+                offered_to_us = True
+                mb = self._mbox(s, self.rank, slot)
+                # Acq_rel CAS: only one of us and the sender moves the block
+                # on from OFFERED; winning it, we read before the sender may
+                # return (it waits while we are CLAIMED).
+                if bls_cas32(&mb.direct_state, BLS_DIRECT_OFFERED, BLS_DIRECT_CLAIMED):
+                    if not direct_reads_fail and bls_read_peer(
+                            self.ranks[s].pid, d, mb.direct_addr, self.recv_bytes[s]) == 0:
+                        rc = self._check_read_whole(s)
+                        # Release: our reads of the sender's buffer happen
+                        # before it sees DONE and returns to change it.
+                        bls_store_release32(&mb.direct_state, BLS_DIRECT_DONE)
+                        if rc != OK:
+                            self.late_rank = s
+                            return rc
+                        self.recv_direct[s] = READ_DIRECT
+                        self.bytes_read_direct += self.recv_bytes[s]
+                    else:  # the sender fills its record when it sees this
+                        bls_store_release32(&mb.direct_state, BLS_DIRECT_REFUSED)
+            d += self.recv_bytes[s]
+        d = dst
         for s in range(self.size):
             if s == self.rank and self.own_src != NULL:
-                memcpy(dst, self.own_src, self.recv_bytes[s])
+                memcpy(d, self.own_src, self.recv_bytes[s])
                 self.own_src = NULL
+            elif self.recv_direct[s] == FROM_RECORD:
+                memcpy(d, self.base + self.recv_off[s], self.recv_bytes[s])
+            d += self.recv_bytes[s]
+        if self.offers_pending and self.offered_t == t:
+            rc = self._withdraw_offers(deadline_ns)
+            if rc != OK:
+                return rc
+        if not offered_to_us:
+            return OK
+        d = dst
+        for s in range(self.size):
+            if self.recv_direct[s] == FROM_FILL:
+                mb = self._mbox(s, self.rank, slot)
+                rc = self._await_handoff(mb, True, s, deadline_ns)
+                if rc != OK:
+                    self.late_rank = s
+                    return rc
+                memcpy(d, self.base + self.recv_off[s], self.recv_bytes[s])
+            d += self.recv_bytes[s]
+        return OK
+
+    cdef inline int _check_read_whole(self, int s) noexcept nogil:
+        """After a direct read from ``s``: OK, unless ``s`` may have changed its buffer under it.
+
+        A sender waits while we are CLAIMED, so it can have left its call
+        only by being closed (a signal handler) or by an abort.  Either is
+        stored before the sender returns to change its buffer; had our read
+        seen such a change, the full fence makes these loads see the store.
+        """
+        bls_fence()
+        if self._aborted():
+            return ERR_ABORTED
+        if bls_load_acquire32(&self.ranks[s].state) == BLS_STATE_CLOSED:
+            self.lost_rank = s
+            self._abort_nogil(BLS_ABORT_PEER_LOST, s,
+                              b"it closed the communicator while others read its send buffer")
+            return ERR_LOST
+        return OK
+
+    cdef int _withdraw_offers(self, int64_t deadline_ns) noexcept nogil:
+        """Take back this rank's offers: copy to the record each block nobody read directly.
+
+        A block being read (CLAIMED) is waited for.  Once this returns OK
+        every offer is DONE or FILLED, and ``send`` may change.
+        """
+        cdef int q
+        cdef int rc
+        cdef uint32_t state
+        cdef bls_mbox_t* mb
+        cdef uint64_t slot = self._slot(self.offered_t)
+        cdef char* arena = self.arenas + <uint64_t>self.rank * self.arena_bytes
+        for q in range(self.size):
+            if self.offered[q] == NULL:
+                continue
+            mb = self._mbox(self.rank, q, slot)
+            while True:
+                # Acq_rel CAS, as the receiver's: whoever wins moves the block.
+                if bls_cas32(&mb.direct_state, BLS_DIRECT_OFFERED, BLS_DIRECT_WITHDRAWN):
+                    state = BLS_DIRECT_WITHDRAWN
+                else:
+                    state = bls_load_acquire32(&mb.direct_state)
+                if state != BLS_DIRECT_CLAIMED:
+                    break
+                rc = self._await_handoff(mb, False, q, deadline_ns)
+                if rc != OK:
+                    self.late_rank = q
+                    return rc
+            if state != BLS_DIRECT_DONE:  # WITHDRAWN, REFUSED or WANTED: it reads the record
+                if state == BLS_DIRECT_REFUSED:
+                    self.direct_peer[q] = False  # it cannot read us (ptrace rules): offer no more
+                memcpy(arena + mb.block_offset, self.offered[q], mb.nbytes)
+                # Release: the block is in the record for the receiver whose
+                # acquire load sees FILLED.
+                bls_store_release32(&mb.direct_state, BLS_DIRECT_FILLED)
+            self.offered[q] = NULL
+        self.offers_pending = False
+        return OK
+
+    cdef int _await_handoff(self, bls_mbox_t* mb, bint until_filled, int r, int64_t deadline_ns) noexcept nogil:
+        """Wait for peer ``r``'s side of a direct-read hand-over (see BLS_DIRECT_* in _layout.h).
+
+        A sender waits while its receiver ``r`` reads (CLAIMED); a receiver
+        waits until its sender ``r`` filled its record (FILLED).  Either is
+        a copy under way, so this spins and yields (as ``_wait``), then
+        naps, with no futex; it checks the abort word every time and, every
+        HANDOFF_CHECK_NS, whether ``r`` lives, the deadline (-1: none) and
+        signals.  OK or an ERR_* code.
+        """
+        cdef uint32_t state
+        cdef int64_t start = bls_now_ns()
+        cdef int64_t now
+        cdef int64_t next_check = start + HANDOFF_CHECK_NS
+        cdef int signalled
+        while True:
+            state = bls_load_acquire32(&mb.direct_state)
+            if (state == BLS_DIRECT_FILLED) if until_filled else (state != BLS_DIRECT_CLAIMED):
+                return OK
+            if self._aborted():
+                return ERR_ABORTED
+            now = bls_now_ns()
+            if now >= next_check:
+                next_check = now + HANDOFF_CHECK_NS
+                if bls_load_acquire32(&self.ranks[r].state) == BLS_STATE_CLOSED or self._exited(r):
+                    state = bls_load_acquire32(&mb.direct_state)  # it may have finished first
+                    if (state == BLS_DIRECT_FILLED) if until_filled else (state != BLS_DIRECT_CLAIMED):
+                        return OK
+                    self.lost_rank = r
+                    self._abort_nogil(BLS_ABORT_PEER_LOST, r,
+                                      b"it left while copying a block for a direct read")
+                    return ERR_LOST
+                if deadline_ns >= 0 and now >= deadline_ns:
+                    return ERR_TIMEOUT
+                with gil:
+                    signalled = check_signals()
+                if signalled != 0:
+                    return ERR_SIGNAL
+                if self.closed:
+                    return ERR_CLOSED
+            if now - start < self.pause_ns:
+                bls_cpu_relax()
+            elif now - start < self.spin_ns:
+                bls_yield()
             else:
-                memcpy(dst, self.base + self.recv_off[s], self.recv_bytes[s])
-            dst += self.recv_bytes[s]
+                usleep(HANDOFF_NAP_US)
+
+    cdef int _fail_handoff(self, int rc, str operation, uint64_t t) except -1:
+        """Raise for a hand-over wait that failed, aborting the communicator first.
+
+        A sender that leaves with a read under way could change the bytes
+        being read, and a receiver that leaves has consumed blocks it could
+        not read again: neither call can be retried, so the peers are told.
+        """
+        cdef int r = self.late_rank
+        # Closed: the peers see our CLOSED state instead (and our mapping may be going).
+        if rc != ERR_ABORTED and rc != ERR_LOST and not self.closed:
+            data = _reason_bytes(
+                f"left {operation}({t}) during a direct copy with rank {r} "
+                f"({'timed out' if rc == ERR_TIMEOUT else 'interrupted'})")
+            self._abort_nogil(BLS_ABORT_USER, -1, data)
+        if rc == ERR_SIGNAL:
+            return -1  # the handler's exception (KeyboardInterrupt) is set: let it propagate
+        if rc == ERR_CLOSED:
+            self._check_not_closed_during(operation, t)
+        if rc == ERR_TIMEOUT:
+            raise BlsTimeoutError(
+                f"{operation}({t}) timed out waiting for rank {r} to finish a direct copy of iteration {t}; "
+                f"the communicator is aborted (the iteration cannot be retried)",
+                operation=operation, iteration=t, waiting_for=[r])
+        self._raise_aborted()
+        return -1
+
+    cdef inline int64_t _deadline_of(self, object timeout, int64_t* deadline_ns) except? -3:
+        """The call's deadline (``_await``'s), fixed now if no wait fixed it yet."""
+        cdef int64_t timeout_ns
+        if deadline_ns[0] == NO_DEADLINE_YET:
+            timeout_ns = self._timeout_ns(timeout)
+            deadline_ns[0] = -1 if timeout_ns < 0 else bls_now_ns() + timeout_ns
+        return deadline_ns[0]
+
+    cdef int _take_back_offers(self, uint64_t t, object timeout) except -1:
+        """``_withdraw_offers`` for a blocking alltoallv whose complete did not get that far.
+
+        Its own deadline: the call's may have passed (the complete timed
+        out), and the reads it waits for are already under way.
+        """
+        if self.closed:  # peers see our CLOSED state (see _check_read_whole)
+            return 0
+        cdef int64_t deadline = NO_DEADLINE_YET
+        self._deadline_of(timeout, &deadline)
+        cdef int rc
+        with nogil:
+            rc = self._withdraw_offers(deadline)
+        if rc != OK:
+            self._fail_handoff(rc, "alltoallv", t)
+        return 0
 
     cdef inline void _place_deferred_own(self) noexcept nogil:
         """Put a deferred own block into the record, where a later ``complete`` reads it."""
@@ -1877,11 +2161,14 @@ cdef class Core:
         self._check_peers_for_post(t)  # after the input checks (see _check_post_order)
         self._reserve_blocks(t, nbytes, itemsize, self._timeout_ns(timeout), deadline_ns, blocking)
         cdef char* src = <char*>cnp.PyArray_DATA(send)
+        # Offers only from a blocking call that copies its own block last:
+        # an out overlapping send would change send under a direct read.
+        cdef bint offer = blocking and defer_own and self.mboxes != NULL
         if nbytes >= NOGIL_COPY_BYTES:
             with nogil:
-                self._scatter(t, src, itemsize, defer_own)
+                self._scatter(t, src, itemsize, defer_own, offer)
         else:
-            self._scatter(t, src, itemsize, defer_own)
+            self._scatter(t, src, itemsize, defer_own, offer)
         self._commit(t, dtype)
         return 0
 
@@ -2043,6 +2330,7 @@ cdef class Core:
         cdef uint64_t off, n, where
         cdef const char* dchars = NULL
         cdef uint32_t isz = 0
+        self.recv_direct[s] = FROM_RECORD
         if self.mboxes != NULL:
             mb = self._mbox(s, self.rank, slot)
             if mb.stamp != t + 1:
@@ -2058,6 +2346,10 @@ cdef class Core:
                 if off > self.arena_bytes or n > self.arena_bytes - off:
                     self._protocol_error(f"rank {s}'s block for iteration {t} lies outside its arena")
                 where = self.hdr.arenas_offset + <uint64_t>s * self.arena_bytes + off
+                # Written before the stamp we acquired; it changes later only
+                # between the other BLS_DIRECT_* states, never back to NONE.
+                if bls_load_acquire32(&mb.direct_state) != BLS_DIRECT_NONE:
+                    self.recv_direct[s] = FROM_FILL
         else:
             d = self._desc_in_slot(s, slot)
             off = d.blocks[2 * self.rank]
@@ -2189,11 +2481,15 @@ cdef class Core:
         # raised (MemoryError) after it, a retried complete(t) would read
         # that block from a record it was never copied to.
         counts = self._recv_counts(itemsize)
+        cdef int64_t deadline = self._deadline_of(timeout, deadline_ns)
+        cdef int rc
         if total >= NOGIL_COPY_BYTES:
             with nogil:
-                self._gather(dst)
+                rc = self._gather(dst, t, deadline)
         else:
-            self._gather(dst)
+            rc = self._gather(dst, t, deadline)
+        if rc != OK:
+            self._fail_handoff(rc, "complete", t)
         self._finish(t, total)
         return recv, counts
 
@@ -2239,8 +2535,21 @@ cdef class Core:
         cdef uint64_t off
         cdef uint64_t total = 0
         views = []
+        cdef int64_t deadline
+        cdef bls_mbox_t* mb
+        cdef int rc
         for s in range(self.size):
             off = self._block(s, t, None, 0, &n, &dchars, &isz)
+            if self.recv_direct[s] == FROM_FILL:  # a view needs the block in the record
+                mb = self._mbox(s, self.rank, self._slot(t))
+                # Fails if the sender withdrew it first (or a retry asked already).
+                bls_cas32(&mb.direct_state, BLS_DIRECT_OFFERED, BLS_DIRECT_WANTED)
+                deadline = self._deadline_of(timeout, deadline_ns)
+                with nogil:
+                    rc = self._await_handoff(mb, True, s, deadline)
+                if rc != OK:
+                    self.late_rank = s
+                    self._fail_handoff(rc, "complete_views", t)
             if memchr(dchars, 0, BLS_DTYPE_CHARS) == NULL:
                 self._protocol_error(f"rank {s}'s dtype for iteration {t} is not terminated")
             if (self.last_recv_dtype is not None
@@ -2343,6 +2652,7 @@ cdef class Core:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.bytes_streamed = 0
+        self.bytes_read_direct = 0
 
     # ------------------------------------------------------------ collectives
 
@@ -2433,6 +2743,18 @@ cdef class Core:
         dtype is checked before posting; its size only once the blocks have
         arrived (their sizes are the senders'): if it is too small, the
         iteration stays posted and ``complete(t)`` with room enough ends it.
+
+        Blocks of at least ``direct_min_bytes`` (32 KiB; 0 turns it off) for
+        other ranks are not copied into this rank's record: each receiver
+        copies its block straight from ``send`` (``process_vm_readv``), one
+        copy instead of two, if it gets there before this call has received
+        everything; the call then copies to the record the blocks nobody has
+        read yet, waits for reads under way, and returns.  So it never waits
+        for a late receiver, and ``send`` may change once it returns.  A
+        receiver the kernel does not let read us (ptrace rules, another PID
+        namespace) is sent through the record.  If this wait for a read under
+        way is cut short (timeout, Ctrl-C), or a receiver's wait for such a
+        copy is, the communicator is aborted: neither side could retry.
         """
         self._enter("alltoallv")
         try:
@@ -2473,8 +2795,10 @@ cdef class Core:
             result = self._complete(t, out, timeout, &deadline_ns)
         finally:
             # If complete did not finish (a timeout, out too small), t stays
-            # posted and a later complete(t) reads our block from the record.
+            # posted and a later complete(t) reads our blocks from the record.
             self._place_deferred_own()
+            if self.offers_pending:
+                self._take_back_offers(t, timeout)
         if torch_recv:
             if given_out is not None:
                 mark_written(given_out)

@@ -21,7 +21,7 @@
 
 #define BLS_LINE 128
 #define BLS_MAGIC 0x314d485353534c42ULL /* "BLSSSHM1" */
-#define BLS_VERSION 7
+#define BLS_VERSION 8
 #define BLS_BLOCK_ALIGN 64              /* each per-destination block starts on a cache line */
 #define BLS_DTYPE_CHARS 20
 #define BLS_REASON_CHARS (BLS_LINE - 32) /* abort reason, NUL included */
@@ -108,9 +108,36 @@ typedef struct {
     char _pad[4];
     union {
         char data[BLS_MBOX_DATA];  /* inline: the block; 16-byte aligned (the struct is line-aligned) */
-        uint64_t block_offset;     /* in the record: where the block starts in the sender's arena */
+        struct {
+            uint64_t block_offset; /* in the record: where the block starts in the sender's arena */
+            uint64_t direct_addr;  /* offered for a direct read: the block's address in the sender */
+            uint32_t direct_state; /* BLS_DIRECT_*: who may read or write the block now */
+        };
     };
 } bls_mbox_t;
+
+/* A blocking alltoallv may offer a large block for a direct read: the
+ * receiver copies it from the sender's send buffer with process_vm_readv,
+ * one copy instead of two (into the record, out of it).  The record keeps
+ * room for it; `direct_state` hands the block over:
+ *
+ *   OFFERED   --receiver CAS-->  CLAIMED  --read-->  DONE
+ *                                         --read failed-->  REFUSED
+ *   OFFERED   --receiver CAS-->  WANTED    (zero copy: it needs the record)
+ *   OFFERED   --sender CAS-->  WITHDRAWN --copies to the record-->  FILLED
+ *   REFUSED, WANTED  --sender copies to the record-->  FILLED
+ *
+ * The sender returns from the call only once each offer is DONE or FILLED
+ * (it waits while one is CLAIMED: a read in progress), so its buffer stays
+ * unchanged while anyone reads it. */
+#define BLS_DIRECT_NONE 0       /* the block is in the record (or inline) */
+#define BLS_DIRECT_OFFERED 1
+#define BLS_DIRECT_CLAIMED 2
+#define BLS_DIRECT_DONE 3
+#define BLS_DIRECT_REFUSED 4
+#define BLS_DIRECT_WANTED 5
+#define BLS_DIRECT_WITHDRAWN 6
+#define BLS_DIRECT_FILLED 7
 
 _Static_assert(sizeof(bls_header_t) == BLS_LINE, "header is one line");
 _Static_assert(sizeof(bls_mbox_t) == BLS_LINE, "a mailbox is one line");

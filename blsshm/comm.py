@@ -161,7 +161,9 @@ class Comm(_core.Core):
     :class:`BlsError`; only :meth:`close` and :meth:`abort` may interrupt.
     Attributes: ``rank``, ``size``, ``lag``, ``name`` (of the segment, for
     :meth:`attach`), ``timeout`` (default for every wait, ``None`` blocks),
-    ``next_post``, ``next_complete``, ``arena_bytes``.
+    ``next_post``, ``next_complete``, ``arena_bytes``, ``copy_policy``
+    and ``direct_min_bytes`` (how large a block :meth:`alltoallv` offers for
+    a direct read; settable, 0 turns direct reads off).
     """
 
     name: str
@@ -460,7 +462,9 @@ class Comm(_core.Core):
         and in complete (not the first call's wait for every rank to attach),
         futex sleeps, moves off a CPU crowded with other ranks (see
         ``_spread.h``), payload bytes sent and received, and of those sent,
-        the bytes copied with streaming stores (see ``copy_policy``).  The iteration
+        the bytes copied with streaming stores (see ``copy_policy``), and of
+        those received, the bytes read straight from the sender's ``send``
+        (see ``direct_min_bytes``).  The iteration
         counts are ``next_post`` and ``next_complete``, since creation: a reset
         leaves them alone."""
         return {
@@ -473,6 +477,7 @@ class Comm(_core.Core):
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "bytes_streamed": self.bytes_streamed,
+            "bytes_read_direct": self.bytes_read_direct,
         }
 
 
