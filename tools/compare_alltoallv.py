@@ -12,6 +12,9 @@ measures, one backend after another (never two at once):
 ``bls cached``  the same with ``copy_policy="cached"`` (only when named in
                ``--backends``): blsshm copy is ``"auto"``, the default, and
                this is the A/B for it (ratio ``cch/copy``);
+``bls 2-copy``  the same with direct reads off (``direct_min_bytes = 0``:
+               every block goes through the sender's record; only when named
+               in ``--backends``): the A/B for them (ratio ``2cp/copy``);
 ``blsshm lag 1``  the same at lag 1 (only when named in ``--backends``).
                For a loop of blocking calls it measures about what lag 0
                does: at lag 0 a blocking ``alltoallv`` already publishes
@@ -171,14 +174,19 @@ RANK_WAIT_TIMEOUT_S = 60.0   # blsshm and gloo: longest wait inside a collective
 GRACE_S = 5.0                # between SIGTERM and SIGKILL
 MAX_TIMEOUT_S = 1e6          # --timeout: longer than any run, and within every timer's range
 
-BACKENDS = ("blsshm", "blsshm_cached", "blsshm_l1", "blsshm_zc", "gloo", "mpi", "memcpy", "memcpy_x")
-DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b != "blsshm_cached")  # that one is for A/B runs
-LABELS = {"blsshm": "blsshm copy", "blsshm_cached": "bls cached", "blsshm_l1": "blsshm lag 1",
+BACKENDS = ("blsshm", "blsshm_cached", "blsshm_2copy", "blsshm_l1", "blsshm_zc", "gloo", "mpi", "memcpy",
+            "memcpy_x")
+BLSSHM_BACKENDS = ("blsshm", "blsshm_cached", "blsshm_2copy", "blsshm_l1", "blsshm_zc")
+AB_BACKENDS = ("blsshm_cached", "blsshm_2copy")  # for A/B runs: not run unless named
+DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b not in AB_BACKENDS)
+LABELS = {"blsshm": "blsshm copy", "blsshm_cached": "bls cached", "blsshm_2copy": "bls 2-copy",
+          "blsshm_l1": "blsshm lag 1",
           "blsshm_zc": "blsshm zc", "gloo": "gloo", "mpi": "MPI", "memcpy": "memcpy", "memcpy_x": "memcpy x"}
 
 
 RATIO_PAIRS = {"bls/MPI": ("blsshm", "mpi"), "bls/gloo": ("blsshm", "gloo"),
                "l1/MPI": ("blsshm_l1", "mpi"), "cch/copy": ("blsshm_cached", "blsshm"),
+               "2cp/copy": ("blsshm_2copy", "blsshm"),
                "zc/MPI": ("blsshm_zc", "mpi"), "zc/gloo": ("blsshm_zc", "gloo")}
 
 
@@ -323,10 +331,12 @@ def blsshm_timed(comm, step, warmup, iters, before=None, reports_own_work=False)
     return {"ns": ns, "stats": stats}
 
 
-def blsshm_copy_rank(comm, plan, rank_opts, raw_flags, copy_policy):
+def blsshm_copy_rank(comm, plan, rank_opts, raw_flags, copy_policy, direct_reads=True):
     """blsshm blocking alltoallv into a preallocated buffer."""
     place_rank(comm.rank, rank_opts)
     comm.copy_policy = copy_policy
+    if not direct_reads:
+        comm.direct_min_bytes = 0
     rank, nprocs = comm.rank, comm.size
     barrier = SpinBarrier(raw_flags, rank)
     out = {}
@@ -710,12 +720,12 @@ def run_mpi(nprocs, plan, opts):
 
 def run_backend(backend, nprocs, plan, opts):
     """Per-rank results ``[{size: {"ns": array, ...}}, ...]`` of one backend."""
-    if backend in ("blsshm", "blsshm_cached", "blsshm_l1", "blsshm_zc"):
+    if backend in BLSSHM_BACKENDS:
         flags = multiprocessing.RawArray("q", nprocs)  # zero-filled; see SpinBarrier
         if backend == "blsshm_zc":
             return run_blsshm(blsshm_zc_rank, nprocs, plan, opts, flags)
         policy = "cached" if backend == "blsshm_cached" else "auto"
-        return run_blsshm(blsshm_copy_rank, nprocs, plan, opts, flags, policy,
+        return run_blsshm(blsshm_copy_rank, nprocs, plan, opts, flags, policy, backend != "blsshm_2copy",
                           lag=1 if backend == "blsshm_l1" else 0)
     if backend == "gloo":
         return run_gloo(nprocs, plan, opts)
@@ -835,7 +845,8 @@ def paired_ratios(results, size):
     of memcpy's and memcpy x's."""
     pairs = dict(RATIO_PAIRS)
     if size >= BANDWIDTH_MIN:  # bandwidth as a fraction of a floor's: floor time / backend time
-        pairs.update({"copy/memcpy bw": ("memcpy", "blsshm"), "zc/memcpy bw": ("memcpy", "blsshm_zc"),
+        pairs.update({"copy/memcpy bw": ("memcpy", "blsshm"), "2cp/memcpy bw": ("memcpy", "blsshm_2copy"),
+                      "zc/memcpy bw": ("memcpy", "blsshm_zc"),
                       "zc/memcpy x bw": ("memcpy_x", "blsshm_zc")})
     out = {}
     for name, (a, b) in pairs.items():
@@ -873,7 +884,7 @@ def bandwidth(results, nprocs, size):
     floor = figure(results, "memcpy", size)
     cross = figure(results, "memcpy_x", size)
     out = {}
-    for backend in ("blsshm", "blsshm_cached", "blsshm_zc", "memcpy", "memcpy_x"):
+    for backend in ("blsshm", "blsshm_cached", "blsshm_2copy", "blsshm_zc", "memcpy", "memcpy_x"):
         m = figure(results, backend, size)
         if m is None:
             continue
@@ -959,7 +970,7 @@ def print_table(nprocs, plan, results, cores):
 def print_blsshm_notes(plan, results, oversubscribed):
     """Say where blsshm ranks mostly slept instead of spinning (a peer was not running), and moved."""
     why = "ranks share cores" if oversubscribed else "a peer was not running: ranks sharing a core?"
-    for b in ("blsshm", "blsshm_cached", "blsshm_l1", "blsshm_zc"):
+    for b in BLSSHM_BACKENDS:
         figs = results.get(b, {}).get("sizes", {})
         slept = [(s, figs[s]["futex_sleeps_per_iter"]) for s, _, _ in plan
                  if figs.get(s, {}).get("futex_sleeps_per_iter", 0) >= 0.5]
@@ -1013,7 +1024,7 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=None,
                    help="warm-up iterations per size, at least 1 (default: a tenth of the timed ones, at least 5)")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(DEFAULT_BACKENDS),
-                   help="which backends to run (default: all but blsshm_cached)")
+                   help="which backends to run (default: all but the A/B ones, blsshm_cached and blsshm_2copy)")
     p.add_argument("--pin", action="store_true",
                    help="pin rank r to core r mod cores in every backend (default: the OS places them)")
     p.add_argument("--fresh-send", action="store_true",
