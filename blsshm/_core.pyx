@@ -130,6 +130,7 @@ cdef extern from "_layout.h" nogil:
         BLS_DIRECT_WANTED
         BLS_DIRECT_WITHDRAWN
         BLS_DIRECT_FILLED
+        BLS_DIRECT_ABANDONED
     ctypedef struct bls_header_t:
         uint64_t magic
         uint32_t version
@@ -271,18 +272,23 @@ DIRECT_MIN_BYTES = 32 * 1024
 # the peer's liveness, the deadline and signals every HANDOFF_CHECK_NS.
 cdef int HANDOFF_NAP_US = 50
 cdef int64_t HANDOFF_CHECK_NS = 1000000
+# A wait that must not fail lightly (a sender's wait for a read under way,
+# or a receiver's once it has read a block it cannot read again: failing
+# aborts the communicator) runs at least this long, whatever the call's timeout.
+cdef int64_t HANDOFF_GRACE_NS = 1000000000
 # recv_direct[s]: how this rank receives source s's block in the complete in progress.
 cdef enum:
     FROM_RECORD = 0    # from the record or mailbox (or our own send buffer)
     FROM_FILL = 1      # offered, but the sender copies it to the record: wait for FILLED
     READ_DIRECT = 2    # offered, and read straight from the sender's memory
-# Tests make every direct read fail, as ptrace rules would (EPERM).
-cdef bint direct_reads_fail = False
+# Tests make direct reads from some sources fail, as ptrace rules would (EPERM):
+# bit s for source rank s < 64.
+cdef uint64_t direct_reads_fail = 0
 
-def _fail_direct_reads(bint fail):
-    """Make this process's direct reads fail (tests: the refusal path)."""
+def _fail_direct_reads(uint64_t sources):
+    """Make this process's direct reads from the ranks in bitmask ``sources`` fail (tests)."""
     global direct_reads_fail
-    direct_reads_fail = fail
+    direct_reads_fail = sources
 
 
 cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b):
@@ -467,6 +473,7 @@ cdef class Core:
     cdef bint offers_pending    # some offered[q] is not NULL
     cdef uint64_t offered_t     # the iteration of those offers
     cdef char* recv_direct      # per source: its block of the complete in progress is offered to us
+    cdef bint read_direct       # the gather in progress read a block directly (none can be read again)
     cdef int64_t next_spread_ns  # when _spread_out may next look at the spread
     cdef int spread_cpus[SPREAD_MAX_CPUS]   # scratch for _spread_out
     cdef int spread_count[SPREAD_MAX_CPUS]
@@ -1920,8 +1927,8 @@ cdef class Core:
     cdef int _gather(self, char* dst, uint64_t t, int64_t deadline_ns) noexcept nogil:
         """Copy this rank's block of every source of ``t``, in rank order, to ``dst``.
 
-        In four passes: blocks offered for a direct read are claimed and
-        read first, before their senders can withdraw them; then the others
+        In four passes: blocks offered for a direct read that their senders
+        have not withdrawn yet are claimed and read first; then the others
         are copied from records and mailboxes; then this rank's own offers
         (if this is a blocking alltoallv) are withdrawn; last, the offered
         blocks not read directly are copied from their records once their
@@ -1936,6 +1943,7 @@ cdef class Core:
         cdef bls_mbox_t* mb
         cdef uint64_t slot = self._slot(t)
         cdef bint offered_to_us = False
+        self.read_direct = False
         for s in range(self.size):
             if self.recv_direct[s] == FROM_FILL:
                 offered_to_us = True
@@ -1944,34 +1952,43 @@ cdef class Core:
                 # on from OFFERED; winning it, we read before the sender may
                 # return (it waits while we are CLAIMED).
                 if bls_cas32(&mb.direct_state, BLS_DIRECT_OFFERED, BLS_DIRECT_CLAIMED):
-                    if not direct_reads_fail and bls_read_peer(
+                    if not (s < 64 and direct_reads_fail >> s & 1) and bls_read_peer(
                             self.ranks[s].pid, d, mb.direct_addr, self.recv_bytes[s]) == 0:
-                        rc = self._check_read_whole(s)
+                        self.read_direct = True
+                        self.recv_direct[s] = READ_DIRECT
+                        self.bytes_read_direct += self.recv_bytes[s]
                         # Release: our reads of the sender's buffer happen
-                        # before it sees DONE and returns to change it.
-                        bls_store_release32(&mb.direct_state, BLS_DIRECT_DONE)
+                        # before it sees DONE and returns to change it.  The
+                        # CAS fails only if the sender abandoned our claim.
+                        if not bls_cas32(&mb.direct_state, BLS_DIRECT_CLAIMED, BLS_DIRECT_DONE):
+                            self.late_rank = s
+                            return ERR_ABORTED  # it aborted before abandoning
+                        rc = self._check_read_whole(s)
                         if rc != OK:
                             self.late_rank = s
                             return rc
-                        self.recv_direct[s] = READ_DIRECT
-                        self.bytes_read_direct += self.recv_bytes[s]
                     else:  # the sender fills its record when it sees this
                         bls_store_release32(&mb.direct_state, BLS_DIRECT_REFUSED)
             d += self.recv_bytes[s]
+        # The own block stays in own_src until _complete succeeds: if this
+        # fails, _place_deferred_own puts it in the record for a retry.
         d = dst
         for s in range(self.size):
             if s == self.rank and self.own_src != NULL:
                 memcpy(d, self.own_src, self.recv_bytes[s])
-                self.own_src = NULL
             elif self.recv_direct[s] == FROM_RECORD:
                 memcpy(d, self.base + self.recv_off[s], self.recv_bytes[s])
             d += self.recv_bytes[s]
         if self.offers_pending and self.offered_t == t:
-            rc = self._withdraw_offers(deadline_ns)
+            rc = self._withdraw_offers(self._grace(deadline_ns))
             if rc != OK:
                 return rc
         if not offered_to_us:
             return OK
+        # Blocks read directly cannot be read again: a failed wait from
+        # here on aborts, so it gets the grace; otherwise it is retryable.
+        if self.read_direct:
+            deadline_ns = self._grace(deadline_ns)
         d = dst
         for s in range(self.size):
             if self.recv_direct[s] == FROM_FILL:
@@ -1984,21 +2001,29 @@ cdef class Core:
             d += self.recv_bytes[s]
         return OK
 
-    cdef inline int _check_read_whole(self, int s) noexcept nogil:
-        """After a direct read from ``s``: OK, unless ``s`` may have changed its buffer under it.
+    cdef inline int64_t _grace(self, int64_t deadline_ns) noexcept nogil:
+        """``deadline_ns`` (-1: none), pushed to at least HANDOFF_GRACE_NS from now."""
+        if deadline_ns < 0:
+            return -1
+        return max(deadline_ns, bls_now_ns() + HANDOFF_GRACE_NS)
 
-        A sender waits while we are CLAIMED, so it can have left its call
-        only by being closed (a signal handler) or by an abort.  Either is
-        stored before the sender returns to change its buffer; had our read
-        seen such a change, the full fence makes these loads see the store.
+    cdef inline int _check_read_whole(self, int s) noexcept nogil:
+        """After a direct read from ``s`` (claim not abandoned): OK, unless ``s`` may have changed its buffer under it.
+
+        A sender waits while we are CLAIMED; it leaves without doing so only
+        when closed by a signal handler during the call, and its CLOSED state
+        is stored before it returns to change its buffer: had our read seen
+        such a change, the full fence makes this load see the state.  A
+        process that died (or exec'd, its pid reused) is no longer the one
+        whose buffer was offered: its pidfd says so.
         """
         bls_fence()
-        if self._aborted():
-            return ERR_ABORTED
-        if bls_load_acquire32(&self.ranks[s].state) == BLS_STATE_CLOSED:
+        cdef bint closed = bls_load_acquire32(&self.ranks[s].state) == BLS_STATE_CLOSED
+        if closed or self._exited(s):
             self.lost_rank = s
             self._abort_nogil(BLS_ABORT_PEER_LOST, s,
-                              b"it closed the communicator while others read its send buffer")
+                              b"it closed the communicator while others read its send buffer" if closed
+                              else b"its process exited while others read its send buffer")
             return ERR_LOST
         return OK
 
@@ -2010,46 +2035,71 @@ cdef class Core:
         """
         cdef int q
         cdef int rc
-        cdef uint32_t state
-        cdef bls_mbox_t* mb
-        cdef uint64_t slot = self._slot(self.offered_t)
-        cdef char* arena = self.arenas + <uint64_t>self.rank * self.arena_bytes
         for q in range(self.size):
             if self.offered[q] == NULL:
                 continue
-            mb = self._mbox(self.rank, q, slot)
-            while True:
-                # Acq_rel CAS, as the receiver's: whoever wins moves the block.
-                if bls_cas32(&mb.direct_state, BLS_DIRECT_OFFERED, BLS_DIRECT_WITHDRAWN):
-                    state = BLS_DIRECT_WITHDRAWN
-                else:
-                    state = bls_load_acquire32(&mb.direct_state)
-                if state != BLS_DIRECT_CLAIMED:
-                    break
-                rc = self._await_handoff(mb, False, q, deadline_ns)
-                if rc != OK:
+            while self._take_back(q) == BLS_DIRECT_CLAIMED:
+                rc = self._await_handoff(self._mbox(self.rank, q, self._slot(self.offered_t)),
+                                         False, q, deadline_ns)
+                if rc != OK:  # the offers from q on stay: the caller aborts, then _abandon_offers
                     self.late_rank = q
                     return rc
-            if state != BLS_DIRECT_DONE:  # WITHDRAWN, REFUSED or WANTED: it reads the record
-                if state == BLS_DIRECT_REFUSED:
-                    self.direct_peer[q] = False  # it cannot read us (ptrace rules): offer no more
-                memcpy(arena + mb.block_offset, self.offered[q], mb.nbytes)
-                # Release: the block is in the record for the receiver whose
-                # acquire load sees FILLED.
-                bls_store_release32(&mb.direct_state, BLS_DIRECT_FILLED)
-            self.offered[q] = NULL
         self.offers_pending = False
         return OK
+
+    cdef uint32_t _take_back(self, int q) noexcept nogil:
+        """Withdraw the offer to ``q`` unless it is being read: the state it was in.
+
+        Copies the block to the record unless the receiver read it (DONE)
+        or reads it now (CLAIMED: then the offer stays, for the caller to
+        wait on); clears ``offered[q]`` otherwise.
+        """
+        cdef bls_mbox_t* mb = self._mbox(self.rank, q, self._slot(self.offered_t))
+        cdef uint32_t state
+        # Acq_rel CAS, as the receiver's: whoever wins moves the block.
+        if bls_cas32(&mb.direct_state, BLS_DIRECT_OFFERED, BLS_DIRECT_WITHDRAWN):
+            state = BLS_DIRECT_WITHDRAWN
+        else:
+            state = bls_load_acquire32(&mb.direct_state)
+        if state == BLS_DIRECT_CLAIMED:
+            return state
+        if state != BLS_DIRECT_DONE:  # WITHDRAWN, REFUSED or WANTED: it reads the record
+            if state == BLS_DIRECT_REFUSED:
+                self.direct_peer[q] = False  # it could not read us (ptrace rules?): offer no more
+            memcpy(self.arenas + <uint64_t>self.rank * self.arena_bytes + mb.block_offset,
+                   self.offered[q], mb.nbytes)
+            # Release: the block is in the record for the receiver whose
+            # acquire load sees FILLED.
+            bls_store_release32(&mb.direct_state, BLS_DIRECT_FILLED)
+        self.offered[q] = NULL
+        return state
+
+    cdef void _abandon_offers(self) noexcept nogil:
+        """After this rank aborted: take back every offer without waiting.
+
+        Reads under way are abandoned (their readers' CAS to DONE fails, and
+        they raise: see _layout.h), every other offer is filled as usual.
+        """
+        cdef int q
+        cdef bls_mbox_t* mb
+        for q in range(self.size):
+            if self.offered[q] != NULL and self._take_back(q) == BLS_DIRECT_CLAIMED:
+                mb = self._mbox(self.rank, q, self._slot(self.offered_t))
+                # Fails only if the read just ended (DONE): nothing to abandon.
+                bls_cas32(&mb.direct_state, BLS_DIRECT_CLAIMED, BLS_DIRECT_ABANDONED)
+                self.offered[q] = NULL
+        self.offers_pending = False
 
     cdef int _await_handoff(self, bls_mbox_t* mb, bint until_filled, int r, int64_t deadline_ns) noexcept nogil:
         """Wait for peer ``r``'s side of a direct-read hand-over (see BLS_DIRECT_* in _layout.h).
 
         A sender waits while its receiver ``r`` reads (CLAIMED); a receiver
         waits until its sender ``r`` filled its record (FILLED).  Either is
-        a copy under way, so this spins and yields (as ``_wait``), then
-        naps, with no futex; it checks the abort word every time and, every
-        HANDOFF_CHECK_NS, whether ``r`` lives, the deadline (-1: none) and
-        signals.  OK or an ERR_* code.
+        a copy under way or about to be (a sender fills every offer before
+        it returns, aborted or not), so this spins and yields (as
+        ``_wait``), then naps, with no futex, and an abort does not end it;
+        every HANDOFF_CHECK_NS it checks whether ``r`` lives, the deadline
+        (-1: none) and signals.  OK or an ERR_* code.
         """
         cdef uint32_t state
         cdef int64_t start = bls_now_ns()
@@ -2060,8 +2110,8 @@ cdef class Core:
             state = bls_load_acquire32(&mb.direct_state)
             if (state == BLS_DIRECT_FILLED) if until_filled else (state != BLS_DIRECT_CLAIMED):
                 return OK
-            if self._aborted():
-                return ERR_ABORTED
+            if until_filled and (state == BLS_DIRECT_DONE or state == BLS_DIRECT_ABANDONED):
+                return ERR_ABORTED  # read by an earlier call of ours, which aborted: no fill comes
             now = bls_now_ns()
             if now >= next_check:
                 next_check = now + HANDOFF_CHECK_NS
@@ -2089,28 +2139,40 @@ cdef class Core:
                 usleep(HANDOFF_NAP_US)
 
     cdef int _fail_handoff(self, int rc, str operation, uint64_t t) except -1:
-        """Raise for a hand-over wait that failed, aborting the communicator first.
+        """Raise for a hand-over wait that failed (``late_rank``: the peer).
 
-        A sender that leaves with a read under way could change the bytes
-        being read, and a receiver that leaves has consumed blocks it could
-        not read again: neither call can be retried, so the peers are told.
+        If this rank still has offers out (its wait for a read under way
+        failed), or read a block directly that a retry could not read
+        again, the call cannot be retried: it aborts the communicator first
+        (and abandons its offers).  Otherwise (a receiver that waited for a
+        sender to fill its record) ``t`` stays posted and ``complete(t)``
+        may be retried.
         """
         cdef int r = self.late_rank
+        cdef bint fatal = self.offers_pending or self.read_direct
+        what = "timed out" if rc == ERR_TIMEOUT else "interrupted"
         # Closed: the peers see our CLOSED state instead (and our mapping may be going).
-        if rc != ERR_ABORTED and rc != ERR_LOST and not self.closed:
-            data = _reason_bytes(
-                f"left {operation}({t}) during a direct copy with rank {r} "
-                f"({'timed out' if rc == ERR_TIMEOUT else 'interrupted'})")
+        if fatal and rc != ERR_ABORTED and rc != ERR_LOST and not self.closed:
+            data = _reason_bytes(f"left {operation}({t}) during a direct copy with rank {r} ({what})")
             self._abort_nogil(BLS_ABORT_USER, -1, data)
+        if self.offers_pending and not self.closed:
+            with nogil:
+                self._abandon_offers()  # after the abort: see _layout.h
         if rc == ERR_SIGNAL:
             return -1  # the handler's exception (KeyboardInterrupt) is set: let it propagate
         if rc == ERR_CLOSED:
             self._check_not_closed_during(operation, t)
+        if rc == ERR_ABORTED and not self._aborted():
+            self._protocol_error(f"rank {r}'s block for iteration {t} was taken by an earlier call")
         if rc == ERR_TIMEOUT:
+            if fatal:
+                raise BlsTimeoutError(
+                    f"{operation}({t}) timed out waiting for rank {r} to finish a direct copy of "
+                    f"iteration {t}; the communicator is aborted (the iteration cannot be retried)",
+                    operation=operation, iteration=t, waiting_for=[r])
             raise BlsTimeoutError(
-                f"{operation}({t}) timed out waiting for rank {r} to finish a direct copy of iteration {t}; "
-                f"the communicator is aborted (the iteration cannot be retried)",
-                operation=operation, iteration=t, waiting_for=[r])
+                f"{operation}({t}) timed out waiting for rank {r} to copy its block of iteration {t} "
+                f"to its record", operation=operation, iteration=t, waiting_for=[r])
         self._raise_aborted()
         return -1
 
@@ -2125,16 +2187,18 @@ cdef class Core:
     cdef int _take_back_offers(self, uint64_t t, object timeout) except -1:
         """``_withdraw_offers`` for a blocking alltoallv whose complete did not get that far.
 
-        Its own deadline: the call's may have passed (the complete timed
-        out), and the reads it waits for are already under way.
+        Its own deadline, at least HANDOFF_GRACE_NS: the call's may have
+        passed (the complete timed out), and the reads it waits for are
+        already under way.
         """
         if self.closed:  # peers see our CLOSED state (see _check_read_whole)
             return 0
         cdef int64_t deadline = NO_DEADLINE_YET
         self._deadline_of(timeout, &deadline)
         cdef int rc
+        self.read_direct = False
         with nogil:
-            rc = self._withdraw_offers(deadline)
+            rc = self._withdraw_offers(self._grace(deadline))
         if rc != OK:
             self._fail_handoff(rc, "alltoallv", t)
         return 0
@@ -2275,7 +2339,9 @@ cdef class Core:
     cdef int _await_posts(self, int64_t t, object timeout, int64_t* deadline_ns) except -1:
         # No abort check here: records that all arrived are read even after
         # an abort (a peer that failed right after posting t is the common
-        # case); only a wait for one that cannot come raises.
+        # case); only a wait for one that cannot come raises (a post that
+        # can: a block offered for a direct read by a sender that died
+        # before filling it is lost with it).
         self._check_complete_order(t)
         self._await(PUBLISHED, t + 1, self._timeout_ns(timeout), deadline_ns, "complete", t)
         return 0
@@ -2459,10 +2525,12 @@ cdef class Core:
         cdef uint64_t total = 0
         cdef uint64_t n
         cdef int s
+        cdef bint handoffs = self.offers_pending  # waits that must not hold the GIL
         for s in range(self.size):
             self.recv_off[s] = self._block(s, t, dstr, itemsize, &n)
             self.recv_bytes[s] = n
             total += n
+            handoffs |= self.recv_direct[s] == FROM_FILL
         if out is None:
             dims[0] = total // itemsize
             Py_INCREF(dtype)
@@ -2483,13 +2551,14 @@ cdef class Core:
         counts = self._recv_counts(itemsize)
         cdef int64_t deadline = self._deadline_of(timeout, deadline_ns)
         cdef int rc
-        if total >= NOGIL_COPY_BYTES:
+        if total >= NOGIL_COPY_BYTES or handoffs:
             with nogil:
                 rc = self._gather(dst, t, deadline)
         else:
             rc = self._gather(dst, t, deadline)
         if rc != OK:
             self._fail_handoff(rc, "complete", t)
+        self.own_src = NULL  # gathered
         self._finish(t, total)
         return recv, counts
 
@@ -2541,6 +2610,7 @@ cdef class Core:
         for s in range(self.size):
             off = self._block(s, t, None, 0, &n, &dchars, &isz)
             if self.recv_direct[s] == FROM_FILL:  # a view needs the block in the record
+                self.read_direct = False  # nothing consumed: a failed wait is retryable
                 mb = self._mbox(s, self.rank, self._slot(t))
                 # Fails if the sender withdrew it first (or a retry asked already).
                 bls_cas32(&mb.direct_state, BLS_DIRECT_OFFERED, BLS_DIRECT_WANTED)
@@ -2590,7 +2660,10 @@ cdef class Core:
 
 
     def arrived(self, t):
-        """Whether every rank has posted iteration ``t``, so ``complete(t)`` would not wait.
+        """Whether every rank has posted iteration ``t``, so ``complete(t)`` would not wait for a post.
+
+        (It may still wait briefly for a sender in a blocking ``alltoallv``
+        to copy into its record a block it offered for a direct read.)
 
         Never blocks (like ``MPI_Test``): for loops that complete an
         iteration as soon as its blocks are there and do other work until

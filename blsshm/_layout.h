@@ -126,10 +126,14 @@ typedef struct {
  *   OFFERED   --receiver CAS-->  WANTED    (zero copy: it needs the record)
  *   OFFERED   --sender CAS-->  WITHDRAWN --copies to the record-->  FILLED
  *   REFUSED, WANTED  --sender copies to the record-->  FILLED
+ *   CLAIMED   --sender CAS-->  ABANDONED  (it aborted first: see below)
  *
- * The sender returns from the call only once each offer is DONE or FILLED
- * (it waits while one is CLAIMED: a read in progress), so its buffer stays
- * unchanged while anyone reads it. */
+ * A receiver ends its read with a CAS CLAIMED -> DONE.  The sender returns
+ * from the call once each offer is DONE or FILLED: it waits while one is
+ * CLAIMED (a read in progress), so its buffer stays unchanged while anyone
+ * reads it.  Only if that wait fails (a timeout, Ctrl-C) does it abort the
+ * communicator and then take the claim back (ABANDONED): the reader's CAS
+ * then fails, and it raises instead of returning what it read. */
 #define BLS_DIRECT_NONE 0       /* the block is in the record (or inline) */
 #define BLS_DIRECT_OFFERED 1
 #define BLS_DIRECT_CLAIMED 2
@@ -138,6 +142,7 @@ typedef struct {
 #define BLS_DIRECT_WANTED 5
 #define BLS_DIRECT_WITHDRAWN 6
 #define BLS_DIRECT_FILLED 7
+#define BLS_DIRECT_ABANDONED 8
 
 _Static_assert(sizeof(bls_header_t) == BLS_LINE, "header is one line");
 _Static_assert(sizeof(bls_mbox_t) == BLS_LINE, "a mailbox is one line");

@@ -17,6 +17,8 @@ from payload import counts_matrix, expected_recv, send_buffer
 
 pytestmark = pytest.mark.timeout(120)
 
+ALL_SOURCES = 2**64 - 1  # for _core._fail_direct_reads: a bit per source rank
+
 
 def _counts(seed, t, size):
     # Up to 16 KiB per pair, one pair of 256 KiB every fourth iteration.
@@ -73,7 +75,7 @@ def test_direct_reads_are_exact(size, lag, styles):
 
 def _one_rank_cannot_read(comm, iters, seed):
     if comm.rank == 1:
-        _core._fail_direct_reads(True)  # as ptrace rules would refuse it
+        _core._fail_direct_reads(ALL_SOURCES)  # as ptrace rules would refuse it
     return _exchange(comm, iters, seed, ("blocking",))
 
 
@@ -102,26 +104,47 @@ def test_direct_reads_can_be_turned_off():
 BLOCK = 64 * 1024  # elements of 8 bytes per pair: offered at the default threshold
 
 
-def _offers_then_is_stopped(comm):
-    """Rank 0 offers its blocks in a blocking alltoallv and waits there for rank 1's post."""
-    if comm.rank == 0:
-        comm.alltoallv(np.zeros(2 * BLOCK), [BLOCK, BLOCK])
-        return "returned"
-    # Rank 1: once rank 0 has offered, stop it in its wait, post, and then
-    # do to it what the test asks while it cannot withdraw its offer.
-    wait_until_published(comm, 0, 1)
-    pid0 = comm._peer_pids()[0][0]
-    os.kill(pid0, signal.SIGSTOP)
-    while process_state(pid0) != "T":
+def _block_of(src, dst, t):
+    return np.full(BLOCK, 1000.0 * src + 10.0 * dst + t)
+
+
+def _send(src, size, t):
+    return np.concatenate([_block_of(src, d, t) for d in range(size)])
+
+
+def _received(dst, size, t):
+    return np.concatenate([_block_of(s, dst, t) for s in range(size)])
+
+
+def _stop(pid):
+    os.kill(pid, signal.SIGSTOP)
+    while process_state(pid) != "T":
         time.sleep(0.001)
-    comm.post(0, np.ones(2 * BLOCK), [BLOCK, BLOCK])
-    return pid0
+
+
+def _offer_and_wait(comm):
+    """A rank that offers its blocks in a blocking alltoallv and waits there for the last rank."""
+    recv, _ = comm.alltoallv(_send(comm.rank, comm.size, 0), [BLOCK] * comm.size)
+    return "exact" if np.array_equal(recv, _received(comm.rank, comm.size, 0)) else "wrong"
+
+
+def _stop_the_offerers(comm):
+    """The last rank: once every other rank has offered, stop them all in their wait."""
+    pids = []
+    for r in range(comm.size - 1):
+        wait_until_published(comm, r, 1)
+        pid = comm._peer_pids()[r][0]  # once it posted: it has attached, so this is its pid
+        assert pid > 0, pid  # never 0: a signal to pid 0 goes to the whole process group
+        _stop(pid)
+        pids.append(pid)
+    return pids
 
 
 def _reads_from_a_sender_killed_after_offering(comm):
-    pid0 = _offers_then_is_stopped(comm)
     if comm.rank == 0:
-        return pid0
+        return _offer_and_wait(comm)
+    (pid0,) = _stop_the_offerers(comm)
+    comm.post(0, _send(1, 2, 0), [BLOCK, BLOCK])
     os.kill(pid0, signal.SIGKILL)
     while process_state(pid0) not in ("Z", None):
         time.sleep(0.001)
@@ -134,7 +157,9 @@ def _reads_from_a_sender_killed_after_offering(comm):
 
 
 def test_a_sender_killed_after_offering_a_block_is_a_lost_peer():
-    with Ranks(_reads_from_a_sender_killed_after_offering, 2) as ranks:
+    # Its block was never in its record: the direct read finds the process
+    # gone, and the wait for the record to be filled finds it dead.
+    with Ranks(_reads_from_a_sender_killed_after_offering, 2, arena_bytes=8 << 20) as ranks:
         outcomes = ranks.collect(1, timeout=30)
     status, value = outcomes[1]
     assert status == "ok", value
@@ -143,36 +168,68 @@ def test_a_sender_killed_after_offering_a_block_is_a_lost_peer():
     assert seconds < 2
 
 
-def _times_out_waiting_for_a_stopped_sender(comm):
-    pid0 = _offers_then_is_stopped(comm)
+def _retries_after_waiting_for_a_stopped_sender(comm):
     if comm.rank == 0:
-        return pid0
-    _core._fail_direct_reads(True)  # so rank 1 needs rank 0 to copy its block to the record
+        return _offer_and_wait(comm)
+    (pid0,) = _stop_the_offerers(comm)
+    _core._fail_direct_reads(ALL_SOURCES)  # so rank 1 needs rank 0 to copy its block to the record
     try:
-        comm.complete(0, timeout=0.3)
+        comm.alltoallv(_send(1, 2, 0), [BLOCK, BLOCK], timeout=0.3)
     except blsshm.BlsTimeoutError as exc:
-        timeout = (isinstance(exc, TimeoutError), exc.waiting_for, str(exc))
+        timeout = (isinstance(exc, TimeoutError), tuple(exc.waiting_for), str(exc))
     else:
         timeout = None
     finally:
         os.kill(pid0, signal.SIGCONT)
-    try:
-        comm.post(1, np.ones(2), [1, 1])
-    except blsshm.CommAborted as exc:
-        return timeout, str(exc)
-    return timeout, "posted"
+    # Nothing was consumed: the iteration stays posted, and completing it
+    # gets every block, this rank's own (taken from send in the failed call) too.
+    recv, counts = comm.complete(0)
+    return timeout, np.array_equal(recv, _received(1, 2, 0)), counts.tolist()
 
 
-def test_a_receiver_that_times_out_waiting_for_a_copy_aborts_the_communicator():
-    with Ranks(_times_out_waiting_for_a_stopped_sender, 2, timeout=30) as ranks:
+def test_a_receiver_that_times_out_waiting_for_a_sender_to_fill_its_record_can_retry():
+    with Ranks(_retries_after_waiting_for_a_stopped_sender, 2, arena_bytes=8 << 20, timeout=30) as ranks:
         outcomes = ranks.collect(2, timeout=60)
+    assert outcomes[0] == ("ok", "exact"), outcomes[0]
     status, value = outcomes[1]
     assert status == "ok", value
-    (is_timeout_error, waiting_for, message), aborted = value
-    assert is_timeout_error and tuple(waiting_for) == (0,), message
-    assert "direct copy" in message and "cannot be retried" in message
-    assert "direct copy with rank 0 (timed out)" in aborted
-    # Rank 0, woken, finds its offer refused, copies the block, and finishes
-    # its call (every block it needed had arrived) or sees the abort.
-    status0, value0 = outcomes[0]
-    assert (status0, value0) == ("ok", "returned") or value0[0] == "CommAborted", value0
+    (is_timeout_error, waiting_for, message), exact, counts = value
+    assert is_timeout_error and waiting_for == (0,), message
+    assert "to copy its block of iteration 0 to its record" in message
+    assert exact and counts == [BLOCK, BLOCK]
+
+
+def _times_out_after_reading_a_block_directly(comm):
+    if comm.rank < 2:
+        return _offer_and_wait(comm)
+    pid0, pid1 = _stop_the_offerers(comm)
+    _core._fail_direct_reads(1 << 0)  # rank 1's block is read directly, rank 0's must be filled
+    comm.post(0, _send(2, 3, 0), [BLOCK] * 3)
+    try:
+        comm.complete(0, timeout=0.3)
+    except blsshm.BlsTimeoutError as exc:
+        timeout = (tuple(exc.waiting_for), str(exc))
+    else:
+        timeout = None
+    finally:
+        os.kill(pid0, signal.SIGCONT)
+        os.kill(pid1, signal.SIGCONT)
+    try:
+        comm.complete(0)
+    except blsshm.CommAborted as exc:
+        return timeout, comm.stats["bytes_read_direct"], str(exc)
+    return timeout, comm.stats["bytes_read_direct"], "completed"
+
+
+def test_a_receiver_that_read_a_block_directly_and_then_times_out_aborts_the_communicator():
+    # The block it read went to the out of the failed call: a retry could not read it again.
+    with Ranks(_times_out_after_reading_a_block_directly, 3, arena_bytes=8 << 20, timeout=30) as ranks:
+        outcomes = ranks.collect(3, timeout=60)
+    status, value = outcomes[2]
+    assert status == "ok", value
+    (waiting_for, message), read_direct, retried = value
+    assert waiting_for == (0,) and "cannot be retried" in message, message
+    assert read_direct == BLOCK * 8
+    assert "rank 2: left complete(0) during a direct copy with rank 0 (timed out)" in retried, retried
+    for rank in (0, 1):  # woken, they finish the iteration (every block had arrived) or see the abort
+        assert outcomes[rank] == ("ok", "exact") or outcomes[rank][1][0] == "CommAborted", outcomes[rank]
