@@ -1954,21 +1954,24 @@ cdef class Core:
                 if bls_cas32(&mb.direct_state, BLS_DIRECT_OFFERED, BLS_DIRECT_CLAIMED):
                     if not (s < 64 and direct_reads_fail >> s & 1) and bls_read_peer(
                             self.ranks[s].pid, d, mb.direct_addr, self.recv_bytes[s]) == 0:
-                        self.read_direct = True
-                        self.recv_direct[s] = READ_DIRECT
-                        self.bytes_read_direct += self.recv_bytes[s]
-                        # Release: our reads of the sender's buffer happen
-                        # before it sees DONE and returns to change it.  The
-                        # CAS fails only if the sender abandoned our claim.
-                        if not bls_cas32(&mb.direct_state, BLS_DIRECT_CLAIMED, BLS_DIRECT_DONE):
-                            self.late_rank = s
-                            return ERR_ABORTED  # it aborted before abandoning
+                        # Checked while still CLAIMED: until DONE the sender
+                        # cannot have left its call in the ordinary way.
                         rc = self._check_read_whole(s)
                         if rc != OK:
                             self.late_rank = s
                             return rc
-                    else:  # the sender fills its record when it sees this
-                        bls_store_release32(&mb.direct_state, BLS_DIRECT_REFUSED)
+                        # Release: our reads of the sender's buffer happen
+                        # before it sees DONE and returns to change it.
+                        if not bls_cas32(&mb.direct_state, BLS_DIRECT_CLAIMED, BLS_DIRECT_DONE):
+                            self.late_rank = s
+                            return ERR_ABORTED  # it abandoned our claim, after aborting
+                        self.read_direct = True
+                        self.recv_direct[s] = READ_DIRECT
+                        self.bytes_read_direct += self.recv_bytes[s]
+                    elif not bls_cas32(&mb.direct_state, BLS_DIRECT_CLAIMED, BLS_DIRECT_REFUSED):
+                        self.late_rank = s
+                        return ERR_ABORTED  # abandoned, as above
+                    # REFUSED: the sender fills its record when it sees it
             d += self.recv_bytes[s]
         # The own block stays in own_src until _complete succeeds: if this
         # fails, _place_deferred_own puts it in the record for a retry.
@@ -2008,7 +2011,7 @@ cdef class Core:
         return max(deadline_ns, bls_now_ns() + HANDOFF_GRACE_NS)
 
     cdef inline int _check_read_whole(self, int s) noexcept nogil:
-        """After a direct read from ``s`` (claim not abandoned): OK, unless ``s`` may have changed its buffer under it.
+        """After a direct read from ``s``, still CLAIMED: OK, unless ``s`` may have changed its buffer under it.
 
         A sender waits while we are CLAIMED; it leaves without doing so only
         when closed by a signal handler during the call, and its CLOSED state
@@ -2083,11 +2086,12 @@ cdef class Core:
         cdef int q
         cdef bls_mbox_t* mb
         for q in range(self.size):
-            if self.offered[q] != NULL and self._take_back(q) == BLS_DIRECT_CLAIMED:
-                mb = self._mbox(self.rank, q, self._slot(self.offered_t))
-                # Fails only if the read just ended (DONE): nothing to abandon.
-                bls_cas32(&mb.direct_state, BLS_DIRECT_CLAIMED, BLS_DIRECT_ABANDONED)
-                self.offered[q] = NULL
+            mb = self._mbox(self.rank, q, self._slot(self.offered_t))
+            while self.offered[q] != NULL and self._take_back(q) == BLS_DIRECT_CLAIMED:
+                # Fails only if the read just ended (DONE or REFUSED): then
+                # _take_back again handles that state.
+                if bls_cas32(&mb.direct_state, BLS_DIRECT_CLAIMED, BLS_DIRECT_ABANDONED):
+                    self.offered[q] = NULL
         self.offers_pending = False
 
     cdef int _await_handoff(self, bls_mbox_t* mb, bint until_filled, int r, int64_t deadline_ns) noexcept nogil:
@@ -2097,14 +2101,17 @@ cdef class Core:
         waits until its sender ``r`` filled its record (FILLED).  Either is
         a copy under way or about to be (a sender fills every offer before
         it returns, aborted or not), so this spins and yields (as
-        ``_wait``), then naps, with no futex, and an abort does not end it;
-        every HANDOFF_CHECK_NS it checks whether ``r`` lives, the deadline
-        (-1: none) and signals.  OK or an ERR_* code.
+        ``_wait``), then naps, with no futex.  An abort ends a sender's
+        wait at once (it then abandons the read: see _fail_handoff) and a
+        receiver's after HANDOFF_GRACE_NS more (the fill is likely on its
+        way).  Every HANDOFF_CHECK_NS it checks whether ``r`` lives, the
+        deadline (-1: none) and signals.  OK or an ERR_* code.
         """
         cdef uint32_t state
         cdef int64_t start = bls_now_ns()
         cdef int64_t now
         cdef int64_t next_check = start + HANDOFF_CHECK_NS
+        cdef int64_t abort_seen = -1
         cdef int signalled
         while True:
             state = bls_load_acquire32(&mb.direct_state)
@@ -2113,6 +2120,10 @@ cdef class Core:
             if until_filled and (state == BLS_DIRECT_DONE or state == BLS_DIRECT_ABANDONED):
                 return ERR_ABORTED  # read by an earlier call of ours, which aborted: no fill comes
             now = bls_now_ns()
+            if abort_seen < 0 and self._aborted():
+                abort_seen = now
+            if abort_seen >= 0 and (not until_filled or now - abort_seen >= HANDOFF_GRACE_NS):
+                return ERR_ABORTED
             if now >= next_check:
                 next_check = now + HANDOFF_CHECK_NS
                 if bls_load_acquire32(&self.ranks[r].state) == BLS_STATE_CLOSED or self._exited(r):
@@ -2826,8 +2837,11 @@ cdef class Core:
         for a late receiver, and ``send`` may change once it returns.  A
         receiver the kernel does not let read us (ptrace rules, another PID
         namespace) is sent through the record.  If this wait for a read under
-        way is cut short (timeout, Ctrl-C), or a receiver's wait for such a
-        copy is, the communicator is aborted: neither side could retry.
+        way is cut short (a timeout, after at least 1 s; Ctrl-C; an abort),
+        or a receiver's wait for a copy after it read another block
+        directly, the communicator is aborted: neither call could be
+        retried.  A receiver's other waits for a copy time out like any
+        wait (``t`` stays posted).
         """
         self._enter("alltoallv")
         try:
