@@ -1602,6 +1602,10 @@ cdef class Core:
     cdef inline bls_mbox_t* _mbox(self, int sender, int receiver, uint64_t slot) noexcept nogil:
         return self.mboxes + (<uint64_t>sender * self.size + receiver) * self.slots + slot
 
+    cdef inline bls_mbox_t* _offer_mbox(self, int q) noexcept nogil:
+        """The mailbox of this rank's offer to ``q`` (of iteration ``offered_t``)."""
+        return self._mbox(self.rank, q, self._slot(self.offered_t))
+
     cdef inline bint _fits_mailboxes(self, uint64_t itemsize) noexcept nogil:
         """Whether every block just parsed fits its mailbox (then no record is needed)."""
         cdef int q
@@ -2042,8 +2046,7 @@ cdef class Core:
             if self.offered[q] == NULL:
                 continue
             while self._take_back(q) == BLS_DIRECT_CLAIMED:
-                rc = self._await_handoff(self._mbox(self.rank, q, self._slot(self.offered_t)),
-                                         False, q, deadline_ns)
+                rc = self._await_handoff(self._offer_mbox(q), False, q, deadline_ns)
                 if rc != OK:  # the offers from q on stay: the caller aborts, then _abandon_offers
                     self.late_rank = q
                     return rc
@@ -2057,7 +2060,7 @@ cdef class Core:
         or reads it now (CLAIMED: then the offer stays, for the caller to
         wait on); clears ``offered[q]`` otherwise.
         """
-        cdef bls_mbox_t* mb = self._mbox(self.rank, q, self._slot(self.offered_t))
+        cdef bls_mbox_t* mb = self._offer_mbox(q)
         cdef uint32_t state
         # Acq_rel CAS, as the receiver's: whoever wins moves the block.
         if bls_cas32(&mb.direct_state, BLS_DIRECT_OFFERED, BLS_DIRECT_WITHDRAWN):
@@ -2086,7 +2089,7 @@ cdef class Core:
         cdef int q
         cdef bls_mbox_t* mb
         for q in range(self.size):
-            mb = self._mbox(self.rank, q, self._slot(self.offered_t))
+            mb = self._offer_mbox(q)
             while self.offered[q] != NULL and self._take_back(q) == BLS_DIRECT_CLAIMED:
                 # Fails only if the read just ended (DONE or REFUSED): then
                 # _take_back again handles that state.
@@ -2618,10 +2621,10 @@ cdef class Core:
         cdef int64_t deadline
         cdef bls_mbox_t* mb
         cdef int rc
+        self.read_direct = False  # views consume nothing: a failed wait below is retryable
         for s in range(self.size):
             off = self._block(s, t, None, 0, &n, &dchars, &isz)
             if self.recv_direct[s] == FROM_FILL:  # a view needs the block in the record
-                self.read_direct = False  # nothing consumed: a failed wait is retryable
                 mb = self._mbox(s, self.rank, self._slot(t))
                 # Fails if the sender withdrew it first (or a retry asked already).
                 bls_cas32(&mb.direct_state, BLS_DIRECT_OFFERED, BLS_DIRECT_WANTED)
