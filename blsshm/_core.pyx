@@ -2042,6 +2042,7 @@ cdef class Core:
         """
         cdef int q
         cdef int rc
+        self._give_way_to_readers()
         for q in range(self.size):
             if self.offered[q] == NULL:
                 continue
@@ -2052,6 +2053,23 @@ cdef class Core:
                     return rc
         self.offers_pending = False
         return OK
+
+    cdef void _give_way_to_readers(self) noexcept nogil:
+        """Yield the CPU once if a receiver of an unclaimed offer last waited on it.
+
+        With ranks sharing cores, such a receiver is often runnable but not
+        running when we withdraw: the block would then cross twice (our copy
+        to the record, its copy out).  Giving way first lets it read the
+        block directly; if it does not, the withdrawal goes on as before.
+        """
+        cdef int q
+        for q in range(self.size):
+            # Relaxed: a stale state or CPU hint costs one yield or one
+            # record copy, never a wrong byte (_take_back's CAS decides).
+            if (self.offered[q] != NULL and self._shares_our_cpu(q)
+                    and bls_load_relaxed32(&self._offer_mbox(q).direct_state) == BLS_DIRECT_OFFERED):
+                bls_yield()
+                return
 
     cdef uint32_t _take_back(self, int q) noexcept nogil:
         """Withdraw the offer to ``q`` unless it is being read: the state it was in.
