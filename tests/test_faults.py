@@ -827,6 +827,11 @@ def _closed_by_a_finalizer(rank, operation):
             if armed[0] and phase == "start":
                 armed[0] = False
                 comm.close()
+        # A thread waiting for a segment's reaper allocates whenever it wakes,
+        # which moves the collection off the call: let those threads end first.
+        for thread in threading.enumerate():
+            if thread.name.startswith("blsshm reaper"):
+                thread.join(10)
         gc.callbacks.append(close_once)
         gc.set_threshold(50)
         gc.collect()
