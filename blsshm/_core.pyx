@@ -276,6 +276,12 @@ cdef int64_t HANDOFF_CHECK_NS = 1000000
 # or a receiver's once it has read a block it cannot read again: failing
 # aborts the communicator) runs at least this long, whatever the call's timeout.
 cdef int64_t HANDOFF_GRACE_NS = 1000000000
+# A sender whose yields to a receiver sharing its CPU (_give_way_to_readers)
+# went unanswered this many times in a row stops yielding for the next
+# GIVE_WAY_SKIPS withdrawals: such a receiver may be busy elsewhere (split
+# post/complete, zero copy), or the CPU may belong to another process.
+cdef int GIVE_WAY_MISSES = 3
+cdef int GIVE_WAY_SKIPS = 64
 # recv_direct[s]: how this rank receives source s's block in the complete in progress.
 cdef enum:
     FROM_RECORD = 0    # from the record or mailbox (or our own send buffer)
@@ -474,6 +480,8 @@ cdef class Core:
     cdef uint64_t offered_t     # the iteration of those offers
     cdef char* recv_direct      # per source: its block of the complete in progress is offered to us
     cdef bint read_direct       # the gather in progress read a block directly (none can be read again)
+    cdef int give_way_misses    # _give_way_to_readers: yields in a row after which no offer was claimed
+    cdef int give_way_skips     # withdrawals left that do not yield (after GIVE_WAY_MISSES misses)
     cdef int64_t next_spread_ns  # when _spread_out may next look at the spread
     cdef int spread_cpus[SPREAD_MAX_CPUS]   # scratch for _spread_out
     cdef int spread_count[SPREAD_MAX_CPUS]
@@ -1934,7 +1942,9 @@ cdef class Core:
         In four passes: blocks offered for a direct read that their senders
         have not withdrawn yet are claimed and read first; then the others
         are copied from records and mailboxes; then this rank's own offers
-        (if this is a blocking alltoallv) are withdrawn; last, the offered
+        (if this is a blocking alltoallv) are withdrawn, after yielding the
+        CPU once to a receiver sharing it that has not claimed its offer
+        yet (``_give_way_to_readers``); last, the offered
         blocks not read directly are copied from their records once their
         senders filled them.  Every rank withdraws before it waits for a
         fill, and a withdrawal waits only for reads under way: so no two
@@ -2038,7 +2048,8 @@ cdef class Core:
         """Take back this rank's offers: copy to the record each block nobody read directly.
 
         A block being read (CLAIMED) is waited for.  Once this returns OK
-        every offer is DONE or FILLED, and ``send`` may change.
+        every offer is DONE or FILLED, and ``send`` may change.  First
+        gives a receiver sharing our CPU a chance to read directly.
         """
         cdef int q
         cdef int rc
@@ -2061,15 +2072,32 @@ cdef class Core:
         running when we withdraw: the block would then cross twice (our copy
         to the record, its copy out).  Giving way first lets it read the
         block directly; if it does not, the withdrawal goes on as before.
+        A yield may cost us up to a scheduler slice (a few ms) when the CPU
+        goes to something that does not claim the offer, so after
+        GIVE_WAY_MISSES such yields in a row we skip GIVE_WAY_SKIPS.
         """
+        if self.give_way_skips > 0:
+            self.give_way_skips -= 1
+            return
         cdef int q
+        cdef bls_mbox_t* mb
         for q in range(self.size):
+            if self.offered[q] == NULL or not self._shares_our_cpu(q):
+                continue
+            mb = self._offer_mbox(q)
             # Relaxed: a stale state or CPU hint costs one yield or one
             # record copy, never a wrong byte (_take_back's CAS decides).
-            if (self.offered[q] != NULL and self._shares_our_cpu(q)
-                    and bls_load_relaxed32(&self._offer_mbox(q).direct_state) == BLS_DIRECT_OFFERED):
-                bls_yield()
-                return
+            if bls_load_relaxed32(&mb.direct_state) != BLS_DIRECT_OFFERED:
+                continue
+            bls_yield()
+            if bls_load_relaxed32(&mb.direct_state) != BLS_DIRECT_OFFERED:
+                self.give_way_misses = 0
+            else:
+                self.give_way_misses += 1
+                if self.give_way_misses >= GIVE_WAY_MISSES:
+                    self.give_way_misses = 0
+                    self.give_way_skips = GIVE_WAY_SKIPS
+            return
 
     cdef uint32_t _take_back(self, int q) noexcept nogil:
         """Withdraw the offer to ``q`` unless it is being read: the state it was in.
