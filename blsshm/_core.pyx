@@ -296,6 +296,24 @@ def _fail_direct_reads(uint64_t sources):
     global direct_reads_fail
     direct_reads_fail = sources
 
+# Tests hold a read under way: a claim of an offer from source s < 64 with
+# bit s set naps, before reading, while the offer stays CLAIMED, for at most
+# direct_claims_stall_ms (the sender waits, or gives up and takes it back).
+cdef uint64_t direct_claims_stall = 0
+cdef unsigned int direct_claims_stall_ms = 0
+cdef uint32_t direct_claims_stalled = 0
+
+def _stall_direct_claims(uint64_t sources, double seconds):
+    """Make this process hold its claims of offers from the ranks in ``sources`` up to ``seconds`` (tests)."""
+    global direct_claims_stall, direct_claims_stall_ms
+    direct_claims_stall, direct_claims_stall_ms = sources, <unsigned int>(seconds * 1e3)
+
+def _direct_claims_stalled():
+    """How many claims have begun such a sleep (tests; another thread may ask during one)."""
+    # Acquire, paired with the release in _gather: a sleep counted has begun
+    # after its claim was published.
+    return bls_load_acquire32(&direct_claims_stalled)
+
 
 cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b):
     """Whether the bytes of two C-contiguous arrays overlap."""
@@ -1966,6 +1984,8 @@ cdef class Core:
                 # on from OFFERED; winning it, we read before the sender may
                 # return (it waits while we are CLAIMED).
                 if bls_cas32(&mb.direct_state, BLS_DIRECT_OFFERED, BLS_DIRECT_CLAIMED):
+                    if s < 64 and direct_claims_stall >> s & 1:
+                        self._stall_claim(mb)
                     if not (s < 64 and direct_reads_fail >> s & 1) and bls_read_peer(
                             self.ranks[s].pid, d, mb.direct_addr, self.recv_bytes[s]) == 0:
                         # Checked while still CLAIMED: until DONE the sender
@@ -2017,6 +2037,14 @@ cdef class Core:
                 memcpy(d, self.base + self.recv_off[s], self.recv_bytes[s])
             d += self.recv_bytes[s]
         return OK
+
+    cdef void _stall_claim(self, bls_mbox_t* mb) noexcept nogil:
+        """Tests: hold a claim (see _stall_direct_claims) while the sender leaves it CLAIMED."""
+        cdef unsigned int ms = 0
+        bls_store_release32(&direct_claims_stalled, direct_claims_stalled + 1)
+        while ms < direct_claims_stall_ms and bls_load_acquire32(&mb.direct_state) == BLS_DIRECT_CLAIMED:
+            usleep(1000)
+            ms += 1
 
     cdef inline int64_t _grace(self, int64_t deadline_ns) noexcept nogil:
         """``deadline_ns`` (-1: none), pushed to at least HANDOFF_GRACE_NS from now."""

@@ -3,8 +3,10 @@ straight from the sender's send buffer (process_vm_readv); see BLS_DIRECT_* in
 blsshm/_layout.h.  Results must be exactly those of the record path, whoever
 wins each hand-over, and a sender or receiver that fails mid-way must never
 leave a peer hanging or reading a buffer that changed."""
+import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -233,3 +235,58 @@ def test_a_receiver_that_read_a_block_directly_and_then_times_out_aborts_the_com
     assert "rank 2: left complete(0) during a direct copy with rank 0 (timed out)" in retried, retried
     for rank in (0, 1):  # woken, they finish the iteration (every block had arrived) or see the abort
         assert outcomes[rank] == ("ok", "exact") or outcomes[rank][1][0] == "CommAborted", outcomes[rank]
+
+
+def _abandons_a_claimed_read(comm, reader_done):
+    """Rank 0 offers and times out waiting for rank 1's read of its block; rank 1 holds that read."""
+    if comm.rank == 0:
+        try:
+            comm.alltoallv(_send(0, 2, 0), [BLOCK, BLOCK], timeout=1.0)
+        except blsshm.BlsError as exc:
+            outcome = (type(exc).__name__, isinstance(exc, TimeoutError), str(exc))
+        else:
+            outcome = "completed"
+        # Stay alive until the reader is done: gone, we would be a lost
+        # peer to it, and the abandoned claim would not be what it sees.
+        reader_done.wait(60)
+        return outcome
+    (pid0,) = _stop_the_offerers(comm)  # so rank 0 cannot take its offer back before we claim it
+    _core._stall_direct_claims(1 << 0, 30.0)
+
+    def resume_rank_0_once_claimed():
+        while _core._direct_claims_stalled() == 0:
+            time.sleep(0.001)
+        os.kill(pid0, signal.SIGCONT)
+
+    resumer = threading.Thread(target=resume_rank_0_once_claimed, daemon=True)
+    resumer.start()
+    try:
+        comm.alltoallv(_send(1, 2, 0), [BLOCK, BLOCK])
+    except blsshm.CommAborted as exc:
+        outcome = ("CommAborted", comm.stats["bytes_read_direct"], str(exc))
+    else:
+        outcome = "completed"
+    finally:
+        os.kill(pid0, signal.SIGCONT)  # in case the claim never came
+        reader_done.set()
+    resumer.join(5)
+    return outcome, _core._direct_claims_stalled()
+
+
+def test_a_sender_that_gives_up_on_a_read_under_way_abandons_it_and_the_reader_raises():
+    # The sender's buffer may change once it returns: the reader must not
+    # return what it read, even though its read succeeded.
+    reader_done = multiprocessing.get_context("fork").Event()
+    with Ranks(_abandons_a_claimed_read, 2, arena_bytes=8 << 20, args=(reader_done,), timeout=30) as ranks:
+        outcomes = ranks.collect(2, timeout=90)
+    status, value = outcomes[0]
+    assert status == "ok", value
+    name, is_timeout_error, message = value
+    assert is_timeout_error and "waiting for rank 1 to finish a direct copy" in message, (name, message)
+    assert "the communicator is aborted" in message, message
+    status, value = outcomes[1]
+    assert status == "ok", value
+    (name, read_direct, message), claims_held = value
+    assert claims_held == 1
+    assert name == "CommAborted" and read_direct == 0, message  # it read, but does not count what it read
+    assert "aborted by rank 0: left complete(0) during a direct copy with rank 1" in message, message
