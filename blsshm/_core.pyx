@@ -2913,7 +2913,9 @@ cdef class Core:
         read yet, waits for reads under way, and returns.  So it never waits
         for a late receiver, and ``send`` may change once it returns.  A
         receiver the kernel does not let read us (ptrace rules, another PID
-        namespace) is sent through the record.  If this wait for a read under
+        namespace) is sent through the record; under Yama's ptrace_scope 1
+        each rank permits such reads as it attaches (``BLSSHM_PTRACER=keep``
+        does not).  If this wait for a read under
         way is cut short (a timeout, after at least 1 s; Ctrl-C; an abort),
         or a receiver's wait for a copy after it read another block
         directly, the communicator is aborted: neither call could be

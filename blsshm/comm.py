@@ -199,6 +199,7 @@ class Comm(_core.Core):
             self._lock_fd = -1
             self._pid = os.getpid()  # a forked child's copy must not unlink or abort
             self._pid_ns = _proc.pid_namespace()
+            _proc.allow_peer_reads()  # under Yama's scope 1, peers could not read our offers
             self._attach_timeout = attach_timeout
             self._poll_deadline = None  # when arrived() stops answering False for a missing rank
             self._owns_name = owns_name

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import blsshm
-from blsshm import _core
+from blsshm import _core, _proc
 from harness import Ranks, process_state, wait_until_published
 from payload import counts_matrix, expected_recv, send_buffer
 
@@ -290,3 +290,74 @@ def test_a_sender_that_gives_up_on_a_read_under_way_abandons_it_and_the_reader_r
     assert claims_held == 1
     assert name == "CommAborted" and read_direct == 0, message  # it read, but does not count what it read
     assert "aborted by rank 0: left complete(0) during a direct copy with rank 1" in message, message
+
+
+PR_SET_PTRACER = 0x59616D61
+
+
+def _record_prctl_calls(monkeypatch, tmp_path, scope):
+    """Point allow_peer_reads at a Yama scope of ``scope`` (None: no Yama); the prctl calls it makes."""
+    calls = []
+    path = tmp_path / "ptrace_scope"
+    if scope is not None:
+        path.write_text(scope)
+    monkeypatch.setattr(_proc, "YAMA_PTRACE_SCOPE", str(path))
+    monkeypatch.setattr(_proc, "_libc_prctl",
+                        lambda *args: calls.append(tuple(getattr(a, "value", a) for a in args)) or 0)
+    monkeypatch.setattr(_proc, "_peer_reads_allowed_in", None)
+    return calls
+
+
+@pytest.mark.parametrize("scope, declared", [("1\n", True), ("0\n", False), ("2\n", False), ("3\n", False),
+                                             (None, False)])
+def test_a_rank_lets_any_process_read_it_only_under_yama_scope_1(monkeypatch, tmp_path, scope, declared):
+    # Scope 1 refuses siblings unless the process read declares them; 2 and 3
+    # admit no such exception, and 0 or no Yama needs none.
+    monkeypatch.delenv("BLSSHM_PTRACER", raising=False)
+    calls = _record_prctl_calls(monkeypatch, tmp_path, scope)
+    assert _proc.allow_peer_reads() == declared
+    assert calls == ([(PR_SET_PTRACER, 2**64 - 1, 0, 0, 0)] if declared else [])
+    assert not _proc.allow_peer_reads()  # once per process
+    assert len(calls) == (1 if declared else 0)
+    monkeypatch.setattr(_proc, "_peer_reads_allowed_in", os.getpid() + 1)  # as in a forked child
+    assert _proc.allow_peer_reads() == declared
+
+
+def test_blsshm_ptracer_keep_leaves_the_ptrace_setting_alone(monkeypatch, tmp_path):
+    monkeypatch.setenv("BLSSHM_PTRACER", "keep")
+    calls = _record_prctl_calls(monkeypatch, tmp_path, "1")
+    assert not _proc.allow_peer_reads() and calls == []
+
+
+_prctl_calls = []
+
+
+def _pretend_yama_scope_1(path):
+    def setup(rank):
+        _proc.YAMA_PTRACE_SCOPE = path
+        _proc._libc_prctl = lambda *args: _prctl_calls.append(args[0]) or 0
+    return setup
+
+
+def _exchange_twice_and_report_prctl_calls(comm):
+    ok = []
+    for t in range(2):
+        recv, _ = comm.alltoallv(_send(comm.rank, comm.size, t), [BLOCK] * comm.size)
+        ok.append(np.array_equal(recv, _received(comm.rank, comm.size, t)))
+    with blsshm.Comm.create(1) as another:  # a second communicator in the same process
+        another.alltoallv(np.zeros(1), [1])
+    return ok, _prctl_calls, comm.stats["bytes_read_direct"]
+
+
+def test_every_rank_declares_the_exception_once_as_it_attaches(tmp_path):
+    path = tmp_path / "ptrace_scope"
+    path.write_text("1\n")
+    with Ranks(_exchange_twice_and_report_prctl_calls, 2, arena_bytes=8 << 20,
+               setup=_pretend_yama_scope_1(str(path))) as ranks:
+        outcomes = ranks.collect(2, timeout=60)
+    for rank in (0, 1):
+        status, value = outcomes[rank]
+        assert status == "ok", value
+        ok, calls, read_direct = value
+        assert ok == [True, True] and calls == [PR_SET_PTRACER], value
+        assert read_direct > 0  # this kernel lets them read each other, declared or not
