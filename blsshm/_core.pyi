@@ -63,6 +63,7 @@ class Core:
     sleep_gap_ns: int  # tests only
     copy_policy: str  # "auto", "cached" or "stream"
     direct_min_bytes: int  # a blocking alltoallv offers blocks this big for a direct read (0: never)
+    permit_peer_reads: bool  # the next offer first runs _proc.allow_peer_reads (BLSSHM_PTRACER)
     # Used by Comm.
     def _attach_mapping(self, segment: Any, rank: int, lock_fd: int = ..., pid_ns: int = ...,
                         expected_size: int = ..., size_source: str = ...) -> None: ...

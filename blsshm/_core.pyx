@@ -297,8 +297,8 @@ def _fail_direct_reads(uint64_t sources):
     direct_reads_fail = sources
 
 # Tests hold a read under way: a claim of an offer from source s < 64 with
-# bit s set naps, before reading, while the offer stays CLAIMED, for at most
-# direct_claims_stall_ms (the sender waits, or gives up and takes it back).
+# bit s set naps, before reading, while the offer stays CLAIMED, for about
+# direct_claims_stall_ms at most (the sender waits, or gives up and takes it back).
 cdef uint64_t direct_claims_stall = 0
 cdef unsigned int direct_claims_stall_ms = 0
 cdef uint32_t direct_claims_stalled = 0
@@ -310,8 +310,8 @@ def _stall_direct_claims(uint64_t sources, double seconds):
 
 def _direct_claims_stalled():
     """How many claims have begun such a sleep (tests; another thread may ask during one)."""
-    # Acquire, paired with the release in _gather: a sleep counted has begun
-    # after its claim was published.
+    # Acquire, paired with the release in _stall_claim: a nap counted has
+    # begun after its claim was published.
     return bls_load_acquire32(&direct_claims_stalled)
 
 
@@ -492,6 +492,7 @@ cdef class Core:
     cdef uint32_t cpu_hint      # what this rank last published as its CPU (see _wait)
     # direct reads (see BLS_DIRECT_* in _layout.h)
     cdef public uint64_t direct_min_bytes  # offer blocks this big (0: never)
+    cdef public bint permit_peer_reads  # before the first offer, _proc.allow_peer_reads (then False)
     cdef char* direct_peer      # per rank: we may offer it blocks (same PID namespace, never refused)
     cdef const char** offered   # per rank: the send bytes offered to it by the call in progress, or NULL
     cdef bint offers_pending    # some offered[q] is not NULL
@@ -2913,9 +2914,11 @@ cdef class Core:
         read yet, waits for reads under way, and returns.  So it never waits
         for a late receiver, and ``send`` may change once it returns.  A
         receiver the kernel does not let read us (ptrace rules, another PID
-        namespace) is sent through the record; under Yama's ptrace_scope 1
-        each rank permits such reads as it attaches (``BLSSHM_PTRACER=keep``
-        does not).  If this wait for a read under
+        namespace) is sent through the record.  Under Yama's ptrace_scope 1
+        (Ubuntu's default) the first call that may offer a block declares
+        any process a permitted tracer of this one, as Open MPI does for
+        the same reads, unless ``BLSSHM_PTRACER=keep``: see
+        ``blsshm._proc.allow_peer_reads``.  If this wait for a read under
         way is cut short (a timeout, after at least 1 s; Ctrl-C; an abort),
         or a receiver's wait for a copy after it read another block
         directly, the communicator is aborted: neither call could be
@@ -2952,6 +2955,9 @@ cdef class Core:
             self._check_send(t, send, send_counts, &nbytes)
             self._ready_within(timeout, &deadline_ns)
         timeout = self._timeout_arg(timeout)
+        if (self.permit_peer_reads and self.direct_min_bytes != 0 and self.size > 1
+                and <uint64_t>cnp.PyArray_NBYTES(<cnp.ndarray>send) >= self.direct_min_bytes):
+            self._permit_peer_reads()  # once: before our first offer is published
         # Our own block goes from send to out directly, unless out overlaps
         # send (the blocks gathered before it would overwrite it).
         cdef bint defer_own = out is None or not _overlap(<cnp.ndarray>send, <cnp.ndarray>out)
@@ -2970,6 +2976,12 @@ cdef class Core:
                 mark_written(given_out)
             return to_torch(result[0]), result[1]
         return result
+
+    cdef int _permit_peer_reads(self) except -1:
+        from blsshm import _proc  # here: it is needed once per communicator at most
+        _proc.allow_peer_reads()
+        self.permit_peer_reads = False
+        return 0
 
     def post_views(self, t, send_counts, dtype=np.float32, *, timeout=DEFAULT_TIMEOUT):
         """Zero-copy post: a context manager giving writable views of iteration ``t``'s record.

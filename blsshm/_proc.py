@@ -34,6 +34,7 @@ def pid_namespace():
         return 0
 
 
+_peer_reads_lock = threading.Lock()
 _peer_reads_allowed_in = None  # the pid that allow_peer_reads last ran in
 
 
@@ -42,39 +43,40 @@ def _libc_prctl(*args):
 
 
 def allow_peer_reads():
-    """Let this process's peers read its memory with ``process_vm_readv`` under Yama's scope 1.
+    """Let the ranks read this process's memory with ``process_vm_readv`` under Yama's scope 1.
 
     Direct reads (``Comm.direct_min_bytes``) need the access ptrace needs.
     Yama's ``ptrace_scope`` 1, the default of Ubuntu and others, grants it
     only to a process's ancestors, so sibling ranks refuse each other and
     large blocks go through the records: two copies instead of one.  As
-    Open MPI's shared-memory transport does for its CMA, a rank then
-    declares any process a permitted tracer (``PR_SET_PTRACER_ANY``); the
-    usual checks stay (same user, dumpable).  Scopes 2 and 3 admit no such
+    Open MPI's shared-memory transport does for its CMA, this declares
+    every process a permitted tracer (``PR_SET_PTRACER_ANY``): any process
+    of the same user may then ptrace this one (attach, read and write its
+    memory), as with scope 0, until it exits; it replaces a
+    ``PR_SET_PTRACER`` the program set.  Scopes 2 and 3 admit no such
     exception, and 0 (or no Yama) needs none: nothing is changed then.
-    ``BLSSHM_PTRACER=keep`` leaves the setting alone (direct reads from
-    this rank then fail under scope 1, and its peers use the records).
-    Once per process; True if this call declared the exception.
+    Core calls it before a blocking alltoallv first offers a block, unless
+    ``BLSSHM_PTRACER=keep``.  Once per process; True if this call declared it.
     """
     global _peer_reads_allowed_in
-    if _peer_reads_allowed_in == os.getpid():  # done here (a forked child must declare its own)
-        return False
-    _peer_reads_allowed_in = os.getpid()
-    if os.environ.get("BLSSHM_PTRACER", "").strip().lower() == "keep":
-        return False
-    try:
-        with open(YAMA_PTRACE_SCOPE) as f:
-            scope = f.read().strip()
-    except OSError:  # no Yama
-        return False
-    if scope != "1":
-        return False
-    zero = ctypes.c_ulong(0)  # prctl is variadic: every argument a full unsigned long
-    try:
-        # Failure only costs speed: peers then refuse our offers once and use the records.
-        return _libc_prctl(_PR_SET_PTRACER, _PR_SET_PTRACER_ANY, zero, zero, zero) == 0
-    except (OSError, AttributeError):  # pragma: no cover - no libc prctl
-        return False
+    with _peer_reads_lock:  # a second thread's call returns once the first has declared
+        if _peer_reads_allowed_in == os.getpid():  # done here (a forked child must declare its own)
+            return False
+        try:
+            with open(YAMA_PTRACE_SCOPE) as f:
+                scope = f.read().strip()
+        except OSError:  # no Yama
+            scope = ""
+        declared = False
+        if scope == "1":
+            zero = ctypes.c_ulong(0)  # prctl is variadic: every argument a full unsigned long
+            try:
+                # Failure only costs speed: peers then refuse our offers once and use the records.
+                declared = _libc_prctl(_PR_SET_PTRACER, _PR_SET_PTRACER_ANY, zero, zero, zero) == 0
+            except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+                pass
+        _peer_reads_allowed_in = os.getpid()
+        return declared
 
 
 def die_with_parent(parent_pid, signum=signal.SIGKILL):

@@ -84,6 +84,18 @@ def default_spin_us():
 LIVENESS_MS = 50.0
 
 
+def ptracer_policy():
+    """``"any"``: under Yama's ptrace_scope 1 a rank lets its peers read the blocks it
+    offers (see ``_proc.allow_peer_reads``); ``"keep"``: it leaves the ptrace
+    setting alone, and those blocks go through its record (``BLSSHM_PTRACER``)."""
+    env = os.environ.get("BLSSHM_PTRACER", "").strip().lower()
+    if env in ("", "any"):
+        return "any"
+    if env == "keep":
+        return "keep"
+    raise BlsValueError(f"BLSSHM_PTRACER must be 'any' (the default) or 'keep', got {env!r}")
+
+
 def liveness_ms():
     """How often a wait checks its peers are alive (``BLSSHM_LIVENESS_MS`` overrides)."""
     env = os.environ.get("BLSSHM_LIVENESS_MS", "").strip()
@@ -199,7 +211,7 @@ class Comm(_core.Core):
             self._lock_fd = -1
             self._pid = os.getpid()  # a forked child's copy must not unlink or abort
             self._pid_ns = _proc.pid_namespace()
-            _proc.allow_peer_reads()  # under Yama's scope 1, peers could not read our offers
+            permit_peer_reads = ptracer_policy() == "any"  # before claiming the rank
             self._attach_timeout = attach_timeout
             self._poll_deadline = None  # when arrived() stops answering False for a missing rank
             self._owns_name = owns_name
@@ -208,6 +220,7 @@ class Comm(_core.Core):
                 self._mapping = mapping
                 self._lock_fd = lock_fd
                 _open_comms.add(self)
+            self.permit_peer_reads = permit_peer_reads
             self._attach_mapping(mapping, rank, lock_fd, self._pid_ns, expected_size, size_source)
         except BaseException:
             if mapping is not None:

@@ -3,6 +3,7 @@ straight from the sender's send buffer (process_vm_readv); see BLS_DIRECT_* in
 blsshm/_layout.h.  Results must be exactly those of the record path, whoever
 wins each hand-over, and a sender or receiver that fails mid-way must never
 leave a peer hanging or reading a buffer that changed."""
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -241,7 +242,7 @@ def _abandons_a_claimed_read(comm, reader_done):
     """Rank 0 offers and times out waiting for rank 1's read of its block; rank 1 holds that read."""
     if comm.rank == 0:
         try:
-            comm.alltoallv(_send(0, 2, 0), [BLOCK, BLOCK], timeout=1.0)
+            comm.alltoallv(_send(0, 2, 0), [BLOCK, BLOCK], timeout=2.0)
         except blsshm.BlsError as exc:
             outcome = (type(exc).__name__, isinstance(exc, TimeoutError), str(exc))
         else:
@@ -293,6 +294,7 @@ def test_a_sender_that_gives_up_on_a_read_under_way_abandons_it_and_the_reader_r
 
 
 PR_SET_PTRACER = 0x59616D61
+PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
 
 
 def _record_prctl_calls(monkeypatch, tmp_path, scope):
@@ -310,54 +312,70 @@ def _record_prctl_calls(monkeypatch, tmp_path, scope):
 
 @pytest.mark.parametrize("scope, declared", [("1\n", True), ("0\n", False), ("2\n", False), ("3\n", False),
                                              (None, False)])
-def test_a_rank_lets_any_process_read_it_only_under_yama_scope_1(monkeypatch, tmp_path, scope, declared):
+def test_a_process_lets_any_process_trace_it_only_under_yama_scope_1(monkeypatch, tmp_path, scope, declared):
     # Scope 1 refuses siblings unless the process read declares them; 2 and 3
     # admit no such exception, and 0 or no Yama needs none.
-    monkeypatch.delenv("BLSSHM_PTRACER", raising=False)
     calls = _record_prctl_calls(monkeypatch, tmp_path, scope)
     assert _proc.allow_peer_reads() == declared
-    assert calls == ([(PR_SET_PTRACER, 2**64 - 1, 0, 0, 0)] if declared else [])
+    assert calls == ([(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0)] if declared else [])
     assert not _proc.allow_peer_reads()  # once per process
     assert len(calls) == (1 if declared else 0)
     monkeypatch.setattr(_proc, "_peer_reads_allowed_in", os.getpid() + 1)  # as in a forked child
     assert _proc.allow_peer_reads() == declared
 
 
-def test_blsshm_ptracer_keep_leaves_the_ptrace_setting_alone(monkeypatch, tmp_path):
-    monkeypatch.setenv("BLSSHM_PTRACER", "keep")
-    calls = _record_prctl_calls(monkeypatch, tmp_path, "1")
-    assert not _proc.allow_peer_reads() and calls == []
+@pytest.mark.parametrize("value, policy", [(None, "any"), ("", "any"), (" ANY ", "any"), ("keep", "keep")])
+def test_blsshm_ptracer_names_the_policy(monkeypatch, value, policy):
+    if value is None:
+        monkeypatch.delenv("BLSSHM_PTRACER", raising=False)
+    else:
+        monkeypatch.setenv("BLSSHM_PTRACER", value)
+    assert blsshm.comm.ptracer_policy() == policy
+
+
+def test_a_bad_blsshm_ptracer_is_refused_when_a_rank_attaches(monkeypatch):
+    monkeypatch.setenv("BLSSHM_PTRACER", "off")
+    with pytest.raises(blsshm.BlsValueError, match="BLSSHM_PTRACER must be 'any' .* or 'keep', got 'off'"):
+        blsshm.Comm.create(1)
 
 
 _prctl_calls = []
 
 
-def _pretend_yama_scope_1(path):
+def _pretend_yama_scope_1(path, policy):
     def setup(rank):
+        os.environ["BLSSHM_PTRACER"] = policy
         _proc.YAMA_PTRACE_SCOPE = path
-        _proc._libc_prctl = lambda *args: _prctl_calls.append(args[0]) or 0
+        real_prctl = _proc._libc_prctl  # still called: under a real scope 1 the reads need it
+
+        def recording_prctl(*args):
+            _prctl_calls.append(args[0])
+            return real_prctl(*args)
+        _proc._libc_prctl = recording_prctl
     return setup
 
 
-def _exchange_twice_and_report_prctl_calls(comm):
-    ok = []
-    for t in range(2):
+def _report_prctl_calls_as_blocks_grow(comm):
+    small = np.arange(comm.size, dtype=np.float64)  # one element per pair: never offered
+    comm.alltoallv(small, [1] * comm.size)
+    calls_before_an_offer = list(_prctl_calls)
+    exact = []
+    for t in (1, 2):  # offered (declared before the first only)
         recv, _ = comm.alltoallv(_send(comm.rank, comm.size, t), [BLOCK] * comm.size)
-        ok.append(np.array_equal(recv, _received(comm.rank, comm.size, t)))
-    with blsshm.Comm.create(1) as another:  # a second communicator in the same process
-        another.alltoallv(np.zeros(1), [1])
-    return ok, _prctl_calls, comm.stats["bytes_read_direct"]
+        exact.append(np.array_equal(recv, _received(comm.rank, comm.size, t)))
+    return calls_before_an_offer, exact, list(_prctl_calls)
 
 
-def test_every_rank_declares_the_exception_once_as_it_attaches(tmp_path):
+@pytest.mark.parametrize("policy", ["any", "keep"])
+def test_a_rank_declares_the_exception_once_before_its_first_offer(tmp_path, policy):
     path = tmp_path / "ptrace_scope"
     path.write_text("1\n")
-    with Ranks(_exchange_twice_and_report_prctl_calls, 2, arena_bytes=8 << 20,
-               setup=_pretend_yama_scope_1(str(path))) as ranks:
+    with Ranks(_report_prctl_calls_as_blocks_grow, 2, arena_bytes=8 << 20,
+               setup=_pretend_yama_scope_1(str(path), policy)) as ranks:
         outcomes = ranks.collect(2, timeout=60)
     for rank in (0, 1):
         status, value = outcomes[rank]
         assert status == "ok", value
-        ok, calls, read_direct = value
-        assert ok == [True, True] and calls == [PR_SET_PTRACER], value
-        assert read_direct > 0  # this kernel lets them read each other, declared or not
+        calls_before_an_offer, exact, calls = value
+        assert calls_before_an_offer == [] and exact == [True, True], value
+        assert calls == ([PR_SET_PTRACER] if policy == "any" else []), value
