@@ -309,7 +309,7 @@ def _stall_direct_claims(uint64_t sources, double seconds):
     direct_claims_stall, direct_claims_stall_ms = sources, <unsigned int>(seconds * 1e3)
 
 def _direct_claims_stalled():
-    """How many claims have begun such a sleep (tests; another thread may ask during one)."""
+    """How many claims have begun such a nap (tests; another thread may ask during one)."""
     # Acquire, paired with the release in _stall_claim: a nap counted has
     # begun after its claim was published.
     return bls_load_acquire32(&direct_claims_stalled)

@@ -211,7 +211,7 @@ class Comm(_core.Core):
             self._lock_fd = -1
             self._pid = os.getpid()  # a forked child's copy must not unlink or abort
             self._pid_ns = _proc.pid_namespace()
-            permit_peer_reads = ptracer_policy() == "any"  # before claiming the rank
+            self.permit_peer_reads = ptracer_policy() == "any"  # checked before claiming the rank
             self._attach_timeout = attach_timeout
             self._poll_deadline = None  # when arrived() stops answering False for a missing rank
             self._owns_name = owns_name
@@ -220,7 +220,6 @@ class Comm(_core.Core):
                 self._mapping = mapping
                 self._lock_fd = lock_fd
                 _open_comms.add(self)
-            self.permit_peer_reads = permit_peer_reads
             self._attach_mapping(mapping, rank, lock_fd, self._pid_ns, expected_size, size_source)
         except BaseException:
             if mapping is not None:
