@@ -513,6 +513,12 @@ def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
                 for fd in pidfds:
                     if fd >= 0:
                         os.close(fd)
+                # Their pipes (multiprocessing's sentinels) now: the exception
+                # raised here keeps ``procs`` in its traceback, and a program
+                # that retried failing runs with gc off ran out of descriptors.
+                for proc in procs:
+                    with contextlib.suppress(ValueError):  # not reaped (a second Ctrl-C): its finalizer closes it
+                        proc.close()
 
 
 #: Descriptors this process holds per rank while they run: the result

@@ -1,6 +1,7 @@
 """python -m blsshm.run and blsshm.spawn: start, report, always clean up."""
 import contextlib
 import errno
+import gc
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -359,6 +360,32 @@ def test_run_ranks_runs_a_function_without_a_communicator():
     assert info.value.blsshm_rank == 1
     with pytest.raises(blsshm.BlsValueError, match="nprocs"):
         blsshm.run_ranks(_rank_squared, 0)
+
+
+def _descriptors_open():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _raises_zero_division(comm):
+    return 1 / 0
+
+
+def test_failed_runs_leave_no_descriptor_open_with_gc_off():
+    # The exception keeps the ranks' Process objects in its traceback (a
+    # cycle through the frames): their pipes stayed open until a collection,
+    # two more per rank at each failed call.
+    blsshm.run_ranks(_rank_squared, 2, args=(10,))  # what stays open after a first call (the reaper's socket)
+    gc.disable()
+    try:
+        before = _descriptors_open()
+        for _ in range(3):
+            with pytest.raises(KeyError):
+                blsshm.run_ranks(_rank_squared, 2, args=(1,), grace=0)
+            with pytest.raises(ZeroDivisionError):
+                blsshm.spawn(_raises_zero_division, 2, grace=0)
+        assert _descriptors_open() == before
+    finally:
+        gc.enable()
 
 
 def _naps(rank, seconds):
