@@ -1,7 +1,9 @@
 """Small process helpers shared by the launcher, spawn, and the tools that start mpirun."""
+import contextlib
 import ctypes
 import os
 import re
+import resource
 import select
 import shutil
 import signal
@@ -9,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from blsshm.errors import BlsValueError
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_PTRACER = 0x59616D61  # "Yama"
@@ -211,6 +215,30 @@ def signal_pidfds(fds, signum):
             signal.pidfd_send_signal(fd, signum)
         except OSError:  # gone (ESRCH)
             pass
+
+
+def make_room_for_descriptors(nprocs, per_rank, spare, remedy="start fewer ranks"):
+    """Raise the soft limit on open files toward the hard one if ``nprocs`` ranks need more; else a clear error.
+
+    The ranks hold ``per_rank`` descriptors each in this process while they
+    run, and starting one takes up to ``spare`` more.  Past the limit a
+    start failed halfway with a bare ``OSError: Too many open files`` (at
+    about 250 ranks of ``spawn`` under the usual 1024).
+    """
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return  # cannot tell: let the starts say it
+    needed = in_use + per_rank * nprocs + spare
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or needed <= hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+            return
+    raise BlsValueError(f"{nprocs} ranks need about {needed} open files in this process, more than its "
+                        f"limit of {soft} (hard limit {hard}): raise it (ulimit -n) or {remedy}")
 
 
 def describe_exit(code):

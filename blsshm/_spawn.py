@@ -8,7 +8,6 @@ import multiprocessing.resource_tracker
 import numbers
 import os
 import pickle
-import resource
 import select
 import signal
 import struct
@@ -19,8 +18,8 @@ import traceback
 from typing import Any, Callable, List, Optional, Sequence, Set
 
 from blsshm import _core, segment
-from blsshm._proc import (GRACE_S, TERM_WAIT_S, descendants, describe_exit, die_of, die_with_parent, pidfd_exited,
-                          signal_pidfds)
+from blsshm._proc import (GRACE_S, TERM_WAIT_S, descendants, describe_exit, die_of, die_with_parent,
+                          make_room_for_descriptors, pidfd_exited, signal_pidfds)
 from blsshm._core import MAX_RANKS
 from blsshm.comm import (DEFAULT_ARENA_BYTES, Comm, _check_int, _check_seconds, _check_spin_us, default_spin_us,
                          liveness_ms)
@@ -450,7 +449,7 @@ def _context(start_method):
 def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
     """:func:`run_ranks` with checked arguments; ``on_failure(rank, why)`` hears of each failed rank,
     ``termination`` (a ``_TerminationHandler`` or None) of SIGTERM and SIGHUP."""
-    _make_room_for_descriptors(nprocs)
+    make_room_for_descriptors(nprocs, FDS_PER_RANK, FDS_SPARE)
     procs: List[Any] = []
     conns: List[Any] = []
     pidfds: List[int] = []
@@ -526,28 +525,6 @@ def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
 #: peaked at 4.07 each); a few more while one starts.
 FDS_PER_RANK = 4
 FDS_SPARE = 8
-
-
-def _make_room_for_descriptors(nprocs):
-    """Raise the soft limit on open files toward the hard one if the ranks need more; else a clear error.
-
-    Past the limit, a start failed halfway with a bare ``OSError: Too many
-    open files`` (at about 250 ranks under the usual 1024).
-    """
-    try:
-        in_use = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return  # cannot tell: let the starts say it
-    needed = in_use + FDS_PER_RANK * nprocs + FDS_SPARE
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or needed <= soft:
-        return
-    if hard == resource.RLIM_INFINITY or needed <= hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-            return
-    raise BlsValueError(f"{nprocs} ranks need about {needed} open files in this process, more than its "
-                        f"limit of {soft} (hard limit {hard}): raise it (ulimit -n) or start fewer ranks")
 
 
 @contextlib.contextmanager

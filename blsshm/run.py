@@ -56,7 +56,8 @@ import threading
 import time
 
 from blsshm import _core, segment
-from blsshm._proc import GRACE_S, STOP_TIMEOUT_S, TERM_WAIT_S, describe_exit, die_of, die_with_parent
+from blsshm._proc import (GRACE_S, STOP_TIMEOUT_S, TERM_WAIT_S, describe_exit, die_of, die_with_parent,
+                          make_room_for_descriptors)
 from blsshm.comm import DEFAULT_ARENA_BYTES, default_spin_us, liveness_ms
 from blsshm.errors import BlsError
 
@@ -68,6 +69,13 @@ TORCHRUN_RANK, TORCHRUN_SIZE = ("RANK", "LOCAL_RANK"), ("WORLD_SIZE", "LOCAL_WOR
 # nohup): without a handler SIGHUP (a closed terminal) and SIGQUIT (Ctrl-\)
 # would end the launcher before its clean-up, leaving the segment behind.
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+#: Descriptors the launcher holds per rank under --tag-output (the read ends
+#: of its stdout and stderr pipes), and at most while it starts one (both
+#: pipes whole, subprocess's error pipe).
+TAGGED_FDS_PER_RANK = 2
+START_FDS = 8
+
 TERMINAL_STOPS = {signal.SIGTTIN: "read from", signal.SIGTTOU: "wrote to"}  # what stops a rank
 RELAY_CHUNK = 1 << 16     # bytes read at once
 RELAY_LINE_MAX = 1 << 20  # the longest line held back for its newline (a longer one goes in pieces)
@@ -144,6 +152,8 @@ def _launch(argv):
         # program passes spin_us): a malformed one is refused once, here.
         default_spin_us()
         liveness_ms()
+        if opts.tag_output:
+            make_room_for_descriptors(opts.nprocs, TAGGED_FDS_PER_RANK, START_FDS, "leave out --tag-output")
         name = segment.create(opts.nprocs, opts.lag, opts.arena_bytes, reaped=True)
     except (BlsError, ValueError) as exc:
         print(f"python -m blsshm.run: {exc}", file=sys.stderr)

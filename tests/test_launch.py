@@ -1990,6 +1990,34 @@ def test_tag_output_starts_every_line_with_its_rank(tmp_path):
     assert res.stderr.rstrip("\n").endswith("python -m blsshm.run: rank 1 failed (exit code 1)")
 
 
+ATTACH_AND_SAY = r"""
+import blsshm
+with blsshm.init() as comm:
+    print("attached", comm.rank)
+"""
+
+
+@pytest.mark.parametrize("hard", [40, "raised"])
+def test_tag_output_makes_room_for_its_pipes_or_says_why_not(tmp_path, hard):
+    # Two pipe ends per rank: 16 ranks under a limit of 40 open files failed
+    # part-way through the starts with a bare "OSError: Too many open files".
+    path = tmp_path / "prog.py"
+    path.write_text(ATTACH_AND_SAY)
+    limit = (40, 40 if hard == 40 else resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "16", "--tag-output", str(path)],
+                         capture_output=True, text=True, timeout=50,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit))
+    if hard == 40:
+        assert res.returncode == 2, res.stderr
+        assert re.fullmatch(r"python -m blsshm.run: 16 ranks need about \d+ open files in this process, more than "
+                            r"its limit of 40 \(hard limit 40\): raise it \(ulimit -n\) or leave out "
+                            r"--tag-output\n", res.stderr), res.stderr
+        assert res.stdout == ""
+    else:
+        assert res.returncode == 0, res.stderr
+        assert sorted(res.stdout.split("\n")[:-1]) == sorted(f"[rank {r}] attached {r}" for r in range(16))
+
+
 def test_tag_output_to_a_reader_that_stopped_reading(tmp_path):
     # `python -m blsshm.run --tag-output ... | head -1`: the ranks must not block on full pipes.
     path = tmp_path / "prog.py"
