@@ -4,6 +4,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
+import multiprocessing.reduction
 import multiprocessing.resource_tracker
 import numbers
 import os
@@ -12,6 +13,7 @@ import select
 import signal
 import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -54,13 +56,90 @@ def _line_buffered():
             pass
 
 
-def _rank_main(target, rank, args, conn, parent_pid, sigint_handler, running, parents_ends):
+class _Work:
+    """What a rank runs, ``target(rank, *args)``, handed over beside the pipe multiprocessing starts it with.
+
+    Under "spawn" and "forkserver", ``start()`` writes the pickled Process to
+    that pipe, which the new rank reads only once it has imported the main
+    module: with more than a pipe's 64 KiB of arguments ``start()`` waited
+    for that import (a Ctrl-C held off meanwhile, see ``_shield_sigint``),
+    and for ever when the import failed.  So ``target`` and ``args`` are
+    pickled into a file of their own, as multiprocessing pickles the Process
+    (arguments that pickle only then, a RawArray or a Lock, still do), and the
+    pipe carries its descriptor.  The rank unpickles them in ``_rank_main``,
+    which reports a failure there (a function it cannot import) as its error.
+    Forked, the rank inherits them as they are.
+    """
+
+    def __init__(self, target, args, running):
+        self.target, self.args, self.running = target, args, running
+        self.pickled = None  # what a rank started by "spawn" or "forkserver" got
+        self.fd = -1  # the file of the last pickling: the parent closes it once the rank started
+
+    def __reduce__(self):
+        # ``running`` too: pickled apart, a RawArray in ``args`` from the same
+        # arena would hand the rank that arena's descriptor twice, which spawn refuses.
+        data = multiprocessing.reduction.ForkingPickler.dumps((self.target, self.args, self.running),
+                                                              pickle.HIGHEST_PROTOCOL)
+        self.close()
+        self.fd = _file_holding(data)
+        return _unpickled_work, (multiprocessing.reduction.DupFd(self.fd),)
+
+    def load(self):
+        """``(target, args, running)``."""
+        return (self.target, self.args, self.running) if self.pickled is None else pickle.loads(self.pickled)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _file_holding(data):
+    """A descriptor of an unnamed file holding ``data``."""
+    try:
+        fd = os.memfd_create("blsshm-rank-work", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):  # no memfd: a temporary file, unlinked at once
+        fd, path = tempfile.mkstemp(prefix="blsshm-rank-work-")
+        os.unlink(path)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unpickled_work(dup_fd):
+    """The rank's side of ``_Work.__reduce__``: the pickled bytes, read now, unpickled in ``_rank_main``."""
+    fd = dup_fd.detach()
+    try:
+        size = os.fstat(fd).st_size
+        parts = []
+        offset = 0
+        while offset < size:  # pread: the file's offset is shared with the parent's descriptor
+            parts.append(os.pread(fd, size - offset, offset))
+            if not parts[-1]:
+                break
+            offset += len(parts[-1])
+    finally:
+        os.close(fd)
+    work = _Work.__new__(_Work)
+    work.target = work.args = work.running = None
+    work.pickled, work.fd = b"".join(parts), -1
+    return work
+
+
+def _rank_main(work, rank, conn, parent_pid, sigint_handler, parents_ends):
     for fd in parents_ends:  # forked: the parent's ends of the report pipes (see _run_ranks)
         os.close(fd)
     die_with_parent(parent_pid)()
     _default_termination_signals()  # a forked rank inherited the parent's (see _run_ranks)
     _line_buffered()
     try:
+        target, args, running = work.load()  # still starting: shielded from Ctrl-C, if the parent was
         if sigint_handler is not None:  # shielded from Ctrl-C while starting (see _shield_sigint)
             signal.signal(signal.SIGINT, _noting_sigint(sigint_handler, running, rank))
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked, if forked
@@ -455,6 +534,7 @@ def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
     pidfds: List[int] = []
     reported: Set[int] = set()  # ranks whose outcome arrived (filled by _collect)
     running = ctx.RawArray("b", nprocs)  # 1 once a rank runs ``target`` (Ctrl-C no longer shielded)
+    work = _Work(target, args, running)
     interrupted = False
     with _reaping_our_children():  # the ranks' exit statuses are ours to collect
         try:
@@ -469,9 +549,11 @@ def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
                     # Not a daemon, so a rank may start processes of its own (DataLoader
                     # workers); the finally below reaps every rank in any case.
                     proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}",
-                                       args=(target, rank, args, child_end, os.getpid(), sigint_handler, running,
-                                             parents_ends))
-                    proc.start()
+                                       args=(work, rank, child_end, os.getpid(), sigint_handler, parents_ends))
+                    try:
+                        proc.start()
+                    finally:
+                        work.close()  # the rank has its own descriptor of the file (if pickled)
                     # Now, while it cannot have been reaped: the next start() reaps
                     # the children that exited, and a pid then names nobody, or another.
                     pidfds.append(_pidfd(proc))

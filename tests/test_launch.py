@@ -294,6 +294,81 @@ def test_spawn_with_other_start_methods(start_method):
         (0, 2, 0, 0), (1, 2, 0, 0)]
 
 
+def _sums_and_marks(comm, values, marks):
+    marks[comm.rank] = comm.rank + 10
+    return float(values.sum())
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_spawn_hands_large_arguments_and_shared_arrays_to_new_interpreters(start_method):
+    # Arguments of over a pipe's 64 KiB made start() wait for each rank to
+    # import the main module.  A RawArray (pickled only as a rank starts) from
+    # the arena of spawn's own must still reach the ranks.
+    values = np.arange(100_000, dtype=np.float64)  # 800 KB
+    marks = multiprocessing.get_context(start_method).RawArray("q", 2)
+    assert blsshm.spawn(_sums_and_marks, 2, args=(values, marks), start_method=start_method) == [
+        float(values.sum())] * 2
+    assert list(marks) == [10, 11]
+
+
+UNIMPORTABLE_IN_A_RANK = r"""
+import sys
+import numpy as np
+import blsshm
+
+if __name__ == "__mp_main__":  # the main module, as a rank started by "spawn" imports it
+    raise RuntimeError("this module cannot be imported in a rank")
+
+def rank_main(comm, values):
+    return values.size
+
+if __name__ == "__main__":
+    try:
+        blsshm.spawn(rank_main, 2, args=(np.zeros(int(sys.argv[1])),), start_method="spawn")
+    except blsshm.RankFailedError as exc:
+        print(exc, flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("elements", [10, 100_000])
+def test_a_rank_that_cannot_import_the_main_module_is_reported_whatever_its_arguments(tmp_path, elements):
+    # With over 64 KiB of arguments start() waited for ever for the dead
+    # rank to read them (and held off Ctrl-C and SIGTERM meanwhile).
+    path = tmp_path / "unimportable.py"
+    path.write_text(UNIMPORTABLE_IN_A_RANK)
+    res = subprocess.run([sys.executable, str(path), str(elements)], capture_output=True, text=True, timeout=40)
+    assert res.returncode == 0, res.stderr
+    assert re.fullmatch(r"rank [01] ended without a result \(exit code 1\)\n", res.stdout), res.stdout
+    assert "RuntimeError: this module cannot be imported in a rank" in res.stderr
+
+
+ONLY_IN_THE_PARENT = r"""
+import blsshm
+
+if __name__ == "__main__":
+    def rank_main(comm):  # not in the module a rank imports
+        return comm.rank
+
+    try:
+        blsshm.spawn(rank_main, 2, start_method="spawn")
+    except AttributeError as exc:
+        print(exc.blsshm_rank, exc, flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_function_a_new_interpreter_cannot_find_is_the_ranks_error(tmp_path):
+    # It failed as the rank unpickled its Process, before blsshm's code: the
+    # parent said only "rank 0 ended without a result (exit code 1)".
+    path = tmp_path / "only_in_the_parent.py"
+    path.write_text(ONLY_IN_THE_PARENT)
+    res = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=40)
+    assert res.returncode == 0, res.stderr
+    assert re.fullmatch(r"[01] Can't get attribute 'rank_main' on <module '__mp_main__' from '.*'>\n",
+                        res.stdout), (res.stdout, res.stderr)
+
+
 def test_spawn_rejects_bad_arguments():
     with pytest.raises(blsshm.BlsValueError, match="nprocs"):
         blsshm.spawn(_rank_and_args, 0)
