@@ -4,7 +4,6 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
-import multiprocessing.reduction
 import multiprocessing.resource_tracker
 import numbers
 import os
@@ -59,35 +58,41 @@ def _line_buffered():
 class _Work:
     """What a rank runs, ``target(rank, *args)``, handed over beside the pipe multiprocessing starts it with.
 
-    Under "spawn" and "forkserver", ``start()`` writes the pickled Process to
-    that pipe, which the new rank reads only once it has imported the main
-    module: with more than a pipe's 64 KiB of arguments ``start()`` waited
-    for that import (a Ctrl-C held off meanwhile, see ``_shield_sigint``),
-    and for ever when the import failed.  So ``target`` and ``args`` are
-    pickled into a file of their own, as multiprocessing pickles the Process
-    (arguments that pickle only then, a RawArray or a Lock, still do), and the
-    pipe carries its descriptor.  The rank unpickles them in ``_rank_main``,
-    which reports a failure there (a function it cannot import) as its error.
-    Forked, the rank inherits them as they are.
+    Under "spawn", ``start()`` writes the pickled Process to that pipe,
+    which the new rank reads only once it has imported the main module: with
+    more than a pipe's 64 KiB of arguments ``start()`` waited for that import
+    (a Ctrl-C held off meanwhile, see ``_shield_sigint``), and for ever when
+    the import failed (under "forkserver" the write failed instead, with a
+    bare BrokenPipeError).  So ``target`` and ``args`` are pickled into a
+    file of their own, as multiprocessing pickles the Process (with the
+    context's reducer, so arguments that pickle only then, a RawArray or a
+    Lock, still do), and the pipe carries its descriptor.  The rank unpickles
+    them in ``_rank_main``, which reports a failure there (a function it
+    cannot import) as its error.  Each rank's file lives until that rank
+    has read it, so they may all be in memory at once.  Forked, the rank
+    inherits them as they are.
     """
 
-    def __init__(self, target, args, running):
+    def __init__(self, target, args, running, reducer):
         self.target, self.args, self.running = target, args, running
+        self.reducer = reducer  # the context's: a program may have set its own (ctx.reducer)
         self.pickled = None  # what a rank started by "spawn" or "forkserver" got
         self.fd = -1  # the file of the last pickling: the parent closes it once the rank started
 
     def __reduce__(self):
         # ``running`` too: pickled apart, a RawArray in ``args`` from the same
         # arena would hand the rank that arena's descriptor twice, which spawn refuses.
-        data = multiprocessing.reduction.ForkingPickler.dumps((self.target, self.args, self.running),
-                                                              pickle.HIGHEST_PROTOCOL)
+        data = self.reducer.ForkingPickler.dumps((self.target, self.args, self.running), pickle.HIGHEST_PROTOCOL)
         self.close()
         self.fd = _file_holding(data)
-        return _unpickled_work, (multiprocessing.reduction.DupFd(self.fd),)
+        return _unpickled_work, (self.reducer.DupFd(self.fd),)
 
     def load(self):
-        """``(target, args, running)``."""
-        return (self.target, self.args, self.running) if self.pickled is None else pickle.loads(self.pickled)
+        """``(target, args, running)``, once: the pickled bytes are dropped, not kept beside the arguments."""
+        if self.pickled is None:
+            return self.target, self.args, self.running
+        data, self.pickled = self.pickled, None
+        return pickle.loads(data)
 
     def close(self):
         if self.fd >= 0:
@@ -127,7 +132,7 @@ def _unpickled_work(dup_fd):
     finally:
         os.close(fd)
     work = _Work.__new__(_Work)
-    work.target = work.args = work.running = None
+    work.target = work.args = work.running = work.reducer = None
     work.pickled, work.fd = b"".join(parts), -1
     return work
 
@@ -139,7 +144,9 @@ def _rank_main(work, rank, conn, parent_pid, sigint_handler, parents_ends):
     _default_termination_signals()  # a forked rank inherited the parent's (see _run_ranks)
     _line_buffered()
     try:
-        target, args, running = work.load()  # still starting: shielded from Ctrl-C, if the parent was
+        # Still starting: a Ctrl-C is ignored here under "fork" and "spawn"
+        # (see _shield_sigint); a fork server's child raises it, and reports it.
+        target, args, running = work.load()
         if sigint_handler is not None:  # shielded from Ctrl-C while starting (see _shield_sigint)
             signal.signal(signal.SIGINT, _noting_sigint(sigint_handler, running, rank))
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked, if forked
@@ -534,7 +541,7 @@ def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
     pidfds: List[int] = []
     reported: Set[int] = set()  # ranks whose outcome arrived (filled by _collect)
     running = ctx.RawArray("b", nprocs)  # 1 once a rank runs ``target`` (Ctrl-C no longer shielded)
-    work = _Work(target, args, running)
+    work = _Work(target, args, running, ctx.reducer)
     interrupted = False
     with _reaping_our_children():  # the ranks' exit statuses are ours to collect
         try:
