@@ -9,6 +9,7 @@ MAX_RANKS: int
 MAX_MBOX_BYTES: int
 COPY_POLICIES: Dict[str, int]
 DIRECT_MIN_BYTES: int
+RECYCLE_BYTES: int
 
 Counts = Union[Sequence[int], npt.NDArray[np.integer]]
 Timeout = Optional[float]

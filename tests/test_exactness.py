@@ -232,23 +232,25 @@ def test_requests_complete_in_order():
         assert res == [[0] * 3, [1] * 3, [2] * 3]
 
 
-def _tight_arena(comm, iters, seed):
-    """Records of random sizes in an arena that holds barely (lag + 2) of the
-    largest: the ring wraps constantly, pads its end, and reuses every byte."""
+def _random_records(comm, iters, seed, max_count=180):
+    """Records of random sizes (counts below ``max_count``, a fifth of them
+    zero), ranks out of step by random sleeps, every block checked."""
     P, L, me = comm.size, comm.lag, comm.rank
     rng = np.random.default_rng([seed, me])
+
+    def counts(t):
+        c = np.random.default_rng([seed, t]).integers(0, max_count, size=(P, P))
+        c[np.random.default_rng([seed, t, 1]).random((P, P)) < 0.2] = 0
+        return c
+
     bad = []
     for t in range(iters):
-        counts = np.random.default_rng([seed, t]).integers(0, 180, size=(P, P))
-        counts[np.random.default_rng([seed, t, 1]).random((P, P)) < 0.2] = 0
         if rng.random() < 0.05:
             time.sleep(rng.random() * 5e-4)
-        comm.post(t, send_buffer(me, t, counts[me]), counts[me])
+        comm.post(t, send_buffer(me, t, counts(t)[me]), counts(t)[me])
         if t >= L:
             recv, rc = comm.complete(t - L)
-            col = np.random.default_rng([seed, t - L]).integers(0, 180, size=(P, P))
-            col[np.random.default_rng([seed, t - L, 1]).random((P, P)) < 0.2] = 0
-            if not np.array_equal(recv, expected_recv(me, t - L, col[:, me])):
+            if not np.array_equal(recv, expected_recv(me, t - L, counts(t - L)[:, me])):
                 bad.append(t - L)
     for t in range(max(0, iters - L), iters):
         comm.complete(t)
@@ -256,9 +258,63 @@ def _tight_arena(comm, iters, seed):
 
 
 def test_arena_ring_wraps_exactly():
+    """An arena that holds barely (lag + 2) of the largest record: the ring
+    wraps constantly, pads its end, and reuses every byte."""
     # largest record: 2 blocks x 179 x 8 bytes, 64-aligned = 2944 bytes; (3 + 2) x 2944 <= 16 KiB
-    for rank, bad in enumerate(blsshm.spawn(_tight_arena, 2, lag=3, arena_bytes=16384, args=(3000, 11))):
+    for rank, bad in enumerate(blsshm.spawn(_random_records, 2, lag=3, arena_bytes=16384, args=(3000, 11))):
         assert bad == [], f"rank {rank}: {bad[:10]}"
+
+
+def test_records_that_wrap_early_are_exact():
+    """Records of 0 to 72 KiB in a 1 MiB arena: small ones go round its
+    start early (_core.RECYCLE_BYTES), large ones round the whole of it,
+    both next to records still in flight."""
+    for rank, bad in enumerate(blsshm.spawn(_random_records, 3, lag=3, arena_bytes=1 << 20,
+                                            args=(1500, 12, 3000))):
+        assert bad == [], f"rank {rank}: {bad[:10]}"
+
+
+def _record_offsets(comm, iters, count):
+    """Where in the mapping each of ``iters`` zero-copy records begins."""
+    where = []
+    for t in range(iters):
+        with comm.post_views(t, [count] * comm.size, np.uint8) as views:
+            where.append(views[0].__array_interface__["data"][0])
+            for v in views:
+                v[:] = t % 251
+        with comm.complete_views(t) as views:
+            assert all((v == t % 251).all() for v in views)
+    return where
+
+
+def test_records_keep_to_the_start_of_the_arena():
+    """Records go round the first RECYCLE_BYTES of the 32 MiB arena, not all
+    of it, so their lines and pages stay in the caches and the TLB."""
+    count, iters = 4096, 300  # records of 8 KiB: 300 of them would span 2.4 MiB
+    for rank, where in enumerate(blsshm.spawn(_record_offsets, 2, args=(iters, count))):
+        span = max(where) - min(where)
+        assert span <= _core.RECYCLE_BYTES + 2 * count, f"rank {rank}: records span {span} bytes"
+        assert len(set(where)) < iters, f"rank {rank}: no record reused its lines"
+
+
+def _inline_after_large(comm, large):
+    """A large record at the arena's start, then one of blocks small enough
+    for the mailboxes (no record: 0 bytes in the ring), then another record,
+    all posted before any completes."""
+    P = comm.size
+    comm.post(0, np.zeros(large * P, np.uint8), [large] * P)
+    comm.post(1, np.ones(P, np.uint8), [1] * P)
+    comm.post(2, np.full(1024 * P, 2, np.uint8), [1024] * P)
+    return [comm.complete(t)[0][0] for t in range(3)]
+
+
+def test_a_post_without_a_record_does_not_make_the_arena_look_full():
+    """The mailbox-only post must not wrap the ring to its start: with the
+    large record of iteration 0 there, head == tail would read as full and
+    post(2) would fail with ArenaFullError."""
+    large = _core.RECYCLE_BYTES  # two blocks: the head ends past RECYCLE_BYTES
+    for res in blsshm.spawn(_inline_after_large, 2, lag=2, args=(large,)):
+        assert res == [0, 1, 2]
 
 
 def _views_outlive_close(comm):
