@@ -4,8 +4,8 @@
 This module is the whole protocol (DESIGN §2-§3); the layout is in
 ``_layout.h`` and the atomics, futex and clock in ``_sync.h``.
 
-Rank ``s`` posts iteration ``t`` into slot ``t % S`` (S = L + 1 slots, 2 at
-lag 0: see ``_slot_count``).  If every block
+Rank ``s`` posts iteration ``t`` into slot ``t % S`` (S = L + 2 slots: see
+``_slot_count``).  If every block
 fits a mailbox (80 bytes), it writes each block into its one-line mailbox
 for (``s``, receiver, slot); otherwise it writes a record (one block per
 destination) into its own arena, and each mailbox says where in the record
@@ -201,7 +201,7 @@ MAX_LAG = 1 << 16
 # Copies at least this big release the GIL; smaller ones are cheaper than the hand-off.
 cdef uint64_t NOGIL_COPY_BYTES = 256 * 1024
 MAX_RANKS = 1 << 12
-# Mailboxes grow as P x P x (L + 1) lines: beyond this, a segment has none
+# Mailboxes grow as P x P x (L + 2) lines: beyond this, a segment has none
 # and small blocks travel through the records like large ones.
 MAX_MBOX_BYTES = 16 << 20
 # Defaults of the waiting policy (Comm sets spin_ns from blsshm.comm.SPIN_US).
@@ -345,15 +345,21 @@ cdef inline uint64_t _round_up(uint64_t n, uint64_t a) noexcept nogil:
 
 
 cdef inline uint64_t _slot_count(uint64_t lag) noexcept nogil:
-    """Descriptor and mailbox slots per sender: ``L + 1``, and 2 at lag 0.
+    """Descriptor and mailbox slots per sender: ``L + 2``.
 
     A sender reuses slot ``t mod slots`` once every rank completed the
-    iteration it held.  At lag 0 a second slot lets a blocking alltoallv
-    publish ``t`` at once: the slot last held ``t - 2``, and its own
-    ``complete(t - 1)`` saw every rank post ``t - 1``, which each did only
-    after completing ``t - 2`` (see ``Core._reserve``).
+    iteration it held.  A split post needs only ``L + 1`` (I2 keeps at most
+    that many in flight); the one more lets a blocking alltoallv publish
+    ``t`` without reading anyone's ``completed``: the slot last held
+    ``t - L - 2``, and its own ``complete(t - 1)`` saw every rank post
+    ``t - 1``, which each did only after completing ``t - L - 2`` (see
+    ``Core._reserve``).  With ``L + 1`` slots (as at lag 1 before), that
+    post read every rank's ``completed`` line, one more trip between cores
+    per call: a blocking loop at lag 1, 2 ranks, took 0.52-0.57 us at 64 B
+    per pair and 1.37 us at 4 KiB, against 0.31-0.33 and 1.00-1.09 with
+    ``L + 2``.
     """
-    return lag + 1 if lag > 0 else 2
+    return lag + 2
 
 
 def layout(nranks, lag, arena_bytes_arg):
@@ -447,6 +453,7 @@ cdef class Core:
     cdef readonly uint64_t next_post
     cdef readonly uint64_t next_complete
     cdef uint64_t slots         # descriptor and mailbox slots per sender (_slot_count)
+    cdef uint64_t slot_mask     # slots - 1 if slots is a power of two, else 0 (see _slot)
     cdef uint64_t* fl_iter      # in-flight records, oldest at fl_first (ring of `slots`)
     cdef uint64_t* fl_start
     cdef uint64_t* fl_end
@@ -594,6 +601,7 @@ cdef class Core:
         self.size = self.hdr.nranks
         self.lag = self.hdr.lag
         self.slots = _slot_count(self.lag)
+        self.slot_mask = self.slots - 1 if self.slots & (self.slots - 1) == 0 else 0
         if expected_size >= 0 and expected_size != self.size:
             raise BlsValueError(f"{size_source} is {expected_size} but the segment has {self.size} ranks")
         if rank < 0 or rank >= self.size:
@@ -1567,7 +1575,8 @@ cdef class Core:
 
         ``blocking``: the post of a blocking alltoallv, which returns only
         once every rank posted ``t``; it waits only until its slot is free
-        (``_slot_count``), so at lag 0 it publishes at once.  That call is
+        (``_slot_count``), which its last complete already knows, so it
+        publishes at once unless the arena is full.  That call is
         still synchronous: it returns after every rank posted ``t``, and each
         did so only after completing ``t - 1`` itself.
         """
@@ -1636,8 +1645,12 @@ cdef class Core:
     # Slot numbers without a 64-bit division where one is easily avoided
     # (lags 0 and 1, ring steps, one slot for all senders in a poll).
     cdef inline uint64_t _slot(self, uint64_t t) noexcept nogil:
-        """The descriptor slot of iteration ``t``: ``t mod slots`` (see ``_slot_count``)."""
-        return t & 1 if self.slots == 2 else t % self.slots
+        """The descriptor slot of iteration ``t``: ``t mod slots`` (see ``_slot_count``).
+
+        A mask when ``slots`` is a power of two: a 64-bit division takes
+        tens of cycles, and a call asks for slots several times.
+        """
+        return t & self.slot_mask if self.slot_mask != 0 else t % self.slots
 
     cdef inline int _next_index(self, int i) noexcept nogil:
         """``(i + 1) mod slots``, for rings of ``slots`` entries."""
@@ -2919,7 +2932,7 @@ cdef class Core:
         complete's together.  With ``lag = 0`` this is an ordinary
         synchronous alltoallv: it returns only once every rank has posted
         ``t``.  Its post, like an eager MPI send, waits only for this
-        sender's slot (two at lag 0), so it may publish ``t`` while a peer
+        sender's slot (``L + 2`` of them), so it may publish ``t`` while a peer
         still receives ``t - 1``; a split ``post(t)`` would wait for that.
         A timeout in its second half leaves ``t`` so published.  ``out``'s
         dtype is checked before posting; its size only once the blocks have

@@ -3,7 +3,7 @@
  *   offset 0                  bls_header_t        written once by the creator
  *   BLS_LINE                  bls_abort_t         the abort word (first aborter wins), closes
  *   2 * BLS_LINE              bls_rank_t[P]       per-rank counters, 3 lines each
- *   descs_offset              P x S descriptors (S = L+1 slots, 2 at lag 0) of desc_stride bytes
+ *   descs_offset              P x S descriptors (S = L+2 slots) of desc_stride bytes
  *   mbox_offset               P x P x S mailboxes of one line (0: none)
  *   arenas_offset             P arenas of arena_bytes bytes (byte rings of records)
  *

@@ -147,8 +147,9 @@ def main(argv=None):
               f"running {cfg.num_batches}, not --num-batches {args.num_batches}", file=sys.stderr, flush=True)
     lag = cfg.lag if cfg.backend == "bls" or args.compare else 0  # the largest lag of a run
     if args.verify and cfg.data_batches < min(cfg.num_batches, lag + 2):
-        # Iteration t's blocks taken for those of t - k (k <= lag + 1 share
-        # the ring's slots) give the same predictions when the batches repeat.
+        # Iteration t's blocks taken for those of t - k (k <= lag + 1: the
+        # iterations in flight at once) give the same predictions when the
+        # batches repeat.
         print(f"dlrm_bench: note: --verify sees {cfg.data_batches} distinct batch(es): an iteration "
               f"given the blocks of one up to {lag + 1} before it may go unnoticed; "
               f"--data-size {(lag + 2) * cfg.batch_size} or more makes that visible",

@@ -293,31 +293,35 @@ def test_a_timeout_names_the_rank_it_waited_for_even_once_that_rank_caught_up():
     assert timeouts > 0 and named == {(1,)}, (named, timeouts)
 
 
-def _two_waits_in_one_call(comm):
-    # At lag 1 (two slots) rank 0's alltoallv(2) waits twice: in its post for
-    # slot 0 (rank 1's complete(0)), then in its complete for rank 1's
-    # post(2): 1 s and 2.5 s from when rank 1 sees it wait, each shorter than
-    # the 3 s timeout, 3.5 s together.  A late rank 1 only makes the second
-    # wait longer; the first has 2 s to spare.
+def _two_waits_in_one_call(comm, n):
+    # At lag 1 in an arena that holds two records of 2 x n float64, rank 0's
+    # alltoallv(2) waits twice: in its post for room (rank 1's complete(0)),
+    # then in its complete for rank 1's post(2): 1 s and 2.5 s from when
+    # rank 1 sees it wait, each shorter than the 3 s timeout, 3.5 s
+    # together.  A late rank 1 only makes the second wait longer; the first
+    # has 2 s to spare.
     if comm.rank == 0:
         for t in range(2):
-            comm.alltoallv(np.full(2, float(t)), [1, 1])
+            comm.alltoallv(np.full(2 * n, float(t)), [n, n])
         with pytest.raises(BlsTimeoutError, match=r"complete\(2\) timed out"):
-            comm.alltoallv(np.full(2, 10.0), [1, 1], timeout=3.0)
-        return comm.complete(2)[0].tolist()  # posted in the call: it completes now
-    for t in range(2):
-        comm.post(t, np.full(2, float(t)), [1, 1])
-    wait_until_a_rank_sleeps_on(comm, 1, "completed")  # rank 0, in its post(2)
-    time.sleep(1.0)
-    comm.complete(0)
-    comm.complete(1)
-    time.sleep(2.5)
-    return comm.alltoallv(np.full(2, 11.0), [1, 1])[0].tolist()
+            comm.alltoallv(np.full(2 * n, 10.0), [n, n], timeout=3.0)
+        recv = comm.complete(2)[0]  # posted in the call: it completes now
+    else:
+        for t in range(2):
+            comm.post(t, np.full(2 * n, float(t)), [n, n])
+        wait_until_a_rank_sleeps_on(comm, 1, "completed")  # rank 0, in its post(2)
+        time.sleep(1.0)
+        comm.complete(0)
+        comm.complete(1)
+        time.sleep(2.5)
+        recv = comm.alltoallv(np.full(2 * n, 11.0), [n, n])[0]
+    return recv[0], recv[n]
 
 
 def test_a_timeout_bounds_the_whole_alltoallv():
     # Its post and its complete each had the whole timeout, so a call could block for twice as long.
-    assert blsshm.spawn(_two_waits_in_one_call, 2, lag=1) == [[10.0, 11.0], [10.0, 11.0]]
+    n = 128  # 1 KiB blocks: records of 2 KiB, two to the 4 KiB arena
+    assert blsshm.spawn(_two_waits_in_one_call, 2, lag=1, arena_bytes=4096, args=(n,)) == [(10.0, 11.0)] * 2
 
 
 def test_a_rank_that_never_attaches_is_a_timeout_and_leaks_nothing():

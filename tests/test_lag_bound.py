@@ -63,32 +63,40 @@ def test_post_blocks_exactly_beyond_the_lag(lag, k):
     assert outcome["next_post_after_timeout"] == k + lag + 1  # the timed-out post changed nothing
 
 
-def _blocking_post_at_lag_0(comm, seen):
-    """Rank 1 posts 0 with the split calls and holds its complete(0) back."""
+def _blocking_post(comm, k, seen):
+    """Both ranks run k blocking iterations; then rank 1 posts k .. k + L with
+    the split calls and holds its completes back, while rank 0 runs blocking
+    alltoallv up to k + L + 1."""
+    L = comm.lag
     one = np.ones(2, np.int64)
+    for t in range(k):
+        comm.alltoallv(one * t, [1, 1])
     if comm.rank == 0:
-        first, _ = comm.alltoallv(one * 10, [1, 1])
-        second, _ = comm.alltoallv(one * 11, [1, 1])
-        return first.tolist(), second.tolist()
-    comm.post(0, one * 20, [1, 1])
+        return [comm.alltoallv(one * (100 + t), [1, 1])[0].tolist() for t in range(k, k + L + 2)]
+    for t in range(k, k + L + 1):
+        comm.post(t, one * (200 + t), [1, 1])
     deadline = time.monotonic() + 30
-    while comm._counters()[0][0] < 2 and time.monotonic() < deadline:
+    while comm._counters()[0][0] < k + L + 2 and time.monotonic() < deadline:
         time.sleep(0.001)
     seen.put(comm._counters())
-    first, _ = comm.complete(0)
-    second, _ = comm.alltoallv(one * 21, [1, 1])
-    return first.tolist(), second.tolist()
+    received = [comm.complete(t)[0].tolist() for t in range(k, k + L + 1)]
+    t = k + L + 1
+    return received + [comm.alltoallv(one * (200 + t), [1, 1])[0].tolist()]
 
 
-def test_a_blocking_alltoallv_at_lag_0_publishes_before_the_others_completed():
-    """Its slot (one of two) is free, so it need not wait for rank 1's complete(0),
-    which the split post(1) would (I2); it still returns only once rank 1 posted 1."""
+@pytest.mark.parametrize("lag", [0, 1, 3])
+def test_a_blocking_alltoallv_publishes_before_the_others_completed(lag):
+    """Its slot (one of L + 2) is free, so its post of k + L + 1 need not wait
+    for rank 1's complete(k), which a split post would (I2); the call still
+    returns only once rank 1 posted k + L + 1."""
     import multiprocessing
+    k = 5
     seen = multiprocessing.get_context().Queue()
-    results = blsshm.spawn(_blocking_post_at_lag_0, 2, lag=0, args=(seen,))
+    results = blsshm.spawn(_blocking_post, 2, lag=lag, args=(k, seen))
     published, completed = seen.get(timeout=5)
-    assert published == [2, 1] and completed == [1, 0]
-    assert results == [([10, 20], [11, 21]), ([10, 20], [11, 21])]
+    assert published == [k + lag + 2, k + lag + 1] and completed == [k + lag + 1, k]
+    expected = [[100 + t, 200 + t] for t in range(k, k + lag + 2)]
+    assert results == [expected, expected]
 
 
 def _complete_waits_for_posts(comm):
