@@ -1550,11 +1550,19 @@ cdef class Core:
         tail = self.fl_start[idx]
         if self.arena_head > tail:
             # Wrap early, once the head is RECYCLE_BYTES or RECYCLE_RECORDS
-            # records into the arena, when the record fits before the oldest
-            # one: see RECYCLE_BYTES.  Never for an empty record: it would
-            # leave head == tail, which reads as full.
-            if (nbytes != 0 and tail >= nbytes
-                    and self.arena_head >= max(recycle_bytes, RECYCLE_RECORDS * nbytes)):
+            # records into the arena (see RECYCLE_BYTES), only when that
+            # takes nothing from what (lag + 2) x the largest record
+            # promises: the bytes left at the end stay unused until the
+            # oldest record is free, so every record that may be posted
+            # before then (slots - fl_count more) must fit before it, this
+            # one included, if none is larger than the largest in flight.
+            # And only once this rank has completed all it posted: a later,
+            # larger record that does not fit then waits for the others'
+            # completes, and never raises ArenaFullError.  Never for an
+            # empty record: it would leave head == tail, which reads as full.
+            if (nbytes != 0 and self.next_complete == self.next_post
+                    and self.arena_head >= max(recycle_bytes, RECYCLE_RECORDS * nbytes)
+                    and tail >= (self.slots - <uint64_t>self.fl_count) * self._largest_in_flight(nbytes)):
                 start[0] = 0
                 return True
             if self.arena_bytes - self.arena_head >= nbytes:
@@ -1568,6 +1576,16 @@ cdef class Core:
             start[0] = self.arena_head
             return True
         return False
+
+    cdef inline uint64_t _largest_in_flight(self, uint64_t nbytes) noexcept nogil:
+        """The largest of ``nbytes`` and the records in flight."""
+        cdef uint64_t largest = nbytes
+        cdef int idx = self.fl_first
+        cdef int i
+        for i in range(self.fl_count):
+            largest = max(largest, self.fl_end[idx] - self.fl_start[idx])
+            idx = self._next_index(idx)
+        return largest
 
     cdef int _reserve(self, uint64_t t, uint64_t nbytes, int64_t timeout_ns, int64_t* deadline_ns,
                       uint64_t* start, bint blocking) except -1:

@@ -21,7 +21,7 @@
 
 #define BLS_LINE 128
 #define BLS_MAGIC 0x314d485353534c42ULL /* "BLSSSHM1" */
-#define BLS_VERSION 8
+#define BLS_VERSION 9
 #define BLS_BLOCK_ALIGN 64              /* each per-destination block starts on a cache line */
 #define BLS_DTYPE_CHARS 20
 #define BLS_REASON_CHARS (BLS_LINE - 32) /* abort reason, NUL included */

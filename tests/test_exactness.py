@@ -232,10 +232,13 @@ def test_requests_complete_in_order():
         assert res == [[0] * 3, [1] * 3, [2] * 3]
 
 
-def _random_records(comm, iters, seed, max_count=180):
+def _random_records(comm, iters, seed, max_count=180, pipelined=True):
     """Records of random sizes (counts below ``max_count``, a fifth of them
-    zero), ranks out of step by random sleeps, every block checked."""
+    zero), ranks out of step by random sleeps, every block checked.
+    ``pipelined``: ``post(t); complete(t - L)``, else ``post(t); complete(t)``."""
     P, L, me = comm.size, comm.lag, comm.rank
+    if not pipelined:
+        L = 0
     rng = np.random.default_rng([seed, me])
 
     def counts(t):
@@ -265,43 +268,64 @@ def test_arena_ring_wraps_exactly():
         assert bad == [], f"rank {rank}: {bad[:10]}"
 
 
-def test_records_that_wrap_early_are_exact():
-    """Records of 0 to 72 KiB in a 1 MiB arena: small ones go round its
-    start early (_core.RECYCLE_BYTES), large ones round the whole of it,
-    both next to records still in flight."""
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_records_of_mixed_sizes_are_exact_in_a_larger_arena(pipelined):
+    """Records of 0 to 72 KiB in a 1 MiB arena at lag 3.  Completing each
+    post at once, small ones go round the arena's start early
+    (_core.RECYCLE_BYTES) next to records the others still read; pipelined,
+    with this rank's own posts outstanding, they go round all of it."""
     for rank, bad in enumerate(blsshm.spawn(_random_records, 3, lag=3, arena_bytes=1 << 20,
-                                            args=(1500, 12, 3000))):
+                                            args=(1500, 12, 3000, pipelined))):
         assert bad == [], f"rank {rank}: {bad[:10]}"
 
 
-def _record_offsets(comm, iters, count):
-    """Where in the mapping each of ``iters`` zero-copy records begins, at
-    lag 1: ``t`` is posted while ``t - 1`` is in flight, so the ring never
-    empties (which would start it again at the arena's start)."""
+def _growing_records(comm, sizes):
+    """``post(t); complete(t - L)`` with records of the given sizes."""
+    P, L = comm.size, comm.lag
+    got = []
+    for t, n in enumerate(sizes):
+        comm.post(t, np.full(n, t % 256, np.uint8), [n // P] * P)
+        if t >= L:
+            got.append(int(comm.complete(t - L)[0][0]))
+    for t in range(max(0, len(sizes) - L), len(sizes)):
+        got.append(int(comm.complete(t)[0][0]))
+    return got
+
+
+def test_wrapping_early_keeps_room_for_the_records_the_lag_allows():
+    """(lag + 2) x the largest record is enough, however the ring wrapped:
+    here a wrap to the arena's start after the third record, with records
+    2 and 3 in flight, would leave 264 KiB before record 2 for a 1 MiB one,
+    and post(4) would raise ArenaFullError in a 32 MiB arena."""
+    sizes = [16 << 10, 256 << 10, 8 << 10, 8 << 10, 1 << 20, 8 << 10]
+    for got in blsshm.spawn(_growing_records, 2, lag=2, args=(sizes,)):
+        assert got == list(range(len(sizes)))
+
+
+def _block_offsets(comm, iters, count):
+    """Where in its arena each of ``iters`` blocking alltoallv put its block
+    for the other rank, read back from its own mailbox (only it writes it)."""
+    lay = _core.layout(comm.size, comm.lag, comm.arena_bytes)
+    line, block_offset = 128, 48  # bls_mbox_t in _layout.h
+    peer = 1 - comm.rank
+    send = np.full(2 * count, comm.rank, np.uint8)
     where = []
-
-    def complete(t):
-        with comm.complete_views(t) as views:
-            assert all((v == t % 251).all() for v in views)
-
     for t in range(iters):
-        with comm.post_views(t, [count] * comm.size, np.uint8) as views:
-            where.append(views[0].__array_interface__["data"][0])
-            for v in views:
-                v[:] = t % 251
-        if t >= 1:
-            complete(t - 1)
-    complete(iters - 1)
+        recv, _ = comm.alltoallv(send, [count, count])
+        assert (recv[:count] == 0).all() and (recv[count:] == 1).all()
+        slot = t % lay["slots"]
+        at = lay["mbox_offset"] + ((comm.rank * comm.size + peer) * lay["slots"] + slot) * line + block_offset
+        where.append(int(np.frombuffer(comm._mapping, np.uint64, 1, at)[0]))
     return where
 
 
 def test_records_keep_to_the_start_of_the_arena():
-    """Records go round the first RECYCLE_BYTES of the 32 MiB arena, not all
-    of it, so their lines and pages stay in the caches and the TLB."""
+    """A loop of blocking calls puts its records round the first
+    RECYCLE_BYTES of the 32 MiB arena, not all of it, so their lines and
+    pages stay in the caches and the TLB."""
     count, iters = 4096, 300  # records of 8 KiB: 300 of them would span 2.4 MiB
-    for rank, where in enumerate(blsshm.spawn(_record_offsets, 2, lag=1, args=(iters, count))):
-        span = max(where) - min(where)
-        assert span <= _core.RECYCLE_BYTES + 2 * count, f"rank {rank}: records span {span} bytes"
+    for rank, where in enumerate(blsshm.spawn(_block_offsets, 2, args=(iters, count))):
+        assert max(where) < _core.RECYCLE_BYTES + 2 * count, f"rank {rank}: a block at {max(where)}"
         assert len(set(where)) < iters, f"rank {rank}: no record reused its lines"
 
 

@@ -88,7 +88,7 @@ def test_blocking_alltoallv_at_the_mailbox_edge():
 
 @pytest.mark.parametrize("zero_copy", [False, True], ids=["copy", "zero-copy"])
 def test_a_segment_too_big_for_mailboxes_uses_records_only(zero_copy):
-    lag = 32768  # 2 x 2 x 32769 lines > 16 MiB: no mailboxes
+    lag = 32768  # 2 x 2 x 32770 lines > 16 MiB: no mailboxes
     assert _core.layout(2, lag, 16 << 20)["mbox_offset"] == 0
     # Enough iterations that every descriptor slot is reused at least once.
     assert blsshm.spawn(_alternate, 2, lag=lag, arena_bytes=16 << 20, args=(lag + 300, zero_copy),

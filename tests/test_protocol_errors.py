@@ -25,7 +25,7 @@ DTYPE_CHARS = 20
 
 SMALL = 2    # float64 elements per block: 16 bytes, inline in the mailbox
 LARGE = 64   # 512 bytes: in the sender's record
-NO_MAILBOX_LAG = 32768  # 2 x 2 x 32769 mailbox lines > 16 MiB: the segment has none
+NO_MAILBOX_LAG = 32768  # 2 x 2 x 32770 mailbox lines > 16 MiB: the segment has none
 
 
 class Line:
