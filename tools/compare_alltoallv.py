@@ -650,7 +650,7 @@ def run_blsshm(rank_fn, nprocs, plan, opts, *extra, lag=0):
     except ImportError as exc:
         raise BackendSkipped(f"blsshm is not importable: {exc}") from None
     largest = max(size for size, _, _ in plan)
-    arena = max(MIB, (lag + 2) * nprocs * (largest + 64))  # lag + 1 records in flight, and room
+    arena = max(MIB, (lag + 2) * nprocs * (largest + 64))  # a blocking loop keeps lag + 2 records in flight
     with deadline(opts.timeout, "blsshm"):
         return blsshm.spawn(rank_fn, nprocs, lag=lag, arena_bytes=arena, args=(plan, rank_options(opts), *extra),
                             timeout=min(opts.timeout, RANK_WAIT_TIMEOUT_S))
