@@ -245,7 +245,8 @@ cdef uint64_t STREAM_MIN_BYTES = 16 * 1024
 # 4 ranks on 2 cores (4 pairs): 1-16 KiB -1 to -5 %.
 cdef uint64_t CLAIM_MAX_BYTES = 32 * 1024
 # Records go round the first RECYCLE_BYTES of the arena, or RECYCLE_RECORDS
-# records of the size being placed if that is more, not round the whole arena
+# records of the size being placed if that is more (when Core._fit may wrap
+# early: a rank that completed all it posted), not round the whole arena
 # (32 MiB by default): walking all of it met every record's lines and pages
 # cold, in the writer's caches and TLB and in the receivers'.  Nor round as
 # few lines as possible: rewriting the lines a receiver read two iterations
@@ -1661,7 +1662,7 @@ cdef class Core:
         return 0
 
     # Slot numbers without a 64-bit division where one is easily avoided
-    # (lags 0 and 1, ring steps, one slot for all senders in a poll).
+    # (power-of-two slot counts, ring steps, one slot for all senders in a poll).
     cdef inline uint64_t _slot(self, uint64_t t) noexcept nogil:
         """The descriptor slot of iteration ``t``: ``t mod slots`` (see ``_slot_count``).
 
