@@ -343,7 +343,9 @@ def _inline_after_large(comm, large):
 def test_a_post_without_a_record_does_not_make_the_arena_look_full():
     """The mailbox-only post must not wrap the ring to its start: with the
     large record of iteration 0 there, head == tail would read as full and
-    post(2) would fail with ArenaFullError."""
+    post(2) would fail with ArenaFullError.  Two rules of Core._fit keep it
+    from wrapping (no early wrap for an empty record, nor with this rank's
+    posts outstanding); this fails only if both go."""
     large = _core.RECYCLE_BYTES  # two blocks: the head ends past RECYCLE_BYTES
     for res in blsshm.spawn(_inline_after_large, 2, lag=2, args=(large,)):
         assert res == [0, 1, 2]
