@@ -1,5 +1,6 @@
 """I1 exactness (and I3): whatever the timing, complete(t) returns exactly what was posted."""
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -220,6 +221,26 @@ def test_out_buffer_is_used():
     for me, (recv, shared, tail) in enumerate(blsshm.spawn(_out_buffer, 2)):
         assert recv == [2 * me, 2 * me + 1, 10 + 2 * me, 11 + 2 * me]
         assert shared and tail == [-1] * 96
+
+
+def _held_results(comm):
+    held = []
+    for t in range(4):
+        counts = [t + 1 + comm.rank] * comm.size
+        held.append(comm.alltoallv(np.full(sum(counts), t, np.int64), counts))
+        comm.alltoallv(np.zeros(comm.size, np.int64), [1] * comm.size)  # a result dropped at once
+    dropped = weakref.ref(comm.alltoallv(np.zeros(comm.size, np.int64), [1] * comm.size)[0])
+    comm.close()
+    return [(recv.tolist(), counts.tolist()) for recv, counts in held], dropped() is None
+
+
+def test_results_the_caller_holds_stay_as_they_were_returned():
+    """The result tuple of a call is filled again by the next only when nobody holds it; close() lets go of it."""
+    for held, released in blsshm.spawn(_held_results, 2):
+        for t, (recv, counts) in enumerate(held):
+            assert counts == [t + 1 + s for s in range(2)]
+            assert recv == [t] * sum(counts)
+        assert released
 
 
 def _requests(comm):
