@@ -33,7 +33,7 @@ from posix.unistd cimport getpid, close, usleep
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.long cimport PyLong_AsLongLong
 from cpython.ref cimport Py_INCREF, Py_XDECREF, Py_REFCNT, PyObject
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_SET_ITEM
+from cpython.tuple cimport PyTuple_New, PyTuple_GET_ITEM, PyTuple_SET_ITEM
 from cpython.object cimport PyTypeObject
 cimport numpy as cnp
 
@@ -2438,7 +2438,7 @@ cdef class Core:
         _PyArray_SetBaseObject(view, base)
         return view
 
-    cdef list _zc_reserve(self, int64_t t, object send_counts, object dtype_arg, object timeout,
+    cdef tuple _zc_reserve(self, int64_t t, object send_counts, object dtype_arg, object timeout,
                           int64_t* deadline_ns):
         """Zero-copy post, first half: wait, reserve the mailboxes or record of ``t``, return its views.
 
@@ -2446,14 +2446,20 @@ cdef class Core:
         publishes, ``_zc_cancel(t)`` forgets the reservation.
         """
         cdef uint64_t nbytes
+        cdef int q
+        cdef cnp.ndarray view
         cdef cnp.dtype dtype = self._check_views_post(t, send_counts, dtype_arg, &nbytes)
         self._check_peers_for_post(t)
         self._reserve_blocks(t, nbytes, dtype.itemsize, self._timeout_ns(timeout), deadline_ns)
         self.slot_dtype[self._slot(t)] = dtype
         try:
             base = self._views_base("post_views", t)
-            return [self._view(base, <uint64_t>(self._block_dst(q, t) - self.base), self.counts[q], dtype, True)
-                    for q in range(self.size)]
+            views = PyTuple_New(self.size)  # filled in place: no list to build and convert
+            for q in range(self.size):
+                view = self._view(base, <uint64_t>(self._block_dst(q, t) - self.base), self.counts[q], dtype, True)
+                Py_INCREF(view)
+                PyTuple_SET_ITEM(views, q, view)
+            return views
         except BaseException:
             self.pending = False
             raise
@@ -2779,7 +2785,8 @@ cdef class Core:
         cdef uint32_t isz
         cdef uint64_t off
         cdef uint64_t total = 0
-        views = []
+        views = PyTuple_New(self.size)  # filled in place, as _zc_reserve's
+        cdef cnp.ndarray view
         cdef int64_t deadline
         cdef bls_mbox_t* mb
         cdef int rc
@@ -2817,11 +2824,13 @@ cdef class Core:
                 self.last_recv_dtype, self.last_recv_dtype_str = dtype, dstr
             if (<cnp.dtype>dtype).itemsize != isz:
                 self._protocol_error(f"rank {s} sent an invalid dtype at iteration {t}")
-            views.append(self._view(base, off, n // isz, dtype, False))
+            view = self._view(base, off, n // isz, dtype, False)
+            Py_INCREF(view)
+            PyTuple_SET_ITEM(views, s, view)
             total += n
         self.acquired_bytes = total
         self.acquired = True
-        return tuple(views)
+        return views
 
     cdef int _zc_release(self, int64_t t) except -1:
         """Zero-copy complete, second half: mark ``t`` completed."""
@@ -3220,8 +3229,8 @@ cdef class PostViews:
             views = self.comm._zc_reserve(self.t, self.counts, self.dtype, self.timeout, &deadline_ns)
         finally:
             self.comm._leave()
-        self.views = tuple(views)
-        return self.views
+        self.views = views
+        return views
 
     def __exit__(self, exc_type, exc, tb):
         # A write after publishing would tear what receivers read: no more writes.
