@@ -40,8 +40,6 @@ cimport numpy as cnp
 cdef extern from "Python.h":
     int PyObject_GC_IsTracked(object)
     void PyObject_GC_Track(object)
-
-cdef extern from "Python.h":
     # Declared without an exception clause: _wait calls it in a nogil,
     # noexcept function and leaves the exception set for _await to raise.
     int check_signals "PyErr_CheckSignals"() noexcept
@@ -420,6 +418,14 @@ def initialize(segment, int nranks, int lag, uint64_t arena_bytes):
         bls_store_release(&hdr.magic, BLS_MAGIC)
     finally:
         PyBuffer_Release(&buf)
+
+
+cdef inline void _put(tuple items, Py_ssize_t i, object item) noexcept:
+    """Set ``items[i]`` of a tuple being filled (new, or ours alone), releasing what it held."""
+    cdef PyObject* old = PyTuple_GET_ITEM(items, i)
+    Py_INCREF(item)  # PyTuple_SET_ITEM steals a reference
+    PyTuple_SET_ITEM(items, i, item)
+    Py_XDECREF(old)
 
 
 cdef class Core:
@@ -2447,7 +2453,6 @@ cdef class Core:
         """
         cdef uint64_t nbytes
         cdef int q
-        cdef cnp.ndarray view
         cdef cnp.dtype dtype = self._check_views_post(t, send_counts, dtype_arg, &nbytes)
         self._check_peers_for_post(t)
         self._reserve_blocks(t, nbytes, dtype.itemsize, self._timeout_ns(timeout), deadline_ns)
@@ -2456,9 +2461,8 @@ cdef class Core:
             base = self._views_base("post_views", t)
             views = PyTuple_New(self.size)  # filled in place: no list to build and convert
             for q in range(self.size):
-                view = self._view(base, <uint64_t>(self._block_dst(q, t) - self.base), self.counts[q], dtype, True)
-                Py_INCREF(view)
-                PyTuple_SET_ITEM(views, q, view)
+                _put(views, q, self._view(base, <uint64_t>(self._block_dst(q, t) - self.base),
+                                          self.counts[q], dtype, True))
             return views
         except BaseException:
             self.pending = False
@@ -2727,16 +2731,9 @@ cdef class Core:
         result's arrays live on until the next call or ``close()``.
         """
         cdef tuple last = self.last_result
-        cdef PyObject* old
         if last is not None and Py_REFCNT(last) == 2:  # ours and `last`'s
-            old = PyTuple_GET_ITEM(last, 0)
-            Py_INCREF(recv)
-            PyTuple_SET_ITEM(last, 0, recv)
-            Py_XDECREF(old)
-            old = PyTuple_GET_ITEM(last, 1)
-            Py_INCREF(counts)
-            PyTuple_SET_ITEM(last, 1, counts)
-            Py_XDECREF(old)
+            _put(last, 0, recv)
+            _put(last, 1, counts)
             if not PyObject_GC_IsTracked(last):  # the collector untracks tuples of untracked items
                 PyObject_GC_Track(last)
             return last
@@ -2786,7 +2783,6 @@ cdef class Core:
         cdef uint64_t off
         cdef uint64_t total = 0
         views = PyTuple_New(self.size)  # filled in place, as _zc_reserve's
-        cdef cnp.ndarray view
         cdef int64_t deadline
         cdef bls_mbox_t* mb
         cdef int rc
@@ -2824,9 +2820,7 @@ cdef class Core:
                 self.last_recv_dtype, self.last_recv_dtype_str = dtype, dstr
             if (<cnp.dtype>dtype).itemsize != isz:
                 self._protocol_error(f"rank {s} sent an invalid dtype at iteration {t}")
-            view = self._view(base, off, n // isz, dtype, False)
-            Py_INCREF(view)
-            PyTuple_SET_ITEM(views, s, view)
+            _put(views, s, self._view(base, off, n // isz, dtype, False))
             total += n
         self.acquired_bytes = total
         self.acquired = True
