@@ -290,7 +290,8 @@ cdef int HANDOFF_NAP_US = 50
 cdef int64_t HANDOFF_CHECK_NS = 1000000
 # A wait that must not fail lightly (a sender's wait for a read under way,
 # or a receiver's once it has read a block it cannot read again: failing
-# aborts the communicator) runs at least this long, whatever the call's timeout.
+# aborts the communicator) runs at least this long, whatever the call's
+# timeout; so does a hand-over wait after another rank aborted.
 cdef int64_t HANDOFF_GRACE_NS = 1000000000
 # A sender whose yields to a receiver sharing its CPU (_give_way_to_readers)
 # went unanswered this many times in a row stops yielding for the next
@@ -316,13 +317,18 @@ def _fail_direct_reads(uint64_t sources):
 # bit s set naps, before reading, while the offer stays CLAIMED, for about
 # direct_claims_stall_ms at most (the sender waits, or gives up and takes it back).
 cdef uint64_t direct_claims_stall = 0
-cdef unsigned int direct_claims_stall_ms = 0
+cdef uint32_t direct_claims_stall_ms = 0  # atomic: another thread may end a nap under way
 cdef uint32_t direct_claims_stalled = 0
 
 def _stall_direct_claims(uint64_t sources, double seconds):
-    """Make this process hold its claims of offers from the ranks in ``sources`` up to ``seconds`` (tests)."""
-    global direct_claims_stall, direct_claims_stall_ms
-    direct_claims_stall, direct_claims_stall_ms = sources, <unsigned int>(seconds * 1e3)
+    """Make this process hold its claims of offers from the ranks in ``sources`` up to ``seconds`` (tests).
+
+    Another thread may call it during a nap: ``seconds = 0`` ends the nap.
+    """
+    global direct_claims_stall
+    direct_claims_stall = sources
+    # Relaxed is enough: it only bounds a nap; no other data rides on it.
+    bls_store_relaxed32(&direct_claims_stall_ms, <uint32_t>(seconds * 1e3))
 
 def _direct_claims_stalled():
     """How many claims have begun such a nap (tests; another thread may ask during one)."""
@@ -2106,9 +2112,10 @@ cdef class Core:
 
     cdef void _stall_claim(self, bls_mbox_t* mb) noexcept nogil:
         """Tests: hold a claim (see _stall_direct_claims) while the sender leaves it CLAIMED."""
-        cdef unsigned int ms = 0
+        cdef uint32_t ms = 0
         bls_store_release32(&direct_claims_stalled, direct_claims_stalled + 1)
-        while ms < direct_claims_stall_ms and bls_load_acquire32(&mb.direct_state) == BLS_DIRECT_CLAIMED:
+        while (ms < bls_load_relaxed32(&direct_claims_stall_ms)
+               and bls_load_acquire32(&mb.direct_state) == BLS_DIRECT_CLAIMED):
             usleep(1000)
             ms += 1
 
@@ -2244,10 +2251,12 @@ cdef class Core:
         waits until its sender ``r`` filled its record (FILLED).  Either is
         a copy under way or about to be (a sender fills every offer before
         it returns, aborted or not), so this spins and yields (as
-        ``_wait``), then naps, with no futex.  An abort ends a sender's
-        wait at once (it then abandons the read: see _fail_handoff) and a
-        receiver's after HANDOFF_GRACE_NS more (the fill is likely on its
-        way).  Every HANDOFF_CHECK_NS it checks whether ``r`` lives, the
+        ``_wait``), then naps, with no futex.  An abort (another rank's:
+        this rank's own wait fails first) ends either wait only after
+        HANDOFF_GRACE_NS more: the read or the fill is under way, and once
+        it is done the iteration completes on both sides (a sender that
+        gives up abandons the read: see _fail_handoff).  Every
+        HANDOFF_CHECK_NS it checks whether ``r`` lives, the
         deadline (-1: none) and signals.  OK or an ERR_* code.
         """
         cdef uint32_t state
@@ -2265,7 +2274,9 @@ cdef class Core:
             now = bls_now_ns()
             if abort_seen < 0 and self._aborted():
                 abort_seen = now
-            if abort_seen >= 0 and (not until_filled or now - abort_seen >= HANDOFF_GRACE_NS):
+            # A read or fill under way ends soon: given the grace, the
+            # iteration completes on both sides, as Comm.abort promises.
+            if abort_seen >= 0 and now - abort_seen >= HANDOFF_GRACE_NS:
                 return ERR_ABORTED
             if now >= next_check:
                 next_check = now + HANDOFF_CHECK_NS

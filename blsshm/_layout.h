@@ -131,9 +131,11 @@ typedef struct {
  * A receiver ends its read with a CAS CLAIMED -> DONE.  The sender returns
  * from the call once each offer is DONE or FILLED: it waits while one is
  * CLAIMED (a read in progress), so its buffer stays unchanged while anyone
- * reads it.  Only if that wait fails (a timeout, Ctrl-C) does it abort the
- * communicator and then take the claim back (ABANDONED): the reader's CAS
- * then fails, and it raises instead of returning what it read. */
+ * reads it; another rank's abort does not end that wait before a grace
+ * period (the read ends first, and both complete the iteration).  Only if
+ * the wait fails (a timeout, Ctrl-C, a read outlasting that grace) does it
+ * abort the communicator and then take the claim back (ABANDONED): the
+ * reader's CAS then fails, and it raises instead of returning what it read. */
 #define BLS_DIRECT_NONE 0       /* the block is in the record (or inline) */
 #define BLS_DIRECT_OFFERED 1
 #define BLS_DIRECT_CLAIMED 2

@@ -400,7 +400,8 @@ class Comm(_core.Core):
         """Abort the communicator: in every rank, later posts and waits that cannot be met raise ``CommAborted``.
 
         An iteration whose blocks had all arrived still completes (as with a
-        dead peer's last posts), so peers finish what this rank took part in.
+        dead peer's last posts), so peers finish what this rank took part in;
+        a direct read under way (see :meth:`alltoallv`) gets a second to end.
         """
         if not self.closed:
             self._abort(str(reason))

@@ -293,6 +293,67 @@ def test_a_sender_that_gives_up_on_a_read_under_way_abandons_it_and_the_reader_r
     assert "aborted by rank 0: left complete(0) during a direct copy with rank 1" in message, message
 
 
+
+def _reads_on_while_another_rank_aborts(comm, claimed, aborted):
+    """Rank 1 holds a read of rank 0's block; rank 2, which posted, aborts meanwhile."""
+    P, me = comm.size, comm.rank
+    if me == 2:
+        comm.post(0, _send(2, P, 0), [BLOCK] * P)  # a split post offers nothing
+        claimed.wait(60)
+        comm.abort("rank 2 gives up")
+        aborted.set()
+        return "aborted"
+    if me == 1:
+        comm.direct_min_bytes = 0  # offers nothing: rank 0's offers are the only ones
+        wait_until_published(comm, 0, 1)
+        pid0 = comm._peer_pids()[0][0]  # it posted: it has attached, so this is its pid
+        assert pid0 > 0, pid0  # never 0: a signal to pid 0 goes to the whole process group
+        _stop(pid0)  # so rank 0 cannot take its offer back before we claim it
+        _core._stall_direct_claims(1 << 0, 30.0)
+
+        def abort_during_the_read():
+            while _core._direct_claims_stalled() == 0:
+                time.sleep(0.001)
+            os.kill(pid0, signal.SIGCONT)
+            claimed.set()
+            aborted.wait(60)
+            time.sleep(0.2)  # rank 0 meets the abort while it waits for our read
+            _core._stall_direct_claims(1 << 0, 0.0)  # the read goes on
+
+        helper = threading.Thread(target=abort_during_the_read, daemon=True)
+        helper.start()
+    try:
+        recv, _ = comm.alltoallv(_send(me, P, 0), [BLOCK] * P)
+        first = "exact" if np.array_equal(recv, _received(me, P, 0)) else "wrong"
+    except blsshm.BlsError as exc:
+        first = f"{type(exc).__name__}: {exc}"
+    finally:
+        if me == 1:
+            os.kill(pid0, signal.SIGCONT)  # in case the claim never came
+            _core._stall_direct_claims(0, 0.0)
+            helper.join(5)
+    try:
+        comm.alltoallv(_send(me, P, 1), [BLOCK] * P)
+    except blsshm.CommAborted:
+        second = "CommAborted"
+    else:
+        second = "completed"
+    return first, second, comm.stats["bytes_read_direct"]
+
+
+def test_a_read_under_way_when_another_rank_aborts_ends_and_both_sides_complete_the_iteration():
+    # Every block of iteration 0 had arrived: as Comm.abort promises, it
+    # completes, also for the sender waiting on the read and for its reader.
+    ctx = multiprocessing.get_context("fork")
+    claimed, aborted = ctx.Event(), ctx.Event()
+    with Ranks(_reads_on_while_another_rank_aborts, 3, arena_bytes=8 << 20, args=(claimed, aborted),
+               timeout=30) as ranks:
+        outcomes = ranks.collect(3, timeout=90)
+    assert outcomes[2] == ("ok", "aborted"), outcomes[2]
+    assert outcomes[0] == ("ok", ("exact", "CommAborted", 0)), outcomes[0]
+    assert outcomes[1] == ("ok", ("exact", "CommAborted", BLOCK * 8)), outcomes[1]  # read directly
+
+
 PR_SET_PTRACER = 0x59616D61
 PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
 
