@@ -886,8 +886,13 @@ cdef class Core:
             return
         # Two of our threads may abort at once (a wait that finds a peer dead
         # without the GIL, and abort() from another thread): the second must
-        # not write the fields the first's CAS has just published.
+        # not write the fields the first's CAS has just published.  It waits
+        # for that CAS (a few stores away) instead, so that callers may rely
+        # on what this returns to: an aborted communicator (one that
+        # abandons a read must not let its reader see no abort).
         if bls_exchange32(&self.abort_claimed, 1) != 0:
+            while not self._aborted():
+                bls_yield()  # it may share our CPU
             return
         me.abort_kind = kind
         me.abort_lost_rank = lost_rank
