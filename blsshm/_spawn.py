@@ -73,19 +73,43 @@ class _Work:
     inherits them as they are.
     """
 
-    def __init__(self, target, args, running, reducer):
+    def __init__(self, target, args, running, ctx):
         self.target, self.args, self.running = target, args, running
-        self.reducer = reducer  # the context's: a program may have set its own (ctx.reducer)
+        self.reducer = ctx.reducer  # the context's: a program may have set its own (ctx.reducer)
+        self.start_method = ctx.get_start_method()  # for errors
         self.pickled = None  # what a rank started by "spawn" or "forkserver" got
         self.fd = -1  # the file of the last pickling: the parent closes it once the rank started
 
     def __reduce__(self):
         # ``running`` too: pickled apart, a RawArray in ``args`` from the same
         # arena would hand the rank that arena's descriptor twice, which spawn refuses.
-        data = self.reducer.ForkingPickler.dumps((self.target, self.args, self.running), pickle.HIGHEST_PROTOCOL)
+        try:
+            data = self.reducer.ForkingPickler.dumps((self.target, self.args, self.running),
+                                                     pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise BlsTypeError(self._unpicklable(exc)) from exc
         self.close()
         self.fd = _file_holding(data)
         return _unpickled_work, (self.reducer.DupFd(self.fd),)
+
+    def _unpicklable(self, exc):
+        """Which of the caller's arguments did not pickle, and why, for the error raised instead."""
+        if self.target is _with_comm:  # spawn's: _with_comm(rank, fn, name, comm_kwargs, args)
+            fn, _, _, args = self.args
+            parts = [("fn", fn)] + [(f"args[{i}]", a) for i, a in enumerate(args)]
+        else:
+            parts = [("target", self.target)] + [(f"args[{i}]", a) for i, a in enumerate(self.args)]
+        for label, part in parts:
+            try:
+                self.reducer.ForkingPickler.dumps(part, pickle.HIGHEST_PROTOCOL)
+            except Exception as part_exc:
+                label, exc = f"{label} ({type(part).__name__})", part_exc
+                break
+        else:
+            label = "the ranks' work"
+        return (f"{label} does not pickle, and ranks started by {self.start_method!r} "
+                f"get it pickled: {type(exc).__name__}: {exc} (define functions at module level, "
+                f"not as lambdas or inside functions, or start ranks by 'fork')")
 
     def load(self):
         """``(target, args, running)``, once: the pickled bytes are dropped, not kept beside the arguments."""
@@ -541,7 +565,7 @@ def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
     pidfds: List[int] = []
     reported: Set[int] = set()  # ranks whose outcome arrived (filled by _collect)
     running = ctx.RawArray("b", nprocs)  # 1 once a rank runs ``target`` (Ctrl-C no longer shielded)
-    work = _Work(target, args, running, ctx.reducer)
+    work = _Work(target, args, running, ctx)
     interrupted = False
     with _reaping_our_children():  # the ranks' exit statuses are ours to collect
         try:

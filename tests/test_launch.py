@@ -10,6 +10,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -309,6 +310,21 @@ def test_spawn_hands_large_arguments_and_shared_arrays_to_new_interpreters(start
     assert blsshm.spawn(_sums_and_marks, 2, args=(values, marks), start_method=start_method) == [
         float(values.sum())] * 2
     assert list(marks) == [10, 11]
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_what_does_not_pickle_for_new_interpreters_is_named(start_method):
+    # Under forkserver (Python 3.14's default) a lambda as fn used to fail
+    # with a bare pickling error from deep inside multiprocessing.
+    with pytest.raises(blsshm.BlsTypeError, match=rf"^fn \(function\) does not pickle, and ranks "
+                                                   rf"started by '{start_method}' get it pickled: "):
+        blsshm.spawn(lambda comm: comm.rank, 2, start_method=start_method)
+    with pytest.raises(TypeError, match=r"^args\[1\] \(lock\) does not pickle.*at module level"):
+        blsshm.spawn(_sums_and_marks, 2, args=(np.zeros(3), threading.Lock()), start_method=start_method)
+    with pytest.raises(blsshm.BlsTypeError, match=r"^target \(function\) does not pickle"):
+        blsshm.run_ranks(lambda rank: rank, 2, start_method=start_method)
+    assert blsshm.spawn(_rank_and_args, 2, args=(0, 0), start_method=start_method) == [
+        (0, 2, 0, 0), (1, 2, 0, 0)]  # and nothing was left behind to stop the next start
 
 
 UNIMPORTABLE_IN_A_RANK = r"""
