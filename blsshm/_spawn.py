@@ -99,17 +99,19 @@ class _Work:
             parts = [("fn", fn)] + [(f"args[{i}]", a) for i, a in enumerate(args)]
         else:
             parts = [("target", self.target)] + [(f"args[{i}]", a) for i, a in enumerate(self.args)]
+        advice = "start ranks by 'fork'"
         for label, part in parts:
             try:
                 self.reducer.ForkingPickler.dumps(part, pickle.HIGHEST_PROTOCOL)
             except Exception as part_exc:
                 label, exc = f"{label} ({type(part).__name__})", part_exc
+                if callable(part):
+                    advice = "define it at module level, not as a lambda or inside a function, or " + advice
                 break
         else:
             label = "the ranks' work"
         return (f"{label} does not pickle, and ranks started by {self.start_method!r} "
-                f"get it pickled: {type(exc).__name__}: {exc} (define functions at module level, "
-                f"not as lambdas or inside functions, or start ranks by 'fork')")
+                f"get it pickled: {type(exc).__name__}: {exc} ({advice})")
 
     def load(self):
         """``(target, args, running)``, once: the pickled bytes are dropped, not kept beside the arguments."""
