@@ -86,6 +86,8 @@ class _Work:
         try:
             data = self.reducer.ForkingPickler.dumps((self.target, self.args, self.running),
                                                      pickle.HIGHEST_PROTOCOL)
+        except MemoryError:
+            raise  # it pickles, only not into this memory
         except Exception as exc:
             raise BlsTypeError(self._unpicklable(exc)) from exc
         self.close()
