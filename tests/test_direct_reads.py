@@ -293,7 +293,6 @@ def test_a_sender_that_gives_up_on_a_read_under_way_abandons_it_and_the_reader_r
     assert "aborted by rank 0: left complete(0) during a direct copy with rank 1" in message, message
 
 
-
 def _reads_on_while_another_rank_aborts(comm, claimed, aborted):
     """Rank 1 holds a read of rank 0's block; rank 2, which posted, aborts meanwhile."""
     P, me = comm.size, comm.rank
