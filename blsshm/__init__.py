@@ -7,12 +7,14 @@ synchronous alltoallv returns.  Start here:
 - :func:`spawn` runs a function in N processes sharing a :class:`Comm`;
 - ``python -m blsshm.run -n N script.py`` starts a script N times and
   :func:`init` gives each its :class:`Comm`;
-- :meth:`Comm.create` / :meth:`Comm.attach` for processes you start yourself.
+- :meth:`Comm.create` / :meth:`Comm.attach` for processes you start yourself;
+- :func:`empty` for send buffers other ranks read fastest (huge pages).
 """
 import os
 from typing import Optional
 
 from blsshm._core import MAX_RANKS
+from blsshm.buffers import empty
 from blsshm.comm import DEFAULT_ARENA_BYTES, Comm, Request
 from blsshm.errors import (
     ArenaFullError, BlsError, BlsTimeoutError, BlsTypeError, BlsValueError,
@@ -68,7 +70,7 @@ def _env_int(var, least, most, bound=""):
 
 
 __all__ = [
-    "Comm", "Request", "init", "spawn", "run_ranks", "DEFAULT_ARENA_BYTES",
+    "Comm", "Request", "init", "spawn", "run_ranks", "empty", "DEFAULT_ARENA_BYTES",
     "BlsError", "BlsValueError", "BlsTypeError", "ArenaFullError", "BlsTimeoutError",
     "CommAborted", "PeerLostError", "RankFailedError",
 ]
