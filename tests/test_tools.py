@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+import blsshm
+
 pytestmark = pytest.mark.timeout(60)
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
@@ -296,6 +298,19 @@ def test_single_copy_reads_the_senders_bytes_and_reaps_the_sender_after_a_failed
     for pid in forked:
         with pytest.raises(ChildProcessError):  # reaped, after the run as after the failure
             os.waitpid(pid, os.WNOHANG)
+
+
+def test_single_copy_reads_a_sender_on_huge_pages(forked):
+    single_copy = _tool("single_copy")
+    cma, memcpy = single_copy.measure(2 << 20, 5, blsshm.empty)  # checks the bytes it read
+    assert cma > 0 and memcpy > 0 and len(forked) == 1
+
+
+def test_send_buffers_on_huge_pages_hold_the_same_blocks():
+    compare = _tool("compare_alltoallv")
+    size = 1 << 19
+    assert np.array_equal(compare.send_buffer(1, 4, size, salt=2, huge_pages=True),
+                          compare.send_buffer(1, 4, size, salt=2))
 
 
 def _saved_run(lag, gloo):

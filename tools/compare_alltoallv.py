@@ -67,7 +67,10 @@ they stay clean in a cache both cores share, which flatters Open MPI's
 single copy (it reads large messages straight from the sender's buffer)
 against a producer's just-written lines.  Use it at 64 KiB and more:
 below, the barriers' exit skew (1-2 µs; MPI meets at its own ``Barrier``)
-outweighs what it measures.  For each iteration the figure is the MAXIMUM
+outweighs what it measures.  ``--huge-pages`` allocates every backend's
+send buffer, and memcpy's source, with ``blsshm.empty`` (transparent huge
+pages, which single-copy reads of large blocks, blsshm's and Open MPI's,
+pin faster; receive buffers stay numpy's).  For each iteration the figure is the MAXIMUM
 over ranks (the iteration is done when its slowest rank is; the memcpy
 floors of oversubscribed runs are summed over the cores instead), and
 the tables give the median and the 99th percentile of that maximum, in µs.
@@ -160,6 +163,7 @@ import traceback
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402 (after the line above, which it reads)
 
+import blsshm
 from blsshm import _proc
 
 KIB, MIB = 1 << 10, 1 << 20
@@ -206,9 +210,12 @@ def pattern(src, dst, salt=0):
     return (31 * src + 7 * dst + salt) % 251 + 1
 
 
-def send_buffer(rank, nprocs, size, salt=0):
-    """The P blocks of ``size`` bytes rank ``rank`` sends, back to back."""
-    return np.concatenate([np.full(size, pattern(rank, q, salt), np.uint8) for q in range(nprocs)])
+def send_buffer(rank, nprocs, size, salt=0, huge_pages=False):
+    """The P blocks of ``size`` bytes rank ``rank`` sends, back to back (from ``blsshm.empty`` if ``huge_pages``)."""
+    send = (blsshm.empty if huge_pages else np.empty)(nprocs * size, np.uint8)
+    for q in range(nprocs):
+        send[q * size:(q + 1) * size] = pattern(rank, q, salt)
+    return send
 
 
 def check_received(recv, rank, nprocs, size, salt=0):
@@ -282,7 +289,7 @@ def time_loop(step, warmup, iters, before=None, clock=time.perf_counter_ns, repo
 
 def rank_options(opts):
     """What every rank needs of the command line (picklable, JSON-able)."""
-    return {"pin": opts.pin, "fresh_send": opts.fresh_send, "cores": opts.cores}
+    return {"pin": opts.pin, "fresh_send": opts.fresh_send, "cores": opts.cores, "huge_pages": opts.huge_pages}
 
 
 def place_rank(rank, rank_opts):
@@ -341,7 +348,7 @@ def blsshm_copy_rank(comm, plan, rank_opts, raw_flags, copy_policy, direct_reads
     barrier = SpinBarrier(raw_flags, rank)
     out = {}
     for size, warmup, iters in plan:
-        send = send_buffer(rank, nprocs, size)
+        send = send_buffer(rank, nprocs, size, huge_pages=rank_opts["huge_pages"])
         recv = np.empty(nprocs * size, np.uint8)
         counts = [size] * nprocs
         alltoallv = comm.alltoallv
@@ -405,7 +412,7 @@ def gloo_rank(rank, nprocs, plan, init_file, timeout_s, rank_opts, raw_flags):
     try:
         out = {}
         for size, warmup, iters in plan:
-            send_array = send_buffer(rank, nprocs, size)
+            send_array = send_buffer(rank, nprocs, size, huge_pages=rank_opts["huge_pages"])
             send = torch.from_numpy(send_array)  # shares send_array's memory
             recv = torch.empty(nprocs * size, dtype=torch.uint8)
             splits = [size] * nprocs
@@ -495,7 +502,7 @@ def memcpy_rank(rank, nprocs, plan, raw_flags, rank_opts):
     barrier = SpinBarrier(raw_flags, rank)
     out = {}
     for size, warmup, iters in plan:
-        src = send_buffer(rank, nprocs, size)
+        src = send_buffer(rank, nprocs, size, huge_pages=rank_opts["huge_pages"])
         dst = np.empty_like(src)
         before = send_refresher(src, rank_opts, barrier.wait) or barrier.wait
         clock = floor_clock(nprocs, rank_opts)
@@ -544,7 +551,7 @@ def mpi_worker(plan_path, out_path):
     place_rank(rank, job["rank_opts"])
     out = {}
     for size, warmup, iters in plan:
-        send = send_buffer(rank, nprocs, size)
+        send = send_buffer(rank, nprocs, size, huge_pages=job["rank_opts"]["huge_pages"])
         recv = np.empty(nprocs * size, np.uint8)
         counts = [size] * nprocs
         displs = [q * size for q in range(nprocs)]
@@ -1032,6 +1039,9 @@ def parse_args(argv):
                         "would, then meet at a barrier; for 64 KiB and more, where a barrier's exit skew is "
                         "small; the barrier also holds blsshm lag 1 (and MPI) to lag 0 (default: written once; "
                         "zero copy and memcpy x produce every iteration anyway)")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="allocate every backend's send buffer, and memcpy's source, with blsshm.empty "
+                        "(transparent huge pages, which other ranks read faster) (default: numpy)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run each backend this many times, taking turns, for 1/ROUNDS of the iterations "
                         "each, so all sample the same host phases; ratios are also paired by round (default 1)")
@@ -1164,7 +1174,8 @@ def write_json(path, opts, machine, plans, results):
     doc = {
         "config": {"nprocs": opts.nprocs, "sizes": opts.sizes, "iters": opts.iters,
                    "warmup": opts.warmup, "backends": opts.backends, "timeout_s": opts.timeout,
-                   "pin": opts.pin, "fresh_send": opts.fresh_send, "rounds": opts.rounds,
+                   "pin": opts.pin, "fresh_send": opts.fresh_send, "huge_pages": opts.huge_pages,
+                   "rounds": opts.rounds,
                    "plans": {str(p): plan for p, plan in plans.items()},
                    "dtype": "uint8", "statistic": "per-iteration max over ranks",
                    "oversubscribed_floor_statistic": "memcpy, memcpy_x: per-iteration sum over ranks "
@@ -1218,6 +1229,8 @@ def main(argv=None):
               f"switches at least once per rank on it per iteration")
     print("  send buffers of copy backends " + ("rewritten before every iteration (--fresh-send)" if opts.fresh_send
                                             else "written once (--fresh-send rewrites them every iteration)"))
+    print("  send buffers and memcpy's source " + ("from blsshm.empty, on transparent huge pages (--huge-pages)"
+                                                   if opts.huge_pages else "from numpy (--huge-pages: blsshm.empty)"))
     if opts.fresh_send and "blsshm_l1" in opts.backends:
         print("  with --fresh-send every rank meets the others before each call: blsshm lag 1 runs no "
               "iteration ahead, as at lag 0")

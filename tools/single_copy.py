@@ -34,6 +34,8 @@ import traceback
 
 import numpy as np
 
+import blsshm
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare_alltoallv import parse_size  # noqa: E402  (tools/ is not a package)
 
@@ -72,16 +74,19 @@ def _reader(pid, local, remote_address):
     return read
 
 
-def measure(size, rounds):
-    """(median ns of a CMA read, median ns of a memcpy) of ``size`` bytes, taking turns ``rounds`` times."""
-    source = np.zeros(size, np.uint8)  # the child's copy of it is the one read
+def measure(size, rounds, allocate=np.zeros):
+    """(median ns of a CMA read, median ns of a memcpy) of ``size`` bytes, taking turns ``rounds`` times.
+
+    Every buffer, the sender's too, comes from ``allocate(size, np.uint8)``.
+    """
     ready_r, ready_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the sender: its copy of ``source`` (same address) is what the parent reads
+    if pid == 0:  # the sender: allocates after the fork, so its pages are its own, not shared copy-on-write
         try:
             os.close(ready_r)
+            source = allocate(size, np.uint8)
             source[:] = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
-            os.write(ready_w, b"r")
+            os.write(ready_w, source.ctypes.data.to_bytes(8, "little"))
             signal.pause()  # until the parent kills it
         except BaseException:
             traceback.print_exc()
@@ -92,12 +97,14 @@ def measure(size, rounds):
         cleanup.callback(os.kill, pid, signal.SIGKILL)
         cleanup.callback(os.close, ready_r)
         os.close(ready_w)
-        if os.read(ready_r, 1) != b"r":
+        address = os.read(ready_r, 8)
+        if len(address) != 8:
             raise RuntimeError("the sender process failed before its buffer was written")
-        received = np.empty(size, np.uint8)
-        own = np.ones(size, np.uint8)
-        copy = np.empty(size, np.uint8)
-        read = _reader(pid, received, source.ctypes.data)
+        received = allocate(size, np.uint8)
+        own = allocate(size, np.uint8)
+        own.fill(1)
+        copy = allocate(size, np.uint8)
+        read = _reader(pid, received, int.from_bytes(address, "little"))
         read()
         expected = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
         if not np.array_equal(received, expected):
@@ -119,13 +126,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=parse_size, default=1 << 20, help="bytes per copy (default 1M)")
     parser.add_argument("--rounds", type=int, default=2000, help="timed calls of each (default 2000)")
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="every buffer from blsshm.empty (transparent huge pages) instead of numpy")
     args = parser.parse_args(argv)
     if args.size > MAX_SIZE:
         parser.error(f"--size must be at most {MAX_SIZE} bytes (one process_vm_readv call), got {args.size}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    cma, memcpy = measure(args.size, args.rounds)
-    print(f"{args.size} bytes, median of {args.rounds}: process_vm_readv {cma / 1e3:.2f} us, "
+    allocate = blsshm.empty if args.huge_pages else np.zeros
+    cma, memcpy = measure(args.size, args.rounds, allocate)
+    pages = "blsshm.empty (huge pages)" if args.huge_pages else "numpy"
+    print(f"{args.size} bytes in {pages} buffers, median of {args.rounds}: process_vm_readv {cma / 1e3:.2f} us, "
           f"memcpy {memcpy / 1e3:.2f} us; CMA bandwidth / memcpy bandwidth {memcpy / cma:.2f}")
 
 
