@@ -11,7 +11,8 @@ fewer than on 4 KiB ones: here a 1 MiB read took 0.8 of the time
 import math
 import mmap
 import operator
-from typing import Sequence, Union
+import sys
+from typing import Any, Sequence, Union
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def _huge_page_bytes():
 HUGE_PAGE_BYTES = _huge_page_bytes()
 
 
-def empty(shape: Union[int, Sequence[int]], dtype: "np.typing.DTypeLike" = float) -> np.ndarray:
+def empty(shape: Union[int, Sequence[int]], dtype: Any = float) -> Any:
     """A new, zero-filled C-contiguous array placed on transparent huge pages where it pays.
 
     Use it for send buffers of large blocks: another rank reads a block of
@@ -44,9 +45,13 @@ def empty(shape: Union[int, Sequence[int]], dtype: "np.typing.DTypeLike" = float
     its own private mapping, aligned to a huge page and advised
     ``MADV_HUGEPAGE``: it takes whole huge pages of memory as it is
     touched.  A smaller one, or one on a kernel without transparent huge
-    pages, is an ordinary numpy array.  Wrap it for torch with
-    ``torch.from_numpy``.  The memory is freed with the array and its views.
+    pages, is an ordinary numpy array.  A torch dtype (``torch.float32``,
+    ``torch.bfloat16``) gives a CPU tensor on the same memory.  The memory
+    is freed with the array (or tensor) and its views.
     """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(dtype, torch.dtype):
+        return _tensor(torch, shape, dtype)
     dtype = np.dtype(dtype)
     if dtype.hasobject:  # zeroed memory is not a valid object pointer
         raise BlsTypeError(f"blsshm.empty() holds plain data; dtype {dtype} holds Python objects")
@@ -73,3 +78,10 @@ def empty(shape: Union[int, Sequence[int]], dtype: "np.typing.DTypeLike" = float
         pass
     # The array keeps ``mapping`` alive (its base); the mapping is unmapped with the last view.
     return np.ndarray(dims, dtype, buffer=mapping, offset=offset)
+
+
+def _tensor(torch, shape, dtype):
+    """:func:`empty` for a torch dtype: its bytes, viewed as ``dtype`` (numpy has no bfloat16)."""
+    raw = empty(shape, np.dtype((np.void, dtype.itemsize)))  # checks shape
+    flat = torch.from_numpy(raw.reshape(-1).view(np.uint8)).view(dtype)
+    return flat.reshape(raw.shape)

@@ -196,3 +196,23 @@ def test_scalar_tensors_that_are_not_integers_are_refused_as_python_scalars_are(
             call(comm, send)
         assert comm.next_post == 0 and comm.alltoallv(send, [2])[0].tolist() == [0.0, 1.0]
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64, torch.bool])
+def test_empty_with_a_torch_dtype_gives_a_zeroed_tensor_on_huge_pages(dtype):
+    from blsshm.buffers import HUGE_PAGE_BYTES
+    t = blsshm.empty((4, 1 << 18), dtype)  # 1 MiB and more: on huge pages
+    assert isinstance(t, torch.Tensor) and t.dtype == dtype and t.shape == (4, 1 << 18)
+    assert t.is_contiguous() and not t.any()
+    if HUGE_PAGE_BYTES:
+        assert t.data_ptr() % HUGE_PAGE_BYTES == 0
+    t.view(torch.uint8).fill_(1)  # writable, every byte of it
+    assert bool(t.view(torch.uint8).all())
+
+
+def test_a_tensor_from_empty_is_sent_as_any_tensor():
+    send = blsshm.empty(1 << 18, torch.float32)
+    send.copy_(torch.arange(1 << 18, dtype=torch.float32))
+    with blsshm.Comm.create(1) as comm:
+        recv, counts = comm.alltoallv(send, [1 << 18])
+    assert isinstance(recv, torch.Tensor) and torch.equal(recv, send) and counts.tolist() == [1 << 18]
