@@ -47,7 +47,9 @@ def empty(shape: Union[int, Sequence[int]], dtype: Any = float) -> Any:
     touched.  A smaller one, or one on a kernel without transparent huge
     pages, is an ordinary numpy array.  A torch dtype (``torch.float32``,
     ``torch.bfloat16``) gives a CPU tensor on the same memory.  The memory
-    is freed with the array (or tensor) and its views.
+    is freed with the array (or tensor) and its views.  Allocate it in the
+    rank that sends from it: a forked rank's first write to memory it
+    inherited copies that memory to ordinary pages.
     """
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(dtype, torch.dtype):
@@ -69,7 +71,10 @@ def empty(shape: Union[int, Sequence[int]], dtype: Any = float) -> Any:
     # One huge page more than needed, to start on a huge page boundary
     # wherever the kernel puts the mapping; the slack is never touched, so
     # it takes address space, not memory.
-    mapping = mmap.mmap(-1, advised + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mapping = mmap.mmap(-1, advised + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OverflowError, OSError) as exc:  # as numpy says it
+        raise MemoryError(f"blsshm.empty() cannot map {nbytes} bytes for shape {dims}: {exc}") from None
     start = np.frombuffer(mapping, np.uint8, count=0).ctypes.data
     offset = -start % huge
     try:

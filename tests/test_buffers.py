@@ -69,6 +69,11 @@ def test_bad_shapes_and_object_dtypes_are_refused_by_name(shape, dtype, error, w
         blsshm.empty(shape, dtype)
 
 
+def test_more_than_can_be_mapped_is_a_memory_error_as_in_numpy():
+    with pytest.raises(MemoryError, match=r"cannot map \d+ bytes for shape \(1099511627776, 1048576\)"):
+        blsshm.empty((1 << 40, MIB), np.uint8)
+
+
 def _exchange_from_huge_pages(comm, block, iters):
     P = comm.size
     send = blsshm.empty(P * block, np.uint8)
