@@ -6,7 +6,7 @@ cross-memory attach).  For each call the kernel looks up and pins every
 page of the sender's it copies from.  On 2 MiB pages there are 512 times
 fewer than on 4 KiB ones: here a 1 MiB read took 0.8 of the time
 (``python tools/single_copy.py --size 1M`` against the same with
-``--huge-pages``), and Open MPI's CMA reads gain the same.
+``--huge-pages``); Open MPI's CMA reads of such buffers gain too.
 """
 import math
 import mmap

@@ -50,7 +50,7 @@ def test_a_large_array_starts_on_a_huge_page_advised_for_huge_pages_and_is_unmap
     del view
     gc.collect()
     vma = _vma_of(address)
-    assert vma is None or "hg" not in vma[2] or vma[0] != start
+    assert vma is None or vma[0] != start  # unmapped (or the address reused by a mapping of its own)
 
 
 def test_a_small_array_is_an_ordinary_numpy_array():
@@ -83,7 +83,8 @@ def _exchange_from_huge_pages(comm, block, iters):
     for t in range(iters):
         send += 1  # new bytes each iteration: a stale read would show
         recv, counts = comm.alltoallv(send, [block] * P)
-        if not all((recv[s * block:(s + 1) * block] == (10 * s + comm.rank + t + 1) % 256).all() for s in range(P)):
+        expected = [(10 * s + comm.rank + t + 1) % 256 for s in range(P)]
+        if not all((recv[s * block:(s + 1) * block] == expected[s]).all() for s in range(P)):
             wrong.append(t)
     return wrong, comm.stats["bytes_read_direct"]
 

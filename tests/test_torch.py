@@ -197,7 +197,6 @@ def test_scalar_tensors_that_are_not_integers_are_refused_as_python_scalars_are(
         assert comm.next_post == 0 and comm.alltoallv(send, [2])[0].tolist() == [0.0, 1.0]
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64, torch.bool])
 def test_empty_with_a_torch_dtype_gives_a_zeroed_tensor_on_huge_pages(dtype):
     from blsshm.buffers import HUGE_PAGE_BYTES
