@@ -165,7 +165,7 @@ def _unpickled_work(dup_fd):
     return work
 
 
-def _rank_main(work, rank, conn, parent_pid, sigint_handler, parents_ends):
+def _rank_main(work, rank, conn, parent_pid, sigint_handler, parents_ends, forked):
     for fd in parents_ends:  # forked: the parent's ends of the report pipes (see _run_ranks)
         os.close(fd)
     die_with_parent(parent_pid)()
@@ -175,6 +175,8 @@ def _rank_main(work, rank, conn, parent_pid, sigint_handler, parents_ends):
         # Still starting: a Ctrl-C is ignored here under "fork" and "spawn"
         # (see _shield_sigint); a fork server's child raises it, and reports it.
         target, args, running = work.load()
+        if forked:
+            _one_torch_thread()
         if sigint_handler is not None:  # shielded from Ctrl-C while starting (see _shield_sigint)
             signal.signal(signal.SIGINT, _noting_sigint(sigint_handler, running, rank))
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked, if forked
@@ -195,6 +197,21 @@ def _rank_main(work, rank, conn, parent_pid, sigint_handler, parents_ends):
         _send_report(conn, _error_report(exc, rank, traceback.format_exc()))
     finally:
         conn.close()
+
+
+def _one_torch_thread():
+    """In a rank forked from a process that imported torch: one intra-op thread for torch.
+
+    torch's OpenMP thread pool does not survive a fork: once the parent has
+    run a parallel op, a forked child's first one waits forever for threads
+    that exist only in the parent.  On one thread torch runs ops inline, so
+    they never wait.  It is also what ``python -m blsshm.run`` (as torchrun)
+    gives each of several ranks, which would oversubscribe the cores with a
+    thread per core each.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 #: A report's frame on the pipe: its length, then its bytes (see _Report).
@@ -464,7 +481,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     remote traceback attached) once the others have stopped; a rank that
     dies without raising gives :class:`RankFailedError`.  After the first
     failure the others get ``grace`` seconds to stop (they raise
-    :class:`PeerLostError`, at once even if the failed rank never
+    :class:`CommAborted`, or its subclass :class:`PeerLostError` if the
+    failed rank died or exited instead of raising, at once even if it never
     attached), then SIGTERM, and SIGKILL 2 s later, each with the processes
     it started (``grace=math.inf`` lets them take as long as they need).
     A Ctrl-C (which a terminal sends the ranks too; one sent to this
@@ -484,7 +502,13 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     ``timeout`` is the communicator's default wait timeout;
     ``start_method`` is a multiprocessing start method (default: the
     platform's).  ``fn`` and ``args`` must be picklable for ``"spawn"``
-    and ``"forkserver"``.
+    and ``"forkserver"``.  Ranks forked (``"fork"``, Linux's default)
+    from a process that imported torch start with
+    ``torch.set_num_threads(1)``: torch's thread pool does not survive a
+    fork, and once this process has run a parallel op a rank's first one
+    would wait forever for it.  ``fn`` may ask for more threads only if
+    this process ran no torch op; ranks started by ``"forkserver"`` or
+    ``"spawn"`` have torch's own default.
     """
     if not callable(fn):
         raise BlsTypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -571,6 +595,7 @@ def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
     running = ctx.RawArray("b", nprocs)  # 1 once a rank runs ``target`` (Ctrl-C no longer shielded)
     work = _Work(target, args, running, ctx)
     interrupted = False
+    forked = ctx.get_start_method() == "fork"
     with _reaping_our_children():  # the ranks' exit statuses are ours to collect
         try:
             with _shield_sigint(ctx) as sigint_handler, _holding_termination(termination):
@@ -579,12 +604,12 @@ def _run_ranks(target, nprocs, args, ctx, grace, on_failure, termination):
                     # A forked rank inherits our ends of its pipe and of the earlier
                     # ranks': it closes them, so that a rank still writing its report
                     # once we close ours (finally, below) gets EPIPE, not a wait.
-                    parents_ends = ([c.fileno() for c in conns] + [parent_end.fileno()]
-                                    if ctx.get_start_method() == "fork" else [])
+                    parents_ends = [c.fileno() for c in conns] + [parent_end.fileno()] if forked else []
                     # Not a daemon, so a rank may start processes of its own (DataLoader
                     # workers); the finally below reaps every rank in any case.
                     proc = ctx.Process(target=_rank_main, name=f"blsshm-rank-{rank}",
-                                       args=(work, rank, child_end, os.getpid(), sigint_handler, parents_ends))
+                                       args=(work, rank, child_end, os.getpid(), sigint_handler, parents_ends,
+                                             forked))
                     try:
                         proc.start()
                     finally:

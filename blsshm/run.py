@@ -5,7 +5,9 @@ communicator, like ``torchrun``: each finds its rank through
 :func:`blsshm.init` (and, as under torchrun, in ``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``; ``OMP_NUM_THREADS=1`` too, when
 there are several ranks and it is not set).  If a rank fails, the others get a
-few seconds to notice (they raise ``PeerLostError``); ranks still running
+few seconds to notice (they raise ``CommAborted``, or its subclass
+``PeerLostError`` if the rank died or exited instead of raising in its
+``with blsshm.init()`` block); ranks still running
 then get SIGTERM, and SIGKILL 2 s later.  The exit status is that of the
 rank that failed first (not of one the launcher stopped so); if ranks die of
 a signal passed on to them (below), the launcher dies of it too, as a shell

@@ -1,5 +1,8 @@
 """CPU torch tensors go in and come out without copies."""
 import re
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -215,3 +218,37 @@ def test_a_tensor_from_empty_is_sent_as_any_tensor():
     with blsshm.Comm.create(1) as comm:
         recv, counts = comm.alltoallv(send, [1 << 18])
     assert isinstance(recv, torch.Tensor) and torch.equal(recv, send) and counts.tolist() == [1 << 18]
+
+
+_TORCH_BEFORE_FORK = textwrap.dedent("""
+    import blsshm, torch
+    torch.set_num_threads(2)  # a thread pool, even on one core
+    a = torch.ones(256, 256)
+    (a @ a).sum()  # the parent runs parallel ops before the ranks are forked
+
+    def rank(comm):
+        x = torch.full((256, 256), 1.0 + comm.rank)
+        product = (x @ x)[0, 0].item()  # a rank's first parallel op
+        recv, _ = comm.alltoallv(torch.full((2,), float(comm.rank)), [1, 1])
+        return torch.get_num_threads(), product, recv.tolist()
+
+    if __name__ == "__main__":
+        print(blsshm.spawn(rank, 2, start_method="fork"))
+""")
+
+
+@pytest.mark.timeout(180)
+def test_forked_ranks_run_torch_ops_after_the_parent_ran_them(tmp_path):
+    # torch's thread pool does not survive a fork: a forked rank's first
+    # parallel op waited forever for the parent's threads.  In a process of
+    # its own, whose thread pool the other tests do not inherit.
+    script = tmp_path / "torch_before_fork.py"
+    script.write_text(_TORCH_BEFORE_FORK)
+    try:
+        # A hang is stopped by killing the parent: its ranks die with it
+        # (spawn's parent-death signal) and its reaper removes the segment.
+        res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("forked ranks hung in their first parallel torch op")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[(1, 256.0, [0.0, 1.0]), (1, 1024.0, [0.0, 1.0])]"
