@@ -529,7 +529,7 @@ cdef class Core:
     cdef uint64_t own_bytes
     cdef uint32_t cpu_hint      # what this rank last published as its CPU (see _wait)
     # direct reads (see BLS_DIRECT_* in _layout.h)
-    cdef public uint64_t direct_min_bytes  # offer blocks this big (0: never)
+    cdef uint64_t direct_min  # offer blocks this big (0: never); direct_min_bytes sets it
     cdef public bint permit_peer_reads  # before the first offer, _proc.allow_peer_reads (then False)
     cdef char* direct_peer      # per rank: we may offer it blocks (same PID namespace, never refused)
     cdef const char** offered   # per rank: the send bytes offered to it by the call in progress, or NULL
@@ -648,7 +648,7 @@ cdef class Core:
         self.direct_peer = <char*>calloc(1, self.size)
         self.recv_direct = <char*>calloc(1, self.size)
         self.offered = <const char**>calloc(1, self.size * sizeof(char*))
-        self.direct_min_bytes = DIRECT_MIN_BYTES
+        self.direct_min = DIRECT_MIN_BYTES
         if self.pidfds != NULL:  # before anything can fail: _release closes those >= 0
             for r in range(self.size):
                 self.pidfds[r] = -1
@@ -1872,13 +1872,13 @@ cdef class Core:
         cdef uint64_t peer_bytes = 0
         cdef const char* own = src
         cdef const char* p = src
-        offer = offer and not self.pending_inline and self.direct_min_bytes != 0
+        offer = offer and not self.pending_inline and self.direct_min != 0
         for q in range(self.size):
             n = <uint64_t>self.counts[q] * itemsize
             self.offered[q] = NULL
             if q == self.rank:
                 own = p
-            elif offer and n >= self.direct_min_bytes and self.direct_peer[q]:
+            elif offer and n >= self.direct_min and self.direct_peer[q]:
                 self.offered[q] = p
                 self.offers_pending = True
                 self.offered_t = t
@@ -2004,6 +2004,24 @@ cdef class Core:
     def timeout(self, value):
         self._timeout_ns(value)  # raises BlsTypeError / BlsValueError naming the value
         self.default_timeout = value
+
+    @property
+    def direct_min_bytes(self):
+        """How large a block (bytes) a blocking :meth:`alltoallv` offers for a direct read; 0: never.
+
+        Settable, to a whole number of bytes: 32 KiB by default, below which
+        the system call costs more than the copy it saves.
+        """
+        return self.direct_min
+
+    @direct_min_bytes.setter
+    def direct_min_bytes(self, value):
+        if _is_bool(value) or not hasattr(type(value), "__index__"):  # 1.5 or True is a mistake
+            raise BlsTypeError(f"direct_min_bytes must be a whole number of bytes, got {value!r}")
+        value = operator.index(value)
+        if value < 0:
+            raise BlsValueError(f"direct_min_bytes must be >= 0 (0 turns direct reads off), got {value}")
+        self.direct_min = min(value, 0xFFFF_FFFF_FFFF_FFFF)  # more than any block: never
 
     @property
     def copy_policy(self):
@@ -3061,8 +3079,8 @@ cdef class Core:
             self._check_send(t, send, send_counts, &nbytes)
             self._ready_within(timeout, &deadline_ns)
         timeout = self._timeout_arg(timeout)
-        if (self.permit_peer_reads and self.direct_min_bytes != 0 and self.size > 1
-                and <uint64_t>cnp.PyArray_NBYTES(<cnp.ndarray>send) >= self.direct_min_bytes):
+        if (self.permit_peer_reads and self.direct_min != 0 and self.size > 1
+                and <uint64_t>cnp.PyArray_NBYTES(<cnp.ndarray>send) >= self.direct_min):
             self._permit_peer_reads()  # once: before our first offer is published
         # Our own block goes from send to out directly, unless out overlaps
         # send (the blocks gathered before it would overwrite it).

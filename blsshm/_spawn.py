@@ -23,7 +23,7 @@ from blsshm._proc import (GRACE_S, TERM_WAIT_S, descendants, describe_exit, die_
                           make_room_for_descriptors, pidfd_exited, signal_pidfds)
 from blsshm._core import MAX_RANKS
 from blsshm.comm import (DEFAULT_ARENA_BYTES, Comm, _check_int, _check_seconds, _check_spin_us, default_spin_us,
-                         liveness_ms)
+                         liveness_ms, ptracer_policy)
 from blsshm.errors import BlsError, BlsTypeError, BlsValueError, CommAborted, RankFailedError, exception_line
 
 
@@ -520,6 +520,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *, lag: int = 0, arena_bytes: int
     _check_seconds("timeout", timeout)
     _check_spin_us(default_spin_us() if spin_us is None else spin_us)
     liveness_ms()
+    ptracer_policy()
     with _stopping_ranks_on_termination() as termination:
         return _spawn_with_segment(fn, nprocs, lag, arena_bytes, args, timeout, spin_us, ctx, grace, termination)
 

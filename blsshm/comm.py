@@ -270,6 +270,7 @@ class Comm(_core.Core):
         _check_seconds("attach_timeout", attach_timeout)
         _check_seconds("timeout", timeout)
         liveness_ms()
+        ptracer_policy()
         name = segment.create(size, _check_int("lag", lag), _check_int("arena_bytes", arena_bytes), reaped=True)
         try:
             return cls._open(name, rank, timeout=timeout, attach_timeout=attach_timeout,

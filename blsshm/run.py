@@ -60,7 +60,7 @@ import time
 from blsshm import _core, segment
 from blsshm._proc import (GRACE_S, STOP_TIMEOUT_S, TERM_WAIT_S, describe_exit, die_of, die_with_parent,
                           make_room_for_descriptors)
-from blsshm.comm import DEFAULT_ARENA_BYTES, default_spin_us, liveness_ms
+from blsshm.comm import DEFAULT_ARENA_BYTES, default_spin_us, liveness_ms, ptracer_policy
 from blsshm.errors import BlsError
 
 ENV_NAME, ENV_RANK, ENV_SIZE = "BLSSHM_NAME", "BLSSHM_RANK", "BLSSHM_SIZE"
@@ -154,6 +154,7 @@ def _launch(argv):
         # program passes spin_us): a malformed one is refused once, here.
         default_spin_us()
         liveness_ms()
+        ptracer_policy()
         if opts.tag_output:
             make_room_for_descriptors(opts.nprocs, TAGGED_FDS_PER_RANK, START_FDS, "leave out --tag-output")
         name = segment.create(opts.nprocs, opts.lag, opts.arena_bytes, reaped=True)

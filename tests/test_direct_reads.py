@@ -6,6 +6,7 @@ leave a peer hanging or reading a buffer that changed."""
 import ctypes
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
@@ -393,10 +394,32 @@ def test_blsshm_ptracer_names_the_policy(monkeypatch, value, policy):
     assert blsshm.comm.ptracer_policy() == policy
 
 
-def test_a_bad_blsshm_ptracer_is_refused_when_a_rank_attaches(monkeypatch):
+def test_a_bad_blsshm_ptracer_is_refused_before_a_segment_is_made(monkeypatch):
     monkeypatch.setenv("BLSSHM_PTRACER", "off")
+    made = []
+    monkeypatch.setattr(blsshm.segment, "_create", lambda *args: made.append(args))
     with pytest.raises(blsshm.BlsValueError, match="BLSSHM_PTRACER must be 'any' .* or 'keep', got 'off'"):
         blsshm.Comm.create(1)
+    assert made == []
+
+
+@pytest.mark.parametrize("value, error, words", [
+    (1.5, blsshm.BlsTypeError, "a whole number of bytes, got 1.5"),
+    (True, blsshm.BlsTypeError, "a whole number of bytes, got True"),
+    (None, blsshm.BlsTypeError, "a whole number of bytes, got None"),
+    ("32K", blsshm.BlsTypeError, "a whole number of bytes, got '32K'"),
+    (-1, blsshm.BlsValueError, "must be >= 0 (0 turns direct reads off), got -1")])
+def test_a_bad_direct_min_bytes_is_refused_and_the_old_one_kept(value, error, words):
+    # 1.5 and True were taken as 1 (every block offered), -1 was an OverflowError.
+    with blsshm.Comm.create(1) as comm:
+        comm.direct_min_bytes = 4096
+        with pytest.raises(error, match=re.escape(words)):
+            comm.direct_min_bytes = value
+        assert comm.direct_min_bytes == 4096
+        comm.direct_min_bytes = np.int64(0)  # any integer
+        assert comm.direct_min_bytes == 0
+        comm.direct_min_bytes = 1 << 70  # more than any block: offers none
+        assert comm.direct_min_bytes == (1 << 64) - 1
 
 
 _prctl_calls = []
