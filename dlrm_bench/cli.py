@@ -215,11 +215,11 @@ def main(argv=None):
         _write_failed_json(args.json, cfg, done, main_label, failed, args.rounds)
         return 1
     if args.compare:
-        if main_label != "bls lag 0" and "bls lag 0" in figures:
+        others = [label for label in labels if label != main_label and label in ratios]
+        if others:  # every other run that has figures (--backend mpi: both bls runs too)
             fig = figures[main_label]
             lag = cfg.lag if cfg.backend == "bls" else 0  # the bound summarize() computed for this run
-            versus = ", ".join(_ratio_text(ratios[k], k, args.rounds)
-                               for k in ("bls lag 0", "gloo", "mpi") if k in ratios)
+            versus = ", ".join(_ratio_text(ratios[k], k, args.rounds) for k in others)
             print(f"{main_label}: {versus}; wall {fig['wall_over_ideal']:.2f}x its ideal bound, "
                   f"{fig['wall_s'] / fig['lag_bound_s']:.2f}x its lag-{lag} bound "
                   f"(the bounds leave {fig['sync_bound_s'] / fig['ideal_bound_s']:.2f}x between "

@@ -582,5 +582,5 @@ def mpi_rank(cfg, label, progress_relay=None, heartbeat_path=None):
 
     result = sync_rank(r, start_exchange, comm.Barrier, label, progress_relay, draw=False,  # mpirun has our stderr
                        heartbeat=heartbeat)
-    result["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
+    result["mpi_library"] = MPI.Get_library_version().rstrip("\x00").strip().splitlines()[0]  # its C string's NUL too
     return result

@@ -237,6 +237,19 @@ def test_a_failed_compare_run_fails_the_command_and_keeps_the_other_figures(tmp_
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("flags, line", [
+    (["--backend", "gloo", "--lag", "1"], r"\ngloo: [0-9.]+x bls lag 0, [0-9.]+x bls lag 1[,;]"),
+    (["--lag", "0"], r"\nbls lag 0: [0-9.]+x gloo[,;]")])
+def test_the_compare_summary_sets_the_main_run_against_every_other(flags, line):
+    # It named bls lag 0, gloo and MPI only: --backend gloo left out bls lag 1,
+    # and with --lag 0 (bls lag 0 the main run) there was no summary at all.
+    proc = subprocess.run([sys.executable, "-m", "dlrm_bench", *TINY, *flags], capture_output=True, text=True,
+                          timeout=200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(line, proc.stdout), proc.stdout
+
+
+@pytest.mark.timeout(240)
 def test_compare_rounds_rotate_the_order_and_pair_the_ratios_by_round(tmp_path):
     # One pass in a fixed order let a slow phase of the machine fall on one
     # backend: lag 4 once measured 0.37x lag 0, its compute 2.9x slower.
