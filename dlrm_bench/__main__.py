@@ -1,4 +1,5 @@
 import os
+import select
 import signal
 import sys
 
@@ -45,6 +46,16 @@ def _interrupt_children():
             pass
 
 
+def _stdout_reader_gone():
+    """Whether stdout is a pipe whose reader closed it (``| head``): the kernel flags its write end."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no stdout, or not a file
+        return False
+
+
 if __name__ == "__main__":
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is not signal.SIG_IGN:  # under nohup, or `cmd &` in a script
@@ -60,4 +71,12 @@ if __name__ == "__main__":
             pass
         from blsshm._proc import die_of
         die_of(signum)
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        # The reader of our output left (`| head -1`): end as a pipeline's
+        # writer does, of SIGPIPE, without a traceback.  What was running
+        # has been stopped and cleaned up as the error unwound.
+        from blsshm._proc import die_of
+        die_of(signal.SIGPIPE)
     sys.exit(status)

@@ -250,6 +250,21 @@ def test_the_compare_summary_sets_the_main_run_against_every_other(flags, line):
 
 
 @pytest.mark.timeout(240)
+def test_output_piped_to_a_reader_that_leaves_ends_the_run_quietly_of_sigpipe():
+    # `dlrm_bench ... | head -1` ended in a BrokenPipeError traceback.
+    proc = subprocess.Popen([sys.executable, "-m", "dlrm_bench", *TINY], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("dlrm_bench: 2 ranks")
+        proc.stdout.close()  # as head does after its line
+        _, err = proc.communicate(timeout=200)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGPIPE and "Traceback" not in err, err
+
+
+@pytest.mark.timeout(240)
 def test_compare_rounds_rotate_the_order_and_pair_the_ratios_by_round(tmp_path):
     # One pass in a fixed order let a slow phase of the machine fall on one
     # backend: lag 4 once measured 0.37x lag 0, its compute 2.9x slower.
