@@ -104,6 +104,8 @@ def compute_drift_notes(done, rounds):
             work = sum(fig["cpu_compute_s_per_rank"]) if shared else max(fig["compute_s_per_rank"])
             by_round.setdefault(k, []).append((work, label))
     notes = []
+    n = len({label for label, _, _ in done})
+    balanced = n if n % 2 == 0 else 2 * n  # rounds that put every run in every place (round_order)
     for k, runs in sorted(by_round.items()):
         (low, fast), (high, slow) = min(runs), max(runs)
         if high >= MIN_DRIFT_S and low > 0 and high / low > COMPUTE_DRIFT:
@@ -112,7 +114,7 @@ def compute_drift_notes(done, rounds):
                          f"{where} (a slower phase of the machine, or the backend's own threads taking "
                          f"the cores): samples/s ratios carry that; wall/ideal, each run against its own "
                          f"compute, does not"
-                         + ("" if rounds > 1 else "; --rounds 3 spreads such phases over every run"))
+                         + ("" if rounds > 1 else f"; --rounds {balanced} spreads such phases over every run"))
     return notes
 
 

@@ -473,7 +473,10 @@ def test_compute_that_differs_between_runs_of_a_round_is_noted():
     assert compute_drift_notes(same, 1) == []
     drift = [("a", 0, _fig(1, compute=2.0)), ("b", 0, _fig(1, compute=5.8)), ("c", 0, "failed: X")]
     (note,) = compute_drift_notes(drift, 1)
-    assert "2.90x as long in b as in a" in note and "--rounds 3" in note
+    # Rounds that balance the orders (round_order): twice the runs when they are odd.
+    assert "2.90x as long in b as in a" in note and "--rounds 6 " in note
+    (note,) = compute_drift_notes(drift + [("d", 0, _fig(1, compute=2.1))], 1)
+    assert "--rounds 4 " in note
     (note,) = compute_drift_notes([(label, 1, fig) for label, _, fig in drift], 2)
     assert " in round 2 " in note and "--rounds" not in note
     assert compute_drift_notes([("a", 0, _fig(1, compute=0.1)), ("b", 0, _fig(1, compute=0.3))], 1) == []
