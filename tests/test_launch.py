@@ -135,15 +135,17 @@ def test_launcher_rejects_bad_arguments(tmp_path):
     assert res.returncode == 2
 
 
-@pytest.mark.parametrize("variable", ["BLSSHM_SPIN_US", "BLSSHM_LIVENESS_MS", "BLSSHM_PTRACER"])
-def test_the_launcher_refuses_a_bad_setting_before_starting_ranks(variable, tmp_path):
+@pytest.mark.parametrize("variable, words", [("BLSSHM_SPIN_US", "must be a number"),
+                                             ("BLSSHM_LIVENESS_MS", "must be a number"),
+                                             ("BLSSHM_PTRACER", "must be 'any'")])
+def test_the_launcher_refuses_a_bad_setting_before_starting_ranks(variable, words, tmp_path):
     # Each rank started, raised it with a traceback, and the run failed with exit status 1.
     script = tmp_path / "s.py"
     script.write_text("print('rank ran')\n")
     res = subprocess.run([sys.executable, "-m", "blsshm.run", "-n", "2", str(script)], capture_output=True,
                          text=True, timeout=30, env=dict(os.environ, **{variable: "soon"}))
     assert res.returncode == 2
-    assert res.stderr.startswith(f"python -m blsshm.run: {variable} must be ") and "soon" in res.stderr
+    assert res.stderr.startswith(f"python -m blsshm.run: {variable} {words}") and "soon" in res.stderr
     assert "rank ran" not in res.stdout
 
 
