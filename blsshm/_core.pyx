@@ -465,6 +465,7 @@ cdef class Core:
     cdef int busy               # calls in progress: Python code they run (a signal handler,
                                 # an __index__, a finalizer) may close us in the middle
     cdef bint release_pending   # closed during a call: free our buffers when it returns
+    cdef str operation          # the call in progress, as the user made it (_enter): messages name it
     cdef uint32_t abort_claimed # a thread of ours writes our abort fields (one only: see _abort_nogil)
 
     # local state of this rank's sends
@@ -836,7 +837,20 @@ cdef class Core:
                            f"progress (from a signal handler or another thread); a communicator "
                            f"serves one call at a time: only close() and abort() may interrupt one")
         self.busy += 1
+        self.operation = operation
         return 0
+
+    cdef str _call_name(self, str phase, int64_t t):
+        """The call a message names: the user's, not the internal ``phase`` that raised.
+
+        ``complete_views(3)`` rather than ``complete(3)``; ``alltoallv()
+        (iteration 3)`` rather than its post's or its complete's ``(3)``:
+        ``alltoallv`` takes no iteration.  ``phase`` outside a call.
+        """
+        cdef str op = self.operation if self.busy else phase
+        if op == "alltoallv":
+            return f"alltoallv() (iteration {t})"
+        return f"{op}({t})"
 
     cdef inline void _leave(self) noexcept:
         """End a call that counted itself ``busy``; release what a close during it left."""
@@ -848,7 +862,8 @@ cdef class Core:
     cdef int _check_not_closed_during(self, str operation, int64_t t) except -1:
         """Raise if a signal handler (or other Python code) closed us during this call."""
         if self.closed:
-            raise BlsError(f"communicator was closed during {operation}({t}) (by a signal handler)")
+            raise BlsError(f"communicator was closed during {self._call_name(operation, t)} "
+                           f"(by a signal handler)")
         return 0
 
     def _mark_forked(self):
@@ -1375,9 +1390,13 @@ cdef class Core:
         behind = [r for r in range(self.size)
                   if bls_load_acquire(self._counter(which, r)) < target or r == self.late_rank]
         what = "post" if which == PUBLISHED else "complete"
+        # A blocking alltoallv that timed out in its complete has posted t
+        # (its docstring): say how to end it, which its name does not.
+        then = (f"; iteration {t} stays posted: complete({t}) ends it"
+                if self.busy and self.operation == "alltoallv" and operation == "complete" else "")
         raise BlsTimeoutError(
-            f"{operation}({t}) timed out waiting for rank(s) {behind} to {what} "
-            f"iteration {target - 1}", operation=operation, iteration=t, waiting_for=behind)
+            f"{self._call_name(operation, t)} timed out waiting for rank(s) {behind} to {what} "
+            f"iteration {target - 1}{then}", operation=operation, iteration=t, waiting_for=behind)
 
     cdef inline int64_t _timeout_ns(self, object timeout) except? -2:
         """``timeout`` (seconds or None) validated, in ns; -1 for None."""
@@ -1465,7 +1484,8 @@ cdef class Core:
                 f"send_counts must be a sequence of {self.size} integers, got {type(counts).__name__}") from None
         if n != self.size:
             raise BlsValueError(
-                f"send_counts has {n} entries; the communicator has {self.size} ranks")
+                f"send_counts has {n} entries; the communicator has {self.size} "
+                f"rank{'' if self.size == 1 else 's'}")
         for q in range(self.size):
             try:
                 item = counts[q]
@@ -1646,7 +1666,7 @@ cdef class Core:
             oldest = self.fl_iter[self.fl_first]
             if oldest >= self.next_complete:
                 raise ArenaFullError(
-                    f"post({t}): a record of {nbytes} bytes does not fit in the arena "
+                    f"{self._call_name('post', t)}: a record of {nbytes} bytes does not fit in the arena "
                     f"({self.arena_bytes} bytes) next to the {self.fl_count} "
                     f"record{'' if self.fl_count == 1 else 's'} still in flight; "
                     f"use arena_bytes of at least (lag + 2) x the largest record "
@@ -1821,11 +1841,12 @@ cdef class Core:
         """
         self._check_open()
         if t < 0 or <uint64_t>t != self.next_post:
-            raise BlsValueError(f"post({t}) called, but the next iteration to post is {self.next_post}")
+            raise BlsValueError(f"{self._call_name('post', t)} called, but the next iteration to post "
+                                f"is {self.next_post}")
         # This rank's own part of the lag bound (I2): no peer could ever lift it.
         if <uint64_t>t > <uint64_t>self.lag and <uint64_t>t - self.lag > self.next_complete:
             raise BlsValueError(
-                f"post({t}) needs this rank to have completed iteration {t - self.lag - 1} first "
+                f"{self._call_name('post', t)} needs this rank to have completed iteration {t - self.lag - 1} first "
                 f"(lag {self.lag}); it has completed {self.next_complete} iterations")
         return 0
 
@@ -2341,7 +2362,7 @@ cdef class Core:
         what = "timed out" if rc == ERR_TIMEOUT else "interrupted"
         # Closed: the peers see our CLOSED state instead (and our mapping may be going).
         if fatal and rc != ERR_ABORTED and rc != ERR_LOST and not self.closed:
-            data = _reason_bytes(f"left {operation}({t}) during a direct copy with rank {r} ({what})")
+            data = _reason_bytes(f"left {self._call_name(operation, t)} during a direct copy with rank {r} ({what})")
             self._abort_nogil(BLS_ABORT_USER, -1, data)
         if self.offers_pending and not self.closed:
             with nogil:
@@ -2355,11 +2376,11 @@ cdef class Core:
         if rc == ERR_TIMEOUT:
             if fatal:
                 raise BlsTimeoutError(
-                    f"{operation}({t}) timed out waiting for rank {r} to finish a direct copy of "
+                    f"{self._call_name(operation, t)} timed out waiting for rank {r} to finish a direct copy of "
                     f"iteration {t}; the communicator is aborted (the iteration cannot be retried)",
                     operation=operation, iteration=t, waiting_for=[r])
             raise BlsTimeoutError(
-                f"{operation}({t}) timed out waiting for rank {r} to copy its block of iteration {t} "
+                f"{self._call_name(operation, t)} timed out waiting for rank {r} to copy its block of iteration {t} "
                 f"to its record", operation=operation, iteration=t, waiting_for=[r])
         self._raise_aborted()
         return -1
@@ -2435,7 +2456,7 @@ cdef class Core:
         """
         self._check_post_order(t)
         if self.pending:
-            raise BlsValueError(f"post({t}) inside an open post_views({t}) block")
+            raise BlsValueError(f"{self._call_name('post', t)} inside an open post_views({t}) block")
         if not cnp.PyArray_IS_C_CONTIGUOUS(send):
             raise BlsValueError("send must be C-contiguous (use numpy.ascontiguousarray)")
         cdef cnp.dtype dtype = <cnp.dtype>cnp.PyArray_DESCR(send)
@@ -2541,12 +2562,13 @@ cdef class Core:
     cdef int _check_complete_order(self, int64_t t) except -1:
         self._check_owner()
         if self.acquired:  # completing it would let the senders overwrite what the views show
-            raise BlsValueError(f"complete({t}) inside an open complete_views({self.next_complete}) block")
+            raise BlsValueError(f"{self._call_name('complete', t)} inside an open "
+                                f"complete_views({self.next_complete}) block")
         if t < 0 or <uint64_t>t != self.next_complete:
-            raise BlsValueError(
-                f"complete({t}) called, but the next iteration to complete is {self.next_complete}")
+            raise BlsValueError(f"{self._call_name('complete', t)} called, but the next iteration "
+                                f"to complete is {self.next_complete}")
         if <uint64_t>t >= self.next_post:
-            raise BlsValueError(f"complete({t}) called before post({t}) on this rank")
+            raise BlsValueError(f"{self._call_name('complete', t)} called before post({t}) on this rank")
         return 0
 
     cdef cnp.ndarray _check_out(self, object out, cnp.dtype dtype):

@@ -46,10 +46,12 @@ class BlsTimeoutError(BlsError, TimeoutError):
     """A wait ran past its timeout.  The communicator stays usable.
 
     ``iteration`` is the iteration of the call that timed out (the message
-    names the one it waited for: a ``post(t)`` waits for ranks to complete
+    names the call as made, ``alltoallv()`` or ``complete_views(t)``, and
+    the iteration it waited for: a ``post(t)`` waits for ranks to complete
     an earlier one), ``waiting_for`` the ranks it waited for, ``operation``
     the phase that waited: ``"post"`` or ``"complete"`` (an ``alltoallv``
-    waits in both), or ``"attach"`` (the start-up barrier of a first call,
+    waits in both; in its complete, ``t`` stays posted and ``complete(t)``
+    ends it), or ``"attach"`` (the start-up barrier of a first call,
     which waits for ranks, not for an iteration: ``iteration`` is None).
     """
 

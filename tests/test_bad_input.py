@@ -330,9 +330,12 @@ def _zero_copy_misuse(comm):
             seen.append("views handed out")
     except ArenaFullError:
         seen.append("ok")
-    with pytest.raises(BlsValueError, match="inside an open post_views"):
-        with comm.post_views(0, [1, 1], np.float32) as views:
-            comm.post(0, GOOD, [2, 2])
+    # Named as the call made: alltoallv takes no iteration.
+    for name, call in ((r"post\(0\)", lambda: comm.post(0, GOOD, [2, 2])),
+                       (r"alltoallv\(\) \(iteration 0\)", lambda: comm.alltoallv(GOOD, [2, 2]))):
+        with pytest.raises(BlsValueError, match=rf"^{name} inside an open post_views\(0\) block$"):
+            with comm.post_views(0, [1, 1], np.float32) as views:
+                call()
     with comm.post_views(0, [2, 2], np.float32) as views:
         for v in views:
             v[:] = comm.rank
@@ -397,12 +400,16 @@ def test_the_first_call_waits_for_ranks_to_attach_only_as_long_as_its_timeout():
 
 
 FIRST_CALLS = [
-    ("complete before post", lambda c: c.complete(0), BlsValueError, "before post(0)"),
+    ("complete before post", lambda c: c.complete(0), BlsValueError, "complete(0) called before post(0)"),
     ("counts that do not add up", lambda c: c.post(0, GOOD, [1, 1]), BlsValueError, "add up to 2"),
-    ("an iteration skipped", lambda c: c.post(3, GOOD, [2, 2]), BlsValueError, "next iteration to post is 0"),
+    ("an iteration skipped", lambda c: c.post(3, GOOD, [2, 2]), BlsValueError,
+     "post(3) called, but the next iteration to post is 0"),
+    ("a zero-copy iteration skipped", lambda c: c.post_views(3, [2, 2]), BlsValueError,
+     "post_views(3) called, but the next iteration to post is 0"),
     ("a bad zero-copy dtype", lambda c: c.post_views(0, [2, 2], "nonsense"), BlsTypeError, "not a dtype"),
     ("a negative zero-copy count", lambda c: c.post_views(0, [2, -2]), BlsValueError, "negative"),
-    ("complete_views before post", lambda c: c.complete_views(0), BlsValueError, "before post(0)"),
+    ("complete_views before post", lambda c: c.complete_views(0), BlsValueError,
+     "complete_views(0) called before post(0)"),
     ("blocking counts that do not add up", lambda c: c.alltoallv(GOOD, [3, 3]), BlsValueError, "add up to 6"),
     ("a blocking out of another dtype", lambda c: c.alltoallv(GOOD, [2, 2], out=np.empty(4, np.int32)),
      BlsTypeError, "dtype int32"),
@@ -467,9 +474,11 @@ def test_completing_inside_an_open_complete_views_block_is_refused():
             for c in (a, b):
                 c.post(t, np.full(2, 10 * c.rank + t, np.float64), [1, 1])
         with a.complete_views(0) as views:
-            for call in (lambda: a.complete(0), lambda: a.complete(0, out=np.empty(2)),
-                         lambda: a.complete_views(0).__enter__()):
-                with pytest.raises(BlsValueError, match=r"complete\(0\) inside an open complete_views\(0\)"):
+            # Each names the call made, not the complete every one of them runs.
+            for name, call in ((r"complete\(0\)", lambda: a.complete(0)),
+                               (r"complete\(0\)", lambda: a.complete(0, out=np.empty(2))),
+                               (r"complete_views\(0\)", lambda: a.complete_views(0).__enter__())):
+                with pytest.raises(BlsValueError, match=rf"^{name} inside an open complete_views\(0\)"):
                     call()
             assert [v.tolist() for v in views] == [[0.0], [10.0]]
         assert a.next_complete == 1  # leaving the block completed it

@@ -291,7 +291,7 @@ def test_a_sender_that_gives_up_on_a_read_under_way_abandons_it_and_the_reader_r
     (name, read_direct, message), claims_held = value
     assert claims_held == 1
     assert name == "CommAborted" and read_direct == 0, message  # it read, but does not count what it read
-    assert "aborted by rank 0: left complete(0) during a direct copy with rank 1" in message, message
+    assert "aborted by rank 0: left alltoallv() (iteration 0) during a direct copy with rank 1" in message, message
 
 
 def _reads_on_while_another_rank_aborts(comm, claimed, aborted):

@@ -307,8 +307,12 @@ def _two_waits_in_one_call(comm, n):
     if comm.rank == 0:
         for t in range(2):
             comm.alltoallv(np.full(2 * n, float(t)), [n, n])
-        with pytest.raises(BlsTimeoutError, match=r"complete\(2\) timed out"):
+        # Named as the call made, and how to end what it leaves posted.
+        with pytest.raises(BlsTimeoutError, match=r"^alltoallv\(\) \(iteration 2\) timed out waiting for "
+                                                  r"rank\(s\) \[1\] to post iteration 2; iteration 2 stays "
+                                                  r"posted: complete\(2\) ends it$") as caught:
             comm.alltoallv(np.full(2 * n, 10.0), [n, n], timeout=3.0)
+        assert (caught.value.operation, caught.value.iteration) == ("complete", 2)  # the phase
         recv = comm.complete(2)[0]  # posted in the call: it completes now
     else:
         for t in range(2):
@@ -666,7 +670,8 @@ def _closed_by_a_signal_handler(comm, split):
 def test_a_signal_handler_may_close_the_communicator_during_a_wait(split):
     # The wait went on with the arrays close() had freed: the rank died of SIGSEGV.
     got = blsshm.spawn(_closed_by_a_signal_handler, 2, args=(split,))
-    assert got[0] == "communicator was closed during complete(0) (by a signal handler)"
+    call = "complete(0)" if split else "alltoallv() (iteration 0)"  # the call made, not its phase
+    assert got[0] == f"communicator was closed during {call} (by a signal handler)"
     assert got[1] == [0.0, 1.0]  # rank 0 had posted before it closed
 
 
@@ -725,8 +730,8 @@ def test_a_signal_handler_may_close_the_communicator_inside_any_call(operation):
     message, pidfds = got[0]
     assert "closed" in message
     if operation in ("post", "alltoallv", "post_views"):  # nothing was published
-        step = "post" if operation == "alltoallv" else operation
-        assert message == f"communicator was closed during {step}(0) (by a signal handler)"
+        call = "alltoallv() (iteration 0)" if operation == "alltoallv" else f"{operation}(0)"
+        assert message == f"communicator was closed during {call} (by a signal handler)"
         assert got[1] == "peer lost"
     assert pidfds == 0  # released when the call returned
 
