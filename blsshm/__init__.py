@@ -21,6 +21,7 @@ from blsshm.errors import (
     CommAborted, PeerLostError, RankFailedError,
 )
 from blsshm._spawn import run_ranks, spawn
+from blsshm.segment import SegmentGoneError
 
 __version__ = "0.1.0"
 
@@ -33,13 +34,15 @@ def init(*, timeout: Optional[float] = None, attach_timeout: Optional[float] = 6
     """The :class:`Comm` of a process started by ``python -m blsshm.run``.
 
     Call it once per rank: the segment is gone once every rank has attached,
-    so a second call raises :class:`BlsError`.  It does not wait for the
+    so a second call raises :class:`BlsError`, as does a call in a process a
+    rank started (forked or not), which inherits the rank's environment but
+    is not a rank.  It does not wait for the
     other ranks: ``attach_timeout`` bounds the wait, at the first collective
     call, for all of them to call it (``None``: no bound); ``timeout`` and
     ``spin_us`` are as for :meth:`Comm.create`.
     """
     global _initialized
-    from blsshm.run import ENV_NAME, ENV_RANK, ENV_SIZE
+    from blsshm.run import ENV_LAUNCHER, ENV_NAME, ENV_RANK, ENV_SIZE
     missing = [var for var in (ENV_NAME, ENV_RANK, ENV_SIZE) if var not in os.environ]
     if missing:
         raise BlsError(
@@ -52,10 +55,24 @@ def init(*, timeout: Optional[float] = None, attach_timeout: Optional[float] = 6
     if _initialized == (os.getpid(), rank):
         raise BlsError(f"blsshm.init() was already called in this process (rank {rank}): a rank "
                        f"attaches once; keep the communicator the first call returned")
-    comm = Comm._open(name, rank, timeout=timeout, attach_timeout=attach_timeout, spin_us=spin_us,
-                      owns_name=False, expected_size=size, size_source=ENV_SIZE)  # checked before claiming
+    if _initialized is not None:  # the segment is gone by now: say why, not that
+        raise BlsError(f"blsshm.init() in a child forked from rank {_initialized[1]} (pid {_initialized[0]}): "
+                       f"{_NOT_A_RANK}")
+    try:
+        comm = Comm._open(name, rank, timeout=timeout, attach_timeout=attach_timeout, spin_us=spin_us,
+                          owns_name=False, expected_size=size, size_source=ENV_SIZE)  # checked before claiming
+    except SegmentGoneError as exc:
+        launcher = os.environ.get(ENV_LAUNCHER, "")
+        if launcher.isdigit() and os.getppid() != int(launcher):  # a rank's child, with the rank's environment
+            raise BlsError(f"blsshm.init() in a process that inherited rank {rank}'s environment, started by "
+                           f"pid {os.getppid()}, not by the launcher (pid {launcher}): {_NOT_A_RANK}") from exc
+        raise
     _initialized = (os.getpid(), rank)
     return comm
+
+
+_NOT_A_RANK = ("only the processes `python -m blsshm.run` started are ranks, and each attaches once; start "
+               "more with -n, or use Comm.create()/Comm.attach() or blsshm.spawn() for processes of your own")
 
 
 def _env_int(var, least, most, bound=""):

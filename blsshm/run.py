@@ -64,6 +64,7 @@ from blsshm.comm import DEFAULT_ARENA_BYTES, default_spin_us, liveness_ms, ptrac
 from blsshm.errors import BlsError
 
 ENV_NAME, ENV_RANK, ENV_SIZE = "BLSSHM_NAME", "BLSSHM_RANK", "BLSSHM_SIZE"
+ENV_LAUNCHER = "BLSSHM_LAUNCHER_PID"  # the ranks' parent: init() tells a rank's own children by it
 # What torchrun sets, for programs that read their rank before init() (one
 # host: local and global ranks are the same).
 TORCHRUN_RANK, TORCHRUN_SIZE = ("RANK", "LOCAL_RANK"), ("WORLD_SIZE", "LOCAL_WORLD_SIZE")
@@ -222,7 +223,8 @@ def _launch(argv):
             for rank in range(opts.nprocs):
                 if signals_seen:  # the run is being stopped: start no more ranks
                     break
-                env = dict(os.environ, **{ENV_NAME: name, ENV_RANK: str(rank), ENV_SIZE: str(opts.nprocs)})
+                env = dict(os.environ, **{ENV_NAME: name, ENV_RANK: str(rank), ENV_SIZE: str(opts.nprocs),
+                                          ENV_LAUNCHER: str(os.getpid())})
                 env.update({k: str(rank) for k in TORCHRUN_RANK})
                 env.update({k: str(opts.nprocs) for k in TORCHRUN_SIZE})
                 if opts.nprocs > 1:  # as torchrun: P ranks of a thread per core each would oversubscribe

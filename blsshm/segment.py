@@ -199,6 +199,10 @@ def _stop_reaper(name):
         proc.wait()
 
 
+class SegmentGoneError(BlsError):
+    """The segment named is not (or no longer) in /dev/shm: see ``_open``."""
+
+
 def _open(name):
     if not isinstance(name, str):
         raise BlsTypeError(f"a segment name is a str, got {type(name).__name__}")
@@ -207,7 +211,7 @@ def _open(name):
     try:
         return posix_ipc.SharedMemory(name)
     except posix_ipc.ExistentialError:
-        raise BlsError(
+        raise SegmentGoneError(
             f"segment {name} does not exist (already unlinked: every rank must attach "
             f"before any rank starts communicating, and the creator must not have closed or died)") from None
     except _SHM_ERRORS as exc:

@@ -235,6 +235,44 @@ with blsshm.init() as comm:
 """
 
 
+INIT_IN_A_RANKS_CHILD = r"""
+import os, subprocess, sys
+import numpy as np
+import blsshm
+with blsshm.init() as comm:
+    comm.alltoallv(np.zeros(comm.size), [1] * comm.size)  # every rank attached: the segment is gone
+    if comm.rank == 0:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                blsshm.init()
+                os.write(1, b"fork: init returned\n")
+            except blsshm.BlsError as exc:
+                os.write(1, f"fork: {exc}\n".encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        child = subprocess.run([sys.executable, "-c", "import blsshm; blsshm.init()"],
+                               capture_output=True, text=True, timeout=30)
+        os.write(1, f"exec: {child.stderr.strip().splitlines()[-1]}\n".encode())
+        os.write(1, f"parent {os.getpid()} {os.getppid()}\n".encode())
+    comm.alltoallv(np.zeros(comm.size), [1] * comm.size)  # still works
+"""
+
+
+def test_init_in_a_ranks_child_says_it_is_not_a_rank(tmp_path):
+    # Both said the segment did not exist: every rank must attach before any starts communicating.
+    res = _launch(tmp_path, "-n", "2", script=INIT_IN_A_RANKS_CHILD)
+    assert res.returncode == 0, res.stderr
+    lines = dict(line.split(": ", 1) if ": " in line else line.split(" ", 1) for line in res.stdout.splitlines())
+    rank0, launcher = lines["parent"].split()
+    not_a_rank = blsshm._NOT_A_RANK
+    assert not_a_rank.startswith("only the processes `python -m blsshm.run` started are ranks")
+    assert lines["fork"] == f"blsshm.init() in a child forked from rank 0 (pid {rank0}): {not_a_rank}"
+    assert lines["exec"] == (
+        f"blsshm.errors.BlsError: blsshm.init() in a process that inherited rank 0's environment, started by "
+        f"pid {rank0}, not by the launcher (pid {launcher}): {not_a_rank}"), lines["exec"]
+
+
 ENV = r"""
 import os
 import blsshm
