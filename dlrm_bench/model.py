@@ -18,6 +18,7 @@ drawn per table and per layer from the seed, so a rank can make its own
 tables without making the others, and every process gets the same model.
 """
 import contextlib
+import pickle
 
 import numpy as np
 import torch
@@ -158,14 +159,36 @@ def _numpy_scalar_globals():
     return allowed
 
 
+# How a file of torch.save starts: a zip archive (torch >= 1.6), or a pickle
+# (protocol 2 and up begin with PROTO; legacy torch.save's first is its magic number).
+TORCH_SAVE_HEADS = (b"PK\x03\x04", b"\x80")
+
+
 def read_checkpoint(path):
-    """The ``state_dict`` of a reference DLRM checkpoint, memory-mapped where possible."""
+    """The ``state_dict`` of a reference DLRM checkpoint, memory-mapped where possible.
+
+    ``ValueError`` for a file torch.save did not write, or one holding
+    objects a weights-only load refuses (torch's own message for either
+    asks to retry with ``weights_only=False``, which the user cannot do).
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(TORCH_SAVE_HEADS):
+        raise ValueError(f"{path} is not a checkpoint torch.save wrote (those start with a zip or pickle "
+                         f"header; it starts with {head!r})")
     safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     with safe(_numpy_scalar_globals()) if safe else contextlib.nullcontext():
         try:
-            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError:  # an old, non-zip checkpoint cannot be memory-mapped
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError:  # an old, non-zip checkpoint cannot be memory-mapped
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            # torch's message: a paragraph on weights_only, then the cause on the line after this.
+            cause = str(exc).partition("WeightsUnpickler error:")[2].strip().split("\n")[0].strip()
+            cause = cause.split(". ")[0].rstrip(".")  # not its advice: allowing a class is not ours to do
+            raise ValueError(f"{path} is damaged or holds more than tensors and plain data, which a "
+                             f"weights-only load (the safe one) refuses: {cause or exc}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a DLRM checkpoint: no 'state_dict' key")
     return ckpt["state_dict"]
