@@ -8,6 +8,7 @@
 Ranks are started with the "spawn" method: the parent may hold torch's
 thread pools, which a forked child must not inherit.
 """
+import contextlib
 import os
 import pickle
 import signal
@@ -90,7 +91,9 @@ def run_mpi(cfg, label, bar):
             what = str(stalled) if stalled is not None else f"mpirun exited with status {proc.returncode}"
             cause = _first_rank_error(tmp, cfg.nprocs)
             if cause is not None:
-                message, tb = cause
+                message, tb, data_error = cause
+                if data_error is not None:  # as bls and gloo raise it
+                    raise data_error from (RemoteTraceback(tb) if tb else None)
                 raise BackendError(f"{what}: {message}") from (RemoteTraceback(tb) if tb else None)
             tail = "\n    ".join(output.strip().splitlines()[-8:])
             raise BackendError(f"{what}:\n    {tail}" if tail else what)
@@ -133,7 +136,8 @@ def _wait_watching(proc, heartbeat, timeout_s, bar):
 
 
 def _first_rank_error(tmp, nprocs):
-    """``rank R raised ...`` and its traceback ("" if lost), of the rank whose exception came first.
+    """``rank R raised ...``, its traceback ("" if lost) and its data error (or None: see
+    ``mpi_rank``), of the rank whose exception came first.
 
     The others' follow from it.
     """
@@ -144,11 +148,15 @@ def _first_rank_error(tmp, nprocs):
     _, rank, path = min(errors)
     with open(path) as f:
         message = f"rank {rank} raised {f.read()}"
+    data_error = None
+    with contextlib.suppress(OSError):
+        with open(os.path.join(tmp, f"rank{rank}.data"), "rb") as f:
+            data_error = pickle.load(f)
     try:
         with open(os.path.join(tmp, f"rank{rank}.tb")) as f:
-            return message, f.read()
+            return message, f.read(), data_error
     except OSError:
-        return message, ""
+        return message, "", data_error
 
 
 def run(cfg, label):

@@ -174,6 +174,12 @@ def main(argv=None):
             try:
                 results = backends.run(run_cfg, label)
             except Exception as exc:  # one failed backend must not hide the others' figures
+                bad_data = _bad_data_line(cfg, exc)
+                if bad_data is not None:  # every run reads that file: one line, as for bad flags
+                    print(f"dlrm_bench: error: {bad_data}", file=sys.stderr)
+                    done.append((label, k, f"failed: {bad_data}"))
+                    _write_failed_json(args.json, cfg, done, label, [label], args.rounds)
+                    return 2
                 _print_rank_traceback(label, exc)
                 why = f"failed: {exception_line(exc)}"
                 done.append((label, k, why))
@@ -285,6 +291,22 @@ def _empty_previous_outputs(args):
                     f.truncate()
             except OSError:  # said when the run's own figures cannot be written
                 pass
+
+
+def _bad_data_line(cfg, exc):
+    """The data file's flag, path and fault if a rank found ``exc`` in it (as ``parse`` words them); else None.
+
+    ``parse`` checks what it reads of the file; the ranks read the rest
+    (their tables' values), and a fault they find there is the input's,
+    not the run's: no traceback, and no other backend is tried.
+    """
+    from dlrm_bench.processed import DATA_ERRORS
+    if not isinstance(exc, DATA_ERRORS):
+        return None
+    flag, path = (("--processed-data-file", cfg.processed_data_file) if cfg.processed_data_file is not None
+                  else ("--raw-data-file", cfg.raw_data_file))
+    said = str(exc)
+    return f"{flag} {said}" if said.startswith(f"{path}: ") else f"{flag} {path}: {said}"
 
 
 def _print_rank_traceback(label, exc):

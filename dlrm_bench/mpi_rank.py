@@ -13,6 +13,7 @@ import traceback
 
 from blsshm._proc import die_with_parent
 from blsshm.errors import exception_line
+from dlrm_bench.processed import DATA_ERRORS
 from dlrm_bench.worker import mpi_rank
 
 
@@ -28,6 +29,9 @@ def main(job_path):
         # mpirun's own report of the abort buries the cause: leave it for the parent.
         with open(os.path.join(job["out"], f"rank{rank}.tb"), "w") as f:
             f.write(traceback.format_exc())
+        if isinstance(exc, DATA_ERRORS):  # the input's fault: the parent says it as the other backends do
+            with open(os.path.join(job["out"], f"rank{rank}.data"), "wb") as f:
+                pickle.dump(exc, f)
         with open(os.path.join(job["out"], f"rank{rank}.err"), "w") as f:  # last: its time orders the ranks
             f.write(exception_line(exc))
         raise

@@ -29,7 +29,7 @@ import zlib
 import numpy as np
 from numpy.lib import format as npy
 
-from dlrm_bench.criteo import dense_features
+from dlrm_bench.criteo import CriteoFormatError, dense_features
 
 ARRAYS = ("X_int", "X_cat", "y", "counts")
 INT64_MAX = np.iinfo(np.int64).max
@@ -43,6 +43,10 @@ DAMAGED = (zlib.error, zipfile.BadZipFile, EOFError)
 
 class ProcessedFormatError(ValueError):
     """A file that is not the reference's processed Criteo ``.npz``."""
+
+
+# What a rank raises for a fault in either data file's content: the input's, not the run's.
+DATA_ERRORS = (CriteoFormatError, ProcessedFormatError)
 
 
 class _Array:

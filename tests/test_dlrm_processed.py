@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlrm_bench import backends, config, processed, report, verify
+from dlrm_bench import backends, cli, config, processed, report, verify
 from dlrm_cli_check import assert_rejected
 from dlrm_reference import random_state_dict
 
@@ -277,6 +277,20 @@ def test_read_refuses_a_row_past_its_table(tmp_path, value, words):
         processed.read(path, 10, -1)
     for word in words:
         assert word in str(info.value)
+
+
+@pytest.mark.timeout(120)
+def test_a_row_past_its_table_found_by_a_rank_is_one_line_naming_the_file(tmp_path, capsys):
+    """As for bad flags (exit 2, one line): it was the rank's traceback, and --compare tried every backend."""
+    x_int, x_cat, y, counts = reference_arrays()
+    x_cat = x_cat.copy()
+    x_cat[4, 2] = 60
+    path = write_processed(tmp_path / "p.npz", x_int, x_cat, y, np.maximum(counts, 3))
+    assert cli.main(run_flags(path, "--compare")) == 2
+    out, err = capsys.readouterr()
+    assert "failed" not in out, out
+    assert err.splitlines()[-1] == (f"dlrm_bench: error: --processed-data-file {path}: X_cat[4, 2] is 60, "
+                                    f"outside table 2, which has {max(counts[2], 3)} rows"), err
 
 
 def _damaged(tmp, member="X_int.npy", path=None):
