@@ -188,7 +188,8 @@ def read_checkpoint(path):
             cause = str(exc).partition("WeightsUnpickler error:")[2].strip().split("\n")[0].strip()
             cause = cause.split(". ")[0].rstrip(".")  # not its advice: allowing a class is not ours to do
             raise ValueError(f"{path} is damaged or holds more than tensors and plain data, which a "
-                             f"weights-only load (the safe one) refuses: {cause or exc}") from None
+                             f"weights-only load (the safe one) refuses: "
+                             f"{cause or next(iter(str(exc).strip().splitlines()), 'UnpicklingError')}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a DLRM checkpoint: no 'state_dict' key")
     return ckpt["state_dict"]
